@@ -1,0 +1,87 @@
+"""Fixed Gaussian samples for the Monte-Carlo expectations of the state evolution.
+
+Samples are drawn once per solve (common random numbers), from a seeded
+generator or a scrambled Sobol sequence (quasi-Monte Carlo), so that the
+update map of the fixed-point iteration is deterministic.
+
+Symmetric T x T fields are stored either as full matrices (..., T, T) or as
+their upper triangles (..., L) with L = T (T + 1) / 2 in the order of
+:func:`upper_indices`.  The paper's convention (eqs. 13, 47) is that an entry
+(a, b) of a field of "variance v" has variance (1 + delta_ab) v: off-diagonal
+v, diagonal 2 v.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import ndtri
+from scipy.stats import qmc
+
+METHODS = ("mc", "qmc")
+
+
+def upper_indices(T: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of the L = T(T+1)/2 entries a <= b."""
+    return np.triu_indices(T)
+
+
+def s_ab(T: int) -> np.ndarray:
+    """s_ab = 1 + delta_ab on the upper triangle (eq. 46), shape (L,)."""
+    a, b = upper_indices(T)
+    return 1.0 + (a == b)
+
+
+def to_sym(v: np.ndarray, T: int) -> np.ndarray:
+    """(..., L) upper-triangle entries -> (..., T, T) symmetric matrices."""
+    a, b = upper_indices(T)
+    out = np.zeros(v.shape[:-1] + (T, T), dtype=v.dtype)
+    out[..., a, b] = v
+    out[..., b, a] = v
+    return out
+
+
+def from_sym(m: np.ndarray) -> np.ndarray:
+    """(..., T, T) symmetric matrices -> (..., L) upper-triangle entries."""
+    a, b = upper_indices(m.shape[-1])
+    return m[..., a, b]
+
+
+def standard_normals(n: int, k: int, seed: int = 0, method: str = "mc") -> np.ndarray:
+    """An (n, k) array of standard normals, fixed by ``seed``.
+
+    ``method='qmc'`` uses a scrambled Sobol sequence mapped through the normal
+    quantile (lower variance for smooth integrands); ``'mc'`` plain
+    pseudo-random numbers.
+    """
+    if n < 1 or k < 1:
+        raise ValueError(f"need n >= 1 and k >= 1, got n={n}, k={k}")
+    if method == "mc":
+        return np.random.default_rng(seed).standard_normal((n, k))
+    if method == "qmc":
+        u = qmc.Sobol(d=k, scramble=True, seed=seed).random(n)
+        return ndtri(np.clip(u, 1e-16, 1 - 1e-16))
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def frozen_fields(n: int, T: int, A0: float, Q: float, M: float, seed: int = 0,
+                  method: str = "mc") -> dict[str, np.ndarray]:
+    """Draw (z*, z) ~ Q (eq. 13) on the upper triangle, with the latents of eq. 47.
+
+    z*_ab = sqrt(s_ab A0) g_ab,  z_ab = sqrt(s_ab) (M / sqrt(A0) g_ab + sqrt(B) zeta_ab),
+    B = Q - M^2 / A0, A0 = Q0 + Delta / 2.  (At the pre-training fixed point z plays
+    the role of z_tilde.)
+
+    Returns a dict with arrays of shape (n, L): ``z_star``, ``z``, ``g``, ``zeta``.
+    """
+    if A0 <= 0:
+        raise ValueError(f"A0 = Q0 + Delta/2 must be > 0, got {A0}")
+    B = Q - M * M / A0
+    if B < -1e-12 * max(1.0, Q):
+        raise ValueError(f"(z*, z) covariance not positive: Q - M^2/A0 = {B} < 0 (Q={Q}, M={M}, A0={A0})")
+    B = max(B, 0.0)
+    L = T * (T + 1) // 2
+    x = standard_normals(n, 2 * L, seed, method)
+    g, zeta = x[:, :L], x[:, L:]
+    s = np.sqrt(s_ab(T))
+    z_star = s * np.sqrt(A0) * g
+    z = s * (M / np.sqrt(A0) * g + np.sqrt(B) * zeta)
+    return {"z_star": z_star, "z": z, "g": g, "zeta": zeta}
