@@ -1,0 +1,102 @@
+"""``hdlora sweep FILE``: run a sweep file (resumable), locally or on a Dask cluster.
+
+Exit status: 0 when every task of the sweep is stored as ok, 1 when some are
+stored as failed (their errors are in the database; ``--retry-failed`` reruns
+them) or the run was interrupted, 2 for a bad sweep file or option (nothing
+runs then).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hdlora.cli import dumps
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="sweep file (TOML): [sweep], [params], [axes], [run.<kind>]")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local worker processes (default: all cores; 1 runs in this process)")
+    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help="run the tasks on this Dask distributed scheduler instead of locally")
+    p.add_argument("--db", default=None, help="results database (default: [sweep] database of the file)")
+    p.add_argument("--export", action="append", default=[], metavar="OUT.csv|OUT.nc",
+                   help="write the results (tidy CSV table, or netCDF with the grid axes as dimensions); "
+                        "repeatable")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="rerun tasks stored as failed (by default they are kept and counted, not rerun)")
+    p.add_argument("--plan", action="store_true", help="validate and print the task counts; run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from .store import Store
+    from .sweep import SweepError, export, load_sweep, plan, run_sweep
+
+    def fail(msg: str) -> int:
+        print(f"hdlora sweep: error: {msg}", file=sys.stderr)
+        return 2
+
+    if args.workers is not None and args.workers < 1:
+        return fail(f"--workers must be >= 1, got {args.workers}")
+    if args.scheduler and args.workers is not None:
+        return fail("--workers is for the local pool; with --scheduler the cluster's workers run the tasks")
+    for out in args.export:
+        if Path(out).suffix not in (".csv", ".nc", ".nc4", ".netcdf"):
+            return fail(f"--export {out}: unknown format; use .csv or .nc")
+    try:
+        spec = load_sweep(args.file)
+    except SweepError as exc:
+        return fail(str(exc))
+    if args.db:
+        spec = dataclasses.replace(spec, database=Path(args.db))
+
+    if args.plan:
+        p = plan(spec)
+        with Store(spec.database) as store:
+            distinct = [t for c in p.chains for t in c]
+            have = store.lookup(t.key for t in distinct)
+        summary = {"sweep": spec.name, "database": str(spec.database), "grid": dict(zip(spec.axis_names, spec.shape)),
+                   "runs": [r.label for r in spec.runs], "tasks": len(distinct), "chains": len(p.chains),
+                   "stored_ok": sum(r.ok for r in have.values()),
+                   "stored_failed": sum(not r.ok for r in have.values()), "missing": len(distinct) - len(have)}
+        print(dumps(summary))
+        return 0
+
+    try:
+        report = run_sweep(spec, workers=args.workers, scheduler=args.scheduler, retry_failed=args.retry_failed,
+                           progress=not args.no_progress)
+    except ConnectionError as exc:
+        return fail(str(exc))
+    written = []
+    for out in args.export:
+        written.append(str(export(spec, out)))
+    summary = dict(dataclasses.asdict(report), database=str(spec.database), exports=written)
+    if args.json:
+        print(dumps(summary))
+    else:
+        state = "interrupted" if report.interrupted else "done"
+        print(f"sweep {spec.name}: {state}: {report.n_tasks} tasks, {report.n_present} already stored, "
+              f"{report.n_computed} computed ({report.n_failed} failed) in {report.wall_s:.1f} s on "
+              f"{report.executor}; {report.n_failed_total} failed, {report.n_missing} missing; "
+              f"database {spec.database}" + (f"; exported {', '.join(written)}" if written else ""))
+        if report.n_failed_total:
+            print(f"  failed tasks keep their error in the database; rerun with --retry-failed", file=sys.stderr)
+    if report.interrupted:
+        return 130
+    return 1 if (report.n_failed_total or report.n_missing) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hdlora.experiments.cli FILE ...``: the same as ``hdlora sweep FILE ...``."""
+    parser = argparse.ArgumentParser(prog="hdlora sweep", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

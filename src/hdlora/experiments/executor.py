@@ -1,0 +1,150 @@
+"""Where a sweep's tasks run: in this process, a local process pool, or a Dask cluster.
+
+All three expose the same small interface to the sweep driver
+(:func:`hdlora.experiments.sweep.run_sweep`): ``submit`` one task, ``wait_first``
+for at least one to finish, ``outcome`` of a finished one (always a dict as
+returned by :func:`hdlora.experiments.tasks.run_task`, also when the worker
+itself died), and ``close``.  The driver, in the parent process, stores each
+outcome as it arrives.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import threading
+import time
+import traceback
+from typing import Any, Iterable, Mapping
+
+from .tasks import run_task
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _crash_outcome(exc: BaseException, where: str) -> dict:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {"status": "failed", "result": None, "error": f"{where}: {text}", "warnings": [], "wall_s": None,
+            "worker": None}
+
+
+class SerialExecutor:
+    """Runs each task in this process at submission (``--workers 1``); threads are left alone."""
+
+    description = "serial"
+
+    def submit(self, kind: str, params: Mapping, options: Mapping, init: Mapping | None) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        fut.set_result(run_task(kind, params, options, init, threads=None))
+        return fut
+
+    def wait_first(self, handles: Iterable[cf.Future]) -> set:
+        return {h for h in handles if h.done()}
+
+    def outcome(self, handle: cf.Future) -> dict:
+        return handle.result()
+
+    def close(self, cancel: bool = False) -> None:
+        pass
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)  # the sweep died (e.g. SIGKILL): do not keep computing for nobody
+        time.sleep(0.5)
+
+
+def _init_worker(parent_pid: int) -> None:
+    """Pool worker start-up: one BLAS / torch thread, and exit with the parent."""
+    for var in _THREAD_VARS:
+        os.environ[var] = "1"
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+
+class LocalPool:
+    """A pool of ``workers`` processes on this machine (spawned: safe with torch and threads).
+
+    Each worker uses one BLAS / torch thread (OMP_NUM_THREADS = MKL_NUM_THREADS = 1,
+    ``torch.set_num_threads(1)``) and exits when the sweep process dies.
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = int(workers or os.cpu_count() or 1)
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        self.description = f"local:{self.workers}"
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+                                      initializer=_init_worker, initargs=(os.getpid(),))
+
+    def submit(self, kind: str, params: Mapping, options: Mapping, init: Mapping | None) -> cf.Future:
+        try:
+            return self._pool.submit(run_task, kind, dict(params), dict(options), init, 1)
+        except cf.process.BrokenProcessPool:
+            # a worker died hard (e.g. out of memory); the tasks in flight are recorded as failed
+            # by outcome(), the rest of the sweep goes on in a fresh pool
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+            return self._pool.submit(run_task, kind, dict(params), dict(options), init, 1)
+
+    def wait_first(self, handles: Iterable[cf.Future]) -> set:
+        done, _ = cf.wait(list(handles), return_when=cf.FIRST_COMPLETED)
+        return set(done)
+
+    def outcome(self, handle: cf.Future) -> dict:
+        try:
+            return handle.result()
+        except Exception as exc:  # noqa: BLE001
+            return _crash_outcome(exc, "worker process failed (this task or another one in flight killed it)")
+
+    def close(self, cancel: bool = False) -> None:
+        self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
+class DaskExecutor:
+    """The tasks on a Dask distributed cluster: ``tcp://HOST:PORT`` of its scheduler.
+
+    Start workers with one thread each and one BLAS thread, e.g.
+    ``OMP_NUM_THREADS=1 dask worker tcp://HOST:8786 --nthreads 1 --nworkers N``;
+    each task also calls ``torch.set_num_threads(1)``.  The workers need hdlora
+    installed (the same version: it is part of every result's key).
+    """
+
+    def __init__(self, address: str, timeout: float = 30.0) -> None:
+        from distributed import Client
+
+        self.address = address
+        self.description = address
+        try:
+            self._client = Client(address, timeout=timeout, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+
+    def submit(self, kind: str, params: Mapping, options: Mapping, init: Mapping | None) -> Any:
+        return self._client.submit(run_task, kind, dict(params), dict(options), init, 1, pure=False)
+
+    def wait_first(self, handles: Iterable[Any]) -> set:
+        from distributed import wait
+
+        return set(wait(list(handles), return_when="FIRST_COMPLETED").done)
+
+    def outcome(self, handle: Any) -> dict:
+        try:
+            return handle.result()
+        except Exception as exc:  # noqa: BLE001 (e.g. KilledWorker)
+            return _crash_outcome(exc, "Dask task failed")
+
+    def close(self, cancel: bool = False) -> None:
+        self._client.close()
+
+
+def make_executor(workers: int | None = None, scheduler: str | None = None):
+    """``scheduler`` given: Dask; ``workers == 1``: serial in this process; else a local pool."""
+    if scheduler:
+        return DaskExecutor(scheduler)
+    if workers == 1:
+        return SerialExecutor()
+    return LocalPool(workers)

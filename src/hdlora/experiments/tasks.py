@@ -1,0 +1,229 @@
+"""What a sweep can run: a registry of task kinds.
+
+A *kind* maps to a task function ``f(params, options, init) -> dict``:
+
+* ``params``: a validated :class:`hdlora.Params`;
+* ``options``: the kind's options from the sweep file (e.g. ``n_mc`` for the
+  theory, ``dim`` and ``seeds`` for the simulation), passed on as keyword
+  arguments of the library call;
+* ``init``: for kinds with ``warm_start``, the result dict of the neighbouring
+  point along the continuation axis (or None), so the state evolution starts
+  from its neighbour's fixed point; ignored by the others.
+
+Built-in kinds: ``theory`` (:func:`hdlora.theory.solve`), ``simulate``
+(:func:`hdlora.simulate.run`), ``bayes_optimal``
+(:func:`hdlora.theory.bayes.bayes_optimal`).  The baselines of A.7 are the
+theory at special parameters (:data:`BASELINES`): ``frozen`` is lam_ft = inf,
+``lora_only`` is lam = inf.  A sweep file may also name its own task function
+as ``"package.module:function"`` (same signature; set ``f.warm_start = True``
+to receive ``init``).
+
+Heavy modules (torch, the state evolutions) are imported inside the task
+functions, in the worker, never at import time of this module.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from hdlora.params import Params
+
+from .store import to_jsonable, worker_name
+
+TaskFunction = Callable[[Params, Mapping[str, Any], "Mapping[str, Any] | None"], Mapping[str, Any]]
+
+
+class TaskKindError(ValueError):
+    """An unknown or unavailable task kind, or a bad option for it."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A registered task kind.
+
+    Attributes:
+        name: the name used in sweep files.
+        function: "module:attr" of the task function (params, options, init) -> dict.
+        library: "module:attr" of the library call that receives the options as keyword
+            arguments (used to validate option names before anything runs), or None.
+        warm_start: points along the continuation axis are run in order, each receiving
+            its neighbour's result as ``init``.
+        required: options that must be given.
+        description: one line for help texts.
+    """
+
+    name: str
+    function: str
+    library: str | None = None
+    warm_start: bool = False
+    required: tuple[str, ...] = ()
+    description: str = ""
+
+
+REGISTRY: dict[str, Kind] = {}
+
+#: baseline name -> (kind, parameter overrides): the A.7 baselines are the theory at special parameters.
+BASELINES: dict[str, tuple[str, dict[str, float]]] = {
+    "frozen": ("theory", {"lam_ft": math.inf}),      # no LoRA update, w_hat = 0
+    "lora_only": ("theory", {"lam": math.inf}),      # no pre-training, W_hat = 0
+}
+
+
+def register(kind: Kind) -> Kind:
+    REGISTRY[kind.name] = kind
+    return kind
+
+
+def _import(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    if not module or not attr:
+        raise TaskKindError(f"expected 'package.module:function', got {target!r}")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def get(name: str) -> Kind:
+    """The kind called ``name``; a "module:function" name is a custom task function."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" in name:
+        try:
+            fn = _import(name)
+        except (ImportError, AttributeError) as exc:
+            raise TaskKindError(f"custom task kind {name!r} cannot be imported: {exc}") from None
+        if not callable(fn):
+            raise TaskKindError(f"custom task kind {name!r} is not callable")
+        return Kind(name=name, function=name, warm_start=bool(getattr(fn, "warm_start", False)))
+    known = sorted(REGISTRY) + sorted(BASELINES)
+    raise TaskKindError(f"unknown task kind {name!r}; known kinds: {known} (or 'package.module:function')")
+
+
+def resolve(name: str) -> TaskFunction:
+    return _import(get(name).function)
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise TaskKindError when the kind is unavailable or an option is missing / unknown.
+
+    Imports the library module (not the heavy computation), so that a sweep naming a kind
+    whose implementation is missing fails before anything runs.
+    """
+    kind = get(name)
+    missing = [k for k in kind.required if k not in options]
+    if missing:
+        raise TaskKindError(f"task kind {name!r} needs option(s) {missing}")
+    if kind.library is None:
+        return
+    try:
+        lib = _import(kind.library)
+    except (ImportError, AttributeError) as exc:
+        raise TaskKindError(f"task kind {name!r} is not available: {kind.library} cannot be imported ({exc})") \
+            from None
+    try:
+        sig = inspect.signature(lib)
+    except (TypeError, ValueError):  # pragma: no cover (builtins)
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    allowed = [n for n, p in sig.parameters.items()
+               if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in ("params", "init")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TaskKindError(f"unknown option(s) {unknown} for task kind {name!r}; "
+                            f"{kind.library} accepts {allowed}")
+
+
+def _result_dict(r: Any) -> dict:
+    d = to_jsonable(r)
+    if not isinstance(d, dict):
+        raise TypeError(f"a task function must return a mapping or an object with to_dict(), got {type(r).__name__}")
+    return d
+
+
+# ----- built-in task functions (run in the worker) ---------------------------------------------------
+def theory_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
+    """State evolution (Results 3-5), warm-started from the neighbouring point's result."""
+    from hdlora import theory
+
+    kwargs = dict(options)
+    if init is not None:
+        kwargs["init"] = init
+    return _result_dict(theory.solve(params, **kwargs))
+
+
+def simulate_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
+    """Finite-D simulation (pre-training + LoRA), averaged over the seeds by the simulator."""
+    from hdlora import simulate
+
+    return _result_dict(simulate.run(params, **dict(options)))
+
+
+def bayes_optimal_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
+    """Bayes-optimal fine-tuning error (Appendix B)."""
+    from hdlora.theory import bayes
+
+    kwargs = dict(options)
+    if init is not None and "init" in inspect.signature(bayes.bayes_optimal).parameters:
+        kwargs["init"] = init
+    return _result_dict(bayes.bayes_optimal(params, **kwargs))
+
+
+register(Kind("theory", f"{__name__}:theory_task", "hdlora.theory:solve", warm_start=True,
+              description="state evolution of pre-training and fine-tuning (Results 3-5)"))
+register(Kind("simulate", f"{__name__}:simulate_task", "hdlora.simulate:run", required=("dim", "seeds"),
+              description="finite-D simulation; options dim, seeds"))
+register(Kind("bayes_optimal", f"{__name__}:bayes_optimal_task", "hdlora.theory.bayes:bayes_optimal",
+              warm_start=True, description="Bayes-optimal fine-tuning error (Appendix B)"))
+
+
+# ----- execution of one task (in the worker) -------------------------------------------------------------
+_THREADS_SET = False
+
+
+def limit_threads(n: int = 1) -> None:
+    """One BLAS / torch thread in this process (workers of a pool each use one core)."""
+    global _THREADS_SET
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if not _THREADS_SET:
+        try:
+            import torch
+
+            torch.set_num_threads(n)
+        except ImportError:  # pragma: no cover
+            pass
+        _THREADS_SET = True
+
+
+def run_task(kind: str, params: Mapping[str, Any], options: Mapping[str, Any],
+             init: Mapping[str, Any] | None = None, threads: int | None = 1) -> dict:
+    """Run one task; never raises for a failure of the task itself.
+
+    Returns a dict with ``status`` ('ok' or 'failed'), ``result`` (dict or None),
+    ``error`` (traceback text or None), ``warnings`` (messages raised during the
+    task, e.g. non-convergence), ``wall_s`` and ``worker`` (host:pid).
+    """
+    if threads is not None:
+        limit_threads(threads)
+    t0 = time.perf_counter()
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn = resolve(kind)
+            result = _result_dict(fn(Params.from_dict(params), dict(options), init))
+        status, error = "ok", None
+    except Exception:  # noqa: BLE001 (a failing task is recorded, not raised)
+        status, result, error = "failed", None, traceback.format_exc()
+    msgs = [f"{w.category.__name__}: {w.message}" for w in caught]
+    return {"status": status, "result": result, "error": error, "warnings": msgs,
+            "wall_s": time.perf_counter() - t0, "worker": worker_name()}
