@@ -1,0 +1,294 @@
+"""The synthetic data model of the paper (Section 2, eq. 6) at finite dimension D.
+
+Everything is a torch tensor in float64 on an explicit device; every random draw
+comes from a :class:`torch.Generator` derived from ``(seed, stream name)``, so a
+seed fixes the teacher, the data, the noise and the initialisations, and changing
+one size (say N) does not change the other streams.
+
+Conventions (paper eqs. 1, 6, 31-36):
+
+* teacher ``W*`` (D x P0) and ``w*`` (D,) with i.i.d. N(0, 1) entries,
+  ``S* = W* W*^T / sqrt(P0)`` (eq. 31);
+* tokens ``X`` (T x D) with i.i.d. N(0, 1) entries;
+* noise ``xi`` symmetric T x T, ``xi_ab ~ N(0, Delta / (2 - delta_ab))`` for
+  ``a <= b`` (eq. 6): diagonal variance Delta, off-diagonal Delta / 2;
+* centering by the population expectation (eq. 34):
+  ``E_X A* = delta_ab Tr(S*)/D``, and for the rank-one part
+  ``E_X [chi* chi*^T] = delta_ab ||w*||^2 / D``;
+* pre-training target pre-activation (eq. 10 / 35)
+  ``z* = X S* X^T / D - delta_ab Tr(S*)/D + xi``;
+* fine-tuning target pre-activation (eq. 6, right)
+  ``z*' = z* + chi* chi*^T - (||w*||^2 / D) I``, ``chi* = X w* / sqrt(D)`` (eq. 12);
+* the outputs ``y = sigma(z*) X`` are never materialised: the sequence loss
+  only needs ``sigma(z*)`` and the token Gram matrix ``G = X X^T / D`` (eq. 29).
+
+Fine-tuning data for ``e = 1`` (``reuse``) are the first N' pre-training
+sequences *and their noise* (the tensors are views of the pre-training ones).
+
+The "effective pre-training" mode skips the pre-training stage: the frozen fields
+``(z*, z)`` of each sequence are drawn from the Gaussian law Q of Result 1
+(eq. 13) for given ``(Q0, Q, M)`` and Delta, while the rank-one fields
+``chi*, chi`` still come from real D-dimensional tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .params import ParamError
+
+DTYPE = torch.float64
+
+# Stream names -> fixed integers: a seed and a name give one generator.
+_STREAMS = {
+    "teacher": 1, "pretrain_data": 2, "finetune_data": 3, "pretrain_test": 4,
+    "finetune_test": 5, "pretrain_init": 6, "finetune_init": 7, "effective_train": 8,
+    "effective_pretrain_test": 9, "effective_finetune_test": 10, "pool": 11,
+}
+
+
+def generator(seed: int, stream: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` determined by ``(seed, stream)`` only."""
+    if stream not in _STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; known: {sorted(_STREAMS)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ParamError(f"seed must be an integer >= 0, got {seed!r}")
+    state = np.random.SeedSequence([int(seed), _STREAMS[stream]]).generate_state(1, np.uint64)[0]
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(state) & ((1 << 63) - 1))
+    return g
+
+
+# --------------------------------------------------------------------------- teacher
+@dataclass(frozen=True)
+class Teacher:
+    """Target weights (eq. 6): ``W*`` (D x P0) and ``w*`` (D,), i.i.d. N(0, 1)."""
+
+    W_star: torch.Tensor
+    w_star: torch.Tensor
+
+    @property
+    def D(self) -> int:
+        return self.W_star.shape[0]
+
+    @property
+    def P0(self) -> int:
+        return self.W_star.shape[1]
+
+    @property
+    def trace_S_star(self) -> float:
+        """Tr S* = ||W*||_F^2 / sqrt(P0) (eq. 31, 34)."""
+        return float((self.W_star ** 2).sum()) / math.sqrt(self.P0)
+
+    @property
+    def q0(self) -> float:
+        """q0 = ||w*||^2 / D (eq. 9); -> 1 as D -> inf."""
+        return float(self.w_star @ self.w_star) / self.D
+
+
+def draw_teacher(D: int, P0: int, seed: int, device="cpu") -> Teacher:
+    g = generator(seed, "teacher", device)
+    W_star = torch.randn(D, P0, generator=g, device=device, dtype=DTYPE)
+    w_star = torch.randn(D, generator=g, device=device, dtype=DTYPE)
+    return Teacher(W_star, w_star)
+
+
+# --------------------------------------------------------------------------- fields
+def eye(T: int, device) -> torch.Tensor:
+    return torch.eye(T, dtype=DTYPE, device=device)
+
+
+def quadratic_field(X: torch.Tensor, W: torch.Tensor, trace_S: float | torch.Tensor) -> torch.Tensor:
+    """Centred quadratic pre-activation for ``S = W W^T / sqrt(P)`` (eqs. 33-35).
+
+    ``z = X S X^T / D - delta_ab Tr(S)/D``, computed as ``(XW)(XW)^T / (D sqrt(P))``
+    without forming S.  ``X``: (n, T, D), ``W``: (D, P); returns (n, T, T).
+    """
+    D, P = W.shape
+    XW = X @ W
+    A = XW @ XW.transpose(-1, -2) / (D * math.sqrt(P))
+    return A - eye(X.shape[-2], X.device) * (trace_S / D)
+
+
+def rank_one_field(X: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chi = X w / sqrt(D)`` (eq. 12) and the centred ``chi chi^T - (||w||^2/D) I`` (eqs. 6, 15)."""
+    D = w.shape[0]
+    chi = X @ w / math.sqrt(D)
+    field = chi.unsqueeze(-1) * chi.unsqueeze(-2) - eye(X.shape[-2], X.device) * (w @ w / D)
+    return chi, field
+
+
+def gram(X: torch.Tensor) -> torch.Tensor:
+    """``G = X X^T / D`` (eq. 29), shape (n, T, T)."""
+    return X @ X.transpose(-1, -2) / X.shape[-1]
+
+
+def draw_noise(n: int, T: int, Delta: float, g: torch.Generator, device) -> torch.Tensor:
+    """Symmetric noise xi (eq. 6): diagonal variance Delta, off-diagonal Delta/2.
+
+    Built as ``sqrt(Delta/2) (E + E^T)/sqrt(2)`` with E i.i.d. N(0, 1):
+    off-diagonal variance Delta/2, diagonal ``(Delta/2) * 4 / 2 = Delta``.
+    """
+    E = torch.randn(n, T, T, generator=g, device=device, dtype=DTYPE)
+    return math.sqrt(Delta / 2.0) * (E + E.transpose(-1, -2)) / math.sqrt(2.0)
+
+
+def draw_tokens(n: int, T: int, D: int, g: torch.Generator, device) -> torch.Tensor:
+    return torch.randn(n, T, D, generator=g, device=device, dtype=DTYPE)
+
+
+def _chunks(n: int, chunk: int) -> Iterator[slice]:
+    for start in range(0, n, chunk):
+        yield slice(start, min(n, start + chunk))
+
+
+# --------------------------------------------------------------------------- datasets
+@dataclass(frozen=True)
+class Dataset:
+    """A training set in the form the losses need (y is never materialised).
+
+    Attributes:
+        X: tokens, (n, T, D).
+        xi: the label noise of each sequence, (n, T, T).
+        z_star: target pre-activation (eq. 10 for pre-training; plus the centred
+            rank-one term for fine-tuning), (n, T, T).
+        G: token Gram matrices X X^T / D (eq. 29), (n, T, T).
+        z_frozen: optional frozen student field z of the pre-trained model (eq. 11),
+            filled in for fine-tuning sets (or drawn directly in the effective mode).
+    """
+
+    X: torch.Tensor
+    xi: torch.Tensor
+    z_star: torch.Tensor
+    G: torch.Tensor
+    z_frozen: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.X.shape[0]
+
+    def subset(self, index: torch.Tensor | slice) -> "Dataset":
+        """Rows ``index`` (e.g. the N' sequences chosen by an active-selection score)."""
+        zf = None if self.z_frozen is None else self.z_frozen[index]
+        return Dataset(self.X[index], self.xi[index], self.z_star[index], self.G[index], zf)
+
+    def with_frozen(self, z_frozen: torch.Tensor) -> "Dataset":
+        return replace(self, z_frozen=z_frozen)
+
+
+def pretrain_target(X: torch.Tensor, xi: torch.Tensor, teacher: Teacher, chunk: int = 65536) -> torch.Tensor:
+    """``z* = X S* X^T / D - delta_ab Tr(S*)/D + xi`` (eqs. 10, 34-35), in chunks."""
+    out = torch.empty_like(xi)
+    tr = teacher.trace_S_star
+    for sl in _chunks(X.shape[0], chunk):
+        out[sl] = quadratic_field(X[sl], teacher.W_star, tr) + xi[sl]
+    return out
+
+
+def finetune_target(X: torch.Tensor, z_star_pre: torch.Tensor, teacher: Teacher) -> torch.Tensor:
+    """``z*' = z* + chi* chi*^T - (||w*||^2/D) I`` (eq. 6, population centering eq. 34)."""
+    return z_star_pre + rank_one_field(X, teacher.w_star)[1]
+
+
+def pretrain_dataset(n: int, T: int, Delta: float, teacher: Teacher, seed: int, device="cpu",
+                     stream: str = "pretrain_data", chunk: int = 65536) -> Dataset:
+    """N pre-training sequences from P (eq. 6, left)."""
+    g = generator(seed, stream, device)
+    X = torch.empty(n, T, teacher.D, dtype=DTYPE, device=device)
+    for sl in _chunks(n, chunk):  # chunked draws: same numbers as one draw, bounded temporaries
+        X[sl] = draw_tokens(sl.stop - sl.start, T, teacher.D, g, device)
+    xi = draw_noise(n, T, Delta, g, device)
+    z_star = pretrain_target(X, xi, teacher, chunk)
+    G = torch.empty_like(xi)
+    for sl in _chunks(n, chunk):
+        G[sl] = gram(X[sl])
+    return Dataset(X, xi, z_star, G)
+
+
+def finetune_dataset(n_ft: int, T: int, Delta: float, teacher: Teacher, seed: int, device="cpu",
+                     reuse_from: Dataset | None = None, stream: str = "finetune_data") -> Dataset:
+    """N' fine-tuning sequences from P' (eq. 6, right).
+
+    ``reuse_from`` given (e = 1): the first N' sequences of that pre-training set and
+    their noise are reused (views, no copy); otherwise (e = 0) fresh sequences.
+    """
+    if reuse_from is not None:
+        if n_ft > reuse_from.n:
+            raise ParamError(f"reuse (e = 1) needs N' <= N, got N' = {n_ft} > N = {reuse_from.n}")
+        base = reuse_from.subset(slice(0, n_ft))
+    else:
+        base = pretrain_dataset(n_ft, T, Delta, teacher, seed, device, stream=stream)
+    return Dataset(base.X, base.xi, finetune_target(base.X, base.z_star, teacher), base.G)
+
+
+# --------------------------------------------------------------------------- effective mode
+@dataclass(frozen=True)
+class Effective:
+    """Order parameters of an effective pre-training (Result 1, eq. 13)."""
+
+    Q0: float
+    Q: float
+    M: float
+
+    @staticmethod
+    def from_mapping(eff, Delta: float) -> "Effective":
+        try:
+            keys = set(eff)
+        except TypeError:
+            raise ParamError(f"effective must be a dict with keys Q0, Q, M, got {eff!r}") from None
+        if keys != {"Q0", "Q", "M"}:
+            raise ParamError(f"effective must have exactly the keys Q0, Q, M, got {sorted(keys)}")
+        vals = {}
+        for k in ("Q0", "Q", "M"):
+            try:
+                vals[k] = float(eff[k])
+            except (TypeError, ValueError):
+                raise ParamError(f"effective {k} must be a number, got {eff[k]!r}") from None
+            if not math.isfinite(vals[k]):
+                raise ParamError(f"effective {k} must be finite, got {vals[k]}")
+        if vals["Q0"] <= 0:
+            raise ParamError(f"effective Q0 must be > 0, got {vals['Q0']}")
+        if vals["Q"] < 0:
+            raise ParamError(f"effective Q must be >= 0, got {vals['Q']}")
+        A0 = vals["Q0"] + Delta / 2.0
+        if vals["Q"] - vals["M"] ** 2 / A0 < -1e-12 * max(1.0, vals["Q"]):
+            raise ParamError(
+                f"effective (Q0, Q, M) must give a positive covariance: need M^2 <= Q (Q0 + Delta/2), "
+                f"got M = {vals['M']}, Q = {vals['Q']}, Q0 + Delta/2 = {A0}")
+        return Effective(**vals)
+
+
+def effective_fields(n: int, T: int, eff: Effective, Delta: float, g: torch.Generator,
+                     device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw (z*, z) ~ Q (eq. 13): symmetric T x T, entry (a, b) with covariance
+    ``(1 + delta_ab) [[Q0 + Delta/2, M], [M, Q]]``; z* includes the noise xi.
+
+    Construction: ``z* = sqrt(A0) Z1``, ``z = (M/sqrt(A0)) Z1 + sqrt(Q - M^2/A0) Z2`` with
+    ``A0 = Q0 + Delta/2`` and Z1, Z2 independent symmetric matrices whose entries have
+    variance ``1 + delta_ab`` (``(E + E^T)/sqrt(2)``).
+    """
+    A0 = eff.Q0 + Delta / 2.0
+    B = max(eff.Q - eff.M ** 2 / A0, 0.0)
+
+    def sym():
+        E = torch.randn(n, T, T, generator=g, device=device, dtype=DTYPE)
+        return (E + E.transpose(-1, -2)) / math.sqrt(2.0)
+
+    Z1, Z2 = sym(), sym()
+    return math.sqrt(A0) * Z1, eff.M / math.sqrt(A0) * Z1 + math.sqrt(B) * Z2
+
+
+def effective_finetune_dataset(n_ft: int, T: int, Delta: float, eff: Effective, teacher: Teacher,
+                               seed: int, device="cpu", stream: str = "effective_train") -> Dataset:
+    """Fine-tuning set of the effective mode: (z*, z) ~ Q, real tokens for chi*, chi.
+
+    ``xi`` is not separately defined here (it is inside z*): it is stored as zeros.
+    """
+    g = generator(seed, stream, device)
+    z_star, z = effective_fields(n_ft, T, eff, Delta, g, device)
+    X = draw_tokens(n_ft, T, teacher.D, g, device)
+    return Dataset(X, torch.zeros_like(z), finetune_target(X, z_star, teacher), gram(X), z_frozen=z)

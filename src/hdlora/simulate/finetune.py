@@ -1,0 +1,99 @@
+"""Rank-one LoRA fine-tuning by ERM (eq. 3): minimise sum_mu loss_mu(w) + lam' ||w||^2, W_hat frozen.
+
+The frozen fields ``z_frozen`` of the N' sequences are computed once, so an
+evaluation costs O(N' T D):  ``z(w) = z_frozen + chi chi^T - (||w||^2/D) I``,
+``chi = X w / sqrt(D)`` (eqs. 1, 12, 15).
+
+The problem is non-convex (rank one, sign symmetry w -> -w): we run an informed
+start at ``w = w*`` (as the paper's App. D) and ``restarts`` random starts
+``w_i ~ N(0, init_scale^2)``, and keep the lowest objective.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..data import Dataset, _chunks, generator, rank_one_field
+from .losses import per_sample
+from .optim import OptimResult, minimise
+
+
+def finetune_loss_sum(w: torch.Tensor, X: torch.Tensor, z_frozen: torch.Tensor, sigma_target: torch.Tensor,
+                      G: torch.Tensor | None, sigma, loss: str) -> torch.Tensor:
+    """``sum_mu loss(sigma(z_frozen + chi chi^T - q I) - sigma(z*'))`` for one chunk (eq. 3)."""
+    _, field = rank_one_field(X, w)
+    return per_sample(sigma(z_frozen + field) - sigma_target, G, loss).sum()
+
+
+def finetune_value_and_grad(data: Dataset, sigma, lam_ft: float, loss: str, chunk: int):
+    """``w -> ((sum_mu loss_mu + lam' ||w||^2)/N', gradient)``."""
+    n = data.n
+    sigma_target = sigma(data.z_star)
+    G = data.G if loss == "sequence" else None
+
+    def value_and_grad(w: torch.Tensor):
+        wl = w.detach().requires_grad_(True)
+        total = 0.0
+        for sl in _chunks(n, chunk):
+            part = finetune_loss_sum(wl, data.X[sl], data.z_frozen[sl], sigma_target[sl],
+                                     None if G is None else G[sl], sigma, loss) / n
+            part.backward()
+            total += float(part.detach())
+        reg = lam_ft * (wl * wl).sum() / n
+        reg.backward()
+        return total + float(reg.detach()), wl.grad
+
+    return value_and_grad
+
+
+@dataclass(frozen=True)
+class FineTuned:
+    """Result of fine-tuning: w_hat (zeros when lam' = inf), the train loss per sample, the
+    winning start and every start's final objective, and the optimiser record of the winner."""
+
+    w: torch.Tensor
+    train_error: float
+    winner: str
+    objectives: dict
+    optim: OptimResult | None
+
+
+def train_error(w: torch.Tensor, data: Dataset, sigma, loss: str, chunk: int) -> float:
+    total = 0.0
+    sigma_target = sigma(data.z_star)
+    with torch.no_grad():
+        for sl in _chunks(data.n, chunk):
+            G = data.G[sl] if loss == "sequence" else None
+            total += float(finetune_loss_sum(w, data.X[sl], data.z_frozen[sl], sigma_target[sl], G, sigma, loss))
+    return total / data.n
+
+
+def finetune(data: Dataset, w_star: torch.Tensor, *, lam_ft: float, sigma, loss: str, seed: int,
+             restarts: int = 2, init_scale: float = 0.5, rtol: float = 1e-6, max_iter: int = 1000,
+             chunk: int = 1 << 16, informed: bool = True) -> FineTuned:
+    """Minimise eq. 3 + lam' ||w||^2 from several starts; keep the lowest objective.
+
+    ``lam_ft = inf`` gives w_hat = 0 (frozen pre-training, A.7) without optimisation.
+    """
+    if data.z_frozen is None:
+        raise ValueError("fine-tuning data need the frozen fields z_frozen")
+    D = data.X.shape[-1]
+    zero = torch.zeros(D, dtype=data.X.dtype, device=data.X.device)
+    if math.isinf(lam_ft):
+        return FineTuned(zero, train_error(zero, data, sigma, loss, chunk), "frozen", {}, None)
+    g = generator(seed, "finetune_init", data.X.device)
+    starts = [("informed", w_star.clone())] if informed else []
+    starts += [(f"random{k}", init_scale * torch.randn(D, generator=g, device=data.X.device, dtype=data.X.dtype))
+               for k in range(restarts)]
+    if not starts:
+        raise ValueError("need at least one start: informed=True or restarts >= 1")
+    vg = finetune_value_and_grad(data, sigma, lam_ft, loss, chunk)
+    best_name, best, objectives = None, None, {}
+    for name, w0 in starts:
+        res = minimise(vg, w0, rtol=rtol, max_iter=max_iter)
+        objectives[name] = res.objective
+        if best is None or res.objective < best.objective:
+            best_name, best = name, res
+    return FineTuned(best.x, train_error(best.x, data, sigma, loss, chunk), best_name, objectives, best)

@@ -1,0 +1,283 @@
+"""The full finite-D pipeline (pre-training, then rank-one LoRA), per seed and over seeds."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .. import activations
+from ..data import (Effective, Teacher, draw_teacher, effective_finetune_dataset, finetune_dataset,
+                    pretrain_dataset, quadratic_field, _chunks)
+from ..params import Params, ParamError
+from .finetune import finetune
+from .losses import check_loss
+from .metrics import order_parameters, rank_one_parameters, test_errors
+from .pretrain import default_chunk, pretrain
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """An L-BFGS stage stopped before its gradient tolerance was met."""
+
+
+#: Keys averaged over seeds (each also gets ``<key>_se``).
+KEYS = (
+    "pretrain_train_error", "pretrain_test_error", "recalibrated_test_error",
+    "finetune_train_error", "finetune_test_error", "forgetting_error",
+    "overlap", "Q", "M", "Q0", "q", "m", "q0", "Q_frozen", "M_frozen",
+    "pretrain_objective", "pretrain_iterations", "pretrain_grad_norm", "pretrain_converged",
+    "finetune_objective", "finetune_iterations", "finetune_grad_norm", "finetune_converged",
+    "finetune_informed_won", "wall_time",
+)
+#: Keys that do not exist in the effective-pre-training mode (reported as NaN there).
+EFFECTIVE_NAN_KEYS = ("pretrain_train_error", "pretrain_objective", "pretrain_iterations",
+                      "pretrain_grad_norm", "pretrain_converged")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda' (error if absent) or 'auto' (cuda when available, else cpu)."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ParamError(f"device {name!r} requested but CUDA is not available here; "
+                             "use device='cpu' (or 'auto' to fall back)")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ParamError(f"device must be 'cpu', 'cuda' or 'auto', got {name!r}")
+
+
+def _check(params: Params, dim: int, loss: str, effective) -> tuple[dict, Effective | None]:
+    if not isinstance(params, Params):
+        raise ParamError(f"params must be a hdlora.Params, got {type(params).__name__}")
+    if params.active_pool is not None:
+        raise ParamError("active_pool (active fine-tuning, Algorithm 1) is not supported by the simulator yet; "
+                         "set active_pool=None")
+    check_loss(loss)
+    sizes = params.sizes(dim)
+    eff = None
+    if effective is not None:
+        eff = Effective.from_mapping(effective, params.noise)
+        if params.reuse:
+            raise ParamError("reuse (e = 1) needs a real pre-training set; it cannot be combined with effective")
+    return sizes, eff
+
+
+def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device = "cpu",
+             loss: str = "sequence", effective: dict | None = None, restarts: int = 2,
+             informed_start: bool = True, reduce_width: bool = False,
+             pretrain_rtol: float = 1e-6, pretrain_max_iter: int = 3000,
+             finetune_rtol: float = 1e-6, finetune_max_iter: int = 1000,
+             on_stage: Callable[[str], None] | None = None) -> dict:
+    """One seed of the pipeline; returns a dict with every key of :data:`KEYS` plus diagnostics.
+
+    Seed ``seed`` fixes the teacher, the data, the noise, the test sets and the
+    initialisations (one torch generator per named stream, see :mod:`hdlora.data`).
+
+    Args:
+        params: model parameters (beta, lam = inf, lam_ft = inf and reuse respected).
+        dim: D.
+        effective: ``{"Q0":, "Q":, "M":}`` selects the effective-pre-training mode (no
+            pre-training: the frozen fields are drawn from Q, eq. 13); the keys in
+            :data:`EFFECTIVE_NAN_KEYS` are NaN there, Q0/Q/M are the given values.
+        restarts: random fine-tuning starts, in addition to the informed one at w = w*.
+        reduce_width: for kappa > 1 pre-train a width-D student with ridge lam sqrt(kappa)
+            (same minimisers in S, see :mod:`hdlora.simulate.pretrain`).
+        on_stage: called with a stage name after each stage (progress bars).
+    """
+    t0 = time.perf_counter()
+    sizes, eff = _check(params, dim, loss, effective)
+    dev = resolve_device(device)
+    sigma = activations.get(params.activation, "torch")
+    T, D, beta = params.tokens, sizes["D"], params.beta
+    stage = on_stage or (lambda name: None)
+    out: dict[str, Any] = {"seed": int(seed)}
+
+    # ---------------------------------------------------------------- stage 1
+    teacher = draw_teacher(D, 0 if eff else sizes["P0"], seed, dev)
+    if eff is None:
+        pre = pretrain_dataset(sizes["N"], T, params.noise, teacher, seed, dev)
+        width, lam = sizes["P"], params.lam
+        if reduce_width and width > D:
+            width, lam = D, params.lam * math.sqrt(width / D)
+        pt = pretrain(pre, width=width, lam=lam, sigma=sigma, loss=loss, seed=seed,
+                      rtol=pretrain_rtol, max_iter=pretrain_max_iter)
+        W_hat = pt.W
+        out.update(order_parameters(W_hat, teacher))
+        out["pretrain_train_error"] = pt.train_error
+        o = pt.optim
+        out.update({
+            "pretrain_objective": o.objective if o else pt.train_error,
+            "pretrain_iterations": o.iterations if o else 0,
+            "pretrain_grad_norm": o.grad_norm if o else 0.0,
+            "pretrain_converged": float(o.converged) if o else 1.0,
+            "pretrain_stop": o.reason if o else "lam=inf",
+            "pretrain_width": width,
+        })
+        if o is not None and not o.converged:
+            warnings.warn(f"seed {seed}: pre-training did not converge ({o.reason}): max|grad| = {o.grad_norm:.3g} "
+                          f"> {pretrain_rtol:g} x {o.grad_norm_initial:.3g} after {o.iterations} iterations",
+                          ConvergenceWarning, stacklevel=2)
+    else:
+        W_hat, pre = None, None
+        out.update({"Q0": eff.Q0, "Q": eff.Q, "M": eff.M})
+        out.update({k: math.nan for k in EFFECTIVE_NAN_KEYS})
+        out["pretrain_stop"] = "effective"
+    out["Q_frozen"], out["M_frozen"] = beta ** 2 * out["Q"], beta * out["M"]
+    stage("pretrain")
+
+    # ---------------------------------------------------------------- stage 2
+    if eff is None:
+        ft = finetune_dataset(sizes["N_ft"], T, params.noise, teacher, seed, dev,
+                              reuse_from=pre if params.reuse else None)
+        if W_hat is None:
+            z_frozen = torch.zeros_like(ft.z_star)
+        else:
+            tr = float((W_hat * W_hat).sum()) / math.sqrt(W_hat.shape[1])
+            z_frozen = torch.empty_like(ft.z_star)
+            for sl in _chunks(ft.n, default_chunk(T, W_hat.shape[1])):
+                z_frozen[sl] = quadratic_field(ft.X[sl], W_hat, tr)
+        ft = ft.with_frozen(beta * z_frozen)     # recalibration: S_hat -> beta S_hat (eq. 26)
+    else:
+        ft = effective_finetune_dataset(sizes["N_ft"], T, params.noise, eff, teacher, seed, dev)
+        ft = ft.with_frozen(beta * ft.z_frozen)
+    del pre
+    fr = finetune(ft, teacher.w_star, lam_ft=params.lam_ft, sigma=sigma, loss=loss, seed=seed,
+                  restarts=restarts, informed=informed_start, rtol=finetune_rtol, max_iter=finetune_max_iter)
+    out.update(rank_one_parameters(fr.w, teacher.w_star))
+    out["finetune_train_error"] = fr.train_error
+    o = fr.optim
+    out.update({
+        "finetune_objective": o.objective if o else fr.train_error,
+        "finetune_iterations": o.iterations if o else 0,
+        "finetune_grad_norm": o.grad_norm if o else 0.0,
+        "finetune_converged": float(o.converged) if o else 1.0,
+        "finetune_informed_won": float(fr.winner == "informed") if o else math.nan,
+        "finetune_winner": fr.winner,
+        "finetune_start_objectives": dict(fr.objectives),
+        "finetune_stop": o.reason if o else "lam_ft=inf",
+    })
+    if o is not None and not o.converged:
+        warnings.warn(f"seed {seed}: fine-tuning did not converge ({o.reason}): max|grad| = {o.grad_norm:.3g} "
+                      f"> {finetune_rtol:g} x {o.grad_norm_initial:.3g} after {o.iterations} iterations",
+                      ConvergenceWarning, stacklevel=2)
+    stage("finetune")
+
+    # ---------------------------------------------------------------- test errors
+    out.update(test_errors(teacher=teacher, W_hat=W_hat, w_hat=fr.w, beta=beta, T=T, Delta=params.noise,
+                           n_test=10 * D, seed=seed, sigma=sigma, loss=loss, effective=eff))
+    stage("test")
+    out["wall_time"] = time.perf_counter() - t0
+    return out
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Seed-averaged simulation results.
+
+    Attributes:
+        params, dim, seeds, loss, device, effective: what was run.
+        mean, se: per-key seed mean and standard error std/sqrt(n) (ddof = 1; NaN for one seed).
+        per_seed: the raw per-seed dicts (with diagnostics such as the winning start).
+        wall_time: total seconds.
+    """
+
+    params: Params
+    dim: int
+    seeds: tuple
+    loss: str
+    device: str
+    effective: dict | None
+    mean: dict
+    se: dict
+    per_seed: tuple
+    wall_time: float
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def converged(self) -> bool:
+        return all(r[k] in (1.0,) or math.isnan(r[k]) for r in self.per_seed
+                   for k in ("pretrain_converged", "finetune_converged"))
+
+    def __getitem__(self, key: str) -> float:
+        return self.mean[key]
+
+    def to_dict(self, per_seed: bool = True) -> dict:
+        d: dict[str, Any] = {}
+        for k in KEYS:
+            d[k] = self.mean[k]
+            d[f"{k}_se"] = self.se[k]
+        d.update({"dim": self.dim, "seeds": list(self.seeds), "n_seeds": self.n_seeds, "loss": self.loss,
+                  "device": self.device, "mode": "effective" if self.effective else "full",
+                  "effective": self.effective, "converged": self.converged,
+                  "total_wall_time": self.wall_time, "params": self.params.to_dict()})
+        d.update(self.meta)
+        if per_seed:
+            d["per_seed"] = [dict(r) for r in self.per_seed]
+        return d
+
+
+def _seed_list(seeds) -> tuple:
+    if isinstance(seeds, bool):
+        raise ParamError(f"seeds must be a count >= 1 or a list of seeds, got {seeds!r}")
+    if isinstance(seeds, (int, np.integer)):
+        if seeds < 1:
+            raise ParamError(f"seeds must be >= 1, got {seeds}")
+        return tuple(range(int(seeds)))
+    out = tuple(seeds)
+    if not out:
+        raise ParamError("seeds must not be empty")
+    for s in out:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
+            raise ParamError(f"seeds must be integers >= 0, got {s!r}")
+    return out
+
+
+def run(params: Params, dim: int, seeds: int | Sequence[int] = 4, *, device: str = "cpu",
+        loss: str = "sequence", effective: dict | None = None, restarts: int = 2,
+        progress: bool = False, **kwargs) -> SimulationResult:
+    """Run the pipeline for several seeds (``seeds=4`` means seeds 0..3) and average.
+
+    Keyword arguments beyond those shown go to :func:`run_seed`.
+    """
+    t0 = time.perf_counter()
+    seed_list = _seed_list(seeds)
+    _check(params, dim, loss, effective)
+    if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 0:
+        raise ParamError(f"restarts must be an integer >= 0, got {restarts!r}")
+    dev = resolve_device(device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=3 * len(seed_list), file=sys.stderr, desc="simulate", unit="stage")
+    records = []
+    try:
+        for s in seed_list:
+            def on_stage(name, s=s):
+                if bar is not None:
+                    bar.set_postfix_str(f"seed {s}: {name} done")
+                    bar.update(1)
+            records.append(run_seed(params, dim, s, device=dev, loss=loss, effective=effective,
+                                    restarts=restarts, on_stage=on_stage, **kwargs))
+    finally:
+        if bar is not None:
+            bar.close()
+    mean, se = {}, {}
+    n = len(records)
+    for k in KEYS:
+        v = np.array([r[k] for r in records], dtype=float)
+        mean[k] = float(np.mean(v))
+        se[k] = float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return SimulationResult(params, dim, seed_list, loss, str(dev), dict(effective) if effective else None,
+                            mean, se, tuple(records), time.perf_counter() - t0)
