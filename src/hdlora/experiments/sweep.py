@@ -519,6 +519,7 @@ def sweep_dataset(spec: SweepSpec, store: Store | None = None):
     status = np.full(shape, "missing", dtype=object)
     wall = np.full(shape, np.nan)
     values: dict[str, np.ndarray] = {}
+    reserved = {"label", "status", "wall_s", *spec.axis_names}
     for t in the_plan.tasks:
         idx = (labels.index(t.label),) + t.point
         row = rows.get(t.key)
@@ -527,7 +528,9 @@ def sweep_dataset(spec: SweepSpec, store: Store | None = None):
         status[idx] = row.status
         wall[idx] = np.nan if row.wall_s is None else row.wall_s
         for k, v in flatten(_result_fields(row.result)).items():
-            if isinstance(v, bool) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+            if isinstance(v, (bool, int, float)):
+                if k in reserved:
+                    k = f"result.{k}"
                 arr = values.setdefault(k, np.full(shape, np.nan))
                 arr[idx] = float(v)
     dims = ("label",) + spec.axis_names
