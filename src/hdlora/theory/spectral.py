@@ -63,7 +63,13 @@ __all__ = [
 ETA_MIN = 1e-4
 
 # Gauss-Legendre rules on [-1, 1] used by the adaptive doubling (constants, read-only).
-_LEVELS = (24, 48, 96, 192, 384, 768)
+_LEVELS = (6, 12, 24, 48, 96, 192)   # Gauss nodes per panel, doubled until two levels agree
+# panel breakpoints in theta (x = m - h cos(theta)), graded geometrically (ratio 1/4) toward the
+# two edges of an interval, where mu_eta has its sharpest features (hard edge of mu0 at
+# kappa0 = 1, smoothed atom, nearly closed gap with |x|^(1/3) behaviour above the gap scale)
+_GRADING = 0.25 ** np.arange(1, 13)
+_EDGE_BREAKS = np.pi * np.concatenate([0.5 * _GRADING[::-1], [0.5], 1 - 0.5 * _GRADING])
+_EDGE_BREAKS.setflags(write=False)
 _GRADE_LEVELS = 24      # panels halving toward the corner of the 2-D divided-difference integrals
 _GL = {}
 for _n in _LEVELS + (8, 12):
@@ -166,7 +172,7 @@ def _polish(p: Polynomial, z: np.ndarray, steps: int = 4) -> np.ndarray:
 
 
 def _edges(t: float, k: float):
-    """(intervals, roots, leading coefficient) of the support of mu_eta, t = eta^2."""
+    """(intervals, quartic roots, leading coefficient, near-cusps) of the support of mu_eta, t = eta^2."""
     disc = _discriminant(t, k)
     roots = _polish(disc, disc.roots().astype(complex))
     scale = 1.0 + np.abs(roots)
@@ -179,7 +185,14 @@ def _edges(t: float, k: float):
                 intervals[-1] = (intervals[-1][0], float(b))     # double root inside the support
             else:
                 intervals.append((float(a), float(b)))
-    return intervals, roots, disc.coef[-1]
+    # near-cusps: a complex pair of edges close to the real axis inside an interval (a gap that
+    # has just closed): the density has a sharp minimum there, |x - c|^(1/3) above scale |Im|
+    cusps = []
+    for z in roots:
+        for a, b in intervals:
+            if z.imag > 0 and a < z.real < b and z.imag < 0.05 * (b - a):
+                cusps.append(float(z.real))
+    return intervals, roots, disc.coef[-1], tuple(cusps)
 
 
 def _roots_on_support(x: np.ndarray, t: float, k: float, roots, lead):
@@ -216,7 +229,7 @@ def _theta(m: float, h: float, x: float) -> float:
 
 
 def _rule(intervals, lower: float, upper: float, n: int, grade: str = "", panel: int = 0,
-          panels: int = 16):
+          panels: int = 16, cusps=()):
     """Nodes x, weights w (Jacobian h sin(theta) included) and distances on support ∩ (lower, upper).
 
     Plain Gauss-Legendre with n nodes in theta on each interval.  With grade="lower" (or
@@ -247,9 +260,21 @@ def _rule(intervals, lower: float, upper: float, n: int, grade: str = "", panel:
             th = (mid + half_w * g).ravel()
             wt = (half_w * gw).ravel()
         else:
+            # composite Gauss, n nodes per panel, panels graded toward both edges of the interval
+            br = _EDGE_BREAKS
+            for c in cusps:
+                if a < c < b:
+                    thc = _theta(m, h, c)
+                    gap = min(thc, np.pi - thc)
+                    br = np.concatenate([br, [thc], thc - gap * _GRADING, thc + gap * _GRADING])
+            br = np.sort(br)
+            br = br[(br > th0) & (br < th1)]
+            br = np.concatenate([[th0], br, [th1]])
             g, gw = _GL[n]
-            th = 0.5 * (th0 + th1) + 0.5 * (th1 - th0) * g
-            wt = 0.5 * (th1 - th0) * gw
+            mid = 0.5 * (br[1:] + br[:-1])[:, None]
+            half_w = 0.5 * (br[1:] - br[:-1])[:, None]
+            th = (mid + half_w * g).ravel()
+            wt = (half_w * gw).ravel()
         xs.append(m - h * np.cos(th))
         ws.append(wt * h * np.sin(th))
         if grade == "lower":     # x - lower = (lo - lower) + h (cos th0 - cos th)
@@ -261,9 +286,9 @@ def _rule(intervals, lower: float, upper: float, n: int, grade: str = "", panel:
     return np.concatenate(xs), np.concatenate(ws), (np.concatenate(ds) if ds else None)
 
 
-def _measure(intervals, lower, upper, n, t, k, roots, lead, **grading):
+def _measure(intervals, lower, upper, n, t, k, roots, lead, cusps=(), **grading):
     """Nodes x, weights w*rho(x) (so sum(f(x) w) = ∫ f dmu), and Re G(x)."""
-    x, w, d = _rule(intervals, lower, upper, n, **grading)
+    x, w, d = _rule(intervals, lower, upper, n, cusps=cusps, **grading)
     if x.size == 0:
         return x, w, w, d
     re_g, rho = _roots_on_support(x, t, k, roots, lead)
@@ -305,7 +330,7 @@ def density(x, eta, kappa0) -> np.ndarray:
     eta, kappa0 = _check_eta_kappa0(eta, kappa0)
     xa = _x_array(x)
     t = eta * eta
-    intervals, roots, lead = _edges(t, kappa0)
+    intervals, roots, lead, cusps = _edges(t, kappa0)
     flat = xa.ravel()
     rho = np.zeros(flat.shape)
     inside = np.zeros(flat.shape, bool)
@@ -321,10 +346,10 @@ def expectation(f: Callable[[np.ndarray], np.ndarray], eta, kappa0, lower=-math.
     """E_{mu_eta}[f(x) 1{lower < x < upper}] for f smooth on (lower, upper) (vectorised f)."""
     eta, kappa0 = _check_eta_kappa0(eta, kappa0)
     t = eta * eta
-    intervals, roots, lead = _edges(t, kappa0)
+    intervals, roots, lead, cusps = _edges(t, kappa0)
 
     def compute(n):
-        x, w, _, _ = _measure(intervals, float(lower), float(upper), n, t, kappa0, roots, lead)
+        x, w, _, _ = _measure(intervals, float(lower), float(upper), n, t, kappa0, roots, lead, cusps)
         return np.array([np.sum(w * f(x)) if x.size else 0.0])
 
     val, err, n, ok = _adaptive(compute, rtol, atol)
@@ -341,7 +366,7 @@ def cdf(x, eta, kappa0) -> np.ndarray:
 def _J_scalar(eta: float, eps: float, kappa0: float, rtol: float, atol: float) -> SpectralJ:
     t = eta * eta
     r = math.sqrt(kappa0)
-    intervals, roots, lead = _edges(t, kappa0)
+    intervals, roots, lead, cusps = _edges(t, kappa0)
     if eps >= intervals[-1][1]:
         return SpectralJ(0.0, 0.0, 0.0, 0.0, 0.0, 0, True)
     if eps <= intervals[0][0]:
@@ -349,7 +374,7 @@ def _J_scalar(eta: float, eps: float, kappa0: float, rtol: float, atol: float) -
         return SpectralJ(1.0 + t + (r - eps) ** 2, 2.0 * eta, -2.0 * (r - eps), 1.0, 0.0, 0, True)
 
     def compute(n):
-        x, w, re_g, _ = _measure(intervals, eps, math.inf, n, t, kappa0, roots, lead)
+        x, w, re_g, _ = _measure(intervals, eps, math.inf, n, t, kappa0, roots, lead, cusps)
         z = x - eps
         wz = w * z
         return np.array([np.sum(wz * z), np.sum(wz), np.sum(wz * re_g)])
@@ -398,7 +423,7 @@ def _divided_difference_integral(eta, eps, kappa0, power: int, panel: int, panel
     bounded corner singularity at x = y = eps, handled by panels graded toward eps.
     """
     t = eta * eta
-    intervals, roots, lead = _edges(t, kappa0)
+    intervals, roots, lead, cusps = _edges(t, kappa0)
     if eps >= intervals[-1][1]:
         return 0.0
     if eps <= intervals[0][0]:
@@ -449,17 +474,17 @@ def replicon_integral(eta, eps, kappa0) -> QuadratureResult:
     return _dd_result(eta, eps, kappa0, 2)
 
 
-def cubic_integral(eta, kappa0, *, rtol: float = 1e-12, atol: float = 1e-15) -> QuadratureResult:
+def cubic_integral(eta, kappa0, *, rtol: float = 1e-10, atol: float = 1e-15) -> QuadratureResult:
     """∫ mu_eta(x)^3 dx, for the Bayes-optimal input channel (eq. 87, eta = Q_hat_BO^{-1/2}).
 
     mu_eta is the limiting spectral density of Y = S*/sqrt(D) + eta Z/sqrt(D) (eq. 88).
     """
     eta, kappa0 = _check_eta_kappa0(eta, kappa0)
     t = eta * eta
-    intervals, roots, lead = _edges(t, kappa0)
+    intervals, roots, lead, cusps = _edges(t, kappa0)
 
     def compute(n):
-        x, w, _, _ = _measure(intervals, -math.inf, math.inf, n, t, kappa0, roots, lead)
+        x, w, _, _ = _measure(intervals, -math.inf, math.inf, n, t, kappa0, roots, lead, cusps)
         rho = _roots_on_support(x, t, kappa0, roots, lead)[1]
         return np.array([np.sum(w * rho * rho)])
 
