@@ -91,9 +91,14 @@ class Teacher:
 
 
 def draw_teacher(D: int, P0: int, seed: int, device="cpu") -> Teacher:
+    """W* (D x P0) and w* (D,) with i.i.d. N(0, 1) entries (eq. 6).
+
+    w* is drawn first, so it does not depend on P0 (``P0 = 0`` is used by the
+    effective mode, which needs only w*).
+    """
     g = generator(seed, "teacher", device)
-    W_star = torch.randn(D, P0, generator=g, device=device, dtype=DTYPE)
     w_star = torch.randn(D, generator=g, device=device, dtype=DTYPE)
+    W_star = torch.randn(D, P0, generator=g, device=device, dtype=DTYPE)
     return Teacher(W_star, w_star)
 
 

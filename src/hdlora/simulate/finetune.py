@@ -6,7 +6,8 @@ evaluation costs O(N' T D):  ``z(w) = z_frozen + chi chi^T - (||w||^2/D) I``,
 
 The problem is non-convex (rank one, sign symmetry w -> -w): we run an informed
 start at ``w = w*`` (as the paper's App. D) and ``restarts`` random starts
-``w_i ~ N(0, init_scale^2)``, and keep the lowest objective.
+``w_i ~ N(0, init_scale^2)``, and keep the lowest objective.  The objective is
+even in w, so the sign of the minimiser is fixed to ``m = w.w*/D >= 0``.
 """
 from __future__ import annotations
 
@@ -96,4 +97,7 @@ def finetune(data: Dataset, w_star: torch.Tensor, *, lam_ft: float, sigma, loss:
         objectives[name] = res.objective
         if best is None or res.objective < best.objective:
             best_name, best = name, res
-    return FineTuned(best.x, train_error(best.x, data, sigma, loss, chunk), best_name, objectives, best)
+    w = best.x
+    if float(w @ w_star) < 0:  # sign symmetry w -> -w: report the representative with m >= 0
+        w = -w
+    return FineTuned(w, train_error(w, data, sigma, loss, chunk), best_name, objectives, best)

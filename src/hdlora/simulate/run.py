@@ -75,6 +75,7 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
              informed_start: bool = True, reduce_width: bool = False,
              pretrain_rtol: float = 1e-6, pretrain_max_iter: int = 3000,
              finetune_rtol: float = 1e-6, finetune_max_iter: int = 1000,
+             n_test: int | None = None, return_weights: bool = False,
              on_stage: Callable[[str], None] | None = None) -> dict:
     """One seed of the pipeline; returns a dict with every key of :data:`KEYS` plus diagnostics.
 
@@ -90,6 +91,9 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
         restarts: random fine-tuning starts, in addition to the informed one at w = w*.
         reduce_width: for kappa > 1 pre-train a width-D student with ridge lam sqrt(kappa)
             (same minimisers in S, see :mod:`hdlora.simulate.pretrain`).
+        n_test: test samples per test set (default 10 D, as the paper's App. D).
+        return_weights: also return the tensors ``W_hat`` (None when lam = inf or in the
+            effective mode), ``w_hat``, ``W_star``, ``w_star`` (not averaged by :func:`run`).
         on_stage: called with a stage name after each stage (progress bars).
     """
     t0 = time.perf_counter()
@@ -172,8 +176,10 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
 
     # ---------------------------------------------------------------- test errors
     out.update(test_errors(teacher=teacher, W_hat=W_hat, w_hat=fr.w, beta=beta, T=T, Delta=params.noise,
-                           n_test=10 * D, seed=seed, sigma=sigma, loss=loss, effective=eff))
+                           n_test=10 * D if n_test is None else int(n_test), seed=seed, sigma=sigma, loss=loss, effective=eff))
     stage("test")
+    if return_weights:
+        out.update({"W_hat": W_hat, "w_hat": fr.w, "W_star": teacher.W_star, "w_star": teacher.w_star})
     out["wall_time"] = time.perf_counter() - t0
     return out
 
@@ -224,7 +230,8 @@ class SimulationResult:
                   "total_wall_time": self.wall_time, "params": self.params.to_dict()})
         d.update(self.meta)
         if per_seed:
-            d["per_seed"] = [dict(r) for r in self.per_seed]
+            d["per_seed"] = [{k: v for k, v in r.items() if not isinstance(v, torch.Tensor) and v is not None
+                              or k not in ("W_hat", "w_hat", "W_star", "w_star")} for r in self.per_seed]
         return d
 
 
