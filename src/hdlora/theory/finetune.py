@@ -1,0 +1,690 @@
+"""State evolution of the rank-one LoRA fine-tuning (Result 5, Appendix A.5, eqs. 61-72).
+
+Conditionally on the pre-training, the fine-tuning is a rank-one GLM with side fields
+(z*, z) (eq. 61): from the test law Q (eq. 13) for e = 0, from the train law R (eq. 17)
+for e = 1.  The fields are passed in as *samples* (upper triangles, shape (n, L),
+L = T(T+1)/2, order of :func:`hdlora.theory.sampling.upper_indices`), so this module does
+not depend on how the pre-training was solved.
+
+The output channel is the potential (eq. 63)
+
+    psi(chi) = -|| sigma(z + chi chi^T - q I) - sigma(z* + chi* chi*^T - q0 I) ||_F^2
+               - ||chi_tilde - chi||^2 / (2 v),
+
+with chi* ~ N(0, I_T), chi_tilde = m chi* + sqrt(q - m^2) zeta (eq. 62, q0 = 1).  psi is
+*not* concave in chi (the rank-one term chi chi^T makes the loss quartic and sign-symmetric),
+even for the linear activation sigma(x) = x / T: the prox (eq. 64) has no closed form in
+that case either and is computed by Monte Carlo like the softmax one.  The prox is solved
+for all samples at once by a safeguarded Newton ascent (analytic gradient and Hessian,
+eigenvalue-modified steps, backtracking), from several starting points, keeping the largest
+psi.
+
+The fixed point (eqs. 67-72) is iterated by the one engine
+:func:`hdlora.theory.fixed_point.iterate` on the state (m, q, v), with the conjugates
+(m_hat, q_hat, v_hat) as auxiliary output.  Eqs. 67-72 were re-derived from the
+stationarity of the free entropy (eq. 65): with f = (chi_prox - chi_tilde)/v, Stein's lemma
+on zeta and d chi_prox / d chi_tilde = C / v (C of eq. 66) give exactly eqs. 70-72 as printed
+(the m/v Tr C term of eq. 70 and the signs of eq. 72 are correct).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field, asdict
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..activations import get as get_activation
+from ..params import Params, ParamError
+from . import errors as _errors
+from .fixed_point import NonConvergenceWarning, iterate
+from .sampling import frozen_fields, standard_normals, to_sym
+
+__all__ = [
+    "ProxResult", "FinetuneResult", "psi_derivatives", "prox_psi", "solve_finetune",
+    "solve_finetune_effective", "solve_lora_only", "frozen_baseline", "DEFAULT_N_MC",
+]
+
+DEFAULT_N_MC = 30_000
+
+
+@dataclass(frozen=True)
+class ProxResult:
+    """The prox of psi (eq. 64) for every sample.
+
+    Attributes:
+        chi: (n, T) the maximiser kept (largest psi among the starts).
+        C: (n, T, T) C = -[Hessian of psi]^{-1} at chi (eq. 66).
+        dpsi_dq: (n,) explicit d psi / d q at chi (eq. 72).
+        psi: (n,) psi at chi.
+        hess: (n, T, T) the Hessian of psi at chi.
+        step_norm: (n,) size of the last Newton step (the accuracy of chi is ~ its square).
+        n_failed: samples whose Newton iteration did not reach the gradient tolerance.
+        n_not_max: samples whose Hessian at chi is not negative definite (saddle).
+        n_start_changed: samples where a start other than the first gave the best psi.
+    """
+
+    chi: np.ndarray
+    C: np.ndarray
+    dpsi_dq: np.ndarray
+    psi: np.ndarray
+    hess: np.ndarray
+    step_norm: np.ndarray
+    n_failed: int
+    n_not_max: int
+    n_start_changed: int
+
+
+# ----------------------------------------------------------------------------------------
+# the potential psi and its derivatives (eq. 63)
+# ----------------------------------------------------------------------------------------
+# Internally every batched quantity is stored "token axes first": chi as (T, n), matrices as
+# (T, T, n), so that each elementary operation runs over a contiguous axis of n samples
+# (numpy is ~10x slower on (n, 3, 3) layouts, and batched 3x3 matmul/eigh are slower still).
+# The public functions take and return the usual (n, ...) layout.
+
+def _psi_t(chi, Zq, Y, ct, v, activation, order=2):
+    """psi and derivatives, token-first layout: chi, ct (T, n); Zq, Y (T, T, n).
+
+    With X = z - q I + chi chi^T and the row-separable loss l(X) = ||sigma(X) - Y||^2,
+    g = dl/dX and h_a = d^2 l / dX_a. dX_a. (row a):
+        grad_chi l = (g + g^T) chi,
+        Hess_chi l = g + g^T + diag_k(chi^T h_k chi) + chi_k (h_k chi)_l + chi_l (h_l chi)_k
+                     + sum_a chi_a^2 h_a.
+    Row-wise softmax, p = sigma(x_a), r = p - y_a, s = p.r, u = p o (r - s):
+        g_a = 2 u,  h_a = 2 [diag(w) - w p^T - p w^T + |p|^2 p p^T],  w = p o p + u.
+    Linear sigma(x) = x/T: g = 2 (X/T - Y)/T, h_a = 2/T^2 I.
+    """
+    T = chi.shape[0]
+    X = Zq + chi[:, None, :] * chi[None, :, :]
+    if activation == "linear":
+        P = X / T
+    else:
+        P = np.exp(X - X.max(axis=1, keepdims=True))
+        P /= P.sum(axis=1, keepdims=True)
+    R = P - Y
+    diff = chi - ct
+    psi = -(R * R).sum(axis=(0, 1)) - (diff * diff).sum(axis=0) / (2.0 * v)
+    if order == 0:
+        return psi
+    if activation == "linear":
+        g = (2.0 / T) * R
+    else:
+        U = P * (R - (P * R).sum(axis=1, keepdims=True))
+        g = 2.0 * U
+    gs = g + g.transpose(1, 0, 2)
+    grad = -(gs * chi[None, :, :]).sum(axis=1) - diff / v
+    if order == 1:
+        return psi, grad
+    d = np.arange(T)
+    c2 = chi * chi
+    if activation == "linear":
+        k = 2.0 / T**2
+        hc = k * np.broadcast_to(chi[None, :, :], (T, T, chi.shape[1]))      # hc[a] = h_a chi
+        quad = k * np.broadcast_to(c2.sum(axis=0), chi.shape)                # chi^T h_a chi
+        S4 = np.zeros_like(X)
+        S4[d, d] = k * c2.sum(axis=0)                                          # sum_a chi_a^2 h_a
+    else:
+        W = P * P + U
+        pp = (P * P).sum(axis=1)
+        pchi = (P * chi[None, :, :]).sum(axis=1)
+        wchi = (W * chi[None, :, :]).sum(axis=1)
+        hc = 2.0 * (W * chi[None, :, :] - W * pchi[:, None, :] - P * wchi[:, None, :]
+                    + (pp * pchi)[:, None, :] * P)
+        quad = (hc * chi[None, :, :]).sum(axis=1)
+        cW = c2[:, None, :] * W
+        cpP = (c2 * pp)[:, None, :] * P
+        WP = np.zeros_like(X)
+        PP = np.zeros_like(X)
+        for a in range(T):
+            WP += cW[a, :, None, :] * P[a, None, :, :]
+            PP += cpP[a, :, None, :] * P[a, None, :, :]
+        S4 = 2.0 * (PP - WP - WP.transpose(1, 0, 2))
+        S4[d, d] += 2.0 * cW.sum(axis=0)
+    M2 = chi[:, None, :] * hc                                                  # chi_k (h_k chi)_l
+    hess = -(gs + M2 + M2.transpose(1, 0, 2) + S4)
+    hess[d, d] -= quad + 1.0 / v
+    # psi = -l(z - qI + chi chi^T) - ...  =>  d psi / d q = + Tr g
+    dq = g[d, d].sum(axis=0)
+    return psi, grad, hess, dq
+
+
+def _t(x: np.ndarray) -> np.ndarray:
+    """(n, ...) -> token-first (..., n), contiguous."""
+    return np.ascontiguousarray(np.moveaxis(x, 0, -1))
+
+
+def _n(x: np.ndarray) -> np.ndarray:
+    """token-first (..., n) -> (n, ...)."""
+    return np.ascontiguousarray(np.moveaxis(x, -1, 0))
+
+
+def psi_derivatives(chi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, chi_tilde: np.ndarray,
+                    v: float, activation: str, *, order: int = 2):
+    """psi (eq. 63) and its derivatives in chi, for a batch of samples.
+
+    Args:
+        chi: (n, T) points.
+        Zq: (n, T, T) the frozen student argument z - q I_T (beta-recalibrated z).
+        Y: (n, T, T) the target sigma(z* + chi* chi*^T - q0 I_T).
+        chi_tilde: (n, T).
+        v: the variance v > 0 of the prior term.
+        activation: 'softmax' or 'linear'.
+        order: 0 (value), 1 (+ gradient) or 2 (+ Hessian and d psi / d q).
+
+    Returns:
+        psi (n,) [, grad (n, T) [, hess (n, T, T), dpsi_dq (n,)]].  d psi / d q is the
+        derivative through the explicit -q I_T shift only (as used in eq. 72).
+    """
+    out = _psi_t(_t(chi), _t(Zq), _t(Y), _t(chi_tilde), v, activation, order)
+    if order == 0:
+        return out
+    return (out[0],) + tuple(_n(o) for o in out[1:3]) + tuple(out[3:])
+
+
+def _chol(A: np.ndarray):
+    """Batched Cholesky of symmetric A (T, T, n) by explicit loops over the token axes.
+
+    Returns (L, ok): ok[i] is False where A[..., i] is not positive definite.
+    """
+    T, _, n = A.shape
+    L = np.zeros_like(A)
+    ok = np.ones(n, dtype=bool)
+    for j in range(T):
+        dj = A[j, j] - (L[j, :j] ** 2).sum(axis=0)
+        good = dj > 1e-300
+        ok &= good
+        ljj = np.sqrt(np.where(good, dj, 1.0))
+        L[j, j] = ljj
+        for i in range(j + 1, T):
+            L[i, j] = (A[i, j] - (L[i, :j] * L[j, :j]).sum(axis=0)) / ljj
+    return L, ok
+
+
+def _chol_solve(L: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve (L L^T) x = b for L (T, T, n), b (T, ..., n)."""
+    T = L.shape[0]
+    extra = (None,) * (b.ndim - 2)
+    y = np.empty_like(b)
+    for i in range(T):
+        y[i] = (b[i] - (L[(i, slice(0, i)) + extra] * y[:i]).sum(axis=0)) / L[(i, i) + extra]
+    x = np.empty_like(b)
+    for i in reversed(range(T)):
+        x[i] = (y[i] - (L[(slice(i + 1, T), i) + extra] * x[i + 1:]).sum(axis=0)) / L[(i, i) + extra]
+    return x
+
+
+def _modified_inverse(hess: np.ndarray, v: float) -> np.ndarray:
+    """-H^{-1} with the eigenvalues of H (T, T, m) replaced by -max(|w|, 1e-3/v)."""
+    w, U = np.linalg.eigh(_n(hess))
+    wm = np.maximum(np.abs(w), 1e-3 / v)
+    return _t((U[:, :, None, :] * U[:, None, :, :] / wm[:, None, None, :]).sum(axis=3))
+
+
+def _ascent_step(hess: np.ndarray, grad: np.ndarray, v: float):
+    """Modified-Newton ascent direction -H^{-1} g (H = Hessian of psi, token-first), and 'H < 0'."""
+    L, ok = _chol(-hess)
+    step = _chol_solve(L, grad)
+    bad = ~ok
+    if bad.any():
+        Cb = _modified_inverse(hess[:, :, bad], v)
+        step[:, bad] = (Cb * grad[:, bad][None, :, :]).sum(axis=1)
+    return step, ok
+
+
+def _newton_ascent(chi0, Zq, Y, ct, v, activation, *, xtol, max_steps):
+    """Maximise psi from chi0 for all samples at once (safeguarded Newton, token-first layout).
+
+    A sample stops when its Newton step is below xtol (1 + |chi|) at a negative-definite
+    Hessian; the step is then taken (quadratic convergence: the error left is ~ step^2) and
+    the derivatives of the last evaluation (one tiny step away) are returned with it.
+    Steps larger than 1e-3 (1 + |chi|), or at an indefinite Hessian, are backtracked (Armijo).
+
+    Returns (chi, psi, hess, dpsi_dq, step_norm, converged) for every sample.
+    """
+    chi = chi0.copy()
+    T, n = chi.shape
+    psi_all = np.empty(n)
+    hess_all = np.empty((T, T, n))
+    dq_all = np.empty(n)
+    snorm_all = np.full(n, np.inf)
+    conv = np.zeros(n, dtype=bool)
+    active = np.arange(n)
+    for _ in range(max_steps):
+        if active.size == 0:
+            break
+        sub = active.size < n
+        c = chi[:, active] if sub else chi
+        zq, y, cti = (Zq[:, :, active], Y[:, :, active], ct[:, active]) if sub else (Zq, Y, ct)
+        psi, grad, hess, dq = _psi_t(c, zq, y, cti, v, activation)
+        psi_all[active], hess_all[:, :, active], dq_all[active] = psi, hess, dq
+        step, neg_def = _ascent_step(hess, grad, v)
+        snorm = np.sqrt((step * step).sum(axis=0))
+        scale = 1.0 + np.sqrt((c * c).sum(axis=0))
+        snorm_all[active] = snorm
+        done = neg_def & (snorm < xtol * scale)
+        trusted = neg_def & (snorm < 1e-3 * scale)          # quadratic regime: full step
+        new = c + step
+        check = np.flatnonzero(~trusted)
+        if check.size:
+            slope = (grad[:, check] * step[:, check]).sum(axis=0)   # > 0: ascent direction
+            t = np.ones(check.size)
+            todo = np.arange(check.size)
+            for _ls in range(40):
+                idx = check[todo]
+                trial = c[:, idx] + t[todo] * step[:, idx]
+                pt = _psi_t(trial, zq[:, :, idx], y[:, :, idx], cti[:, idx], v, activation, order=0)
+                ok = pt >= psi[idx] + 1e-4 * t[todo] * slope[todo] - 1e-14 * np.abs(psi[idx])
+                new[:, idx[ok]] = trial[:, ok]
+                todo = todo[~ok]
+                if todo.size == 0:
+                    break
+                t[todo] *= 0.5
+            if todo.size:                                    # no ascent found: stay
+                new[:, check[todo]] = c[:, check[todo]]
+        chi[:, active] = new
+        conv[active[done]] = True
+        active = active[~done]
+    if active.size:      # not converged within max_steps: derivatives at the final point
+        psi, grad, hess, dq = _psi_t(chi[:, active], Zq[:, :, active], Y[:, :, active], ct[:, active], v,
+                                     activation)
+        psi_all[active], hess_all[:, :, active], dq_all[active] = psi, hess, dq
+    return chi, psi_all, hess_all, dq_all, snorm_all, conv
+
+
+def _rank_one_start(Zq, Y_arg, ct):
+    """Start from the linearised problem: chi chi^T ~ K = (target argument) - (z - q I).
+
+    chi = sqrt(lambda_1+) u_1 with the sign of u_1 . chi_tilde (the fitting solution of the
+    linear activation at v -> infinity).  Token-first layout.
+    """
+    K = _n(Y_arg - Zq)
+    w, U = np.linalg.eigh(0.5 * (K + np.swapaxes(K, 1, 2)))
+    c = _t(np.sqrt(np.maximum(w[:, -1], 0.0))[:, None] * U[:, :, -1])
+    sgn = np.sign((c * ct).sum(axis=0))
+    sgn[sgn == 0] = 1.0
+    return c * sgn
+
+
+def _prox_t(ct, Zq, Y, v, activation, *, starts=None, Y_arg=None, xtol=1e-9, max_steps=60):
+    """prox_psi in the token-first layout; returns (chi, C, dq, psi, hess, snorm, n_failed, n_not_max, n_changed)."""
+    if v <= 0 or not math.isfinite(v):
+        raise ValueError(f"v must be finite and > 0, got {v}")
+    starts = [ct] if not starts else list(starts)
+    if Y_arg is not None:
+        starts.append(_rank_one_start(Zq, Y_arg, ct))
+    best = None
+    changed = np.zeros(ct.shape[1], dtype=bool)
+    for s in starts:
+        out = _newton_ascent(s, Zq, Y, ct, v, activation, xtol=xtol, max_steps=max_steps)
+        if best is None:
+            best = list(out)
+            continue
+        better = out[1] > best[1] + 1e-12 * np.maximum(1.0, np.abs(best[1]))
+        if better.any():
+            changed |= better
+            for arr, new in zip(best, out):
+                arr[..., better] = new[..., better]
+    chi, psi, hess, dq, snorm, conv = best
+    T = chi.shape[0]
+    L, neg_def = _chol(-hess)
+    C = _chol_solve(L, np.broadcast_to(np.eye(T)[:, :, None], hess.shape).copy())   # C = (-H)^{-1}
+    bad = ~neg_def
+    if bad.any():      # not a strict local maximum (reported): modified-Newton curvature
+        C[:, :, bad] = _modified_inverse(hess[:, :, bad], v)
+    return chi, C, dq, psi, hess, snorm, int((~conv).sum()), int(bad.sum()), int(changed.sum())
+
+
+def prox_psi(chi_tilde: np.ndarray, Zq: np.ndarray, Y: np.ndarray, v: float, activation: str, *,
+             starts: list[np.ndarray] | None = None, Y_arg: np.ndarray | None = None,
+             xtol: float = 1e-9, max_steps: int = 60) -> ProxResult:
+    """Batched prox of psi (eq. 64) with C (eq. 66) and d psi / d q (eq. 72).
+
+    Args:
+        chi_tilde: (n, T).
+        Zq: (n, T, T) z - q I_T.   Y: (n, T, T) sigma(z* + chi* chi*^T - q0 I_T).
+        v: > 0.   activation: 'softmax' | 'linear'.
+        starts: (n, T) starting points of Newton (default: chi_tilde).
+        Y_arg: (n, T, T) target argument z* + chi* chi*^T - q0 I; when given, the rank-one
+            fitting start (see :func:`_rank_one_start`) is added.
+        xtol: Newton stops when the step is below xtol (1 + |chi|).
+
+    Newton ascent from each start, keeping per sample the largest psi.  psi is not concave,
+    so several starts guard against local maxima; every returned point is checked to be a
+    local maximum (negative-definite Hessian).
+    """
+    out = _prox_t(_t(chi_tilde), _t(Zq), _t(Y), v, activation,
+                  starts=None if not starts else [_t(s) for s in starts],
+                  Y_arg=None if Y_arg is None else _t(Y_arg), xtol=xtol, max_steps=max_steps)
+    chi, C, dq, psi, hess, snorm, nf, nm, nc = out
+    return ProxResult(chi=_n(chi), C=_n(C), dpsi_dq=dq, psi=psi, hess=_n(hess), step_norm=snorm,
+                      n_failed=nf, n_not_max=nm, n_start_changed=nc)
+
+
+# ----------------------------------------------------------------------------------------
+# result
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FinetuneResult:
+    """Fixed point of the fine-tuning state evolution (Result 5) and Result 3 at it.
+
+    Attributes:
+        q, m, v: order parameters (eqs. 9, 67-69); q0 = 1.
+        qhat, mhat, vhat: conjugates (eqs. 70-72).
+        overlap: o_w = m / sqrt(q q0) (Result 3, A.5).
+        finetune_train_error: L' = E_R' ||sigma(z + chi chi^T - q I) - sigma(z* + chi* chi*^T - I)||^2 (eq. 20).
+        finetune_test_error: E' (eqs. 19, 73), (z*, z) ~ Q, (chi*, chi) ~ Q'.
+        forgetting_error: E'' (eq. 84).
+        replicon_finetune: alpha' E ||(v Hess psi)^{-1} + I||_F^2 (LHS of eq. 78); stable if < 1.
+        replicon_unstable: replicon_finetune >= 1.
+        delta_eff: effective noise of the fine-tuning fields: eq. 25 (with the recalibration
+            beta, eq. 26) for e = 0; for e = 1 the per-entry variance of beta z - z* over the
+            train fields (eq. 27 for linear sigma).
+        converged, residual, iterations: from the fixed-point engine.
+        n_mc: Monte-Carlo samples of the state evolution.
+        prox_failed: samples whose prox Newton did not converge at the last evaluation.
+        prox_not_max: samples whose returned prox is not a strict local maximum.
+        mc_se: Monte-Carlo standard errors of the sample-mean quantities.
+        wall_time: seconds.
+        baseline: None, 'frozen' (lam_ft = inf) or 'lora-only' (lam = inf).
+    """
+
+    q: float
+    m: float
+    v: float
+    qhat: float
+    mhat: float
+    vhat: float
+    overlap: float
+    finetune_train_error: float
+    finetune_test_error: float
+    forgetting_error: float
+    replicon_finetune: float
+    replicon_unstable: bool
+    delta_eff: float
+    converged: bool
+    residual: float
+    iterations: int
+    n_mc: int
+    prox_failed: int
+    prox_not_max: int
+    mc_se: dict = field(default_factory=dict)
+    wall_time: float = 0.0
+    baseline: str | None = None
+    history: tuple = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("history")
+        return d
+
+    @property
+    def state(self) -> dict[str, float]:
+        """(m, q, v): a warm start for a neighbouring solve."""
+        return {"m": self.m, "q": self.q, "v": self.v}
+
+
+# ----------------------------------------------------------------------------------------
+# state evolution
+# ----------------------------------------------------------------------------------------
+def _check_fields(z_star, z, T):
+    L = T * (T + 1) // 2
+    z_star = np.asarray(z_star, dtype=np.float64)
+    z = np.asarray(z, dtype=np.float64)
+    if z_star.ndim != 2 or z_star.shape[1] != L or z.shape != z_star.shape:
+        raise ParamError(f"z_star and z must both have shape (n, L = T(T+1)/2 = {L}); "
+                         f"got {z_star.shape} and {z.shape}")
+    if not (np.all(np.isfinite(z_star)) and np.all(np.isfinite(z))):
+        raise ParamError("z_star and z must be finite")
+    return z_star, z
+
+
+def _law_args(params: Params, Q0, Q, M, required: bool):
+    given = [x is not None for x in (Q0, Q, M)]
+    if any(given) and not all(given):
+        raise ParamError("give all of Q0, Q, M (the pre-training test law, eq. 13) or none")
+    if not all(given):
+        if required:
+            raise ParamError("e = 1 (reuse): the test errors need the pre-training law Q; pass Q0, Q, M")
+        return None
+    Q0, Q, M = float(Q0), float(Q), float(M)
+    if not Q0 > 0:
+        raise ParamError(f"Q0 must be > 0, got {Q0}")
+    if Q < 0:
+        raise ParamError(f"Q must be >= 0, got {Q}")
+    A0 = Q0 + params.noise / 2
+    if M * M > A0 * Q * (1 + 1e-12) + 1e-15:
+        raise ParamError(f"M^2 must be <= (Q0 + Delta/2) Q (a covariance), got M={M}, Q={Q}, Q0={Q0}")
+    return Q0, Q, M
+
+
+def _default_init(params: Params) -> dict[str, float]:
+    v = 1.0 / (2.0 * params.lam_ft + 1.0)
+    return {"m": 0.5, "q": 0.5, "v": v}
+
+
+def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
+                   Q0: float | None = None, Q: float | None = None, M: float | None = None,
+                   n_mc: int | None = None, seed: int = 0, tol: float = 1e-7, max_iter: int = 400,
+                   mixing: float = 0.5, init: FinetuneResult | Mapping[str, float] | None = None,
+                   n_test: int | None = None, restart_every: int = 10, warn: bool = True) -> FinetuneResult:
+    """Fine-tuning state evolution (eqs. 67-72) on given frozen fields, and Result 3 at its fixed point.
+
+    Args:
+        params: model parameters (alpha_ft, tokens, noise, lam_ft, activation, beta, reuse).
+        z_star, z: frozen fields on the upper triangle, shape (n, L): from Q (eq. 13) for
+            e = 0, from R (eq. 17) for e = 1; *before* recalibration (z -> beta z is applied
+            here, eq. 26 / App. C).
+        Q0, Q, M: the pre-training test law Q (eq. 13), before recalibration.  Needed for
+            e = 1 (the test errors use Q, not R); for e = 0 the given fields are used as
+            test fields when omitted.
+        n_mc: use the first n_mc rows of the fields (default: all).
+        seed: seed of the rank-one samples chi*, zeta (eq. 62) and of the test samples.
+        tol, max_iter, mixing: passed to :func:`hdlora.theory.fixed_point.iterate`.
+        init: warm start (a previous FinetuneResult or a dict with m, q, v).
+        n_test: Monte-Carlo samples of the softmax test errors (default n_mc); the linear
+            activation uses closed forms (see :mod:`hdlora.theory.errors`).
+        restart_every: every that many iterations (and at the first one) the prox is also
+            restarted from chi_tilde and from the rank-one fitting start (global check);
+            in between Newton is warm-started from the previous prox.
+        warn: warn on non-convergence.
+
+    Returns:
+        FinetuneResult.  lam_ft = inf returns the frozen baseline (q = m = v = 0, A.7).
+    """
+    t0 = time.perf_counter()
+    T = params.tokens
+    z_star, z = _check_fields(z_star, z, T)
+    if n_mc is not None:
+        if n_mc < 1 or n_mc > z_star.shape[0]:
+            raise ParamError(f"n_mc must be in [1, {z_star.shape[0]}] (rows of the fields), got {n_mc}")
+        z_star, z = z_star[:n_mc], z[:n_mc]
+    n = z_star.shape[0]
+    law = _law_args(params, Q0, Q, M, required=params.reuse)
+    beta = params.beta
+    act = params.activation
+    sigma = get_activation(act, "numpy")
+    eye = np.eye(T)
+
+    # fixed samples (common random numbers): chi*, zeta (eq. 62)
+    x = standard_normals(n, 2 * T, seed)
+    chi_star, zeta = x[:, :T], x[:, T:]
+    Zs = to_sym(z_star, T)
+    Zb = beta * to_sym(z, T)
+    Y_arg = Zs + chi_star[:, :, None] * chi_star[:, None, :] - eye     # q0 = 1
+    Y = sigma(Y_arg)
+
+    # effective noise of the fine-tuning fields
+    s = 1.0 + (np.arange(T)[:, None] == np.arange(T)[None, :])
+    if law is not None and not params.reuse:
+        delta_eff = _effective_delta(params.noise, law, beta)
+    else:
+        delta_eff = float(np.mean(((Zb - Zs) ** 2 / s).reshape(n, -1)))
+
+    if params.frozen:
+        return _frozen_result(params, Zs, Zb, chi_star, Y, law, seed, n_test, delta_eff, t0)
+
+    ap = params.alpha_ft
+    lam_ft = params.lam_ft
+    # token-first copies for the prox (see the layout note above _psi_t)
+    cs_t, zeta_t = _t(chi_star), _t(zeta)
+    Zb_t, Y_t, Yarg_t = _t(Zb), _t(Y), _t(Y_arg)
+    d = np.arange(T)
+    cache: dict[str, Any] = {"chi": None, "calls": 0}
+
+    def update(state):
+        m, q, v = state["m"], state["q"], state["v"]
+        cache["calls"] += 1
+        full = cache["chi"] is None or (cache["calls"] - 1) % max(1, restart_every) == 0
+        m = float(np.clip(m, -math.sqrt(q), math.sqrt(q)))
+        ct = m * cs_t + math.sqrt(max(q - m * m, 0.0)) * zeta_t                               # eq. 62
+        Zq = Zb_t.copy()
+        Zq[d, d] -= q
+        starts = [] if cache["chi"] is None else [cache["chi"]]
+        if full:
+            starts.append(ct)
+        chi, C, dq, psi, hess, snorm, nf, nm, nc = _prox_t(ct, Zq, Y_t, v, act, starts=starts,
+                                                          Y_arg=Yarg_t if full else None)
+        cache["chi"] = chi
+        trC = C[d, d].sum(axis=0)
+        mhat = ap / v * np.mean((cs_t * chi).sum(axis=0) - m / v * trC)                      # eq. 70
+        diff = chi - ct
+        qhat = ap / v**2 * np.mean((diff * diff).sum(axis=0))                                 # eq. 71
+        vhat = ap * T / v - ap / v**2 * np.mean(trC) - 2.0 * ap * np.mean(dq)                 # eq. 72
+        v_new = 1.0 / (2.0 * lam_ft + vhat) if 2.0 * lam_ft + vhat > 0 else math.inf          # eq. 69
+        m_new = mhat * v_new                                                                   # eq. 67
+        q_new = (mhat**2 + qhat) * v_new**2                                                    # eq. 68
+        aux = {"mhat": float(mhat), "qhat": float(qhat), "vhat": float(vhat), "chi": chi, "C": C,
+               "n_failed": nf, "n_not_max": nm, "n_changed": nc}
+        return {"m": m_new, "q": q_new, "v": v_new}, aux
+
+    state = _default_init(params)
+    if init is not None:
+        st = init.state if isinstance(init, FinetuneResult) else init
+        state = {k: float(st[k]) for k in ("m", "q", "v")}
+    bounds = {"q": (1e-12, 1e6), "v": (1e-12, 1e6), "m": (-1e3, 1e3)}
+    iterations, history = 0, ()
+    for _round in range(3):
+        fp = iterate(update, state, mixing=mixing, tol=tol, max_iter=max_iter - iterations, bounds=bounds,
+                     name="fine-tuning state evolution", warn=False)
+        iterations += fp.iterations
+        history += fp.history
+        state = fp.state
+        converged = fp.converged
+        # global check at the fixed point: prox restarted from chi_tilde and the rank-one start
+        cache["calls"] = 0
+        st_new, aux = update(state)
+        iterations += 1
+        res_final = max(abs(st_new[k] - state[k]) / max(1.0, abs(state[k])) for k in state)
+        if not converged or res_final <= 10 * tol or iterations >= max_iter:
+            break
+        state = st_new        # a better prox basin was found: continue from there
+    converged = bool(converged and res_final <= 10 * tol)
+    m, q, v = state["m"], state["q"], state["v"]
+    chi, C = _n(aux["chi"]), _n(aux["C"])
+
+    # Result 3 at the fixed point
+    X_train = Zb - q * eye + chi[:, :, None] * chi[:, None, :]
+    train_losses = np.sum((sigma(X_train) - Y) ** 2, axis=(1, 2))                        # eq. 20
+    rep = ap * np.sum((eye - C / v) ** 2, axis=(1, 2))      # (v Hess psi)^{-1} = -C / v   (eq. 78)
+    test = _test_errors(params, q, m, law, Zs, Zb, seed, n_test, n)
+    mc_se = {"finetune_train_error": _se(train_losses), "replicon_finetune": _se(rep), **test["se"]}
+    result = FinetuneResult(
+        q=float(q), m=float(m), v=float(v), qhat=aux["qhat"], mhat=aux["mhat"], vhat=aux["vhat"],
+        overlap=m / math.sqrt(q) if q > 0 else 0.0,
+        finetune_train_error=float(train_losses.mean()),
+        finetune_test_error=test["finetune_test_error"], forgetting_error=test["forgetting_error"],
+        replicon_finetune=float(rep.mean()), replicon_unstable=bool(rep.mean() >= 1.0),
+        delta_eff=delta_eff, converged=converged, residual=float(res_final), iterations=iterations,
+        n_mc=n, prox_failed=aux["n_failed"], prox_not_max=aux["n_not_max"], mc_se=mc_se,
+        wall_time=time.perf_counter() - t0, baseline="lora-only" if params.lora_only else None,
+        history=history)
+    if warn and not result.converged:
+        warnings.warn(f"fine-tuning state evolution not converged: residual {result.residual:.3g} after "
+                      f"{result.iterations} iterations (tol {tol:.3g})", NonConvergenceWarning, stacklevel=2)
+    if warn and (result.prox_failed or result.prox_not_max):
+        warnings.warn(f"fine-tuning prox: {result.prox_failed} samples not converged, {result.prox_not_max} not at a "
+                      f"local maximum (of {n})", NonConvergenceWarning, stacklevel=2)
+    if warn and result.replicon_unstable:
+        warnings.warn(f"fine-tuning replicon condition violated: {result.replicon_finetune:.3g} >= 1 (eq. 78)",
+                      RuntimeWarning, stacklevel=2)
+    return result
+
+
+def _se(x: np.ndarray) -> float:
+    return float(np.std(x, ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
+
+
+def _effective_delta(noise, law, beta):
+    Q0, Q, M = law
+    return noise / 2 + Q0 + beta**2 * Q - 2 * beta * M          # eqs. 25-26
+
+
+def _test_errors(params, q, m, law, Zs, Zb, seed, n_test, n):
+    """E' (eq. 73) and E'' (eq. 84) at (q, m): closed form (linear) or Monte Carlo (softmax)."""
+    T, act, beta = params.tokens, params.activation, params.beta
+    if law is not None:
+        Q0, Q, M = law
+        if act == "linear":
+            return {"finetune_test_error": _errors.linear_finetune_test_error(T, Q0, beta**2 * Q, beta * M,
+                                                                             params.noise, q, m),
+                    "forgetting_error": _errors.linear_forgetting_error(T, Q0, beta**2 * Q, beta * M,
+                                                                       params.noise, q),
+                    "se": {"finetune_test_error": 0.0, "forgetting_error": 0.0}}
+        f = frozen_fields(n_test or n, T, Q0 + params.noise / 2, beta**2 * Q, beta * M, seed=seed + 7919)
+        Zs_t, Zb_t = to_sym(f["z_star"], T), to_sym(f["z"], T)
+    else:      # e = 0: the given fields are test fields
+        Zs_t, Zb_t = Zs, Zb
+        if n_test is not None and n_test != n:
+            raise ParamError("n_test needs the law (Q0, Q, M) to draw fresh test fields")
+    nt = Zs_t.shape[0]
+    ft = _errors.finetune_losses(act, Zs_t, Zb_t, q, m, seed=seed + 104729)
+    return {"finetune_test_error": float(ft["finetune"].mean()), "forgetting_error": float(ft["forgetting"].mean()),
+            "se": {"finetune_test_error": _se(ft["finetune"]), "forgetting_error": _se(ft["forgetting"])}}
+
+
+def _frozen_result(params, Zs, Zb, chi_star, Y, law, seed, n_test, delta_eff, t0):
+    """lam_ft = inf: w_hat = 0, q = m = v = 0 (eq. 79)."""
+    T = params.tokens
+    sigma = get_activation(params.activation, "numpy")
+    n = Zs.shape[0]
+    train = np.sum((sigma(Zb) - Y) ** 2, axis=(1, 2))
+    test = _test_errors(params, 0.0, 0.0, law, Zs, Zb, seed, n_test, n)
+    return FinetuneResult(
+        q=0.0, m=0.0, v=0.0, qhat=0.0, mhat=0.0, vhat=math.inf, overlap=0.0,
+        finetune_train_error=float(train.mean()), finetune_test_error=test["finetune_test_error"],
+        forgetting_error=test["forgetting_error"], replicon_finetune=0.0, replicon_unstable=False,
+        delta_eff=delta_eff, converged=True, residual=0.0, iterations=0, n_mc=n, prox_failed=0, prox_not_max=0,
+        mc_se={"finetune_train_error": _se(train), **test["se"]}, wall_time=time.perf_counter() - t0,
+        baseline="frozen")
+
+
+def solve_finetune_effective(params: Params, Q0: float, Q: float, M: float, *, n_mc: int = DEFAULT_N_MC,
+                             seed: int = 0, **kwargs) -> FinetuneResult:
+    """Fine-tuning on an *effective pre-training* (Figs. 2, 4, 5): (z*, z) ~ Q with given Q0, Q, M.
+
+    The fields are drawn from the test law Q (eq. 13) with A0 = Q0 + Delta/2 (e = 0
+    semantics); the recalibration beta of ``params`` is applied as Q -> beta^2 Q,
+    M -> beta M.  Other keyword arguments go to :func:`solve_finetune`.
+    """
+    if params.reuse:
+        raise ParamError("reuse (e = 1) needs the train law R of a pre-training; the effective "
+                         "pre-training draws fresh fields from Q (e = 0): set reuse=False")
+    law = _law_args(params, Q0, Q, M, required=True)
+    f = frozen_fields(n_mc, params.tokens, law[0] + params.noise / 2, law[1], law[2], seed=seed + 1)
+    return solve_finetune(params, f["z_star"], f["z"], Q0=law[0], Q=law[1], M=law[2], seed=seed, **kwargs)
+
+
+def solve_lora_only(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, **kwargs) -> FinetuneResult:
+    """LoRA-only baseline (lam = inf, A.7): W_hat = 0, so z = 0 and z* ~ eq. 81, for e = 0 and 1."""
+    p = params.replace(lam=math.inf, reuse=False)
+    r = solve_finetune_effective(p, params.Q0, 0.0, 0.0, n_mc=n_mc, seed=seed, **kwargs)
+    return r
+
+
+def frozen_baseline(params: Params, Q0: float, Q: float, M: float, *, n_mc: int = DEFAULT_N_MC,
+                    seed: int = 0) -> FinetuneResult:
+    """Frozen pre-training baseline (lam_ft = inf, eq. 79) on an effective pre-training."""
+    return solve_finetune_effective(params.replace(lam_ft=math.inf), Q0, Q, M, n_mc=n_mc, seed=seed)
