@@ -254,3 +254,9 @@ def test_example_sweep_files_are_valid():
             load_sweep(f)
         except SweepError as exc:
             assert "is not available" in str(exc), f"{f}: {exc}"
+
+
+def test_bayes_optimal_is_keyed_without_the_parameters_it_ignores():
+    spec = parse_sweep({"axes": {"alpha_ft": [1.0, 2.0], "lam_ft": [0.1, 0.2, 0.5]}, "run": {"bayes_optimal": {}}})
+    p = plan(spec)
+    assert len(p.tasks) == 6 and sum(len(c) for c in p.chains) == 2  # one BO point per alpha_ft

@@ -123,13 +123,20 @@ class DaskExecutor:
         except (OSError, TimeoutError) as exc:
             raise ConnectionError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
 
+        from distributed import as_completed
+
+        self._done = as_completed(loop=self._client.loop)  # bound to this client, not a global default
+
     def submit(self, kind: str, params: Mapping, options: Mapping, init: Mapping | None) -> Any:
-        return self._client.submit(run_task, kind, dict(params), dict(options), init, 1, pure=False)
+        fut = self._client.submit(run_task, kind, dict(params), dict(options), init, 1, pure=False)
+        self._done.add(fut)
+        return fut
 
     def wait_first(self, handles: Iterable[Any]) -> set:
-        from distributed import wait
-
-        return set(wait(list(handles), return_when="FIRST_COMPLETED").done)
+        """At least one finished task (every handle was added to the as_completed iterator at submission)."""
+        done = {next(self._done)}
+        done.update(self._done.next_batch(block=False))
+        return done
 
     def outcome(self, handle: Any) -> dict:
         try:

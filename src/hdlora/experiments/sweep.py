@@ -298,12 +298,16 @@ def plan(spec: SweepSpec) -> Plan:
     chains: dict[tuple, list[Task]] = {}
     seen: set[Key] = set()
     cont = spec.axis_names.index(spec.continuation) if spec.continuation else None
+    defaults = Params()
     for run in spec.runs:
-        warm = task_kinds.get(run.kind).warm_start
+        kind = task_kinds.get(run.kind)
+        warm = kind.warm_start
         for point in spec.points():
             values = {**spec.fixed, **spec.coords(point), **run.overrides}
             try:
                 params = Params(**values)
+                if kind.irrelevant:
+                    params = params.replace(**{f: getattr(defaults, f) for f in kind.irrelevant})
                 if run.kind == "simulate":
                     params.sizes(run.options["dim"])
             except ParamError as exc:

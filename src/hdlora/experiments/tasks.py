@@ -57,6 +57,9 @@ class Kind:
             its neighbour's result as ``init``.
         required: options that must be given.
         description: one line for help texts.
+        irrelevant: Params fields the kind does not depend on; they are reset to their
+            defaults in the task key, so e.g. a Bayes-optimal line over a lam_ft axis is
+            computed once.
     """
 
     name: str
@@ -65,6 +68,7 @@ class Kind:
     warm_start: bool = False
     required: tuple[str, ...] = ()
     description: str = ""
+    irrelevant: tuple[str, ...] = ()
 
 
 REGISTRY: dict[str, Kind] = {}
@@ -171,10 +175,7 @@ def bayes_optimal_task(params: Params, options: Mapping[str, Any], init: Mapping
     """Bayes-optimal fine-tuning error (Appendix B)."""
     from hdlora.theory import bayes
 
-    kwargs = dict(options)
-    if init is not None and "init" in inspect.signature(bayes.bayes_optimal).parameters:
-        kwargs["init"] = init
-    return _result_dict(bayes.bayes_optimal(params, **kwargs))
+    return _result_dict(bayes.bayes_optimal(params, **dict(options)))
 
 
 register(Kind("theory", f"{__name__}:theory_task", "hdlora.theory:solve", warm_start=True,
@@ -182,7 +183,8 @@ register(Kind("theory", f"{__name__}:theory_task", "hdlora.theory:solve", warm_s
 register(Kind("simulate", f"{__name__}:simulate_task", "hdlora.simulate:run", required=("dim", "seeds"),
               description="finite-D simulation; options dim, seeds"))
 register(Kind("bayes_optimal", f"{__name__}:bayes_optimal_task", "hdlora.theory.bayes:bayes_optimal",
-              warm_start=True, description="Bayes-optimal fine-tuning error (Appendix B)"))
+              description="Bayes-optimal pre-training and fine-tuning errors (Result 6, Appendix B)",
+              irrelevant=("lam", "lam_ft", "kappa", "beta", "active_pool")))  # documented in bayes_optimal
 
 
 # ----- execution of one task (in the worker) -------------------------------------------------------------
