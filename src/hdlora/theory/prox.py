@@ -277,55 +277,85 @@ class ProxResult:
         return int(np.size(self.converged) - np.count_nonzero(self.converged))
 
 
+def _inv_diag_t(C: np.ndarray) -> np.ndarray:
+    """Diagonal of (C C^T)^-1 from a batched lower Cholesky factor (L, L, n): sum_k (C^-1)_ki^2."""
+    L = C.shape[0]
+    Ci = np.zeros_like(C)                      # lower-triangular inverse, column by column
+    for j in range(L):
+        Ci[j, j] = 1.0 / C[j, j]
+        for i in range(j + 1, L):
+            acc = C[i, j] * Ci[j, j]
+            for k in range(j + 1, i):
+                acc = acc + C[i, k] * Ci[k, j]
+            Ci[i, j] = -acc / C[i, i]
+    return np.sum(Ci * Ci, axis=0)
+
+
 def _newton_t(h_t, y_t, zt_t, V, activation, T, tol, max_iter):
-    """Safeguarded Newton for min f = -Psi, all samples at once; arrays (L, n)."""
+    """Safeguarded Newton for min f = -Psi, all samples at once; arrays (L, n).
+
+    Returns (h, loss, loss gradient, loss Hessian at h, iterations).  Each iteration costs one
+    evaluation of the loss with its derivatives at the trial points (reused at the next
+    iteration when accepted); rejected trials backtrack (Armijo) with loss values only.
+    """
     s = _embedding(T)[2][:, None]
     Vs = V * s
     L, n = h_t.shape
     h_t = h_t.copy()
-    active = np.arange(n)
+    loss, g, Hl = _loss_t(h_t, y_t, T, activation)
     idx = np.arange(L)
+
+    def fval(hh, ll, zt):
+        return ll + np.sum((zt - hh) ** 2 / (2.0 * Vs), axis=0)
+
+    active = np.flatnonzero(np.max(np.abs(Vs * g + h_t - zt_t), axis=0) > tol)
     it = 0
-    for it in range(1, max_iter + 1):
-        hh = h_t[:, active]
-        zt = zt_t[:, active]
-        loss, g, Hl = _loss_t(hh, y_t[..., active], T, activation)
-        grad = g + (hh - zt) / Vs                                   # grad of f = -Psi
-        keep = np.max(np.abs(Vs * grad), axis=0) > tol
-        if not np.any(keep):
-            break
-        active, hh, zt, grad = active[keep], hh[:, keep], zt[:, keep], grad[:, keep]
-        fval = loss[keep] + np.sum((zt - hh) ** 2 / (2.0 * Vs), axis=0)
-        Hf = Hl[:, :, keep]
+    while active.size and it < max_iter:
+        it += 1
+        sel = slice(None) if active.size == n else active            # views when all are active
+        hh, zt, ya = h_t[:, sel], zt_t[:, sel], y_t[..., sel]
+        grad = g[:, sel] + (hh - zt) / Vs                            # grad of f = -Psi
+        f0 = fval(hh, loss[sel], zt)
+        Hf = Hl[:, :, sel].copy()
         Hf[idx, idx] += 1.0 / Vs
         d, pd = _newton_direction_t(Hf, grad)
         slope = np.sum(grad * d, axis=0)
-        t = np.ones(active.size)
-        new = hh.copy()
-        # in the quadratic-convergence region (convex, tiny step) take the full Newton step:
-        # the Armijo test cannot resolve decreases below the rounding of f there
+        trial = hh + d
+        lt, gt, Ht = _loss_t(trial, ya, T, activation)
+        ft = fval(trial, lt, zt)
+        # Armijo; in the quadratic-convergence region (convex, tiny step) the full Newton step
+        # is taken: the test cannot resolve decreases below the rounding of f there
         local = pd & (np.max(np.abs(d), axis=0) <= 1e-6 * (1.0 + np.max(np.abs(hh), axis=0)))
-        new[:, local] = hh[:, local] + d[:, local]
-        pending = np.flatnonzero(~local)
+        ok = local | (ft <= f0 + 1e-4 * slope + 4e-16 * np.abs(f0))
+        if np.all(ok) and active.size == n:
+            h_t, loss, g, Hl = trial, lt, gt, Ht
+        else:
+            acc = active[ok]
+            h_t[:, acc], loss[acc], g[:, acc], Hl[:, :, acc] = trial[:, ok], lt[ok], gt[:, ok], Ht[:, :, ok]
+        pending = np.flatnonzero(~ok)
+        t = 1.0
         for _ in range(40):
-            trial = hh[:, pending] + t[pending] * d[:, pending]
-            lt, _, _ = _loss_t(trial, y_t[..., active[pending]], T, activation, order=0)
-            ft = lt + np.sum((zt[:, pending] - trial) ** 2 / (2.0 * Vs), axis=0)
-            fp = fval[pending]
-            ok = ft <= fp + 1e-4 * t[pending] * slope[pending] + 4e-16 * np.abs(fp)
-            new[:, pending[ok]] = trial[:, ok]
-            pending = pending[~ok]
             if pending.size == 0:
                 break
-            t[pending] *= 0.5
-        new[:, pending] = hh[:, pending] + t[pending] * d[:, pending]
-        h_t[:, active] = new
-    return h_t, it
+            t *= 0.5
+            tr = hh[:, pending] + t * d[:, pending]
+            lt, _, _ = _loss_t(tr, ya[..., pending], T, activation, order=0)
+            good = fval(tr, lt, zt[:, pending]) <= f0[pending] + 1e-4 * t * slope[pending] + 4e-16 * np.abs(f0[pending])
+            if np.any(good) or t < 1e-10:
+                take = pending[good] if t >= 1e-10 else pending
+                trs = hh[:, take] + t * d[:, take]
+                h_t[:, active[take]] = trs
+                loss[active[take]], g[:, active[take]], Hl[:, :, active[take]] = _loss_t(trs, ya[..., take], T, activation)
+                pending = pending[~good] if t >= 1e-10 else pending[:0]
+        still = np.max(np.abs(Vs * g[:, sel] + h_t[:, sel] - zt), axis=0) > tol
+        active = active[still]
+    return h_t, loss, g, Hl, it
 
 
 def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "softmax", *,
          init: np.ndarray | None = None, multi_start: bool | None = None,
-         tol: float = 1e-10, max_iter: int = 100) -> ProxResult:
+         tol: float = 1e-10, max_iter: int = 100, full: bool = True,
+         closed_form: bool = True) -> ProxResult:
     """Prox(z*, z~) = argmax_h Psi(h; z*, z~) (eq. 16/41) for all samples at once.
 
     Args:
@@ -337,6 +367,10 @@ def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "s
             keep the larger Psi per sample.  Default: True without ``init``, False with it.
         tol: tolerance on the stationarity residual max_ab |h - z~ + V s grad l(h)|_ab.
         max_iter: maximum number of Newton iterations per starting point.
+        full: also return the Hessian and the replicon sample term (else those fields are None;
+            the state-evolution iterations only need h and the Jacobian diagonal).
+        closed_form: for the linear activation use the closed form of App. C (False runs the
+            generic Newton path, for testing).
 
     Returns:
         ProxResult with the maximiser, the Hessian of Psi there, the implicit derivative
@@ -355,43 +389,47 @@ def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "s
     zs_t, zt_t = z_star.T.copy(), z_tilde.T.copy()
     y_t = _sigma_t(_full_t(zs_t, T), activation)
     iters = 0
-    if activation == "linear":
+    if activation == "linear" and closed_form:
         h_t = prox_linear(zs_t.T, zt_t.T, V).T.copy()
+        loss, g, Hl = _loss_t(h_t, y_t, T, activation)
     else:
         if multi_start is None:
             multi_start = init is None
-        starts = [np.asarray(init, dtype=float).T] if init is not None else [zt_t]
+        if init is not None:
+            init = np.asarray(init, dtype=float)
+            if init.shape != z_star.shape:
+                raise ValueError(f"init must have shape {z_star.shape}, got {init.shape}")
+        starts = [init.T] if init is not None else [zt_t]
         if multi_start:
             starts += [zs_t] + ([zt_t] if init is not None else [])
-        h_t, best = None, None
+        best = None
         for h0 in starts:
-            hc, it = _newton_t(h0, y_t, zt_t, V, activation, T, tol, max_iter)
+            hc, lc, gc, Hc, it = _newton_t(h0, y_t, zt_t, V, activation, T, tol, max_iter)
             iters += it
-            lc, _, _ = _loss_t(hc, y_t, T, activation, order=0)
             val = -lc - np.sum((zt_t - hc) ** 2 / (2.0 * V * s), axis=0)
-            if h_t is None:
-                h_t, best = hc, val
+            if best is None:
+                h_t, loss, g, Hl, best = hc, lc, gc, Hc, val
             else:
-                better = val > best + 1e-13 * np.abs(best)
-                h_t = np.where(better, hc, h_t)
-                best = np.where(better, val, best)
-    loss, g, Hl = _loss_t(h_t, y_t, T, activation)
-    grad_f = g + (h_t - zt_t) / (V * s)
-    stat = np.max(np.abs(V * s * grad_f), axis=0)
+                b = val > best + 1e-13 * np.abs(best)
+                if np.any(b):
+                    h_t[:, b], loss[b], g[:, b], Hl[:, :, b], best[b] = hc[:, b], lc[b], gc[:, b], Hc[:, :, b], val[b]
+    stat = np.max(np.abs(V * s * g + h_t - zt_t), axis=0)
     psi = -loss - np.sum((zt_t - h_t) ** 2 / (2.0 * V * s), axis=0)
-    # normalised coordinates u = h / sqrt(s):  V (-Hess_u) = I + V S^1/2 Hl S^1/2 =: A
+    # normalised coordinates u = h / sqrt(s):  V (-Hess_u) = I + V S^1/2 Hl S^1/2 =: A;  du/du~ = A^-1
     r = np.sqrt(s)
     A = V * Hl * r[:, None] * r[None, :]
     idx = np.arange(L)
     A[idx, idx] += 1.0
     C, pd = _cholesky_t(A)
-    eye = np.broadcast_to(np.eye(L)[:, :, None], A.shape).copy()
-    Ainv = _chol_solve_t(C, eye)                 # (V Hess_u)^-1 = -A^-1
-    jac = Ainv[idx, idx]                         # d u / d u~ = A^-1  ->  diagonal
-    R = eye - Ainv                               # (V Hess_u)^-1 + I
-    rep = np.sum((R * R).reshape(L * L, -1), axis=0)
-    hess = -Hl
-    hess[idx, idx] -= 1.0 / (V * s)
+    jac = _inv_diag_t(C)
+    hess = rep = None
+    if full:
+        eye = np.broadcast_to(np.eye(L)[:, :, None], A.shape).copy()
+        R = eye - _chol_solve_t(C, eye)           # (V Hess_u)^-1 + I = I - A^-1
+        rep = np.sum((R * R).reshape(L * L, -1), axis=0)
+        hess = -Hl
+        hess[idx, idx] -= 1.0 / (V * s)
+        hess = np.moveaxis(hess, -1, 0)
     converged = (stat <= tol) & pd & np.all(np.isfinite(h_t), axis=0)
-    return ProxResult(h=h_t.T.copy(), hessian=np.moveaxis(hess, -1, 0), jacobian_diag=jac.T.copy(),
+    return ProxResult(h=h_t.T.copy(), hessian=hess, jacobian_diag=jac.T.copy(),
                       replicon=rep, psi=psi, stationarity=stat, converged=converged, iterations=iters)

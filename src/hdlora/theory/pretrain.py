@@ -1,0 +1,356 @@
+"""Pre-training state evolution (Result 4; App. A.3, eqs. 41-55).
+
+State (Q, M, V), conjugates (M_hat, Q_hat, V_hat).  One update of the map is
+
+1. output channel (eqs. 46-51): with A0 = Q0 + Delta/2, B = Q - M^2/A0, s_ab = 1 + delta_ab,
+   z*_ab = sqrt(s_ab A0) g_ab, z~_ab = sqrt(s_ab) (M/sqrt(A0) g_ab + sqrt(B) zeta_ab) (eq. 47),
+   h = Prox(z*, z~) (eq. 41) and f_ab = (h_ab - z~_ab)/sqrt(s_ab):
+
+       M_hat = (2 alpha / V) E sum_ab f_ab (g_ab/sqrt(A0) - M zeta_ab/(A0 sqrt(B)))    (49)
+       Q_hat = (2 alpha / V^2) E sum_ab f_ab^2                                          (50)
+       V_hat = -(2 alpha / (V sqrt(B))) E sum_ab f_ab zeta_ab                           (51)
+
+   The zeta-weighted averages are evaluated with Stein's lemma,
+   E[f_ab zeta_ab] / sqrt(B) = E[d Prox_ab / d z~_ab - 1], which is exact in expectation,
+   has a lower Monte-Carlo variance and stays finite as B -> 0 (the paper's "limit B -> 0").
+   The literal estimators of (49), (51) are available (``stein=False``) and tested equal
+   within sampling error.
+
+2. spectral input channel (eqs. 48, 52-54): eta = sqrt(Q_hat)/M_hat, eps = 2 sqrt(kappa) lam / M_hat,
+
+       Q = (M_hat/V_hat)^2 J,   V = J1 / (2 V_hat eta),   M = M_hat/(2 V_hat) (2J - eta J1 - eps J2).
+
+These are the stationarity conditions of the free entropy eq. 21/45 (re-derived by
+differentiation: d/dV_hat, d/dQ_hat, d/dM_hat give 52-54; d/dQ, d/dM, d/dV of the
+output term with the parametrisation (47) give 51, 49, 50).
+
+Expectations use fixed samples (common random numbers / QMC) drawn once per solve,
+so the map is deterministic; the iteration is run by the one engine
+:func:`hdlora.theory.fixed_point.iterate`.  For the linear activation every
+expectation of the output channel and of the errors is Gaussian and is evaluated
+in closed form (``method='exact'``): with c = 4V/(T^2 + 4V), L = T(T+1)/2 and
+Delta_eff = A0 - 2M + Q (eq. 25),
+
+    M_hat = V_hat = 2 alpha L c / V,   Q_hat = 2 alpha L c^2 Delta_eff / V^2,
+    E (test, eq. 55) = (T+1)/T Delta_eff,   L (train, eq. 20) = (T+1)/T Delta_eff (1 - c)^2.
+
+lam = inf gives W_hat = 0: Q = M = V = 0 (App. A.7).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..params import ParamError, Params
+from . import spectral
+from .fixed_point import NonConvergenceWarning, iterate
+from .prox import ProxResult, prox, prox_linear
+from .sampling import METHODS, frozen_fields, s_ab, to_sym
+from .stability import replicon_pretrain
+
+__all__ = ["PretrainResult", "solve_pretrain", "train_fields", "test_fields", "output_channel",
+           "output_channel_exact", "input_channel", "errors_exact", "A0_of"]
+
+#: methods for the Gaussian expectations: Monte Carlo, quasi-Monte Carlo, closed form (linear only)
+PRETRAIN_METHODS = METHODS + ("exact",)
+
+
+def A0_of(params: Params) -> float:
+    """A0 = Q0 + Delta/2 (eq. 46), the per-entry variance scale of z*."""
+    return params.Q0 + 0.5 * params.noise
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """Fixed point of the pre-training state evolution (Result 4) and Result 3 errors.
+
+    Attributes:
+        Q, M, V: order parameters (eq. 8; V the inverse curvature).
+        Mhat, Qhat, Vhat: conjugate parameters (eqs. 49-51).
+        eta, eps: spectral-channel arguments sqrt(Q_hat)/M_hat, 2 sqrt(kappa) lam / M_hat (eq. 48).
+        pretrain_train_error: E_R ||sigma(z) - sigma(z*)||_F^2 (eq. 20), noise included.
+        pretrain_test_error: E_Q ||sigma(z) - sigma(z*)||_F^2 (eqs. 19, 55), noise included.
+        replicon_pretrain: left-hand side of eq. 75 (with the 1/V^2 factor, see
+            :mod:`hdlora.theory.stability`); replicon_stable = value < 1.
+        converged, residual, iterations: from the fixed-point engine (and the prox:
+            converged is False when prox samples failed at the fixed point).
+        prox_failures: number of Monte-Carlo samples whose prox did not converge at the end.
+        n_mc, method, seed: the expectation rule (n_mc = 0 for method 'exact').
+        wall_time: seconds.
+    """
+
+    Q: float
+    M: float
+    V: float
+    Mhat: float
+    Qhat: float
+    Vhat: float
+    eta: float
+    eps: float
+    pretrain_train_error: float
+    pretrain_test_error: float
+    replicon_pretrain: float
+    replicon_stable: bool
+    converged: bool
+    residual: float
+    iterations: int
+    prox_failures: int
+    n_mc: int
+    method: str
+    seed: int
+    wall_time: float
+
+    @property
+    def state(self) -> dict[str, float]:
+        return {"Q": self.Q, "M": self.M, "V": self.V}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------- channels
+def output_channel(alpha: float, A0: float, Q: float, M: float, V: float, g: np.ndarray,
+                   zeta: np.ndarray, activation: str, *, prox_init: np.ndarray | None = None,
+                   prox_tol: float = 1e-10, stein: bool = True, full: bool = True) -> tuple[dict[str, float], ProxResult, np.ndarray, np.ndarray]:
+    """Monte-Carlo output channel, eqs. 47 and 49-51, on fixed standard normals g, zeta (n, L).
+
+    Returns (hats, prox result, z*, z~).
+    """
+    T = int(round((math.sqrt(8 * g.shape[1] + 1) - 1) / 2))
+    s = s_ab(T).astype(float)
+    rs = np.sqrt(s)
+    B = max(Q - M * M / A0, 0.0)
+    z_star = rs * math.sqrt(A0) * g                                        # eq. 47
+    z_tilde = rs * (M / math.sqrt(A0) * g + math.sqrt(B) * zeta)
+    px = prox(z_star, z_tilde, V, activation, init=prox_init, tol=prox_tol, full=full)
+    f = (px.h - z_tilde) / rs
+    Qhat = 2.0 * alpha / V**2 * float(np.mean(np.sum(f * f, axis=1)))      # eq. 50
+    fg = float(np.mean(np.sum(f * g, axis=1))) / math.sqrt(A0)
+    if stein:
+        # E[f zeta]/sqrt(B) = E[dProx/dz~ - 1] (Stein's lemma, exact in expectation)
+        fz_over_sqrtB = float(np.mean(np.sum(px.jacobian_diag - 1.0, axis=1)))
+    else:
+        if B <= 0:
+            raise ValueError("literal estimators of eqs. 49, 51 need B = Q - M^2/A0 > 0; use stein=True")
+        fz_over_sqrtB = float(np.mean(np.sum(f * zeta, axis=1))) / math.sqrt(B)
+    Mhat = 2.0 * alpha / V * (fg - M / A0 * fz_over_sqrtB)                 # eq. 49
+    Vhat = -2.0 * alpha / V * fz_over_sqrtB                                 # eq. 51
+    return {"Mhat": Mhat, "Qhat": Qhat, "Vhat": Vhat}, px, z_star, z_tilde
+
+
+def output_channel_exact(alpha: float, A0: float, T: int, Q: float, M: float, V: float) -> dict[str, float]:
+    """Closed-form output channel for sigma(x) = x/T (eqs. 49-51 with the prox of eq. 106).
+
+    h - z~ = c (z* - z~), c = 4V/(T^2 + 4V): M_hat = V_hat = 2 alpha L c / V,
+    Q_hat = 2 alpha L c^2 (A0 - 2M + Q) / V^2.
+    """
+    L = T * (T + 1) // 2
+    c = 4.0 * V / (T * T + 4.0 * V)
+    d_eff = A0 - 2.0 * M + Q
+    return {"Mhat": 2.0 * alpha * L * c / V, "Vhat": 2.0 * alpha * L * c / V,
+            "Qhat": 2.0 * alpha * L * c * c * d_eff / V**2}
+
+
+def errors_exact(A0: float, T: int, Q: float, M: float, V: float) -> dict[str, float]:
+    """Linear sigma: test error (eq. 55) (T+1)/T Delta_eff and train error (eq. 20) (T+1)/T Delta_eff (1-c)^2."""
+    c = 4.0 * V / (T * T + 4.0 * V) if V > 0 else 0.0
+    d_eff = A0 - 2.0 * M + Q
+    test = (T + 1) / T * d_eff
+    return {"pretrain_test_error": test, "pretrain_train_error": test * (1.0 - c) ** 2}
+
+
+def input_channel(kappa0: float, kappa: float, lam: float, Mhat: float, Qhat: float,
+                  Vhat: float) -> tuple[dict[str, float], Any]:
+    """Spectral channel, eqs. 48 and 52-54.  Returns ({Q, M, V, eta, eps}, SpectralJ)."""
+    if not (Mhat > 0 and Vhat > 0 and Qhat >= 0):
+        raise FloatingPointError(f"conjugates out of domain: M_hat={Mhat}, Q_hat={Qhat}, V_hat={Vhat}")
+    eta = max(math.sqrt(Qhat) / Mhat, spectral.ETA_MIN)
+    eps = 2.0 * math.sqrt(kappa) * lam / Mhat                               # eq. 48
+    j = spectral.J(eta, eps, kappa0)
+    r = Mhat / Vhat
+    Q = r * r * j.J                                                         # eq. 52
+    V = j.dJ_dt / Vhat                                                      # eq. 53: J1/(2 Vhat eta)
+    M = 0.5 * r * (2.0 * j.J - eta * j.J1 - eps * j.J2)                     # eq. 54
+    return {"Q": Q, "M": M, "V": V, "eta": eta, "eps": eps}, j
+
+
+def _sigma_np(x: np.ndarray, activation: str) -> np.ndarray:
+    if activation == "softmax":
+        m = np.max(x, axis=-1, keepdims=True)
+        e = np.exp(x - m)
+        return e / np.sum(e, axis=-1, keepdims=True)
+    return x / x.shape[-1]
+
+
+def _mean_error(z: np.ndarray, z_star: np.ndarray, T: int, activation: str) -> float:
+    d = _sigma_np(to_sym(z, T), activation) - _sigma_np(to_sym(z_star, T), activation)
+    return float(np.mean(np.sum(d * d, axis=(-2, -1))))
+
+
+# ------------------------------------------------------------------------------------- solve
+def _check_method(params: Params, method: str | None) -> str:
+    if method is None:
+        method = "exact" if params.activation == "linear" else "mc"
+    if method not in PRETRAIN_METHODS:
+        raise ParamError(f"method must be one of {PRETRAIN_METHODS}, got {method!r}")
+    if method == "exact" and params.activation != "linear":
+        raise ParamError("method='exact' (closed-form Gaussian expectations) needs activation='linear'")
+    return method
+
+
+def _init_state(params: Params, init) -> dict[str, float]:
+    if init is None:
+        # a mildly informative start, inside the domain Q >= M^2/A0 (0.16 Q0^2 / A0 <= 0.5 Q0)
+        return {"Q": 0.5 * params.Q0, "M": 0.4 * params.Q0, "V": 1.0}
+    if isinstance(init, PretrainResult):
+        st = init.state
+    elif isinstance(init, Mapping):
+        try:
+            st = {k: float(init[k]) for k in ("Q", "M", "V")}
+        except KeyError as e:
+            raise ParamError(f"init must provide Q, M and V, missing {e}") from None
+    else:
+        raise ParamError(f"init must be a PretrainResult, a mapping with Q, M, V, or None; got {type(init).__name__}")
+    if not (st["V"] > 0 and st["Q"] > 0 and st["Q"] >= st["M"] ** 2 / A0_of(params)):
+        raise ParamError(f"init state outside the domain V > 0, Q >= M^2/A0 > 0: {st}")
+    return st
+
+
+def solve_pretrain(params: Params, *, n_mc: int = 30000, seed: int = 0, method: str | None = None,
+                   tol: float = 1e-7, max_iter: int = 500, mixing: float = 0.5,
+                   init: "PretrainResult | Mapping[str, float] | None" = None,
+                   warn: bool = True) -> PretrainResult:
+    """Solve the pre-training state evolution (Result 4, eqs. 46-54) and evaluate eqs. 19-20, 75.
+
+    Args:
+        params: model parameters (alpha, tokens, kappa0, kappa, noise, lam, activation are used).
+        n_mc: Monte-Carlo sample count (ignored for method 'exact').
+        seed: seed of the fixed samples.
+        method: 'mc', 'qmc' or 'exact' (linear sigma only; closed-form Gaussian expectations).
+            Default: 'exact' for linear, 'mc' for softmax.
+        tol, max_iter, mixing: passed to :func:`hdlora.theory.fixed_point.iterate`.
+        init: warm start (a previous PretrainResult or a mapping with Q, M, V).
+        warn: warn (NonConvergenceWarning) when not converged.
+
+    Returns:
+        PretrainResult (frozen).  A non-converged solve is flagged (converged=False) and warned about.
+    """
+    if not isinstance(params, Params):
+        raise ParamError(f"params must be a hdlora.Params, got {type(params).__name__}")
+    method = _check_method(params, method)
+    if method != "exact" and (isinstance(n_mc, bool) or not isinstance(n_mc, (int, np.integer)) or n_mc < 100):
+        raise ParamError(f"n_mc must be an integer >= 100, got {n_mc!r}")
+    t0 = time.perf_counter()
+    T, A0, act, alpha = params.tokens, A0_of(params), params.activation, params.alpha
+    L = T * (T + 1) // 2
+    n_used = 0 if method == "exact" else int(n_mc)
+
+    if params.lora_only:                                   # lam = inf: W_hat = 0 (App. A.7)
+        if method == "exact":
+            err = errors_exact(A0, T, 0.0, 0.0, 0.0)
+        else:
+            zs = frozen_fields(n_used, T, A0, 0.0, 0.0, seed, method)["z_star"]
+            e = _mean_error(np.zeros_like(zs), zs, T, act)
+            err = {"pretrain_test_error": e, "pretrain_train_error": e}
+        return PretrainResult(0.0, 0.0, 0.0, math.nan, math.nan, math.nan, math.nan, math.inf,
+                              err["pretrain_train_error"], err["pretrain_test_error"], 0.0, True, True, 0.0, 0, 0,
+                              n_used, method, seed, time.perf_counter() - t0)
+
+    if method == "exact":
+        fields = None
+    else:
+        fields = frozen_fields(n_used, T, A0, 1.0, 0.0, seed, method)      # only g, zeta are used
+    g = None if fields is None else fields["g"]
+    zeta = None if fields is None else fields["zeta"]
+    memo: dict[str, Any] = {"h": None, "res": 1.0, "last": None}
+
+    def update(state: dict[str, float]):
+        Q, M, V = state["Q"], state["M"], state["V"]
+        if method == "exact":
+            hats = output_channel_exact(alpha, A0, T, Q, M, V)
+            px = None
+        else:
+            ptol = min(1e-6, max(1e-11, 1e-4 * memo["res"]))
+            hats, px, _, _ = output_channel(alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"], prox_tol=ptol,
+                                            full=False)
+            memo["h"] = px.h
+        try:
+            new, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
+        except FloatingPointError:
+            return {"Q": math.nan, "M": math.nan, "V": math.nan}, hats
+        memo["res"] = max(abs(new[k] - state[k]) / max(1.0, abs(state[k])) for k in ("Q", "M", "V"))
+        return {k: new[k] for k in ("Q", "M", "V")}, hats
+
+    x0 = _init_state(params, init)
+    fp = iterate(update, x0, mixing=mixing, tol=tol, max_iter=max_iter,
+                 bounds={"Q": (1e-14, math.inf), "V": (1e-14, math.inf)}, name="pre-training state evolution",
+                 warn=False)
+    Q, M, V = fp.state["Q"], fp.state["M"], fp.state["V"]
+    converged = fp.converged
+
+    # final, exact evaluation at the fixed point (tight prox tolerance, cold-started multi-start check)
+    if method == "exact":
+        hats = output_channel_exact(alpha, A0, T, Q, M, V)
+        err = errors_exact(A0, T, Q, M, V)
+        c = 4.0 * V / (T * T + 4.0 * V)
+        sample_term, failures = L * c * c, 0
+    else:
+        hats, px, z_star, z_tilde = output_channel(alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"],
+                                                   prox_tol=1e-11)
+        # the warm-started prox must be the global maximiser: compare with a cold multi-start
+        cold = prox(z_star, z_tilde, V, act, init=z_star, multi_start=False, tol=1e-11, full=False)
+        if np.any(cold.psi > px.psi + 1e-9 * (1.0 + np.abs(px.psi))):
+            hats, px, z_star, z_tilde = output_channel(alpha, A0, Q, M, V, g, zeta, act, prox_init=None,
+                                                       prox_tol=1e-11)
+            converged = False      # the iteration followed a non-global branch of the prox
+        failures = px.n_failed
+        converged = converged and failures == 0
+        err = {"pretrain_test_error": _mean_error(z_tilde, z_star, T, act),
+               "pretrain_train_error": _mean_error(px.h, z_star, T, act)}
+        sample_term = float(np.mean(px.replicon))
+    spec, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
+    r_int = float(spectral.replicon_integral(spec["eta"], spec["eps"], params.kappa0))
+    rep = replicon_pretrain(alpha, V, hats["Vhat"], sample_term, r_int)
+    result = PretrainResult(
+        Q=Q, M=M, V=V, Mhat=hats["Mhat"], Qhat=hats["Qhat"], Vhat=hats["Vhat"], eta=spec["eta"], eps=spec["eps"],
+        pretrain_train_error=err["pretrain_train_error"], pretrain_test_error=err["pretrain_test_error"],
+        replicon_pretrain=rep, replicon_stable=bool(rep < 1.0), converged=bool(converged), residual=fp.residual,
+        iterations=fp.iterations, prox_failures=int(failures), n_mc=n_used, method=method, seed=seed,
+        wall_time=time.perf_counter() - t0)
+    if warn and not result.converged:
+        warnings.warn(f"pre-training state evolution not converged: residual {fp.residual:.3g} after "
+                      f"{fp.iterations} iterations, {failures} prox failures", NonConvergenceWarning, stacklevel=2)
+    if warn and not result.replicon_stable:
+        warnings.warn(f"pre-training replicon condition violated: eq. 75 LHS = {rep:.4g} >= 1",
+                      RuntimeWarning, stacklevel=2)
+    return result
+
+
+# -------------------------------------------------------------------------------------- laws
+def test_fields(params: Params, result: PretrainResult, n: int, seed: int = 0,
+                method: str = "mc") -> tuple[np.ndarray, np.ndarray]:
+    """n samples (z*, z) of the test law Q (eq. 13) at the fixed point, arrays (n, L)."""
+    f = frozen_fields(n, params.tokens, A0_of(params), result.Q, result.M, seed, method)
+    return f["z_star"], f["z"]
+
+
+def train_fields(params: Params, result: PretrainResult, n: int, seed: int = 0,
+                 method: str = "mc") -> tuple[np.ndarray, np.ndarray]:
+    """n samples (z*, z) of the train law R (eq. 17): (z*, z~) ~ Q, z = Prox(z*, z~), arrays (n, L).
+
+    Raises RuntimeError if the prox fails to converge on some sample.
+    """
+    z_star, z_tilde = test_fields(params, result, n, seed, method)
+    if result.V == 0.0:                        # lam = inf or V -> 0: Prox is the identity on z~
+        return z_star, z_tilde
+    if params.activation == "linear":
+        return z_star, prox_linear(z_star, z_tilde, result.V)
+    px = prox(z_star, z_tilde, result.V, params.activation, multi_start=True, tol=1e-11)
+    if not px.all_converged:
+        raise RuntimeError(f"train law R: prox did not converge on {px.n_failed} of {n} samples")
+    return z_star, px.h
