@@ -175,7 +175,13 @@ def matrix_denoising_mmse(Qhat: float, kappa0: float,
         return 1.0
     ci = cubic_integral or _default_cubic_integral()
     eta = Qhat ** -0.5
-    return 1.0 / Qhat - 4.0 * math.pi ** 2 / (3.0 * Qhat ** 2) * float(ci(eta, kappa0))
+    try:
+        c = ci(eta, kappa0)
+    except ValueError as exc:   # e.g. eta below the spectral module's range (huge Qhat, i.e. huge alpha)
+        raise ParamError(f"Bayes-optimal input channel (eq. 87) at Qhat = {Qhat:.4g} (eta = {eta:.3g}) "
+                         f"is outside the range of the spectral quadrature: {exc}") from exc
+    c = float(getattr(c, "value", c))        # spectral.cubic_integral returns a QuadratureResult
+    return 1.0 / Qhat - 4.0 * math.pi ** 2 / (3.0 * Qhat ** 2) * c
 
 
 def pretrain_q_from_qhat(Qhat: float, kappa0: float,
@@ -262,7 +268,7 @@ class PretrainBO:
 
 
 def solve_pretrain_bo(*, alpha: float, tokens: int, kappa0: float, noise: float, activation: str,
-                      n_mc: int = 20000, seed: int = 0, tol: float = 1e-10, max_iter: int = 2000,
+                      n_mc: int = 20000, seed: int = 0, tol: float = 1e-9, max_iter: int = 2000,
                       mixing: float = 1.0, Q_init: float | None = None,
                       cubic_integral: Callable[[float, float], float] | None = None) -> PretrainBO:
     """Solve eqs. 87 + 89 for (Q_BO, Qhat_BO) with the shared fixed-point engine, then eq. 91.
