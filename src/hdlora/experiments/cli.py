@@ -57,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plan:
         p = plan(spec)
-        with Store(spec.database) as store:
-            distinct = [t for c in p.chains for t in c]
-            have = store.lookup(t.key for t in distinct)
+        distinct = [t for c in p.chains for t in c]
+        have = {}
+        if spec.database.exists():  # --plan writes nothing, not even an empty database
+            with Store(spec.database) as store:
+                have = store.lookup(t.key for t in distinct)
         summary = {"sweep": spec.name, "database": str(spec.database), "grid": dict(zip(spec.axis_names, spec.shape)),
                    "runs": [r.label for r in spec.runs], "tasks": len(distinct), "chains": len(p.chains),
                    "stored_ok": sum(r.ok for r in have.values()),

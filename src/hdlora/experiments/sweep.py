@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import sys
 import time
 import uuid
@@ -193,7 +194,7 @@ def parse_sweep(doc: Mapping[str, Any], source: str = "<sweep>", base_dir: str |
     stem = Path(source).stem if source != "<sweep>" else "sweep"
     name = str(head.get("name", stem))
     db = Path(head.get("database", f"{stem}.sqlite"))
-    database = db if db.is_absolute() else Path(base_dir) / db
+    database = db if db.is_absolute() else Path(os.path.normpath(Path(base_dir) / db))
 
     fixed = dict(doc.get("params", {}))
     for k in fixed:
