@@ -46,3 +46,17 @@ def threads(params, options, init):
 def strict_library(params, *, n_mc: int = 100, tol: float = 1e-8):
     """A library call with a fixed set of keyword options (for the option-name check)."""
     return {"n_mc": n_mc, "tol": tol}
+
+
+def stored_before(params, options, init):
+    """How many rows the sweep's database held when this task started (serial execution)."""
+    import glob
+    import sqlite3
+
+    db = glob.glob(os.path.join(os.environ["SWEEP_TEST_DIR"], "*.sqlite"))[0]
+    con = sqlite3.connect(db)
+    try:
+        n = con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    finally:
+        con.close()
+    return {"rows_seen": n}

@@ -260,3 +260,13 @@ def test_bayes_optimal_is_keyed_without_the_parameters_it_ignores():
     spec = parse_sweep({"axes": {"alpha_ft": [1.0, 2.0], "lam_ft": [0.1, 0.2, 0.5]}, "run": {"bayes_optimal": {}}})
     p = plan(spec)
     assert len(p.tasks) == 6 and sum(len(c) for c in p.chains) == 2  # one BO point per alpha_ft
+
+
+def test_serial_runs_each_task_only_when_the_previous_one_is_stored(tmp_path, monkeypatch):
+    """In a single process, a task starts only after the previous result was committed."""
+    monkeypatch.setenv("SWEEP_TEST_DIR", str(tmp_path))
+    spec = parse_sweep({"sweep": {"database": str(tmp_path / "db.sqlite"), "continuation": ""},
+                        "axes": {"alpha_ft": [1.0, 2.0, 3.0]}, "run": {"_sweep_kinds:stored_before": {}}})
+    run_sweep(spec, workers=1, progress=False)
+    df = sweep_frame(spec).sort_values("alpha_ft")
+    assert df["rows_seen"].tolist() == [0, 1, 2]

@@ -29,23 +29,44 @@ def _crash_outcome(exc: BaseException, where: str) -> dict:
 
 
 class SerialExecutor:
-    """Runs each task in this process at submission (``--workers 1``); threads are left alone."""
+    """Runs the tasks one by one in this process (``--workers 1``); threads are left alone.
+
+    A task runs when the driver waits for it (not at submission), so each result is
+    stored before the next task starts.
+    """
 
     description = "serial"
 
+    def __init__(self) -> None:
+        self._pending: dict[cf.Future, tuple] = {}
+
     def submit(self, kind: str, params: Mapping, options: Mapping, init: Mapping | None) -> cf.Future:
         fut: cf.Future = cf.Future()
-        fut.set_result(run_task(kind, params, options, init, threads=None))
+        self._pending[fut] = (kind, dict(params), dict(options), init)
         return fut
 
     def wait_first(self, handles: Iterable[cf.Future]) -> set:
-        return {h for h in handles if h.done()}
+        handles = list(handles)
+        done = {h for h in handles if h.done()}
+        if done:
+            return done
+        fut = handles[0]
+        fut.set_result(run_task(*self._pending.pop(fut), threads=None))
+        return {fut}
 
     def outcome(self, handle: cf.Future) -> dict:
         return handle.result()
 
     def close(self, cancel: bool = False) -> None:
-        pass
+        self._pending.clear()
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (the affinity mask, e.g. in a container), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover (not Linux)
+        return os.cpu_count() or 1
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -70,7 +91,7 @@ class LocalPool:
     """
 
     def __init__(self, workers: int | None = None) -> None:
-        self.workers = int(workers or os.cpu_count() or 1)
+        self.workers = int(workers or available_cpus())
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         self.description = f"local:{self.workers}"
