@@ -53,7 +53,7 @@ from .prox import ProxResult, prox, prox_linear
 from .sampling import METHODS, frozen_fields, s_ab, to_sym
 from .stability import replicon_pretrain
 
-__all__ = ["PretrainResult", "solve_pretrain", "train_fields", "test_fields", "output_channel",
+__all__ = ["PretrainResult", "solve_pretrain", "train_fields", "fields_test_law", "output_channel",
            "output_channel_exact", "input_channel", "errors_exact", "A0_of"]
 
 #: methods for the Gaussian expectations: Monte Carlo, quasi-Monte Carlo, closed form (linear only)
@@ -128,7 +128,7 @@ def output_channel(alpha: float, A0: float, Q: float, M: float, V: float, g: np.
     z_star = rs * math.sqrt(A0) * g                                        # eq. 47
     z_tilde = rs * (M / math.sqrt(A0) * g + math.sqrt(B) * zeta)
     px = prox(z_star, z_tilde, V, activation, init=prox_init, tol=prox_tol, full=full)
-    f = (px.h - z_tilde) / rs
+    f = px.delta / rs
     Qhat = 2.0 * alpha / V**2 * float(np.mean(np.sum(f * f, axis=1)))      # eq. 50
     fg = float(np.mean(np.sum(f * g, axis=1))) / math.sqrt(A0)
     if stein:
@@ -332,7 +332,7 @@ def solve_pretrain(params: Params, *, n_mc: int = 30000, seed: int = 0, method: 
 
 
 # -------------------------------------------------------------------------------------- laws
-def test_fields(params: Params, result: PretrainResult, n: int, seed: int = 0,
+def fields_test_law(params: Params, result: PretrainResult, n: int, seed: int = 0,
                 method: str = "mc") -> tuple[np.ndarray, np.ndarray]:
     """n samples (z*, z) of the test law Q (eq. 13) at the fixed point, arrays (n, L)."""
     f = frozen_fields(n, params.tokens, A0_of(params), result.Q, result.M, seed, method)
@@ -345,7 +345,7 @@ def train_fields(params: Params, result: PretrainResult, n: int, seed: int = 0,
 
     Raises RuntimeError if the prox fails to converge on some sample.
     """
-    z_star, z_tilde = test_fields(params, result, n, seed, method)
+    z_star, z_tilde = fields_test_law(params, result, n, seed, method)
     if result.V == 0.0:                        # lam = inf or V -> 0: Prox is the identity on z~
         return z_star, z_tilde
     if params.activation == "linear":

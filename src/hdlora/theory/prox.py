@@ -247,22 +247,26 @@ class ProxResult:
 
     Attributes:
         h: (n, L) the maximiser Prox(z*, z~) (eq. 16/41), upper triangle.
-        hessian: (n, L, L) Hessian of Psi with respect to h at the prox (h coordinates).
+        delta: (n, L) the displacement h - z~, computed directly (accurate also when V -> 0,
+            where it is O(V) and h - z~ would lose digits).
+        hessian: (n, L, L) Hessian of Psi with respect to h at the prox (h coordinates), or None.
         jacobian_diag: (n, L) d Prox_ab / d z~_ab (implicit differentiation,
             [(-Hessian)^-1]_{ab,ab} / (V s_ab)); used for V_hat (eq. 51 via Stein's lemma).
         replicon: (n,) ||(V Hess_u)^-1 + I_L||_F^2 with Hess_u the Hessian in the
-            normalised entries (see :func:`normalized_hessian`); the sample term of eq. 75.
+            normalised entries (see :func:`normalized_hessian`); the sample term of eq. 75. Or None.
         psi: (n,) the value max_h Psi.
-        stationarity: (n,) max_ab |V s_ab dPsi/dh_ab| at the prox, i.e. the residual of
-            h = z~ - V s grad l(h) in units of h.
+        stationarity: (n,) max_ab |delta_ab + V s_ab d l/dh_ab| / min(1, V): the residual of the
+            fixed-point form h = z~ - V s grad l(h), in units of h for V >= 1 and relative to
+            V (gradient units) for V < 1.
         converged: (n,) stationarity <= tol and the Hessian negative definite (a maximum).
         iterations: Newton iterations performed (summed over the starting points).
     """
 
     h: np.ndarray
-    hessian: np.ndarray
+    delta: np.ndarray
+    hessian: np.ndarray | None
     jacobian_diag: np.ndarray
-    replicon: np.ndarray
+    replicon: np.ndarray | None
     psi: np.ndarray
     stationarity: np.ndarray
     converged: np.ndarray
@@ -291,65 +295,69 @@ def _inv_diag_t(C: np.ndarray) -> np.ndarray:
     return np.sum(Ci * Ci, axis=0)
 
 
-def _newton_t(h_t, y_t, zt_t, V, activation, T, tol, max_iter):
-    """Safeguarded Newton for min f = -Psi, all samples at once; arrays (L, n).
+def _newton_t(d_t, y_t, zt_t, V, activation, T, tol, max_iter):
+    """Safeguarded Newton for min_delta f = -Psi(z~ + delta), all samples at once; arrays (L, n).
 
-    Returns (h, loss, loss gradient, loss Hessian at h, iterations).  Each iteration costs one
-    evaluation of the loss with its derivatives at the trial points (reused at the next
-    iteration when accepted); rejected trials backtrack (Armijo) with loss values only.
+    The unknown is the displacement delta = h - z~ (so that it keeps its relative precision
+    when V -> 0).  Returns (delta, loss, loss gradient, loss Hessian at h = z~ + delta, iterations).
+    Each iteration costs one evaluation of the loss with its derivatives at the trial points
+    (reused at the next iteration when accepted); rejected trials backtrack (Armijo) with loss
+    values only.
     """
     s = _embedding(T)[2][:, None]
     Vs = V * s
-    L, n = h_t.shape
-    h_t = h_t.copy()
-    loss, g, Hl = _loss_t(h_t, y_t, T, activation)
+    scale = min(1.0, V)
+    L, n = d_t.shape
+    d_t = d_t.copy()
+    loss, g, Hl = _loss_t(zt_t + d_t, y_t, T, activation)
     idx = np.arange(L)
 
-    def fval(hh, ll, zt):
-        return ll + np.sum((zt - hh) ** 2 / (2.0 * Vs), axis=0)
+    def fval(dd, ll):
+        return ll + np.sum(dd * dd / (2.0 * Vs), axis=0)
 
-    active = np.flatnonzero(np.max(np.abs(Vs * g + h_t - zt_t), axis=0) > tol)
+    active = np.flatnonzero(np.max(np.abs(Vs * g + d_t), axis=0) > tol * scale)
     it = 0
     while active.size and it < max_iter:
         it += 1
         sel = slice(None) if active.size == n else active            # views when all are active
-        hh, zt, ya = h_t[:, sel], zt_t[:, sel], y_t[..., sel]
-        grad = g[:, sel] + (hh - zt) / Vs                            # grad of f = -Psi
-        f0 = fval(hh, loss[sel], zt)
+        dd, zt, ya = d_t[:, sel], zt_t[:, sel], y_t[..., sel]
+        grad = g[:, sel] + dd / Vs                                   # grad of f = -Psi
+        f0 = fval(dd, loss[sel])
         Hf = Hl[:, :, sel].copy()
         Hf[idx, idx] += 1.0 / Vs
-        d, pd = _newton_direction_t(Hf, grad)
-        slope = np.sum(grad * d, axis=0)
-        trial = hh + d
-        lt, gt, Ht = _loss_t(trial, ya, T, activation)
-        ft = fval(trial, lt, zt)
+        step, pd = _newton_direction_t(Hf, grad)
+        slope = np.sum(grad * step, axis=0)
+        trial = dd + step
+        lt, gt, Ht = _loss_t(zt + trial, ya, T, activation)
+        ft = fval(trial, lt)
         # Armijo; in the quadratic-convergence region (convex, tiny step) the full Newton step
         # is taken: the test cannot resolve decreases below the rounding of f there
-        local = pd & (np.max(np.abs(d), axis=0) <= 1e-6 * (1.0 + np.max(np.abs(hh), axis=0)))
+        local = pd & (np.max(np.abs(step), axis=0) <= 1e-6 * (scale + np.max(np.abs(dd), axis=0)))
         ok = local | (ft <= f0 + 1e-4 * slope + 4e-16 * np.abs(f0))
         if np.all(ok) and active.size == n:
-            h_t, loss, g, Hl = trial, lt, gt, Ht
+            d_t, loss, g, Hl = trial, lt, gt, Ht
         else:
             acc = active[ok]
-            h_t[:, acc], loss[acc], g[:, acc], Hl[:, :, acc] = trial[:, ok], lt[ok], gt[:, ok], Ht[:, :, ok]
+            d_t[:, acc], loss[acc], g[:, acc], Hl[:, :, acc] = trial[:, ok], lt[ok], gt[:, ok], Ht[:, :, ok]
         pending = np.flatnonzero(~ok)
         t = 1.0
         for _ in range(40):
             if pending.size == 0:
                 break
             t *= 0.5
-            tr = hh[:, pending] + t * d[:, pending]
-            lt, _, _ = _loss_t(tr, ya[..., pending], T, activation, order=0)
-            good = fval(tr, lt, zt[:, pending]) <= f0[pending] + 1e-4 * t * slope[pending] + 4e-16 * np.abs(f0[pending])
+            tr = dd[:, pending] + t * step[:, pending]
+            lt, _, _ = _loss_t(zt[:, pending] + tr, ya[..., pending], T, activation, order=0)
+            good = fval(tr, lt) <= f0[pending] + 1e-4 * t * slope[pending] + 4e-16 * np.abs(f0[pending])
             if np.any(good) or t < 1e-10:
                 take = pending[good] if t >= 1e-10 else pending
-                trs = hh[:, take] + t * d[:, take]
-                h_t[:, active[take]] = trs
-                loss[active[take]], g[:, active[take]], Hl[:, :, active[take]] = _loss_t(trs, ya[..., take], T, activation)
+                trs = dd[:, take] + t * step[:, take]
+                d_t[:, active[take]] = trs
+                loss[active[take]], g[:, active[take]], Hl[:, :, active[take]] = _loss_t(
+                    zt[:, take] + trs, ya[..., take], T, activation)
                 pending = pending[~good] if t >= 1e-10 else pending[:0]
-        still = np.max(np.abs(Vs * g[:, sel] + h_t[:, sel] - zt), axis=0) > tol
+        still = np.max(np.abs(Vs * g[:, sel] + d_t[:, sel]), axis=0) > tol * scale
         active = active[still]
-    return h_t, loss, g, Hl, it
+    return d_t, loss, g, Hl, it
 
 
 def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "softmax", *,
@@ -362,10 +370,10 @@ def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "s
         z_star, z_tilde: (n, L) upper triangles of z* and z~.
         V: the order parameter V > 0 of eq. 15.
         activation: 'softmax' or 'linear' (closed form, App. C).
-        init: (n, L) warm start (e.g. the prox of the previous state-evolution iteration).
+        init: (n, L) warm start for h (e.g. the prox of the previous state-evolution iteration).
         multi_start: also start from z* (an interpolating point, sigma(z*) fitted) and
             keep the larger Psi per sample.  Default: True without ``init``, False with it.
-        tol: tolerance on the stationarity residual max_ab |h - z~ + V s grad l(h)|_ab.
+        tol: tolerance on the stationarity residual (see ProxResult.stationarity).
         max_iter: maximum number of Newton iterations per starting point.
         full: also return the Hessian and the replicon sample term (else those fields are None;
             the state-evolution iterations only need h and the Jacobian diagonal).
@@ -390,8 +398,9 @@ def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "s
     y_t = _sigma_t(_full_t(zs_t, T), activation)
     iters = 0
     if activation == "linear" and closed_form:
-        h_t = prox_linear(zs_t.T, zt_t.T, V).T.copy()
-        loss, g, Hl = _loss_t(h_t, y_t, T, activation)
+        k = 4.0 * V / T**2
+        d_t = (k / (1.0 + k)) * (zs_t - zt_t)                 # Prox - z~ (eq. 106)
+        loss, g, Hl = _loss_t(zt_t + d_t, y_t, T, activation)
     else:
         if multi_start is None:
             multi_start = init is None
@@ -399,22 +408,24 @@ def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "s
             init = np.asarray(init, dtype=float)
             if init.shape != z_star.shape:
                 raise ValueError(f"init must have shape {z_star.shape}, got {init.shape}")
-        starts = [init.T] if init is not None else [zt_t]
+        zero = np.zeros_like(zt_t)
+        starts = [init.T - zt_t] if init is not None else [zero]
         if multi_start:
-            starts += [zs_t] + ([zt_t] if init is not None else [])
+            starts += [zs_t - zt_t] + ([zero] if init is not None else [])
         best = None
-        for h0 in starts:
-            hc, lc, gc, Hc, it = _newton_t(h0, y_t, zt_t, V, activation, T, tol, max_iter)
+        for d0 in starts:
+            dc, lc, gc, Hc, it = _newton_t(d0, y_t, zt_t, V, activation, T, tol, max_iter)
             iters += it
-            val = -lc - np.sum((zt_t - hc) ** 2 / (2.0 * V * s), axis=0)
+            val = -lc - np.sum(dc * dc / (2.0 * V * s), axis=0)
             if best is None:
-                h_t, loss, g, Hl, best = hc, lc, gc, Hc, val
+                d_t, loss, g, Hl, best = dc, lc, gc, Hc, val
             else:
                 b = val > best + 1e-13 * np.abs(best)
                 if np.any(b):
-                    h_t[:, b], loss[b], g[:, b], Hl[:, :, b], best[b] = hc[:, b], lc[b], gc[:, b], Hc[:, :, b], val[b]
-    stat = np.max(np.abs(V * s * g + h_t - zt_t), axis=0)
-    psi = -loss - np.sum((zt_t - h_t) ** 2 / (2.0 * V * s), axis=0)
+                    d_t[:, b], loss[b], g[:, b], Hl[:, :, b], best[b] = dc[:, b], lc[b], gc[:, b], Hc[:, :, b], val[b]
+    h_t = zt_t + d_t
+    stat = np.max(np.abs(V * s * g + d_t), axis=0) / min(1.0, V)
+    psi = -loss - np.sum(d_t * d_t / (2.0 * V * s), axis=0)
     # normalised coordinates u = h / sqrt(s):  V (-Hess_u) = I + V S^1/2 Hl S^1/2 =: A;  du/du~ = A^-1
     r = np.sqrt(s)
     A = V * Hl * r[:, None] * r[None, :]
@@ -431,5 +442,5 @@ def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "s
         hess[idx, idx] -= 1.0 / (V * s)
         hess = np.moveaxis(hess, -1, 0)
     converged = (stat <= tol) & pd & np.all(np.isfinite(h_t), axis=0)
-    return ProxResult(h=h_t.T.copy(), hessian=hess, jacobian_diag=jac.T.copy(),
+    return ProxResult(h=h_t.T.copy(), delta=d_t.T.copy(), hessian=hess, jacobian_diag=jac.T.copy(),
                       replicon=rep, psi=psi, stationarity=stat, converged=converged, iterations=iters)

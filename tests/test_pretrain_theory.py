@@ -1,0 +1,217 @@
+"""Tests of the pre-training state evolution (Result 4, eqs. 46-55) and its replicon (eq. 75)."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from hdlora import Params
+from hdlora.params import ParamError
+from hdlora.theory import spectral
+from hdlora.theory.pretrain import (A0_of, PretrainResult, errors_exact, output_channel, output_channel_exact,
+                                    solve_pretrain, fields_test_law, train_fields)
+from hdlora.theory.prox import prox_linear
+from hdlora.theory.sampling import standard_normals
+from hdlora.theory.stability import replicon_pretrain
+
+FIG1 = dict(alpha=0.1, tokens=3, kappa0=1.0, kappa=1.0, noise=0.5, lam=0.1)
+FIG3 = dict(alpha=0.2, tokens=2, kappa0=0.5, kappa=1.0, noise=0.5, lam=0.3)
+
+
+def _lin(**kw):
+    return Params(activation="linear", **kw)
+
+
+# --------------------------------------------------------------------------- linear closed form
+def test_linear_ols_identities():
+    """lam = 0, kappa0 = 16 (spectrum of S*/sqrt(D) in [2.25, 6.25], far from 0: the PSD constraint is
+    inactive): pre-training is ordinary least squares with D^2/2 unknowns and alpha L D^2 noisy
+    measurements (noise variance Delta/2 per normalised entry).  Then M = Q0 (unbiased),
+    Q - Q0 = eta^2 = (Delta/2) / (2 alpha L - 1), V V_hat = 1, and the replicon equals 1/(2 alpha L)."""
+    for alpha, T, noise in [(0.5, 2, 0.5), (0.3, 3, 1.0), (0.2, 2, 0.2)]:
+        p = _lin(alpha=alpha, tokens=T, kappa0=16.0, kappa=1.0, noise=noise, lam=0.0)
+        r = solve_pretrain(p, tol=1e-12)
+        L = T * (T + 1) // 2
+        eta2 = noise / 2 / (2 * alpha * L - 1)
+        assert r.converged
+        assert math.isclose(r.M, p.Q0, rel_tol=1e-9)
+        assert math.isclose(r.Q, p.Q0 + eta2, rel_tol=1e-9)
+        assert math.isclose(r.eta ** 2, eta2, rel_tol=1e-8)
+        assert math.isclose(r.V * r.Vhat, 1.0, rel_tol=1e-9)
+        assert math.isclose(r.pretrain_test_error, (T + 1) / T * (noise / 2 + eta2), rel_tol=1e-9)
+        assert math.isclose(r.replicon_pretrain, 1.0 / (2 * alpha * L), rel_tol=1e-6)
+
+
+def test_linear_output_channel_closed_form_matches_monte_carlo():
+    """Eqs. 49-51 by Monte Carlo (literal and Stein estimators) vs the closed form, within 4 standard errors
+    estimated from independent sample sets."""
+    p = _lin(**FIG3)
+    A0, T = A0_of(p), p.tokens
+    Q, M, V = 0.9, 1.0, 0.6
+    exact = output_channel_exact(p.alpha, A0, T, Q, M, V)
+    est = {k: [] for k in ("Mhat", "Qhat", "Vhat")}
+    lit = {k: [] for k in ("Mhat", "Vhat")}
+    for seed in range(6):
+        x = standard_normals(20000, 6, seed=seed)
+        h, px, _, _ = output_channel(p.alpha, A0, Q, M, V, x[:, :3], x[:, 3:], "linear")
+        hl, _, _, _ = output_channel(p.alpha, A0, Q, M, V, x[:, :3], x[:, 3:], "linear", stein=False)
+        for k in est:
+            est[k].append(h[k])
+        for k in lit:
+            lit[k].append(hl[k])
+    for k, vals in list(est.items()) + list(lit.items()):
+        vals = np.array(vals)
+        se = vals.std(ddof=1) / math.sqrt(len(vals))
+        assert abs(vals.mean() - exact[k]) <= 4 * se + 1e-12, (k, vals.mean(), exact[k], se)
+
+
+def test_linear_mc_solve_agrees_with_exact_within_sampling_error():
+    p = _lin(**FIG1)
+    ex = solve_pretrain(p)
+    assert ex.method == "exact" and ex.converged and ex.n_mc == 0
+    keys = ("Q", "M", "V", "pretrain_test_error", "pretrain_train_error")
+    runs = [solve_pretrain(p, method="mc", n_mc=10000, seed=s, init=ex) for s in range(5)]
+    assert all(r.converged for r in runs)
+    for k in keys:
+        vals = np.array([getattr(r, k) for r in runs])
+        se = vals.std(ddof=1) / math.sqrt(len(vals))
+        assert abs(vals.mean() - getattr(ex, k)) <= 4 * se, (k, vals.mean(), getattr(ex, k), se)
+    q = solve_pretrain(p, method="qmc", n_mc=8192, init=ex)
+    assert q.converged
+    for k in keys:   # QMC error at 8192 points is well below the MC spread measured above (~1e-3)
+        assert abs(getattr(q, k) - getattr(ex, k)) < 5e-3 * max(1.0, abs(getattr(ex, k)))
+
+
+def test_linear_errors_closed_form():
+    T, A0 = 3, 2.25
+    e = errors_exact(A0, T, Q=1.0, M=0.8, V=0.5)
+    c = 2.0 / (9 + 2.0)
+    d_eff = A0 - 1.6 + 1.0
+    assert math.isclose(e["pretrain_test_error"], 4 / 3 * d_eff)
+    assert math.isclose(e["pretrain_train_error"], 4 / 3 * d_eff * (1 - c) ** 2)
+
+
+# ---------------------------------------------------------------------- fixed point properties
+def test_fixed_point_satisfies_the_equations():
+    """Re-evaluating eqs. 49-54 at the returned state gives the state back (exact path)."""
+    from hdlora.theory.pretrain import input_channel
+    p = _lin(**FIG3)
+    r = solve_pretrain(p, tol=1e-12)
+    hats = output_channel_exact(p.alpha, A0_of(p), p.tokens, r.Q, r.M, r.V)
+    new, _ = input_channel(p.kappa0, p.kappa, p.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
+    for k in ("Q", "M", "V"):
+        assert math.isclose(new[k], getattr(r, k), rel_tol=1e-10)
+    assert r.Q >= r.M ** 2 / A0_of(p)
+
+
+def test_warm_start_and_result_object():
+    p = Params(**FIG3)
+    r = solve_pretrain(p, n_mc=5000)
+    assert isinstance(r, PretrainResult) and r.converged and r.prox_failures == 0
+    with pytest.raises(Exception):
+        r.Q = 1.0                                            # frozen
+    again = solve_pretrain(p, n_mc=5000, init=r)
+    assert again.iterations <= 3
+    for k in ("Q", "M", "V"):
+        assert math.isclose(getattr(again, k), getattr(r, k), rel_tol=1e-6)
+    d = again.to_dict()
+    assert {"Q", "M", "V", "Mhat", "Qhat", "Vhat", "pretrain_test_error", "pretrain_train_error",
+            "replicon_pretrain", "converged", "iterations", "wall_time"} <= set(d)
+    assert 0 < r.replicon_pretrain < 1 and r.replicon_stable
+    # train loss below test error (the student fits its own data), both above the noise floor 0
+    assert 0 < r.pretrain_train_error < r.pretrain_test_error
+
+
+def test_non_convergence_is_flagged_and_warned():
+    p = Params(**FIG3)
+    with pytest.warns(RuntimeWarning, match="not converged"):
+        r = solve_pretrain(p, n_mc=2000, max_iter=2)
+    assert not r.converged and r.iterations == 2
+
+
+def test_lam_inf_and_large_lam_limit():
+    """lam = inf: W_hat = 0, Q = M = V = 0 (App. A.7); large finite lam approaches it continuously."""
+    for act in ("linear", "softmax"):
+        base = dict(FIG1, activation=act)
+        inf = solve_pretrain(Params(**dict(base, lam=math.inf)), n_mc=4000)
+        assert (inf.Q, inf.M, inf.V) == (0.0, 0.0, 0.0) and inf.converged
+        assert math.isclose(inf.pretrain_test_error, inf.pretrain_train_error)
+        prev = None
+        for lam in (0.3, 1.0, 3.0, 10.0):
+            r = solve_pretrain(Params(**dict(base, lam=lam)), n_mc=4000, init=prev)
+            assert r.converged
+            if prev is not None:
+                assert r.Q <= prev.Q + 1e-12 and r.M <= prev.M + 1e-12
+            prev = r
+        assert prev.Q < 1e-8 and prev.M < 1e-6
+        assert math.isclose(prev.pretrain_test_error, inf.pretrain_test_error, rel_tol=1e-4)
+    lin_inf = solve_pretrain(_lin(**dict(FIG1, lam=math.inf)))
+    assert math.isclose(lin_inf.pretrain_test_error, 4 / 3 * A0_of(_lin(**FIG1)))
+
+
+def test_kappa_enters_through_eps_only():
+    """eps = 2 sqrt(kappa) lam / M_hat: (kappa, lam) and (1, lam sqrt(kappa)) give the same fixed point."""
+    a = solve_pretrain(_lin(**dict(FIG1, kappa=4.0, lam=0.1)), tol=1e-11)
+    b = solve_pretrain(_lin(**dict(FIG1, kappa=1.0, lam=0.2)), tol=1e-11)
+    for k in ("Q", "M", "V", "eps"):
+        assert math.isclose(getattr(a, k), getattr(b, k), rel_tol=1e-8)
+
+
+# ----------------------------------------------------------------------------------- replicon
+def test_replicon_expression_and_limits():
+    # the V -> 0 limit of the sample term is tested with the prox; here: value, 0 for V = 0
+    assert replicon_pretrain(0.1, 0.0, 1.0, 0.0, 0.5) == 0.0
+    assert math.isclose(replicon_pretrain(0.2, 2.0, 0.5, 0.3, 0.7), 2 * 0.2 * 0.3 * 0.7 / (4.0 * 0.25))
+    # more data -> more curvature -> further from the instability (linear, exact path)
+    vals = [solve_pretrain(_lin(**dict(FIG1, alpha=a))).replicon_pretrain for a in (0.1, 0.3, 1.0, 3.0)]
+    assert all(x > y for x, y in zip(vals, vals[1:])) and vals[-1] < 0.1
+    # consistency of the linear value with its closed form: R_int / (2 alpha L) * (c V Vhat ...) path
+    p = _lin(**FIG1)
+    r = solve_pretrain(p)
+    T, L = p.tokens, 6
+    c = 4 * r.V / (T * T + 4 * r.V)
+    r_int = float(spectral.replicon_integral(r.eta, r.eps, p.kappa0))
+    assert math.isclose(r.replicon_pretrain, 2 * p.alpha * L * c * c * r_int / (r.V * r.Vhat) ** 2, rel_tol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------- laws
+def test_train_and_test_laws():
+    p = Params(**FIG3)
+    r = solve_pretrain(p, n_mc=5000)
+    zs, z = fields_test_law(p, r, 20000, seed=7)
+    assert zs.shape == (20000, 3) and z.shape == (20000, 3)
+    # eq. 13: Var z_ab = s_ab Q, Cov = s_ab M (diagonal entries are 0 and 2 in the upper-triangle order)
+    s = np.array([2.0, 1.0, 2.0])
+    for est, want in ((np.mean(z * z, 0) / s, r.Q), (np.mean(z * zs, 0) / s, r.M)):
+        assert np.all(np.abs(est - want) < 0.05 * want + 0.01)   # se of these moments ~1% at n = 2e4
+    zs_r, z_r = train_fields(p, r, 20000, seed=7)
+    assert np.array_equal(zs_r, zs)
+    # train error from R (fresh samples) equals the solver's value within Monte-Carlo error
+    d = _softmax_full(z_r, 2) - _softmax_full(zs_r, 2)
+    per = np.sum(d * d, axis=(-2, -1))
+    assert abs(per.mean() - r.pretrain_train_error) < 4 * per.std() / math.sqrt(20000) + 4 * per.std() / math.sqrt(5000)
+    lin = _lin(**FIG3)
+    rl = solve_pretrain(lin)
+    zs_l, z_l = train_fields(lin, rl, 100, seed=1)
+    zs_q, zt_q = fields_test_law(lin, rl, 100, seed=1)
+    assert np.allclose(z_l, prox_linear(zs_q, zt_q, rl.V))
+
+
+def _softmax_full(v, T):
+    from hdlora.theory.sampling import to_sym
+    x = to_sym(v, T)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_bad_input():
+    with pytest.raises(ParamError, match="exact"):
+        solve_pretrain(Params(**FIG1), method="exact")
+    with pytest.raises(ParamError, match="method"):
+        solve_pretrain(Params(**FIG1), method="sobol")
+    with pytest.raises(ParamError, match="n_mc"):
+        solve_pretrain(Params(**FIG1), n_mc=10)
+    with pytest.raises(ParamError, match="init"):
+        solve_pretrain(Params(**FIG1), init={"Q": 1.0})
+    with pytest.raises(ParamError, match="params"):
+        solve_pretrain({"alpha": 0.1})
