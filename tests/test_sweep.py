@@ -149,7 +149,7 @@ def test_warm_start_passes_the_neighbours_result_and_resumes_from_the_store(tmp_
            "run": {"theory": {"nonconverged_at": 3.0}}}
     spec = parse_sweep(doc)
     rep = run_sweep(spec, executor=SerialExecutor(), progress=False)
-    assert rep.n_computed == 4 and rep.n_failed == 0
+    assert rep.n_computed == 4 and rep.n_failed == 0 and rep.n_not_converged == 1
     df = sweep_frame(spec).set_index("alpha_ft")
     # 1 cold, 2 from 1, 3 from 2; 3 did not converge so 4 is warm-started from 2, its last converged neighbour
     assert df["init_alpha_ft"].tolist()[0] is None or np.isnan(df["init_alpha_ft"].iloc[0])
@@ -270,3 +270,12 @@ def test_serial_runs_each_task_only_when_the_previous_one_is_stored(tmp_path, mo
     run_sweep(spec, workers=1, progress=False)
     df = sweep_frame(spec).sort_values("alpha_ft")
     assert df["rows_seen"].tolist() == [0, 1, 2]
+
+
+def test_results_of_another_package_version_are_refused(tmp_path):
+    spec = parse_sweep({"sweep": {"database": str(tmp_path / "db.sqlite")}, "axes": {"alpha_ft": [1.0]},
+                        "run": {"_sweep_kinds:arith": {}}})
+    with Store(spec.database, version="0.0.0-other") as st:
+        rep = run_sweep(spec, executor=SerialExecutor(), store=st, progress=False)
+        row = next(st.rows())
+    assert rep.n_failed == 1 and row.status == "failed" and "runs hdlora" in row.error

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         state = "interrupted" if report.interrupted else "done"
         print(f"sweep {spec.name}: {state}: {report.n_tasks} tasks, {report.n_present} already stored, "
-              f"{report.n_computed} computed ({report.n_failed} failed) in {report.wall_s:.1f} s on "
+              f"{report.n_computed} computed ({report.n_failed} failed, {report.n_not_converged} not converged) in {report.wall_s:.1f} s on "
               f"{report.executor}; {report.n_failed_total} failed, {report.n_missing} missing; "
               f"database {spec.database}" + (f"; exported {', '.join(written)}" if written else ""))
         if report.n_failed_total:

@@ -339,6 +339,7 @@ class SweepReport:
     n_present: int        # already in the database before this run (ok or failed)
     n_computed: int       # computed by this run
     n_failed: int         # failures among those computed by this run
+    n_not_converged: int  # computed by this run, stored as ok, but reporting converged = False
     n_failed_total: int   # failed rows of this sweep in the database after the run
     n_missing: int        # still missing (interrupted)
     wall_s: float
@@ -383,7 +384,7 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
     n_todo = sum(needs(t) for t in distinct)
     n_present = len(distinct) - sum(present.get(t.key) is None for t in distinct)
     own_exec = executor is None
-    n_computed = n_failed = 0
+    n_computed = n_failed = n_not_converged = 0
     interrupted = False
     bar = None
     try:
@@ -421,17 +422,24 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
             for handle in executor.wait_first(list(inflight)):
                 ci, task = inflight.pop(handle)
                 out = executor.outcome(handle)
+                if out["status"] == "ok" and out.get("version") not in (None, store.version):
+                    # e.g. a Dask worker with another hdlora installed: its numbers are not this version's
+                    out = dict(out, status="failed", result=None,
+                               error=f"the worker {out['worker']} runs hdlora {out['version']}, "
+                                     f"this sweep stores results of hdlora {store.version}")
                 store.put(task.key, status=out["status"], result=out["result"], error=out["error"],
                           warnings=out["warnings"], wall_s=out["wall_s"], run_id=run_id, worker=out["worker"])
                 n_computed += 1
                 if out["status"] != "ok":
                     n_failed += 1
+                elif out["result"].get("converged", True) is False:
+                    n_not_converged += 1
                 elif _usable_init(out["result"]) is not None:
                     init[ci] = out["result"]
                 if bar is not None:
                     bar.update(1)
-                    if n_failed:
-                        bar.set_postfix(failed=n_failed)
+                    if n_failed or n_not_converged:
+                        bar.set_postfix(failed=n_failed, not_converged=n_not_converged)
                 pos[ci] += 1
                 advance(ci)
     except KeyboardInterrupt:
@@ -448,7 +456,7 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
     if own_store:
         store.close()
     return SweepReport(run_id=run_id, n_tasks=len(distinct), n_present=n_present, n_computed=n_computed,
-                       n_failed=n_failed, n_failed_total=n_failed_total, n_missing=n_missing,
+                       n_failed=n_failed, n_not_converged=n_not_converged, n_failed_total=n_failed_total, n_missing=n_missing,
                        wall_s=time.perf_counter() - t0, interrupted=interrupted,
                        executor=executor.description if executor is not None else "none")
 
