@@ -279,3 +279,13 @@ def test_results_of_another_package_version_are_refused(tmp_path):
         rep = run_sweep(spec, executor=SerialExecutor(), store=st, progress=False)
         row = next(st.rows())
     assert rep.n_failed == 1 and row.status == "failed" and "runs hdlora" in row.error
+
+
+def test_hdlora_sweep_command_is_registered(tmp_path, capsys):
+    pytest.importorskip("hdlora.theory.cli")  # the top-level parser imports every command module
+    from hdlora.cli import main
+
+    path = write(tmp_path, GOOD_HEAD + "[axes]\nalpha_ft = [1.0, 2.0]\n[run.'_sweep_kinds:arith']\n")
+    assert main(["sweep", str(path), "--plan"]) == 0
+    assert '"tasks": 2' in capsys.readouterr().out
+    assert not (tmp_path / "out.sqlite").exists()
