@@ -116,7 +116,8 @@ class PretrainResult:
 # ---------------------------------------------------------------------------------- channels
 def output_channel(alpha: float, A0: float, Q: float, M: float, V: float, g: np.ndarray,
                    zeta: np.ndarray, activation: str, *, prox_init: np.ndarray | None = None,
-                   prox_tol: float = 1e-10, stein: bool = True, full: bool = True) -> tuple[dict[str, float], ProxResult, np.ndarray, np.ndarray]:
+                   prox_tol: float = 1e-10, stein: bool = True, full: bool = True,
+                   multi_start: bool | None = None) -> tuple[dict[str, float], ProxResult, np.ndarray, np.ndarray]:
     """Monte-Carlo output channel, eqs. 47 and 49-51, on fixed standard normals g, zeta (n, L).
 
     Returns (hats, prox result, z*, z~).
@@ -127,7 +128,7 @@ def output_channel(alpha: float, A0: float, Q: float, M: float, V: float, g: np.
     B = max(Q - M * M / A0, 0.0)
     z_star = rs * math.sqrt(A0) * g                                        # eq. 47
     z_tilde = rs * (M / math.sqrt(A0) * g + math.sqrt(B) * zeta)
-    px = prox(z_star, z_tilde, V, activation, init=prox_init, tol=prox_tol, full=full)
+    px = prox(z_star, z_tilde, V, activation, init=prox_init, tol=prox_tol, full=full, multi_start=multi_start)
     f = px.delta / rs
     Qhat = 2.0 * alpha / V**2 * float(np.mean(np.sum(f * f, axis=1)))      # eq. 50
     fg = float(np.mean(np.sum(f * g, axis=1))) / math.sqrt(A0)
@@ -222,7 +223,7 @@ def _init_state(params: Params, init) -> dict[str, float]:
 
 
 def solve_pretrain(params: Params, *, n_mc: int = 30000, seed: int = 0, method: str | None = None,
-                   tol: float = 1e-7, max_iter: int = 500, mixing: float = 0.5,
+                   tol: float = 1e-7, max_iter: int = 500, mixing: float = 1.0,
                    init: "PretrainResult | Mapping[str, float] | None" = None,
                    warn: bool = True) -> PretrainResult:
     """Solve the pre-training state evolution (Result 4, eqs. 46-54) and evaluate eqs. 19-20, 75.
@@ -267,17 +268,17 @@ def solve_pretrain(params: Params, *, n_mc: int = 30000, seed: int = 0, method: 
         fields = frozen_fields(n_used, T, A0, 1.0, 0.0, seed, method)      # only g, zeta are used
     g = None if fields is None else fields["g"]
     zeta = None if fields is None else fields["zeta"]
-    memo: dict[str, Any] = {"h": None, "res": 1.0, "last": None}
+    # memo: warm start of the prox, last residual (sets the prox tolerance), multi-start mode
+    memo: dict[str, Any] = {"h": None, "res": 1.0, "global": False}
 
     def update(state: dict[str, float]):
         Q, M, V = state["Q"], state["M"], state["V"]
         if method == "exact":
             hats = output_channel_exact(alpha, A0, T, Q, M, V)
-            px = None
         else:
             ptol = min(1e-6, max(1e-11, 1e-4 * memo["res"]))
             hats, px, _, _ = output_channel(alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"], prox_tol=ptol,
-                                            full=False)
+                                            full=False, multi_start=memo["global"])
             memo["h"] = px.h
         try:
             new, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
@@ -287,29 +288,34 @@ def solve_pretrain(params: Params, *, n_mc: int = 30000, seed: int = 0, method: 
         return {k: new[k] for k in ("Q", "M", "V")}, hats
 
     x0 = _init_state(params, init)
-    fp = iterate(update, x0, mixing=mixing, tol=tol, max_iter=max_iter,
-                 bounds={"Q": (1e-14, math.inf), "V": (1e-14, math.inf)}, name="pre-training state evolution",
-                 warn=False)
-    Q, M, V = fp.state["Q"], fp.state["M"], fp.state["V"]
-    converged = fp.converged
-
-    # final, exact evaluation at the fixed point (tight prox tolerance, cold-started multi-start check)
-    if method == "exact":
-        hats = output_channel_exact(alpha, A0, T, Q, M, V)
-        err = errors_exact(A0, T, Q, M, V)
-        c = 4.0 * V / (T * T + 4.0 * V)
-        sample_term, failures = L * c * c, 0
-    else:
+    bounds = {"Q": (1e-14, math.inf), "V": (1e-14, math.inf)}
+    iterations, not_global = 0, False
+    while True:
+        fp = iterate(update, x0, mixing=mixing, tol=tol, max_iter=max_iter - iterations, bounds=bounds,
+                     name="pre-training state evolution", warn=False)
+        iterations += fp.iterations
+        Q, M, V = fp.state["Q"], fp.state["M"], fp.state["V"]
+        converged = fp.converged
+        if method == "exact":
+            hats = output_channel_exact(alpha, A0, T, Q, M, V)
+            err = errors_exact(A0, T, Q, M, V)
+            c = 4.0 * V / (T * T + 4.0 * V)
+            sample_term, failures = L * c * c, 0
+            break
+        # final evaluation at the fixed point with a tight prox tolerance
         hats, px, z_star, z_tilde = output_channel(alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"],
-                                                   prox_tol=1e-11)
-        # the warm-started prox must be the global maximiser: compare with a cold multi-start
-        cold = prox(z_star, z_tilde, V, act, init=z_star, multi_start=False, tol=1e-11, full=False)
-        if np.any(cold.psi > px.psi + 1e-9 * (1.0 + np.abs(px.psi))):
-            hats, px, z_star, z_tilde = output_channel(alpha, A0, Q, M, V, g, zeta, act, prox_init=None,
-                                                       prox_tol=1e-11)
-            converged = False      # the iteration followed a non-global branch of the prox
+                                                   prox_tol=1e-11, multi_start=memo["global"])
+        # the warm-started prox must be the global maximiser: compare with a start at z* (interpolation)
+        alt = prox(z_star, z_tilde, V, act, init=z_star, multi_start=False, tol=1e-11, full=False)
+        not_global = bool(np.any(alt.psi > px.psi + 1e-9 * (1.0 + np.abs(px.psi))))
+        if not_global and not memo["global"] and converged and iterations < max_iter:
+            # the continuation followed a non-global branch: iterate again with multi-start proxes
+            memo["global"], x0 = True, fp.state
+            continue
+        break
+    if method != "exact":
         failures = px.n_failed
-        converged = converged and failures == 0
+        converged = converged and failures == 0 and not not_global
         err = {"pretrain_test_error": _mean_error(z_tilde, z_star, T, act),
                "pretrain_train_error": _mean_error(px.h, z_star, T, act)}
         sample_term = float(np.mean(px.replicon))
@@ -320,11 +326,12 @@ def solve_pretrain(params: Params, *, n_mc: int = 30000, seed: int = 0, method: 
         Q=Q, M=M, V=V, Mhat=hats["Mhat"], Qhat=hats["Qhat"], Vhat=hats["Vhat"], eta=spec["eta"], eps=spec["eps"],
         pretrain_train_error=err["pretrain_train_error"], pretrain_test_error=err["pretrain_test_error"],
         replicon_pretrain=rep, replicon_stable=bool(rep < 1.0), converged=bool(converged), residual=fp.residual,
-        iterations=fp.iterations, prox_failures=int(failures), n_mc=n_used, method=method, seed=seed,
+        iterations=iterations, prox_failures=int(failures), n_mc=n_used, method=method, seed=seed,
         wall_time=time.perf_counter() - t0)
     if warn and not result.converged:
         warnings.warn(f"pre-training state evolution not converged: residual {fp.residual:.3g} after "
-                      f"{fp.iterations} iterations, {failures} prox failures", NonConvergenceWarning, stacklevel=2)
+                      f"{iterations} iterations, {failures} prox failures"
+                      + (", prox not global" if not_global else ""), NonConvergenceWarning, stacklevel=2)
     if warn and not result.replicon_stable:
         warnings.warn(f"pre-training replicon condition violated: eq. 75 LHS = {rep:.4g} >= 1",
                       RuntimeWarning, stacklevel=2)
