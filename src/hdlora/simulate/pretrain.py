@@ -84,7 +84,7 @@ def train_error(W: torch.Tensor | None, data: Dataset, sigma, loss: str, chunk: 
 
 
 def pretrain(data: Dataset, *, width: int, lam: float, sigma, loss: str, seed: int,
-             rtol: float = 1e-6, max_iter: int = 3000, init_scale: float = 1.0,
+             rtol: float = 1e-5, max_iter: int = 3000, init_scale: float = 1.0,
              chunk: int | None = None) -> Pretrained:
     """Minimise eq. 2 + lam ||W||_F^2 from a random init ``W_ij ~ N(0, init_scale^2)``.
 

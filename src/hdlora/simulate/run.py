@@ -34,6 +34,8 @@ KEYS = (
     "finetune_objective", "finetune_iterations", "finetune_grad_norm", "finetune_converged",
     "finetune_informed_won", "wall_time",
 )
+#: Tensors added by ``return_weights=True`` (left out of :meth:`SimulationResult.to_dict`).
+WEIGHT_KEYS = ("W_hat", "w_hat", "W_star", "w_star")
 #: Keys that do not exist in the effective-pre-training mode (reported as NaN there).
 EFFECTIVE_NAN_KEYS = ("pretrain_train_error", "pretrain_objective", "pretrain_iterations",
                       "pretrain_grad_norm", "pretrain_converged")
@@ -73,7 +75,7 @@ def _check(params: Params, dim: int, loss: str, effective) -> tuple[dict, Effect
 def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device = "cpu",
              loss: str = "sequence", effective: dict | None = None, restarts: int = 2,
              informed_start: bool = True, reduce_width: bool = False,
-             pretrain_rtol: float = 1e-6, pretrain_max_iter: int = 3000,
+             pretrain_rtol: float = 1e-5, pretrain_max_iter: int = 3000,
              finetune_rtol: float = 1e-6, finetune_max_iter: int = 1000,
              n_test: int | None = None, return_weights: bool = False,
              on_stage: Callable[[str], None] | None = None) -> dict:
@@ -230,8 +232,7 @@ class SimulationResult:
                   "total_wall_time": self.wall_time, "params": self.params.to_dict()})
         d.update(self.meta)
         if per_seed:
-            d["per_seed"] = [{k: v for k, v in r.items() if not isinstance(v, torch.Tensor) and v is not None
-                              or k not in ("W_hat", "w_hat", "W_star", "w_star")} for r in self.per_seed]
+            d["per_seed"] = [{k: v for k, v in r.items() if k not in WEIGHT_KEYS} for r in self.per_seed]
         return d
 
 
