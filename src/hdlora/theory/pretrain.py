@@ -319,9 +319,12 @@ def solve_pretrain(params: Params, *, n_mc: int = 30000, seed: int = 0, method: 
         err = {"pretrain_test_error": _mean_error(z_tilde, z_star, T, act),
                "pretrain_train_error": _mean_error(px.h, z_star, T, act)}
         sample_term = float(np.mean(px.replicon))
-    spec, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
-    r_int = float(spectral.replicon_integral(spec["eta"], spec["eps"], params.kappa0))
-    rep = replicon_pretrain(alpha, V, hats["Vhat"], sample_term, r_int)
+    try:
+        spec, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
+        r_int = float(spectral.replicon_integral(spec["eta"], spec["eps"], params.kappa0))
+        rep = replicon_pretrain(alpha, V, hats["Vhat"], sample_term, r_int)
+    except FloatingPointError:        # conjugates left their domain (e.g. V_hat <= 0): no fixed point here
+        spec, rep, converged = {"eta": math.nan, "eps": math.nan}, math.nan, False
     result = PretrainResult(
         Q=Q, M=M, V=V, Mhat=hats["Mhat"], Qhat=hats["Qhat"], Vhat=hats["Vhat"], eta=spec["eta"], eps=spec["eps"],
         pretrain_train_error=err["pretrain_train_error"], pretrain_test_error=err["pretrain_test_error"],
