@@ -210,6 +210,8 @@ def _init_state(params: Params, init) -> dict[str, float]:
         return {"Q": 0.5 * params.Q0, "M": 0.4 * params.Q0, "V": 1.0}
     if isinstance(init, PretrainResult):
         st = init.state
+        if not (st["V"] > 0 and st["Q"] > 0):          # W_hat = 0 solution (lam = inf): nothing to continue
+            return _init_state(params, None)
     elif isinstance(init, Mapping):
         try:
             st = {k: float(init[k]) for k in ("Q", "M", "V")}
