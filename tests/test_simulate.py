@@ -176,14 +176,14 @@ def test_active_pool_not_yet_supported():
 
 def test_reduce_width_same_minimiser():
     """kappa = 2 with lam vs width D with lam sqrt(2): same S minimiser (THEORY-NOTES). The two
-    runs start from different W, so they agree only up to the optimiser tolerance: measured
-    relative differences ~1e-6, we allow 1e-3."""
+    runs start from different W, so they agree only up to the optimiser tolerance (rtol 1e-5 on
+    the gradient): measured relative differences <= 1e-5 at D = 24, we allow 1e-4."""
     p = SMALL.replace(kappa=2.0, lam_ft=math.inf)
     full, red = run_seed(p, 24, 0), run_seed(p, 24, 0, reduce_width=True)
     assert full["pretrain_converged"] == red["pretrain_converged"] == 1.0
     assert red["pretrain_iterations"] > 0
     for k in ("Q", "M", "pretrain_train_error", "pretrain_test_error", "finetune_test_error"):
-        assert red[k] == pytest.approx(full[k], rel=1e-3), k
+        assert red[k] == pytest.approx(full[k], rel=1e-4), k
 
 
 # ----------------------------------------------------------------------------- closed form (eq. 80)
@@ -230,9 +230,12 @@ def test_frozen_linear_closed_form_coefficient(T):
 
 @pytest.mark.slow
 def test_frozen_linear_closed_form_pretrained_D150():
-    """With a real pre-training (lam = 0.1) at D = 150, 4 seeds, 10 D test samples each."""
+    """With a real pre-training (lam = 0.1) at D = 150. The coefficients differ by 2 Delta_eff/T^2
+    ~ 0.16 here (Delta_eff ~ 0.7); with 4 seeds x 10 D test samples the measured s.e. was 0.03-0.07
+    (not enough to separate them reliably), so this test uses 8 seeds x 40 D test samples
+    (s.e. ~0.02-0.03)."""
     p = Params(alpha=0.1, alpha_ft=3, tokens=3, noise=0.5, lam=0.1, lam_ft=math.inf, activation="linear")
-    res = _frozen_linear_check(p, 150, 4)
+    res = _frozen_linear_check(p, 150, 8, n_test=6000)
     mean, se = res["c_T2+T"]
     assert abs(mean) < 4 * se, res
     mean2, se2 = res["c_T2+T-2"]
