@@ -1,0 +1,200 @@
+"""One theoretical point: pre-training (Result 4) then fine-tuning (Result 5), with Result 3.
+
+``solve(params)`` chains the two state evolutions the way the paper does:
+
+1. the pre-training fixed point (Q, M, V) of eqs. 46-54 (skipped for lam = inf,
+   the LoRA-only baseline of A.7, where Q = M = V = 0);
+2. the frozen fields (z*, z) of the fine-tuning sequences: the test law Q
+   (eq. 13) for e = 0, the train law R (eq. 17) for e = 1 (eq. 61), conditioned
+   by Algorithm 1 when ``params.active_pool`` is set (Section 4.3, App. D), and
+   recalibrated by ``params.beta`` (eq. 26);
+3. the fine-tuning fixed point (q, m, v) of eqs. 62-72 (skipped for lam' = inf,
+   the frozen baseline, eq. 79);
+4. errors, overlap and forgetting (eqs. 19-20, 84), effective noises
+   (eqs. 25-28) and replicon conditions (eqs. 75, 78).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from ..params import Params, ParamError
+from . import effective as _eff
+from .active import active_fields
+from .finetune import FinetuneResult, solve_finetune
+from .fixed_point import NonConvergenceWarning
+from .pretrain import PretrainResult, solve_pretrain, train_fields
+from .sampling import frozen_fields
+
+BASELINES = ("frozen", "lora-only")
+
+
+@dataclass(frozen=True)
+class TheoryResult:
+    """The asymptotic prediction at one parameter point (all floats are float64 numbers).
+
+    Order parameters (eqs. 8-9, 48, 67-72), errors (Result 3, eq. 84), the overlap
+    o_w = m / sqrt(q q0), effective noises (eqs. 25-28), replicon left-hand sides
+    (eqs. 75, 78; stable when < 1) and the diagnostics of both solves.
+    ``converged`` is True only when both stages converged.
+    """
+
+    Q: float
+    M: float
+    V: float
+    Mhat: float
+    Qhat: float
+    Vhat: float
+    q: float
+    m: float
+    v: float
+    qhat: float
+    mhat: float
+    vhat: float
+    Q0: float
+    pretrain_train_error: float
+    pretrain_test_error: float
+    finetune_train_error: float
+    finetune_test_error: float
+    forgetting_error: float
+    overlap: float
+    delta_eff: float
+    delta_eff_finetune: float
+    delta_eff_actft: float
+    beta_min: float
+    delta_eff_min: float
+    replicon_pretrain: float
+    replicon_finetune: float
+    replicon_ok: bool
+    converged: bool
+    pretrain_converged: bool
+    finetune_converged: bool
+    iterations: int
+    pretrain_iterations: int
+    finetune_iterations: int
+    pretrain_residual: float
+    finetune_residual: float
+    n_mc: int
+    seed: int
+    wall_time: float
+    baseline: str | None
+    params: dict = field(default_factory=dict)
+    mc_se: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["wall_time_s"] = d["wall_time"]
+        return d
+
+    @property
+    def state(self) -> dict[str, float]:
+        """Warm start for a neighbouring point (``solve(..., init=result)``)."""
+        return {k: getattr(self, k) for k in ("Q", "M", "V", "q", "m", "v")}
+
+
+def _pretrain_init(init: Mapping[str, float] | None) -> dict[str, float] | None:
+    if not init:
+        return None
+    try:
+        st = {k: float(init[k]) for k in ("Q", "M", "V")}
+    except (KeyError, TypeError, ValueError):
+        return None
+    return st if all(math.isfinite(x) for x in st.values()) and st["V"] > 0 and st["Q"] > 0 else None
+
+
+def _finetune_init(init: Mapping[str, float] | None) -> dict[str, float] | None:
+    if not init:
+        return None
+    try:
+        st = {k: float(init[k]) for k in ("m", "q", "v")}
+    except (KeyError, TypeError, ValueError):
+        return None
+    return st if all(math.isfinite(x) for x in st.values()) and st["v"] > 0 and st["q"] > 0 else None
+
+
+def apply_baseline(params: Params, baseline: str | None) -> Params:
+    """The A.7 baselines as parameters: 'frozen' is lam_ft = inf, 'lora-only' is lam = inf."""
+    if baseline is None:
+        return params
+    if baseline == "frozen":
+        return params.replace(lam_ft=math.inf)
+    if baseline in ("lora-only", "lora_only"):
+        return params.replace(lam=math.inf)
+    raise ParamError(f"baseline must be one of {BASELINES} or None, got {baseline!r}")
+
+
+def solve(params: Params, *, n_mc: int = 30000, seed: int = 0, baseline: str | None = None,
+          init: "TheoryResult | Mapping[str, float] | None" = None, tol: float = 1e-7,
+          max_iter: int = 500, method: str | None = None, optimal_beta: bool = False,
+          warn: bool = True) -> TheoryResult:
+    """Solve the pre-training and fine-tuning state evolutions at ``params``.
+
+    Args:
+        params: the model parameters (Params).
+        n_mc: Monte-Carlo samples of each expectation (default 3e4 as in the paper, App. D).
+            The linear activation's pre-training uses closed forms and ignores it.
+        seed: seed of the fixed samples (common random numbers).
+        baseline: None, 'frozen' (lam' = inf) or 'lora-only' (lam = inf), App. A.7.
+        init: warm start: a previous TheoryResult or a mapping with Q, M, V, q, m, v.
+        tol, max_iter: tolerance and iteration cap of each fixed-point solve.
+        method: pre-training expectation rule ('mc', 'qmc', 'exact'; default exact for
+            linear sigma, mc for softmax).
+        optimal_beta: recalibrate the frozen map at beta* = M/Q (eq. 26) found from the
+            pre-training fixed point (overrides params.beta; the result's params show it).
+        warn: emit a NonConvergenceWarning when a stage does not converge.
+    """
+    if not isinstance(params, Params):
+        raise ParamError(f"params must be a hdlora.Params, got {type(params).__name__}")
+    if isinstance(n_mc, bool) or not isinstance(n_mc, int) or n_mc < 100:
+        raise ParamError(f"n_mc must be an integer >= 100, got {n_mc!r}")
+    params = apply_baseline(params, baseline)
+    if isinstance(init, TheoryResult):
+        init = init.state
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        if not warn:
+            warnings.simplefilter("ignore", NonConvergenceWarning)
+        pre: PretrainResult = solve_pretrain(params, n_mc=n_mc, seed=seed, method=method, tol=tol,
+                                             max_iter=max_iter, init=_pretrain_init(init), warn=warn)
+        Q0, Q, M = params.Q0, pre.Q, pre.M
+        if optimal_beta:
+            if not Q > 0:
+                raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
+            params = params.replace(beta=_eff.beta_min(Q, M))
+        # frozen fields of the fine-tuning sequences (eq. 61), before recalibration
+        if params.reuse and not params.lora_only:
+            z_star, z = train_fields(params, pre, n_mc, seed=seed + 1)
+        elif params.active_pool is not None:
+            z_star, z = active_fields(params, Q0, Q, M, n_mc, seed=seed + 1)
+        else:
+            f = frozen_fields(n_mc, params.tokens, Q0 + params.noise / 2, Q, M, seed=seed + 1)
+            z_star, z = f["z_star"], f["z"]
+        ft_params = params.replace(reuse=False) if params.lora_only else params
+        ft: FinetuneResult = solve_finetune(ft_params, z_star, z, Q0=Q0, Q=Q, M=M, seed=seed + 2, tol=tol,
+                                            max_iter=max_iter, init=_finetune_init(init), warn=warn)
+    noise = params.noise
+    d_eff = _eff.delta_eff_beta(Q0, Q, M, noise, params.beta)
+    has_q = Q > 0
+    result = TheoryResult(
+        Q=Q, M=M, V=pre.V, Mhat=pre.Mhat, Qhat=pre.Qhat, Vhat=pre.Vhat,
+        q=ft.q, m=ft.m, v=ft.v, qhat=ft.qhat, mhat=ft.mhat, vhat=ft.vhat, Q0=Q0,
+        pretrain_train_error=pre.pretrain_train_error, pretrain_test_error=pre.pretrain_test_error,
+        finetune_train_error=ft.finetune_train_error, finetune_test_error=ft.finetune_test_error,
+        forgetting_error=ft.forgetting_error, overlap=ft.overlap,
+        delta_eff=d_eff, delta_eff_finetune=ft.delta_eff,
+        delta_eff_actft=_eff.delta_eff_actft(Q0, Q, M, noise) if has_q else d_eff,
+        beta_min=_eff.beta_min(Q, M) if has_q else math.nan,
+        delta_eff_min=_eff.delta_eff_min(Q0, Q, M, noise) if has_q else d_eff,
+        replicon_pretrain=pre.replicon_pretrain, replicon_finetune=ft.replicon_finetune,
+        replicon_ok=bool(pre.replicon_pretrain < 1 and ft.replicon_finetune < 1),
+        converged=bool(pre.converged and ft.converged),
+        pretrain_converged=pre.converged, finetune_converged=ft.converged,
+        iterations=pre.iterations + ft.iterations, pretrain_iterations=pre.iterations,
+        finetune_iterations=ft.iterations, pretrain_residual=pre.residual, finetune_residual=ft.residual,
+        n_mc=n_mc, seed=seed, wall_time=time.perf_counter() - t0,
+        baseline=baseline, params=params.to_dict(), mc_se=dict(ft.mc_se),
+    )
+    return result

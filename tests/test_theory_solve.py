@@ -1,0 +1,76 @@
+"""hdlora.theory.solve / `hdlora theory`: the chained pre-training + fine-tuning point."""
+import json
+import math
+
+import pytest
+
+from hdlora import Params
+from hdlora.cli import main
+from hdlora.theory import solve
+from hdlora.theory import effective as eff
+
+LIN = Params(activation="linear", alpha=0.1, alpha_ft=3, tokens=3, noise=0.5, lam=0.1, lam_ft=0.5)
+N = 3000  # small Monte-Carlo budget: these tests check wiring and identities, not accuracy
+
+REQUIRED = ("Q", "M", "V", "q", "m", "v", "pretrain_train_error", "pretrain_test_error",
+            "finetune_train_error", "finetune_test_error", "forgetting_error", "overlap", "delta_eff",
+            "replicon_pretrain", "replicon_finetune", "converged", "iterations", "wall_time")
+
+
+@pytest.fixture(scope="module")
+def lin():
+    return solve(LIN, n_mc=N)
+
+
+def test_result_has_every_key_and_is_consistent(lin):
+    d = lin.to_dict()
+    for k in REQUIRED:
+        assert k in d, k
+    assert lin.converged and lin.pretrain_converged and lin.finetune_converged
+    assert lin.overlap == pytest.approx(lin.m / math.sqrt(lin.q))          # o_w = m / sqrt(q q0), q0 = 1
+    assert lin.delta_eff == pytest.approx(LIN.noise / 2 + LIN.Q0 + lin.Q - 2 * lin.M)   # eq. 25
+    assert lin.delta_eff_actft <= lin.delta_eff + 1e-12                    # eq. 28 <= eq. 25
+    with pytest.raises(Exception):
+        lin.q = 0.0                                                         # frozen result
+
+
+def test_warm_start_reaches_same_point_in_fewer_iterations(lin):
+    again = solve(LIN, n_mc=N, init=lin)
+    assert again.iterations < lin.iterations
+    for k in ("Q", "M", "q", "m"):
+        assert getattr(again, k) == pytest.approx(getattr(lin, k), rel=1e-5, abs=1e-7)
+
+
+def test_baselines_are_the_special_parameters(lin):
+    fz = solve(LIN, n_mc=N, baseline="frozen")
+    assert fz.q == 0 and fz.m == 0 and fz.Q == pytest.approx(lin.Q, rel=1e-9)
+    assert fz.finetune_test_error == pytest.approx(solve(LIN.replace(lam_ft=math.inf), n_mc=N).finetune_test_error)
+    lo = solve(LIN, n_mc=N, baseline="lora-only")
+    assert lo.Q == 0 and lo.M == 0 and lo.q > 0
+    # LoRA improves over the frozen pre-training at this point (Fig. 1's claim)
+    assert lin.finetune_test_error < fz.finetune_test_error
+
+
+def test_optimal_beta_minimises_delta_eff(lin):
+    rb = solve(LIN, n_mc=N, optimal_beta=True)
+    assert rb.params["beta"] == pytest.approx(lin.M / lin.Q)
+    assert rb.delta_eff == pytest.approx(eff.delta_eff_min(LIN.Q0, lin.Q, lin.M, LIN.noise))
+    assert rb.delta_eff <= lin.delta_eff
+
+
+def test_cli_json_has_every_key(capsys):
+    rc = main(["theory", "--activation", "linear", "--n-mc", str(N), "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    for k in REQUIRED:
+        assert k in d, k
+
+
+@pytest.mark.parametrize("argv,word", [
+    (["--kappa", "0.5"], "kappa"), (["--tokens", "1"], "tokens"), (["--noise", "-1"], "noise"),
+    (["--activation", "tanh"], "activation"), (["--n-mc", "5"], "n-mc"), (["--lam", "nan"], "lam"),
+])
+def test_cli_bad_input_is_one_line_error(argv, word, capsys):
+    assert main(["theory", *argv]) == 2
+    err = capsys.readouterr().err
+    assert word in err and "Traceback" not in err
