@@ -74,7 +74,9 @@ def _case(cfg: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", type=int, nargs="*", default=[100, 150, 300])
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0: torch default). Default 1: on the shared 2-core machine 2 threads "
+                         "were 6x slower (OpenMP oversubscription in L-BFGS's many small vector ops)")
     ap.add_argument("--memory-check", action="store_true")
     ap.add_argument("--skip-gpu", action="store_true")
     args = ap.parse_args(argv)

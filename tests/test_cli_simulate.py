@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from hdlora import cli
 from hdlora.simulate import KEYS
@@ -12,6 +13,9 @@ from hdlora.simulate import KEYS
 def only_simulate(monkeypatch):
     """Build the parser with this command only (other commands are other modules' business)."""
     monkeypatch.setattr(cli, "COMMANDS", {"simulate": cli.COMMANDS["simulate"]})
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # --threads sets a process-wide torch setting
 
 
 BASE = ["simulate", "--alpha", "0.1", "--alpha-ft", "3", "--tokens", "3", "--noise", "0.5",
@@ -37,7 +41,7 @@ def test_json_effective_mode(capsys):
 
 
 def test_table_and_progress(capsys):
-    assert cli.main(BASE + ["--lam-ft", "inf", "--seeds", "1"]) == 0
+    assert cli.main(BASE + ["--lam-ft", "inf", "--seeds", "1", "--threads", "1"]) == 0
     out = capsys.readouterr()
     assert "finetune_test_error" in out.out and "overlap" in out.out
     assert "simulate" in out.err  # tqdm bar on stderr
@@ -49,7 +53,7 @@ def test_table_and_progress(capsys):
     (["--lam", "-1"], "lam"), (["--lam-ft", "-1"], "lam_ft"), (["--noise", "nan"], "noise"),
     (["--activation", "relu"], "activation"), (["--beta", "0"], "beta"), (["--dim", "1"], "dim"),
     (["--seeds", "0"], "seeds"), (["--loss", "mse"], "loss"), (["--device", "tpu"], "device"),
-    (["--restarts", "-1"], "restarts"), (["--effective-Q0", "1"], "effective"),
+    (["--restarts", "-1"], "restarts"), (["--threads", "-1"], "threads"), (["--effective-Q0", "1"], "effective"),
     (["--effective-Q0", "1", "--effective-Q", "1", "--effective-M", "9"], "M"),
     (["--reuse", "--alpha", "0.001"], "reuse"),
 ])

@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--effective-Q0", type=float, default=None, help="effective pre-training: Q0 (eq. 13)")
     g.add_argument("--effective-Q", type=float, default=None, help="effective pre-training: Q")
     g.add_argument("--effective-M", type=float, default=None, help="effective pre-training: M")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch default; 1 is fastest on a shared, busy machine)")
     g.add_argument("--json", action="store_true", help="print one JSON object (keys + <key>_se)")
 
 
@@ -42,6 +44,11 @@ def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of 
     if given and len(given) != 3:
         raise ParamError(f"effective mode needs all of --effective-Q0, --effective-Q, --effective-M; got only {given}")
     effective = eff_vals if given else None
+    if args.threads < 0:
+        raise ParamError(f"threads must be >= 0 (0: torch default), got {args.threads}")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
