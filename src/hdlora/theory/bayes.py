@@ -567,7 +567,7 @@ class BayesResult:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
-def bayes_optimal(params: Params, *, n_mc: int = 4000, n_nodes: int = 16, n_mc_error: int = 20000,
+def bayes_optimal(params: Params, *, n_mc: int = 4000, n_nodes: int = 12, n_mc_error: int = 20000,
                   seed: int = 0, tol: float = 1e-9) -> BayesResult:
     """BO benchmarks (Result 6, Appendix B) at the data parameters of ``params``.
 
