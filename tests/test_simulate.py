@@ -169,9 +169,10 @@ def test_bad_run_arguments(kwargs, word):
         run(SMALL, 20, **{"seeds": 1, **kwargs})
 
 
-def test_active_pool_not_yet_supported():
-    with pytest.raises(ParamError, match="active_pool"):
-        run_seed(SMALL.replace(active_pool=10.0), 20, 0)
+def test_active_pool_runs():
+    """Algorithm 1 is supported (its tests are in test_active_simulate.py)."""
+    r = run_seed(SMALL.replace(active_pool=10.0), 20, 0)
+    assert r["pool_size"] == 200 and r["labelled_size"] == 60 and math.isfinite(r["delta_finetune_test_error"])
 
 
 def test_reduce_width_same_minimiser():

@@ -47,7 +47,7 @@ DTYPE = torch.float64
 _STREAMS = {
     "teacher": 1, "pretrain_data": 2, "finetune_data": 3, "pretrain_test": 4,
     "finetune_test": 5, "pretrain_init": 6, "finetune_init": 7, "effective_train": 8,
-    "effective_pretrain_test": 9, "effective_finetune_test": 10, "pool": 11,
+    "effective_pretrain_test": 9, "effective_finetune_test": 10, "pool": 11, "pool_tokens": 12,
 }
 
 

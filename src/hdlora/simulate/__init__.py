@@ -3,7 +3,8 @@
 ``run(params, dim, seeds)`` averages :func:`run_seed` over seeds; see
 :mod:`hdlora.simulate.run` for the keys.
 """
-from .run import EFFECTIVE_NAN_KEYS, KEYS, ConvergenceWarning, SimulationResult, resolve_device, run, run_seed
+from .run import (ACTIVE_KEYS, EFFECTIVE_NAN_KEYS, KEYS, OPTIMAL_BETA, ConvergenceWarning, SimulationResult,
+                  resolve_device, run, run_seed, theory_beta_star)
 
-__all__ = ["run", "run_seed", "SimulationResult", "KEYS", "EFFECTIVE_NAN_KEYS", "ConvergenceWarning",
-           "resolve_device"]
+__all__ = ["run", "run_seed", "SimulationResult", "KEYS", "ACTIVE_KEYS", "EFFECTIVE_NAN_KEYS", "OPTIMAL_BETA",
+           "ConvergenceWarning", "resolve_device", "theory_beta_star"]

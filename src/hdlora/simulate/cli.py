@@ -6,21 +6,34 @@ import sys
 import time
 import warnings
 
-from ..cli import add_param_arguments, dumps, format_table, params_from_args
+from ..cli import _float, add_param_arguments, dumps, format_table, params_from_args
 from ..params import ParamError
 from .losses import LOSSES
-from .run import KEYS, run
+from .run import ACTIVE_KEYS, KEYS, run
 
 _TABLE_KEYS = ("pretrain_train_error", "pretrain_test_error", "finetune_train_error", "finetune_test_error",
                "forgetting_error", "overlap", "Q0", "Q", "M", "q0", "q", "m",
                "pretrain_iterations", "pretrain_converged", "finetune_iterations", "finetune_converged",
-               "finetune_informed_won")
+               "finetune_informed_won", "beta", "delta_eff", "delta_eff_actft", "delta_eff_measured")
+_ACTIVE_TABLE_KEYS = ("uniform_finetune_test_error", "uniform_overlap", "delta_finetune_test_error", "delta_overlap",
+                      "uniform_delta_eff_measured", "selection_score_selected", "selection_score_pool")
+_BETA_WORDS = {"optimal": "measured", "optimal-measured": "measured", "optimal-theory": "theory"}
+
+
+def _beta(text: str):
+    return text if text in _BETA_WORDS else _float(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_param_arguments(p)
     g = p.add_argument_group("simulation")
-    g.add_argument("--beta", type=float, default=1.0, help="recalibration W_hat -> sqrt(beta) W_hat (eq. 26)")
+    g.add_argument("--beta", type=_beta, default=1.0,
+                   help="recalibration W_hat -> sqrt(beta) W_hat (eq. 26): a number, 'optimal' (beta* = M/Q measured "
+                        "on each seed's pre-trained weights) or 'optimal-theory' (beta* = M/Q of the pre-training "
+                        "state evolution, the paper's App. E)")
+    g.add_argument("--active-pool", type=_float, default=None,
+                   help="active fine-tuning (Algorithm 1): label the alpha' D best of a pool of alpha_bar' D "
+                        "candidates; also reports the uniform choice from the same pool (uniform_*, delta_*)")
     g.add_argument("--dim", type=int, default=150, help="D, token dimension (>= 2)")
     g.add_argument("--seeds", type=int, default=4, help="number of seeds (0..S-1) to average")
     g.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda when available)")
@@ -38,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of this command)
     from . import run as simulate_run  # the library function, not this one
-    params = params_from_args(args, beta=args.beta)
+    optimal = _BETA_WORDS.get(args.beta) if isinstance(args.beta, str) else None
+    params = params_from_args(args, beta=1.0 if optimal else args.beta, active_pool=args.active_pool)
     eff_vals = {"Q0": args.effective_Q0, "Q": args.effective_Q, "M": args.effective_M}
     given = [k for k, v in eff_vals.items() if v is not None]
     if given and len(given) != 3:
@@ -53,7 +67,8 @@ def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = simulate_run(params, args.dim, args.seeds, device=args.device, loss=args.loss, effective=effective,
-                           restarts=args.restarts, progress=not args.json, reduce_width=args.reduce_width)
+                           restarts=args.restarts, progress=not args.json, reduce_width=args.reduce_width,
+                           optimal_beta=optimal)
     messages = [str(w.message) for w in caught]
     d = res.to_dict()
     d["wall_time_total"] = time.perf_counter() - t0
@@ -63,7 +78,8 @@ def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of 
     else:
         for m in messages:
             print(f"warning: {m}", file=sys.stderr)
-        rows = {k: f"{d[k]:.6g} ± {d[k + '_se']:.2g}" for k in _TABLE_KEYS if k in KEYS}
+        keys = _TABLE_KEYS + (_ACTIVE_TABLE_KEYS if params.active_pool is not None else ())
+        rows = {k: f"{d[k]:.6g} ± {d[k + '_se']:.2g}" for k in keys if k in KEYS + ACTIVE_KEYS}
         rows["seeds"] = d["n_seeds"]
         rows["wall time [s]"] = f"{d['wall_time_total']:.1f}"
         print(format_table(rows, title=f"hdlora simulate: D = {res.dim}, {res.loss} loss, {res.device}, "

@@ -13,8 +13,9 @@ import torch
 
 from .. import activations
 from ..data import (Effective, Teacher, draw_teacher, effective_finetune_dataset, finetune_dataset,
-                    pretrain_dataset, quadratic_field, _chunks)
+                    pretrain_dataset, quadratic_field, rank_one_field, _chunks)
 from ..params import Params, ParamError
+from .active import delta_eff_measured, effective_pool, full_pool
 from .finetune import finetune
 from .losses import check_loss
 from .metrics import order_parameters, rank_one_parameters, test_errors
@@ -32,8 +33,22 @@ KEYS = (
     "overlap", "Q", "M", "Q0", "q", "m", "q0", "Q_frozen", "M_frozen",
     "pretrain_objective", "pretrain_iterations", "pretrain_grad_norm", "pretrain_converged",
     "finetune_objective", "finetune_iterations", "finetune_grad_norm", "finetune_converged",
-    "finetune_informed_won", "wall_time",
+    "finetune_informed_won", "beta", "delta_eff", "delta_eff_actft", "delta_eff_measured", "wall_time",
 )
+#: Keys of active fine-tuning (``params.active_pool`` set), averaged by :func:`run` as well. The
+#: main keys describe the active run (w_hat_ActFT); ``uniform_*`` the run on the first N' of the
+#: same pool; ``delta_finetune_test_error = E'(uniform) - E'(active)`` and
+#: ``delta_overlap = o_w(active) - o_w(uniform)`` are paired differences (same pool, teacher, tokens,
+#: test sets), so their standard errors are the paired ones.
+ACTIVE_KEYS = (
+    "uniform_finetune_test_error", "uniform_forgetting_error", "uniform_finetune_train_error",
+    "uniform_overlap", "uniform_q", "uniform_m", "uniform_finetune_converged", "uniform_finetune_informed_won",
+    "uniform_delta_eff_measured", "delta_finetune_test_error", "delta_overlap",
+    "selection_score_selected", "selection_score_pool", "pool_size", "labelled_size",
+)
+#: Values of ``optimal_beta``: recalibrate at beta* = M/Q (eq. 26) measured on the pre-trained
+#: weights of each seed, or taken from the pre-training state evolution (as the paper's App. E).
+OPTIMAL_BETA = ("measured", "theory")
 #: Tensors added by ``return_weights=True`` (left out of :meth:`SimulationResult.to_dict`).
 WEIGHT_KEYS = ("W_hat", "w_hat", "W_star", "w_star")
 #: Keys that do not exist in the effective-pre-training mode (reported as NaN there).
@@ -56,12 +71,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     raise ParamError(f"device must be 'cpu', 'cuda' or 'auto', got {name!r}")
 
 
-def _check(params: Params, dim: int, loss: str, effective) -> tuple[dict, Effective | None]:
+def _check(params: Params, dim: int, loss: str, effective, optimal_beta=None) -> tuple[dict, Effective | None]:
     if not isinstance(params, Params):
         raise ParamError(f"params must be a hdlora.Params, got {type(params).__name__}")
-    if params.active_pool is not None:
-        raise ParamError("active_pool (active fine-tuning, Algorithm 1) is not supported by the simulator yet; "
-                         "set active_pool=None")
+    if optimal_beta is not None and optimal_beta not in OPTIMAL_BETA:
+        raise ParamError(f"optimal_beta must be None or one of {OPTIMAL_BETA}, got {optimal_beta!r}")
+    if optimal_beta is not None and params.lora_only:
+        raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
     check_loss(loss)
     sizes = params.sizes(dim)
     eff = None
@@ -72,12 +88,54 @@ def _check(params: Params, dim: int, loss: str, effective) -> tuple[dict, Effect
     return sizes, eff
 
 
+def theory_beta_star(params: Params, n_mc: int = 30000, seed: int = 0) -> float:
+    """beta* = M/Q from the pre-training state evolution (Result 4), as the paper's App. E does."""
+    from ..theory.pretrain import solve_pretrain
+    if params.lora_only:
+        raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
+    r = solve_pretrain(params, n_mc=n_mc, seed=seed)
+    if not r.converged:
+        warnings.warn(f"optimal_beta='theory': pre-training state evolution not converged (residual {r.residual:.3g})",
+                      ConvergenceWarning, stacklevel=3)
+    return r.M / r.Q
+
+
+def _delta_effs(params: Params, out: dict) -> dict:
+    """Effective noises from the measured order parameters: Delta_eff(beta) (eqs. 25-26) and
+    Delta_eff,ActFT = Delta/2 + Q0 - M^2/Q (eq. 28; independent of beta; NaN when Q = 0)."""
+    Q0, Q, M, b, noise = out["Q0"], out["Q"], out["M"], out["beta"], params.noise
+    return {"delta_eff": noise / 2 + Q0 + b * b * Q - 2 * b * M,
+            "delta_eff_actft": noise / 2 + Q0 - M * M / Q if Q > 0 else math.nan}
+
+
+def _finetune_record(fr, teacher: Teacher, seed: int, rtol: float, what: str = "fine-tuning") -> dict:
+    rec = dict(rank_one_parameters(fr.w, teacher.w_star))
+    rec["finetune_train_error"] = fr.train_error
+    o = fr.optim
+    rec.update({
+        "finetune_objective": o.objective if o else fr.train_error,
+        "finetune_iterations": o.iterations if o else 0,
+        "finetune_grad_norm": o.grad_norm if o else 0.0,
+        "finetune_converged": float(o.converged) if o else 1.0,
+        "finetune_informed_won": float(fr.winner == "informed") if o else math.nan,
+        "finetune_winner": fr.winner,
+        "finetune_start_objectives": dict(fr.objectives),
+        "finetune_stop": o.reason if o else "lam_ft=inf",
+    })
+    if o is not None and not o.converged:
+        warnings.warn(f"seed {seed}: {what} did not converge ({o.reason}): max|grad| = {o.grad_norm:.3g} "
+                      f"> {rtol:g} x {o.grad_norm_initial:.3g} after {o.iterations} iterations",
+                      ConvergenceWarning, stacklevel=3)
+    return rec
+
+
 def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device = "cpu",
              loss: str = "sequence", effective: dict | None = None, restarts: int = 2,
              informed_start: bool = True, reduce_width: bool = False,
              pretrain_rtol: float = 1e-5, pretrain_max_iter: int = 3000,
              finetune_rtol: float = 1e-6, finetune_max_iter: int = 1000,
              n_test: int | None = None, return_weights: bool = False,
+             optimal_beta: str | None = None, compare_uniform: bool = True,
              on_stage: Callable[[str], None] | None = None) -> dict:
     """One seed of the pipeline; returns a dict with every key of :data:`KEYS` plus diagnostics.
 
@@ -102,10 +160,25 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
         n_test: test samples per test set (default 10 D, as the paper's App. D).
         return_weights: also return the tensors ``W_hat`` (None when lam = inf or in the
             effective mode), ``w_hat``, ``W_star``, ``w_star`` (not averaged by :func:`run`).
+        optimal_beta: None (use ``params.beta``), 'measured' (beta* = M/Q of this seed's
+            pre-trained weights, or of the given effective law) or 'theory' (beta* = M/Q of
+            the pre-training state evolution, the paper's App. E protocol); eq. 26.  The beta
+            used is reported as ``beta``.
+        compare_uniform: with ``params.active_pool`` set (Algorithm 1), also fine-tune on the
+            first N' candidates of the same pool (``uniform_*`` keys, paired differences).
         on_stage: called with a stage name after each stage (progress bars).
+
+    Active fine-tuning (``params.active_pool = alpha_bar'``, Section 4.3): a pool of
+    N_bar' = alpha_bar' D candidates is streamed (see :mod:`hdlora.simulate.active`), the N'
+    with the lowest ``||sigma(beta z) - sigma(0)||_F^2`` are labelled and fine-tuned on; the
+    main keys then describe w_hat_ActFT and :data:`ACTIVE_KEYS` are added.  Test errors are
+    on uniform fresh test data in both runs.  ``delta_eff`` (eqs. 25-26) and ``delta_eff_actft``
+    (eq. 28) come from the measured Q0, Q, M; ``delta_eff_measured`` is the second moment of
+    (beta z - z*)_ab / sqrt(1 + delta_ab) over the fine-tuning set actually used (the quantity
+    eqs. 25 and 28 describe; the selected set for active runs).
     """
     t0 = time.perf_counter()
-    sizes, eff = _check(params, dim, loss, effective)
+    sizes, eff = _check(params, dim, loss, effective, optimal_beta)
     dev = resolve_device(device)
     sigma = activations.get(params.activation, "torch")
     T, D, beta = params.tokens, sizes["D"], params.beta
@@ -142,11 +215,34 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
         out.update({"Q0": eff.Q0, "Q": eff.Q, "M": eff.M})
         out.update({k: math.nan for k in EFFECTIVE_NAN_KEYS})
         out["pretrain_stop"] = "effective"
+    # ---------------------------------------------------------------- recalibration (eq. 26)
+    if optimal_beta is not None:
+        if optimal_beta == "theory":
+            beta = eff.M / eff.Q if eff is not None and eff.Q > 0 else theory_beta_star(params)
+        else:
+            if not out["Q"] > 0:
+                raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
+            beta = out["M"] / out["Q"]                    # beta* = M/Q of this seed's weights
+        if not beta > 0:
+            raise ParamError(f"optimal_beta: beta* = M/Q = {beta} is not > 0 (no alignment to recalibrate)")
+        params = params.replace(beta=beta)
+    out["beta"] = beta
     out["Q_frozen"], out["M_frozen"] = beta ** 2 * out["Q"], beta * out["M"]
+    out.update(_delta_effs(params, out))
     stage("pretrain")
 
     # ---------------------------------------------------------------- stage 2
-    if eff is None:
+    sel = None
+    if params.active_pool is not None:             # Algorithm 1 (Section 4.3)
+        if eff is None:
+            width = D if W_hat is None else W_hat.shape[1]
+            sel = full_pool(sizes["N_pool"], sizes["N_ft"], T, params.noise, beta, sigma, teacher, W_hat, seed, dev,
+                            chunk=max(64, (1 << 22) // (T * max(D, width))))
+        else:
+            sel = effective_pool(sizes["N_pool"], sizes["N_ft"], T, eff, params.noise, beta, sigma, teacher, seed,
+                                 dev)
+        ft, ft_star = sel.active, sel.active_z_star
+    elif eff is None:
         ft = finetune_dataset(sizes["N_ft"], T, params.noise, teacher, seed, dev,
                               reuse_from=pre if params.reuse else None)
         if W_hat is None:
@@ -157,34 +253,44 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
             for sl in _chunks(ft.n, default_chunk(T, W_hat.shape[1])):
                 z_frozen[sl] = quadratic_field(ft.X[sl], W_hat, tr)
         ft = ft.with_frozen(beta * z_frozen)     # recalibration: S_hat -> beta S_hat (eq. 26)
+        ft_star = ft.z_star - rank_one_field(ft.X, teacher.w_star)[1]
     else:
         ft = effective_finetune_dataset(sizes["N_ft"], T, params.noise, eff, teacher, seed, dev)
         ft = ft.with_frozen(beta * ft.z_frozen)
+        ft_star = ft.z_star - rank_one_field(ft.X, teacher.w_star)[1]
     del pre
-    fr = finetune(ft, teacher.w_star, lam_ft=params.lam_ft, sigma=sigma, loss=loss, seed=seed,
-                  restarts=restarts, informed=informed_start, rtol=finetune_rtol, max_iter=finetune_max_iter)
-    out.update(rank_one_parameters(fr.w, teacher.w_star))
-    out["finetune_train_error"] = fr.train_error
-    o = fr.optim
-    out.update({
-        "finetune_objective": o.objective if o else fr.train_error,
-        "finetune_iterations": o.iterations if o else 0,
-        "finetune_grad_norm": o.grad_norm if o else 0.0,
-        "finetune_converged": float(o.converged) if o else 1.0,
-        "finetune_informed_won": float(fr.winner == "informed") if o else math.nan,
-        "finetune_winner": fr.winner,
-        "finetune_start_objectives": dict(fr.objectives),
-        "finetune_stop": o.reason if o else "lam_ft=inf",
-    })
-    if o is not None and not o.converged:
-        warnings.warn(f"seed {seed}: fine-tuning did not converge ({o.reason}): max|grad| = {o.grad_norm:.3g} "
-                      f"> {finetune_rtol:g} x {o.grad_norm_initial:.3g} after {o.iterations} iterations",
-                      ConvergenceWarning, stacklevel=2)
+    out["delta_eff_measured"] = delta_eff_measured(ft_star, ft.z_frozen)
+    ft_kwargs = dict(lam_ft=params.lam_ft, sigma=sigma, loss=loss, seed=seed, restarts=restarts,
+                     informed=informed_start, rtol=finetune_rtol, max_iter=finetune_max_iter)
+    fr = finetune(ft, teacher.w_star, **ft_kwargs)
+    out.update(_finetune_record(fr, teacher, seed, finetune_rtol))
+    fr_u = None
+    if sel is not None and compare_uniform:       # the same pool, uniformly: its first N'
+        fr_u = finetune(sel.uniform, teacher.w_star, **ft_kwargs)
+        rec = _finetune_record(fr_u, teacher, seed, finetune_rtol, what="uniform fine-tuning")
+        out.update({f"uniform_{k}": rec[k] for k in ("finetune_train_error", "overlap", "q", "m",
+                                                      "finetune_converged", "finetune_informed_won")})
+        out["uniform_delta_eff_measured"] = delta_eff_measured(sel.uniform_z_star, sel.uniform.z_frozen)
+    if sel is not None:
+        out.update({"selection_score_selected": float(sel.scores.mean()), "selection_score_pool": sel.score_pool_mean,
+                    "pool_size": float(sel.n_pool), "labelled_size": float(ft.n)})
     stage("finetune")
 
     # ---------------------------------------------------------------- test errors
-    out.update(test_errors(teacher=teacher, W_hat=W_hat, w_hat=fr.w, beta=beta, T=T, Delta=params.noise,
-                           n_test=10 * D if n_test is None else int(n_test), seed=seed, sigma=sigma, loss=loss, effective=eff))
+    test_kwargs = dict(teacher=teacher, W_hat=W_hat, beta=beta, T=T, Delta=params.noise,
+                       n_test=10 * D if n_test is None else int(n_test), seed=seed, sigma=sigma, loss=loss,
+                       effective=eff)
+    out.update(test_errors(w_hat=fr.w, **test_kwargs))
+    if sel is not None:
+        nan = math.nan
+        if fr_u is not None:   # same test sets (same seed and streams): paired differences
+            te = test_errors(w_hat=fr_u.w, **test_kwargs)
+            out["uniform_finetune_test_error"] = te["finetune_test_error"]
+            out["uniform_forgetting_error"] = te["forgetting_error"]
+            out["delta_finetune_test_error"] = te["finetune_test_error"] - out["finetune_test_error"]
+            out["delta_overlap"] = out["overlap"] - out["uniform_overlap"]
+        for k in ACTIVE_KEYS:
+            out.setdefault(k, nan)
     stage("test")
     if return_weights:
         out.update({"W_hat": W_hat, "w_hat": fr.w, "W_star": teacher.W_star, "w_star": teacher.w_star})
@@ -229,7 +335,7 @@ class SimulationResult:
 
     def to_dict(self, per_seed: bool = True) -> dict:
         d: dict[str, Any] = {}
-        for k in KEYS:
+        for k in self.mean:
             d[k] = self.mean[k]
             d[f"{k}_se"] = self.se[k]
         d.update({"dim": self.dim, "seeds": list(self.seeds), "n_seeds": self.n_seeds, "loss": self.loss,
@@ -263,11 +369,20 @@ def run(params: Params, dim: int, seeds: int | Sequence[int] = 4, *, device: str
         progress: bool = False, **kwargs) -> SimulationResult:
     """Run the pipeline for several seeds (``seeds=4`` means seeds 0..3) and average.
 
-    Keyword arguments beyond those shown go to :func:`run_seed`.
+    Keyword arguments beyond those shown go to :func:`run_seed`.  ``optimal_beta='theory'``
+    solves the pre-training state evolution once for all seeds.  With ``params.active_pool``
+    set, :data:`ACTIVE_KEYS` are averaged too.
     """
     t0 = time.perf_counter()
     seed_list = _seed_list(seeds)
-    _check(params, dim, loss, effective)
+    _check(params, dim, loss, effective, kwargs.get("optimal_beta"))
+    meta: dict[str, Any] = {}
+    if kwargs.get("optimal_beta") is not None:
+        meta["optimal_beta"] = kwargs["optimal_beta"]
+    if kwargs.get("optimal_beta") == "theory" and effective is None:
+        kwargs = dict(kwargs, optimal_beta=None)
+        params = params.replace(beta=theory_beta_star(params))
+        meta["beta_theory"] = params.beta
     if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 0:
         raise ParamError(f"restarts must be an integer >= 0, got {restarts!r}")
     dev = resolve_device(device)
@@ -289,9 +404,9 @@ def run(params: Params, dim: int, seeds: int | Sequence[int] = 4, *, device: str
             bar.close()
     mean, se = {}, {}
     n = len(records)
-    for k in KEYS:
+    for k in KEYS + (ACTIVE_KEYS if params.active_pool is not None else ()):
         v = np.array([r[k] for r in records], dtype=float)
         mean[k] = float(np.mean(v))
         se[k] = float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
     return SimulationResult(params, dim, seed_list, loss, str(dev), dict(effective) if effective else None,
-                            mean, se, tuple(records), time.perf_counter() - t0)
+                            mean, se, tuple(records), time.perf_counter() - t0, meta)
