@@ -484,7 +484,7 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
                    Q0: float | None = None, Q: float | None = None, M: float | None = None,
                    n_mc: int | None = None, seed: int = 0, tol: float = 1e-7, max_iter: int = 400,
                    mixing: float = 0.8, init: FinetuneResult | Mapping[str, float] | None = None,
-                   n_test: int | None = None, restart_every: int = 10, form: str = "direct",
+                   n_test: int | None = None, restart_every: int = 0, form: str = "direct",
                    warn: bool = True) -> FinetuneResult:
     """Fine-tuning state evolution (eqs. 67-72) on given frozen fields, and Result 3 at its fixed point.
 
@@ -502,9 +502,11 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
         init: warm start (a previous FinetuneResult or a dict with m, q, v).
         n_test: Monte-Carlo samples of the softmax test errors (default n_mc); the linear
             activation uses closed forms (see :mod:`hdlora.theory.errors`).
-        restart_every: every that many iterations (and at the first one) the prox is also
-            restarted from chi_tilde and from the rank-one fitting start (global check);
-            in between Newton is warm-started from the previous prox.
+        restart_every: every that many iterations the prox is also restarted from the global
+            search starts (chi_tilde, rank-one fits, random directions; see
+            :func:`_rank_one_starts`); 0 (default): only at the first iteration and at the
+            fixed point, where a change of basin restarts the iteration (up to 3 rounds).  In
+            between, Newton is warm-started from the previous prox.
         form: 'direct' (default) or 'stein', the form of the conjugate equations, see below.
         warn: warn on non-convergence.
 
@@ -571,7 +573,7 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
     def update(state):
         m, q, v = state["m"], state["q"], state["v"]
         cache["calls"] += 1
-        full = cache["chi"] is None or (cache["calls"] - 1) % max(1, restart_every) == 0
+        full = cache["chi"] is None or (restart_every > 0 and (cache["calls"] - 1) % restart_every == 0)
         m = float(np.clip(m, -math.sqrt(q), math.sqrt(q)))
         ct = m * cs_t + math.sqrt(max(q - m * m, 0.0)) * zeta_t                               # eq. 62
         Zq = Zb_t.copy()
