@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("hdlora.simulate.cli", "finite-D simulation: pre-training + LoRA fine-tuning (L-BFGS)"),
     "theory": ("hdlora.theory.cli", "state evolution of pre-training and fine-tuning (Results 3-5)"),
     "sweep": ("hdlora.experiments.cli", "run a sweep file (TOML): resumable, local pool or Dask cluster"),
+    "optimize": ("hdlora.experiments.optimize_cli", "theory-driven tuning of lam, lam_ft, beta"),
 }
 
 
