@@ -1,0 +1,54 @@
+"""Fine-tuning theory (Result 5) against the finite-D simulator in effective-pre-training mode.
+
+Frozen fields drawn from Q with Q0 = Q = 2, M = 1 (Figs. 2, 4, 5 protocol), T = 3, alpha' = 3.
+Measured (8 seeds, sequence loss, informed + 2 random starts, lowest objective kept):
+
+  linear, Delta = 0.5, lam' = 0.5, D = 200:  overlap 0.9645 +- 0.0033, E' 3.199 +- 0.015,
+      L' 2.802 +- 0.019;  D = 500: overlap 0.9631 +- 0.0016, E' 3.190 +- 0.013, L' 2.830 +- 0.010,
+      E'' 4.35 +- 0.05.
+  theory (n_mc = 3e4, seeds 0-2): overlap 0.9601-0.9616, E' 3.200-3.205, L' 2.826-2.845,
+      E'' = 4.32 (closed form at q = 0.99).
+
+Softmax disagreements measured at D = 500-1000 are recorded in the report / VALIDATION, and
+tested in the slow test only where the agreement holds.
+"""
+import math
+
+import pytest
+
+from hdlora import Params
+from hdlora.theory.finetune import solve_finetune_effective
+
+EFF = {"Q0": 2.0, "Q": 2.0, "M": 1.0}
+
+
+def _compare(theory, sim, keys, n_se=3.0, theory_sd=None):
+    theory_sd = theory_sd or {}
+    for k in keys:
+        t = getattr(theory, k)
+        s, se = sim.mean[k], sim.se[k]
+        tol = n_se * math.hypot(se, theory_sd.get(k, 0.0))
+        assert abs(t - s) < tol, (k, t, s, se, tol)
+
+
+def test_linear_theory_vs_simulation_small_D():
+    simulate = pytest.importorskip("hdlora.simulate")
+    p = Params(tokens=3, noise=0.5, alpha_ft=3.0, lam_ft=0.5, activation="linear")
+    r = solve_finetune_effective(p, **EFF, n_mc=30_000, seed=0)
+    s = simulate.run(p, 200, 8, effective=EFF)
+    # tolerance: 3 x (simulation seed se (measured above) (+) theory seed-to-seed sd at n_mc = 3e4,
+    # measured over seeds 0-2: overlap 8e-4, E' 3e-3, L' 1e-2); finite-D shifts at D = 200 are
+    # within these (D = 200 and D = 500 agree within their se).
+    _compare(r, s, ["overlap", "finetune_test_error", "finetune_train_error"],
+             theory_sd={"overlap": 8e-4, "finetune_test_error": 3e-3, "finetune_train_error": 1e-2})
+
+
+@pytest.mark.slow
+def test_linear_theory_vs_simulation_D500():
+    simulate = pytest.importorskip("hdlora.simulate")
+    p = Params(tokens=3, noise=0.5, alpha_ft=3.0, lam_ft=0.5, activation="linear")
+    r = solve_finetune_effective(p, **EFF, n_mc=30_000, seed=0)
+    s = simulate.run(p, 500, 8, effective=EFF)
+    _compare(r, s, ["overlap", "finetune_test_error", "finetune_train_error", "forgetting_error", "q", "m"],
+             theory_sd={"overlap": 8e-4, "finetune_test_error": 3e-3, "finetune_train_error": 1e-2,
+                        "q": 7e-3, "m": 4e-3, "forgetting_error": 2e-2})
