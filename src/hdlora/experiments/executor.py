@@ -134,7 +134,7 @@ class DaskExecutor:
     installed (the same version: it is part of every result's key).
     """
 
-    def __init__(self, address: str, timeout: float = 30.0) -> None:
+    def __init__(self, address: str, timeout: float = 10.0) -> None:
         from distributed import Client
 
         self.address = address

@@ -371,8 +371,10 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
 
     t0 = time.perf_counter()
     the_plan = plan(spec)
-    own_store = store is None
-    store = store or Store(spec.database)
+    if store is None:
+        with Store(spec.database) as own:
+            return run_sweep(spec, workers=workers, scheduler=scheduler, retry_failed=retry_failed,
+                             progress=progress, store=own, executor=executor)
     run_id = uuid.uuid4().hex[:12]
     distinct = [t for c in the_plan.chains for t in c]
     present = store.lookup(t.key for t in distinct)
@@ -453,8 +455,6 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
     n_failed_total = sum(not r.ok for r in after.values())
     n_missing = len(distinct) - len(after)
     store.end_run(run_id, n_computed=n_computed, n_failed=n_failed, state="interrupted" if interrupted else "finished")
-    if own_store:
-        store.close()
     return SweepReport(run_id=run_id, n_tasks=len(distinct), n_present=n_present, n_computed=n_computed,
                        n_failed=n_failed, n_not_converged=n_not_converged, n_failed_total=n_failed_total, n_missing=n_missing,
                        wall_s=time.perf_counter() - t0, interrupted=interrupted,
