@@ -484,7 +484,7 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
                    Q0: float | None = None, Q: float | None = None, M: float | None = None,
                    n_mc: int | None = None, seed: int = 0, tol: float = 1e-7, max_iter: int = 400,
                    mixing: float = 0.8, init: FinetuneResult | Mapping[str, float] | None = None,
-                   n_test: int | None = None, restart_every: int = 0, form: str = "direct", antithetic: bool = False,
+                   n_test: int | None = None, restart_every: int = 10, form: str = "direct", antithetic: bool = False,
                    warn: bool = True) -> FinetuneResult:
     """Fine-tuning state evolution (eqs. 67-72) on given frozen fields, and Result 3 at its fixed point.
 
@@ -504,8 +504,10 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
             activation uses closed forms (see :mod:`hdlora.theory.errors`).
         restart_every: every that many iterations the prox is also restarted from the global
             search starts (chi_tilde, rank-one fits, random directions; see
-            :func:`_rank_one_starts`); 0 (default): only at the first iteration and at the
-            fixed point, where a change of basin restarts the iteration (up to 3 rounds).  In
+            :func:`_rank_one_starts`) (default 10); 0: only at the first iteration and at the
+            fixed point.  At the fixed point a change of basin restarts the iteration (up to 3
+            rounds).  With 0 the warm-started chain was measured to keep a few samples in
+            non-global maxima (free-entropy stationarity test fails at 5e-3).  In
             between, Newton is warm-started from the previous prox.
         form: 'direct' (default) or 'stein', the form of the conjugate equations, see below.
         antithetic: pair every sample (chi*, zeta, z*, z) with (chi*, -zeta, z*, z), using the
