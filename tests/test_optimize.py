@@ -88,6 +88,16 @@ def test_1d_overlap_is_maximised(lam_grid):
     assert r.value == max(rec.value for rec in r.records if rec.converged)
 
 
+def test_beta_search_finds_the_recalibration_optimum_of_eq_26():
+    """Linear sigma: E' sees the pre-training only through Delta_eff(beta) (eqs. 25-26), increasing in it
+    (Fig. 5), so the E'-optimal beta is beta* = M/Q; the search must find it to its tolerance (0.01 in log10)."""
+    r = optimize(LIN, "finetune_test_error", "beta", n_mc=N2)
+    assert r.converged and not r.at_bound["beta"]
+    beta_star = r.solution["beta_min"]
+    assert 0.5 < beta_star < 2.0 and abs(beta_star - 1.0) > 0.05        # a non-trivial recalibration
+    assert abs(math.log10(r.optimum["beta"] / beta_star)) < r.xtol
+
+
 def test_maximize_overrides_the_direction():
     lo = optimize(LIN, "pretrain_test_error", "lam")
     hi = optimize(LIN, "pretrain_test_error", "lam", maximize=True)
