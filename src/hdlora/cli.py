@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "theory": ("hdlora.theory.cli", "state evolution of pre-training and fine-tuning (Results 3-5)"),
     "sweep": ("hdlora.experiments.cli", "run a sweep file (TOML): resumable, local pool or Dask cluster"),
     "optimize": ("hdlora.experiments.optimize_cli", "theory-driven tuning of lam, lam_ft, beta"),
+    "figure": ("hdlora.experiments.figure_cli", "reproduce a figure of the paper (theory lines, simulation markers, BO, baselines)"),
 }
 
 

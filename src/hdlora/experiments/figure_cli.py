@@ -1,0 +1,105 @@
+"""``hdlora figure N``: reproduce figure N (1-6) of the paper: run its sweeps (resumable), plot, save.
+
+Writes ``<out>/figN.png``, ``figN.pdf``, ``figN.csv`` (every stored result of the figure,
+one row per task), ``figN.sqlite`` (the results database; rerunning the command computes
+only what is missing) and the figure's sweep files ``figN_*.toml``.  Prints where the
+picture is.
+
+Exit status: 0 when every task is stored as ok, 1 when some failed or are missing (the
+figure is still drawn from what is there), 2 for a bad figure number or option.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("number", type=_int, help="figure number of the paper, 1-6")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="reduced version (smaller D, fewer seeds, points and n_mc): a few minutes on 2 cores")
+    mode.add_argument("--tiny", action="store_true", help="test configuration (2 points, D = 12, 1 seed): seconds")
+    p.add_argument("--out", default="results/figures", help="output directory (default: results/figures)")
+    p.add_argument("--workers", type=_int, default=None,
+                   help="local worker processes (default: all cores; 1 runs in this process)")
+    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help="run the tasks on this Dask distributed scheduler instead of locally")
+    p.add_argument("--dim", type=_int, default=None, help="simulation dimension D (overrides the mode's)")
+    p.add_argument("--seeds", type=_int, default=None, help="simulation seeds (overrides the mode's)")
+    p.add_argument("--n-mc", type=_int, default=None, help="Monte-Carlo samples of the theory (overrides the mode's)")
+    p.add_argument("--plan", action="store_true", help="validate and print the sweeps and task counts; run nothing")
+    p.add_argument("--plot-only", action="store_true", help="draw from what is stored; compute nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hdlora.cli import dumps
+
+    from .figures import FigureError, build_figure, plot_figure, run_figure
+    from .sweep import SweepError, plan
+
+    def fail(msg: str) -> int:
+        print(f"hdlora figure: error: {msg}", file=sys.stderr)
+        return 2
+
+    if args.workers is not None and args.workers < 1:
+        return fail(f"--workers must be >= 1, got {args.workers}")
+    if args.scheduler and args.workers is not None:
+        return fail("--workers is for the local pool; with --scheduler the cluster's workers run the tasks")
+    mode = "quick" if args.quick else ("tiny" if args.tiny else "paper")
+    try:
+        fig = build_figure(args.number, mode=mode, out=args.out, dim=args.dim, seeds=args.seeds, n_mc=args.n_mc)
+    except (FigureError, SweepError, ValueError) as exc:
+        return fail(str(exc))
+    if args.plan:
+        summary = {"figure": fig.number, "mode": mode, "database": str(fig.database),
+                   "settings": {"dim": fig.settings.dim, "seeds": fig.settings.seeds, "n_mc": fig.settings.n_mc},
+                   "sweeps": {s.name: {"grid": dict(zip(s.axis_names, s.shape)), "runs": [r.label for r in s.runs],
+                                       "tasks": sum(len(c) for c in plan(s).chains)} for s in fig.sweeps}}
+        print(dumps(summary))
+        return 0
+    t0 = time.perf_counter()
+    reports = []
+    if not args.plot_only:
+        try:
+            reports = run_figure(fig, workers=args.workers, scheduler=args.scheduler, progress=not args.no_progress)
+        except ConnectionError as exc:
+            return fail(str(exc))
+    paths = plot_figure(fig)
+    wall = time.perf_counter() - t0
+    n_tasks = sum(r.n_tasks for r in reports)
+    n_computed = sum(r.n_computed for r in reports)
+    n_failed = sum(r.n_failed_total for r in reports)
+    n_missing = sum(r.n_missing for r in reports)
+    n_nc = sum(r.n_not_converged for r in reports)
+    interrupted = any(r.interrupted for r in reports)
+    if reports:
+        print(f"figure {fig.number} ({mode}): {n_tasks} tasks, {n_computed} computed now "
+              f"({n_nc} not converged), {n_failed} failed, {n_missing} missing, {wall:.1f} s")
+    print(f"picture: {paths['png']}")
+    print(f"  also: {paths['pdf']}, data {paths['csv']}, database {paths['database']}")
+    if n_failed:
+        print("  failed tasks keep their error in the database (hdlora sweep <out>/figN_*.toml --retry-failed)",
+              file=sys.stderr)
+    if interrupted:
+        return 130
+    return 1 if (n_failed or n_missing) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hdlora figure", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

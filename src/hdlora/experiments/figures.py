@@ -1,0 +1,781 @@
+"""The six figures of the paper: figure specs -> sweeps -> the results store -> plots.
+
+A figure is one or more sweeps (:mod:`hdlora.experiments.sweep`, built here as sweep
+documents and validated by :func:`~hdlora.experiments.sweep.parse_sweep`) sharing one
+results database ``<out>/figN.sqlite``, and a plotting function that reads the stored
+results back (:func:`~hdlora.experiments.sweep.sweep_frame`).  Running a figure is
+therefore resumable (a rerun computes only what is missing) and can run on a Dask
+cluster, exactly like ``hdlora sweep``; each sweep is also written as a TOML file next to
+the figure (``figN_<sweep>.toml``) so that it can be rerun or extended by hand.
+
+Figures (paper parameters; Sections 4-4.3, Appendix E):
+
+1. E' vs lam for lam' in {0.05, 1, inf} (Delta = 0.5 left, 2 right), LoRA-only (lam = inf)
+   lines, Bayes-optimal line, simulations; third panel: E' vs lam' at the optimal lam.
+2. E' vs Delta_eff on an effective pre-training (M = 1, Q0 = Q), Delta = 0 / 2, softmax.
+3. e = 1: L and E, E', o_w vs lam for lam' in {0.1, 1}.
+4. Active fine-tuning: E' with and without Algorithm 1 vs Delta_eff, Delta E', o_w;
+   min over lam' in {0.1, 0.2, 0.5, 1} at each point.
+5. Linear activation: E' vs Delta_eff and the excess over Delta_eff = 0.
+6. Recalibration (App. E): E(beta) vs beta/beta*, E' vs lam' for beta = 1 and 0.8 beta*.
+
+Effective pre-training (Figs. 2, 4, 5) is parameterised through ``kappa0``: Q0 = 1 + kappa0
+and Q = Q0, M = 1, so Delta_eff = Delta/2 + Q0 - 2M + Q = Delta/2 + 2 kappa0 (eq. 25).
+
+The task functions below (``*_task``) are "module:function" task kinds of the sweep
+files (see :mod:`hdlora.experiments.tasks`); they run in the workers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from hdlora.params import Params, ParamError
+
+from .sweep import SweepSpec, parse_sweep
+
+FIGURES = (1, 2, 3, 4, 5, 6)
+_MOD = __name__
+EFF_THEORY = f"{_MOD}:effective_theory_task"
+EFF_SIM = f"{_MOD}:effective_simulate_task"
+ACTIVE_THEORY = f"{_MOD}:active_theory_task"
+RECAL_THEORY = f"{_MOD}:recalibrated_theory_task"
+RECAL_SIM = f"{_MOD}:recalibrated_simulate_task"
+RECAL_PRETRAIN = f"{_MOD}:recalibrated_pretrain_task"
+
+
+class FigureError(ValueError):
+    """A bad figure number or setting."""
+
+
+# ----- task functions (run in the workers) ------------------------------------------------------------
+def _effective_law(params: Params, options: Mapping[str, Any]) -> tuple[float, float, float]:
+    """(Q0, Q, M) of the effective pre-training: Q0 = 1 + kappa0; options Q, M are numbers or "Q0"."""
+    Q0 = params.Q0
+
+    def val(name: str, default: Any) -> float:
+        v = options.get(name, default)
+        return Q0 if v == "Q0" else float(v)
+
+    return Q0, val("Q", "Q0"), val("M", 1.0)
+
+
+def _delta_eff(params: Params, Q0: float, Q: float, M: float) -> float:
+    """Delta_eff(beta) = Delta/2 + Q0 + beta^2 Q - 2 beta M (eqs. 25-26)."""
+    b = params.beta
+    return params.noise / 2 + Q0 + b * b * Q - 2 * b * M
+
+
+def effective_theory_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
+    """Fine-tuning state evolution (Result 5) on an effective pre-training (Figs. 2, 5).
+
+    Options: n_mc, seed, Q, M (numbers or "Q0"; default Q = Q0, M = 1).
+    """
+    from hdlora.theory.finetune import solve_finetune_effective
+
+    Q0, Q, M = _effective_law(params, options)
+    kw = {"n_mc": int(options.get("n_mc", 30000)), "seed": int(options.get("seed", 0))}
+    if init is not None and not params.frozen:
+        kw["init"] = {k: init[k] for k in ("m", "q", "v") if k in init} or None
+    r = solve_finetune_effective(params, Q0, Q, M, **kw)
+    d = r.to_dict()
+    d.update({"Q0": Q0, "Q": Q, "M": M, "delta_eff": _delta_eff(params, Q0, Q, M)})
+    return d
+
+
+effective_theory_task.warm_start = True
+
+
+def effective_simulate_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
+    """Finite-D fine-tuning on an effective pre-training (Figs. 2, 4, 5; active if params.active_pool).
+
+    Options: dim, seeds, Q, M (as :func:`effective_theory_task`), other options go to
+    :func:`hdlora.simulate.run` (device, restarts, ...).
+    """
+    from hdlora import simulate
+
+    Q0, Q, M = _effective_law(params, options)
+    kw = {k: v for k, v in options.items() if k not in ("dim", "seeds", "Q", "M")}
+    r = simulate.run(params, int(options["dim"]), options["seeds"], effective={"Q0": Q0, "Q": Q, "M": M}, **kw)
+    d = r.to_dict(per_seed=False)
+    d.update({"Q0_eff": Q0, "Q_eff": Q, "M_eff": M, "delta_eff_law": _delta_eff(params, Q0, Q, M)})
+    return d
+
+
+def active_theory_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
+    """Active (Algorithm 1) vs uniform fine-tuning, paired state evolutions (Fig. 4, Section 4.3).
+
+    Options: n_mc, seed, Q, M.
+    """
+    from hdlora.theory.applications import active_comparison_effective
+
+    Q0, Q, M = _effective_law(params, options)
+    r = active_comparison_effective(params, Q0, Q, M, n_mc=int(options.get("n_mc", 30000)),
+                                    seed=int(options.get("seed", 0)))
+    d = r.to_dict()
+    d.update({"Q0": Q0, "Q": Q, "M": M})
+    return d
+
+
+def _beta_star(params: Params, n_mc: int, seed: int = 0) -> tuple[float, Any]:
+    """beta* = M/Q from the pre-training state evolution at beta = 1 (eq. 26, App. E)."""
+    from hdlora.theory.pretrain import solve_pretrain
+
+    pre = solve_pretrain(params.replace(beta=1.0), n_mc=n_mc, seed=seed)
+    if not pre.Q > 0:
+        raise ParamError("recalibration needs a pre-trained map (Q > 0)")
+    return pre.M / pre.Q, pre
+
+
+def recalibrated_theory_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
+    """Theory point (Results 3-5) with the frozen map recalibrated at beta = params.beta x beta*.
+
+    ``params.beta`` is read as the *relative* factor beta/beta* (Fig. 6, App. E); beta* = M/Q
+    from the pre-training fixed point.  Options: n_mc, seed.
+    """
+    from hdlora import theory
+
+    n_mc, seed = int(options.get("n_mc", 30000)), int(options.get("seed", 0))
+    bstar, _ = _beta_star(params, n_mc, seed)
+    p = params.replace(beta=params.beta * bstar)
+    kw = {"n_mc": n_mc, "seed": seed}
+    if init is not None:
+        kw["init"] = {k: init[k] for k in ("Q", "M", "V", "q", "m", "v") if k in init}
+    d = theory.solve(p, **kw).to_dict()
+    d.update({"beta_star": bstar, "beta_factor": params.beta, "beta_used": p.beta})
+    return d
+
+
+recalibrated_theory_task.warm_start = True
+
+
+def recalibrated_simulate_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
+    """Finite-D simulation with W_hat -> sqrt(beta) W_hat, beta = params.beta x beta* (theory beta*).
+
+    Options: dim, seeds, n_mc (of the pre-training state evolution giving beta*), others to
+    :func:`hdlora.simulate.run`.
+    """
+    from hdlora import simulate
+
+    bstar, _ = _beta_star(params, int(options.get("n_mc", 30000)))
+    kw = {k: v for k, v in options.items() if k not in ("dim", "seeds", "n_mc")}
+    p = params.replace(beta=params.beta * bstar)
+    d = simulate.run(p, int(options["dim"]), options["seeds"], **kw).to_dict(per_seed=False)
+    d.update({"beta_star": bstar, "beta_factor": params.beta, "beta_used": p.beta})
+    return d
+
+
+def recalibrated_pretrain_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
+    """Pre-training test error E(beta) of the recalibrated map, beta = params.beta x beta* (Fig. 6 left).
+
+    E(beta) = E ||sigma(beta z) - sigma(z*)||^2 with (z*, z) ~ Q (eq. 19 with Q -> beta^2 Q,
+    M -> beta M).  Options: n_mc, seed.
+    """
+    from hdlora.theory.errors import pretrain_test_error
+
+    n_mc, seed = int(options.get("n_mc", 30000)), int(options.get("seed", 0))
+    bstar, pre = _beta_star(params, n_mc, seed)
+    b = params.beta * bstar
+    e, se = pretrain_test_error(params.activation, params.tokens, params.Q0, b * b * pre.Q, b * pre.M, params.noise,
+                                n_mc=n_mc, seed=seed + 11)
+    e1, se1 = pretrain_test_error(params.activation, params.tokens, params.Q0, pre.Q, pre.M, params.noise,
+                                  n_mc=n_mc, seed=seed + 11)
+    return {"recalibrated_test_error": e, "recalibrated_test_error_se": se, "pretrain_test_error": e1,
+            "pretrain_test_error_se": se1, "beta_star": bstar, "beta_factor": params.beta, "beta_used": b,
+            "Q": pre.Q, "M": pre.M, "V": pre.V, "converged": pre.converged, "residual": pre.residual,
+            "iterations": pre.iterations}
+
+
+# ----- settings and specs ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """Sizes of a figure run: simulation D and seeds, Monte-Carlo samples, grid densities."""
+
+    mode: str               # 'paper', 'quick' or 'tiny'
+    dim: int
+    seeds: int
+    n_mc: int
+    points: int             # theory points along the x axis
+    sim_points: int         # simulated points along the x axis
+    bo: Mapping[str, int] = field(default_factory=dict)
+
+    def footnote(self, what: str = "") -> str:
+        from hdlora import __version__
+
+        tag = {"paper": "paper sizes", "quick": "QUICK mode (reduced)", "tiny": "TINY test mode"}[self.mode]
+        return (f"simulations: D = {self.dim}, {self.seeds} seed(s), error bars = std over seeds; theory: n_mc = "
+                f"{self.n_mc}{what}; {tag}; hdlora {__version__}")
+
+
+#: Default settings per figure and mode (paper: the paper's D and seeds; quick: a few minutes on 2 cores).
+_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
+    1: {"paper": dict(dim=150, seeds=4, n_mc=30000, points=16, sim_points=8),
+        "quick": dict(dim=80, seeds=2, n_mc=2000, points=7, sim_points=4)},
+    2: {"paper": dict(dim=10000, seeds=5, n_mc=30000, points=10, sim_points=5),
+        "quick": dict(dim=200, seeds=2, n_mc=2000, points=6, sim_points=4)},
+    3: {"paper": dict(dim=1000, seeds=5, n_mc=30000, points=14, sim_points=7),
+        "quick": dict(dim=60, seeds=2, n_mc=2000, points=7, sim_points=4)},
+    4: {"paper": dict(dim=10000, seeds=5, n_mc=30000, points=8, sim_points=4),
+        "quick": dict(dim=60, seeds=2, n_mc=2000, points=5, sim_points=3)},
+    5: {"paper": dict(dim=5000, seeds=5, n_mc=30000, points=10, sim_points=5),
+        "quick": dict(dim=200, seeds=2, n_mc=2000, points=6, sim_points=4)},
+    6: {"paper": dict(dim=800, seeds=10, n_mc=30000, points=10, sim_points=5),
+        "quick": dict(dim=80, seeds=2, n_mc=2000, points=6, sim_points=3)},
+}
+_TINY = dict(dim=12, seeds=1, n_mc=2000, points=2, sim_points=2)
+_BO = {"paper": {}, "quick": {"n_mc": 1000, "n_nodes": 8, "n_mc_error": 4000},
+       "tiny": {"n_mc": 300, "n_nodes": 6, "n_mc_error": 1000}}
+
+
+def settings_for(number: int, mode: str = "paper", *, dim: int | None = None, seeds: int | None = None,
+                 n_mc: int | None = None) -> Settings:
+    check_number(number)
+    if mode not in ("paper", "quick", "tiny"):
+        raise FigureError(f"mode must be 'paper', 'quick' or 'tiny', got {mode!r}")
+    base = dict(_TINY if mode == "tiny" else _DEFAULTS[number][mode])
+    if mode == "tiny" and number == 3:  # e = 1 needs N' = alpha' D <= N = alpha D^2
+        base["dim"] = 20
+    for name, v, lo in (("dim", dim, 2), ("seeds", seeds, 1), ("n_mc", n_mc, 100)):
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise FigureError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+            base[name] = v
+    return Settings(mode=mode, bo=dict(_BO[mode]), **base)
+
+
+def check_number(number: Any) -> int:
+    if isinstance(number, bool) or not isinstance(number, int) or number not in FIGURES:
+        raise FigureError(f"figure number must be one of {list(FIGURES)}, got {number!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure: its sweeps (sharing one database), settings and output paths."""
+
+    number: int
+    title: str
+    settings: Settings
+    sweeps: tuple[SweepSpec, ...]
+    out: Path
+    docs: tuple[dict, ...] = ()
+
+    @property
+    def database(self) -> Path:
+        return self.out / f"fig{self.number}.sqlite"
+
+    def path(self, suffix: str) -> Path:
+        return self.out / f"fig{self.number}.{suffix}"
+
+    def sweep(self, name: str) -> SweepSpec:
+        for s in self.sweeps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _log_axis(start: float, stop: float, num: int) -> dict:
+    return {"start": start, "stop": stop, "num": max(1, num), "log": True}
+
+
+def _sub(values: Sequence[float], k: int) -> list[float]:
+    """k values spread over a list (ends included)."""
+    values = list(values)
+    if k >= len(values):
+        return values
+    if k <= 1:
+        return [values[len(values) // 2]]
+    idx = sorted({round(i * (len(values) - 1) / (k - 1)) for i in range(k)})
+    return [values[i] for i in idx]
+
+
+def _grid(start: float, stop: float, num: int) -> list[float]:
+    if num <= 1:
+        return [start]
+    a, b = math.log(start), math.log(stop)
+    return [float(math.exp(a + (b - a) * i / (num - 1))) for i in range(num)]
+
+
+def _lin(start: float, stop: float, num: int) -> list[float]:
+    if num <= 1:
+        return [start]
+    return [start + (stop - start) * i / (num - 1) for i in range(num)]
+
+
+def _doc(fig: int, name: str, db: Path, params: dict, axes: dict, run: dict, continuation: str = "") -> dict:
+    return {"sweep": {"name": f"fig{fig}-{name}", "database": str(db), "continuation": continuation},
+            "params": params, "axes": axes, "run": run}
+
+
+FIG1 = dict(alpha=0.1, alpha_ft=3.0, tokens=3, kappa0=1.0, kappa=1.0, activation="softmax")
+FIG3 = dict(alpha=0.2, alpha_ft=3.0, tokens=2, kappa0=0.5, kappa=1.0, noise=0.5, activation="softmax", reuse=True)
+
+
+def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
+    th = {"n_mc": s.n_mc}
+    sim = {"dim": s.dim, "seeds": s.seeds}
+    if number == 1:
+        lam = _grid(1e-3, 10.0, s.points)
+        lam_ft = [0.05, 1.0, math.inf]
+        docs = [
+            _doc(1, "theory", db, dict(FIG1), {"noise": [0.5, 2.0], "lam_ft": lam_ft, "lam": lam},
+                 {"theory": th, "baselines": ["lora_only"], "bayes_optimal": dict(s.bo)}, "lam"),
+            _doc(1, "simulate", db, dict(FIG1), {"noise": [0.5, 2.0], "lam_ft": lam_ft, "lam": _sub(lam, s.sim_points)},
+                 {"simulate": sim}, ""),
+        ]
+        return "E' vs pre-training ridge lambda (Fig. 1)", docs
+    if number in (2, 5):
+        act = "softmax" if number == 2 else "linear"
+        kappa0 = _grid(0.025, 1.5, s.points)
+        alpha_ft = [1.0, 3.0, 10.0]
+        noise = [0.0, 2.0] if number == 2 else [0.0]
+        base = dict(tokens=3, lam_ft=0.5, activation=act, alpha=0.1, lam=0.1)
+        eff = {"M": 1.0, "Q": "Q0"}
+        docs = [
+            _doc(number, "theory", db, dict(base), {"noise": noise, "alpha_ft": alpha_ft, "kappa0": kappa0},
+                 {EFF_THEORY: dict(th, **eff)}, "kappa0"),
+            _doc(number, "simulate", db, dict(base),
+                 {"noise": noise, "alpha_ft": alpha_ft, "kappa0": _sub(kappa0, s.sim_points)},
+                 {EFF_SIM: dict(sim, **eff)}, ""),
+        ]
+        if number == 5:  # the reference Delta_eff = 0: M = Q = Q0 with Delta = 0
+            docs.append(_doc(5, "reference", db, dict(base, kappa0=1.0), {"noise": [0.0], "alpha_ft": alpha_ft},
+                             {EFF_THEORY: dict(th, M="Q0", Q="Q0")}, ""))
+            return "linear sigma: E' vs Delta_eff on an effective pre-training (Fig. 5)", docs
+        return "E' vs Delta_eff on an effective pre-training, softmax (Fig. 2)", docs
+    if number == 3:
+        lam = _grid(1e-2, 10.0, s.points)
+        # reuse (e = 1) needs N' <= N: at small D the simulations run anyway (Params.sizes checks)
+        docs = [
+            _doc(3, "theory", db, dict(FIG3), {"lam_ft": [0.1, 1.0], "lam": lam}, {"theory": th}, "lam"),
+            _doc(3, "simulate", db, dict(FIG3), {"lam_ft": [0.1, 1.0], "lam": _sub(lam, s.sim_points)},
+                 {"simulate": sim}, ""),
+        ]
+        return "e = 1 (reused sequences): errors and overlap vs lambda (Fig. 3)", docs
+    if number == 4:
+        kappa0 = _grid(0.05, 1.5, s.points)
+        lam_ft = [0.1, 0.2, 0.5, 1.0] if s.mode == "paper" else [0.5]
+        pool = 100.0
+        base = dict(tokens=3, noise=0.0, activation="softmax", alpha=0.1, lam=0.1, active_pool=pool)
+        eff = {"M": 1.0, "Q": "Q0"}
+        rho = [0.1, 0.3]
+        docs = [
+            _doc(4, "theory", db, dict(base), {"alpha_ft": [r * pool for r in rho], "lam_ft": lam_ft, "kappa0": kappa0},
+                 {ACTIVE_THEORY: dict(th, **eff)}, ""),
+            _doc(4, "simulate", db, dict(base),
+                 {"alpha_ft": [r * pool for r in rho], "lam_ft": lam_ft, "kappa0": _sub(kappa0, s.sim_points)},
+                 {EFF_SIM: dict(sim, **eff)}, ""),
+        ]
+        return "active fine-tuning (Algorithm 1) vs uniform (Fig. 4)", docs
+    if number == 6:
+        base = dict(FIG1, noise=0.5)
+        lam_left = [0.005, 0.05, 0.5]
+        factors = _lin(0.5, 1.5, max(3, 2 * s.points + 1))
+        lam_ft = _grid(1e-2, 10.0, s.points)
+        docs = [
+            _doc(6, "beta", db, dict(base), {"lam": lam_left, "beta": sorted(set(factors) | {1.0, 0.8})},
+                 {RECAL_PRETRAIN: dict(th)}, ""),
+            _doc(6, "uncalibrated", db, dict(base, lam=0.005, beta=1.0), {"lam_ft": lam_ft},
+                 {"theory": th, "bayes_optimal": dict(s.bo)}, "lam_ft"),
+            _doc(6, "recalibrated", db, dict(base, lam=0.005, beta=0.8), {"lam_ft": lam_ft},
+                 {RECAL_THEORY: dict(th)}, "lam_ft"),
+            _doc(6, "simulate-uncalibrated", db, dict(base, lam=0.005, beta=1.0),
+                 {"lam_ft": _sub(lam_ft, s.sim_points)}, {"simulate": sim}, ""),
+            _doc(6, "simulate-recalibrated", db, dict(base, lam=0.005, beta=0.8),
+                 {"lam_ft": _sub(lam_ft, s.sim_points)}, {RECAL_SIM: dict(sim, n_mc=s.n_mc)}, ""),
+        ]
+        return "recalibration of the frozen map, beta = 0.8 beta* vs 1 (Fig. 6)", docs
+    raise FigureError(f"figure number must be one of {list(FIGURES)}, got {number!r}")  # pragma: no cover
+
+
+def build_figure(number: int, *, mode: str = "paper", out: str | os.PathLike = "results/figures",
+                 dim: int | None = None, seeds: int | None = None, n_mc: int | None = None) -> Figure:
+    """The sweeps of figure ``number`` (validated: every Params of every grid is built); runs nothing."""
+    check_number(number)
+    s = settings_for(number, mode, dim=dim, seeds=seeds, n_mc=n_mc)
+    out = Path(out)
+    db = (out / f"fig{number}.sqlite").absolute()
+    title, docs = _docs(number, s, db)
+    specs = tuple(parse_sweep(d, source=f"figure {number} ({d['sweep']['name']})", base_dir=out) for d in docs)
+    return Figure(number=number, title=title, settings=s, sweeps=specs, out=out, docs=tuple(docs))
+
+
+# ----- running -------------------------------------------------------------------------------------------
+def toml_text(doc: Mapping[str, Any]) -> str:
+    """A sweep document as TOML (the subset sweep files use: tables of scalars and lists)."""
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float):
+            return "inf" if v == math.inf else ("-inf" if v == -math.inf else repr(v))
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, Mapping):
+            return "{" + ", ".join(f"{_k(k)} = {val(x)}" for k, x in v.items()) + "}"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    def _k(k: str) -> str:
+        return k if k.replace("_", "").replace("-", "").isalnum() else '"' + k + '"'
+
+    lines = []
+    for table in ("sweep", "params", "axes"):
+        if doc.get(table):
+            lines.append(f"[{table}]")
+            lines += [f"{_k(k)} = {val(v)}" for k, v in doc[table].items()]
+            lines.append("")
+    run = doc["run"]
+    lines.append("[run]")
+    if "baselines" in run:
+        lines.append(f"baselines = {val(run['baselines'])}")
+    for k, v in run.items():
+        if k == "baselines":
+            continue
+        lines.append(f"[run.{_k(k)}]")
+        lines += [f"{_k(a)} = {val(b)}" for a, b in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_figure(fig: Figure, *, workers: int | None = None, scheduler: str | None = None,
+               progress: bool = True) -> list:
+    """Run what is missing of every sweep of the figure (resumable); returns the SweepReports."""
+    from .store import Store
+    from .sweep import run_sweep
+
+    fig.out.mkdir(parents=True, exist_ok=True)
+    for d in fig.docs:
+        (fig.out / f"{d['sweep']['name'].replace('-', '_')}.toml").write_text(toml_text(d))
+    reports = []
+    with Store(fig.database) as store:
+        for spec in fig.sweeps:
+            reports.append(run_sweep(spec, workers=workers, scheduler=scheduler, progress=progress, store=store))
+    return reports
+
+
+def figure_frame(fig: Figure):
+    """All stored results of the figure: one tidy DataFrame with a ``sweep`` column."""
+    import pandas as pd
+
+    from .store import Store
+    from .sweep import sweep_frame
+
+    frames = []
+    with Store(fig.database) as store:
+        for spec in fig.sweeps:
+            f = sweep_frame(spec, store)
+            if len(f):
+                f.insert(0, "sweep", spec.name)
+                frames.append(f)
+    if not frames:
+        return pd.DataFrame(columns=["sweep", "label"])
+    return pd.concat(frames, ignore_index=True, sort=False)
+
+
+# ----- plotting -------------------------------------------------------------------------------------------
+def _ok(df, sweep: str, label: str | None = None):
+    d = df[(df["sweep"] == sweep) & (df["status"] == "ok")] if "status" in df else df.iloc[0:0]
+    if label is not None:
+        d = d[d["label"] == label]
+    return d
+
+
+def _std(d, key: str):
+    """Error bar: the standard deviation over seeds (as the paper, App. D) = se x sqrt(n_seeds)."""
+    import numpy as np
+
+    se = d.get(f"{key}_se")
+    if se is None:
+        return None
+    n = d["n_seeds"] if "n_seeds" in d else 1
+    return np.asarray(se, dtype=float) * np.sqrt(np.asarray(n, dtype=float))
+
+
+def _mark_nonconverged(ax, d, x: str, y: str, color) -> None:
+    if "converged" in d:
+        bad = d[d["converged"] == False]  # noqa: E712 (pandas)
+        if len(bad):
+            ax.plot(bad[x], bad[y], "x", color=color, ms=8, mew=2, label=None)
+
+
+def _finish(fig: Figure, mfig, stored: int) -> dict[str, Path]:
+    s = fig.settings
+    mfig.suptitle(f"Fig. {fig.number}: {fig.title}", fontsize=11)
+    mfig.text(0.5, 0.005, s.footnote(), ha="center", va="bottom", fontsize=7, color="0.3")
+    mfig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    paths = {}
+    for ext in ("png", "pdf"):
+        p = fig.path(ext)
+        mfig.savefig(p, dpi=130)
+        paths[ext] = p
+    import matplotlib.pyplot as plt
+
+    plt.close(mfig)
+    return paths
+
+
+_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+
+
+def _fmt(v: float) -> str:
+    return "inf" if v == math.inf else f"{v:g}"
+
+
+def _plot1(fig: Figure, df, plt):
+    noises = [0.5, 2.0]
+    mfig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    th, sm = _ok(df, "fig1-theory", "theory"), _ok(df, "fig1-simulate", "simulate")
+    lo, bo = _ok(df, "fig1-theory", "lora_only"), _ok(df, "fig1-theory", "bayes_optimal")
+    best = {}
+    for ax, noise in zip(axes[:2], noises):
+        for i, lf in enumerate([0.05, 1.0, math.inf]):
+            c = _COLORS[i]
+            t = th[(th["noise"] == noise) & (th["lam_ft"] == lf)].sort_values("lam")
+            if len(t):
+                ax.plot(t["lam"], t["finetune_test_error"], "-", color=c, label=f"theory $\\lambda'$={_fmt(lf)}")
+                _mark_nonconverged(ax, t, "lam", "finetune_test_error", c)
+                if math.isfinite(lf):
+                    j = t["finetune_test_error"].idxmin()
+                    ax.axvline(t.loc[j, "lam"], color="darkred", ls="--", lw=0.8)
+                    best.setdefault(noise, []).append((t.loc[j, "finetune_test_error"], t.loc[j, "lam"], lf))
+            s = sm[(sm["noise"] == noise) & (sm["lam_ft"] == lf)].sort_values("lam")
+            if len(s):
+                ax.errorbar(s["lam"], s["finetune_test_error"], yerr=_std(s, "finetune_test_error"), fmt="s",
+                            color=c, ms=5, capsize=2, mfc="none")
+            l = lo[(lo["noise"] == noise) & (lo["lam_ft"] == lf)]
+            if len(l) and math.isfinite(lf):
+                ax.axhline(l["finetune_test_error"].iloc[0], color=c, ls=":", lw=1.2,
+                           label=f"LoRA only ($\\lambda=\\infty$), $\\lambda'$={_fmt(lf)}")
+        b = bo[bo["noise"] == noise]
+        if len(b):
+            ax.axhline(b["bo_finetune_test_error"].iloc[0], color="k", ls="--", lw=1.2, label="Bayes-optimal")
+        ax.set_xscale("log")
+        ax.set_xlabel(r"$\lambda$ (pre-training ridge)")
+        ax.set_ylabel(r"$\mathcal{E}'$")
+        ax.set_title(f"$\\Delta$ = {noise:g} (squares: simulations)")
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    for i, noise in enumerate(noises):
+        if noise not in best:
+            continue
+        e, lam_best, _ = min(best[noise])
+        t = th[(th["noise"] == noise) & (th["lam"] == lam_best)].sort_values("lam_ft")
+        t = t[t["lam_ft"] < math.inf]
+        ax.plot(t["lam_ft"], t["finetune_test_error"], "o-", color=_COLORS[i],
+                label=f"$\\Delta$={noise:g}, $\\lambda$={lam_best:.3g} (grid optimum)")
+        fz = th[(th["noise"] == noise) & (th["lam"] == lam_best) & (th["lam_ft"] == math.inf)]
+        if len(fz):
+            ax.axhline(fz["finetune_test_error"].iloc[0], color=_COLORS[i], ls=":", lw=1,
+                       label=f"$\\lambda'=\\infty$ (frozen), $\\Delta$={noise:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel(r"$\lambda'$ (LoRA ridge)")
+    ax.set_ylabel(r"$\mathcal{E}'$")
+    ax.set_title(r"inset: $\mathcal{E}'$ vs $\lambda'$ at the best $\lambda$ of the grid")
+    ax.legend(fontsize=7)
+    return mfig
+
+
+def _plot_effective(fig: Figure, df, plt, panels: Sequence[tuple[str, float]], excess: bool = False):
+    n = fig.number
+    th, sm = _ok(df, f"fig{n}-theory"), _ok(df, f"fig{n}-simulate")
+    ncol = len(panels) + (1 if excess else 0)
+    mfig, axes = plt.subplots(1, ncol, figsize=(5.2 * ncol, 4.4), squeeze=False)
+    axes = axes[0]
+    ref = _ok(df, "fig5-reference") if excess else None
+    for ax, (title, noise) in zip(axes, panels):
+        for i, a in enumerate([1.0, 3.0, 10.0]):
+            c = _COLORS[i]
+            t = th[(th["noise"] == noise) & (th["alpha_ft"] == a)].sort_values("delta_eff")
+            if len(t):
+                ax.plot(t["delta_eff"], t["finetune_test_error"], "-", color=c, label=f"theory $\\alpha'$={a:g}")
+                _mark_nonconverged(ax, t, "delta_eff", "finetune_test_error", c)
+            s = sm[(sm["noise"] == noise) & (sm["alpha_ft"] == a)].sort_values("delta_eff_law")
+            if len(s):
+                ax.errorbar(s["delta_eff_law"], s["finetune_test_error"], yerr=_std(s, "finetune_test_error"),
+                            fmt="o", color=c, ms=5, capsize=2, mfc="none")
+        ax.set_xlabel(r"$\Delta_{\rm eff}=\Delta/2+Q_0-2M+Q$  ($M=1$, $Q_0=Q$)")
+        ax.set_ylabel(r"$\mathcal{E}'$")
+        ax.set_title(title + " (dots: simulations)")
+        ax.legend(fontsize=7)
+    if excess:
+        ax = axes[-1]
+        for i, a in enumerate([1.0, 3.0, 10.0]):
+            c = _COLORS[i]
+            r = ref[ref["alpha_ft"] == a]
+            if not len(r):
+                continue
+            e0 = float(r["finetune_test_error"].iloc[0])
+            t = th[(th["noise"] == 0.0) & (th["alpha_ft"] == a)].sort_values("delta_eff")
+            ax.plot(t["delta_eff"], t["finetune_test_error"] - e0, "-", color=c, label=f"theory $\\alpha'$={a:g}")
+            s = sm[(sm["noise"] == 0.0) & (sm["alpha_ft"] == a)].sort_values("delta_eff_law")
+            if len(s):
+                ax.errorbar(s["delta_eff_law"], s["finetune_test_error"] - e0, yerr=_std(s, "finetune_test_error"),
+                            fmt="o", color=c, ms=5, capsize=2, mfc="none")
+        ax.set_xlabel(r"$\Delta_{\rm eff}$")
+        ax.set_ylabel(r"$\mathcal{E}'(\Delta_{\rm eff})-\mathcal{E}'(\Delta_{\rm eff}=0)$ (theory)")
+        ax.set_title("excess error w.r.t. $\\Delta_{\\rm eff}=0$")
+        ax.legend(fontsize=7)
+    return mfig
+
+
+def _plot3(fig: Figure, df, plt):
+    th, sm = _ok(df, "fig3-theory", "theory"), _ok(df, "fig3-simulate", "simulate")
+    mfig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    t0 = th[th["lam_ft"] == 0.1].sort_values("lam")
+    s0 = sm[sm["lam_ft"] == 0.1].sort_values("lam")
+    ax = axes[0]
+    for key, name, c in (("pretrain_train_error", r"$\mathcal{L}$ (train)", "tab:blue"),
+                         ("pretrain_test_error", r"$\mathcal{E}$ (test)", "tab:red")):
+        ax.plot(t0["lam"], t0[key], "-", color=c, label=name)
+        if len(s0):
+            ax.errorbar(s0["lam"], s0[key], yerr=_std(s0, key), fmt="o", color=c, ms=5, capsize=2, mfc="none")
+    ax.set_title("pre-training")
+    for ax, key, lab in ((axes[1], "finetune_test_error", r"$\mathcal{E}'$"), (axes[2], "overlap", r"$o_w$")):
+        for i, lf in enumerate([0.1, 1.0]):
+            c = _COLORS[i]
+            t = th[th["lam_ft"] == lf].sort_values("lam")
+            ax.plot(t["lam"], t[key], "-", color=c, label=f"theory $\\lambda'$={lf:g}")
+            _mark_nonconverged(ax, t, "lam", key, c)
+            s = sm[sm["lam_ft"] == lf].sort_values("lam")
+            if len(s):
+                ax.errorbar(s["lam"], s[key], yerr=_std(s, key), fmt="o", color=c, ms=5, capsize=2, mfc="none")
+        ax.set_ylabel(lab)
+        ax.set_title(("fine-tuning test error" if key != "overlap" else "fine-tuning overlap") + " (e = 1)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel(r"$\lambda$")
+        ax.legend(fontsize=7)
+    return mfig
+
+
+def _plot4(fig: Figure, df, plt):
+    import numpy as np
+
+    th, sm = _ok(df, "fig4-theory"), _ok(df, "fig4-simulate")
+    mfig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    pool = 100.0
+    for i, a in enumerate(sorted(set(th["alpha_ft"])) if len(th) else []):
+        rho = a / pool
+        c = _COLORS[i]
+        t = th[th["alpha_ft"] == a]
+        # min over lam' at each Delta_eff, separately for the active and the uniform runs
+        rows = []
+        for k, g in t.groupby("kappa0"):
+            ia, iu = g["finetune_test_error"].idxmin(), g["uniform_finetune_test_error"].idxmin()
+            rows.append(dict(delta_eff=g["delta_eff"].iloc[0], act=g.loc[ia, "finetune_test_error"],
+                             uni=g.loc[iu, "uniform_finetune_test_error"], o_act=g.loc[ia, "overlap"],
+                             o_uni=g.loc[iu, "uniform_overlap"], lam_a=g.loc[ia, "lam_ft"]))
+        rows.sort(key=lambda r: r["delta_eff"])
+        x = np.array([r["delta_eff"] for r in rows])
+        act, uni = np.array([r["act"] for r in rows]), np.array([r["uni"] for r in rows])
+        axes[0].plot(x, act, "-", color=c, label=f"ActFT, $\\rho$={rho:g}")
+        axes[0].plot(x, uni, "--", color=c, label=f"uniform, $\\rho$={rho:g}")
+        axes[1].plot(x, uni - act, "-", color=c, label=f"$\\rho$={rho:g}")
+        axes[2].plot(x, [r["o_act"] for r in rows], "-", color=c, label=f"ActFT, $\\rho$={rho:g}")
+        axes[2].plot(x, [r["o_uni"] for r in rows], "--", color=c, label=f"uniform, $\\rho$={rho:g}")
+        s = sm[sm["alpha_ft"] == a]
+        if len(s):
+            srows = []
+            for k, g in s.groupby("kappa0"):
+                ia, iu = g["finetune_test_error"].idxmin(), g["uniform_finetune_test_error"].idxmin()
+                srows.append((g["delta_eff_law"].iloc[0], g.loc[[ia]], g.loc[[iu]], g.loc[[ia]]))
+            srows.sort(key=lambda r: r[0])
+            xs = [r[0] for r in srows]
+            ga = __import__("pandas").concat([r[1] for r in srows])
+            gu = __import__("pandas").concat([r[2] for r in srows])
+            axes[0].errorbar(xs, ga["finetune_test_error"], yerr=_std(ga, "finetune_test_error"), fmt="o", color=c,
+                             capsize=2, ms=5)
+            axes[0].errorbar(xs, gu["uniform_finetune_test_error"], yerr=_std(gu, "uniform_finetune_test_error"),
+                             fmt="o", color=c, capsize=2, ms=5, mfc="none")
+            axes[1].errorbar(xs, ga["delta_finetune_test_error"], yerr=_std(ga, "delta_finetune_test_error"),
+                             fmt="o", color=c, capsize=2, ms=5, mfc="none")
+            axes[2].errorbar(xs, ga["overlap"], yerr=_std(ga, "overlap"), fmt="o", color=c, capsize=2, ms=5)
+            axes[2].errorbar(xs, gu["uniform_overlap"], yerr=_std(gu, "uniform_overlap"), fmt="o", color=c,
+                             capsize=2, ms=5, mfc="none")
+    lam_ft = sorted(set(th["lam_ft"])) if len(th) else []
+    axes[0].set_ylabel(r"$\mathcal{E}'$ (min over $\lambda'\in$" + f"{[float(v) for v in lam_ft]})")
+    axes[0].set_title(r"$\mathcal{E}'(\hat W,\hat w)$ (dashed) vs $\mathcal{E}'(\hat W,\hat w_{\rm ActFT})$")
+    axes[1].set_ylabel(r"$\Delta\mathcal{E}'=\mathcal{E}'_{\rm uniform}-\mathcal{E}'_{\rm ActFT}$")
+    axes[1].set_title("gain of active fine-tuning (paper: inset)")
+    axes[2].set_ylabel(r"$o_w$")
+    axes[2].set_title("overlap (filled: ActFT, open: uniform)")
+    for ax in axes:
+        ax.set_xlabel(r"$\Delta_{\rm eff}$ ($M=1$, $Q_0=Q$, $\Delta=0$)")
+        ax.legend(fontsize=7)
+    return mfig
+
+
+def _plot6(fig: Figure, df, plt):
+    mfig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    ax = axes[0]
+    b = _ok(df, "fig6-beta")
+    for i, lam in enumerate(sorted(set(b["lam"])) if len(b) else []):
+        c = _COLORS[i]
+        t = b[b["lam"] == lam].sort_values("beta")
+        ax.plot(t["beta"], t["recalibrated_test_error"], "-", color=c, label=f"$\\lambda$={lam:g}")
+        bs = float(t["beta_star"].iloc[0])
+        ax.plot([1.0 / bs], [t["pretrain_test_error"].iloc[0]], "o", color=c, ms=7, mfc="none")
+    ax.axvline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_xlabel(r"$\beta/\beta^\star$, $\beta^\star=M/Q$")
+    ax.set_ylabel(r"$\mathcal{E}(\beta)$ (pre-training test error)")
+    ax.set_title(r"pre-training, circles: uncalibrated $\beta=1$")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for i, (th_name, lab, sim_name, sim_lab) in enumerate((
+            ("fig6-uncalibrated", "theory", "fig6-simulate-uncalibrated", "simulate"),
+            ("fig6-recalibrated", RECAL_THEORY, "fig6-simulate-recalibrated", RECAL_SIM))):
+        c = _COLORS[i]
+        name = r"$\beta=1$" if i == 0 else r"$\beta=0.8\beta^\star$"
+        t = _ok(df, th_name, lab).sort_values("lam_ft")
+        if len(t):
+            ax.plot(t["lam_ft"], t["finetune_test_error"], "-", color=c, label=f"theory {name}")
+            _mark_nonconverged(ax, t, "lam_ft", "finetune_test_error", c)
+        s = _ok(df, sim_name, sim_lab).sort_values("lam_ft")
+        if len(s):
+            ax.errorbar(s["lam_ft"], s["finetune_test_error"], yerr=_std(s, "finetune_test_error"), fmt="s",
+                        color=c, capsize=2, ms=5, mfc="none")
+    bo = _ok(df, "fig6-uncalibrated", "bayes_optimal")
+    if len(bo):
+        ax.axhline(bo["bo_finetune_test_error"].iloc[0], color="k", ls="--", lw=1.2, label="Bayes-optimal")
+    ax.set_xscale("log")
+    ax.set_xlabel(r"$\lambda'$")
+    ax.set_ylabel(r"$\mathcal{E}'$")
+    ax.set_title(r"fine-tuning at $\lambda=0.005$ (squares: simulations)")
+    ax.legend(fontsize=7)
+    return mfig
+
+
+def plot_figure(fig: Figure, df=None) -> dict[str, Path]:
+    """Draw the figure from the stored results; writes figN.png, figN.pdf and figN.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if df is None:
+        df = figure_frame(fig)
+    fig.out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(fig.path("csv"), index=False)
+    n = fig.number
+    if n == 1:
+        mfig = _plot1(fig, df, plt)
+    elif n == 2:
+        mfig = _plot_effective(fig, df, plt, [(r"$\Delta=0$", 0.0), (r"$\Delta=2$", 2.0)])
+    elif n == 3:
+        mfig = _plot3(fig, df, plt)
+    elif n == 4:
+        mfig = _plot4(fig, df, plt)
+    elif n == 5:
+        mfig = _plot_effective(fig, df, plt, [(r"linear $\sigma$, $\Delta=0$", 0.0)], excess=True)
+    else:
+        mfig = _plot6(fig, df, plt)
+    paths = _finish(fig, mfig, len(df))
+    paths["csv"] = fig.path("csv")
+    paths["database"] = fig.database
+    return paths
