@@ -57,31 +57,36 @@ SHORT = {"pretrain_train_error": "L", "pretrain_test_error": "E", "finetune_trai
          "Q": "Q", "M": "M", "q": "q", "m": "m"}
 
 
-def compute(name: str, kw: dict, dim: int, seeds: int, n_mc: int) -> dict:
-    p = Params(**kw)
+def simulate_point(kw: dict, dim: int, seeds: int) -> dict:
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        th = solve(p, n_mc=n_mc)
-    t_th = time.perf_counter() - t0
+        s = run(Params(**kw), dim, seeds).to_dict()
+    s.pop("per_seed", None)
+    return {"result": s, "wall_s": time.perf_counter() - t0, "warnings": [str(w.message) for w in caught]}
+
+
+def theory_point(kw: dict, n_mc: int) -> dict:
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught_sim:
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sim = run(p, dim, seeds)
-    t_sim = time.perf_counter() - t0
-    s = sim.to_dict()
-    t = th.to_dict()
+        t = solve(Params(**kw), n_mc=n_mc).to_dict()
+    return {"result": t, "wall_s": time.perf_counter() - t0, "warnings": [str(w.message) for w in caught]}
+
+
+def combine(name: str, kw: dict, sim: dict, th: dict, dim: int, seeds: int, n_mc: int) -> dict:
+    s, t = sim["result"], th["result"]
     rows = {}
     for k in QUANTITIES:
         mean, se = s.get(k, math.nan), s.get(k + "_se", math.nan)
+        mean = math.nan if mean is None else mean
         rows[k] = {"theory": t[k], "sim": mean, "se": se,
                    "z": (mean - t[k]) / se if se and se > 0 and math.isfinite(mean) else None}
-    return {"name": name, "params": p.to_dict(), "dim": dim, "seeds": seeds, "n_mc": n_mc, "rows": rows,
-            "theory_converged": th.converged, "theory_iterations": th.iterations,
-            "replicon": [th.replicon_pretrain, th.replicon_finetune],
+    return {"name": name, "params": Params(**kw).to_dict(), "dim": dim, "seeds": seeds, "n_mc": n_mc, "rows": rows,
+            "theory_converged": t["converged"], "theory_iterations": t["iterations"],
+            "replicon": [t["replicon_pretrain"], t["replicon_finetune"]],
             "sim_converged": [s.get("pretrain_converged"), s.get("finetune_converged")],
-            "theory_s": t_th, "sim_s": t_sim,
-            "warnings": [str(w.message) for w in caught + caught_sim]}
+            "theory_s": th["wall_s"], "sim_s": sim["wall_s"], "warnings": sim["warnings"] + th["warnings"]}
 
 
 def fmt(x, nd=3):
@@ -116,20 +121,29 @@ def main() -> None:
     ap.add_argument("--json", default="docs/validation.json")
     ap.add_argument("--md", default=None)
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--part", choices=("sim", "theory", "both"), default="both",
+                    help="compute only the simulations, only the theory, or both (cached separately)")
+    ap.add_argument("--redo-theory", action="store_true", help="recompute the theory even if cached")
     a = ap.parse_args()
-    cache = json.load(open(a.json)) if os.path.exists(a.json) else {}
+    cache = json.load(open(a.json)) if os.path.exists(a.json) else {"sim": {}, "theory": {}}
+    results = []
     for name, kw in POINTS.items():
         if a.only and name not in a.only:
             continue
-        key = f"{name} @ D={a.dim} seeds={a.seeds} n_mc={a.n_mc}"
-        if key in cache:
-            continue
-        print(f"[validation] {key} ...", file=sys.stderr, flush=True)
-        cache[key] = compute(name, kw, a.dim, a.seeds, a.n_mc)
-        json.dump(cache, open(a.json, "w"), indent=1, default=str)
-        print(f"[validation]   theory {cache[key]['theory_s']:.1f} s, simulation {cache[key]['sim_s']:.1f} s",
-              file=sys.stderr, flush=True)
-    md = markdown([v for v in cache.values() if v["dim"] == a.dim and v["seeds"] == a.seeds])
+        ks, kt = f"{name} @ D={a.dim} seeds={a.seeds}", f"{name} @ n_mc={a.n_mc}"
+        if a.part in ("sim", "both") and ks not in cache["sim"]:
+            print(f"[validation] simulate {ks} ...", file=sys.stderr, flush=True)
+            cache["sim"][ks] = simulate_point(kw, a.dim, a.seeds)
+            json.dump(cache, open(a.json, "w"), indent=1, default=str)
+            print(f"[validation]   {cache['sim'][ks]['wall_s']:.1f} s", file=sys.stderr, flush=True)
+        if a.part in ("theory", "both") and (a.redo_theory or kt not in cache["theory"]):
+            print(f"[validation] theory {kt} ...", file=sys.stderr, flush=True)
+            cache["theory"][kt] = theory_point(kw, a.n_mc)
+            json.dump(cache, open(a.json, "w"), indent=1, default=str)
+            print(f"[validation]   {cache['theory'][kt]['wall_s']:.1f} s", file=sys.stderr, flush=True)
+        if ks in cache["sim"] and kt in cache["theory"]:
+            results.append(combine(name, kw, cache["sim"][ks], cache["theory"][kt], a.dim, a.seeds, a.n_mc))
+    md = markdown(results)
     print(md)
     if a.md:
         open(a.md, "w").write(md + "\n")
