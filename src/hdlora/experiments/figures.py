@@ -263,6 +263,16 @@ class Figure:
     sweeps: tuple[SweepSpec, ...]
     out: Path
     docs: tuple[dict, ...] = ()
+    #: sweeps that depend on stored results (Fig. 1 inset: E' vs lam' at the optimal lam):
+    #: a function (figure, frame of the first sweeps) -> sweep documents
+    followups: Callable[["Figure", Any], list] | None = None
+
+    def followup_docs(self, frame) -> list[dict]:
+        return [] if self.followups is None else list(self.followups(self, frame))
+
+    def followup_specs(self, frame) -> tuple[SweepSpec, ...]:
+        return tuple(parse_sweep(d, source=f"figure {self.number} ({d['sweep']['name']})", base_dir=self.out)
+                     for d in self.followup_docs(frame))
 
     @property
     def database(self) -> Path:
@@ -319,18 +329,20 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
     th = {"n_mc": s.n_mc}
     sim = {"dim": s.dim, "seeds": s.seeds}
     if number == 1:
-        lam = _grid(1e-3, 10.0, s.points)
+        lam = _grid({"paper": 1e-3, "quick": 1e-3, "tiny": 0.1}[s.mode], 10.0 if s.mode != "tiny" else 1.0, s.points)
         lam_ft = [0.05, 1.0, math.inf]
+        # tiny (tests): linear sigma, whose pre-training is in closed form (seconds, not minutes)
+        base1 = dict(FIG1, activation="linear") if s.mode == "tiny" else dict(FIG1)
         docs = [
-            _doc(1, "theory", db, dict(FIG1), {"noise": [0.5, 2.0], "lam_ft": lam_ft, "lam": lam},
+            _doc(1, "theory", db, dict(base1), {"noise": [0.5, 2.0], "lam_ft": lam_ft, "lam": lam},
                  {"theory": th, "baselines": ["lora_only"], "bayes_optimal": dict(s.bo)}, "lam"),
-            _doc(1, "simulate", db, dict(FIG1), {"noise": [0.5, 2.0], "lam_ft": lam_ft, "lam": _sub(lam, s.sim_points)},
+            _doc(1, "simulate", db, dict(base1), {"noise": [0.5, 2.0], "lam_ft": lam_ft, "lam": _sub(lam, s.sim_points)},
                  {"simulate": sim}, ""),
         ]
-        return "E' vs pre-training ridge lambda (Fig. 1)", docs
+        return "E' vs pre-training ridge lambda" + (" (tiny: linear sigma)" if s.mode == "tiny" else ""), docs
     if number in (2, 5):
         act = "softmax" if number == 2 else "linear"
-        kappa0 = _grid(0.025, 1.5, s.points)
+        kappa0 = _lin(0.025, 1.5, s.points)
         alpha_ft = [1.0, 3.0, 10.0]
         noise = [0.0, 2.0] if number == 2 else [0.0]
         base = dict(tokens=3, lam_ft=0.5, activation=act, alpha=0.1, lam=0.1)
@@ -345,8 +357,8 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
         if number == 5:  # the reference Delta_eff = 0: M = Q = Q0 with Delta = 0
             docs.append(_doc(5, "reference", db, dict(base, kappa0=1.0), {"noise": [0.0], "alpha_ft": alpha_ft},
                              {EFF_THEORY: dict(th, M="Q0", Q="Q0")}, ""))
-            return "linear sigma: E' vs Delta_eff on an effective pre-training (Fig. 5)", docs
-        return "E' vs Delta_eff on an effective pre-training, softmax (Fig. 2)", docs
+            return "linear sigma: E' vs Delta_eff on an effective pre-training", docs
+        return "E' vs Delta_eff on an effective pre-training, softmax", docs
     if number == 3:
         lam = _grid(1e-2, 10.0, s.points)
         # reuse (e = 1) needs N' <= N: at small D the simulations run anyway (Params.sizes checks)
@@ -355,9 +367,9 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
             _doc(3, "simulate", db, dict(FIG3), {"lam_ft": [0.1, 1.0], "lam": _sub(lam, s.sim_points)},
                  {"simulate": sim}, ""),
         ]
-        return "e = 1 (reused sequences): errors and overlap vs lambda (Fig. 3)", docs
+        return "e = 1 (reused sequences): errors and overlap vs lambda", docs
     if number == 4:
-        kappa0 = _grid(0.05, 1.5, s.points)
+        kappa0 = _lin(0.05, 1.5, s.points)
         lam_ft = [0.1, 0.2, 0.5, 1.0] if s.mode == "paper" else [0.5]
         pool = 100.0
         base = dict(tokens=3, noise=0.0, activation="softmax", alpha=0.1, lam=0.1, active_pool=pool)
@@ -370,7 +382,7 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
                  {"alpha_ft": [r * pool for r in rho], "lam_ft": lam_ft, "kappa0": _sub(kappa0, s.sim_points)},
                  {EFF_SIM: dict(sim, **eff)}, ""),
         ]
-        return "active fine-tuning (Algorithm 1) vs uniform (Fig. 4)", docs
+        return "active fine-tuning (Algorithm 1) vs uniform", docs
     if number == 6:
         base = dict(FIG1, noise=0.5)
         lam_left = [0.005, 0.05, 0.5]
@@ -388,8 +400,24 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
             _doc(6, "simulate-recalibrated", db, dict(base, lam=0.005, beta=0.8),
                  {"lam_ft": _sub(lam_ft, s.sim_points)}, {RECAL_SIM: dict(sim, n_mc=s.n_mc)}, ""),
         ]
-        return "recalibration of the frozen map, beta = 0.8 beta* vs 1 (Fig. 6)", docs
+        return "recalibration of the frozen map, beta = 0.8 beta* vs 1", docs
     raise FigureError(f"figure number must be one of {list(FIGURES)}, got {number!r}")  # pragma: no cover
+
+
+def _fig1_inset(fig: "Figure", frame) -> list[dict]:
+    """E' vs lam' at the optimal lam of each panel (the minimum of the finite-lam' theory curves)."""
+    s = fig.settings
+    th = _ok(frame, "fig1-theory", "theory") if len(frame) else frame
+    docs = []
+    for noise in (0.5, 2.0):
+        t = th[(th["noise"] == noise) & (th["lam_ft"] < math.inf)] if len(th) else th
+        if not len(t):
+            continue
+        lam_best = float(t.loc[t["finetune_test_error"].idxmin(), "lam"])
+        base1 = dict(FIG1, activation="linear") if s.mode == "tiny" else dict(FIG1)
+        docs.append(_doc(1, f"inset-noise{noise:g}", fig.database.absolute(), dict(base1, noise=noise, lam=lam_best),
+                         {"lam_ft": _grid(1e-2, 10.0, max(3, s.points))}, {"theory": {"n_mc": s.n_mc}}, "lam_ft"))
+    return docs
 
 
 def build_figure(number: int, *, mode: str = "paper", out: str | os.PathLike = "results/figures",
@@ -401,7 +429,8 @@ def build_figure(number: int, *, mode: str = "paper", out: str | os.PathLike = "
     db = (out / f"fig{number}.sqlite").absolute()
     title, docs = _docs(number, s, db)
     specs = tuple(parse_sweep(d, source=f"figure {number} ({d['sweep']['name']})", base_dir=out) for d in docs)
-    return Figure(number=number, title=title, settings=s, sweeps=specs, out=out, docs=tuple(docs))
+    return Figure(number=number, title=title, settings=s, sweeps=specs, out=out, docs=tuple(docs),
+                  followups=_fig1_inset if number == 1 else None)
 
 
 # ----- running -------------------------------------------------------------------------------------------
@@ -450,31 +479,52 @@ def run_figure(fig: Figure, *, workers: int | None = None, scheduler: str | None
     from .sweep import run_sweep
 
     fig.out.mkdir(parents=True, exist_ok=True)
-    for d in fig.docs:
-        (fig.out / f"{d['sweep']['name'].replace('-', '_')}.toml").write_text(toml_text(d))
+
+    def write(docs):
+        for d in docs:
+            (fig.out / f"{d['sweep']['name'].replace('-', '_')}.toml").write_text(toml_text(d))
+
+    write(fig.docs)
     reports = []
     with Store(fig.database) as store:
         for spec in fig.sweeps:
             reports.append(run_sweep(spec, workers=workers, scheduler=scheduler, progress=progress, store=store))
+    if fig.followups is not None:
+        docs = fig.followup_docs(_frame(fig.sweeps, fig.database))
+        write(docs)
+        extra = tuple(parse_sweep(d, source=f"figure {fig.number} ({d['sweep']['name']})", base_dir=fig.out)
+                      for d in docs)
+        with Store(fig.database) as store:
+            for spec in extra:
+                reports.append(run_sweep(spec, workers=workers, scheduler=scheduler, progress=progress, store=store))
     return reports
 
 
 def figure_frame(fig: Figure):
     """All stored results of the figure: one tidy DataFrame with a ``sweep`` column."""
+    first = _frame(fig.sweeps, fig.database)
+    if fig.followups is None:
+        return first
+    return _frame(fig.sweeps + fig.followup_specs(first), fig.database)
+
+
+def _frame(sweeps: Sequence[SweepSpec], database: Path):
     import pandas as pd
 
     from .store import Store
     from .sweep import sweep_frame
 
     frames = []
-    with Store(fig.database) as store:
-        for spec in fig.sweeps:
+    if not Path(database).exists():
+        return pd.DataFrame(columns=["sweep", "label", "status"])
+    with Store(database) as store:
+        for spec in sweeps:
             f = sweep_frame(spec, store)
             if len(f):
                 f.insert(0, "sweep", spec.name)
                 frames.append(f)
     if not frames:
-        return pd.DataFrame(columns=["sweep", "label"])
+        return pd.DataFrame(columns=["sweep", "label", "status"])
     return pd.concat(frames, ignore_index=True, sort=False)
 
 
@@ -498,10 +548,23 @@ def _std(d, key: str):
 
 
 def _mark_nonconverged(ax, d, x: str, y: str, color) -> None:
+    """x: the state evolution did not converge; open triangle: a replicon condition fails (eqs. 75, 78 >= 1,
+    the replica-symmetric fixed point is unstable there, so the line is not a valid prediction)."""
     if "converged" in d:
         bad = d[d["converged"] == False]  # noqa: E712 (pandas)
         if len(bad):
-            ax.plot(bad[x], bad[y], "x", color=color, ms=8, mew=2, label=None)
+            ax.plot(bad[x], bad[y], "x", color=color, ms=9, mew=2, label=_once(ax, "not converged"))
+    bad = d.iloc[0:0]
+    if "replicon_ok" in d:
+        bad = d[d["replicon_ok"] == False]  # noqa: E712 (pandas)
+    elif "replicon_unstable" in d:
+        bad = d[d["replicon_unstable"] == True]  # noqa: E712 (pandas)
+    if len(bad):
+        ax.plot(bad[x], bad[y], "^", color=color, ms=8, mfc="none", label=_once(ax, "replicon > 1 (RS unstable)"))
+
+
+def _once(ax, label: str) -> str | None:
+    return None if label in ax.get_legend_handles_labels()[1] else label
 
 
 def _finish(fig: Figure, mfig, stored: int) -> dict[str, Path]:
@@ -562,21 +625,27 @@ def _plot1(fig: Figure, df, plt):
         ax.legend(fontsize=7)
     ax = axes[2]
     for i, noise in enumerate(noises):
-        if noise not in best:
+        t = _ok(df, f"fig1-inset-noise{noise:g}", "theory").sort_values("lam_ft")
+        if not len(t):
             continue
-        e, lam_best, _ = min(best[noise])
-        t = th[(th["noise"] == noise) & (th["lam"] == lam_best)].sort_values("lam_ft")
-        t = t[t["lam_ft"] < math.inf]
-        ax.plot(t["lam_ft"], t["finetune_test_error"], "o-", color=_COLORS[i],
-                label=f"$\\Delta$={noise:g}, $\\lambda$={lam_best:.3g} (grid optimum)")
+        lam_best = float(t["lam"].iloc[0])
+        ax.plot(t["lam_ft"], t["finetune_test_error"], "-", color=_COLORS[i],
+                label=f"$\\Delta$={noise:g} at $\\lambda$={lam_best:.3g}")
+        _mark_nonconverged(ax, t, "lam_ft", "finetune_test_error", _COLORS[i])
+        j = t["finetune_test_error"].idxmin()
+        ax.axvline(t.loc[j, "lam_ft"], color="darkred", ls="--", lw=0.8)
         fz = th[(th["noise"] == noise) & (th["lam"] == lam_best) & (th["lam_ft"] == math.inf)]
         if len(fz):
             ax.axhline(fz["finetune_test_error"].iloc[0], color=_COLORS[i], ls=":", lw=1,
                        label=f"$\\lambda'=\\infty$ (frozen), $\\Delta$={noise:g}")
+        b = bo[bo["noise"] == noise]
+        if len(b):
+            ax.axhline(b["bo_finetune_test_error"].iloc[0], color=_COLORS[i], ls="--", lw=1,
+                       label=f"Bayes-optimal, $\\Delta$={noise:g}")
     ax.set_xscale("log")
     ax.set_xlabel(r"$\lambda'$ (LoRA ridge)")
     ax.set_ylabel(r"$\mathcal{E}'$")
-    ax.set_title(r"inset: $\mathcal{E}'$ vs $\lambda'$ at the best $\lambda$ of the grid")
+    ax.set_title(r"(paper: insets) $\mathcal{E}'$ vs $\lambda'$ at the optimal $\lambda$ of the grid")
     ax.legend(fontsize=7)
     return mfig
 
