@@ -226,7 +226,7 @@ _DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
     6: {"paper": dict(dim=800, seeds=10, n_mc=30000, points=10, sim_points=5),
         "quick": dict(dim=80, seeds=2, n_mc=2000, points=6, sim_points=3)},
 }
-_TINY = dict(dim=12, seeds=1, n_mc=2000, points=2, sim_points=2)
+_TINY = dict(dim=12, seeds=1, n_mc=500, points=2, sim_points=2)
 _BO = {"paper": {}, "quick": {"n_mc": 1000, "n_nodes": 8, "n_mc_error": 4000},
        "tiny": {"n_mc": 300, "n_nodes": 6, "n_mc_error": 1000}}
 
