@@ -57,6 +57,15 @@ def test_overrides_and_bad_input(tmp_path):
         build_figure(1, dim=1)
     assert hdlora_main(["figure", "0", "--out", str(tmp_path)]) == 2
     assert hdlora_main(["figure", "9", "--plan"]) == 2
+    assert hdlora_main(["figure", "3", "--plot-only", "--out", str(tmp_path)]) == 2  # nothing stored yet
+
+
+def test_plot_with_nothing_stored(tmp_path):
+    """Every figure draws (empty axes) from an empty results table instead of failing."""
+    for n in figures.FIGURES:
+        fig = build_figure(n, mode="tiny", out=tmp_path)
+        paths = figures.plot_figure(fig, pd.DataFrame(columns=["sweep", "label", "status"]))
+        assert paths["png"].stat().st_size > 0
 
 
 def test_written_sweep_files_load(tmp_path):

@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
                                        "tasks": sum(len(c) for c in plan(s).chains)} for s in fig.sweeps}}
         print(dumps(summary))
         return 0
+    if args.plot_only and not fig.database.exists():
+        return fail(f"--plot-only: no results database {fig.database} yet; run without --plot-only first")
     t0 = time.perf_counter()
     reports = []
     if not args.plot_only:

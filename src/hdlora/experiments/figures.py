@@ -489,6 +489,8 @@ def run_figure(fig: Figure, *, workers: int | None = None, scheduler: str | None
     with Store(fig.database) as store:
         for spec in fig.sweeps:
             reports.append(run_sweep(spec, workers=workers, scheduler=scheduler, progress=progress, store=store))
+            if reports[-1].interrupted:  # Ctrl-C: stop here, what finished is stored
+                return reports
     if fig.followups is not None:
         docs = fig.followup_docs(_frame(fig.sweeps, fig.database))
         write(docs)
@@ -563,6 +565,11 @@ def _mark_nonconverged(ax, d, x: str, y: str, color) -> None:
         ax.plot(bad[x], bad[y], "^", color=color, ms=8, mfc="none", label=_once(ax, "replicon > 1 (RS unstable)"))
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7)
+
+
 def _once(ax, label: str) -> str | None:
     return None if label in ax.get_legend_handles_labels()[1] else label
 
@@ -622,7 +629,7 @@ def _plot1(fig: Figure, df, plt):
         ax.set_xlabel(r"$\lambda$ (pre-training ridge)")
         ax.set_ylabel(r"$\mathcal{E}'$")
         ax.set_title(f"$\\Delta$ = {noise:g} (squares: simulations)")
-        ax.legend(fontsize=7)
+        _legend(ax)
     ax = axes[2]
     for i, noise in enumerate(noises):
         t = _ok(df, f"fig1-inset-noise{noise:g}", "theory").sort_values("lam_ft")
@@ -646,7 +653,7 @@ def _plot1(fig: Figure, df, plt):
     ax.set_xlabel(r"$\lambda'$ (LoRA ridge)")
     ax.set_ylabel(r"$\mathcal{E}'$")
     ax.set_title(r"(paper: insets) $\mathcal{E}'$ vs $\lambda'$ at the optimal $\lambda$ of the grid")
-    ax.legend(fontsize=7)
+    _legend(ax)
     return mfig
 
 
@@ -671,7 +678,7 @@ def _plot_effective(fig: Figure, df, plt, panels: Sequence[tuple[str, float]], e
         ax.set_xlabel(r"$\Delta_{\rm eff}=\Delta/2+Q_0-2M+Q$  ($M=1$, $Q_0=Q$)")
         ax.set_ylabel(r"$\mathcal{E}'$")
         ax.set_title(title + " (dots: simulations)")
-        ax.legend(fontsize=7)
+        _legend(ax)
     if excess:
         ax = axes[-1]
         for i, a in enumerate([1.0, 3.0, 10.0]):
@@ -689,7 +696,7 @@ def _plot_effective(fig: Figure, df, plt, panels: Sequence[tuple[str, float]], e
         ax.set_xlabel(r"$\Delta_{\rm eff}$")
         ax.set_ylabel(r"$\mathcal{E}'(\Delta_{\rm eff})-\mathcal{E}'(\Delta_{\rm eff}=0)$ (theory)")
         ax.set_title("excess error w.r.t. $\\Delta_{\\rm eff}=0$")
-        ax.legend(fontsize=7)
+        _legend(ax)
     return mfig
 
 
@@ -719,12 +726,13 @@ def _plot3(fig: Figure, df, plt):
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel(r"$\lambda$")
-        ax.legend(fontsize=7)
+        _legend(ax)
     return mfig
 
 
 def _plot4(fig: Figure, df, plt):
     import numpy as np
+    import pandas as pd
 
     th, sm = _ok(df, "fig4-theory"), _ok(df, "fig4-simulate")
     mfig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
@@ -756,8 +764,8 @@ def _plot4(fig: Figure, df, plt):
                 srows.append((g["delta_eff_law"].iloc[0], g.loc[[ia]], g.loc[[iu]], g.loc[[ia]]))
             srows.sort(key=lambda r: r[0])
             xs = [r[0] for r in srows]
-            ga = __import__("pandas").concat([r[1] for r in srows])
-            gu = __import__("pandas").concat([r[2] for r in srows])
+            ga = pd.concat([r[1] for r in srows])
+            gu = pd.concat([r[2] for r in srows])
             axes[0].errorbar(xs, ga["finetune_test_error"], yerr=_std(ga, "finetune_test_error"), fmt="o", color=c,
                              capsize=2, ms=5)
             axes[0].errorbar(xs, gu["uniform_finetune_test_error"], yerr=_std(gu, "uniform_finetune_test_error"),
@@ -776,7 +784,7 @@ def _plot4(fig: Figure, df, plt):
     axes[2].set_title("overlap (filled: ActFT, open: uniform)")
     for ax in axes:
         ax.set_xlabel(r"$\Delta_{\rm eff}$ ($M=1$, $Q_0=Q$, $\Delta=0$)")
-        ax.legend(fontsize=7)
+        _legend(ax)
     return mfig
 
 
@@ -794,7 +802,7 @@ def _plot6(fig: Figure, df, plt):
     ax.set_xlabel(r"$\beta/\beta^\star$, $\beta^\star=M/Q$")
     ax.set_ylabel(r"$\mathcal{E}(\beta)$ (pre-training test error)")
     ax.set_title(r"pre-training, circles: uncalibrated $\beta=1$")
-    ax.legend(fontsize=7)
+    _legend(ax)
     ax = axes[1]
     for i, (th_name, lab, sim_name, sim_lab) in enumerate((
             ("fig6-uncalibrated", "theory", "fig6-simulate-uncalibrated", "simulate"),
@@ -816,8 +824,14 @@ def _plot6(fig: Figure, df, plt):
     ax.set_xlabel(r"$\lambda'$")
     ax.set_ylabel(r"$\mathcal{E}'$")
     ax.set_title(r"fine-tuning at $\lambda=0.005$ (squares: simulations)")
-    ax.legend(fontsize=7)
+    _legend(ax)
     return mfig
+
+
+_PLOTTED = ("sweep", "label", "status", "lam", "lam_ft", "noise", "alpha_ft", "kappa0", "beta", "n_seeds", "converged",
+            "finetune_test_error", "overlap", "pretrain_train_error", "pretrain_test_error", "delta_eff",
+            "delta_eff_law", "bo_finetune_test_error", "uniform_finetune_test_error", "uniform_overlap",
+            "delta_finetune_test_error", "recalibrated_test_error", "beta_star")
 
 
 def plot_figure(fig: Figure, df=None) -> dict[str, Path]:
@@ -831,6 +845,10 @@ def plot_figure(fig: Figure, df=None) -> dict[str, Path]:
         df = figure_frame(fig)
     fig.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(fig.path("csv"), index=False)
+    df = df.copy()
+    for col in _PLOTTED:  # missing results (e.g. every task of a sweep failed) plot as nothing, not as an error
+        if col not in df:
+            df[col] = float("nan")
     n = fig.number
     if n == 1:
         mfig = _plot1(fig, df, plt)
