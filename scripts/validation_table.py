@@ -57,11 +57,11 @@ SHORT = {"pretrain_train_error": "L", "pretrain_test_error": "E", "finetune_trai
          "Q": "Q", "M": "M", "q": "q", "m": "m"}
 
 
-def simulate_point(kw: dict, dim: int, seeds: int) -> dict:
+def simulate_point(kw: dict, dim: int, seeds: int, loss: str = "sequence") -> dict:
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        s = run(Params(**kw), dim, seeds).to_dict()
+        s = run(Params(**kw), dim, seeds, loss=loss).to_dict()
     s.pop("per_seed", None)
     return {"result": s, "wall_s": time.perf_counter() - t0, "warnings": [str(w.message) for w in caught]}
 
@@ -96,6 +96,12 @@ def fmt(x, nd=3):
 
 
 def markdown(results: list[dict]) -> str:
+    """One row per (point, quantity); z = (sim - theory) / se, bold when |z| > 2.
+
+    Quantities that are exactly 0 in the theory (Q, M when the pre-training ridge
+    kills W_hat; q, m, o_w for lam' = inf) and below 1e-8 in the simulation are shown
+    as "0 (both)" instead of a meaningless z.
+    """
     out = ["| point | D × seeds | quantity | theory | simulation ± s.e. | z |", "|---|---|---|---|---|---|"]
     for r in results:
         first = True
@@ -103,13 +109,21 @@ def markdown(results: list[dict]) -> str:
             row = r["rows"][k]
             if row["sim"] is None or not math.isfinite(row["sim"]):
                 continue
-            z = row["z"]
-            flag = "**" if z is not None and abs(z) > 2 else ""
             head = f"{r['name']}" if first else ""
             ds = f"{r['dim']} × {r['seeds']}" if first else ""
+            first = False
+            if row["theory"] == 0 and abs(row["sim"]) < 1e-8:
+                out.append(f"| {head} | {ds} | {SHORT[k]} | 0 | {row['sim']:.0e} | 0 (both) |")
+                continue
+            z = row["z"]
+            flag = "**" if z is not None and abs(z) > 2 else ""
             out.append(f"| {head} | {ds} | {SHORT[k]} | {fmt(row['theory'])} | {fmt(row['sim'])} ± {fmt(row['se'])} "
                        f"| {flag}{fmt(z, 1)}{flag} |")
-            first = False
+        rp, rf = r["replicon"]
+        status = "converged" if r["theory_converged"] else "**NOT converged**"
+        unstable = " **replicon violated (>= 1): outside the replica-symmetric theory**" if max(rp, rf) >= 1 else ""
+        out.append(f"| | | *theory* | {status}, {r['theory_iterations']} it., replicon (eq. 75, 78) = "
+                   f"{rp:.2f}, {rf:.2f}{unstable} | *{r['theory_s']:.1f} s theory, {r['sim_s']:.0f} s simulation* | |")
     return "\n".join(out)
 
 
@@ -123,6 +137,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--part", choices=("sim", "theory", "both"), default="both",
                     help="compute only the simulations, only the theory, or both (cached separately)")
+    ap.add_argument("--loss", choices=("sequence", "attention"), default="sequence",
+                    help="simulation loss: eqs. 2-3 (default) or the attention-matrix loss of eq. 30")
     ap.add_argument("--redo-theory", action="store_true", help="recompute the theory even if cached")
     a = ap.parse_args()
     cache = json.load(open(a.json)) if os.path.exists(a.json) else {"sim": {}, "theory": {}}
@@ -130,10 +146,11 @@ def main() -> None:
     for name, kw in POINTS.items():
         if a.only and name not in a.only:
             continue
-        ks, kt = f"{name} @ D={a.dim} seeds={a.seeds}", f"{name} @ n_mc={a.n_mc}"
+        ks = f"{name} @ D={a.dim} seeds={a.seeds}" + ("" if a.loss == "sequence" else f" loss={a.loss}")
+        kt = f"{name} @ n_mc={a.n_mc}"
         if a.part in ("sim", "both") and ks not in cache["sim"]:
             print(f"[validation] simulate {ks} ...", file=sys.stderr, flush=True)
-            cache["sim"][ks] = simulate_point(kw, a.dim, a.seeds)
+            cache["sim"][ks] = simulate_point(kw, a.dim, a.seeds, a.loss)
             json.dump(cache, open(a.json, "w"), indent=1, default=str)
             print(f"[validation]   {cache['sim'][ks]['wall_s']:.1f} s", file=sys.stderr, flush=True)
         if a.part in ("theory", "both") and (a.redo_theory or kt not in cache["theory"]):
