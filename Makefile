@@ -18,9 +18,10 @@ $(STAMP): $(VPY) pyproject.toml
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# the main job: reproduce the paper's Fig. 1 in quick mode (theory lines, D = 80 simulation
+# markers, Bayes-optimal line, baselines); prints where the picture is. Resumable.
 run: $(STAMP)
-	$(VENV)/bin/hdlora simulate --alpha 0.1 --alpha-ft 3 --tokens 3 --kappa0 1 --kappa 1 \
-		--noise 0.5 --lam 0.1 --lam-ft 0.5 --dim 150 --seeds 2
+	$(VENV)/bin/hdlora figure 1 --quick --out results/figures
 
 test: $(STAMP)
 	$(VPY) -m pytest -q

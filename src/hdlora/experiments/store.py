@@ -128,12 +128,14 @@ class Store:
 
     Args:
         path: database file; its directory is created if needed.
-        version: the package version used in the keys (default: hdlora.__version__).
+        version: the code version used in the keys (default: hdlora.code_version(), the release
+                plus a hash of the sources, so results of changed code are never reused).
     """
 
     def __init__(self, path: str | os.PathLike, version: str | None = None) -> None:
         if version is None:
-            from hdlora import __version__ as version  # noqa: N811
+            from hdlora import code_version
+            version = code_version()
         self.version = str(version)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -226,8 +226,8 @@ def run_task(kind: str, params: Mapping[str, Any], options: Mapping[str, Any],
         status, error = "ok", None
     except Exception:  # noqa: BLE001 (a failing task is recorded, not raised)
         status, result, error = "failed", None, traceback.format_exc()
-    from hdlora import __version__
+    from hdlora import code_version
 
     msgs = [f"{w.category.__name__}: {w.message}" for w in caught]
     return {"status": status, "result": result, "error": error, "warnings": msgs,
-            "wall_s": time.perf_counter() - t0, "worker": worker_name(), "version": __version__}
+            "wall_s": time.perf_counter() - t0, "worker": worker_name(), "version": code_version()}
