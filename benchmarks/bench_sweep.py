@@ -8,7 +8,8 @@
   and after is reported: on a shared machine it decides the outcome.
   The linear activation by default (closed-form expectations, so the benchmark measures the
   sweep and not Monte-Carlo cost); ``--activation softmax`` for the softmax one.
-* ``figure1_quick_s``: wall time of ``hdlora figure 1 --quick`` (not implemented yet: null).
+* ``figure1_quick_s``: wall time of ``hdlora figure 1 --quick`` from scratch (fresh output
+  directory), local pool on all cores; ``--skip-figure`` leaves it out.
 
 Usage: python benchmarks/bench_sweep.py [--activation linear|softmax] [--n-mc N] [--workers N]
 """
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--activation", default="linear", choices=("linear", "softmax"))
     ap.add_argument("--n-mc", type=int, default=None, help="theory Monte-Carlo samples (default: the solver's)")
     ap.add_argument("--workers", type=int, default=None, help="pool size (default: all cores)")
+    ap.add_argument("--skip-figure", action="store_true", help="do not time hdlora figure 1 --quick")
     args = ap.parse_args(argv)
 
     result: dict = {"benchmark": "sweep", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -87,8 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result["theory_sweep"] = None
         result["theory_sweep_reason"] = "hdlora.theory.solve not implemented yet"
-    result["figure1_quick_s"] = None
-    result["figure1_quick_reason"] = "hdlora figure not implemented yet"
+    if args.skip_figure:
+        result["figure1_quick_s"] = None
+        result["figure1_quick_reason"] = "skipped (--skip-figure)"
+    else:
+        import subprocess
+        import tempfile
+        import time
+
+        with tempfile.TemporaryDirectory() as tmp:
+            load0 = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "hdlora.cli", "figure", "1", "--quick", "--out", tmp],
+                                  capture_output=True, text=True)
+            result["figure1_quick_s"] = time.perf_counter() - t0
+            result["figure1_quick_exit_status"] = proc.returncode
+            result["figure1_quick_load_average"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+            result["figure1_quick_summary"] = [ln for ln in proc.stdout.splitlines() if ln.startswith("figure")]
     print(json.dumps(result, indent=2))
     return 0
 
