@@ -549,6 +549,14 @@ def _std(d, key: str):
     return np.asarray(se, dtype=float) * np.sqrt(np.asarray(n, dtype=float))
 
 
+def _line(d, y: str):
+    """Theory values for a line, with the non-converged points left out (NaN breaks the line):
+    an unconverged state evolution is not a prediction, it is only marked (see _mark_nonconverged)."""
+    if "converged" not in d:
+        return d[y]
+    return d[y].where(d["converged"] != False)  # noqa: E712 (pandas)
+
+
 def _mark_nonconverged(ax, d, x: str, y: str, color) -> None:
     """x: the state evolution did not converge; open triangle: a replicon condition fails (eqs. 75, 78 >= 1,
     the replica-symmetric fixed point is unstable there, so the line is not a valid prediction)."""
@@ -608,7 +616,7 @@ def _plot1(fig: Figure, df, plt):
             c = _COLORS[i]
             t = th[(th["noise"] == noise) & (th["lam_ft"] == lf)].sort_values("lam")
             if len(t):
-                ax.plot(t["lam"], t["finetune_test_error"], "-", color=c, label=f"theory $\\lambda'$={_fmt(lf)}")
+                ax.plot(t["lam"], _line(t, "finetune_test_error"), "-", color=c, label=f"theory $\\lambda'$={_fmt(lf)}")
                 _mark_nonconverged(ax, t, "lam", "finetune_test_error", c)
                 if math.isfinite(lf):
                     j = t["finetune_test_error"].idxmin()
@@ -636,7 +644,7 @@ def _plot1(fig: Figure, df, plt):
         if not len(t):
             continue
         lam_best = float(t["lam"].iloc[0])
-        ax.plot(t["lam_ft"], t["finetune_test_error"], "-", color=_COLORS[i],
+        ax.plot(t["lam_ft"], _line(t, "finetune_test_error"), "-", color=_COLORS[i],
                 label=f"$\\Delta$={noise:g} at $\\lambda$={lam_best:.3g}")
         _mark_nonconverged(ax, t, "lam_ft", "finetune_test_error", _COLORS[i])
         j = t["finetune_test_error"].idxmin()
@@ -669,7 +677,7 @@ def _plot_effective(fig: Figure, df, plt, panels: Sequence[tuple[str, float]], e
             c = _COLORS[i]
             t = th[(th["noise"] == noise) & (th["alpha_ft"] == a)].sort_values("delta_eff")
             if len(t):
-                ax.plot(t["delta_eff"], t["finetune_test_error"], "-", color=c, label=f"theory $\\alpha'$={a:g}")
+                ax.plot(t["delta_eff"], _line(t, "finetune_test_error"), "-", color=c, label=f"theory $\\alpha'$={a:g}")
                 _mark_nonconverged(ax, t, "delta_eff", "finetune_test_error", c)
             s = sm[(sm["noise"] == noise) & (sm["alpha_ft"] == a)].sort_values("delta_eff_law")
             if len(s):
@@ -716,7 +724,7 @@ def _plot3(fig: Figure, df, plt):
         for i, lf in enumerate([0.1, 1.0]):
             c = _COLORS[i]
             t = th[th["lam_ft"] == lf].sort_values("lam")
-            ax.plot(t["lam"], t[key], "-", color=c, label=f"theory $\\lambda'$={lf:g}")
+            ax.plot(t["lam"], _line(t, key), "-", color=c, label=f"theory $\\lambda'$={lf:g}")
             _mark_nonconverged(ax, t, "lam", key, c)
             s = sm[sm["lam_ft"] == lf].sort_values("lam")
             if len(s):
@@ -811,7 +819,7 @@ def _plot6(fig: Figure, df, plt):
         name = r"$\beta=1$" if i == 0 else r"$\beta=0.8\beta^\star$"
         t = _ok(df, th_name, lab).sort_values("lam_ft")
         if len(t):
-            ax.plot(t["lam_ft"], t["finetune_test_error"], "-", color=c, label=f"theory {name}")
+            ax.plot(t["lam_ft"], _line(t, "finetune_test_error"), "-", color=c, label=f"theory {name}")
             _mark_nonconverged(ax, t, "lam_ft", "finetune_test_error", c)
         s = _ok(df, sim_name, sim_lab).sort_values("lam_ft")
         if len(s):
