@@ -206,7 +206,7 @@ class Settings:
     def footnote(self, what: str = "") -> str:
         from hdlora import __version__
 
-        tag = {"paper": "paper sizes", "quick": "QUICK mode (reduced)", "tiny": "TINY test mode"}[self.mode]
+        tag = {"paper": "paper grid, sizes as stated", "quick": "QUICK mode (reduced)", "tiny": "TINY test mode"}[self.mode]
         return (f"simulations: D = {self.dim}, {self.seeds} seed(s), error bars = std over seeds; theory: n_mc = "
                 f"{self.n_mc}{what}; {tag}; hdlora {__version__}")
 
