@@ -95,24 +95,26 @@ class TheoryResult:
         return {k: getattr(self, k) for k in ("Q", "M", "V", "q", "m", "v")}
 
 
-def _pretrain_init(init: Mapping[str, float] | None) -> dict[str, float] | None:
+def _warm_state(init: Mapping[str, float] | None, keys: tuple[str, str, str], positive: tuple[str, str]
+                ) -> dict[str, float] | None:
+    """The stage's part of a warm start (``keys``), or None when absent, non-finite or not positive
+    where it must be (a baseline's zeros are not a valid starting point)."""
     if not init:
         return None
     try:
-        st = {k: float(init[k]) for k in ("Q", "M", "V")}
+        st = {k: float(init[k]) for k in keys}
     except (KeyError, TypeError, ValueError):
         return None
-    return st if all(math.isfinite(x) for x in st.values()) and st["V"] > 0 and st["Q"] > 0 else None
+    ok = all(math.isfinite(x) for x in st.values()) and all(st[k] > 0 for k in positive)
+    return st if ok else None
+
+
+def _pretrain_init(init: Mapping[str, float] | None) -> dict[str, float] | None:
+    return _warm_state(init, ("Q", "M", "V"), ("V", "Q"))
 
 
 def _finetune_init(init: Mapping[str, float] | None) -> dict[str, float] | None:
-    if not init:
-        return None
-    try:
-        st = {k: float(init[k]) for k in ("m", "q", "v")}
-    except (KeyError, TypeError, ValueError):
-        return None
-    return st if all(math.isfinite(x) for x in st.values()) and st["v"] > 0 and st["q"] > 0 else None
+    return _warm_state(init, ("m", "q", "v"), ("v", "q"))
 
 
 def apply_baseline(params: Params, baseline: str | None) -> Params:
