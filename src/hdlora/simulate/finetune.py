@@ -18,7 +18,7 @@ import torch
 
 from ..data import Dataset, _chunks, generator, rank_one_field
 from .losses import per_sample
-from .optim import OptimResult, minimise
+from .optim import OptimResult, chunked_ridge_objective, minimise
 
 
 def finetune_loss_sum(w: torch.Tensor, X: torch.Tensor, z_frozen: torch.Tensor, sigma_target: torch.Tensor,
@@ -34,19 +34,11 @@ def finetune_value_and_grad(data: Dataset, sigma, lam_ft: float, loss: str, chun
     sigma_target = sigma(data.z_star)
     G = data.G if loss == "sequence" else None
 
-    def value_and_grad(w: torch.Tensor):
-        wl = w.detach().requires_grad_(True)
-        total = 0.0
-        for sl in _chunks(n, chunk):
-            part = finetune_loss_sum(wl, data.X[sl], data.z_frozen[sl], sigma_target[sl],
-                                     None if G is None else G[sl], sigma, loss) / n
-            part.backward()
-            total += float(part.detach())
-        reg = lam_ft * (wl * wl).sum() / n
-        reg.backward()
-        return total + float(reg.detach()), wl.grad
+    def chunk_loss(w: torch.Tensor, sl: slice) -> torch.Tensor:
+        return finetune_loss_sum(w, data.X[sl], data.z_frozen[sl], sigma_target[sl],
+                                 None if G is None else G[sl], sigma, loss)
 
-    return value_and_grad
+    return chunked_ridge_objective(chunk_loss, n, lam_ft, _chunks(n, chunk))
 
 
 @dataclass(frozen=True)

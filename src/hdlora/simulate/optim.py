@@ -16,6 +16,30 @@ import torch
 ValueAndGrad = Callable[[torch.Tensor], tuple[float, torch.Tensor]]
 
 
+def chunked_ridge_objective(chunk_loss: Callable[[torch.Tensor, slice], torch.Tensor], n: int, lam: float,
+                            chunks) -> ValueAndGrad:
+    """``x -> ((sum_mu loss_mu(x) + lam ||x||^2) / n, gradient)`` (eqs. 2-3 divided by n).
+
+    ``chunk_loss(x, sl)`` is the differentiable sum of the per-sample losses over the samples
+    ``sl``; each chunk's gradient is accumulated by its own backward pass, so memory stays
+    O(chunk) beyond the data. ``chunks`` is the iterable of slices covering the n samples.
+    """
+    slices = list(chunks)
+
+    def value_and_grad(x: torch.Tensor):
+        xl = x.detach().requires_grad_(True)
+        total = 0.0
+        for sl in slices:
+            part = chunk_loss(xl, sl) / n
+            part.backward()
+            total += float(part.detach())
+        reg = lam * (xl * xl).sum() / n
+        reg.backward()
+        return total + float(reg.detach()), xl.grad
+
+    return value_and_grad
+
+
 @dataclass(frozen=True)
 class OptimResult:
     """Outcome of one minimisation.

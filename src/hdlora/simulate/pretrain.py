@@ -19,7 +19,7 @@ import torch
 
 from ..data import Dataset, _chunks, generator, quadratic_field
 from .losses import per_sample
-from .optim import OptimResult, minimise
+from .optim import OptimResult, chunked_ridge_objective, minimise
 
 
 def default_chunk(T: int, width: int, budget: int = 1 << 24) -> int:
@@ -54,18 +54,10 @@ def pretrain_value_and_grad(data: Dataset, sigma, lam: float, loss: str, chunk: 
     sigma_target = sigma(data.z_star)
     G = data.G if loss == "sequence" else None
 
-    def value_and_grad(W: torch.Tensor):
-        Wl = W.detach().requires_grad_(True)
-        total = 0.0
-        for sl in _chunks(N, chunk):
-            part = pretrain_loss_sum(Wl, data.X[sl], sigma_target[sl], None if G is None else G[sl], sigma, loss) / N
-            part.backward()
-            total += float(part.detach())
-        reg = lam * (Wl * Wl).sum() / N
-        reg.backward()
-        return total + float(reg.detach()), Wl.grad
+    def chunk_loss(W: torch.Tensor, sl: slice) -> torch.Tensor:
+        return pretrain_loss_sum(W, data.X[sl], sigma_target[sl], None if G is None else G[sl], sigma, loss)
 
-    return value_and_grad
+    return chunked_ridge_objective(chunk_loss, N, lam, _chunks(N, chunk))
 
 
 def train_error(W: torch.Tensor | None, data: Dataset, sigma, loss: str, chunk: int) -> float:

@@ -108,15 +108,21 @@ def _delta_effs(params: Params, out: dict) -> dict:
             "delta_eff_actft": noise / 2 + Q0 - M * M / Q if Q > 0 else math.nan}
 
 
+def _optim_keys(stage: str, o, train_error: float) -> dict:
+    """Optimiser record of a stage; no optimisation (o is None: lam = inf or lam' = inf, the
+    weights are exactly 0) counts as converged, with the train error as objective."""
+    return {f"{stage}_objective": o.objective if o else train_error,
+            f"{stage}_iterations": o.iterations if o else 0,
+            f"{stage}_grad_norm": o.grad_norm if o else 0.0,
+            f"{stage}_converged": float(o.converged) if o else 1.0}
+
+
 def _finetune_record(fr, teacher: Teacher, seed: int, rtol: float, what: str = "fine-tuning") -> dict:
     rec = dict(rank_one_parameters(fr.w, teacher.w_star))
     rec["finetune_train_error"] = fr.train_error
     o = fr.optim
+    rec.update(_optim_keys("finetune", o, fr.train_error))
     rec.update({
-        "finetune_objective": o.objective if o else fr.train_error,
-        "finetune_iterations": o.iterations if o else 0,
-        "finetune_grad_norm": o.grad_norm if o else 0.0,
-        "finetune_converged": float(o.converged) if o else 1.0,
         "finetune_informed_won": float(fr.winner == "informed") if o else math.nan,
         "finetune_winner": fr.winner,
         "finetune_start_objectives": dict(fr.objectives),
@@ -198,11 +204,8 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
         out.update(order_parameters(W_hat, teacher))
         out["pretrain_train_error"] = pt.train_error
         o = pt.optim
+        out.update(_optim_keys("pretrain", o, pt.train_error))
         out.update({
-            "pretrain_objective": o.objective if o else pt.train_error,
-            "pretrain_iterations": o.iterations if o else 0,
-            "pretrain_grad_norm": o.grad_norm if o else 0.0,
-            "pretrain_converged": float(o.converged) if o else 1.0,
             "pretrain_stop": o.reason if o else "lam=inf",
             "pretrain_width": width,
         })
