@@ -13,12 +13,26 @@ import sys
 from hdlora.cli import dumps
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="sweep file (TOML): [sweep], [params], [axes], [run.<kind>]")
+def add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """--workers / --scheduler, shared by every command that runs sweeps (sweep, figure)."""
     p.add_argument("--workers", type=int, default=None,
                    help="local worker processes (default: all cores; 1 runs in this process)")
     p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
                    help="run the tasks on this Dask distributed scheduler instead of locally")
+
+
+def executor_arguments_error(args: argparse.Namespace) -> str | None:
+    """The problem with --workers / --scheduler, or None."""
+    if args.workers is not None and args.workers < 1:
+        return f"--workers must be >= 1, got {args.workers}"
+    if args.scheduler and args.workers is not None:
+        return "--workers is for the local pool; with --scheduler the cluster's workers run the tasks"
+    return None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="sweep file (TOML): [sweep], [params], [axes], [run.<kind>]")
+    add_executor_arguments(p)
     p.add_argument("--db", default=None, help="results database (default: [sweep] database of the file)")
     p.add_argument("--export", action="append", default=[], metavar="OUT.csv|OUT.nc",
                    help="write the results (tidy CSV table, or netCDF with the grid axes as dimensions); "
@@ -41,10 +55,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"hdlora sweep: error: {msg}", file=sys.stderr)
         return 2
 
-    if args.workers is not None and args.workers < 1:
-        return fail(f"--workers must be >= 1, got {args.workers}")
-    if args.scheduler and args.workers is not None:
-        return fail("--workers is for the local pool; with --scheduler the cluster's workers run the tasks")
+    if (msg := executor_arguments_error(args)) is not None:
+        return fail(msg)
     for out in args.export:
         if Path(out).suffix not in (".csv", ".nc", ".nc4", ".netcdf"):
             return fail(f"--export {out}: unknown format; use .csv or .nc")

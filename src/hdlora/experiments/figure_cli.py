@@ -14,6 +14,8 @@ import argparse
 import sys
 import time
 
+from .cli import add_executor_arguments, executor_arguments_error
+
 
 def _int(text: str) -> int:
     try:
@@ -29,10 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="reduced version (smaller D, fewer seeds, points and n_mc): a few minutes on 2 cores")
     mode.add_argument("--tiny", action="store_true", help="test configuration (2 points, D = 12, 1 seed): seconds")
     p.add_argument("--out", default="results/figures", help="output directory (default: results/figures)")
-    p.add_argument("--workers", type=_int, default=None,
-                   help="local worker processes (default: all cores; 1 runs in this process)")
-    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
-                   help="run the tasks on this Dask distributed scheduler instead of locally")
+    add_executor_arguments(p)
     p.add_argument("--dim", type=_int, default=None, help="simulation dimension D (overrides the mode's)")
     p.add_argument("--seeds", type=_int, default=None, help="simulation seeds (overrides the mode's)")
     p.add_argument("--n-mc", type=_int, default=None, help="Monte-Carlo samples of the theory (overrides the mode's)")
@@ -51,10 +50,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"hdlora figure: error: {msg}", file=sys.stderr)
         return 2
 
-    if args.workers is not None and args.workers < 1:
-        return fail(f"--workers must be >= 1, got {args.workers}")
-    if args.scheduler and args.workers is not None:
-        return fail("--workers is for the local pool; with --scheduler the cluster's workers run the tasks")
+    if (msg := executor_arguments_error(args)) is not None:
+        return fail(msg)
     mode = "quick" if args.quick else ("tiny" if args.tiny else "paper")
     try:
         fig = build_figure(args.number, mode=mode, out=args.out, dim=args.dim, seeds=args.seeds, n_mc=args.n_mc)
