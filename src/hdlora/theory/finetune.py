@@ -13,11 +13,14 @@ The output channel is the potential (eq. 63)
 
 with chi* ~ N(0, I_T), chi_tilde = m chi* + sqrt(q - m^2) zeta (eq. 62, q0 = 1).  psi is
 *not* concave in chi (the rank-one term chi chi^T makes the loss quartic and sign-symmetric),
-even for the linear activation sigma(x) = x / T: the prox (eq. 64) has no closed form in
-that case either and is computed by Monte Carlo like the softmax one.  The prox is solved
-for all samples at once by a safeguarded Newton ascent (analytic gradient and Hessian,
-eigenvalue-modified steps, backtracking), from several starting points, keeping the largest
-psi.
+even for the linear activation sigma(x) = x / T, so the fine-tuning expectations stay Monte Carlo
+for both activations.  For softmax the prox is solved for all samples at once by a safeguarded
+Newton ascent (analytic gradient and Hessian, eigenvalue-modified steps, backtracking), from
+several starting points, keeping the largest psi.  For the linear activation the *global*
+maximiser is exact: a quadratic plus |chi|^4 / T^2, whose maximiser solves a one-dimensional
+secular equation in the eigenbasis of the (q-shifted) T x T matrix B, as a trust-region
+subproblem does (:mod:`hdlora.theory.prox_rank_one_linear`); the Newton search stays available
+for it as an independent check (``linear_prox='search'``).
 
 The fixed point (eqs. 67-72) is iterated by the one engine
 :func:`hdlora.theory.fixed_point.iterate` on the state (m, q, v), with the conjugates
@@ -44,6 +47,7 @@ from ..params import Params, ParamError
 from . import effective as _effective
 from . import errors as _errors
 from .fixed_point import NonConvergenceWarning, iterate
+from .prox_rank_one_linear import LinearRankOneProx
 from .sampling import frozen_fields, s_ab, standard_normals, to_sym
 
 __all__ = [
@@ -522,7 +526,11 @@ def _law_args(params: Params, Q0, Q, M, required: bool):
 
 
 def _default_init(params: Params) -> dict[str, float]:
-    v = 1.0 / (2.0 * params.lam_ft + 1.0)
+    """Cold start.  v starts small, v = 1 / (2 lam' + alpha' T): at small v the prox is close to the
+    identity and v_hat > 0, whereas a large v can make 2 lam' + v_hat <= 0 at the first step (v -> inf,
+    eq. 69) and stop the iteration.  Measured: linear, T = 2, W_hat = 0, lam' = 0.05 diverged at once from
+    v = 1/(2 lam' + 1) = 0.91 (and from 0.5) and converges from v <= 0.3 (to the same fixed point)."""
+    v = 1.0 / (2.0 * params.lam_ft + params.alpha_ft * params.tokens)
     return {"m": 0.5, "q": 0.5, "v": v}
 
 
@@ -531,7 +539,7 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
                    n_mc: int | None = None, seed: int = 0, tol: float = 1e-7, max_iter: int = 400,
                    mixing: float = 0.8, init: FinetuneResult | Mapping[str, float] | None = None,
                    n_test: int | None = None, restart_every: int = 0, form: str = "direct", antithetic: bool = False,
-                   rank_one_normals: np.ndarray | None = None,
+                   rank_one_normals: np.ndarray | None = None, linear_prox: str = "exact",
                    warn: bool = True) -> FinetuneResult:
     """Fine-tuning state evolution (eqs. 67-72) on given frozen fields, and Result 3 at its fixed point.
 
@@ -567,6 +575,9 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
         rank_one_normals: (>= n, 2T) standard normals (chi*, zeta) of eq. 62 to use instead of
             drawing them from ``seed`` (e.g. the quasi-Monte-Carlo columns of a joint Sobol draw,
             see :func:`solve_finetune_effective`).
+        linear_prox: for sigma(x) = x/T, 'exact' (default): the global maximiser from the secular
+            equation (:mod:`hdlora.theory.prox_rank_one_linear`, one eigendecomposition per solve);
+            'search': the multi-start Newton search used for softmax (an independent check, ~5x slower).
         warn: warn on non-convergence.
 
     The two forms of m_hat and v_hat (eq. 71 is common):
@@ -591,6 +602,8 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
     t0 = time.perf_counter()
     if form not in ("direct", "stein"):
         raise ParamError(f"form must be 'direct' or 'stein', got {form!r}")
+    if linear_prox not in ("exact", "search"):
+        raise ParamError(f"linear_prox must be 'exact' or 'search', got {linear_prox!r}")
     T = params.tokens
     z_star, z = _check_fields(z_star, z, T)
     if n_mc is not None:
@@ -680,6 +693,11 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
                "n_failed": nf, "n_not_max": nm, "n_changed": nc}
         return {"m": m_new, "q": q_new, "v": v_new}, aux
 
+    exact = act == "linear" and linear_prox == "exact"
+    if exact:     # exact global prox (secular equation), no multi-start search
+        lin = LinearRankOneProx(Zb - Zs - chi_star[:, :, None] * chi_star[:, None, :], chi_star, zeta)
+        update = _linear_update(lin, ap, lam_ft, T, form)
+
     state = _default_init(params)
     if init is not None:
         st = init.state if isinstance(init, FinetuneResult) else init
@@ -699,12 +717,18 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
         st_new, aux = update(state)
         iterations += 1
         res_final = max(abs(st_new[k] - state[k]) / max(1.0, abs(state[k])) for k in state)
-        if not converged or res_final <= 10 * tol or iterations >= max_iter:
+        # (linear: the prox is the exact global maximiser, so there is no other basin to find)
+        if not converged or res_final <= 10 * tol or iterations >= max_iter or exact:
             break
         state = st_new        # a better prox basin was found: continue from there
     converged = bool(converged and res_final <= 10 * tol)
     m, q, v = state["m"], state["q"], state["v"]
-    chi, C = _n(aux["chi"]), _n(aux["C"])
+    if exact:      # chi and C at the last evaluation, back in the token basis
+        out = aux["prox"]
+        chi = lin.to_original(out["y"])
+        C = v * lin.matrix_to_original(lin.curvature(out))
+    else:
+        chi, C = _n(aux["chi"]), _n(aux["C"])
 
     # Result 3 at the fixed point
     X_train = Zb - q * eye + chi[:, :, None] * chi[:, None, :]
@@ -732,6 +756,37 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
         warnings.warn(f"fine-tuning replicon condition violated: {result.replicon_finetune:.3g} >= 1 (eq. 78)",
                       RuntimeWarning, stacklevel=2)
     return result
+
+
+def _linear_update(lin: LinearRankOneProx, ap: float, lam_ft: float, T: int, form: str):
+    """The update map of eqs. 67-72 for sigma(x) = x/T, with the exact prox of
+    :mod:`hdlora.theory.prox_rank_one_linear` (all sums in the eigenbasis of B, where they are the same)."""
+
+    def update(state):
+        m, q, v = state["m"], state["q"], state["v"]
+        m = float(np.clip(m, -math.sqrt(q), math.sqrt(q)))
+        out = lin(m, q, v)
+        diff = out["y"] - out["yt"]
+        qhat = ap / v**2 * np.mean((diff * diff).sum(axis=0))                                 # eq. 71
+        dq = out["dpsi_dq"]
+        if form == "stein":
+            trC = v * np.trace(lin.curvature(out), axis1=1, axis2=2)
+            mhat = ap / v * np.mean((lin.a_star * out["y"]).sum(axis=0) - m / v * trC)         # eq. 70
+            vhat = ap * T / v - ap / v**2 * np.mean(trC) - 2.0 * ap * np.mean(dq)            # eq. 72
+        else:
+            fz = np.mean((diff * lin.a_zeta).sum(axis=0)) / v / math.sqrt(max(q - m * m, 1e-300))
+            mhat = ap * (np.mean((diff * lin.a_star).sum(axis=0)) / v - m * fz)
+            vhat = -ap * fz - 2.0 * ap * np.mean(dq)
+        v_new = 1.0 / (2.0 * lam_ft + vhat) if 2.0 * lam_ft + vhat > 0 else math.inf          # eq. 69
+        # a sample whose secular root is not a stationary point (never seen) counts as failed
+        gscale = 1.0 + np.sqrt((out["yt"] ** 2).sum(axis=0)) / v
+        n_failed = int(np.sum(~(out["grad_norm"] <= 1e-8 * gscale)))
+        n_not_max = int(np.sum(out["d"].min(axis=0) < -1e-12))
+        aux = {"mhat": float(mhat), "qhat": float(qhat), "vhat": float(vhat), "prox": out,
+               "n_failed": n_failed, "n_not_max": n_not_max, "n_changed": 0}
+        return {"m": mhat * v_new, "q": (mhat**2 + qhat) * v_new**2, "v": v_new}, aux         # eqs. 67-68
+
+    return update
 
 
 def _se(x: np.ndarray) -> float:
