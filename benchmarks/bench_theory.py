@@ -8,7 +8,8 @@ Cases (Fig. 1 setting: alpha = 0.1, alpha' = 3, T = 3, kappa0 = kappa = 1,
 Delta = 0.5, lam = 0.1, lam' = 0.5, e = 0):
   * softmax, cold start;
   * softmax, warm start from the neighbouring point lam = 0.12 (as in a sweep);
-  * linear (pre-training in closed form, fine-tuning by Monte Carlo);
+  * linear (pre-training in closed form; fine-tuning by Monte Carlo with the exact global prox
+    of hdlora.theory.prox_rank_one_linear);
   * softmax at the Fig. 3 setting (T = 2, kappa0 = 0.5, alpha = 0.2, e = 1, lam = 0.3).
 Each case is timed ``--repeat`` times in this process (one BLAS/torch thread by
 default) and the minimum and median are reported, with the iteration counts.
