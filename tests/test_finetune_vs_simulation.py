@@ -70,3 +70,35 @@ def test_softmax_theory_vs_simulation_D1000_attention_loss():
     s = simulate.run(p, 1000, 12, loss="attention", effective=EFF)
     _compare(r, s, ["overlap", "finetune_test_error", "finetune_train_error"],
              theory_sd={"overlap": 2e-3, "finetune_test_error": 4e-3, "finetune_train_error": 3e-3})
+
+
+# ---------------------------------------------------------------- the T = 2 LoRA-only corner
+# Softmax, T = 2, LoRA only (W_hat = 0, kappa0 = 0.5 so Q0 = 1.5), Delta = 0.5, alpha' = 3.
+# Measured (VALIDATION 1c item 4): theory and simulation agree where the replicon is < 1
+# (lam' = 1) and part where the theory's own flags go up (lam' <= 0.3).
+T2 = {"tokens": 2, "kappa0": 0.5, "noise": 0.5, "alpha_ft": 3.0, "lam": math.inf}
+
+
+def test_softmax_T2_small_lam_ft_is_flagged_outside_replica_symmetry():
+    """lam' = 0.05: replicon (eq. 78) >= 1 at every sample size / seed measured (1.6-2.4 at
+    n = 4000-8000, 3.8 at 3e4), so the result must carry the flag."""
+    p = Params(lam_ft=0.05, **T2)
+    with pytest.warns(RuntimeWarning):
+        r = solve_finetune_effective(p, p.Q0, 0.0, 0.0, n_mc=4000, seed=0)
+    assert r.replicon_unstable
+
+
+def test_softmax_T2_lora_only_agrees_where_replicon_holds():
+    """lam' = 1: replicon 0.51.  Measured, D = 500, 6 seeds, attention loss: overlap 0.8148 +- 0.0056,
+    E' 0.4561 +- 0.0018, L' 0.3753 +- 0.0021, q 0.2259 +- 0.0041, m 0.3881 +- 0.0074; theory
+    (n = 3e4, seed 0) 0.8022, 0.4599, 0.3785, 0.2247, 0.3803.  Theory seed sd at n = 3e4 taken as
+    that of the T = 3 points (overlap 2e-3 .. 6e-3, E' 2e-3); tolerance 3 x hypot(sim se, theory sd)."""
+    simulate = pytest.importorskip("hdlora.simulate")
+    p = Params(lam_ft=1.0, **T2)
+    law = {"Q0": p.Q0, "Q": 0.0, "M": 0.0}
+    r = solve_finetune_effective(p, **law, n_mc=30_000, seed=0)
+    assert r.converged and not r.replicon_unstable
+    s = simulate.run(p, 500, 6, loss="attention", effective=law)
+    _compare(r, s, ["overlap", "finetune_test_error", "finetune_train_error", "q", "m"],
+             theory_sd={"overlap": 4e-3, "finetune_test_error": 2e-3, "finetune_train_error": 2e-3,
+                        "q": 4e-3, "m": 4e-3})
