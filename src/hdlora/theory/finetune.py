@@ -676,22 +676,9 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
             ct, Zq, Y_t, v, act, starts=starts, Y_arg=Yarg_t if full else None, alt=cache["alt"], want_alt=True,
             **_GLOBAL_SEARCH)
         cache["chi"], cache["alt"] = chi, alt
-        trC = C[d, d].sum(axis=0)
-        diff = chi - ct
-        qhat = ap / v**2 * np.mean((diff * diff).sum(axis=0))                                 # eq. 71
-        if form == "stein":
-            mhat = ap / v * np.mean((cs_t * chi).sum(axis=0) - m / v * trC)                  # eq. 70
-            vhat = ap * T / v - ap / v**2 * np.mean(trC) - 2.0 * ap * np.mean(dq)             # eq. 72
-        else:   # direct derivatives of E max psi (envelope theorem), before Stein's lemma
-            fz = np.mean((diff * zeta_t).sum(axis=0)) / v / math.sqrt(max(q - m * m, 1e-300))
-            mhat = ap * (np.mean((diff * cs_t).sum(axis=0)) / v - m * fz)
-            vhat = -ap * fz - 2.0 * ap * np.mean(dq)
-        v_new = 1.0 / (2.0 * lam_ft + vhat) if 2.0 * lam_ft + vhat > 0 else math.inf          # eq. 69
-        m_new = mhat * v_new                                                                   # eq. 67
-        q_new = (mhat**2 + qhat) * v_new**2                                                    # eq. 68
-        aux = {"mhat": float(mhat), "qhat": float(qhat), "vhat": float(vhat), "chi": chi, "C": C,
-               "n_failed": nf, "n_not_max": nm, "n_changed": nc}
-        return {"m": m_new, "q": q_new, "v": v_new}, aux
+        new, hats = _state_update(chi, ct, cs_t, zeta_t, dq, lambda: C[d, d].sum(axis=0), m, q, v, ap, lam_ft, T,
+                                  form)
+        return new, {**hats, "chi": chi, "C": C, "n_failed": nf, "n_not_max": nm, "n_changed": nc}
 
     exact = act == "linear" and linear_prox == "exact"
     if exact:     # exact global prox (secular equation), no multi-start search
@@ -758,6 +745,30 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
     return result
 
 
+def _state_update(chi, ct, cs, zeta, dq, trace_C, m, q, v, ap, lam_ft, T, form):
+    """One step of eqs. 67-72 from the prox of every sample.
+
+    chi, ct, cs, zeta: chi_prox, chi_tilde, chi*, zeta (eq. 62), token-first (T, n), all four in one
+    orthonormal basis per sample (the sums are rotation invariant); dq: (n,) explicit d psi / d q;
+    trace_C: callable returning (n,) Tr C (eq. 66), evaluated only by the Stein form.
+    Returns the new state (m, q, v) and the conjugates (m_hat, q_hat, v_hat).
+    See :func:`solve_finetune` for the 'stein' and 'direct' forms.
+    """
+    diff = chi - ct
+    qhat = ap / v**2 * np.mean((diff * diff).sum(axis=0))                                     # eq. 71
+    if form == "stein":
+        trC = trace_C()
+        mhat = ap / v * np.mean((cs * chi).sum(axis=0) - m / v * trC)                          # eq. 70
+        vhat = ap * T / v - ap / v**2 * np.mean(trC) - 2.0 * ap * np.mean(dq)                 # eq. 72
+    else:   # direct derivatives of E max psi (envelope theorem), before Stein's lemma
+        fz = np.mean((diff * zeta).sum(axis=0)) / v / math.sqrt(max(q - m * m, 1e-300))
+        mhat = ap * (np.mean((diff * cs).sum(axis=0)) / v - m * fz)
+        vhat = -ap * fz - 2.0 * ap * np.mean(dq)
+    v_new = 1.0 / (2.0 * lam_ft + vhat) if 2.0 * lam_ft + vhat > 0 else math.inf              # eq. 69
+    new = {"m": mhat * v_new, "q": (mhat**2 + qhat) * v_new**2, "v": v_new}                   # eqs. 67-68
+    return new, {"mhat": float(mhat), "qhat": float(qhat), "vhat": float(vhat)}
+
+
 def _linear_update(lin: LinearRankOneProx, ap: float, lam_ft: float, T: int, form: str):
     """The update map of eqs. 67-72 for sigma(x) = x/T, with the exact prox of
     :mod:`hdlora.theory.prox_rank_one_linear` (all sums in the eigenbasis of B, where they are the same)."""
@@ -766,25 +777,14 @@ def _linear_update(lin: LinearRankOneProx, ap: float, lam_ft: float, T: int, for
         m, q, v = state["m"], state["q"], state["v"]
         m = float(np.clip(m, -math.sqrt(q), math.sqrt(q)))
         out = lin(m, q, v)
-        diff = out["y"] - out["yt"]
-        qhat = ap / v**2 * np.mean((diff * diff).sum(axis=0))                                 # eq. 71
-        dq = out["dpsi_dq"]
-        if form == "stein":
-            trC = v * np.trace(lin.curvature(out), axis1=1, axis2=2)
-            mhat = ap / v * np.mean((lin.a_star * out["y"]).sum(axis=0) - m / v * trC)         # eq. 70
-            vhat = ap * T / v - ap / v**2 * np.mean(trC) - 2.0 * ap * np.mean(dq)            # eq. 72
-        else:
-            fz = np.mean((diff * lin.a_zeta).sum(axis=0)) / v / math.sqrt(max(q - m * m, 1e-300))
-            mhat = ap * (np.mean((diff * lin.a_star).sum(axis=0)) / v - m * fz)
-            vhat = -ap * fz - 2.0 * ap * np.mean(dq)
-        v_new = 1.0 / (2.0 * lam_ft + vhat) if 2.0 * lam_ft + vhat > 0 else math.inf          # eq. 69
+        new, hats = _state_update(out["y"], out["yt"], lin.a_star, lin.a_zeta, out["dpsi_dq"],
+                                  lambda: v * np.trace(lin.curvature(out), axis1=1, axis2=2), m, q, v, ap, lam_ft, T,
+                                  form)
         # a sample whose secular root is not a stationary point (never seen) counts as failed
         gscale = 1.0 + np.sqrt((out["yt"] ** 2).sum(axis=0)) / v
         n_failed = int(np.sum(~(out["grad_norm"] <= 1e-8 * gscale)))
         n_not_max = int(np.sum(out["d"].min(axis=0) < -1e-12))
-        aux = {"mhat": float(mhat), "qhat": float(qhat), "vhat": float(vhat), "prox": out,
-               "n_failed": n_failed, "n_not_max": n_not_max, "n_changed": 0}
-        return {"m": mhat * v_new, "q": (mhat**2 + qhat) * v_new**2, "v": v_new}, aux         # eqs. 67-68
+        return new, {**hats, "prox": out, "n_failed": n_failed, "n_not_max": n_not_max, "n_changed": 0}
 
     return update
 

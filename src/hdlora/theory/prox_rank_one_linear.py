@@ -55,7 +55,7 @@ def solve_secular(b: np.ndarray, yt: np.ndarray, c: float, *, r0: np.ndarray | N
     return y, (y * y).sum(axis=1), d, it
 
 
-def _solve_secular_t(b, yt, c, r0, max_iter, step_tol):
+def _solve_secular_t(b, yt, c, r0=None, max_iter=100, step_tol=1e-9):
     """:func:`solve_secular` in the token-first layout b, yt (T, n); returns y, d (T, n), iterations."""
     T, n = b.shape
     bmin = b.min(axis=0)
@@ -169,7 +169,7 @@ class LinearRankOneProx:
         s = math.sqrt(max(q - m * m, 0.0))
         yt = m * self.a_star + s * self.a_zeta
         b = self.b0 - (q - 1.0)
-        y, d, it = _solve_secular_t(b, yt, c, self._r_last, 100, 1e-9)
+        y, d, it = _solve_secular_t(b, yt, c, self._r_last)
         r = (y * y).sum(axis=0)
         self._r_last = r
         self.newton_iterations = it
