@@ -80,6 +80,17 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _queue(job_name: str, wait_s: float = 30.0) -> list[str]:
+    """The jobs of that name still in SLURM's queue, after up to wait_s for cancelled ones to complete."""
+    deadline = time.time() + wait_s
+    while True:
+        q = subprocess.run(["squeue", "-h", "-n", job_name, "-o", "%i:%t"], capture_output=True, text=True,
+                           timeout=30).stdout.split()
+        if not q or time.time() > deadline:
+            return q
+        time.sleep(1)
+
+
 def _rows(db: Path) -> dict:
     with Store(db) as s:
         return {Store.key(r.kind, r.params, r.options): r for r in s.rows()}
@@ -134,14 +145,7 @@ def test_slurm_cluster_gives_the_same_results_as_the_local_pool(tmp_path):
     assert "Registered to:" in err and "tcp://127.0.0.1:" in err, err[-2000:]
     assert len(list(logs.glob("*.err"))) == 2  # two jobs submitted (--workers 2)
     # the jobs are gone once the command has returned (cancelled by the cluster's close)
-    deadline = time.time() + 30
-    while True:
-        q = subprocess.run(["squeue", "-h", "-n", job_name, "-o", "%i %t"], capture_output=True, text=True,
-                           timeout=30).stdout.split()
-        if not q or time.time() > deadline:
-            break
-        time.sleep(1)
-    assert not q, f"jobs left in the queue: {q}"
+    assert not (q := _queue(job_name)), f"jobs left in the queue: {q}"
 
     # same code, same seeds, float64 and one thread on both sides: the stored numbers agree exactly
     compared = 0
@@ -156,3 +160,63 @@ def test_slurm_cluster_gives_the_same_results_as_the_local_pool(tmp_path):
     assert compared >= 6 * 10
     errs = [r.result["finetune_test_error"] for r in theory_s.values()]
     assert len(set(errs)) == len(errs)  # a non-trivial grid: the points differ
+
+
+SLOW = """
+[sweep]
+name = "slurm-interrupt"
+
+[params]
+alpha = 0.5
+tokens = 2
+lam = 0.1
+lam_ft = 0.5
+activation = "linear"
+
+[axes]
+alpha_ft = [1.0, 2.0, 3.0, 4.0]
+
+[run."_sweep_kinds:arith"]
+sleep = 3.0
+"""
+
+
+def test_ctrl_c_stops_the_sweep_and_cancels_the_jobs(tmp_path):
+    """SIGINT: what finished is stored, the run is marked interrupted, exit 130, no job left in SLURM."""
+    import signal
+
+    if (why := _slurm_problem()) is not None:
+        if os.environ.get("HDLORA_REQUIRE_SLURM"):
+            pytest.fail(why)
+        pytest.skip(why)
+    path = tmp_path / "slow.toml"
+    path.write_text(textwrap.dedent(SLOW))
+    job_name = f"hdlora-int-{os.getpid()}"
+    db = tmp_path / "int.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hdlora.experiments.cli", str(path), "--no-progress", "--db", str(db),
+         "--cluster", "slurm", "--cluster-option", "host=127.0.0.1", "--cluster-option", f"job_name={job_name}",
+         "--cluster-option", "memory=1GB", "--cluster-option", f"log_directory={tmp_path / 'jobs'}",
+         "--cluster-option", f"job_script_prologue=export PYTHONPATH={TESTS}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(TESTS)))
+    try:
+        deadline = time.time() + 120
+        while True:  # interrupt once the first task is stored (so the job runs and a result exists)
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no task finished within 120 s"
+            if db.exists():
+                with Store(db) as s:
+                    if len(list(s.rows())) >= 1:
+                        break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in out
+    with Store(db) as s:
+        assert 1 <= len(list(s.rows())) < 4
+        assert s.runs()[-1]["state"] == "interrupted"
+    assert not (q := _queue(job_name)), f"jobs left in the queue after Ctrl-C: {q}"

@@ -236,7 +236,17 @@ class SlurmCluster:
     def start(self) -> str:
         """Start the scheduler and submit the jobs (once); returns the scheduler's address."""
         if self._cluster is None:
+            import signal
+            import threading
+
+            before = signal.getsignal(signal.SIGINT)
             from dask_jobqueue import SLURMCluster
+
+            if threading.current_thread() is threading.main_thread():
+                # dask_jobqueue.runner, imported with the package, replaces the SIGINT handler by
+                # sys.exit() (exit status 0, sweep not marked interrupted): put ours back, so that
+                # Ctrl-C stops the sweep as with the local pool (what finished is stored, exit 130)
+                signal.signal(signal.SIGINT, before)
 
             self._cluster = SLURMCluster(**self.options.cluster_kwargs())
             try:
