@@ -5,7 +5,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test test-slow test-cluster bench clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,17 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow
+
+# a real single-node SLURM on this machine (Debian slurm-wlm + munge, installed if missing; root),
+# the SLURM test through it (--cluster slurm), and SLURM stopped again, also when the test fails
+SLURM_DIR ?= /tmp/hdlora-slurm
+test-cluster: $(STAMP)
+	$(VPY) -m pip install -q -e '.[test,cluster]'
+	trap 'scripts/slurm_down.sh $(SLURM_DIR)' EXIT; \
+	scripts/slurm_up.sh $(SLURM_DIR) && \
+	SLURM_CONF=$(SLURM_DIR)/slurm.conf HDLORA_REQUIRE_SLURM=1 \
+	    $(VPY) -m pytest -q -m cluster -s -p no:cacheprovider tests/test_slurm_cluster.py \
+	    || { tail -n 40 $(SLURM_DIR)/slurmctld.log $(SLURM_DIR)/slurmd.log 2>/dev/null; exit 1; }
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(VPY) $$b; done

@@ -19,15 +19,38 @@ def add_executor_arguments(p: argparse.ArgumentParser) -> None:
                    help="local worker processes (default: all cores; 1 runs in this process)")
     p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
                    help="run the tasks on this Dask distributed scheduler instead of locally")
+    p.add_argument("--cluster", choices=["slurm"], default=None,
+                   help="submit SLURM jobs (dask-jobqueue) that run the tasks; --workers is then the number "
+                        "of jobs (default 1); results are stored here, by this process")
+    p.add_argument("--cluster-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="job shape for --cluster (repeatable): cores, processes, memory, walltime, queue, "
+                        "account, job_extra_directives, job_script_prologue, jobs, adapt=MIN:MAX, host, port, "
+                        "interface, python, log_directory, local_directory, job_name; see the README")
 
 
 def executor_arguments_error(args: argparse.Namespace) -> str | None:
     """The problem with --workers / --scheduler, or None."""
     if args.workers is not None and args.workers < 1:
         return f"--workers must be >= 1, got {args.workers}"
+    if getattr(args, "cluster", None) or getattr(args, "cluster_option", None):
+        from .slurm import cluster_arguments_error
+
+        return cluster_arguments_error(args)
     if args.scheduler and args.workers is not None:
         return "--workers is for the local pool; with --scheduler the cluster's workers run the tasks"
     return None
+
+
+def scheduler_argument(args: argparse.Namespace):
+    """``scheduler`` for run_sweep / run_figure, as a context manager: the --scheduler address,
+    or (--cluster slurm) a SLURM cluster whose jobs are submitted on first use and cancelled on exit."""
+    import contextlib
+
+    if getattr(args, "cluster", None):
+        from .slurm import SlurmCluster
+
+        return SlurmCluster.from_args(args)
+    return contextlib.nullcontext(args.scheduler)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        report = run_sweep(spec, workers=args.workers, scheduler=args.scheduler, retry_failed=args.retry_failed,
-                           progress=not args.no_progress)
+        with scheduler_argument(args) as scheduler:
+            report = run_sweep(spec, workers=args.workers, scheduler=scheduler, retry_failed=args.retry_failed,
+                               progress=not args.no_progress)
     except ConnectionError as exc:
         return fail(str(exc))
     written = []

@@ -170,7 +170,13 @@ class DaskExecutor:
 
 
 def make_executor(workers: int | None = None, scheduler: str | None = None):
-    """``scheduler`` given: Dask; ``workers == 1``: serial in this process; else a local pool."""
+    """``scheduler`` given: Dask; ``workers == 1``: serial in this process; else a local pool.
+
+    ``scheduler`` is a ``tcp://HOST:PORT`` address, or an object that starts a cluster and
+    returns its executor (:class:`hdlora.experiments.slurm.SlurmCluster`, ``--cluster slurm``).
+    """
+    if scheduler is not None and not isinstance(scheduler, str):
+        return scheduler.executor()
     if scheduler:
         return DaskExecutor(scheduler)
     if workers == 1:

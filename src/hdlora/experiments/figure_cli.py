@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from .cli import add_executor_arguments, executor_arguments_error
+from .cli import add_executor_arguments, executor_arguments_error, scheduler_argument
 
 
 def _int(text: str) -> int:
@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     reports = []
     if not args.plot_only:
         try:
-            reports = run_figure(fig, workers=args.workers, scheduler=args.scheduler, progress=not args.no_progress)
+            with scheduler_argument(args) as scheduler:
+                reports = run_figure(fig, workers=args.workers, scheduler=scheduler, progress=not args.no_progress)
         except ConnectionError as exc:
             return fail(str(exc))
     paths = plot_figure(fig)
