@@ -1,0 +1,315 @@
+"""The state-evolution engine (hdlora.theory.engine) on maps with known answers."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from hdlora.theory.engine import (
+    CONVERGED, CONVERGED_MC, NOT_CONVERGED, REPLICA_UNSTABLE, BranchChoiceWarning, CarryDependenceError,
+    MCResolution, Stage, check_carry_independence, residual, solve_stage,
+)
+from hdlora.theory.fixed_point import NonConvergenceWarning, iterate
+
+
+def map_stage(F, **kw):
+    """A stage from a plain map F(x) (no carry)."""
+    return Stage(init=lambda p, s: None, update=lambda x, c: (F(x), c, None), **kw)
+
+
+def solve_quiet(stage, starts, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonConvergenceWarning)
+        warnings.simplefilter("ignore", BranchChoiceWarning)
+        return solve_stage(stage, starts, **kw)
+
+
+def test_contraction_reaches_its_known_fixed_point_and_records_the_iteration():
+    # F(x) = cos(x): the Dottie number 0.739085133215160...
+    st = map_stage(np.cos, names=("x",))
+    r = solve_stage(st, {"uninformed": [1.0]}, tol=1e-12)
+    b = r.branch
+    assert r.status == CONVERGED and b.status == CONVERGED and r.converged
+    assert r.state["x"] == pytest.approx(0.7390851332151607, abs=1e-11)
+    # the residual is measured at the returned point
+    assert b.residual == residual(np.cos(b.x), b.x) <= 1e-12
+    assert b.iterations == len(b.history) and b.history[-1] == b.residual
+    # Anderson needs far fewer evaluations than plain iteration (rate |sin x*| = 0.67: ~70 for 1e-12)
+    plain = solve_stage(st, {"uninformed": [1.0]}, tol=1e-12, anderson=0)
+    assert plain.status == CONVERGED and plain.iterations > 3 * b.iterations
+
+
+def test_oscillating_map_plain_iteration_cannot_converge_and_the_engine_does():
+    # F(x) = 1 - 1.5 (x - 1): slope -1.5, plain iteration diverges with growing oscillation
+    F = lambda x: 1.0 - 1.5 * (x - 1.0)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonConvergenceWarning)
+        old = iterate(lambda s: ({"x": float(F(s["x"]))}, None), {"x": 2.0}, mixing=1.0, tol=1e-10, max_iter=500)
+    # fixed_point.iterate's "3 consecutive rising residuals" rule never fires: relative residual flat ~2.5
+    assert not old.converged and old.mixing == 1.0 and old.residual > 2.0
+    # the engine's stall rule halves the mixing even without acceleration
+    r = solve_stage(map_stage(F), {"u": [2.0]}, mixing=1.0, anderson=0, tol=1e-10)
+    assert r.status == CONVERGED and r.x[0] == pytest.approx(1.0, abs=1e-9)
+    assert r.branch.mixing < 0.8 and any("mixing reduced" in e for _, e in r.branch.events)
+    # with Anderson (a secant step on a linear map) in a few evaluations
+    a = solve_stage(map_stage(F), {"u": [2.0]}, mixing=1.0, tol=1e-10)
+    assert a.status == CONVERGED and a.x[0] == pytest.approx(1.0, abs=1e-10) and a.iterations <= 4
+
+
+def test_repelling_fixed_point_no_damping_converges_anderson_does():
+    # F(x) = 2x - 1: fixed point 1 with slope 2; damped step multiplier 1 + a > 1 for every a > 0
+    F = lambda x: 2.0 * x - 1.0  # noqa: E731
+    for a in (1.0, 0.5, 0.1):
+        with pytest.warns(NonConvergenceWarning, match="not converged"):
+            d = solve_stage(map_stage(F), {"u": [1.5]}, mixing=a, anderson=0, max_iter=60)
+        assert d.status == NOT_CONVERGED and not d.converged and abs(d.x[0] - 1.0) > 0.4
+    r = solve_stage(map_stage(F), {"u": [1.5]}, mixing=0.5, tol=1e-12)
+    assert r.status == CONVERGED and r.x[0] == pytest.approx(1.0, abs=1e-12)
+
+
+def double_well(tilt):
+    """Gradient step on V(x) = (x^2 - 1)^2 + tilt x: fixed points = stationary points of V."""
+    V = lambda x: (x * x - 1.0) ** 2 + tilt * x  # noqa: E731
+    F = lambda x: x - 0.05 * (4 * x**3 - 4 * x + tilt)  # noqa: E731
+    minima = sorted(r.real for r in np.roots([4.0, 0.0, -4.0, tilt]) if abs(r.imag) < 1e-12 and 12 * r.real**2 - 4 > 0)
+    return V, F, minima
+
+
+def test_two_fixed_points_both_found_lower_objective_chosen_other_kept():
+    V, F, (xl, xr) = double_well(0.3)
+    st = map_stage(F, objective=lambda x, c: (float(V(x[0])), None))
+    r = solve_stage(st, {"uninformed": [1.3], "informed": [-1.3]}, tol=1e-12)
+    assert r.branches["uninformed"].x[0] == pytest.approx(xr, abs=1e-10)
+    assert r.branches["informed"].x[0] == pytest.approx(xl, abs=1e-10)
+    assert V(xl) < V(xr)            # the tilt makes the left well lower
+    assert r.chosen == "informed" and r.status == CONVERGED and not r.undecided
+    other = r.branches["uninformed"]
+    assert other.status == CONVERGED and other.objective == pytest.approx(V(xr), rel=1e-12)
+    (c,) = r.comparisons
+    assert c.other == "uninformed" and c.verdict == "higher" and c.diff == pytest.approx(V(xr) - V(xl), rel=1e-9)
+    # the same two starts in the other order: same choice
+    r2 = solve_stage(st, {"informed": [-1.3], "uninformed": [1.3]}, tol=1e-12)
+    assert r2.chosen == "informed"
+
+
+def test_starts_converging_to_the_same_point_are_not_undecided():
+    V, F, (xl, xr) = double_well(0.3)
+    st = map_stage(F, objective=lambda x, c: (float(V(x[0])), None))
+    r = solve_stage(st, {"a": [1.5], "b": [0.8]}, tol=1e-12)
+    assert r.comparisons[0].verdict == "same point" and not r.undecided and r.flags == ()
+
+
+def noisy_double_well(tilt, n=100, seed=0):
+    """Two branches whose per-sample objectives V(x) + x u_i differ by noise of s.e. ~ |x_l - x_r| / sqrt(n)."""
+    V, F, minima = double_well(tilt)
+    u = np.random.default_rng(seed).standard_normal(n)
+    st = Stage(init=lambda p, s: s, update=lambda x, c: (F(x), c, None),
+               objective=lambda x, c: (float(np.mean(V(x[0]) + x[0] * c)), V(x[0]) + x[0] * c))
+    return st, u, V, minima
+
+
+def test_undecided_when_paired_objectives_differ_within_two_standard_errors():
+    st, u, V, (xl, xr) = noisy_double_well(0.01)
+    with pytest.warns(BranchChoiceWarning, match="undecided"):
+        r = solve_stage(st, {"informed": [-1.3], "uninformed": [1.3]}, samples=u, tol=1e-12)
+    (c,) = r.comparisons
+    d = (V(xr) + xr * u) - (V(xl) + xl * u)
+    assert c.se == pytest.approx(np.std(d, ddof=1) / 10, rel=1e-9) and c.se > 0.1
+    assert abs(c.diff) <= 2 * c.se and c.verdict == "undecided" and r.undecided
+    # a clear objective gap on the same samples is decided
+    st2, u2, V2, _ = noisy_double_well(1.0)
+    r2 = solve_stage(st2, {"informed": [-1.3], "uninformed": [1.3]}, samples=u2, tol=1e-12)
+    assert r2.chosen == "informed" and r2.comparisons[0].verdict == "higher" and not r2.undecided
+
+
+def test_branches_on_different_samples_are_not_compared():
+    from hdlora.theory.engine import choose_branch
+    st, u, _, _ = noisy_double_well(0.3)
+    a = solve_stage(st, {"informed": [-1.3]}, samples=u, samples_key=("mc", 0), tol=1e-12).branch
+    b = solve_stage(st, {"uninformed": [1.3]}, samples=u, samples_key=("mc", 1), tol=1e-12).branch
+    with pytest.raises(ValueError, match="same samples"):
+        choose_branch([a, b])
+
+
+def test_replica_unstable_branch_with_lower_objective_is_not_chosen_silently():
+    V, F, (xl, xr) = double_well(0.3)
+    # the lower (left) branch is declared replica-unstable through aux
+    st = Stage(init=lambda p, s: None,
+               update=lambda x, c: (F(x), c, {"replicon": 1.7 if x[0] < 0 else 0.4}),
+               objective=lambda x, c: (float(V(x[0])), None))
+    with pytest.warns(BranchChoiceWarning, match="replica-unstable"):
+        r = solve_stage(st, {"informed": [-1.3], "uninformed": [1.3]}, tol=1e-12)
+    assert r.branches["informed"].status == REPLICA_UNSTABLE and r.branches["informed"].replicon == 1.7
+    assert r.chosen == "uninformed" and r.status == CONVERGED
+    assert any("'informed'" in f and "replica-unstable" in f for f in r.flags)
+    # only unstable branches: the lowest is returned, with status replica-unstable
+    st_all = Stage(init=st.init, update=lambda x, c: (F(x), c, None), objective=st.objective,
+                   replicon=lambda x, c, aux: 2.0)
+    with pytest.warns(BranchChoiceWarning, match="no replica-stable"):
+        r2 = solve_stage(st_all, {"informed": [-1.3], "uninformed": [1.3]}, tol=1e-12)
+    assert r2.chosen == "informed" and r2.status == REPLICA_UNSTABLE and not r2.converged
+
+
+def test_non_convergent_map_is_flagged_and_warned():
+    # F(x) = x + 1 has no fixed point
+    with pytest.warns(NonConvergenceWarning, match="not converged"):
+        r = solve_stage(map_stage(lambda x: x + 1.0, name="shift"), {"u": [0.0]}, max_iter=40)
+    b = r.branch
+    assert r.status == NOT_CONVERGED and b.status == NOT_CONVERGED and b.iterations == 40 and b.reason
+    # the returned point is one where F was evaluated, with its residual
+    assert b.residual == pytest.approx(residual(b.x + 1.0, b.x), rel=1e-12) and b.residual > 1e-3
+
+
+def test_nan_image_stops_and_is_not_converged():
+    with pytest.warns(NonConvergenceWarning):
+        r = solve_stage(map_stage(lambda x: x * math.nan), {"u": [1.0]})
+    assert r.status == NOT_CONVERGED and r.branch.iterations == 1 and math.isnan(r.branch.residual)
+
+
+def test_converged_requires_the_cap_whatever_tol():
+    # tol = 0.1 asked; converged still needs residual <= 1e-3
+    r = solve_stage(map_stage(lambda x: 0.5 * x + 0.5), {"u": [10.0]}, tol=0.1, anderson=0)
+    assert r.status == CONVERGED and r.residual <= 1e-3
+
+
+def test_domain_leaving_accelerated_step_rejected_and_history_reset_never_clipped():
+    # F(x) = x - 0.1 tanh(x - 1), domain x > 0: far from 1 the residual is nearly constant, so the first
+    # secant (Anderson) step extrapolates to x ~ -70, outside the domain
+    calls = []
+
+    def F(x):
+        calls.append(float(x[0]))
+        return x - 0.1 * np.tanh(x - 1.0)
+
+    st = map_stage(F, domain=lambda x: bool(x[0] > 0))
+    r = solve_stage(st, {"u": [5.0]}, tol=1e-10, max_iter=2000)
+    b = r.branch
+    assert r.status == CONVERGED and b.x[0] == pytest.approx(1.0, abs=1e-9)
+    assert b.n_rejected >= 1
+    assert any("leaves the domain" in e and "history reset" in e for _, e in b.events)
+    assert min(calls) > 0            # the map was never evaluated outside the domain
+    assert all(c != 1e-12 for c in calls)
+
+
+def test_damped_step_leaving_the_domain_is_shortened_not_clipped():
+    # F(x) = -1 everywhere on x > 0: the full damped step leaves; halving keeps it inside; no fixed point
+    calls = []
+
+    def F(x):
+        calls.append(float(x[0]))
+        return np.array([-1.0])
+
+    with pytest.warns(NonConvergenceWarning):
+        r = solve_stage(map_stage(F, domain=lambda x: bool(x[0] > 0)), {"u": [1.0]}, anderson=0, max_iter=20)
+    assert r.status == NOT_CONVERGED and min(calls) > 0 and r.branch.x[0] > 0
+
+
+def test_start_outside_the_domain_is_not_solved():
+    with pytest.warns(NonConvergenceWarning, match="outside the domain"):
+        r = solve_stage(map_stage(lambda x: x, domain=lambda x: bool(x[0] > 0)), {"u": [-1.0]})
+    assert r.status == NOT_CONVERGED and r.branch.iterations == 0
+
+
+def test_vector_contraction_with_rotation_anderson_on_vectors():
+    # F(x) = c + 0.95 R(theta) (x - c) in 3-D: a slow rotating contraction (plain rate 0.95)
+    th = 1.0
+    R = np.array([[math.cos(th), -math.sin(th), 0.0], [math.sin(th), math.cos(th), 0.0], [0.0, 0.0, 1.0]])
+    A = 0.95 * R
+    c = np.array([1.0, -2.0, 0.5])
+    st = map_stage(lambda x: c + A @ (x - c), names=("m", "q", "v"))
+    r = solve_stage(st, {"uninformed": np.zeros(3)}, tol=1e-10, anderson=5)
+    assert r.status == CONVERGED and np.allclose(r.x, c, atol=1e-9)
+    assert set(r.state) == {"m", "q", "v"}
+    plain = solve_stage(st, {"uninformed": np.zeros(3)}, tol=1e-10, anderson=0, max_iter=5000)
+    assert plain.status == CONVERGED and np.allclose(plain.x, c, atol=1e-8)
+    b, p = r.branch, plain.branch
+    assert b.iterations <= 12 < 100 < p.iterations         # linear 3-D map: Anderson(m >= 3) is exact in a few steps
+    assert b.iterations == len(b.history) and p.iterations == len(p.history)
+    assert b.history[-1] <= 1e-10 and p.history[-1] <= 1e-10
+
+
+def test_verify_that_changes_the_map_resets_the_history():
+    # the map's target moves once, when verify (the global search) finds a "better basin" at the first candidate
+    def update(x, c):
+        return 0.5 * x + 0.5 * c["target"], c, None
+
+    def verify(x, c):
+        if c["target"] == 1.0:
+            return {"target": 3.0}, True
+        return c, False
+
+    st = Stage(init=lambda p, s: {"target": 1.0}, update=update, verify=verify)
+    r = solve_stage(st, {"u": [0.0]}, tol=1e-12)
+    assert r.status == CONVERGED and r.x[0] == pytest.approx(3.0, abs=1e-11)
+    assert any("verify changed the map" in e for _, e in r.branch.events)
+
+
+def test_mc_resolution_hook_explains_a_residual_floor():
+    # a map with a jump at its would-be fixed point (like samples switching between two maxima): no exact fixed point
+    jump = 1e-4
+    F = lambda x: 0.5 * x + 0.5 + np.where(x >= 1.0, -jump, jump)  # noqa: E731
+    with pytest.warns(NonConvergenceWarning):
+        plain = solve_stage(map_stage(F), {"u": [3.0]}, tol=1e-10, max_iter=200)
+    assert plain.status == NOT_CONVERGED and plain.residual > 1e-6
+
+    def explain(x, carry, aux, res):
+        return MCResolution(floor=4 * jump, evidence={"jump": jump, "switching samples": 1})
+
+    r = solve_stage(map_stage(F, mc_resolution=explain), {"u": [3.0]}, tol=1e-10, max_iter=200)
+    assert r.status == CONVERGED_MC and r.converged and r.branch.mc.evidence["jump"] == jump
+    assert 1e-10 < r.residual <= 4 * jump
+    # a floor that does not explain the residual leaves it not converged
+    with pytest.warns(NonConvergenceWarning):
+        r2 = solve_stage(map_stage(F, mc_resolution=lambda *a: MCResolution(1e-9)), {"u": [3.0]}, tol=1e-10,
+                         max_iter=200)
+    assert r2.status == NOT_CONVERGED
+
+
+def test_inner_tolerance_follows_the_residual():
+    seen = []
+
+    def update(x, c, inner_tol):
+        seen.append(inner_tol)
+        return np.cos(x), c, None
+
+    st = Stage(init=lambda p, s: None, update=update, inner_tol=True)
+    r = solve_stage(st, {"u": [1.0]}, tol=1e-10, anderson=0)
+    assert r.converged and seen[0] == pytest.approx(1e-2)
+    h = r.branch.history
+    assert all(t == pytest.approx(1e-2 * res) for t, res in zip(seen[1:], h[:-1]))
+
+
+def test_carry_independence_helper():
+    # good: the carry is a warm start of an inner Newton solve of y^3 = x, solved to full precision
+    def cube_root_update(x, c):
+        y = c["y0"] if c["y0"] is not None else np.ones_like(x)
+        for _ in range(100):
+            y = y - (y**3 - x) / (3 * y**2)
+        return 0.5 * y + 0.5, {"y0": y}, None
+
+    good = Stage(init=lambda p, s: {"y0": None}, update=cube_root_update)
+    dev = check_carry_independence(good, [8.0], [{"y0": None}, {"y0": np.array([5.0])}, {"y0": np.array([0.3])}])
+    assert dev < 1e-12
+    # bad: the carry decides which of two fixed points of an inner problem is returned (a tracked local maximum)
+    def basin_update(x, c):
+        root = c["basin"] * np.sqrt(np.abs(x))
+        return root, c, None
+
+    bad = Stage(init=lambda p, s: {"basin": 1.0}, update=basin_update, name="bad stage")
+    with pytest.raises(CarryDependenceError, match="depends on the carry"):
+        check_carry_independence(bad, [4.0], [{"basin": 1.0}, {"basin": -1.0}])
+
+
+@pytest.mark.parametrize("kw, msg", [({"mixing": 0.0}, "mixing"), ({"mixing": 1.5}, "mixing"), ({"tol": 0.0}, "tol"),
+                                     ({"max_iter": 0}, "max_iter"), ({"anderson": -1}, "anderson"),
+                                     ({"stall": 0}, "stall")])
+def test_bad_settings_refused(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        solve_stage(map_stage(lambda x: x), {"u": [0.0]}, **kw)
+
+
+def test_no_starts_refused():
+    with pytest.raises(ValueError, match="start"):
+        solve_stage(map_stage(lambda x: x), {})
