@@ -313,3 +313,100 @@ def test_bad_settings_refused(kw, msg):
 def test_no_starts_refused():
     with pytest.raises(ValueError, match="start"):
         solve_stage(map_stage(lambda x: x), {})
+
+
+# ------------------------------------------------------------------ real stages, wrapped read-only
+def pretrain_linear_stage(params):
+    """Pre-training state evolution for sigma(x) = x/T with the closed-form output channel (eqs. 49-54)."""
+    from hdlora.theory.pretrain import A0_of, input_channel, output_channel_exact
+
+    A0, T = A0_of(params), params.tokens
+
+    def update(x, c):
+        Q, M, V = x
+        h = output_channel_exact(params.alpha, A0, T, Q, M, V)
+        try:
+            new, _ = input_channel(params.kappa0, params.kappa, params.lam, h["Mhat"], h["Qhat"], h["Vhat"])
+        except FloatingPointError:
+            return np.full(3, math.nan), c, h
+        return np.array([new["Q"], new["M"], new["V"]]), c, h
+
+    return Stage(init=lambda p, s: None, update=update, names=("Q", "M", "V"), name="pre-training (linear, exact)",
+                 domain=lambda x: bool(x[2] > 0 and x[0] > 0 and x[0] >= x[1] ** 2 / A0))
+
+
+@pytest.mark.parametrize("alpha, lam", [(0.1, 0.1), (0.5, 0.01), (2.0, 0.1), (0.3, 1e-3)])
+def test_real_stage_pretrain_linear_reaches_solve_pretrain_fixed_point(alpha, lam):
+    from hdlora import Params
+    from hdlora.theory.pretrain import solve_pretrain
+
+    p = Params(alpha=alpha, tokens=3, kappa0=1.0, kappa=1.0, noise=0.5, lam=lam, activation="linear")
+    ref = solve_pretrain(p, method="exact", tol=1e-10, max_iter=5000)
+    assert ref.converged
+    x0 = [0.5 * p.Q0, 0.4 * p.Q0, 1.0]          # solve_pretrain's default start
+    r = solve_stage(pretrain_linear_stage(p), {"informed": x0, "uninformed": [0.5, 1e-3, 1.0]}, tol=1e-10)
+    assert r.status == CONVERGED and r.flags == ()        # both starts reach the one fixed point
+    # both residuals <= 1e-10 on a contraction: the two points agree to ~1e-10 (measured <= 3e-11)
+    for k in "QMV":
+        assert r.state[k] == pytest.approx(ref.state[k], abs=1e-9)
+
+
+def finetune_linear_stage(params, z_star, z, seed, n):
+    """Fine-tuning state evolution (eqs. 67-72) for sigma(x) = x/T as solve_finetune builds it (exact prox,
+    'direct' form), on the same samples; objective alpha' L'_train + lam' q per sample."""
+    from hdlora.theory.finetune import _linear_update       # read-only use of the stage's update map
+    from hdlora.theory.prox_rank_one_linear import LinearRankOneProx
+    from hdlora.theory.sampling import standard_normals, to_sym
+
+    T, ap, lft = params.tokens, params.alpha_ft, params.lam_ft
+    xn = standard_normals(n, 2 * T, seed)
+    cs, zeta = xn[:, :T], xn[:, T:]
+    Zs, Zb = to_sym(z_star, T), params.beta * to_sym(z, T)
+    outer = cs[:, :, None] * cs[:, None, :]
+    Y = (Zs + outer - np.eye(T)) / T                      # sigma(z* + chi* chi*^T - q0 I), q0 = 1
+
+    def init(p, samples):
+        lin = LinearRankOneProx(Zb - Zs - outer, cs, zeta)
+        return {"lin": lin, "update": _linear_update(lin, ap, lft, T, "direct")}
+
+    def update(x, c):
+        new, aux = c["update"]({"m": x[0], "q": x[1], "v": x[2]})
+        return np.array([new["m"], new["q"], new["v"]]), c, aux
+
+    def objective(x, c):
+        m, q, v = x
+        chi = c["lin"].to_original(c["lin"](m, q, v)["y"])
+        X = Zb - q * np.eye(T) + chi[:, :, None] * chi[:, None, :]
+        per = ap * np.sum((X / T - Y) ** 2, axis=(1, 2)) + lft * q
+        return float(per.mean()), per
+
+    return Stage(init=init, update=update, objective=objective, names=("m", "q", "v"), name="fine-tuning (linear)",
+                 domain=lambda x: bool(x[2] > 0 and x[1] > 0 and x[0] ** 2 <= x[1]))
+
+
+@pytest.mark.parametrize("lam_ft, Q", [(0.5, 2.0), (0.05, 2.0)])
+def test_real_stage_finetune_linear_reaches_solve_finetune_fixed_point_and_rejects_the_uninformed_branch(lam_ft, Q):
+    from hdlora import Params
+    from hdlora.theory.finetune import _default_init, solve_finetune
+    from hdlora.theory.sampling import frozen_fields
+
+    T, n, Q0, M = 3, 4000, 1.0, 0.8
+    p = Params(tokens=T, noise=0.5, alpha_ft=3.0, lam_ft=lam_ft, activation="linear")
+    f = frozen_fields(n, T, Q0 + p.noise / 2, Q, M, seed=1)
+    ref = solve_finetune(p, f["z_star"], f["z"], Q0=Q0, Q=Q, M=M, seed=2, tol=1e-10, max_iter=2000)
+    assert ref.converged
+    st = finetune_linear_stage(p, f["z_star"], f["z"], 2, n)
+    d0 = _default_init(p)
+    r = solve_stage(st, {"informed": [d0["m"], d0["q"], d0["v"]], "uninformed": [1e-3, 0.5, d0["v"]]}, tol=1e-10)
+    inf, uni = r.branches["informed"], r.branches["uninformed"]
+    assert inf.status == CONVERGED and inf.residual <= 1e-10
+    for i, k in enumerate("mqv"):
+        assert inf.x[i] == pytest.approx(ref.state[k], abs=1e-9)
+    # the objective is alpha' L'_train + lam' q at the fixed point (solve_finetune's train error)
+    assert inf.objective == pytest.approx(p.alpha_ft * ref.finetune_train_error + lam_ft * ref.q, rel=1e-9)
+    # on these samples the uninformed start converges to the m ~ 0 fixed point of the sampled map (at n = 2000 it
+    # reaches the mirror branch m < 0 instead), clearly higher: not chosen
+    assert uni.status == CONVERGED and abs(uni.x[0]) < 0.05
+    assert r.chosen == "informed" and not r.undecided
+    (c,) = r.comparisons
+    assert c.other == "uninformed" and c.verdict == "higher" and c.diff > 10 * c.se

@@ -278,7 +278,7 @@ def _solve_branch(stage: Stage, name: str, x0, params, samples, samples_key, *, 
     G: list[np.ndarray] = []
     mix = mixing
     use_anderson = anderson > 0
-    best, best_abs, since_best, stall_restarts = math.inf, math.inf, 0, 0
+    best, best_abs, since_best, stall_restarts, progress = math.inf, math.inf, 0, 0, 0
     n_rejected = n_restarts = 0
     accelerated = False
     prev = None              # (x, g, res) of the last in-domain evaluation (to undo an accelerated step)
@@ -342,8 +342,13 @@ def _solve_branch(stage: Stage, name: str, x0, params, samples, samples_key, *, 
         gabs = float(np.max(np.abs(g))) if g.size else 0.0
         if res < best or gabs < best_abs:
             best, best_abs, since_best, stall_restarts = min(res, best), min(gabs, best_abs), 0, 0
+            progress += 1
         else:
-            since_best += 1
+            since_best, progress = since_best + 1, 0
+        if progress >= 2 * stall and anderson > 0 and not use_anderson:
+            # sustained progress after a fallback (e.g. the stagnation was a transient): acceleration back on
+            use_anderson, progress = True, 0
+            reset(it, "sustained progress: Anderson re-enabled")
         if since_best >= stall:
             since_best = 0
             if use_anderson and stall_restarts < 2:
@@ -446,6 +451,11 @@ def compare_branches(a: Branch, b: Branch) -> tuple[float, float]:
     return float(b.objective - a.objective), 0.0
 
 
+def _same_point(a: Branch, b: Branch, tol: float) -> bool:
+    scale = max(1.0, float(np.max(np.abs(b.x)))) if b.x.size else 1.0
+    return a.x.shape == b.x.shape and (a.x.size == 0 or float(np.max(np.abs(a.x - b.x))) <= tol * scale)
+
+
 def choose_branch(branches: Sequence[Branch], *, same_point_tol: float = 1e-6):
     """The branch choice: (chosen name, status, comparisons, flags).
 
@@ -470,8 +480,8 @@ def choose_branch(branches: Sequence[Branch], *, same_point_tol: float = 1e-6):
     if not cands:                   # solved but no objective: only one branch can be reported unambiguously
         stable = [b for b in solved if b.status != REPLICA_UNSTABLE]
         best = min(stable or solved, key=lambda b: b.residual)
-        if len(solved) > 1:
-            flags.append("no objective: branches not compared")
+        if any(not _same_point(b, best, same_point_tol) for b in solved):
+            flags.append("no objective: distinct branches not compared")
         return best.name, best.status, (), tuple(flags)
     stable = [b for b in cands if b.status != REPLICA_UNSTABLE]
     best = min(stable or cands, key=lambda b: b.objective)
@@ -482,8 +492,7 @@ def choose_branch(branches: Sequence[Branch], *, same_point_tol: float = 1e-6):
         if b is best:
             continue
         diff, se = compare_branches(best, b)
-        scale = max(1.0, float(np.max(np.abs(best.x))))
-        if b.x.shape == best.x.shape and float(np.max(np.abs(b.x - best.x))) <= same_point_tol * scale:
+        if _same_point(b, best, same_point_tol):
             verdict = "same point"
         elif abs(diff) <= 2.0 * se:
             verdict = "undecided"
@@ -521,7 +530,8 @@ def solve_stage(stage: Stage, starts: Mapping[str, Any], *, params: Any = None, 
         regularization: Tikhonov weight of the Anderson least squares (relative to the mean diagonal).
         cond_max: largest condition number of the Anderson normal matrix (oldest columns dropped beyond).
         stall: evaluations without a new minimum of the residual before acting (Anderson restart, twice;
-            then fallback to damped iteration and halving of the mixing, down to ``min_mixing``).
+            then fallback to damped iteration and halving of the mixing, down to ``min_mixing``); after
+            2 x stall evaluations that each set a new minimum, a fallen-back Anderson is switched on again.
         growth: an accelerated step whose residual exceeds ``growth`` x the previous one is undone.
         same_point_tol: branches whose states differ by less than this (relative) are the same point.
         warn: emit NonConvergenceWarning / BranchChoiceWarning.
