@@ -410,3 +410,33 @@ def test_real_stage_finetune_linear_reaches_solve_finetune_fixed_point_and_rejec
     assert r.chosen == "informed" and not r.undecided
     (c,) = r.comparisons
     assert c.other == "uninformed" and c.verdict == "higher" and c.diff > 10 * c.se
+
+
+def test_a_failed_start_is_recorded_and_flagged_but_does_not_stop_the_solve():
+    # F(x) = x^2: damped iteration from 0.5 reaches 0; from 3 it blows up (no fixed point reachable)
+    with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore"):
+        warnings.simplefilter("error", NonConvergenceWarning)      # no warning: the answer converged
+        warnings.simplefilter("error", BranchChoiceWarning)
+        r = solve_stage(map_stage(lambda x: x * x), {"a": [0.5], "b": [3.0]}, anderson=0, tol=1e-12)
+    assert r.chosen == "a" and r.status == CONVERGED and r.x[0] == pytest.approx(0.0, abs=1e-12)
+    b = r.branches["b"]
+    assert b.status == NOT_CONVERGED and "non-finite" in b.reason
+    assert b.residual == residual(b.x * b.x, b.x)          # the best point evaluated, residual measured there
+    assert any(f.startswith("not converged: branch 'b'") for f in r.flags)
+
+
+def test_real_stage_finetune_from_m0_recovers_acceleration_after_a_transient_stagnation():
+    # measured: from m = 0 (n = 2000) the iteration stagnates while m leaves 0, falls back to damped iteration at
+    # mixing 0.02, and without re-enabling Anderson stopped at residual 2.4e-5 after 500 iterations
+    from hdlora import Params
+    from hdlora.theory.finetune import _default_init
+    from hdlora.theory.sampling import frozen_fields
+
+    T, n, Q0, M, Q = 3, 2000, 1.0, 0.8, 2.0
+    p = Params(tokens=T, noise=0.5, alpha_ft=3.0, lam_ft=0.5, activation="linear")
+    f = frozen_fields(n, T, Q0 + p.noise / 2, Q, M, seed=1)
+    st = finetune_linear_stage(p, f["z_star"], f["z"], 2, n)
+    r = solve_stage(st, {"m0": [0.0, 0.5, _default_init(p)["v"]]}, tol=1e-10, max_iter=500)
+    ev = [e for _, e in r.branch.events]
+    assert r.status == CONVERGED and r.residual <= 1e-10
+    assert any("fallback" in e for e in ev) and any("Anderson re-enabled" in e for e in ev)

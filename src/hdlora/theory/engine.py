@@ -477,6 +477,7 @@ def choose_branch(branches: Sequence[Branch], *, same_point_tol: float = 1e-6):
     if not solved:
         best = min(branches, key=lambda b: b.residual if math.isfinite(b.residual) else math.inf)
         return best.name, NOT_CONVERGED, (), ("no branch converged",)
+    flags += [f"not converged: branch {b.name!r} ({b.reason})" for b in branches if not b.solved]
     if not cands:                   # solved but no objective: only one branch can be reported unambiguously
         stable = [b for b in solved if b.status != REPLICA_UNSTABLE]
         best = min(stable or solved, key=lambda b: b.residual)
@@ -565,7 +566,7 @@ def solve_stage(stage: Stage, starts: Mapping[str, Any], *, params: Any = None, 
                           f"{chosen!r}: residual {b.residual:.3g} after {b.iterations} iterations ({b.reason})",
                           NonConvergenceWarning, stacklevel=2)
         for f in flags:
-            if f != "no branch converged":
+            if f != "no branch converged" and not f.startswith("not converged:"):
                 warnings.warn(f"{stage.name}: {f}", BranchChoiceWarning, stacklevel=2)
     return result
 
