@@ -329,8 +329,8 @@ def _solve_branch(stage: Stage, name: str, x0, params, samples, samples_key, *, 
             carry, changed = stage.verify(x, carry)
             if changed:
                 reset(it, "verify changed the map: history reset")
-                best, best_abs, since_best, stall_restarts = math.inf, math.inf, 0, 0
-                accelerated = False
+                best, best_abs, since_best, stall_restarts, progress = math.inf, math.inf, 0, 0, 0
+                accelerated, ev = False, None      # residuals of the old map no longer count
                 continue          # re-evaluate x with the new map
             converged = True
             break
@@ -395,7 +395,7 @@ def _solve_branch(stage: Stage, name: str, x0, params, samples, samples_key, *, 
         status, mc = CONVERGED, None
     else:
         status, mc = NOT_CONVERGED, None
-        # the returned point must be one where F was evaluated: the last evaluation
+        # the hook explains (or not) the residual at the returned point
         if stage.mc_resolution is not None and math.isfinite(res):
             mc = stage.mc_resolution(x, carry, aux, res)
             if mc is not None and res <= mc.floor:
