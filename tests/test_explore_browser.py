@@ -148,7 +148,6 @@ def test_explorer_in_chromium(playwright_api, server, tmp_path):
         assert sorted(zip(sim["x"], sim["E"])) == [(1.0, 1.25), (3.0, 0.75)]
         noise0 = page.evaluate("Bokeh.documents[0].get_model_by_name('slider_noise').value")
         assert noise0 == pytest.approx(0.5)
-        page.screenshot(path=str(SCREENSHOT), full_page=True)
 
         # drag the Delta slider's handle to the right: the model value and the plotted data change
         handle = page.locator(".hdl-slider-noise .noUi-handle")
@@ -171,6 +170,8 @@ def test_explorer_in_chromium(playwright_api, server, tmp_path):
         assert all(a > b for a, b in zip(after["delta_eff"], before["delta_eff"]))
         assert _data(page, "simulation")["x"] == []  # the stored rows are at Delta = 0.5 only
         command = page.evaluate("Bokeh.documents[0].get_model_by_name('command').value")
+        # the README's picture: taken here, where the test database's (made-up) markers are not shown
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
         assert f"--noise {noise1:g}" in command or f"noise = {noise1!r}" in command, command
 
         # copy button: the clipboard holds the command

@@ -22,8 +22,8 @@ from functools import partial
 from typing import Any, Sequence
 
 from bokeh.layouts import column, row
-from bokeh.models import (Button, Checkbox, ColumnDataSource, CustomJS, Div, Legend, LegendItem, NumericInput,
-                          Select, Slider, TextAreaInput, Whisker)
+from bokeh.models import (Button, Checkbox, ColumnDataSource, CustomJS, DataRange1d, Div, Legend, LegendItem,
+                          NumericInput, Select, Slider, TextAreaInput, Whisker)
 from bokeh.plotting import figure
 
 from ..params import Params, ParamError
@@ -137,7 +137,10 @@ class Explorer:
         figs = []
         x_axis_type = "log" if self.view.log else "linear"
         for name, (_, label) in CURVES.items():
+            # y-range at least 1e-3 wide: a flat curve (e.g. Delta_eff along alpha', which only the pre-training
+            # sets) must not magnify the 1e-9 scatter of fixed points solved to tol 1e-7 into a trend
             f = figure(width=340, height=340, x_axis_type=x_axis_type, x_axis_label=self.view.axis,
+                       y_range=DataRange1d(min_interval=1e-3),
                        y_axis_label=label, title=label, tools="pan,wheel_zoom,box_zoom,reset,hover",
                        tooltips=[(self.view.axis, "@x"), (name, f"@{name}")], name=f"plot_{name}")
             line = f.line("x", name, source=self.sources["theory"], line_width=2, color="#1f77b4")

@@ -111,18 +111,20 @@ class View:
         return dataclasses.replace(self, **kw)
 
     def xs(self) -> list[float]:
-        """The grid of the axis, the same values ``hdlora sweep`` builds from ``{start, stop, num, log}``."""
+        """The grid of the axis, the same values ``hdlora sweep`` builds from ``{start, stop, num, log}``
+        (T: the distinct integers of that range)."""
         from ..experiments.sweep import _axis_values
 
-        vals = list(_axis_values("explore", self.axis, self.axis_spec()))
+        spec = {"start": float(self.start), "stop": float(self.stop), "num": self.num, "log": self.log}
+        vals = list(_axis_values("explore", self.axis, spec))
         if self.axis == "tokens":  # integer axis: distinct rounded values
             vals = sorted({int(round(v)) for v in vals})
         return vals
 
     def axis_spec(self) -> dict[str, Any] | list:
+        """The [axes] entry of the sweep file: a range, or the list of integers for T."""
         if self.axis == "tokens":
-            lo, hi = sorted((int(round(self.start)), int(round(self.stop))))
-            return {"start": float(lo), "stop": float(hi), "num": self.num, "log": self.log}
+            return self.xs()
         return {"start": float(self.start), "stop": float(self.stop), "num": self.num, "log": self.log}
 
     def point(self, x: float) -> Params:
@@ -326,6 +328,11 @@ def render_png(view: View, points: Sequence[CurvePoint], markers: Mapping[str, l
             err = [[a - lo for a, lo in zip(y, markers[f"{name}_lo"])],
                    [hi - a for a, hi in zip(y, markers[f"{name}_hi"])]]
             ax.errorbar(markers["x"], y, yerr=err, fmt="o", color="tab:red", ms=5, capsize=2, label="simulation")
+        finite = [y for y in cols["theory"][name] if math.isfinite(y)]
+        if finite and max(finite) - min(finite) < 1e-3:  # as the page: no magnified solver-tolerance scatter
+            mid = (max(finite) + min(finite)) / 2
+            ax.set_ylim(mid - 5e-4, mid + 5e-4)
+            ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel(view.axis)
         ax.set_ylabel(label)
         if view.log:
