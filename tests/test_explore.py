@@ -78,6 +78,9 @@ def test_curve_matches_cold_solves_and_marks_points():
         assert p.E == pytest.approx(r.finetune_test_error, rel=1e-5)
         assert p.overlap == pytest.approx(r.overlap, rel=1e-5, abs=1e-7)
         assert p.delta_eff == pytest.approx(r.delta_eff, rel=1e-6)  # Q, M: fixed point at tol 1e-7
+    # a warm start of the first point from elsewhere (the page's previous view) lands on the same curve
+    again = solve_curve(v, init=pts[-1].state)
+    assert [p.E for p in again] == pytest.approx([p.E for p in pts], rel=1e-5)
     # columns: the line leaves out non-converged points; markers take them
     pts[1].converged = False
     cols = curve_columns(pts)

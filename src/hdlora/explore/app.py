@@ -68,6 +68,7 @@ class Explorer:
         self.view = view
         self.sim_rows = list(sim_rows)
         self.points: list[CurvePoint] = []
+        self._last_axis = view.axis
         self.generation = 0
         self._lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hdlora-explore")
@@ -206,6 +207,10 @@ class Explorer:
         with self._lock:
             self.generation += 1
             gen = self.generation
+        # warm start of the first point: the previous view's first point, when it converged on the same axis
+        first = self.points[0] if self.points and self._last_axis == view.axis else None
+        init = first.state if first is not None and first.converged else None
+        self._last_axis = view.axis
         self.points = []
         for name in ("theory", "nonconverged", "replicon"):
             self.sources[name].data = dict(_EMPTY_CURVE)
@@ -215,16 +220,16 @@ class Explorer:
         n = len(view.xs())
         self.progress.text = f"computing 0/{n} points ..."
         self.status.text = ""
-        self.executor.submit(self._solve, gen, view, n)
+        self.executor.submit(self._solve, gen, view, n, init)
 
-    def _solve(self, gen: int, view: View, n: int) -> None:
+    def _solve(self, gen: int, view: View, n: int, init: dict | None) -> None:
         t0 = time.perf_counter()
 
         def on_point(i: int, p: CurvePoint) -> None:
             self.doc.add_next_tick_callback(partial(self._push, gen, p, i + 1, n, time.perf_counter() - t0))
 
         try:
-            solve_curve(view, on_point=on_point, cancelled=lambda: self.generation != gen)
+            solve_curve(view, init=init, on_point=on_point, cancelled=lambda: self.generation != gen)
         except Exception as exc:  # a bug, not bad input: show it rather than leave the page spinning
             self.doc.add_next_tick_callback(partial(self._failed, gen, f"{type(exc).__name__}: {exc}"))
 

@@ -167,12 +167,13 @@ def solve_point(params: Params, x: float, *, n_mc: int, seed: int = 0, init: Map
                       r.wall_time, state=r.state)
 
 
-def solve_curve(view: View, *, on_point: Callable[[int, CurvePoint], None] | None = None,
+def solve_curve(view: View, *, init: Mapping[str, float] | None = None,
+                on_point: Callable[[int, CurvePoint], None] | None = None,
                 cancelled: Callable[[], bool] = lambda: False) -> list[CurvePoint]:
     """The theory curves along the view's axis, in order, each point warm-started from the previous
-    converged one.  ``on_point(i, point)`` is called after each point; ``cancelled()`` stops early."""
+    converged one (the first from ``init``, e.g. the first point of the view before a slider moved).
+    ``on_point(i, point)`` is called after each point; ``cancelled()`` stops early."""
     out: list[CurvePoint] = []
-    init = None
     for i, x in enumerate(view.xs()):
         if cancelled():
             break
