@@ -186,6 +186,14 @@ def test_explorer_in_chromium(playwright_api, server, tmp_path):
         w, h = _png_size(data)
         assert w > 500 and h > 200, (w, h)
         assert dl.value.suggested_filename.endswith(".png")
+
+        # another x-axis: the curve is recomputed along lambda over its default range, the lambda slider is disabled
+        page.locator(".hdl-axis select").select_option("lam")
+        page.wait_for_function("Bokeh.documents[0].get_model_by_name('slider_lam').disabled", timeout=10_000)
+        _wait_full_curve(page)
+        along_lam = _data(page, "theory")
+        assert along_lam["x"][0] == pytest.approx(0.001) and along_lam["x"][-1] == pytest.approx(5.0)
+        assert len(set(along_lam["E"])) == POINTS  # E' varies with lambda
         assert errors == [], errors
     finally:
         browser.close()

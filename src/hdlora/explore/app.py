@@ -94,7 +94,8 @@ class Explorer:
         self.activation = Select(title="σ (activation)", options=["linear", "softmax"], value=p.activation,
                                  name="activation", width=145)
         self.activation.on_change("value", self._on_control)
-        self.axis = Select(title="x-axis", options=list(AXES), value=view.axis, name="axis", width=145)
+        self.axis = Select(title="x-axis", options=list(AXES), value=view.axis, name="axis", width=145,
+                           css_classes=["hdl-axis"])
         self.axis.on_change("value", self._on_axis)
         self.start = NumericInput(title="from", value=view.start, mode="float", name="x_start", width=95)
         self.stop = NumericInput(title="to", value=view.stop, mode="float", name="x_stop", width=95)
