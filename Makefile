@@ -5,7 +5,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-slow test-cluster bench clean
+.PHONY: run test test-slow test-cluster test-browser bench clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,17 @@ test-cluster: $(STAMP)
 	SLURM_CONF=$(SLURM_DIR)/slurm.conf HDLORA_REQUIRE_SLURM=1 \
 	    $(VPY) -m pytest -q -m cluster -s -p no:cacheprovider tests/test_slurm_cluster.py \
 	    || { tail -n 40 $(SLURM_DIR)/slurmctld.log $(SLURM_DIR)/slurmd.log 2>/dev/null; exit 1; }
+# the explorer in a real browser: Debian's Chromium (scripts/install_browser.sh) driven by Playwright;
+# skipped with the reason only where Chromium cannot be installed, otherwise it must run and pass.
+BROWSER_STAMP := $(VENV)/.browser-installed
+$(BROWSER_STAMP): $(STAMP) pyproject.toml
+	$(VPY) -m pip install -q -e '.[test,browser]'
+	touch $(BROWSER_STAMP)
+
+test-browser: $(BROWSER_STAMP)
+	if bash scripts/install_browser.sh; then export HDLORA_REQUIRE_BROWSER=1; \
+	else echo "test-browser: Chromium could not be installed: the browser test is skipped" >&2; fi; \
+	$(VPY) -m pytest -q -m browser tests/test_explore_browser.py
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(VPY) $$b; done

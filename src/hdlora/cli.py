@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("hdlora.experiments.cli", "run a sweep file (TOML): resumable, local pool or Dask cluster"),
     "optimize": ("hdlora.experiments.optimize_cli", "theory-driven tuning of lam, lam_ft, beta"),
     "figure": ("hdlora.experiments.figure_cli", "reproduce a figure of the paper (theory lines, simulation markers, BO, baselines)"),
+    "explore": ("hdlora.explore.cli", "interactive explorer of the theory curves in the browser (local Bokeh server)"),
 }
 
 
