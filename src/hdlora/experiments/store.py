@@ -295,6 +295,11 @@ class Store:
                 last = exc
                 continue
             self._check_ours(con)
+            tables = {t[0] for t in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            for stmt in _SCHEMA.split(";"):  # tables not there yet (a new file, an older schema): empty temp ones
+                words = stmt.split()
+                if len(words) > 5 and words[5] not in tables:
+                    con.execute(stmt.replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE", 1))
             return con
         raise self._fail(f"cannot be read ({last})", "fix its permissions or choose another file")
 
