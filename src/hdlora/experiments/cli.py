@@ -83,9 +83,11 @@ def _run(args: argparse.Namespace, spec, fail) -> int:
     import dataclasses
 
     from .store import Store
-    from .sweep import export, plan, run_sweep
+    from .sweep import check_local_devices, export, plan, run_sweep
 
     if args.plan:
+        if not args.scheduler:
+            check_local_devices(spec)
         p = plan(spec)
         distinct = [t for c in p.chains for t in c]
         have = {}

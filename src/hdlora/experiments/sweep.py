@@ -270,6 +270,18 @@ def _check_simulate_options(source: str, label: str, opts: Mapping[str, Any]) ->
                            f"got {seeds!r}")
 
 
+def check_local_devices(spec: SweepSpec) -> None:
+    """Raise SweepError when a run asks for a device this machine lacks (``device = "cuda"`` without a GPU).
+
+    Checked for local runs and plans only: the workers of a Dask cluster may have what the client lacks.
+    """
+    for run in spec.runs:
+        try:
+            task_kinds.check_devices(run.kind, run.options)
+        except task_kinds.TaskKindError as exc:
+            raise _err(spec.source, f"[run.{run.label}] {exc}") from None
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep file; raises SweepError (nothing runs, nothing is written)."""
     path = Path(path)
@@ -436,6 +448,8 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
     if not (isinstance(lease_s, (int, float)) and math.isfinite(lease_s) and lease_s > 0):
         raise SweepError(f"--lease-seconds must be a number > 0, got {lease_s!r}")
     poll_s = min(1.0, lease_s / 4.0) if poll_s is None else poll_s
+    if scheduler is None and executor is None:
+        check_local_devices(spec)
     t0 = time.perf_counter()
     the_plan = plan(spec)
     distinct = [t for c in the_plan.chains for t in c]
