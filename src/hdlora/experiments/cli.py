@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from .store import Store, StoreError
-    from .sweep import SweepError, check_writable, export, load_sweep, plan, run_sweep
+    from .store import StoreError
+    from .sweep import SweepError, check_writable, load_sweep
 
     def fail(msg: str) -> int:
         print(f"hdlora sweep: error: {msg}", file=sys.stderr)
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, spec, fail) -> int:
+    """Plan, or run and export, a loaded sweep; SweepError / StoreError go up to :func:`run`."""
     import dataclasses
 
     from .store import Store
