@@ -60,3 +60,16 @@ def stored_before(params, options, init):
     finally:
         con.close()
     return {"rows_seen": n}
+
+
+def counted(params, options, init):
+    """Sleeps, then records its completion (one line per computation) in options["log_dir"]."""
+    time.sleep(float(options.get("sleep", 0.0)))
+    with open(os.path.join(options["log_dir"], f"done-{os.getpid()}.txt"), "a") as fh:
+        fh.write(f"{params.alpha_ft!r}\n")
+    return {"value": params.alpha_ft, "pid": os.getpid()}
+
+
+def failing(params, options, init):
+    """Fails at every point, with one of two errors (odd / even alpha_ft)."""
+    raise ValueError(f"deliberate failure {'odd' if int(params.alpha_ft) % 2 else 'even'}")

@@ -60,12 +60,23 @@ def test_overrides_and_bad_input(tmp_path):
     assert hdlora_main(["figure", "3", "--plot-only", "--out", str(tmp_path)]) == 2  # nothing stored yet
 
 
-def test_plot_with_nothing_stored(tmp_path):
-    """Every figure draws (empty axes) from an empty results table instead of failing."""
+def test_plot_with_nothing_stored_refuses_and_writes_nothing(tmp_path):
+    """No result of the figure: FigureError, nothing written (an existing figure is never replaced by empty axes)."""
     for n in figures.FIGURES:
         fig = build_figure(n, mode="tiny", out=tmp_path)
-        paths = figures.plot_figure(fig, pd.DataFrame(columns=["sweep", "label", "status"]))
+        with pytest.raises(FigureError, match="none of its .* tasks is stored as ok"):
+            figures.plot_figure(fig, pd.DataFrame(columns=["sweep", "label", "status"]))
+        assert not fig.path("png").exists() and not fig.path("csv").exists()
+
+
+def test_plot_with_unrelated_rows_only_draws_and_says_it_is_incomplete(tmp_path):
+    """Every figure's plotting copes with sweeps whose results are all missing (columns absent)."""
+    for n in figures.FIGURES:
+        fig = build_figure(n, mode="tiny", out=tmp_path)
+        df = pd.DataFrame({"sweep": [fig.sweeps[-1].name], "label": ["x"], "status": ["ok"]})
+        paths = figures.plot_figure(fig, df)
         assert paths["png"].stat().st_size > 0
+        assert not paths["coverage"].complete and paths["coverage"].ok == 1
 
 
 def test_written_sweep_files_load(tmp_path):

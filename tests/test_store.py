@@ -19,7 +19,7 @@ def test_canonical_key_is_independent_of_spelling_and_order():
     b = Store.key("theory", Params(tokens=3, alpha=1.0).to_dict(), {"tol": 1e-8, "n_mc": 100})
     c = Store.key("theory", Params(alpha=1.0000000001).to_dict(), {"n_mc": 100, "tol": 1e-8})
     assert a == b and a != c
-    assert canonical_json({"x": math.inf}) == '{"x":Infinity}'
+    assert canonical_json({"x": math.inf}) == '{"x":"inf"}'  # strict JSON (SQLite's json_extract reads it)
 
 
 def test_round_trip_with_inf_nan_and_numpy(tmp_path):

@@ -63,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-failed", action="store_true",
                    help="rerun tasks stored as failed (by default they are kept and counted, not rerun)")
     p.add_argument("--plan", action="store_true", help="validate and print the task counts; run nothing")
+    p.add_argument("--lease-seconds", type=float, default=None, metavar="S",
+                   help="several sweeps may share one database (local disk only: SQLite WAL does not work on "
+                        "NFS; for several machines use one Dask --scheduler): a task is claimed for S seconds, "
+                        "renewed while it runs, taken over by another sweep when it expires (default 60)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
@@ -71,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from .store import Store
-    from .sweep import SweepError, export, load_sweep, plan, run_sweep
+    from .store import StoreError
+    from .sweep import SweepError, check_writable, load_sweep
 
     def fail(msg: str) -> int:
         print(f"hdlora sweep: error: {msg}", file=sys.stderr)
@@ -85,17 +89,34 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"--export {out}: unknown format; use .csv or .nc")
     try:
         spec = load_sweep(args.file)
+        for out in args.export:  # before the sweep runs, not after
+            check_writable(out)
     except SweepError as exc:
         return fail(str(exc))
     if args.db:
         spec = dataclasses.replace(spec, database=Path(args.db))
 
+    try:
+        return _run(args, spec, fail)
+    except (SweepError, StoreError) as exc:
+        return fail(str(exc))
+
+
+def _run(args: argparse.Namespace, spec, fail) -> int:
+    """Plan, or run and export, a loaded sweep; SweepError / StoreError go up to :func:`run`."""
+    import dataclasses
+
+    from .store import Store
+    from .sweep import check_local_devices, export, plan, run_sweep
+
     if args.plan:
+        if not args.scheduler:
+            check_local_devices(spec)
         p = plan(spec)
         distinct = [t for c in p.chains for t in c]
         have = {}
         if spec.database.exists():  # --plan writes nothing, not even an empty database
-            with Store(spec.database) as store:
+            with Store(spec.database, readonly=True) as store:
                 have = store.lookup(t.key for t in distinct)
         summary = {"sweep": spec.name, "database": str(spec.database), "grid": dict(zip(spec.axis_names, spec.shape)),
                    "runs": [r.label for r in spec.runs], "tasks": len(distinct), "chains": len(p.chains),
@@ -107,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with scheduler_argument(args) as scheduler:
             report = run_sweep(spec, workers=args.workers, scheduler=scheduler, retry_failed=args.retry_failed,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress,
+                               **({} if args.lease_seconds is None else {"lease_s": args.lease_seconds}))
     except ConnectionError as exc:
         return fail(str(exc))
     written = []
@@ -119,11 +141,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         state = "interrupted" if report.interrupted else "done"
         print(f"sweep {spec.name}: {state}: {report.n_tasks} tasks, {report.n_present} already stored, "
-              f"{report.n_computed} computed ({report.n_failed} failed, {report.n_not_converged} not converged) in {report.wall_s:.1f} s on "
+              f"{report.n_computed} computed here ({report.n_failed} failed, {report.n_not_converged} not converged), "
+              f"{report.n_by_others} by other sweeps, in {report.wall_s:.1f} s on "
               f"{report.executor}; {report.n_failed_total} failed, {report.n_missing} missing; "
               f"database {spec.database}" + (f"; exported {', '.join(written)}" if written else ""))
-        if report.n_failed_total:
-            print(f"  failed tasks keep their error in the database; rerun with --retry-failed", file=sys.stderr)
+    if report.n_failed_total:
+        print(f"first failure: {report.first_error}", file=sys.stderr)
+        for err, n in sorted(report.errors.items(), key=lambda kv: -kv[1]):
+            print(f"  {n} task(s): {err}", file=sys.stderr)
+        print("  failed tasks keep their full error in the database; rerun with --retry-failed", file=sys.stderr)
     if report.interrupted:
         return 130
     return 1 if (report.n_failed_total or report.n_missing) else 0

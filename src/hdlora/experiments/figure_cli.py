@@ -6,7 +6,9 @@ only what is missing) and the figure's sweep files ``figN_*.toml``.  Prints wher
 picture is.
 
 Exit status: 0 when every task is stored as ok, 1 when some failed or are missing (the
-figure is still drawn from what is there), 2 for a bad figure number or option.
+figure is still drawn from what is there, and says so), 2 for a bad figure number or
+option, or when nothing of the figure is stored (an existing figure is then left as it is,
+never replaced by empty axes).
 """
 from __future__ import annotations
 
@@ -66,15 +68,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.plot_only and not fig.database.exists():
         return fail(f"--plot-only: no results database {fig.database} yet; run without --plot-only first")
+    from .store import StoreError
+    from .sweep import check_writable
+
     t0 = time.perf_counter()
     reports = []
-    if not args.plot_only:
-        try:
+    try:
+        for suffix in ("png", "pdf", "csv"):  # before anything runs, not after
+            check_writable(fig.path(suffix), "--out")
+        if not args.plot_only:
             with scheduler_argument(args) as scheduler:
                 reports = run_figure(fig, workers=args.workers, scheduler=scheduler, progress=not args.no_progress)
-        except ConnectionError as exc:
-            return fail(str(exc))
-    paths = plot_figure(fig)
+        paths = plot_figure(fig)
+    except (ConnectionError, FigureError, SweepError, StoreError) as exc:
+        return fail(str(exc))
+    cov = paths["coverage"]
     wall = time.perf_counter() - t0
     n_tasks = sum(r.n_tasks for r in reports)
     n_computed = sum(r.n_computed for r in reports)
@@ -85,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     if reports:
         print(f"figure {fig.number} ({mode}): {n_tasks} tasks, {n_computed} computed now "
               f"({n_nc} not converged), {n_failed} failed, {n_missing} missing, {wall:.1f} s")
+    if not cov.complete:
+        print(f"  drawn from what is stored: {cov.summary()}", file=sys.stderr)
     print(f"picture: {paths['png']}")
     print(f"  also: {paths['pdf']}, data {paths['csv']}, database {paths['database']}")
     if n_failed:
@@ -92,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if interrupted:
         return 130
-    return 1 if (n_failed or n_missing) else 0
+    return 1 if (n_failed or n_missing or not cov.complete) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

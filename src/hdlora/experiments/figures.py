@@ -519,7 +519,7 @@ def _frame(sweeps: Sequence[SweepSpec], database: Path):
     frames = []
     if not Path(database).exists():
         return pd.DataFrame(columns=["sweep", "label", "status"])
-    with Store(database) as store:
+    with Store(database, readonly=True) as store:
         for spec in sweeps:
             f = sweep_frame(spec, store)
             if len(f):
@@ -582,10 +582,12 @@ def _once(ax, label: str) -> str | None:
     return None if label in ax.get_legend_handles_labels()[1] else label
 
 
-def _finish(fig: Figure, mfig, stored: int) -> dict[str, Path]:
+def _finish(fig: Figure, mfig, cov: "Coverage") -> dict[str, Path]:
     s = fig.settings
     mfig.suptitle(f"Fig. {fig.number}: {fig.title}", fontsize=11)
-    mfig.text(0.5, 0.005, s.footnote(), ha="center", va="bottom", fontsize=7, color="0.3")
+    # the footer states the settings of the rows drawn (the task keys hold them) and what is not there
+    note = "" if cov.complete else f"; INCOMPLETE: {cov.summary()}"
+    mfig.text(0.5, 0.005, s.footnote() + note, ha="center", va="bottom", fontsize=7, color="0.3")
     mfig.tight_layout(rect=(0, 0.03, 1, 0.95))
     paths = {}
     for ext in ("png", "pdf"):
@@ -842,15 +844,101 @@ _PLOTTED = ("sweep", "label", "status", "lam", "lam_ft", "noise", "alpha_ft", "k
             "delta_finetune_test_error", "recalibrated_test_error", "beta_star")
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """What of a figure's tasks the drawn frame holds: per sweep (tasks of its plan, ok, failed)."""
+
+    per_sweep: Mapping[str, tuple[int, int, int]]
+
+    @property
+    def tasks(self) -> int:
+        return sum(t for t, _, _ in self.per_sweep.values())
+
+    @property
+    def ok(self) -> int:
+        return sum(o for _, o, _ in self.per_sweep.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(f for _, _, f in self.per_sweep.values())
+
+    @property
+    def missing(self) -> int:
+        return self.tasks - self.ok - self.failed
+
+    @property
+    def complete(self) -> bool:
+        return self.ok == self.tasks
+
+    def summary(self) -> str:
+        parts = [f"{name}: {o}/{t} ok" + (f", {f} failed" if f else "")
+                 for name, (t, o, f) in self.per_sweep.items() if o < t]
+        return f"{self.ok} of {self.tasks} tasks stored as ok ({'; '.join(parts)})"
+
+
+def coverage(fig: Figure, df) -> Coverage:
+    """Count, per sweep of the figure (follow-ups included where they can be built), the tasks of its plan
+    and how many of them the frame holds as ok / failed."""
+    from .sweep import plan
+
+    specs = list(fig.sweeps)
+    if fig.followups is not None and len(df):
+        first = df[df["sweep"].isin([sp.name for sp in fig.sweeps])] if "sweep" in df else df.iloc[0:0]
+        specs += list(fig.followup_specs(first))
+    per = {}
+    for spec in specs:
+        d = df[df["sweep"] == spec.name] if "sweep" in df else df.iloc[0:0]
+        status = d["status"] if "status" in d else []
+        per[spec.name] = (len(plan(spec).tasks), int((status == "ok").sum()) if len(d) else 0,
+                          int((status == "failed").sum()) if len(d) else 0)
+    return Coverage(per)
+
+
+def stored_modes(fig: Figure) -> list[str]:
+    """The modes ('paper', 'quick', 'tiny', default sizes) of which the figure's database holds some results."""
+    from .store import Store
+    from .sweep import plan
+
+    if not fig.database.exists():
+        return []
+    found = []
+    with Store(fig.database, readonly=True) as store:
+        for mode in ("paper", "quick", "tiny"):
+            other = build_figure(fig.number, mode=mode, out=fig.out)
+            keys = [t.key for sp in other.sweeps for t in plan(sp).tasks]
+            if any(r.ok for r in store.lookup(keys).values()):
+                found.append(mode)
+    return found
+
+
 def plot_figure(fig: Figure, df=None) -> dict[str, Path]:
-    """Draw the figure from the stored results; writes figN.png, figN.pdf and figN.csv."""
+    """Draw the figure from the stored results of its own tasks; writes figN.png, figN.pdf and figN.csv.
+
+    Only the rows of the figure's tasks are drawn (their keys hold D, the seeds, n_mc and the code
+    version, which the footer states); an incomplete figure says so in its footer.  With no result at
+    all nothing is written (an existing figure is not replaced by empty axes): FigureError.
+    """
+    if df is None:
+        df = figure_frame(fig)
+    cov = coverage(fig, df)
+    if cov.ok == 0:
+        hint = ""
+        try:
+            modes = [m for m in stored_modes(fig) if m != fig.settings.mode]
+        except Exception:  # noqa: BLE001 (a hint only)
+            modes = []
+        if modes:
+            hint = f"; the database holds results of the {' / '.join(modes)} mode: add --{modes[0]}" \
+                if modes[0] != "paper" else "; the database holds results of the paper mode: drop --quick / --tiny"
+        raise FigureError(f"figure {fig.number} ({fig.settings.mode} mode, D = {fig.settings.dim}, "
+                          f"{fig.settings.seeds} seed(s), n_mc = {fig.settings.n_mc}): none of its {cov.tasks} tasks "
+                          f"is stored as ok in {fig.database}{hint} (or run without --plot-only); "
+                          f"{fig.path('png')} is left as it is")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if df is None:
-        df = figure_frame(fig)
     fig.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(fig.path("csv"), index=False)
     df = df.copy()
@@ -870,7 +958,8 @@ def plot_figure(fig: Figure, df=None) -> dict[str, Path]:
         mfig = _plot_effective(fig, df, plt, [(r"linear $\sigma$, $\Delta=0$", 0.0)], excess=True)
     else:
         mfig = _plot6(fig, df, plt)
-    paths = _finish(fig, mfig, len(df))
+    paths: dict[str, Any] = _finish(fig, mfig, cov)
     paths["csv"] = fig.path("csv")
     paths["database"] = fig.database
+    paths["coverage"] = cov
     return paths

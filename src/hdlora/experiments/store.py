@@ -11,6 +11,25 @@ power loss, not against a process kill).
 Rows have ``status`` 'ok' (result JSON present) or 'failed' (error text, with
 the traceback).  ``run_id`` names the sweep invocation that computed the row,
 so a resumed sweep can be checked not to have recomputed anything.
+
+JSON columns hold strict JSON (SQLite's ``json_extract`` reads them): the
+non-finite floats are the strings ``"inf"``, ``"-inf"`` and ``"nan"``
+(:func:`to_strict`), turned back into floats on reading (:func:`from_strict`);
+rows written by older versions with bare ``Infinity`` / ``NaN`` stay readable.
+
+Several processes may run sweeps on one database at once: a task is *claimed*
+in the ``leases`` table (owner, heartbeat, expiry; taken in a ``BEGIN
+IMMEDIATE`` transaction) before it is computed, so each task is computed once;
+a lease not renewed (the owner died) expires and the task is taken over.  This
+relies on SQLite's locking and WAL, which need a local file system: **never put
+a results database on a network file system** (NFS, SMB, Lustre...); to spread
+work over several machines, run one sweep against one Dask scheduler instead.
+
+Opening checks that the file is a results database of hdlora (its SQLite
+``application_id``, or the tables of older versions) and refuses anything else
+with a :class:`StoreError` (one line); ``Store(path, readonly=True)`` opens an
+existing database without writing anything to it (``mode=ro``), for plans,
+exports and plots.
 """
 from __future__ import annotations
 
@@ -19,12 +38,22 @@ import math
 import os
 import socket
 import sqlite3
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 SCHEMA_VERSION = 1
+#: SQLite ``PRAGMA application_id`` of an hdlora results database ("hdLR").
+APPLICATION_ID = 0x68644C52
+_OUR_TABLES = {"results", "runs", "meta"}
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class StoreError(Exception):
+    """The results database cannot be used (not ours, unreadable, read-only, ...); a one-line message."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -59,6 +88,16 @@ CREATE TABLE IF NOT EXISTS runs (
     state       TEXT                -- 'running', 'finished', 'interrupted'
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS leases (
+    kind        TEXT NOT NULL,
+    params      TEXT NOT NULL,
+    options     TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    owner       TEXT NOT NULL,      -- host:pid:run_id of the sweep computing it
+    heartbeat   REAL NOT NULL,      -- time.time() of the owner's last renewal
+    expires     REAL NOT NULL,      -- time.time() after which anyone may take the task over
+    PRIMARY KEY (kind, params, options, version)
+);
 """
 
 
@@ -66,8 +105,8 @@ def to_jsonable(x: Any) -> Any:
     """Plain JSON types (dict/list/str/float/int/bool/None) from results.
 
     numpy / torch scalars become Python numbers, arrays become lists, tuples
-    become lists; floats are kept as they are (inf and NaN included, written as
-    JSON's non-standard Infinity / NaN, which :func:`json.loads` reads back).
+    become lists; floats are kept as they are (inf and NaN included; :func:`to_strict`
+    turns them into strict JSON for storage).
     """
     if isinstance(x, Mapping):
         return {str(k): to_jsonable(v) for k, v in x.items()}
@@ -84,13 +123,50 @@ def to_jsonable(x: Any) -> Any:
     raise TypeError(f"cannot store a value of type {type(x).__name__} as JSON: {x!r}")
 
 
+#: how the non-finite floats are written in the database (strict JSON): the strings of the CLI's stdout
+#: (``hdlora.cli.dumps`` writes inf as "inf" too) and "nan", which reads back as NaN (not as null).
+_NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def to_strict(x: Any) -> Any:
+    """:func:`to_jsonable`, with inf / -inf / NaN as the strings "inf" / "-inf" / "nan" (strict JSON)."""
+    x = to_jsonable(x)
+    return _strict(x)
+
+
+def _strict(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_strict(v) for v in x]
+    return x
+
+
+def from_strict(x: Any) -> Any:
+    """Inverse of :func:`to_strict`: the strings "inf", "-inf", "nan" become floats again."""
+    if isinstance(x, str):
+        return _NONFINITE.get(x, x)
+    if isinstance(x, dict):
+        return {k: from_strict(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [from_strict(v) for v in x]
+    return x
+
+
+def loads(text: str) -> Any:
+    """Read a JSON column (strict, or an older row with bare Infinity / NaN)."""
+    return from_strict(json.loads(text))
+
+
 def canonical_json(obj: Any) -> str:
-    """Deterministic JSON: sorted keys, no spaces, floats in repr (round-trip) form.
+    """Deterministic strict JSON: sorted keys, no spaces, floats in repr (round-trip) form, inf as "inf".
 
     Used for the task key, so equal parameters always give equal text
     (``Params`` already turns 3 and 3.0 into the same float).
     """
-    return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return json.dumps(to_strict(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def utc_now() -> str:
@@ -127,24 +203,127 @@ class Store:
     """A results database (SQLite file), bound to one package version.
 
     Args:
-        path: database file; its directory is created if needed.
+        path: database file; its directory is created if needed (not when ``readonly``).
         version: the code version used in the keys (default: hdlora.code_version(), the release
                 plus a hash of the sources, so results of changed code are never reused).
+        readonly: open an existing database for reading only: nothing is written to it (no
+                schema, no metadata), so read-only and immutable files can be planned, exported
+                and plotted.
+
+    Raises:
+        StoreError: the path is a directory, not an SQLite file, another application's SQLite
+            file, unreadable, or (unless ``readonly``) not writable; or (``readonly``) missing.
     """
 
-    def __init__(self, path: str | os.PathLike, version: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, version: str | None = None, *, readonly: bool = False) -> None:
         if version is None:
             from hdlora import code_version
             version = code_version()
         self.version = str(version)
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        self._con.execute("PRAGMA journal_mode=WAL")
-        self._con.execute("PRAGMA synchronous=NORMAL")
-        self._con.execute("PRAGMA busy_timeout=60000")
-        self._con.executescript(_SCHEMA)
-        self._con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self.readonly = readonly
+        self._con = self._open()
+
+    # ----- opening: refuse anything that is not a usable results database, in one line -----------------
+    def _fail(self, what: str, way_out: str) -> StoreError:
+        return StoreError(f"results database {self.path}: {what}; {way_out}")
+
+    def _open(self) -> sqlite3.Connection:
+        p = self.path
+        if p.is_dir():
+            raise self._fail("is a directory, not a database file", "give the path of a file (e.g. results.sqlite)")
+        exists = p.exists()
+        if exists:
+            try:
+                with open(p, "rb") as fh:
+                    head = fh.read(16)
+            except OSError as exc:
+                raise self._fail(f"cannot be read ({exc.strerror})", "fix its permissions or choose another file") \
+                    from None
+            if head and head != _SQLITE_HEADER:
+                raise self._fail("is not an SQLite database (not written by hdlora)",
+                                 "choose another file; this one is left untouched")
+        if self.readonly:
+            if not exists:
+                raise self._fail("does not exist", "run the sweep first, or give the right file")
+            return self._connect_readonly()
+        # writing: everything that can be checked before SQLite touches the file
+        parent = p.parent
+        if not exists:
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise self._fail(f"its directory cannot be created ({exc.strerror})",
+                                 "choose a writable location") from None
+        if exists and not os.access(p, os.W_OK):
+            raise self._fail("is read-only (permissions or the immutable attribute)",
+                             "running a sweep stores results into it: copy it somewhere writable, "
+                             "or use --plan / --plot-only, which only read")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise self._fail(f"the directory {parent} is not writable (SQLite needs its -wal and -shm files "
+                             "next to the database)", "choose a writable directory")
+        try:
+            con = sqlite3.connect(p, timeout=60.0, isolation_level=None)
+            self._check_ours(con)
+            con.execute("PRAGMA busy_timeout=60000")
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")
+            if con.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+                con.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            con.executescript(_SCHEMA)
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        except sqlite3.DatabaseError as exc:
+            raise self._fail(f"cannot be opened for writing ({exc})",
+                             "check the file system (a local disk, not NFS) and the permissions") from None
+        return con
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        uri = "file:" + str(self.path.resolve()).replace("?", "%3f").replace("#", "%23")
+        wal = Path(str(self.path) + "-wal")
+        queries = ["?mode=ro"]
+        if not (wal.exists() and wal.stat().st_size > 0):
+            # no pending WAL content: where no -shm file can be made (read-only directory) the file can
+            # be read as immutable without missing anything
+            queries.append("?mode=ro&immutable=1")
+        last: Exception | None = None
+        for query in queries:
+            try:
+                con = sqlite3.connect(uri + query, uri=True, timeout=60.0, isolation_level=None)
+                con.execute("PRAGMA busy_timeout=60000")
+                con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            except sqlite3.DatabaseError as exc:
+                last = exc
+                continue
+            self._check_ours(con)
+            tables = {t[0] for t in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            for stmt in _SCHEMA.split(";"):  # tables not there yet (a new file, an older schema): empty temp ones
+                words = stmt.split()
+                if len(words) > 5 and words[5] not in tables:
+                    con.execute(stmt.replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE", 1))
+            return con
+        raise self._fail(f"cannot be read ({last})", "fix its permissions or choose another file")
+
+    def _check_ours(self, con: sqlite3.Connection) -> None:
+        """Refuse another application's SQLite file (nothing is written to it)."""
+        try:
+            app = con.execute("PRAGMA application_id").fetchone()[0]
+            tables = {t[0] for t in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as exc:
+            raise self._fail(f"is not a readable SQLite database ({exc})",
+                             "choose another file; this one is left untouched") from None
+        if app == APPLICATION_ID:
+            return
+        # an empty file, or a database written by an older hdlora (before the application_id was set)
+        if app == 0 and (not tables or (_OUR_TABLES <= tables and self._old_schema_ok(con))):
+            return
+        other = f"application_id {app:#x}" if app else f"tables {sorted(tables)[:5]}"
+        raise self._fail(f"is another application's SQLite database ({other})",
+                         "give hdlora its own file; this one is left untouched")
+
+    @staticmethod
+    def _old_schema_ok(con: sqlite3.Connection) -> bool:
+        cols = {t[1] for t in con.execute("PRAGMA table_info(results)")}
+        return {"kind", "params", "options", "version", "status", "result"} <= cols
 
     # ----- context manager ---------------------------------------------------
     def close(self) -> None:
@@ -167,8 +346,8 @@ class Store:
 
     @staticmethod
     def _row(t: tuple) -> Row:
-        return Row(kind=t[0], params=json.loads(t[1]), options=json.loads(t[2]), version=t[3], status=t[4],
-                   result=None if t[5] is None else json.loads(t[5]), error=t[6],
+        return Row(kind=t[0], params=loads(t[1]), options=loads(t[2]), version=t[3], status=t[4],
+                   result=None if t[5] is None else loads(t[5]), error=t[6],
                    warnings=json.loads(t[7]) if t[7] else [], wall_s=t[8], finished_at=t[9], run_id=t[10],
                    worker=t[11], attempts=t[12])
 
@@ -210,13 +389,29 @@ class Store:
     # ----- writing -----------------------------------------------------------------
     def put(self, key: Key, *, status: str, result: Mapping | None = None, error: str | None = None,
             warnings: list | None = None, wall_s: float | None = None, run_id: str,
-            worker: str | None = None) -> None:
-        """Store one finished task and commit (a rerun of the same key replaces it, attempts += 1)."""
+            worker: str | None = None, owner: str | None = None) -> None:
+        """Store one finished task and commit (a rerun of the same key replaces it, attempts += 1).
+
+        ``owner``: the claim (:meth:`claim`) of this task is released in the same transaction.
+        """
         if status not in ("ok", "failed"):
             raise ValueError(f"status must be 'ok' or 'failed', got {status!r}")
-        result_json = None if result is None else json.dumps(to_jsonable(result), allow_nan=True)
+        result_json = None if result is None else json.dumps(to_strict(result), allow_nan=False)
         warn_json = json.dumps([str(w) for w in warnings]) if warnings else None
         wall = None if wall_s is None or not math.isfinite(wall_s) else float(wall_s)
+        con = self._con
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            self._insert(key, status, result_json, error, warn_json, wall, run_id, worker)
+            if owner is not None:
+                con.execute("DELETE FROM leases WHERE kind=? AND params=? AND options=? AND version=? AND owner=?",
+                            (*key, self.version, owner))
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def _insert(self, key, status, result_json, error, warn_json, wall, run_id, worker) -> None:
         self._con.execute(
             "INSERT INTO results (kind, params, options, version, status, result, error, warnings, wall_s, "
             "finished_at, run_id, worker) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
@@ -225,6 +420,50 @@ class Store:
             "finished_at=excluded.finished_at, run_id=excluded.run_id, worker=excluded.worker, "
             "attempts=results.attempts + 1",
             (*key, self.version, status, result_json, error, warn_json, wall, utc_now(), run_id, worker))
+
+    # ----- claims: several sweeps on one database split the work ---------------------------------------------
+    def claim(self, key: Key, owner: str, lease_s: float, redo_before: str | None = None) -> str:
+        """Try to take ``key`` for computing, in one ``BEGIN IMMEDIATE`` transaction.
+
+        Returns 'done' (a row is stored: nothing to compute; with ``redo_before``, a failed row
+        stored before that time does not count), 'busy' (another owner holds a live lease), or
+        'claimed' (this owner holds the lease until ``lease_s`` seconds from now; renew it with
+        :class:`Heartbeat`; :meth:`put` with ``owner`` releases it).  An expired lease (its owner
+        died or stalled) is taken over.
+        """
+        con = self._con
+        now = time.time()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            row = con.execute("SELECT status, finished_at FROM results WHERE kind=? AND params=? AND options=? "
+                              "AND version=?", (*key, self.version)).fetchone()
+            if row is not None and (row[0] == "ok" or redo_before is None or row[1] >= redo_before):
+                state = "done"
+            else:
+                lease = con.execute("SELECT owner, expires FROM leases WHERE kind=? AND params=? AND options=? "
+                                    "AND version=?", (*key, self.version)).fetchone()
+                if lease is not None and lease[0] != owner and lease[1] > now:
+                    state = "busy"
+                else:
+                    con.execute("INSERT INTO leases (kind, params, options, version, owner, heartbeat, expires) "
+                                "VALUES (?,?,?,?,?,?,?) ON CONFLICT (kind, params, options, version) DO UPDATE SET "
+                                "owner=excluded.owner, heartbeat=excluded.heartbeat, expires=excluded.expires",
+                                (*key, self.version, owner, now, now + lease_s))
+                    state = "claimed"
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return state
+
+    def release(self, owner: str) -> None:
+        """Drop every lease of ``owner`` (end of its run, or Ctrl-C)."""
+        self._con.execute("DELETE FROM leases WHERE owner=?", (owner,))
+
+    def leases(self) -> list[dict]:
+        cur = self._con.execute("SELECT kind, params, options, version, owner, heartbeat, expires FROM leases")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, t)) for t in cur]
 
     def start_run(self, run_id: str, *, sweep: str, source: str, executor: str, n_tasks: int) -> None:
         self._con.execute(
@@ -243,6 +482,42 @@ class Store:
 
         records = [flatten_row(r) for r in self.rows(all_versions)]
         return pd.DataFrame.from_records(records)
+
+
+class Heartbeat:
+    """A thread of the sweep's parent process that keeps its leases alive while tasks run.
+
+    Every ``lease_s / 4`` seconds it moves the expiry of every lease of ``owner`` to now +
+    ``lease_s`` (its own SQLite connection).  If the process dies, the renewals stop and the
+    leases expire: other sweeps on the database then take those tasks over.
+    """
+
+    def __init__(self, path: str | os.PathLike, owner: str, lease_s: float) -> None:
+        self.path, self.owner, self.lease_s = Path(path), owner, float(lease_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hdlora-lease-heartbeat", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        try:
+            con.execute("PRAGMA busy_timeout=60000")
+            while not self._stop.wait(self.lease_s / 4.0):
+                now = time.time()
+                try:
+                    con.execute("UPDATE leases SET heartbeat=?, expires=? WHERE owner=?",
+                                (now, now + self.lease_s, self.owner))
+                except sqlite3.DatabaseError:  # pragma: no cover (busy for a full minute): try again next beat
+                    pass
+        finally:
+            con.close()
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -270,6 +270,18 @@ def _check_simulate_options(source: str, label: str, opts: Mapping[str, Any]) ->
                            f"got {seeds!r}")
 
 
+def check_local_devices(spec: SweepSpec) -> None:
+    """Raise SweepError when a run asks for a device this machine lacks (``device = "cuda"`` without a GPU).
+
+    Checked for local runs and plans only: the workers of a Dask cluster may have what the client lacks.
+    """
+    for run in spec.runs:
+        try:
+            task_kinds.check_devices(run.kind, run.options)
+        except task_kinds.TaskKindError as exc:
+            raise _err(spec.source, f"[run.{run.label}] {exc}") from None
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep file; raises SweepError (nothing runs, nothing is written)."""
     path = Path(path)
@@ -332,19 +344,32 @@ def plan(spec: SweepSpec) -> Plan:
 
 
 # ----- running --------------------------------------------------------------------------------------------
+#: default lease of a claimed task (seconds); renewed by a heartbeat every quarter of it while the task runs
+DEFAULT_LEASE_S = 60.0
+
+
 @dataclass(frozen=True)
 class SweepReport:
     run_id: str
     n_tasks: int          # distinct tasks of the sweep
-    n_present: int        # already in the database before this run (ok or failed)
-    n_computed: int       # computed by this run
-    n_failed: int         # failures among those computed by this run
-    n_not_converged: int  # computed by this run, stored as ok, but reporting converged = False
+    n_present: int        # already in the database before this run (ok or failed): skipped
+    n_computed: int       # computed (and stored) by this process
+    n_failed: int         # failures among those computed by this process
+    n_not_converged: int  # computed by this process, stored as ok, but reporting converged = False
     n_failed_total: int   # failed rows of this sweep in the database after the run
     n_missing: int        # still missing (interrupted)
     wall_s: float
     interrupted: bool
     executor: str
+    n_by_others: int = 0  # stored during this run by other sweeps sharing the database (leases)
+    errors: dict = field(default_factory=dict)  # distinct error (last line) -> count, over the failed rows
+    first_error: str | None = None  # the first failed task of the plan: where, and its error's last line
+
+
+def error_line(error: str | None) -> str:
+    """The last non-empty line of a stored error (the exception, without its traceback)."""
+    lines = [ln.strip() for ln in (error or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no error text)"
 
 
 def _usable_init(result: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
@@ -354,29 +379,97 @@ def _usable_init(result: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     return result if result.get("converged", True) is not False else None
 
 
+def _slots(executor: Any, n_chains: int) -> int:
+    """How many tasks to have claimed and submitted at once: the executor's parallelism.
+
+    Claiming more than can run would hold leases on queued tasks that other sweeps could compute.
+    """
+    from .executor import DaskExecutor, LocalPool, SerialExecutor
+
+    n = getattr(executor, "slots", None)
+    if n is None:
+        if isinstance(executor, SerialExecutor):
+            n = 1
+        elif isinstance(executor, LocalPool):
+            n = executor.workers
+        elif isinstance(executor, DaskExecutor):
+            try:
+                n = sum(executor._client.nthreads().values())
+            except Exception:  # noqa: BLE001
+                n = None
+    return max(1, int(n)) if n else max(1, n_chains)
+
+
+def _summarise_errors(spec: SweepSpec, the_plan: Plan, rows: Mapping[Key, Row]) -> tuple[dict, str | None]:
+    """Failed rows of the plan: count per distinct error (its last line), and the first one with its grid point."""
+    counts: dict[str, int] = {}
+    first = None
+    seen: set[Key] = set()
+    for task in the_plan.tasks:
+        row = rows.get(task.key)
+        if row is None or row.ok or task.key in seen:
+            continue
+        seen.add(task.key)
+        line = error_line(row.error)
+        if first is None:
+            where = ", ".join(f"{a}={v!r}" for a, v in spec.coords(task.point).items()) or "the fixed parameters"
+            first = f"[run.{task.label}] at {where}: {line}"
+        counts[line] = counts.get(line, 0) + 1
+    return counts, first
+
+
 def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | None = None,
               retry_failed: bool = False, progress: bool = True, store: Store | None = None,
-              executor: Any = None) -> SweepReport:
+              executor: Any = None, lease_s: float = DEFAULT_LEASE_S, poll_s: float | None = None) -> SweepReport:
     """Run what is missing of ``spec`` and store each result as it arrives.
+
+    Several sweeps may run on one database at once (processes on one machine, or clients of one
+    Dask cluster): each task is claimed in the database before it is computed (a lease of
+    ``lease_s`` seconds, renewed by a heartbeat thread while the task runs), so every task is
+    computed once; a task whose owner died is taken over when its lease expires.  SQLite's
+    locking needs a local file system: not NFS; from several machines, use one Dask scheduler.
 
     Args:
         workers: local pool size (default: all cores); 1 runs in this process.
         scheduler: ``tcp://HOST:PORT`` of a Dask scheduler; the tasks run on its workers.
-        retry_failed: also rerun tasks stored as failed.
+        retry_failed: also rerun tasks stored as failed (before this run started).
         progress: a tqdm progress bar (counts and ETA) on stderr.
         store / executor: for tests and embedding; by default the sweep's database and
             :func:`hdlora.experiments.executor.make_executor`.
+        lease_s: lease of a claimed task, seconds.
+        poll_s: how often tasks claimed by other sweeps are looked at again (default min(1, lease_s / 4)).
     """
-    from .executor import make_executor
+    from collections import deque
+    from contextlib import nullcontext
 
+    from .executor import make_executor
+    from .store import Heartbeat, utc_now, worker_name
+
+    if not (isinstance(lease_s, (int, float)) and math.isfinite(lease_s) and lease_s > 0):
+        raise SweepError(f"--lease-seconds must be a number > 0, got {lease_s!r}")
+    poll_s = min(1.0, lease_s / 4.0) if poll_s is None else poll_s
+    if scheduler is None and executor is None:
+        check_local_devices(spec)
     t0 = time.perf_counter()
     the_plan = plan(spec)
+    distinct = [t for c in the_plan.chains for t in c]
     if store is None:
+        if spec.database.exists():  # complete already? then read only: nothing is written (read-only files too)
+            with Store(spec.database, readonly=True) as ro:
+                have = ro.lookup(t.key for t in distinct)
+                if all(k.key in have and (have[k.key].ok or not retry_failed) for k in distinct):
+                    errors, first = _summarise_errors(spec, the_plan, have)
+                    return SweepReport(run_id="", n_tasks=len(distinct), n_present=len(distinct), n_computed=0,
+                                       n_failed=0, n_not_converged=0,
+                                       n_failed_total=sum(not r.ok for r in have.values()), n_missing=0,
+                                       wall_s=time.perf_counter() - t0, interrupted=False, executor="none",
+                                       errors=errors, first_error=first)
         with Store(spec.database) as own:
             return run_sweep(spec, workers=workers, scheduler=scheduler, retry_failed=retry_failed,
-                             progress=progress, store=own, executor=executor)
+                             progress=progress, store=own, executor=executor, lease_s=lease_s, poll_s=poll_s)
     run_id = uuid.uuid4().hex[:12]
-    distinct = [t for c in the_plan.chains for t in c]
+    owner = f"{worker_name()}:{run_id}"
+    redo_before = utc_now() if retry_failed else None
     present = store.lookup(t.key for t in distinct)
 
     def needs(task: Task) -> bool:
@@ -386,7 +479,7 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
     n_todo = sum(needs(t) for t in distinct)
     n_present = len(distinct) - sum(present.get(t.key) is None for t in distinct)
     own_exec = executor is None
-    n_computed = n_failed = n_not_converged = 0
+    n_computed = n_failed = n_not_converged = n_by_others = 0
     interrupted = False
     bar = None
     try:
@@ -403,47 +496,74 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
         pos = [0] * len(the_plan.chains)
         init: list[Mapping | None] = [None] * len(the_plan.chains)
         inflight: dict[Any, tuple[int, Task]] = {}
+        ready = deque(range(len(the_plan.chains)))  # chains whose next task is to be looked at
+        parked: list[int] = []                     # chains whose next task another sweep is computing
+        slots = _slots(executor, len(the_plan.chains)) if executor is not None else 1
 
         def advance(ci: int) -> None:
+            nonlocal n_by_others
             chain = the_plan.chains[ci]
             while pos[ci] < len(chain):
                 task = chain[pos[ci]]
                 if needs(task):
-                    warm = init[ci] if task_kinds.get(task.kind).warm_start else None
-                    handle = executor.submit(task.kind, task.params.to_dict(), task.options, warm)
-                    inflight[handle] = (ci, task)
-                    return
-                row = present[task.key]
-                if row.ok and _usable_init(row.result) is not None:
+                    state = store.claim(task.key, owner, lease_s, redo_before)
+                    if state == "claimed":
+                        warm = init[ci] if task_kinds.get(task.kind).warm_start else None
+                        handle = executor.submit(task.kind, task.params.to_dict(), task.options, warm)
+                        inflight[handle] = (ci, task)
+                        return
+                    if state == "busy":
+                        parked.append(ci)
+                        return
+                    row = store.get(task.key)  # 'done': stored by another sweep meanwhile
+                    n_by_others += 1
+                    if bar is not None:
+                        bar.update(1)
+                else:
+                    row = present[task.key]
+                if row is not None and row.ok and _usable_init(row.result) is not None:
                     init[ci] = row.result
                 pos[ci] += 1
 
-        for ci in range(len(the_plan.chains)):
-            advance(ci)
-        while inflight:
-            for handle in executor.wait_first(list(inflight)):
-                ci, task = inflight.pop(handle)
-                out = executor.outcome(handle)
-                if out["status"] == "ok" and out.get("version") not in (None, store.version):
-                    # e.g. a Dask worker with another hdlora installed: its numbers are not this version's
-                    out = dict(out, status="failed", result=None,
-                               error=f"the worker {out['worker']} runs hdlora {out['version']}, "
-                                     f"this sweep stores results of hdlora {store.version}")
-                store.put(task.key, status=out["status"], result=out["result"], error=out["error"],
-                          warnings=out["warnings"], wall_s=out["wall_s"], run_id=run_id, worker=out["worker"])
-                n_computed += 1
-                if out["status"] != "ok":
-                    n_failed += 1
-                elif out["result"].get("converged", True) is False:
-                    n_not_converged += 1
-                elif _usable_init(out["result"]) is not None:
-                    init[ci] = out["result"]
-                if bar is not None:
-                    bar.update(1)
-                    if n_failed or n_not_converged:
-                        bar.set_postfix(failed=n_failed, not_converged=n_not_converged)
-                pos[ci] += 1
-                advance(ci)
+        last_poll = time.monotonic()
+        with Heartbeat(store.path, owner, lease_s) if n_todo else nullcontext():
+            while True:
+                while ready and len(inflight) < slots:
+                    advance(ready.popleft())
+                if not inflight:
+                    if not parked:
+                        break
+                    time.sleep(max(0.0, poll_s - (time.monotonic() - last_poll)))
+                if parked and time.monotonic() - last_poll >= poll_s:
+                    ready.extend(parked)
+                    parked.clear()
+                    last_poll = time.monotonic()
+                if not inflight:
+                    continue
+                for handle in executor.wait_first(list(inflight)):
+                    ci, task = inflight.pop(handle)
+                    out = executor.outcome(handle)
+                    if out["status"] == "ok" and out.get("version") not in (None, store.version):
+                        # e.g. a Dask worker with another hdlora installed: its numbers are not this version's
+                        out = dict(out, status="failed", result=None,
+                                   error=f"the worker {out['worker']} runs hdlora {out['version']}, "
+                                         f"this sweep stores results of hdlora {store.version}")
+                    store.put(task.key, status=out["status"], result=out["result"], error=out["error"],
+                              warnings=out["warnings"], wall_s=out["wall_s"], run_id=run_id, worker=out["worker"],
+                              owner=owner)
+                    n_computed += 1
+                    if out["status"] != "ok":
+                        n_failed += 1
+                    elif out["result"].get("converged", True) is False:
+                        n_not_converged += 1
+                    elif _usable_init(out["result"]) is not None:
+                        init[ci] = out["result"]
+                    if bar is not None:
+                        bar.update(1)
+                        if n_failed or n_not_converged:
+                            bar.set_postfix(failed=n_failed, not_converged=n_not_converged)
+                    pos[ci] += 1
+                    ready.append(ci)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -451,14 +571,17 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
             bar.close()
         if own_exec and executor is not None:
             executor.close(cancel=interrupted)
+        store.release(owner)  # what was not finished is free for the other sweeps at once
     after = store.lookup(t.key for t in distinct)
     n_failed_total = sum(not r.ok for r in after.values())
     n_missing = len(distinct) - len(after)
+    errors, first = _summarise_errors(spec, the_plan, after)
     store.end_run(run_id, n_computed=n_computed, n_failed=n_failed, state="interrupted" if interrupted else "finished")
     return SweepReport(run_id=run_id, n_tasks=len(distinct), n_present=n_present, n_computed=n_computed,
-                       n_failed=n_failed, n_not_converged=n_not_converged, n_failed_total=n_failed_total, n_missing=n_missing,
-                       wall_s=time.perf_counter() - t0, interrupted=interrupted,
-                       executor=executor.description if executor is not None else "none")
+                       n_failed=n_failed, n_not_converged=n_not_converged, n_failed_total=n_failed_total,
+                       n_missing=n_missing, wall_s=time.perf_counter() - t0, interrupted=interrupted,
+                       executor=executor.description if executor is not None else "none", n_by_others=n_by_others,
+                       errors=errors, first_error=first)
 
 
 # ----- exports ----------------------------------------------------------------------------------------------
@@ -484,7 +607,7 @@ def sweep_frame(spec: SweepSpec, store: Store | None = None):
     from .store import flatten
 
     own = store is None
-    store = store or Store(spec.database)
+    store = store or Store(spec.database, readonly=True)
     try:
         the_plan = plan(spec)
         rows = store.lookup(t.key for t in the_plan.tasks)
@@ -520,7 +643,7 @@ def sweep_dataset(spec: SweepSpec, store: Store | None = None):
     from .store import flatten
 
     own = store is None
-    store = store or Store(spec.database)
+    store = store or Store(spec.database, readonly=True)
     try:
         the_plan = plan(spec)
         rows = store.lookup(t.key for t in the_plan.tasks)
@@ -560,9 +683,24 @@ def sweep_dataset(spec: SweepSpec, store: Store | None = None):
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
+def check_writable(path: str | Path, what: str = "--export") -> None:
+    """Raise SweepError (one line) unless ``path`` can be written: checked before a sweep runs, not after."""
+    path = Path(path)
+    if path.is_dir():
+        raise SweepError(f"{what} {path}: is a directory; give a file name")
+    d = path.parent
+    while not d.exists() and d != d.parent:  # the nearest existing ancestor must let us create the rest
+        d = d.parent
+    if not d.is_dir() or not os.access(d, os.W_OK | os.X_OK):
+        raise SweepError(f"{what} {path}: the directory {d} is not writable; choose another location")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SweepError(f"{what} {path}: the file exists and is read-only; choose another name")
+
+
 def export(spec: SweepSpec, path: str | Path, store: Store | None = None) -> Path:
     """Write the results to ``path``: .csv (tidy table) or .nc (netCDF via h5netcdf)."""
     path = Path(path)
+    check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":
         sweep_frame(spec, store).to_csv(path, index=False)

@@ -115,23 +115,117 @@ def resolve(name: str) -> TaskFunction:
     return _import(get(name).function)
 
 
+# ----- option values: checked when the sweep file is loaded, one line each ------------------------------------
+def _is_int(v: Any, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _is_pos(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _rule_int(lo: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_int(v, lo)), f"an integer >= {lo}"
+
+
+def _rule_choice(*values: Any) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, str) and v in values), " | ".join(repr(x) for x in values)
+
+
+_RULE_BOOL = ((lambda v: isinstance(v, bool)), "true | false")
+_RULE_POS = (_is_pos, "a finite number > 0")
+
+
+def _rule_tol() -> tuple[Callable[[Any], bool], str]:
+    from hdlora import params as params_module
+
+    rng = getattr(params_module, "TOL_RANGE", None)  # the library's bound on tolerances, where it has one
+    if rng is None:
+        return _RULE_POS
+    lo, hi = rng
+    return (lambda v: _is_pos(v) and lo <= v <= hi), f"a number in [{lo:g}, {hi:g}]"
+
+
+def _rule_device() -> tuple[Callable[[Any], bool], str]:
+    import re
+
+    return ((lambda v: isinstance(v, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", v) is not None),
+            "'cpu' | 'auto' | 'cuda' | 'cuda:N'")
+
+
+def _rule_effective() -> tuple[Callable[[Any], bool], str]:
+    def ok(v: Any) -> bool:
+        return isinstance(v, dict) and set(v) == {"Q0", "Q", "M"} and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v.values())
+
+    return ok, "a table {Q0 = ..., Q = ..., M = ...} of finite numbers"
+
+
+def _option_rules(kind: str) -> dict[str, tuple[Callable[[Any], bool], str]] | None:
+    """name -> (check, allowed values) of the built-in kinds' options; None for other kinds."""
+    if kind == "theory":
+        from hdlora.theory.pretrain import PRETRAIN_METHODS
+        from hdlora.theory.solve import BASELINES as SOLVE_BASELINES
+
+        return {"n_mc": _rule_int(100), "seed": _rule_int(0), "baseline": _rule_choice(*SOLVE_BASELINES),
+                "tol": _rule_tol(), "max_iter": _rule_int(1), "method": _rule_choice(*PRETRAIN_METHODS),
+                "optimal_beta": _RULE_BOOL, "warn": _RULE_BOOL}
+    if kind == "simulate":
+        from hdlora.simulate.losses import LOSSES
+        from hdlora.simulate.run import OPTIMAL_BETA
+
+        return {"dim": None, "seeds": None,  # checked by the sweep file loader (with the grid's sizes)
+                "device": _rule_device(), "loss": _rule_choice(*LOSSES), "effective": _rule_effective(),
+                "restarts": _rule_int(0), "progress": _RULE_BOOL, "informed_start": _RULE_BOOL,
+                "reduce_width": _RULE_BOOL, "pretrain_rtol": _RULE_POS, "pretrain_max_iter": _rule_int(1),
+                "finetune_rtol": _RULE_POS, "finetune_max_iter": _rule_int(1), "n_test": _rule_int(1),
+                "optimal_beta": _rule_choice(*OPTIMAL_BETA), "compare_uniform": _RULE_BOOL}
+    if kind == "bayes_optimal":
+        return {"n_mc": _rule_int(100), "n_nodes": _rule_int(1), "n_mc_error": _rule_int(100),
+                "seed": _rule_int(0), "tol": _RULE_POS}
+    return None
+
+
+def _check_values(name: str, options: Mapping[str, Any], rules: Mapping[str, Any]) -> None:
+    unknown = sorted(set(options) - set(rules))
+    if unknown:
+        raise TaskKindError(f"unknown option(s) {unknown} for task kind {name!r}; allowed: {sorted(rules)}")
+    for opt, value in options.items():
+        rule = rules[opt]
+        if rule is not None and not rule[0](value):
+            raise TaskKindError(f"{opt} = {value!r}: must be {rule[1]}")
+
+
 def check_options(name: str, options: Mapping[str, Any]) -> None:
-    """Raise TaskKindError when the kind is unavailable or an option is missing / unknown.
+    """Raise TaskKindError when the kind is unavailable or an option is missing, unknown or out of range.
 
     Imports the library module (not the heavy computation), so that a sweep naming a kind
-    whose implementation is missing fails before anything runs.
+    whose implementation is missing fails before anything runs.  The built-in kinds check
+    every option's value (:func:`_option_rules`); a custom task function may define
+    ``f.check_options(options)`` raising ValueError with a one-line message.
     """
     kind = get(name)
     missing = [k for k in kind.required if k not in options]
     if missing:
         raise TaskKindError(f"task kind {name!r} needs option(s) {missing}")
     if kind.library is None:
+        fn = resolve(name)
+        check = getattr(fn, "check_options", None)
+        if callable(check):
+            try:
+                check(dict(options))
+            except (ValueError, TypeError) as exc:
+                raise TaskKindError(str(exc)) from None
         return
     try:
         lib = _import(kind.library)
     except (ImportError, AttributeError) as exc:
         raise TaskKindError(f"task kind {name!r} is not available: {kind.library} cannot be imported ({exc})") \
             from None
+    rules = _option_rules(kind.name) if REGISTRY.get(kind.name) is kind else None
+    if rules is not None:
+        _check_values(name, options, rules)
+        return
     try:
         sig = inspect.signature(lib)
     except (TypeError, ValueError):  # pragma: no cover (builtins)
@@ -144,6 +238,18 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     if unknown:
         raise TaskKindError(f"unknown option(s) {unknown} for task kind {name!r}; "
                             f"{kind.library} accepts {allowed}")
+
+
+def check_devices(name: str, options: Mapping[str, Any]) -> None:
+    """Raise TaskKindError when ``device`` asks for CUDA and this machine has none (local runs only:
+    the workers of a Dask cluster may have GPUs the client lacks)."""
+    device = options.get("device")
+    if isinstance(device, str) and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TaskKindError(f"device = {device!r}: no CUDA GPU on this machine; allowed here: 'cpu' | 'auto' "
+                                "(or run on GPU workers with --scheduler)")
 
 
 def _result_dict(r: Any) -> dict:
