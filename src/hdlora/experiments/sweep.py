@@ -364,7 +364,8 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
         scheduler: ``tcp://HOST:PORT`` of a Dask scheduler; the tasks run on its workers.
         retry_failed: also rerun tasks stored as failed.
         progress: a tqdm progress bar (counts and ETA) on stderr.
-        store / executor: for tests and embedding; by default the sweep's database and
+        store: for tests and embedding; by default the sweep's database.
+        executor: for tests and embedding; by default
             :func:`hdlora.experiments.executor.make_executor`.
     """
     from .executor import make_executor
