@@ -5,7 +5,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test test-slow bench clean docs notebooks notebooks-outputs
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -29,8 +29,28 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow
 
+# the documentation site and the notebooks: the `docs` extra (mkdocs, mkdocstrings, jupytext, nbclient, ipykernel)
+DOCSTAMP := $(VENV)/.installed-docs
+$(DOCSTAMP): $(STAMP) pyproject.toml
+	$(VPY) -m pip install -q -e '.[test,docs]'
+	touch $(DOCSTAMP)
+
+# the site (README, gallery, VALIDATION, studies, notebooks with their stored outputs, API reference
+# from the docstrings) into site/; --strict: any warning, e.g. a docstring that disagrees with its
+# signature, fails the build
+docs: $(DOCSTAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# executes COPIES of docs/notebooks/*.ipynb at small sizes (HDLORA_NB_SMALL=1); the stored outputs are not touched
+notebooks: $(DOCSTAMP)
+	$(VPY) scripts/run_notebooks.py
+
+# rebuilds docs/notebooks/*.ipynb from their paired .py files and stores their outputs (modest sizes, minutes)
+notebooks-outputs: $(DOCSTAMP)
+	$(VPY) scripts/run_notebooks.py --update
+
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(VPY) $$b; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build site *.egg-info src/*.egg-info
