@@ -39,7 +39,7 @@ $(DOCSTAMP): $(STAMP) pyproject.toml
 # from the docstrings) into site/; --strict: any warning, e.g. a docstring that disagrees with its
 # signature, fails the build
 docs: $(DOCSTAMP)
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 # executes COPIES of docs/notebooks/*.ipynb at small sizes (HDLORA_NB_SMALL=1); the stored outputs are not touched
 notebooks: $(DOCSTAMP)
