@@ -5,7 +5,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-slow test-cluster test-browser bench clean
+.PHONY: run test test-slow test-cluster test-browser docs notebooks notebooks-outputs lint bench clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -50,9 +50,28 @@ test-browser: $(BROWSER_STAMP)
 	if bash scripts/install_browser.sh; then export HDLORA_REQUIRE_BROWSER=1; \
 	else echo "test-browser: Chromium could not be installed: the browser test is skipped" >&2; fi; \
 	$(VPY) -m pytest -q -m browser tests/test_explore_browser.py
+# the documentation site and the notebooks: the `docs` extra (mkdocs, mkdocstrings, jupytext, nbclient, ipykernel)
+DOCSTAMP := $(VENV)/.installed-docs
+$(DOCSTAMP): $(STAMP) pyproject.toml
+	$(VPY) -m pip install -q -e '.[test,docs]'
+	touch $(DOCSTAMP)
+
+# the site (README, gallery, VALIDATION, studies, notebooks with their stored outputs, API reference
+# from the docstrings) into site/; --strict: any warning, e.g. a docstring that disagrees with its
+# signature, fails the build
+docs: $(DOCSTAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+# executes COPIES of docs/notebooks/*.ipynb at small sizes (HDLORA_NB_SMALL=1); the stored outputs are not touched
+notebooks: $(DOCSTAMP)
+	$(VPY) scripts/run_notebooks.py
+
+# rebuilds docs/notebooks/*.ipynb from their paired .py files and stores their outputs (modest sizes, minutes)
+notebooks-outputs: $(DOCSTAMP)
+	$(VPY) scripts/run_notebooks.py --update
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(VPY) $$b; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build site *.egg-info src/*.egg-info

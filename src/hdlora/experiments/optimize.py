@@ -356,13 +356,15 @@ def optimize(params: Params, target: str, over: str | Sequence[str], *,
             from ('lam', 'lam_ft', 'beta').
         bounds: {name: (low, high)} with 0 < low < high < inf; defaults :data:`DEFAULT_BOUNDS`
             (lam, lam_ft in [1e-3, 10], beta in [0.3, 3]).
-        n_mc, seed: Monte-Carlo samples and their seed, the same for every solve.
+        n_mc: Monte-Carlo samples, the same for every solve.
+        seed: their seed, the same for every solve.
         tol: absolute tolerance on log10 of each hyperparameter (default 0.01, see module doc).
         max_solves: budget of state-evolution solves; the search stops there (flagged).
         maximize: override the direction (default: maximise the overlap, minimise errors).
         n_grid: coarse-grid points per dimension (default 7, 5, 4 for 1-, 2-, 3-D).
         max_cycles: coordinate-descent cycles (2-D, 3-D).
-        solver_tol, max_iter: fixed-point tolerance and iteration cap of each solve.
+        solver_tol: fixed-point tolerance of each solve.
+        max_iter: fixed-point iteration cap of each solve.
         warn: emit a NonConvergenceWarning when solves did not converge.
 
     Returns:

@@ -434,7 +434,8 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
         scheduler: ``tcp://HOST:PORT`` of a Dask scheduler; the tasks run on its workers.
         retry_failed: also rerun tasks stored as failed (before this run started).
         progress: a tqdm progress bar (counts and ETA) on stderr.
-        store / executor: for tests and embedding; by default the sweep's database and
+        store: for tests and embedding; by default the sweep's database.
+        executor: for tests and embedding; by default
             :func:`hdlora.experiments.executor.make_executor`.
         lease_s: lease of a claimed task, seconds.
         poll_s: how often tasks claimed by other sweeps are looked at again (default min(1, lease_s / 4)).

@@ -90,12 +90,14 @@ def active_comparison_effective(params: Params, Q0: float, Q: float, M: float, *
     Args:
         params: needs ``active_pool`` (alpha_bar'); alpha_ft, tokens, noise, lam_ft, beta,
             activation are used.
-        Q0, Q, M: the effective pre-training (law Q, eq. 13), before recalibration.
+        Q0: the effective pre-training (law Q, eq. 13), before recalibration: Q0.
+        Q: the same law's Q.
+        M: the same law's M.
         n_mc: Monte-Carlo samples of the fine-tuning state evolution (the pool has n_mc / rho).
         seed: seed of the fields (seed + 1, as :func:`hdlora.theory.solve`) and of the rank-one
             and test samples (seed + 2), shared by both solves.
         n_test: test samples of E' (default n_mc).
-        kwargs: passed to :func:`hdlora.theory.finetune.solve_finetune` (tol, max_iter, ...).
+        kwargs (Any): passed to :func:`hdlora.theory.finetune.solve_finetune` (tol, max_iter, ...).
     """
     if params.active_pool is None:
         raise ParamError("active_comparison_effective needs params.active_pool (alpha_bar')")

@@ -183,8 +183,8 @@ def psi_derivatives(chi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, chi_tilde: n
         order: 0 (value), 1 (+ gradient) or 2 (+ Hessian and d psi / d q).
 
     Returns:
-        psi (n,) [, grad (n, T) [, hess (n, T, T), dpsi_dq (n,)]].  d psi / d q is the
-        derivative through the explicit -q I_T shift only (as used in eq. 72).
+        (tuple): psi (n,) [, grad (n, T) [, hess (n, T, T), dpsi_dq (n,)]].  d psi / d q is the
+            derivative through the explicit -q I_T shift only (as used in eq. 72).
     """
     out = _psi_t(_t(chi), _t(Zq), _t(Y), _t(chi_tilde), v, activation, order)
     if order == 0:
@@ -545,15 +545,20 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
 
     Args:
         params: model parameters (alpha_ft, tokens, noise, lam_ft, activation, beta, reuse).
-        z_star, z: frozen fields on the upper triangle, shape (n, L): from Q (eq. 13) for
-            e = 0, from R (eq. 17) for e = 1; *before* recalibration (z -> beta z is applied
-            here, eq. 26 / App. C).
-        Q0, Q, M: the pre-training test law Q (eq. 13), before recalibration.  Needed for
-            e = 1 (the test errors use Q, not R); for e = 0 the given fields are used as
-            test fields when omitted.
+        z_star: frozen teacher fields z* on the upper triangle, shape (n, L): from Q (eq. 13)
+            for e = 0, from R (eq. 17) for e = 1.
+        z: frozen student fields z, shape (n, L), drawn with ``z_star``; *before*
+            recalibration (z -> beta z is applied here, eq. 26 / App. C).
+        Q0: the pre-training test law Q (eq. 13), before recalibration: Q0.  Q0, Q, M are
+            needed for e = 1 (the test errors use Q, not R); for e = 0 the given fields are
+            used as test fields when omitted.
+        Q: the same law's Q.
+        M: the same law's M.
         n_mc: use the first n_mc rows of the fields (default: all).
         seed: seed of the rank-one samples chi*, zeta (eq. 62) and of the test samples.
-        tol, max_iter, mixing: passed to :func:`hdlora.theory.fixed_point.iterate`.
+        tol: passed to :func:`hdlora.theory.fixed_point.iterate`.
+        max_iter: passed to :func:`hdlora.theory.fixed_point.iterate`.
+        mixing: passed to :func:`hdlora.theory.fixed_point.iterate`.
         init: warm start (a previous FinetuneResult or a dict with m, q, v).
         n_test: Monte-Carlo samples of the softmax test errors (default n_mc); the linear
             activation uses closed forms (see :mod:`hdlora.theory.errors`).

@@ -236,7 +236,9 @@ def solve_pretrain(params: Params, *, n_mc: int = 30000, seed: int = 0, method: 
         seed: seed of the fixed samples.
         method: 'mc', 'qmc' or 'exact' (linear sigma only; closed-form Gaussian expectations).
             Default: 'exact' for linear, 'mc' for softmax.
-        tol, max_iter, mixing: passed to :func:`hdlora.theory.fixed_point.iterate`.
+        tol: passed to :func:`hdlora.theory.fixed_point.iterate`.
+        max_iter: passed to :func:`hdlora.theory.fixed_point.iterate`.
+        mixing: passed to :func:`hdlora.theory.fixed_point.iterate`.
         init: warm start (a previous PretrainResult or a mapping with Q, M, V).
         warn: warn (NonConvergenceWarning) when not converged.
 

@@ -367,7 +367,8 @@ def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "s
     """Prox(z*, z~) = argmax_h Psi(h; z*, z~) (eq. 16/41) for all samples at once.
 
     Args:
-        z_star, z_tilde: (n, L) upper triangles of z* and z~.
+        z_star: (n, L) upper triangles of z*.
+        z_tilde: (n, L) upper triangles of z~.
         V: the order parameter V > 0 of eq. 15.
         activation: 'softmax' or 'linear' (closed form, App. C).
         init: (n, L) warm start for h (e.g. the prox of the previous state-evolution iteration).

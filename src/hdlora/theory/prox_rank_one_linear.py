@@ -44,10 +44,10 @@ def solve_secular(b: np.ndarray, yt: np.ndarray, c: float, *, r0: np.ndarray | N
             bracket safeguard makes any guess safe.
 
     Returns:
-        y (n, T), r = |y|^2 (n,), d = 1 + c (b + r) >= 0 (n, T), and the Newton iteration count.
-        Newton is applied to G(s) = r_lo + s - phi when r_lo = 0 and to
-        H(s) = phi^{-1/2} - (r_lo + s)^{-1/2} (nearly linear at the pole) when r_lo > 0, with s = r - r_lo,
-        both increasing in s; a step leaving the bracket is replaced by bisection.
+        (tuple): y (n, T), r = |y|^2 (n,), d = 1 + c (b + r) >= 0 (n, T), and the Newton iteration
+            count. Newton is applied to G(s) = r_lo + s - phi when r_lo = 0 and to
+            H(s) = phi^{-1/2} - (r_lo + s)^{-1/2} (nearly linear at the pole) when r_lo > 0, with
+            s = r - r_lo, both increasing in s; a step leaving the bracket is replaced by bisection.
     """
     bt, yt_t = np.ascontiguousarray(b.T), np.ascontiguousarray(yt.T)      # token-first (T, n): fast sums
     y, d, it = _solve_secular_t(bt, yt_t, c, r0, max_iter, step_tol)
@@ -138,7 +138,8 @@ class LinearRankOneProx:
 
     Args:
         B0: (n, T, T) z_beta - z* - chi* chi*^T (symmetric), so that B = B0 - (q - q0) I, q0 = 1.
-        chi_star, zeta: (n, T) the fixed normals of eq. 62.
+        chi_star: (n, T) the fixed normals chi* of eq. 62.
+        zeta: (n, T) the fixed normals zeta of eq. 62.
 
     :meth:`__call__` (m, q, v) returns the quantities the state evolution (eqs. 67-72) needs.
     Everything except chi and C is computed in the eigenbasis of B0 (the sums are

@@ -141,7 +141,8 @@ def solve(params: Params, *, n_mc: int = 30000, seed: int = 0, baseline: str | N
         seed: seed of the fixed samples (common random numbers).
         baseline: None, 'frozen' (lam' = inf) or 'lora-only' (lam = inf), App. A.7.
         init: warm start: a previous TheoryResult or a mapping with Q, M, V, q, m, v.
-        tol, max_iter: tolerance and iteration cap of each fixed-point solve.
+        tol: tolerance of each fixed-point solve.
+        max_iter: iteration cap of each fixed-point solve.
         method: pre-training expectation rule ('mc', 'qmc', 'exact'; default exact for
             linear sigma, mc for softmax).
         optimal_beta: recalibrate the frozen map at beta* = M/Q (eq. 26) found from the

@@ -44,7 +44,8 @@ def replicon_pretrain(alpha: float, V: float, V_hat: float, sample_term: float,
 
     Args:
         alpha: alpha (N = alpha D^2).
-        V, V_hat: order parameters at the fixed point (eqs. 51, 53).
+        V: order parameter V at the fixed point (eq. 51).
+        V_hat: order parameter V_hat at the fixed point (eq. 53).
         sample_term: E ||(V Hess_u Psi(Prox))^-1 + I_L||_F^2 over (z*, z~) ~ Q (eq. 74),
             e.g. the mean of :attr:`hdlora.theory.prox.ProxResult.replicon`.
         spectral_integral: ∫∫ (zeta(x)-zeta(y))^2/(x-y)^2 mu_eta mu_eta, eta = Q_hat^1/2 / M_hat,
