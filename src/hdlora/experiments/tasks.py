@@ -85,10 +85,17 @@ def register(kind: Kind) -> Kind:
     return kind
 
 
+#: Task functions that moved, so that kind names stored in older databases and sweep files still
+#: resolve: old module -> new module ("hdlora.experiments.figures:active_theory_task" now lives in
+#: hdlora.experiments.figure_tasks, apart from the plots, under the results key).
+MOVED_MODULES: dict[str, str] = {"hdlora.experiments.figures": "hdlora.experiments.figure_tasks"}
+
+
 def _import(target: str) -> Any:
     module, _, attr = target.partition(":")
     if not module or not attr:
         raise TaskKindError(f"expected 'package.module:function', got {target!r}")
+    module = MOVED_MODULES.get(module, module)
     obj = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
