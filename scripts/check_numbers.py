@@ -10,8 +10,8 @@ Usage:
     python scripts/check_numbers.py --compare before.json       # max |new - old| per key, NaN-aware
 
 Prints one line per point: the maximum absolute difference over all its numbers (0 means
-bit-identical; a NaN in one run but not the other, or a changed non-number, counts as inf).
-Exit status 1 when any point differs.
+bit-identical; a NaN in one run but not the other, or a missing number, counts as inf), then
+every non-numeric field (strings, flags) that changed.  Exit status 1 when anything differs.
 """
 from __future__ import annotations
 
@@ -121,14 +121,17 @@ def compute(n_mc: int) -> dict:
     return {k: _flat(v) for k, v in res.items()}
 
 
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _diff(a, b) -> float:
-    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
-        return 0.0 if a == b else math.inf
+    """|a - b| for two numbers (0 when both NaN, inf when only one is NaN or one is missing)."""
+    if not (_is_num(a) and _is_num(b)):
+        return math.inf
     if math.isnan(a) or math.isnan(b):
         return 0.0 if (math.isnan(a) and math.isnan(b)) else math.inf
-    if a == b:
-        return 0.0
-    return abs(a - b)
+    return 0.0 if a == b else abs(a - b)
 
 
 def main() -> None:
@@ -147,18 +150,21 @@ def main() -> None:
         return
     old = json.loads(Path(a.compare).read_text())
     new = json.loads(json.dumps(new, default=repr))
-    worst = 0.0
+    worst, texts = 0.0, []
     for point in sorted(set(old) | set(new)):
         o, n = old.get(point, {}), new.get(point, {})
-        keys = set(o) | set(n)
-        keys = {k for k in keys if "wall_time" not in k}
-        diffs = {k: _diff(o.get(k), n.get(k)) for k in keys}
+        keys = {k for k in set(o) | set(n) if "wall_time" not in k}
+        num = {k for k in keys if _is_num(o.get(k)) or _is_num(n.get(k))}
+        diffs = {k: _diff(o.get(k), n.get(k)) for k in num}
+        texts += [f"{point}: {k} {o.get(k)!r} -> {n.get(k)!r}" for k in sorted(keys - num) if o.get(k) != n.get(k)]
         d = max(diffs.values(), default=0.0)
         worst = max(worst, d)
         where = "" if d == 0 else f"\t(worst: {max(diffs, key=diffs.get)}; {sum(v > 0 for v in diffs.values())} differ)"
-        print(f"{d:.3g}\t{len(keys)} numbers\t{point}{where}")
+        print(f"{d:.3g}\t{len(num)} numbers\t{point}{where}")
+    for t in texts:
+        print(f"non-numeric field changed: {t}")
     print(f"max abs diff over all points: {worst:.3g} ({'BIT-IDENTICAL' if worst == 0 else 'DIFFERS'})")
-    sys.exit(0 if worst == 0 else 1)
+    sys.exit(0 if worst == 0 and not texts else 1)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_hashed_set_covers_the_task_modules_and_their_numerics():
     ("experiments/figure_tasks.py", 'val("M", 1.0)', 'val("M", 1.5)'),  # the M = 1 default
     ("experiments/optimize.py", "def _brent(", "def _brent_renamed("),
     ("experiments/tasks.py", '"lam_ft": math.inf', '"lam_ft": 1e300'),
-    ("theory/effective.py", "return noise / 2 + Q0", "return noise / 2.0 + Q0"),
+    ("theory/effective.py", "return A0 - 2 * M + Q", "return A0 - 2.0 * M + Q"),
     ("simulate/run.py", "import math\n", "import math\nimport os\n"),
     ("params.py", "return 1.0 + self.kappa0", "return self.kappa0 + 1.0"),
 ])

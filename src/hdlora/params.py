@@ -13,6 +13,19 @@ from typing import Any, Mapping
 
 ACTIVATIONS = ("softmax", "linear")
 
+#: Monte-Carlo samples of each expectation of the state evolutions, unless told otherwise: the
+#: paper's 3e4 (App. D).  The one default of every theory entry point, task and CLI.
+DEFAULT_N_MC = 30_000
+
+
+def A0(Q0: float, noise: float) -> float:
+    """A0 = Q0 + Delta/2 (eq. 46): the per-entry variance scale of the noisy target field z*.
+
+    The one definition; :attr:`Params.A0` is it at the model's own Q0 and Delta, theory code
+    with an effective law (Q0, Q, M) calls it with that Q0.
+    """
+    return Q0 + 0.5 * noise
+
 
 class ParamError(ValueError):
     """A parameter is outside its allowed range; the message names it and the range."""
@@ -121,6 +134,11 @@ class Params:
     def Q0(self) -> float:
         """Q0 = D^-2 Tr S*^2 -> 1 + kappa0 (eq. 8, high-dimensional limit)."""
         return 1.0 + self.kappa0
+
+    @property
+    def A0(self) -> float:
+        """A0 = Q0 + Delta/2 (eq. 46), see :func:`A0`."""
+        return A0(self.Q0, self.noise)
 
     @property
     def frozen(self) -> bool:

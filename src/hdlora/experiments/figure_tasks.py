@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from hdlora.params import Params, ParamError
+from hdlora.params import DEFAULT_N_MC, Params, ParamError
 
 __all__ = ["effective_theory_task", "effective_simulate_task", "active_theory_task", "recalibrated_theory_task",
            "recalibrated_simulate_task", "recalibrated_pretrain_task", "EFF_THEORY", "EFF_SIM", "ACTIVE_THEORY",
@@ -38,9 +38,10 @@ def _effective_law(params: Params, options: Mapping[str, Any]) -> tuple[float, f
 
 
 def _delta_eff(params: Params, Q0: float, Q: float, M: float) -> float:
-    """Delta_eff(beta) = Delta/2 + Q0 + beta^2 Q - 2 beta M (eqs. 25-26)."""
-    b = params.beta
-    return params.noise / 2 + Q0 + b * b * Q - 2 * b * M
+    """Delta_eff(beta) of the effective law (eqs. 25-26, :func:`hdlora.theory.effective.delta_eff_beta`)."""
+    from hdlora.theory.effective import delta_eff_beta
+
+    return delta_eff_beta(Q0, Q, M, params.noise, params.beta)
 
 
 def effective_theory_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
@@ -51,7 +52,7 @@ def effective_theory_task(params: Params, options: Mapping[str, Any], init: Mapp
     from hdlora.theory.finetune import solve_finetune_effective
 
     Q0, Q, M = _effective_law(params, options)
-    kw = {"n_mc": int(options.get("n_mc", 30000)), "seed": int(options.get("seed", 0))}
+    kw = {"n_mc": int(options.get("n_mc", DEFAULT_N_MC)), "seed": int(options.get("seed", 0))}
     if init is not None and not params.frozen:
         kw["init"] = {k: init[k] for k in ("m", "q", "v") if k in init} or None
     r = solve_finetune_effective(params, Q0, Q, M, **kw)
@@ -87,7 +88,7 @@ def active_theory_task(params: Params, options: Mapping[str, Any], init: Mapping
     from hdlora.theory.applications import active_comparison_effective
 
     Q0, Q, M = _effective_law(params, options)
-    r = active_comparison_effective(params, Q0, Q, M, n_mc=int(options.get("n_mc", 30000)),
+    r = active_comparison_effective(params, Q0, Q, M, n_mc=int(options.get("n_mc", DEFAULT_N_MC)),
                                     seed=int(options.get("seed", 0)))
     d = r.to_dict()
     d.update({"Q0": Q0, "Q": Q, "M": M})
@@ -98,10 +99,12 @@ def _beta_star(params: Params, n_mc: int, seed: int = 0) -> tuple[float, Any]:
     """beta* = M/Q from the pre-training state evolution at beta = 1 (eq. 26, App. E)."""
     from hdlora.theory.pretrain import solve_pretrain
 
+    from hdlora.theory.effective import beta_min
+
     pre = solve_pretrain(params.replace(beta=1.0), n_mc=n_mc, seed=seed)
     if not pre.Q > 0:
         raise ParamError("recalibration needs a pre-trained map (Q > 0)")
-    return pre.M / pre.Q, pre
+    return beta_min(pre.Q, pre.M), pre
 
 
 def recalibrated_theory_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
@@ -112,7 +115,7 @@ def recalibrated_theory_task(params: Params, options: Mapping[str, Any], init: M
     """
     from hdlora import theory
 
-    n_mc, seed = int(options.get("n_mc", 30000)), int(options.get("seed", 0))
+    n_mc, seed = int(options.get("n_mc", DEFAULT_N_MC)), int(options.get("seed", 0))
     bstar, _ = _beta_star(params, n_mc, seed)
     p = params.replace(beta=params.beta * bstar)
     kw = {"n_mc": n_mc, "seed": seed}
@@ -134,7 +137,7 @@ def recalibrated_simulate_task(params: Params, options: Mapping[str, Any], init:
     """
     from hdlora import simulate
 
-    bstar, _ = _beta_star(params, int(options.get("n_mc", 30000)))
+    bstar, _ = _beta_star(params, int(options.get("n_mc", DEFAULT_N_MC)))
     kw = {k: v for k, v in options.items() if k not in ("dim", "seeds", "n_mc")}
     p = params.replace(beta=params.beta * bstar)
     d = simulate.run(p, int(options["dim"]), options["seeds"], **kw).to_dict(per_seed=False)
@@ -150,7 +153,7 @@ def recalibrated_pretrain_task(params: Params, options: Mapping[str, Any], init:
     """
     from hdlora.theory.errors import pretrain_test_error
 
-    n_mc, seed = int(options.get("n_mc", 30000)), int(options.get("seed", 0))
+    n_mc, seed = int(options.get("n_mc", DEFAULT_N_MC)), int(options.get("seed", 0))
     bstar, pre = _beta_star(params, n_mc, seed)
     b = params.beta * bstar
     e, se = pretrain_test_error(params.activation, params.tokens, params.Q0, b * b * pre.Q, b * pre.M, params.noise,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hdlora.params import Params, ParamError
+from hdlora.params import DEFAULT_N_MC, Params, ParamError
 
 from .figure_tasks import ACTIVE_THEORY, EFF_SIM, EFF_THEORY, RECAL_PRETRAIN, RECAL_SIM, RECAL_THEORY
 from .sweep import SweepSpec, parse_sweep
@@ -70,17 +70,17 @@ class Settings:
 
 #: Default settings per figure and mode (paper: the paper's D and seeds; quick: a few minutes on 2 cores).
 _DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
-    1: {"paper": dict(dim=150, seeds=4, n_mc=30000, points=16, sim_points=8),
+    1: {"paper": dict(dim=150, seeds=4, n_mc=DEFAULT_N_MC, points=16, sim_points=8),
         "quick": dict(dim=80, seeds=2, n_mc=2000, points=7, sim_points=4)},
-    2: {"paper": dict(dim=10000, seeds=5, n_mc=30000, points=10, sim_points=5),
+    2: {"paper": dict(dim=10000, seeds=5, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
         "quick": dict(dim=200, seeds=2, n_mc=2000, points=6, sim_points=4)},
-    3: {"paper": dict(dim=1000, seeds=5, n_mc=30000, points=14, sim_points=7),
+    3: {"paper": dict(dim=1000, seeds=5, n_mc=DEFAULT_N_MC, points=14, sim_points=7),
         "quick": dict(dim=60, seeds=2, n_mc=2000, points=7, sim_points=4)},
-    4: {"paper": dict(dim=10000, seeds=5, n_mc=30000, points=8, sim_points=4),
+    4: {"paper": dict(dim=10000, seeds=5, n_mc=DEFAULT_N_MC, points=8, sim_points=4),
         "quick": dict(dim=60, seeds=2, n_mc=2000, points=5, sim_points=3)},
-    5: {"paper": dict(dim=5000, seeds=5, n_mc=30000, points=10, sim_points=5),
+    5: {"paper": dict(dim=5000, seeds=5, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
         "quick": dict(dim=200, seeds=2, n_mc=2000, points=6, sim_points=4)},
-    6: {"paper": dict(dim=800, seeds=10, n_mc=30000, points=10, sim_points=5),
+    6: {"paper": dict(dim=800, seeds=10, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
         "quick": dict(dim=80, seeds=2, n_mc=2000, points=6, sim_points=3)},
 }
 _TINY = dict(dim=12, seeds=1, n_mc=500, points=2, sim_points=2)

@@ -78,6 +78,8 @@ BASELINES: dict[str, tuple[str, dict[str, float]]] = {
     "frozen": ("theory", {"lam_ft": math.inf}),      # no LoRA update, w_hat = 0
     "lora_only": ("theory", {"lam": math.inf}),      # no pre-training, W_hat = 0
 }
+#: Other spellings of the baselines accepted on input (sweep files) only; stored kinds use the canonical one.
+BASELINE_ALIASES: dict[str, str] = {"lora-only": "lora_only"}
 
 
 def register(kind: Kind) -> Kind:

@@ -524,10 +524,12 @@ def mmse(q_hat, kappa0) -> float:
     """Matrix-denoising MMSE 1/Q_hat - 4 pi^2/(3 Q_hat^2) ∫ mu_{eta}^3, eta = Q_hat^{-1/2}.
 
     Q_BO = Q0 - mmse (eq. 87).  Tends to Var(mu0) = 1 as Q_hat -> 0 and to 0 as Q_hat -> inf.
+    The formula has one home, :func:`hdlora.theory.bayes.matrix_denoising_mmse`; this entry
+    point checks q_hat > 0.
     """
+    from .bayes import matrix_denoising_mmse
+
     q_hat = _number("q_hat", q_hat)
     if not q_hat > 0:
         raise ParamError(f"q_hat must be > 0, got {q_hat}")
-    delta = 1.0 / q_hat
-    c = cubic_integral(math.sqrt(delta), kappa0).value
-    return delta - (4.0 * math.pi ** 2 / 3.0) * delta ** 2 * c
+    return matrix_denoising_mmse(q_hat, kappa0)
