@@ -11,7 +11,8 @@ the way.  CLI modules (``cli.py``, ``*_cli.py``) are never part of it.
 Each module is hashed on its syntax tree with docstrings removed (:func:`_dump`), so that a
 comment, a docstring, a blank line or a line break never changes the key, while any change
 of code does.  Plotting (``experiments/figures.py``) and the CLI are outside the set: editing
-them keeps stored results valid.
+them keeps stored results valid.  A custom task kind that lives outside the package (a sweep
+file naming ``"mypackage.module:function"``) is not covered: its author keys its rows.
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ class ParamError(ValueError):
     """A parameter is outside its allowed range; the message names it and the range."""
 
 
-def _finite_or_inf(name: str, value: Any) -> float:
+def real_number(name: str, value: Any) -> float:
+    """``float(value)``, or a ParamError naming ``name`` when it is not a number or is NaN (+-inf pass)."""
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -82,7 +83,7 @@ class Params:
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         for name in ("alpha", "alpha_ft", "kappa0", "kappa", "noise", "lam", "lam_ft", "beta"):
-            set_(name, _finite_or_inf(name, getattr(self, name)))
+            set_(name, real_number(name, getattr(self, name)))
         for name in ("alpha", "alpha_ft", "kappa0", "kappa", "noise", "beta"):
             if math.isinf(getattr(self, name)):
                 raise ParamError(f"{name} must be finite, got inf")
@@ -116,7 +117,7 @@ class Params:
         if self.activation not in ACTIVATIONS:
             raise ParamError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.active_pool is not None:
-            pool = _finite_or_inf("active_pool", self.active_pool)
+            pool = real_number("active_pool", self.active_pool)
             if not (math.isfinite(pool) and pool >= self.alpha_ft):
                 raise ParamError(
                     f"active_pool (alpha_bar') must be finite and >= alpha_ft = {self.alpha_ft}, got {pool}")

@@ -47,6 +47,7 @@ from ..params import A0 as _A0, DEFAULT_N_MC, Params, ParamError
 from . import effective as _effective
 from . import errors as _errors
 from .fixed_point import NonConvergenceWarning, iterate
+from .order_parameters import FinetuneOrderParameters
 from .prox_rank_one_linear import LinearRankOneProx
 from .sampling import frozen_fields, s_ab, standard_normals, to_sym
 from .stability import replicon_finetune_terms
@@ -425,7 +426,7 @@ def prox_psi(chi_tilde: np.ndarray, Zq: np.ndarray, Y: np.ndarray, v: float, act
 # result
 # ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class FinetuneResult:
+class FinetuneResult(FinetuneOrderParameters):
     """Fixed point of the fine-tuning state evolution (Result 5) and Result 3 at it.
 
     Attributes:
@@ -449,12 +450,6 @@ class FinetuneResult:
         baseline: None, 'frozen' (lam_ft = inf) or 'lora_only' (lam = inf).
     """
 
-    q: float
-    m: float
-    v: float
-    qhat: float
-    mhat: float
-    vhat: float
     overlap: float
     finetune_train_error: float
     finetune_test_error: float

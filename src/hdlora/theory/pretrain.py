@@ -50,6 +50,7 @@ from ..params import DEFAULT_N_MC, ParamError, Params
 from . import spectral
 from .effective import delta_eff_of_A0
 from .fixed_point import NonConvergenceWarning, iterate
+from .order_parameters import PretrainOrderParameters
 from .prox import ProxResult, prox, prox_linear
 from .sampling import METHODS, frozen_fields, s_ab, to_sym
 from .stability import replicon_pretrain
@@ -67,7 +68,7 @@ def A0_of(params: Params) -> float:
 
 
 @dataclass(frozen=True)
-class PretrainResult:
+class PretrainResult(PretrainOrderParameters):
     """Fixed point of the pre-training state evolution (Result 4) and Result 3 errors.
 
     Attributes:
@@ -85,12 +86,6 @@ class PretrainResult:
         wall_time: seconds.
     """
 
-    Q: float
-    M: float
-    V: float
-    Mhat: float
-    Qhat: float
-    Vhat: float
     eta: float
     eps: float
     pretrain_train_error: float

@@ -26,6 +26,7 @@ from . import effective as _eff
 from .active import active_fields
 from .finetune import FinetuneResult, solve_finetune
 from .fixed_point import NonConvergenceWarning
+from .order_parameters import FinetuneOrderParameters, PretrainOrderParameters
 from .pretrain import PretrainResult, solve_pretrain, train_fields
 from .sampling import frozen_fields
 
@@ -46,7 +47,7 @@ def canonical_baseline(baseline: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class TheoryResult:
+class TheoryResult(FinetuneOrderParameters, PretrainOrderParameters):
     """The asymptotic prediction at one parameter point (all floats are float64 numbers).
 
     Order parameters (eqs. 8-9, 48, 67-72), errors (Result 3, eq. 84), the overlap
@@ -55,18 +56,6 @@ class TheoryResult:
     ``converged`` is True only when both stages converged.
     """
 
-    Q: float
-    M: float
-    V: float
-    Mhat: float
-    Qhat: float
-    Vhat: float
-    q: float
-    m: float
-    v: float
-    qhat: float
-    mhat: float
-    vhat: float
     Q0: float
     pretrain_train_error: float
     pretrain_test_error: float

@@ -57,7 +57,7 @@ from typing import Callable
 
 import numpy as np
 
-from hdlora.params import ParamError
+from hdlora.params import ParamError, real_number
 
 __all__ = [
     "ETA_MIN", "SpectralJ", "QuadratureResult", "AccuracyWarning",
@@ -128,12 +128,7 @@ class QuadratureResult:
 
 # ----------------------------------------------------------------------------- validation
 def _number(name: str, value, *, allow_pos_inf: bool = False) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ParamError(f"{name} must be a real number, got {value!r}") from None
-    if math.isnan(x):
-        raise ParamError(f"{name} must be a real number, got NaN")
+    x = real_number(name, value)
     if math.isinf(x) and not (allow_pos_inf and x > 0):
         raise ParamError(f"{name} must be finite{' or +inf' if allow_pos_inf else ''}, got {x}")
     return x
