@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hdlora.params import DEFAULT_N_MC, Params, ParamError
+from hdlora.params import DEFAULT_N_MC
 
 from .figure_tasks import ACTIVE_THEORY, EFF_SIM, EFF_THEORY, RECAL_PRETRAIN, RECAL_SIM, RECAL_THEORY
 from .sweep import SweepSpec, parse_sweep
