@@ -240,7 +240,7 @@ def test_lora_only_is_z_zero():
     r = solve_lora_only(p, n_mc=2000, seed=2)
     # the same as an effective pre-training with Q = M = 0 (z = 0, z* ~ eq. 81)
     r2 = solve_finetune_effective(p, p.Q0, 0.0, 0.0, n_mc=2000, seed=2)
-    assert r.baseline == "lora-only" and r.q == pytest.approx(r2.q, rel=1e-12)
+    assert r.baseline == "lora_only" and r.q == pytest.approx(r2.q, rel=1e-12)
     assert r.delta_eff == pytest.approx(p.Q0 + 0.25)
 
 

@@ -13,12 +13,26 @@ from typing import Any, Mapping
 
 ACTIVATIONS = ("softmax", "linear")
 
+#: Monte-Carlo samples of each expectation of the state evolutions, unless told otherwise: the
+#: paper's 3e4 (App. D).  The one default of every theory entry point, task and CLI.
+DEFAULT_N_MC = 30_000
+
+
+def A0(Q0: float, noise: float) -> float:
+    """A0 = Q0 + Delta/2 (eq. 46): the per-entry variance scale of the noisy target field z*.
+
+    The one definition; :attr:`Params.A0` is it at the model's own Q0 and Delta, theory code
+    with an effective law (Q0, Q, M) calls it with that Q0.
+    """
+    return Q0 + 0.5 * noise
+
 
 class ParamError(ValueError):
     """A parameter is outside its allowed range; the message names it and the range."""
 
 
-def _finite_or_inf(name: str, value: Any) -> float:
+def real_number(name: str, value: Any) -> float:
+    """``float(value)``, or a ParamError naming ``name`` when it is not a number or is NaN (+-inf pass)."""
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -69,7 +83,7 @@ class Params:
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         for name in ("alpha", "alpha_ft", "kappa0", "kappa", "noise", "lam", "lam_ft", "beta"):
-            set_(name, _finite_or_inf(name, getattr(self, name)))
+            set_(name, real_number(name, getattr(self, name)))
         for name in ("alpha", "alpha_ft", "kappa0", "kappa", "noise", "beta"):
             if math.isinf(getattr(self, name)):
                 raise ParamError(f"{name} must be finite, got inf")
@@ -103,7 +117,7 @@ class Params:
         if self.activation not in ACTIVATIONS:
             raise ParamError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.active_pool is not None:
-            pool = _finite_or_inf("active_pool", self.active_pool)
+            pool = real_number("active_pool", self.active_pool)
             if not (math.isfinite(pool) and pool >= self.alpha_ft):
                 raise ParamError(
                     f"active_pool (alpha_bar') must be finite and >= alpha_ft = {self.alpha_ft}, got {pool}")
@@ -121,6 +135,11 @@ class Params:
     def Q0(self) -> float:
         """Q0 = D^-2 Tr S*^2 -> 1 + kappa0 (eq. 8, high-dimensional limit)."""
         return 1.0 + self.kappa0
+
+    @property
+    def A0(self) -> float:
+        """A0 = Q0 + Delta/2 (eq. 46), see :func:`A0`."""
+        return A0(self.Q0, self.noise)
 
     @property
     def frozen(self) -> bool:

@@ -22,8 +22,9 @@ Figures (paper parameters; Sections 4-4.3, Appendix E):
 Effective pre-training (Figs. 2, 4, 5) is parameterised through ``kappa0``: Q0 = 1 + kappa0
 and Q = Q0, M = 1, so Delta_eff = Delta/2 + Q0 - 2M + Q = Delta/2 + 2 kappa0 (eq. 25).
 
-The task functions below (``*_task``) are "module:function" task kinds of the sweep
-files (see :mod:`hdlora.experiments.tasks`); they run in the workers.
+The task functions (``*_task``, "module:function" task kinds of the sweep files, run in the
+workers) live in :mod:`hdlora.experiments.figure_tasks`, which the results key covers; this
+module only builds the sweeps and plots, so editing a plot keeps stored results valid.
 """
 from __future__ import annotations
 
@@ -34,160 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hdlora.params import Params, ParamError
+from hdlora.params import DEFAULT_N_MC
 
+from .figure_tasks import ACTIVE_THEORY, EFF_SIM, EFF_THEORY, RECAL_PRETRAIN, RECAL_SIM, RECAL_THEORY
 from .sweep import SweepSpec, parse_sweep
 
 FIGURES = (1, 2, 3, 4, 5, 6)
-_MOD = __name__
-EFF_THEORY = f"{_MOD}:effective_theory_task"
-EFF_SIM = f"{_MOD}:effective_simulate_task"
-ACTIVE_THEORY = f"{_MOD}:active_theory_task"
-RECAL_THEORY = f"{_MOD}:recalibrated_theory_task"
-RECAL_SIM = f"{_MOD}:recalibrated_simulate_task"
-RECAL_PRETRAIN = f"{_MOD}:recalibrated_pretrain_task"
 
 
 class FigureError(ValueError):
     """A bad figure number or setting."""
-
-
-# ----- task functions (run in the workers) ------------------------------------------------------------
-def _effective_law(params: Params, options: Mapping[str, Any]) -> tuple[float, float, float]:
-    """(Q0, Q, M) of the effective pre-training: Q0 = 1 + kappa0; options Q, M are numbers or "Q0"."""
-    Q0 = params.Q0
-
-    def val(name: str, default: Any) -> float:
-        v = options.get(name, default)
-        return Q0 if v == "Q0" else float(v)
-
-    return Q0, val("Q", "Q0"), val("M", 1.0)
-
-
-def _delta_eff(params: Params, Q0: float, Q: float, M: float) -> float:
-    """Delta_eff(beta) = Delta/2 + Q0 + beta^2 Q - 2 beta M (eqs. 25-26)."""
-    b = params.beta
-    return params.noise / 2 + Q0 + b * b * Q - 2 * b * M
-
-
-def effective_theory_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
-    """Fine-tuning state evolution (Result 5) on an effective pre-training (Figs. 2, 5).
-
-    Options: n_mc, seed, Q, M (numbers or "Q0"; default Q = Q0, M = 1).
-    """
-    from hdlora.theory.finetune import solve_finetune_effective
-
-    Q0, Q, M = _effective_law(params, options)
-    kw = {"n_mc": int(options.get("n_mc", 30000)), "seed": int(options.get("seed", 0))}
-    if init is not None and not params.frozen:
-        kw["init"] = {k: init[k] for k in ("m", "q", "v") if k in init} or None
-    r = solve_finetune_effective(params, Q0, Q, M, **kw)
-    d = r.to_dict()
-    d.update({"Q0": Q0, "Q": Q, "M": M, "delta_eff": _delta_eff(params, Q0, Q, M)})
-    return d
-
-
-effective_theory_task.warm_start = True
-
-
-def effective_simulate_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
-    """Finite-D fine-tuning on an effective pre-training (Figs. 2, 4, 5; active if params.active_pool).
-
-    Options: dim, seeds, Q, M (as :func:`effective_theory_task`), other options go to
-    :func:`hdlora.simulate.run` (device, restarts, ...).
-    """
-    from hdlora import simulate
-
-    Q0, Q, M = _effective_law(params, options)
-    kw = {k: v for k, v in options.items() if k not in ("dim", "seeds", "Q", "M")}
-    r = simulate.run(params, int(options["dim"]), options["seeds"], effective={"Q0": Q0, "Q": Q, "M": M}, **kw)
-    d = r.to_dict(per_seed=False)
-    d.update({"Q0_eff": Q0, "Q_eff": Q, "M_eff": M, "delta_eff_law": _delta_eff(params, Q0, Q, M)})
-    return d
-
-
-def active_theory_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
-    """Active (Algorithm 1) vs uniform fine-tuning, paired state evolutions (Fig. 4, Section 4.3).
-
-    Options: n_mc, seed, Q, M.
-    """
-    from hdlora.theory.applications import active_comparison_effective
-
-    Q0, Q, M = _effective_law(params, options)
-    r = active_comparison_effective(params, Q0, Q, M, n_mc=int(options.get("n_mc", 30000)),
-                                    seed=int(options.get("seed", 0)))
-    d = r.to_dict()
-    d.update({"Q0": Q0, "Q": Q, "M": M})
-    return d
-
-
-def _beta_star(params: Params, n_mc: int, seed: int = 0) -> tuple[float, Any]:
-    """beta* = M/Q from the pre-training state evolution at beta = 1 (eq. 26, App. E)."""
-    from hdlora.theory.pretrain import solve_pretrain
-
-    pre = solve_pretrain(params.replace(beta=1.0), n_mc=n_mc, seed=seed)
-    if not pre.Q > 0:
-        raise ParamError("recalibration needs a pre-trained map (Q > 0)")
-    return pre.M / pre.Q, pre
-
-
-def recalibrated_theory_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
-    """Theory point (Results 3-5) with the frozen map recalibrated at beta = params.beta x beta*.
-
-    ``params.beta`` is read as the *relative* factor beta/beta* (Fig. 6, App. E); beta* = M/Q
-    from the pre-training fixed point.  Options: n_mc, seed.
-    """
-    from hdlora import theory
-
-    n_mc, seed = int(options.get("n_mc", 30000)), int(options.get("seed", 0))
-    bstar, _ = _beta_star(params, n_mc, seed)
-    p = params.replace(beta=params.beta * bstar)
-    kw = {"n_mc": n_mc, "seed": seed}
-    if init is not None:
-        kw["init"] = {k: init[k] for k in ("Q", "M", "V", "q", "m", "v") if k in init}
-    d = theory.solve(p, **kw).to_dict()
-    d.update({"beta_star": bstar, "beta_factor": params.beta, "beta_used": p.beta})
-    return d
-
-
-recalibrated_theory_task.warm_start = True
-
-
-def recalibrated_simulate_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
-    """Finite-D simulation with W_hat -> sqrt(beta) W_hat, beta = params.beta x beta* (theory beta*).
-
-    Options: dim, seeds, n_mc (of the pre-training state evolution giving beta*), others to
-    :func:`hdlora.simulate.run`.
-    """
-    from hdlora import simulate
-
-    bstar, _ = _beta_star(params, int(options.get("n_mc", 30000)))
-    kw = {k: v for k, v in options.items() if k not in ("dim", "seeds", "n_mc")}
-    p = params.replace(beta=params.beta * bstar)
-    d = simulate.run(p, int(options["dim"]), options["seeds"], **kw).to_dict(per_seed=False)
-    d.update({"beta_star": bstar, "beta_factor": params.beta, "beta_used": p.beta})
-    return d
-
-
-def recalibrated_pretrain_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
-    """Pre-training test error E(beta) of the recalibrated map, beta = params.beta x beta* (Fig. 6 left).
-
-    E(beta) = E ||sigma(beta z) - sigma(z*)||^2 with (z*, z) ~ Q (eq. 19 with Q -> beta^2 Q,
-    M -> beta M).  Options: n_mc, seed.
-    """
-    from hdlora.theory.errors import pretrain_test_error
-
-    n_mc, seed = int(options.get("n_mc", 30000)), int(options.get("seed", 0))
-    bstar, pre = _beta_star(params, n_mc, seed)
-    b = params.beta * bstar
-    e, se = pretrain_test_error(params.activation, params.tokens, params.Q0, b * b * pre.Q, b * pre.M, params.noise,
-                                n_mc=n_mc, seed=seed + 11)
-    e1, se1 = pretrain_test_error(params.activation, params.tokens, params.Q0, pre.Q, pre.M, params.noise,
-                                  n_mc=n_mc, seed=seed + 11)
-    return {"recalibrated_test_error": e, "recalibrated_test_error_se": se, "pretrain_test_error": e1,
-            "pretrain_test_error_se": se1, "beta_star": bstar, "beta_factor": params.beta, "beta_used": b,
-            "Q": pre.Q, "M": pre.M, "V": pre.V, "converged": pre.converged, "residual": pre.residual,
-            "iterations": pre.iterations}
 
 
 # ----- settings and specs ------------------------------------------------------------------------------
@@ -213,17 +70,17 @@ class Settings:
 
 #: Default settings per figure and mode (paper: the paper's D and seeds; quick: a few minutes on 2 cores).
 _DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
-    1: {"paper": dict(dim=150, seeds=4, n_mc=30000, points=16, sim_points=8),
+    1: {"paper": dict(dim=150, seeds=4, n_mc=DEFAULT_N_MC, points=16, sim_points=8),
         "quick": dict(dim=80, seeds=2, n_mc=2000, points=7, sim_points=4)},
-    2: {"paper": dict(dim=10000, seeds=5, n_mc=30000, points=10, sim_points=5),
+    2: {"paper": dict(dim=10000, seeds=5, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
         "quick": dict(dim=200, seeds=2, n_mc=2000, points=6, sim_points=4)},
-    3: {"paper": dict(dim=1000, seeds=5, n_mc=30000, points=14, sim_points=7),
+    3: {"paper": dict(dim=1000, seeds=5, n_mc=DEFAULT_N_MC, points=14, sim_points=7),
         "quick": dict(dim=60, seeds=2, n_mc=2000, points=7, sim_points=4)},
-    4: {"paper": dict(dim=10000, seeds=5, n_mc=30000, points=8, sim_points=4),
+    4: {"paper": dict(dim=10000, seeds=5, n_mc=DEFAULT_N_MC, points=8, sim_points=4),
         "quick": dict(dim=60, seeds=2, n_mc=2000, points=5, sim_points=3)},
-    5: {"paper": dict(dim=5000, seeds=5, n_mc=30000, points=10, sim_points=5),
+    5: {"paper": dict(dim=5000, seeds=5, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
         "quick": dict(dim=200, seeds=2, n_mc=2000, points=6, sim_points=4)},
-    6: {"paper": dict(dim=800, seeds=10, n_mc=30000, points=10, sim_points=5),
+    6: {"paper": dict(dim=800, seeds=10, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
         "quick": dict(dim=80, seeds=2, n_mc=2000, points=6, sim_points=3)},
 }
 _TINY = dict(dim=12, seeds=1, n_mc=500, points=2, sim_points=2)

@@ -65,7 +65,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from ..params import Params, ParamError
+from ..params import DEFAULT_N_MC, Params, ParamError
 from ..theory.fixed_point import NonConvergenceWarning
 
 #: target -> maximise? (errors are minimised, the overlap is maximised)
@@ -342,7 +342,7 @@ def _search_nd(ev: _Evaluator, lo: np.ndarray, hi: np.ndarray, n_grid: int, xtol
 
 # ------------------------------------------------------------------------------ entry point
 def optimize(params: Params, target: str, over: str | Sequence[str], *,
-             bounds: Mapping[str, Sequence[float]] | None = None, n_mc: int = 30000, seed: int = 0,
+             bounds: Mapping[str, Sequence[float]] | None = None, n_mc: int = DEFAULT_N_MC, seed: int = 0,
              tol: float = DEFAULT_XTOL, max_solves: int = 300, maximize: bool | None = None,
              n_grid: int | None = None, max_cycles: int = 8, solver_tol: float = 1e-7,
              max_iter: int = 500, warn: bool = True) -> OptimizeResult:

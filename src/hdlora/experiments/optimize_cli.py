@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from ..cli import _float, add_param_arguments, dumps, format_table, params_from_args
-from ..params import ParamError
+from ..params import DEFAULT_N_MC, ParamError
 from .optimize import DEFAULT_BOUNDS, DEFAULT_XTOL, HYPERPARAMETERS, TARGETS
 
 
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bounds", default=None, help=f"search intervals (log scale), default {defaults}")
     g.add_argument("--beta", type=_float, default=1.0, help="recalibration beta (eq. 26) when beta is not searched")
     g.add_argument("--active-pool", type=_float, default=None, help="active fine-tuning pool alpha_bar' (Algorithm 1)")
-    g.add_argument("--n-mc", type=int, default=30000, help="Monte-Carlo samples per expectation (default 3e4)")
+    g.add_argument("--n-mc", type=int, default=DEFAULT_N_MC, help="Monte-Carlo samples per expectation (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of the fixed Monte-Carlo samples (all solves)")
     g.add_argument("--tol", type=float, default=DEFAULT_XTOL,
                    help=f"tolerance on log10 of each hyperparameter (default {DEFAULT_XTOL})")

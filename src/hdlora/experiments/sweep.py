@@ -237,6 +237,7 @@ def _parse_runs(source: str, table: Any) -> list[RunSpec]:
     items = [(k, v) for k, v in table.items() if k != "baselines"]
     theory_opts = table.get("theory", {}) if isinstance(table.get("theory", {}), dict) else {}
     for b in baselines:
+        b = task_kinds.BASELINE_ALIASES.get(b, b) if isinstance(b, str) else b
         if b not in task_kinds.BASELINES:
             raise _err(source, f"[run] baselines: unknown baseline {b!r}; known: {sorted(task_kinds.BASELINES)}")
         items.append((b, dict(theory_opts)))

@@ -78,6 +78,8 @@ BASELINES: dict[str, tuple[str, dict[str, float]]] = {
     "frozen": ("theory", {"lam_ft": math.inf}),      # no LoRA update, w_hat = 0
     "lora_only": ("theory", {"lam": math.inf}),      # no pre-training, W_hat = 0
 }
+#: Other spellings of the baselines accepted on input (sweep files) only; stored kinds use the canonical one.
+BASELINE_ALIASES: dict[str, str] = {"lora-only": "lora_only"}
 
 
 def register(kind: Kind) -> Kind:
@@ -85,10 +87,17 @@ def register(kind: Kind) -> Kind:
     return kind
 
 
+#: Task functions that moved, so that kind names stored in older databases and sweep files still
+#: resolve: old module -> new module ("hdlora.experiments.figures:active_theory_task" now lives in
+#: hdlora.experiments.figure_tasks, apart from the plots, under the results key).
+MOVED_MODULES: dict[str, str] = {"hdlora.experiments.figures": "hdlora.experiments.figure_tasks"}
+
+
 def _import(target: str) -> Any:
     module, _, attr = target.partition(":")
     if not module or not attr:
         raise TaskKindError(f"expected 'package.module:function', got {target!r}")
+    module = MOVED_MODULES.get(module, module)
     obj = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)

@@ -14,7 +14,7 @@ import torch
 from .. import activations
 from ..data import (Effective, Teacher, draw_teacher, effective_finetune_dataset, finetune_dataset,
                     pretrain_dataset, quadratic_field, rank_one_field, _chunks)
-from ..params import Params, ParamError
+from ..params import A0 as _A0, DEFAULT_N_MC, Params, ParamError
 from .active import delta_eff_measured, effective_pool, full_pool
 from .finetune import finetune
 from .losses import check_loss
@@ -88,7 +88,7 @@ def _check(params: Params, dim: int, loss: str, effective, optimal_beta=None) ->
     return sizes, eff
 
 
-def theory_beta_star(params: Params, n_mc: int = 30000, seed: int = 0) -> float:
+def theory_beta_star(params: Params, n_mc: int = DEFAULT_N_MC, seed: int = 0) -> float:
     """beta* = M/Q from the pre-training state evolution (Result 4), as the paper's App. E does."""
     from ..theory.pretrain import solve_pretrain
     if params.lora_only:
@@ -103,9 +103,12 @@ def theory_beta_star(params: Params, n_mc: int = 30000, seed: int = 0) -> float:
 def _delta_effs(params: Params, out: dict) -> dict:
     """Effective noises from the measured order parameters: Delta_eff(beta) (eqs. 25-26) and
     Delta_eff,ActFT = Delta/2 + Q0 - M^2/Q (eq. 28; independent of beta; NaN when Q = 0)."""
-    Q0, Q, M, b, noise = out["Q0"], out["Q"], out["M"], out["beta"], params.noise
-    return {"delta_eff": noise / 2 + Q0 + b * b * Q - 2 * b * M,
-            "delta_eff_actft": noise / 2 + Q0 - M * M / Q if Q > 0 else math.nan}
+    from ..theory.effective import delta_eff_beta_of_A0, delta_eff_min_of_A0
+
+    Q0, Q, M, b = out["Q0"], out["Q"], out["M"], out["beta"]
+    A0 = _A0(Q0, params.noise)
+    return {"delta_eff": delta_eff_beta_of_A0(A0, Q, M, b),
+            "delta_eff_actft": delta_eff_min_of_A0(A0, Q, M) if Q > 0 else math.nan}
 
 
 def _optim_keys(stage: str, o, train_error: float) -> dict:

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from ..activations import get as get_activation
-from ..params import Params, ParamError
+from ..params import A0, Params, ParamError
 from .sampling import frozen_fields, to_sym
 
 
@@ -45,6 +45,6 @@ def active_fields(params: Params, Q0: float, Q: float, M: float, n_mc: int, seed
         raise ParamError("active_fields needs params.active_pool (alpha_bar') to be set")
     rho = params.rho
     n_pool = int(math.ceil(n_mc / rho))
-    f = frozen_fields(n_pool, params.tokens, Q0 + params.noise / 2, Q, M, seed, method)
+    f = frozen_fields(n_pool, params.tokens, A0(Q0, params.noise), Q, M, seed, method)
     keep_zs, keep_z = select(f["z_star"], params.beta * f["z"], n_mc, params.tokens, params.activation)
     return keep_zs, keep_z / params.beta

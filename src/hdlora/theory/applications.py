@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..params import Params, ParamError
+from ..params import A0, DEFAULT_N_MC, Params, ParamError
 from . import effective as _eff
 from .active import active_fields
 from .errors import finetune_losses
@@ -76,14 +76,14 @@ def _paired_test_difference(params: Params, Q0: float, Q: float, M: float, a, u,
         return 0.0, 0.0
     if params.activation == "linear":     # closed forms (deterministic), see hdlora.theory.errors
         return float(u.finetune_test_error - a.finetune_test_error), 0.0
-    f = frozen_fields(n_test, params.tokens, Q0 + params.noise / 2, b * b * Q, b * M, seed=seed + 7919)
+    f = frozen_fields(n_test, params.tokens, A0(Q0, params.noise), b * b * Q, b * M, seed=seed + 7919)
     la = finetune_losses(params.activation, f["z_star"], f["z"], a.q, a.m, seed=seed + 104729)["finetune"]
     lu = finetune_losses(params.activation, f["z_star"], f["z"], u.q, u.m, seed=seed + 104729)["finetune"]
     d = lu - la
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
 
 
-def active_comparison_effective(params: Params, Q0: float, Q: float, M: float, *, n_mc: int = 30000,
+def active_comparison_effective(params: Params, Q0: float, Q: float, M: float, *, n_mc: int = DEFAULT_N_MC,
                                 seed: int = 0, n_test: int | None = None, **kwargs) -> ActiveComparison:
     """Active vs uniform fine-tuning on an effective pre-training (Fig. 4), theory.
 
@@ -104,7 +104,7 @@ def active_comparison_effective(params: Params, Q0: float, Q: float, M: float, *
     if params.reuse:
         raise ParamError("active fine-tuning is defined for e = 0 only; set reuse=False")
     zs_a, z_a = active_fields(params, Q0, Q, M, n_mc, seed=seed + 1)
-    f = frozen_fields(n_mc, params.tokens, Q0 + params.noise / 2, Q, M, seed=seed + 1)
+    f = frozen_fields(n_mc, params.tokens, A0(Q0, params.noise), Q, M, seed=seed + 1)
     zs_u, z_u = f["z_star"], f["z"]
     kw = dict(Q0=Q0, Q=Q, M=M, seed=seed + 2, n_test=n_test, **kwargs)
     act: FinetuneResult = solve_finetune(params, zs_a, z_a, **kw)
@@ -112,7 +112,7 @@ def active_comparison_effective(params: Params, Q0: float, Q: float, M: float, *
     return _compare(params, Q0, Q, M, act, uni, zs_a, z_a, zs_u, z_u, n_test or n_mc, seed + 2)
 
 
-def active_comparison(params: Params, *, n_mc: int = 30000, seed: int = 0, **kwargs) -> ActiveComparison:
+def active_comparison(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, **kwargs) -> ActiveComparison:
     """Active vs uniform fine-tuning after a real pre-training: :func:`hdlora.theory.solve` with and
     without ``active_pool`` (same seeds, hence common rank-one and test samples)."""
     from .solve import solve
@@ -123,7 +123,7 @@ def active_comparison(params: Params, *, n_mc: int = 30000, seed: int = 0, **kwa
     p = params.replace(beta=act.params["beta"])
     Q0, Q, M = act.Q0, act.Q, act.M
     zs_a, z_a = active_fields(p, Q0, Q, M, n_mc, seed=seed + 1)
-    f = frozen_fields(n_mc, p.tokens, Q0 + p.noise / 2, Q, M, seed=seed + 1)
+    f = frozen_fields(n_mc, p.tokens, A0(Q0, p.noise), Q, M, seed=seed + 1)
     return _compare(p, Q0, Q, M, act, uni, zs_a, z_a, f["z_star"], f["z"], n_mc, seed + 2)
 
 

@@ -109,7 +109,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from ..activations import get as get_activation
-from ..params import ACTIVATIONS, ParamError, Params
+from ..params import A0 as _A0, ACTIVATIONS, ParamError, Params
 from .fixed_point import iterate
 from .sampling import frozen_fields, s_ab, standard_normals, to_sym, upper_indices
 
@@ -151,7 +151,7 @@ def output_coefficient(T: int, activation: str) -> float:
 
 def pretrain_qhat(Q: float, *, alpha: float, T: int, Q0: float, noise: float, activation: str) -> float:
     """Qhat_BO = alpha (T^2 + T - 2 l) / (Q0 + Delta/2 - Q)   (eq. 89; l = 0 for linear)."""
-    V = Q0 + noise / 2.0 - Q
+    V = _A0(Q0, noise) - Q
     if V <= 0:
         raise ValueError(f"Q0 + Delta/2 - Q must be > 0, got {V} (Q = {Q}, Q0 = {Q0}, Delta = {noise})")
     return alpha * output_coefficient(T, activation) / V
@@ -212,7 +212,7 @@ def pretrain_qhat_monte_carlo(Q: float, *, alpha: float, T: int, Q0: float, nois
     deviations), and g = grad_omega log Z_out = (E[z | y, omega] - omega)/(s_ab V)
     on the upper triangle.  Returns (Qhat, standard error).
     """
-    A0 = Q0 + noise / 2.0
+    A0 = _A0(Q0, noise)
     V = A0 - Q
     f = frozen_fields(n_mc, T, A0, Q, Q, seed=seed)        # (z*, omega) of eq. 90 (Nishimori M = Q)
     z_star, omega = to_sym(f["z_star"], T), to_sym(f["z"], T)
@@ -244,7 +244,7 @@ def pretrain_bo_test_error(Q_BO: float, *, T: int, Q0: float, noise: float, acti
     Linear: (T^2 + T)(Q0 + Delta/2 - Q_BO)/T^2 exactly (standard error 0).
     Softmax: Monte Carlo with fixed samples; returns (value, standard error).
     """
-    A0 = Q0 + noise / 2.0
+    A0 = _A0(Q0, noise)
     if activation == "linear":
         return (T * T + T) * (A0 - Q_BO) / T ** 2, 0.0
     f = frozen_fields(n_mc, T, A0, Q_BO, Q_BO, seed=seed)
@@ -297,7 +297,7 @@ def solve_pretrain_bo(*, alpha: float, tokens: int, kappa0: float, noise: float,
     Qhat = pretrain_qhat(Q, alpha=alpha, T=tokens, Q0=Q0, noise=noise, activation=activation)
     err, se = pretrain_bo_test_error(Q, T=tokens, Q0=Q0, noise=noise, activation=activation,
                                      n_mc=n_mc, seed=seed)
-    return PretrainBO(Q_BO=Q, Qhat_BO=Qhat, V_BO=Q0 + noise / 2.0 - Q, bo_pretrain_test_error=err,
+    return PretrainBO(Q_BO=Q, Qhat_BO=Qhat, V_BO=_A0(Q0, noise) - Q, bo_pretrain_test_error=err,
                       bo_pretrain_test_error_se=se, converged=res.converged, residual=res.residual,
                       iterations=res.iterations)
 
@@ -426,7 +426,7 @@ def finetune_bo_test_error(q_BO: float, *, Q_BO: float, T: int, Q0: float, noise
     if shift not in ("q", "q0"):
         raise ValueError(f"shift must be 'q' or 'q0', got {shift!r}")
     q0 = Q_FINETUNE0
-    A0 = Q0 + noise / 2.0
+    A0 = _A0(Q0, noise)
     V = A0 - Q_BO
     if activation == "linear":
         val = (T * T + T) * (V + q0 ** 2 - q_BO ** 2) / T ** 2
@@ -482,7 +482,7 @@ def solve_finetune_bo(*, alpha_ft: float, tokens: int, Q_BO: float, kappa0: floa
         raise ParamError(f"alpha_ft (alpha') must be finite and > 0, got {alpha_ft}")
     q0 = Q_FINETUNE0
     Q0 = 1.0 + kappa0
-    V = Q0 + noise / 2.0 - Q_BO
+    V = _A0(Q0, noise) - Q_BO
     common = dict(Q_BO=Q_BO, T=tokens, Q0=Q0, noise=noise, activation=activation, n_mc=n_mc_error, seed=seed)
     if reuse:
         if alpha_ft < 1.0 / (tokens - 1):

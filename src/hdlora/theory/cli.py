@@ -7,8 +7,8 @@ import time
 import warnings
 
 from ..cli import _float, add_param_arguments, dumps, format_table, params_from_args
-from ..params import ParamError
-from .solve import BASELINES
+from ..params import DEFAULT_N_MC, ParamError
+from .solve import BASELINE_ALIASES, BASELINES
 
 _TABLE_KEYS = ("Q", "M", "V", "q", "m", "v", "pretrain_train_error", "pretrain_test_error",
                "finetune_train_error", "finetune_test_error", "forgetting_error", "overlap",
@@ -22,10 +22,10 @@ def _beta(text: str):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_param_arguments(p)
     g = p.add_argument_group("theory")
-    g.add_argument("--n-mc", type=int, default=30000, help="Monte-Carlo samples per expectation (default 3e4)")
+    g.add_argument("--n-mc", type=int, default=DEFAULT_N_MC, help="Monte-Carlo samples per expectation (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of the fixed Monte-Carlo samples")
-    g.add_argument("--baseline", choices=BASELINES, default=None,
-                   help="frozen: lambda' = inf (w_hat = 0); lora-only: lambda = inf (W_hat = 0)")
+    g.add_argument("--baseline", choices=BASELINES, default=None, type=lambda s: BASELINE_ALIASES.get(s, s),
+                   help="frozen: lambda' = inf (w_hat = 0); lora_only (or lora-only): lambda = inf (W_hat = 0)")
     g.add_argument("--beta", type=_beta, default=1.0,
                    help="recalibration W_hat -> sqrt(beta) W_hat (eq. 26); 'optimal' uses beta* = M/Q")
     g.add_argument("--active-pool", type=_float, default=None,

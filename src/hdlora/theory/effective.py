@@ -25,10 +25,27 @@ import math
 
 import numpy as np
 
-from ..params import ParamError
+from ..params import A0, ParamError
 
 __all__ = ["delta_eff", "delta_eff_beta", "beta_min", "delta_eff_min", "delta_eff_reuse_linear",
-           "delta_eff_actft", "delta_eff_from_fields"]
+           "delta_eff_actft", "delta_eff_from_fields", "delta_eff_of_A0", "delta_eff_beta_of_A0",
+           "delta_eff_min_of_A0"]
+
+
+# ----- the formulas, in A0 = Q0 + Delta/2 (no checks: also used on measured order parameters) -----
+def delta_eff_of_A0(A0: float, Q: float, M: float) -> float:
+    """Delta_eff = A0 - 2 M + Q (eq. 25 / 101), A0 = Q0 + Delta/2."""
+    return A0 - 2 * M + Q
+
+
+def delta_eff_beta_of_A0(A0: float, Q: float, M: float, beta: float) -> float:
+    """Delta_eff(beta) = A0 + beta^2 Q - 2 beta M (eq. 26 / 102)."""
+    return A0 + beta * beta * Q - 2 * beta * M
+
+
+def delta_eff_min_of_A0(A0: float, Q: float, M: float) -> float:
+    """Delta_eff(beta_min) = Delta_eff,ActFT = A0 - M^2 / Q (eqs. 26 / 103 and 28 / 105)."""
+    return A0 - M * M / Q
 
 
 def _check(Q0: float, Q: float, noise: float) -> None:
@@ -43,7 +60,7 @@ def _check(Q0: float, Q: float, noise: float) -> None:
 def delta_eff(Q0: float, Q: float, M: float, noise: float) -> float:
     """Delta_eff = Delta/2 + Q0 - 2 M + Q (eq. 25)."""
     _check(Q0, Q, noise)
-    return noise / 2 + Q0 - 2 * M + Q
+    return delta_eff_of_A0(A0(Q0, noise), Q, M)
 
 
 def delta_eff_beta(Q0: float, Q: float, M: float, noise: float, beta: float) -> float:
@@ -51,7 +68,7 @@ def delta_eff_beta(Q0: float, Q: float, M: float, noise: float, beta: float) -> 
     _check(Q0, Q, noise)
     if not beta > 0:
         raise ParamError(f"beta must be > 0, got {beta}")
-    return noise / 2 + Q0 + beta * beta * Q - 2 * beta * M
+    return delta_eff_beta_of_A0(A0(Q0, noise), Q, M, beta)
 
 
 def beta_min(Q: float, M: float) -> float:
@@ -66,7 +83,7 @@ def delta_eff_min(Q0: float, Q: float, M: float, noise: float) -> float:
     _check(Q0, Q, noise)
     if not Q > 0:
         raise ParamError(f"Delta_eff(beta_min) needs Q > 0, got {Q}")
-    return noise / 2 + Q0 - M * M / Q
+    return delta_eff_min_of_A0(A0(Q0, noise), Q, M)
 
 
 def delta_eff_actft(Q0: float, Q: float, M: float, noise: float) -> float:
@@ -92,9 +109,8 @@ def delta_eff_reuse_linear(Q0: float, Q: float, M: float, noise: float, V: float
         w1, w2 = 1.0, 0.0
     else:
         w1, w2 = c / (1 + c), 1 / (1 + c)
-    A0 = Q0 + noise / 2
     a = beta * w1 - 1.0
-    return a * a * A0 + beta * beta * w2 * w2 * Q + 2 * a * beta * w2 * M
+    return a * a * A0(Q0, noise) + beta * beta * w2 * w2 * Q + 2 * a * beta * w2 * M
 
 
 def delta_eff_from_fields(z_star: np.ndarray, z: np.ndarray, beta: float = 1.0) -> tuple[float, float]:

@@ -31,7 +31,8 @@ import math
 import numpy as np
 
 from ..activations import get as get_activation
-from ..params import ParamError
+from ..params import A0, DEFAULT_N_MC, ParamError
+from .effective import delta_eff_of_A0
 from .sampling import frozen_fields, standard_normals, to_sym
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
     "pretrain_test_error", "finetune_test_error", "forgetting_error", "frozen_test_error",
     "lora_only_test_error",
     "linear_pretrain_test_error", "linear_finetune_test_error", "linear_forgetting_error",
-    "linear_frozen_test_error", "linear_frozen_test_error_printed", "delta_eff_q",
+    "linear_frozen_test_error", "linear_frozen_test_error_printed",
 ]
 
 
@@ -61,11 +62,6 @@ def _full(x: np.ndarray, T: int | None = None) -> np.ndarray:
     if T_ * (T_ + 1) // 2 != L or (T is not None and T_ != T):
         raise ParamError(f"fields of width {L} are not the upper triangle of a T x T matrix (T={T})")
     return to_sym(x, T_)
-
-
-def delta_eff_q(Q0: float, Q: float, M: float, noise: float) -> float:
-    """Delta_eff = Delta/2 + Q0 - 2 M + Q (eq. 25 / 101): per-entry variance of z - z* under Q."""
-    return noise / 2 + Q0 - 2 * M + Q
 
 
 # ----------------------------------------------------------------------------------------
@@ -124,18 +120,18 @@ def finetune_losses(activation: str, z_star: np.ndarray, z: np.ndarray, q: float
 # ----------------------------------------------------------------------------------------
 def linear_pretrain_test_error(T: int, Q0: float, Q: float, M: float, noise: float) -> float:
     """E = (T^2 + T) Delta_eff / T^2 for sigma(x) = x/T (eq. 19 with eq. 25)."""
-    return (T * T + T) * delta_eff_q(Q0, Q, M, noise) / T**2
+    return (T * T + T) * delta_eff_of_A0(A0(Q0, noise), Q, M) / T**2
 
 
 def linear_finetune_test_error(T: int, Q0: float, Q: float, M: float, noise: float, q: float, m: float,
                                q0: float = 1.0) -> float:
     """E' = (T^2 + T)(Delta_eff + q0^2 + q^2 - 2 m^2) / T^2 for sigma(x) = x/T (eq. 73; module docstring)."""
-    return (T * T + T) * (delta_eff_q(Q0, Q, M, noise) + q0 * q0 + q * q - 2 * m * m) / T**2
+    return (T * T + T) * (delta_eff_of_A0(A0(Q0, noise), Q, M) + q0 * q0 + q * q - 2 * m * m) / T**2
 
 
 def linear_forgetting_error(T: int, Q0: float, Q: float, M: float, noise: float, q: float) -> float:
     """E'' = (T^2 + T)(Delta_eff + q^2) / T^2 for sigma(x) = x/T (eq. 84: E||chi chi^T - q I||^2 = (T^2+T) q^2)."""
-    return (T * T + T) * (delta_eff_q(Q0, Q, M, noise) + q * q) / T**2
+    return (T * T + T) * (delta_eff_of_A0(A0(Q0, noise), Q, M) + q * q) / T**2
 
 
 def linear_frozen_test_error(T: int, delta_eff: float, q0: float = 1.0) -> float:
@@ -163,12 +159,12 @@ def _check_T(T):
 def _test_fields(T, Q0, Q, M, noise, n_mc, seed):
     if n_mc < 2:
         raise ParamError(f"n_mc must be >= 2, got {n_mc}")
-    f = frozen_fields(n_mc, T, Q0 + noise / 2, Q, M, seed=seed)
+    f = frozen_fields(n_mc, T, A0(Q0, noise), Q, M, seed=seed)
     return f["z_star"], f["z"]
 
 
 def pretrain_test_error(activation: str, T: int, Q0: float, Q: float, M: float, noise: float, *,
-                        n_mc: int = 30_000, seed: int = 0) -> tuple[float, float]:
+                        n_mc: int = DEFAULT_N_MC, seed: int = 0) -> tuple[float, float]:
     """E (eq. 19 / 55): (value, Monte-Carlo standard error; 0 for the linear closed form)."""
     T = _check_T(T)
     if activation == "linear":
@@ -178,7 +174,7 @@ def pretrain_test_error(activation: str, T: int, Q0: float, Q: float, M: float, 
 
 
 def finetune_test_error(activation: str, T: int, Q0: float, Q: float, M: float, noise: float, q: float,
-                        m: float, *, q0: float = 1.0, n_mc: int = 30_000, seed: int = 0) -> tuple[float, float]:
+                        m: float, *, q0: float = 1.0, n_mc: int = DEFAULT_N_MC, seed: int = 0) -> tuple[float, float]:
     """E' (eqs. 19, 73) from the order parameters: (value, Monte-Carlo standard error)."""
     T = _check_T(T)
     if activation == "linear":
@@ -188,7 +184,7 @@ def finetune_test_error(activation: str, T: int, Q0: float, Q: float, M: float, 
 
 
 def forgetting_error(activation: str, T: int, Q0: float, Q: float, M: float, noise: float, q: float,
-                     m: float, *, q0: float = 1.0, n_mc: int = 30_000, seed: int = 0) -> tuple[float, float]:
+                     m: float, *, q0: float = 1.0, n_mc: int = DEFAULT_N_MC, seed: int = 0) -> tuple[float, float]:
     """E'' (eq. 84): the fine-tuned model on the pre-training task: (value, MC standard error)."""
     T = _check_T(T)
     if activation == "linear":
@@ -198,12 +194,12 @@ def forgetting_error(activation: str, T: int, Q0: float, Q: float, M: float, noi
 
 
 def frozen_test_error(activation: str, T: int, Q0: float, Q: float, M: float, noise: float, *,
-                      n_mc: int = 30_000, seed: int = 0) -> tuple[float, float]:
+                      n_mc: int = DEFAULT_N_MC, seed: int = 0) -> tuple[float, float]:
     """Frozen pre-training baseline E'_frozen (eq. 79; eq. 80 as derived for linear sigma)."""
     return finetune_test_error(activation, T, Q0, Q, M, noise, 0.0, 0.0, n_mc=n_mc, seed=seed)
 
 
 def lora_only_test_error(activation: str, T: int, Q0: float, noise: float, q: float, m: float, *,
-                         n_mc: int = 30_000, seed: int = 0) -> tuple[float, float]:
+                         n_mc: int = DEFAULT_N_MC, seed: int = 0) -> tuple[float, float]:
     """LoRA-only E' (eq. 82): W_hat = 0, so z = 0 and z* ~ eq. 81 (Q = M = 0 in Q)."""
     return finetune_test_error(activation, T, Q0, 0.0, 0.0, noise, q, m, n_mc=n_mc, seed=seed)

@@ -43,19 +43,20 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..activations import get as get_activation
-from ..params import Params, ParamError
+from ..params import A0 as _A0, DEFAULT_N_MC, Params, ParamError
 from . import effective as _effective
 from . import errors as _errors
 from .fixed_point import NonConvergenceWarning, iterate
+from .order_parameters import FinetuneOrderParameters
 from .prox_rank_one_linear import LinearRankOneProx
 from .sampling import frozen_fields, s_ab, standard_normals, to_sym
+from .stability import replicon_finetune_terms
 
 __all__ = [
     "ProxResult", "FinetuneResult", "psi_derivatives", "prox_psi", "solve_finetune",
     "solve_finetune_effective", "solve_lora_only", "frozen_baseline", "DEFAULT_N_MC",
 ]
 
-DEFAULT_N_MC = 30_000
 
 
 @dataclass(frozen=True)
@@ -425,7 +426,7 @@ def prox_psi(chi_tilde: np.ndarray, Zq: np.ndarray, Y: np.ndarray, v: float, act
 # result
 # ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class FinetuneResult:
+class FinetuneResult(FinetuneOrderParameters):
     """Fixed point of the fine-tuning state evolution (Result 5) and Result 3 at it.
 
     Attributes:
@@ -446,15 +447,9 @@ class FinetuneResult:
         prox_not_max: samples whose returned prox is not a strict local maximum.
         mc_se: Monte-Carlo standard errors of the sample-mean quantities.
         wall_time: seconds.
-        baseline: None, 'frozen' (lam_ft = inf) or 'lora-only' (lam = inf).
+        baseline: None, 'frozen' (lam_ft = inf) or 'lora_only' (lam = inf).
     """
 
-    q: float
-    m: float
-    v: float
-    qhat: float
-    mhat: float
-    vhat: float
     overlap: float
     finetune_train_error: float
     finetune_test_error: float
@@ -519,7 +514,7 @@ def _law_args(params: Params, Q0, Q, M, required: bool):
         raise ParamError(f"Q0 must be > 0, got {Q0}")
     if Q < 0:
         raise ParamError(f"Q must be >= 0, got {Q}")
-    A0 = Q0 + params.noise / 2
+    A0 = _A0(Q0, params.noise)
     if M * M > A0 * Q * (1 + 1e-12) + 1e-15:
         raise ParamError(f"M^2 must be <= (Q0 + Delta/2) Q (a covariance), got M={M}, Q={Q}, Q0={Q0}")
     return Q0, Q, M
@@ -725,7 +720,7 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
     # Result 3 at the fixed point
     X_train = Zb - q * eye + chi[:, :, None] * chi[:, None, :]
     train_losses = np.sum((sigma(X_train) - Y) ** 2, axis=(1, 2))                        # eq. 20
-    rep = ap * np.sum((eye - C / v) ** 2, axis=(1, 2))      # (v Hess psi)^{-1} = -C / v   (eq. 78)
+    rep = replicon_finetune_terms(ap, C, v)                                             # eq. 78
     test = _test_errors(params, q, m, law, Zs, Zb, seed, n_test, n)
     mc_se = {"finetune_train_error": _se(train_losses), "replicon_finetune": _se(rep), **test["se"]}
     result = FinetuneResult(
@@ -736,7 +731,7 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
         replicon_finetune=float(rep.mean()), replicon_unstable=bool(rep.mean() >= 1.0),
         delta_eff=delta_eff, converged=converged, residual=float(res_final), iterations=iterations,
         n_mc=n, prox_failed=aux["n_failed"], prox_not_max=aux["n_not_max"], mc_se=mc_se,
-        wall_time=time.perf_counter() - t0, baseline="lora-only" if params.lora_only else None,
+        wall_time=time.perf_counter() - t0, baseline="lora_only" if params.lora_only else None,
         history=history)
     if warn and not result.converged:
         warnings.warn(f"fine-tuning state evolution not converged: residual {result.residual:.3g} after "
@@ -809,7 +804,7 @@ def _test_errors(params, q, m, law, Zs, Zb, seed, n_test, n):
                     "forgetting_error": _errors.linear_forgetting_error(T, Q0, beta**2 * Q, beta * M,
                                                                        params.noise, q),
                     "se": {"finetune_test_error": 0.0, "forgetting_error": 0.0}}
-        f = frozen_fields(n_test or n, T, Q0 + params.noise / 2, beta**2 * Q, beta * M, seed=seed + 7919)
+        f = frozen_fields(n_test or n, T, _A0(Q0, params.noise), beta**2 * Q, beta * M, seed=seed + 7919)
         Zs_t, Zb_t = to_sym(f["z_star"], T), to_sym(f["z"], T)
     else:      # e = 0: the given fields are test fields
         Zs_t, Zb_t = Zs, Zb
@@ -857,7 +852,7 @@ def solve_finetune_effective(params: Params, Q0: float, Q: float, M: float, *, n
     if method not in ("mc", "qmc"):
         raise ParamError(f"method must be 'mc' or 'qmc', got {method!r}")
     law = _law_args(params, Q0, Q, M, required=True)
-    A0 = law[0] + params.noise / 2
+    A0 = _A0(law[0], params.noise)
     if method == "mc":
         f = frozen_fields(n_mc, params.tokens, A0, law[1], law[2], seed=seed + 1)
         return solve_finetune(params, f["z_star"], f["z"], Q0=law[0], Q=law[1], M=law[2], seed=seed, **kwargs)

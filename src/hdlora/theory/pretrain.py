@@ -46,9 +46,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..params import ParamError, Params
+from ..params import DEFAULT_N_MC, ParamError, Params
 from . import spectral
+from .effective import delta_eff_of_A0
 from .fixed_point import NonConvergenceWarning, iterate
+from .order_parameters import PretrainOrderParameters
 from .prox import ProxResult, prox, prox_linear
 from .sampling import METHODS, frozen_fields, s_ab, to_sym
 from .stability import replicon_pretrain
@@ -62,11 +64,11 @@ PRETRAIN_METHODS = METHODS + ("exact",)
 
 def A0_of(params: Params) -> float:
     """A0 = Q0 + Delta/2 (eq. 46), the per-entry variance scale of z*."""
-    return params.Q0 + 0.5 * params.noise
+    return params.A0
 
 
 @dataclass(frozen=True)
-class PretrainResult:
+class PretrainResult(PretrainOrderParameters):
     """Fixed point of the pre-training state evolution (Result 4) and Result 3 errors.
 
     Attributes:
@@ -84,12 +86,6 @@ class PretrainResult:
         wall_time: seconds.
     """
 
-    Q: float
-    M: float
-    V: float
-    Mhat: float
-    Qhat: float
-    Vhat: float
     eta: float
     eps: float
     pretrain_train_error: float
@@ -152,7 +148,7 @@ def output_channel_exact(alpha: float, A0: float, T: int, Q: float, M: float, V:
     """
     L = T * (T + 1) // 2
     c = 4.0 * V / (T * T + 4.0 * V)
-    d_eff = A0 - 2.0 * M + Q
+    d_eff = delta_eff_of_A0(A0, Q, M)                                      # eq. 25
     return {"Mhat": 2.0 * alpha * L * c / V, "Vhat": 2.0 * alpha * L * c / V,
             "Qhat": 2.0 * alpha * L * c * c * d_eff / V**2}
 
@@ -160,7 +156,7 @@ def output_channel_exact(alpha: float, A0: float, T: int, Q: float, M: float, V:
 def errors_exact(A0: float, T: int, Q: float, M: float, V: float) -> dict[str, float]:
     """Linear sigma: test error (eq. 55) (T+1)/T Delta_eff and train error (eq. 20) (T+1)/T Delta_eff (1-c)^2."""
     c = 4.0 * V / (T * T + 4.0 * V) if V > 0 else 0.0
-    d_eff = A0 - 2.0 * M + Q
+    d_eff = delta_eff_of_A0(A0, Q, M)                                      # eq. 25
     test = (T + 1) / T * d_eff
     return {"pretrain_test_error": test, "pretrain_train_error": test * (1.0 - c) ** 2}
 
@@ -224,7 +220,7 @@ def _init_state(params: Params, init) -> dict[str, float]:
     return st
 
 
-def solve_pretrain(params: Params, *, n_mc: int = 30000, seed: int = 0, method: str | None = None,
+def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, method: str | None = None,
                    tol: float = 1e-7, max_iter: int = 500, mixing: float = 1.0,
                    init: "PretrainResult | Mapping[str, float] | None" = None,
                    warn: bool = True) -> PretrainResult:

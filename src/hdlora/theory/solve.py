@@ -21,19 +21,33 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from ..params import Params, ParamError
+from ..params import DEFAULT_N_MC, Params, ParamError
 from . import effective as _eff
 from .active import active_fields
 from .finetune import FinetuneResult, solve_finetune
 from .fixed_point import NonConvergenceWarning
+from .order_parameters import FinetuneOrderParameters, PretrainOrderParameters
 from .pretrain import PretrainResult, solve_pretrain, train_fields
 from .sampling import frozen_fields
 
-BASELINES = ("frozen", "lora-only")
+#: The A.7 baselines, canonical spellings (results and stored rows use these).
+BASELINES = ("frozen", "lora_only")
+#: Other spellings accepted on input only.
+BASELINE_ALIASES = {"lora-only": "lora_only"}
+
+
+def canonical_baseline(baseline: str | None) -> str | None:
+    """The canonical spelling of a baseline name (None stays None); ParamError for an unknown one."""
+    if baseline is None:
+        return None
+    name = BASELINE_ALIASES.get(baseline, baseline)
+    if name not in BASELINES:
+        raise ParamError(f"baseline must be one of {BASELINES} or None, got {baseline!r}")
+    return name
 
 
 @dataclass(frozen=True)
-class TheoryResult:
+class TheoryResult(FinetuneOrderParameters, PretrainOrderParameters):
     """The asymptotic prediction at one parameter point (all floats are float64 numbers).
 
     Order parameters (eqs. 8-9, 48, 67-72), errors (Result 3, eq. 84), the overlap
@@ -42,18 +56,6 @@ class TheoryResult:
     ``converged`` is True only when both stages converged.
     """
 
-    Q: float
-    M: float
-    V: float
-    Mhat: float
-    Qhat: float
-    Vhat: float
-    q: float
-    m: float
-    v: float
-    qhat: float
-    mhat: float
-    vhat: float
     Q0: float
     pretrain_train_error: float
     pretrain_test_error: float
@@ -118,17 +120,16 @@ def _finetune_init(init: Mapping[str, float] | None) -> dict[str, float] | None:
 
 
 def apply_baseline(params: Params, baseline: str | None) -> Params:
-    """The A.7 baselines as parameters: 'frozen' is lam_ft = inf, 'lora-only' is lam = inf."""
+    """The A.7 baselines as parameters: 'frozen' is lam_ft = inf, 'lora_only' is lam = inf."""
+    baseline = canonical_baseline(baseline)
     if baseline is None:
         return params
     if baseline == "frozen":
         return params.replace(lam_ft=math.inf)
-    if baseline in ("lora-only", "lora_only"):
-        return params.replace(lam=math.inf)
-    raise ParamError(f"baseline must be one of {BASELINES} or None, got {baseline!r}")
+    return params.replace(lam=math.inf)
 
 
-def solve(params: Params, *, n_mc: int = 30000, seed: int = 0, baseline: str | None = None,
+def solve(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, baseline: str | None = None,
           init: "TheoryResult | Mapping[str, float] | None" = None, tol: float = 1e-7,
           max_iter: int = 500, method: str | None = None, optimal_beta: bool = False,
           warn: bool = True) -> TheoryResult:
@@ -139,7 +140,7 @@ def solve(params: Params, *, n_mc: int = 30000, seed: int = 0, baseline: str | N
         n_mc: Monte-Carlo samples of each expectation (default 3e4 as in the paper, App. D).
             The linear activation's pre-training uses closed forms and ignores it.
         seed: seed of the fixed samples (common random numbers).
-        baseline: None, 'frozen' (lam' = inf) or 'lora-only' (lam = inf), App. A.7.
+        baseline: None, 'frozen' (lam' = inf) or 'lora_only' (lam = inf; 'lora-only' accepted), App. A.7.
         init: warm start: a previous TheoryResult or a mapping with Q, M, V, q, m, v.
         tol: tolerance of each fixed-point solve.
         max_iter: iteration cap of each fixed-point solve.
@@ -153,6 +154,7 @@ def solve(params: Params, *, n_mc: int = 30000, seed: int = 0, baseline: str | N
         raise ParamError(f"params must be a hdlora.Params, got {type(params).__name__}")
     if isinstance(n_mc, bool) or not isinstance(n_mc, int) or n_mc < 100:
         raise ParamError(f"n_mc must be an integer >= 100, got {n_mc!r}")
+    baseline = canonical_baseline(baseline)
     params = apply_baseline(params, baseline)
     if isinstance(init, TheoryResult):
         init = init.state
@@ -173,7 +175,7 @@ def solve(params: Params, *, n_mc: int = 30000, seed: int = 0, baseline: str | N
         elif params.active_pool is not None:
             z_star, z = active_fields(params, Q0, Q, M, n_mc, seed=seed + 1)
         else:
-            f = frozen_fields(n_mc, params.tokens, Q0 + params.noise / 2, Q, M, seed=seed + 1)
+            f = frozen_fields(n_mc, params.tokens, params.A0, Q, M, seed=seed + 1)
             z_star, z = f["z_star"], f["z"]
         ft_params = params.replace(reuse=False) if params.lora_only else params
         ft: FinetuneResult = solve_finetune(ft_params, z_star, z, Q0=Q0, Q=Q, M=M, seed=seed + 2, tol=tol,

@@ -57,7 +57,7 @@ from typing import Callable
 
 import numpy as np
 
-from hdlora.params import ParamError
+from hdlora.params import ParamError, real_number
 
 __all__ = [
     "ETA_MIN", "SpectralJ", "QuadratureResult", "AccuracyWarning",
@@ -128,12 +128,7 @@ class QuadratureResult:
 
 # ----------------------------------------------------------------------------- validation
 def _number(name: str, value, *, allow_pos_inf: bool = False) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ParamError(f"{name} must be a real number, got {value!r}") from None
-    if math.isnan(x):
-        raise ParamError(f"{name} must be a real number, got NaN")
+    x = real_number(name, value)
     if math.isinf(x) and not (allow_pos_inf and x > 0):
         raise ParamError(f"{name} must be finite{' or +inf' if allow_pos_inf else ''}, got {x}")
     return x
@@ -524,10 +519,12 @@ def mmse(q_hat, kappa0) -> float:
     """Matrix-denoising MMSE 1/Q_hat - 4 pi^2/(3 Q_hat^2) ∫ mu_{eta}^3, eta = Q_hat^{-1/2}.
 
     Q_BO = Q0 - mmse (eq. 87).  Tends to Var(mu0) = 1 as Q_hat -> 0 and to 0 as Q_hat -> inf.
+    The formula has one home, :func:`hdlora.theory.bayes.matrix_denoising_mmse`; this entry
+    point checks q_hat > 0.
     """
+    from .bayes import matrix_denoising_mmse
+
     q_hat = _number("q_hat", q_hat)
     if not q_hat > 0:
         raise ParamError(f"q_hat must be > 0, got {q_hat}")
-    delta = 1.0 / q_hat
-    c = cubic_integral(math.sqrt(delta), kappa0).value
-    return delta - (4.0 * math.pi ** 2 / 3.0) * delta ** 2 * c
+    return matrix_denoising_mmse(q_hat, kappa0)

@@ -27,15 +27,18 @@ expression equals exactly 1 / (2 alpha L) there (stable iff 2 alpha L > 1), whil
 the printed one equals V^2 / (2 alpha L), which exceeds 1 in part of the convex
 region (e.g. T = 2, alpha = 0.2: V = 5, value 21).  The test suite checks (ii).
 
-Fine-tuning (eq. 78): alpha' E ||(v Hess psi)^-1 + I_T||_F^2 < 1.  It is computed
-from the fine-tuning prox by the fine-tuning module (hdlora.theory.finetune);
-a function for it may be added below, in the section marked FINE-TUNING.
+Fine-tuning (eq. 78): alpha' E ||(v Hess psi)^-1 + I_T||_F^2 < 1, with Hess psi the
+Hessian of psi (eq. 63) at the prox chi; the fine-tuning state evolution keeps
+C = -(Hess psi)^-1 (eq. 66), so (v Hess psi)^-1 = -C / v and the per-sample term is
+alpha' ||I_T - C / v||_F^2 (:func:`replicon_finetune_terms`; its mean is the left-hand side).
 """
 from __future__ import annotations
 
 import math
 
-__all__ = ["replicon_pretrain"]
+import numpy as np
+
+__all__ = ["replicon_pretrain", "replicon_finetune_terms"]
 
 
 def replicon_pretrain(alpha: float, V: float, V_hat: float, sample_term: float,
@@ -62,6 +65,17 @@ def replicon_pretrain(alpha: float, V: float, V_hat: float, sample_term: float,
     return 2.0 * alpha * sample_term * spectral_integral / (V * V * V_hat * V_hat)
 
 
-# ------------------------------------------------------------------------------ FINE-TUNING
-# The fine-tuning replicon (eq. 78) belongs to the fine-tuning state evolution; if a
-# stand-alone function is wanted it goes here as ``replicon_finetune(alpha_ft, sample_term)``.
+def replicon_finetune_terms(alpha_ft: float, C: np.ndarray, v: float) -> np.ndarray:
+    """Per-sample terms of the fine-tuning replicon condition (eq. 78): alpha' ||(v Hess psi)^-1 + I_T||_F^2.
+
+    Args:
+        alpha_ft: alpha' (N' = alpha' D).
+        C: (n, T, T) C = -(Hess psi)^-1 at the prox of each sample (eq. 66), so (v Hess psi)^-1 = -C / v.
+        v: the order parameter v at the fixed point (eq. 68), > 0.
+
+    Returns:
+        (n,) the terms; their mean is the left-hand side of eq. 78 (stable when < 1), their
+        standard error its Monte-Carlo error.
+    """
+    eye = np.eye(C.shape[-1])
+    return alpha_ft * np.sum((eye - C / v) ** 2, axis=(1, 2))
