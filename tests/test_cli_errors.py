@@ -80,6 +80,17 @@ def test_tol_10_no_longer_reports_a_wrong_point_as_converged():
     assert abs(loose.Q - tight.Q) < 1e-2
 
 
+@pytest.mark.parametrize("lam_ft", [0.5, 10.0, 100.0, 1000.0])
+def test_finetune_converged_means_residual_at_the_returned_point_meets_tol(lam_ft):
+    """lam' = 100 was labelled converged with a residual of 3.4e-7 > tol = 1e-7 at the returned point
+    (the rule allowed 10 tol); lam' = 10 stopped unconverged.  Both now iterate until the returned
+    point meets tol."""
+    from hdlora.theory.finetune import solve_finetune_effective
+    p = Params(tokens=3, noise=0.5, alpha_ft=3.0, lam_ft=lam_ft, activation="linear")
+    r = solve_finetune_effective(p, 2.0, 2.0, 1.0, n_mc=3000, seed=0, tol=1e-7)
+    assert r.converged and r.residual <= 1e-7, (r.converged, r.residual)
+
+
 # ----------------------------------------------------------------------------- --scheduler
 @pytest.mark.parametrize("value", ["foo", "tcp://foo", "tcp://host:0", "tcp://host:99999", "http://h:1", ""])
 def test_scheduler_without_port_refused_at_parse_time(value, capsys, tmp_path):
