@@ -79,9 +79,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="repeats of each fast case (old and new alternate)")
     ap.add_argument("--sweep-repeats", type=int, default=3, help="repeats of each sweep case")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
+                    help="another src directory measured alongside (e.g. this branch merged with another)")
     args = ap.parse_args()
     old, new = Path(args.old_src).resolve(), ROOT / "src"
     sources = {"old": old, "new": new}
+    for item in args.extra:
+        name, _, path = item.partition("=")
+        sources[name] = Path(path).resolve()
     which = {k: _which(v) for k, v in sources.items()}
     assert which["old"] != which["new"], which
     tmp = Path(tempfile.mkdtemp(prefix="bench_cli_"))
@@ -106,13 +111,15 @@ def main() -> int:
     load_before = os.getloadavg()
     results = {}
     for name, (make_argv, n) in cases.items():
-        times: dict[str, list[float]] = {"old": [], "new": []}
+        times: dict[str, list[float]] = {k: [] for k in sources}
         for _ in range(n):
-            for which_code in ("old", "new"):
+            for which_code in sources:
                 times[which_code].append(_time(make_argv(), sources[which_code]))
         r = {f"{k}_min_s": round(min(v), 4) for k, v in times.items()}
         r.update({f"{k}_median_s": round(statistics.median(v), 4) for k, v in times.items()})
-        r["ratio_old_over_new"] = round(min(times["old"]) / min(times["new"]), 2)
+        for k in sources:
+            if k != "old":
+                r[f"ratio_old_over_{k}"] = round(min(times["old"]) / min(times[k]), 2)
         r["repeats"] = n
         results[name] = r
         print(f"{name}: {r}", file=sys.stderr)
@@ -120,7 +127,7 @@ def main() -> int:
         "benchmark": "bench_cli",
         "what": "process wall time of `python -m hdlora.cli ...` (fresh interpreter each), old vs new code, "
                 "alternating, min and median of the repeats",
-        "old_src": str(old), "new_src": str(new), "imported_from": which,
+        "sources": {k: str(v) for k, v in sources.items()}, "imported_from": which,
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
