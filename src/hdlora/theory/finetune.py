@@ -705,11 +705,10 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
         st_new, aux = update(state)
         iterations += 1
         res_final = max(abs(st_new[k] - state[k]) / max(1.0, abs(state[k])) for k in state)
-        # converged means the residual at the returned point meets tol; when it does not (a better
-        # prox basin was found, or the iteration had not settled), continue from there
-        if not converged or res_final <= tol or iterations >= max_iter:
+        # (linear: the prox is the exact global maximiser, so there is no other basin to find)
+        if not converged or res_final <= tol or iterations >= max_iter or exact:
             break
-        state = st_new
+        state = st_new        # a better prox basin was found: continue from there
     converged = bool(converged and res_final <= tol)   # the residual at the returned point
     m, q, v = state["m"], state["q"], state["v"]
     if exact:      # chi and C at the last evaluation, back in the token basis
