@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 ACTIVATIONS = ("softmax", "linear")
+#: allowed fixed-point tolerances of the state evolutions (relative residual); the default is 1e-7.
+TOL_RANGE = (1e-12, 1e-3)
 
 #: Monte-Carlo samples of each expectation of the state evolutions, unless told otherwise: the
 #: paper's 3e4 (App. D).  The one default of every theory entry point, task and CLI.
@@ -40,6 +42,14 @@ def real_number(name: str, value: Any) -> float:
     if math.isnan(x):
         raise ParamError(f"{name} must be a number, got NaN")
     return x
+
+
+def check_tol(tol: Any) -> float:
+    """A fixed-point tolerance in TOL_RANGE (a looser one would call a far-off point converged)."""
+    lo, hi = TOL_RANGE
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (lo <= tol <= hi):
+        raise ParamError(f"tol must be a number in [{lo:g}, {hi:g}], got {tol!r}; the default 1e-7 is usually right")
+    return float(tol)
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,8 @@ class Params:
             if math.isinf(getattr(self, name)):
                 raise ParamError(f"{name} must be finite, got inf")
         t = self.tokens
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or float(t) != int(t):
+        if (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                or float(t) != int(t)):
             raise ParamError(f"tokens (T) must be an integer >= 2, got {t!r}")
         set_("tokens", int(t))
         if self.tokens < 2:

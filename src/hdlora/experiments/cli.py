@@ -8,16 +8,30 @@ runs then).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
-from hdlora.cli import dumps
+from hdlora.cli import _float, dumps, integer
+
+#: Dask scheduler address: [PROTOCOL://]HOST:PORT
+_SCHEDULER = re.compile(r"^(?:(?P<proto>tcp|tls|ucx|ws|wss)://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
+
+
+def scheduler_address(text: str) -> str:
+    """--scheduler: a Dask scheduler address [tcp://]HOST:PORT, checked before anything runs."""
+    m = _SCHEDULER.match(text.strip())
+    if not m or not 1 <= int(m["port"]) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected a Dask scheduler address [tcp://]HOST:PORT (PORT 1-65535, e.g. tcp://127.0.0.1:8786), "
+            f"got {text!r}; leave --scheduler out to run on this machine")
+    return text.strip()
 
 
 def add_executor_arguments(p: argparse.ArgumentParser) -> None:
     """--workers / --scheduler, shared by every command that runs sweeps (sweep, figure)."""
-    p.add_argument("--workers", type=int, default=None,
-                   help="local worker processes (default: all cores; 1 runs in this process)")
-    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+    p.add_argument("--workers", type=integer, default=None,
+                   help="local worker processes (None: all cores; 1 runs in this process)")
+    p.add_argument("--scheduler", type=scheduler_address, default=None, metavar="tcp://HOST:PORT",
                    help="run the tasks on this Dask distributed scheduler instead of locally")
     p.add_argument("--cluster", choices=["slurm"], default=None,
                    help="submit SLURM jobs (dask-jobqueue) that run the tasks; --workers is then the number "
@@ -63,11 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-failed", action="store_true",
                    help="rerun tasks stored as failed (by default they are kept and counted, not rerun)")
     p.add_argument("--plan", action="store_true", help="validate and print the task counts; run nothing")
-    p.add_argument("--lease-seconds", type=float, default=None, metavar="S",
+    p.add_argument("--lease-seconds", type=_float, default=None, metavar="S",
                    help="several sweeps may share one database (local disk only: SQLite WAL does not work on "
                         "NFS; for several machines use one Dask --scheduler): a task is claimed for S seconds, "
                         "renewed while it runs, taken over by another sweep when it expires (default 60)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", "-q", "--quiet", dest="no_progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
 
@@ -157,7 +171,8 @@ def _run(args: argparse.Namespace, spec, fail) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m hdlora.experiments.cli FILE ...``: the same as ``hdlora sweep FILE ...``."""
-    parser = argparse.ArgumentParser(prog="hdlora sweep", description=__doc__.splitlines()[0])
+    from hdlora.cli import Parser
+    parser = Parser(prog="hdlora sweep", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -16,14 +16,8 @@ import argparse
 import sys
 import time
 
+from ..cli import integer as _int
 from .cli import add_executor_arguments, executor_arguments_error, scheduler_argument
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,14 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--quick", action="store_true",
                       help="reduced version (smaller D, fewer seeds, points and n_mc): a few minutes on 2 cores")
     mode.add_argument("--tiny", action="store_true", help="test configuration (2 points, D = 12, 1 seed): seconds")
-    p.add_argument("--out", default="results/figures", help="output directory (default: results/figures)")
+    p.add_argument("--out", default="results/figures", help="output directory")
     add_executor_arguments(p)
     p.add_argument("--dim", type=_int, default=None, help="simulation dimension D (overrides the mode's)")
     p.add_argument("--seeds", type=_int, default=None, help="simulation seeds (overrides the mode's)")
     p.add_argument("--n-mc", type=_int, default=None, help="Monte-Carlo samples of the theory (overrides the mode's)")
     p.add_argument("--plan", action="store_true", help="validate and print the sweeps and task counts; run nothing")
     p.add_argument("--plot-only", action="store_true", help="draw from what is stored; compute nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "-q", "--quiet", dest="no_progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hdlora figure", description=__doc__.splitlines()[0])
+    from hdlora.cli import Parser
+    parser = Parser(prog="hdlora figure", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

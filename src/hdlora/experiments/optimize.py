@@ -206,6 +206,7 @@ class _Evaluator:
         self.solved: list[tuple[np.ndarray, Any, SolveRecord]] = []   # (log point, result, record)
         self.phase = "grid"
         self.lam_index = over.index("lam") if "lam" in over else None
+        self.on_solve: Callable[[SolveRecord], None] | None = None
 
     @property
     def records(self) -> list[SolveRecord]:
@@ -268,6 +269,8 @@ class _Evaluator:
         rec = SolveRecord(point=point, value=val, converged=conv, iterations=its,
                           wall_time=time.perf_counter() - t0, phase=phase)
         self.solved.append((x.copy(), res, rec))
+        if self.on_solve is not None:
+            self.on_solve(rec)
         return rec
 
     def objective(self, x: Sequence[float]) -> float:
@@ -345,7 +348,8 @@ def optimize(params: Params, target: str, over: str | Sequence[str], *,
              bounds: Mapping[str, Sequence[float]] | None = None, n_mc: int = DEFAULT_N_MC, seed: int = 0,
              tol: float = DEFAULT_XTOL, max_solves: int = 300, maximize: bool | None = None,
              n_grid: int | None = None, max_cycles: int = 8, solver_tol: float = 1e-7,
-             max_iter: int = 500, warn: bool = True) -> OptimizeResult:
+             max_iter: int = 500, warn: bool = True,
+             on_solve: Callable[[SolveRecord], None] | None = None) -> OptimizeResult:
     """Optimise a state-evolution prediction over lam, lam_ft and/or beta (log-scale search).
 
     Args:
@@ -366,6 +370,7 @@ def optimize(params: Params, target: str, over: str | Sequence[str], *,
         solver_tol: fixed-point tolerance of each solve.
         max_iter: fixed-point iteration cap of each solve.
         warn: emit a NonConvergenceWarning when solves did not converge.
+        on_solve: called with each solve's record as it is made (progress display).
 
     Returns:
         OptimizeResult (frozen).
@@ -398,6 +403,7 @@ def optimize(params: Params, target: str, over: str | Sequence[str], *,
 
     ev = _Evaluator(params, target, over, maximize, n_mc=n_mc, seed=seed, tol=solver_tol, max_iter=max_iter,
                     max_solves=max_solves)
+    ev.on_solve = on_solve
     lo = np.array([math.log10(bnd[n][0]) for n in over])
     hi = np.array([math.log10(bnd[n][1]) for n in over])
     exhausted = False

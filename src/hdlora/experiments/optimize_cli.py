@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import warnings
 
-from ..cli import _float, add_param_arguments, dumps, format_table, params_from_args
+from ..cli import (_float, add_common_arguments, add_param_arguments, dumps, format_table, integer,
+                   params_from_args, print_warnings)
 from ..params import DEFAULT_N_MC, ParamError
-from .optimize import DEFAULT_BOUNDS, DEFAULT_XTOL, HYPERPARAMETERS, TARGETS
+
+# The same as hdlora.experiments.optimize's (a test checks it); not imported from there, which
+# imports scipy, so that building the parser stays light.
+TARGETS = ("finetune_test_error", "overlap", "pretrain_test_error")
+HYPERPARAMETERS = ("lam", "lam_ft", "beta")
+DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {"lam": (1e-3, 10.0), "lam_ft": (1e-3, 10.0), "beta": (0.3, 3.0)}
+DEFAULT_XTOL = 0.01
 
 
 def parse_bounds(text: str | None) -> dict[str, tuple[float, float]]:
@@ -51,14 +57,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bounds", default=None, help=f"search intervals (log scale), default {defaults}")
     g.add_argument("--beta", type=_float, default=1.0, help="recalibration beta (eq. 26) when beta is not searched")
     g.add_argument("--active-pool", type=_float, default=None, help="active fine-tuning pool alpha_bar' (Algorithm 1)")
-    g.add_argument("--n-mc", type=int, default=DEFAULT_N_MC, help="Monte-Carlo samples per expectation (default %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the fixed Monte-Carlo samples (all solves)")
-    g.add_argument("--tol", type=float, default=DEFAULT_XTOL,
-                   help=f"tolerance on log10 of each hyperparameter (default {DEFAULT_XTOL})")
-    g.add_argument("--max-solves", type=int, default=300, help="budget of state-evolution solves")
-    g.add_argument("--n-grid", type=int, default=None, help="coarse-grid points per dimension (default 7/5/4)")
+    g.add_argument("--n-mc", type=integer, default=DEFAULT_N_MC, help="Monte-Carlo samples per expectation (>= 100)")
+    g.add_argument("--seed", type=integer, default=0, help="seed of the fixed Monte-Carlo samples (all solves)")
+    g.add_argument("--tol", type=_float, default=DEFAULT_XTOL,
+                   help="tolerance on log10 of each hyperparameter (> 0)")
+    g.add_argument("--max-solves", type=integer, default=300, help="budget of state-evolution solves")
+    g.add_argument("--n-grid", type=integer, default=None,
+                   help="coarse-grid points per dimension (None: 7/5/4 for 1/2/3 hyperparameters)")
     g.add_argument("--records", action="store_true", help="table output: list every solve")
-    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object (progress and warnings still go to stderr)")
+    g.add_argument("--dry-run", action="store_true", help="validate the parameters, solve nothing")
+    add_common_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,17 +78,32 @@ def run(args: argparse.Namespace) -> int:
     over = _over(args.over)
     bounds = parse_bounds(args.bounds)
     params = params_from_args(args, beta=args.beta, active_pool=args.active_pool)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        res = optimize(params, args.target, over, bounds=bounds, n_mc=args.n_mc, seed=args.seed, tol=args.tol,
-                       max_solves=args.max_solves, n_grid=args.n_grid)
+    bar = None
+    if not args.quiet:
+        from ..progress import bar as progress_bar
+        bar = progress_bar(total=args.max_solves, desc="optimize", unit="solve", log_interval=5.0)
+
+    def on_solve(rec) -> None:
+        if bar is not None:
+            point = ", ".join(f"{n} {v:.3g}" for n, v in rec.point.items())
+            bar.set_postfix_str(f"{rec.phase}: {point}: {rec.value:.4g}" + ("" if rec.converged else " (nc)"),
+                                refresh=False)
+            bar.update(1)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = optimize(params, args.target, over, bounds=bounds, n_mc=args.n_mc, seed=args.seed, tol=args.tol,
+                           max_solves=args.max_solves, n_grid=args.n_grid, on_solve=on_solve)
+    finally:
+        if bar is not None:
+            bar.close()
     d = res.to_dict()
     d["warnings"] = [str(w.message) for w in caught]
+    print_warnings("optimize", d["warnings"], args.quiet)
     if args.json:
         print(dumps(d))
         return 0
-    for m in d["warnings"]:
-        print(f"warning: {m}", file=sys.stderr)
     rows: dict = {f"optimal {n}": v for n, v in res.optimum.items()}
     rows[f"{res.target} ({'max' if res.maximize else 'min'})"] = res.value
     if math.isfinite(res.value_se) and res.value_se > 0:

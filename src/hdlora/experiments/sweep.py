@@ -490,9 +490,9 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
         desc = executor.description if executor is not None else "nothing to do"
         store.start_run(run_id, sweep=spec.name, source=spec.source, executor=desc, n_tasks=len(distinct))
         if progress:
-            from tqdm.auto import tqdm
+            from ..progress import bar as progress_bar   # plain lines when stderr is not a terminal
 
-            bar = tqdm(total=len(distinct), initial=len(distinct) - n_todo, desc=spec.name, unit="task",
+            bar = progress_bar(total=len(distinct), initial=len(distinct) - n_todo, desc=spec.name, unit="task",
                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
         # per chain: position of the next task and the warm start to give it
         pos = [0] * len(the_plan.chains)

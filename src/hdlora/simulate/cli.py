@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 
-from ..cli import _float, add_param_arguments, dumps, format_table, params_from_args
+from ..cli import (_float, add_common_arguments, add_param_arguments, dumps, format_table, integer,
+                   params_from_args, print_warnings)
 from ..params import ParamError
-from .losses import LOSSES
-from .run import ACTIVE_KEYS, KEYS, run
+
+#: the losses (the same as :data:`hdlora.simulate.losses.LOSSES`; not imported from there, which
+#: imports torch, so that building the parser stays light)
+LOSSES = ("sequence", "attention")
 
 _TABLE_KEYS = ("pretrain_train_error", "pretrain_test_error", "finetune_train_error", "finetune_test_error",
                "forgetting_error", "overlap", "Q0", "Q", "M", "q0", "q", "m",
@@ -34,23 +36,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--active-pool", type=_float, default=None,
                    help="active fine-tuning (Algorithm 1): label the alpha' D best of a pool of alpha_bar' D "
                         "candidates; also reports the uniform choice from the same pool (uniform_*, delta_*)")
-    g.add_argument("--dim", type=int, default=150, help="D, token dimension (>= 2)")
-    g.add_argument("--seeds", type=int, default=4, help="number of seeds (0..S-1) to average")
+    g.add_argument("--dim", type=integer, default=150, help="D, token dimension (>= 2)")
+    g.add_argument("--seeds", type=integer, default=4, help="number of seeds (0..S-1) to average")
     g.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda when available)")
     g.add_argument("--loss", default="sequence", help=f"{' | '.join(LOSSES)} (eq. 2-3 or eq. 30)")
-    g.add_argument("--restarts", type=int, default=2, help="random fine-tuning starts besides w = w*")
+    g.add_argument("--restarts", type=integer, default=2, help="random fine-tuning starts besides w = w*")
     g.add_argument("--reduce-width", action="store_true",
                    help="kappa > 1: pre-train a width-D student with lam sqrt(kappa) (same S minimisers)")
-    g.add_argument("--effective-Q0", type=float, default=None, help="effective pre-training: Q0 (eq. 13)")
-    g.add_argument("--effective-Q", type=float, default=None, help="effective pre-training: Q")
-    g.add_argument("--effective-M", type=float, default=None, help="effective pre-training: M")
-    g.add_argument("--threads", type=int, default=0,
+    g.add_argument("--effective-Q0", type=_float, default=None, help="effective pre-training: Q0 (eq. 13)")
+    g.add_argument("--effective-Q", type=_float, default=None, help="effective pre-training: Q")
+    g.add_argument("--effective-M", type=_float, default=None, help="effective pre-training: M")
+    g.add_argument("--threads", type=integer, default=0,
                    help="torch CPU threads (0: torch default; 1 is fastest on a shared, busy machine)")
-    g.add_argument("--json", action="store_true", help="print one JSON object (keys + <key>_se)")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object (keys + <key>_se); progress and warnings still go to stderr")
+    g.add_argument("--dry-run", action="store_true", help="validate the parameters, simulate nothing")
+    add_common_arguments(p)
+
+
+def _mean_se(mean, se, n_seeds: int) -> str:
+    """'mean ± s.e.'; with one seed there is no standard error, so no ±."""
+    if n_seeds < 2 or se is None or se != se:
+        return f"{mean:.6g}"
+    return f"{mean:.6g} ± {se:.2g}"
+
+
+def _count(per_seed, key: str, word: str) -> str | None:
+    """A boolean over seeds as a count ('4/4 converged'), never averaged."""
+    vals = [s.get(key) for s in per_seed if isinstance(s, dict)]
+    vals = [v for v in vals if v is not None and v == v]       # NaN: not defined for this seed (effective mode)
+    if not vals:
+        return None
+    return f"{sum(bool(v) for v in vals)}/{len(vals)} {word}"
+
+
+#: boolean keys of a seed: shown as counts (the word says what is counted)
+_BOOL_WORDS = {"pretrain_converged": "converged", "finetune_converged": "converged",
+               "finetune_informed_won": "seeds"}
 
 
 def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of this command)
     from . import run as simulate_run  # the library function, not this one
+    from .run import ACTIVE_KEYS, KEYS
     optimal = _BETA_WORDS.get(args.beta) if isinstance(args.beta, str) else None
     params = params_from_args(args, beta=1.0 if optimal else args.beta, active_pool=args.active_pool)
     eff_vals = {"Q0": args.effective_Q0, "Q": args.effective_Q, "M": args.effective_M}
@@ -67,21 +94,28 @@ def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = simulate_run(params, args.dim, args.seeds, device=args.device, loss=args.loss, effective=effective,
-                           restarts=args.restarts, progress=not args.json, reduce_width=args.reduce_width,
+                           restarts=args.restarts, progress=not args.quiet, reduce_width=args.reduce_width,
                            optimal_beta=optimal)
     messages = [str(w.message) for w in caught]
     d = res.to_dict()
     d["wall_time_total"] = time.perf_counter() - t0
     d["warnings"] = messages
+    print_warnings("simulate", messages, args.quiet)
     if args.json:
         print(dumps(d))
     else:
-        for m in messages:
-            print(f"warning: {m}", file=sys.stderr)
         keys = _TABLE_KEYS + (_ACTIVE_TABLE_KEYS if params.active_pool is not None else ())
-        rows = {k: f"{d[k]:.6g} ± {d[k + '_se']:.2g}" for k in keys if k in KEYS + ACTIVE_KEYS}
+        rows = {}
+        for k in keys:
+            if k not in KEYS + ACTIVE_KEYS:
+                continue
+            if k in _BOOL_WORDS:
+                rows[k] = _count(d.get("per_seed", ()), k, _BOOL_WORDS[k]) or "n/a"
+            else:
+                rows[k] = _mean_se(d[k], d.get(k + "_se"), d["n_seeds"])
         rows["seeds"] = d["n_seeds"]
         rows["wall time [s]"] = f"{d['wall_time_total']:.1f}"
         print(format_table(rows, title=f"hdlora simulate: D = {res.dim}, {res.loss} loss, {res.device}, "
-                                       f"{'effective' if effective else 'full'} pre-training (mean ± s.e.)"))
+                                       f"{'effective' if effective else 'full'} pre-training ("
+                                       + ("mean ± s.e.)" if res.n_seeds > 1 else "one seed: no standard error)")))
     return 0

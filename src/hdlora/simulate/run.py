@@ -394,8 +394,8 @@ def run(params: Params, dim: int, seeds: int | Sequence[int] = 4, *, device: str
     dev = resolve_device(device)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=3 * len(seed_list), file=sys.stderr, desc="simulate", unit="stage")
+        from ..progress import bar as progress_bar   # plain lines when stderr is not a terminal
+        bar = progress_bar(total=3 * len(seed_list), file=sys.stderr, desc="simulate", unit="stage")
     records = []
     try:
         for s in seed_list:

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 
-from ..cli import _float, add_param_arguments, dumps, format_table, params_from_args
+from ..cli import (_float, add_common_arguments, add_param_arguments, dumps, format_table, integer,
+                   params_from_args, print_warnings, tolerance)
 from ..params import DEFAULT_N_MC, ParamError
-from .solve import BASELINE_ALIASES, BASELINES
+
+#: the baselines of App. A.7 (the same as :data:`hdlora.theory.solve.BASELINES`; not imported from
+#: there so that building the parser stays light)
+BASELINES = ("frozen", "lora_only")
+BASELINE_ALIASES = {"lora-only": "lora_only"}
 
 _TABLE_KEYS = ("Q", "M", "V", "q", "m", "v", "pretrain_train_error", "pretrain_test_error",
                "finetune_train_error", "finetune_test_error", "forgetting_error", "overlap",
@@ -22,8 +26,8 @@ def _beta(text: str):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_param_arguments(p)
     g = p.add_argument_group("theory")
-    g.add_argument("--n-mc", type=int, default=DEFAULT_N_MC, help="Monte-Carlo samples per expectation (default %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the fixed Monte-Carlo samples")
+    g.add_argument("--n-mc", type=integer, default=DEFAULT_N_MC, help="Monte-Carlo samples per expectation (>= 100)")
+    g.add_argument("--seed", type=integer, default=0, help="seed of the fixed Monte-Carlo samples")
     g.add_argument("--baseline", choices=BASELINES, default=None, type=lambda s: BASELINE_ALIASES.get(s, s),
                    help="frozen: lambda' = inf (w_hat = 0); lora_only (or lora-only): lambda = inf (W_hat = 0)")
     g.add_argument("--beta", type=_beta, default=1.0,
@@ -31,8 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--active-pool", type=_float, default=None,
                    help="active fine-tuning (Algorithm 1) from a pool of alpha_bar' D candidates")
     g.add_argument("--bayes-optimal", action="store_true", help="add the Bayes-optimal benchmarks (App. B)")
-    g.add_argument("--tol", type=float, default=1e-7, help="fixed-point tolerance")
-    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--tol", type=tolerance, default=1e-7,
+                   help="fixed-point tolerance on the relative residual, in [1e-12, 1e-3]")
+    g.add_argument("--json", action="store_true", help="print one JSON object (warnings also go to stderr)")
+    g.add_argument("--dry-run", action="store_true", help="validate the parameters, solve nothing")
+    add_common_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,11 +59,10 @@ def run(args: argparse.Namespace) -> int:
             d.update(bayes_optimal(params).to_dict())
     d["wall_time_total"] = time.perf_counter() - t0
     d["warnings"] = [str(w.message) for w in caught]
+    print_warnings("theory", d["warnings"], args.quiet)
     if args.json:
         print(dumps(d))
     else:
-        for m in d["warnings"]:
-            print(f"warning: {m}", file=sys.stderr)
         rows = {k: d[k] for k in _TABLE_KEYS}
         for k in ("bo_pretrain_test_error", "bo_finetune_test_error", "bo_overlap"):
             if k in d:

@@ -43,7 +43,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..activations import get as get_activation
-from ..params import A0 as _A0, DEFAULT_N_MC, Params, ParamError
+from ..params import A0 as _A0, DEFAULT_N_MC, Params, ParamError, check_tol
 from . import effective as _effective
 from . import errors as _errors
 from .fixed_point import NonConvergenceWarning, iterate
@@ -604,6 +604,7 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
         raise ParamError(f"form must be 'direct' or 'stein', got {form!r}")
     if linear_prox not in ("exact", "search"):
         raise ParamError(f"linear_prox must be 'exact' or 'search', got {linear_prox!r}")
+    tol = check_tol(tol)
     T = params.tokens
     z_star, z = _check_fields(z_star, z, T)
     if n_mc is not None:
@@ -705,10 +706,10 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
         iterations += 1
         res_final = max(abs(st_new[k] - state[k]) / max(1.0, abs(state[k])) for k in state)
         # (linear: the prox is the exact global maximiser, so there is no other basin to find)
-        if not converged or res_final <= 10 * tol or iterations >= max_iter or exact:
+        if not converged or res_final <= tol or iterations >= max_iter or exact:
             break
         state = st_new        # a better prox basin was found: continue from there
-    converged = bool(converged and res_final <= 10 * tol)
+    converged = bool(converged and res_final <= tol)   # the residual at the returned point
     m, q, v = state["m"], state["q"], state["v"]
     if exact:      # chi and C at the last evaluation, back in the token basis
         out = aux["prox"]

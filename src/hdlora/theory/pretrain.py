@@ -46,7 +46,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..params import DEFAULT_N_MC, ParamError, Params
+from ..params import DEFAULT_N_MC, ParamError, Params, check_tol
 from . import spectral
 from .effective import delta_eff_of_A0
 from .fixed_point import NonConvergenceWarning, iterate
@@ -244,6 +244,7 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
     if not isinstance(params, Params):
         raise ParamError(f"params must be a hdlora.Params, got {type(params).__name__}")
     method = _check_method(params, method)
+    tol = check_tol(tol)
     if method != "exact" and (isinstance(n_mc, bool) or not isinstance(n_mc, (int, np.integer)) or n_mc < 100):
         raise ParamError(f"n_mc must be an integer >= 100, got {n_mc!r}")
     t0 = time.perf_counter()
@@ -321,18 +322,21 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
         sample_term = float(np.mean(px.replicon))
     try:
         spec, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
+        # converged: the residual measured at the returned point (not at the previous iterate) meets tol
+        residual = max(abs(spec[k] - s) / max(1.0, abs(s)) for k, s in (("Q", Q), ("M", M), ("V", V)))
+        converged = converged and residual <= tol
         r_int = float(spectral.replicon_integral(spec["eta"], spec["eps"], params.kappa0))
         rep = replicon_pretrain(alpha, V, hats["Vhat"], sample_term, r_int)
     except FloatingPointError:        # conjugates left their domain (e.g. V_hat <= 0): no fixed point here
-        spec, rep, converged = {"eta": math.nan, "eps": math.nan}, math.nan, False
+        spec, rep, converged, residual = {"eta": math.nan, "eps": math.nan}, math.nan, False, math.nan
     result = PretrainResult(
         Q=Q, M=M, V=V, Mhat=hats["Mhat"], Qhat=hats["Qhat"], Vhat=hats["Vhat"], eta=spec["eta"], eps=spec["eps"],
         pretrain_train_error=err["pretrain_train_error"], pretrain_test_error=err["pretrain_test_error"],
-        replicon_pretrain=rep, replicon_stable=bool(rep < 1.0), converged=bool(converged), residual=fp.residual,
+        replicon_pretrain=rep, replicon_stable=bool(rep < 1.0), converged=bool(converged), residual=residual,
         iterations=iterations, prox_failures=int(failures), n_mc=n_used, method=method, seed=seed,
         wall_time=time.perf_counter() - t0)
     if warn and not result.converged:
-        warnings.warn(f"pre-training state evolution not converged: residual {fp.residual:.3g} after "
+        warnings.warn(f"pre-training state evolution not converged: residual {residual:.3g} after "
                       f"{iterations} iterations, {failures} prox failures"
                       + (", prox not global" if not_global else ""), NonConvergenceWarning, stacklevel=2)
     if warn and not result.replicon_stable:

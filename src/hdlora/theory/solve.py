@@ -21,7 +21,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from ..params import DEFAULT_N_MC, Params, ParamError
+from ..params import DEFAULT_N_MC, Params, ParamError, check_tol
 from . import effective as _eff
 from .active import active_fields
 from .finetune import FinetuneResult, solve_finetune
@@ -155,6 +155,7 @@ def solve(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, baseline: 
     if isinstance(n_mc, bool) or not isinstance(n_mc, int) or n_mc < 100:
         raise ParamError(f"n_mc must be an integer >= 100, got {n_mc!r}")
     baseline = canonical_baseline(baseline)
+    tol = check_tol(tol)
     params = apply_baseline(params, baseline)
     if isinstance(init, TheoryResult):
         init = init.state
