@@ -118,7 +118,7 @@ def test_lazy_packages_keep_their_names():
     import hdlora.theory as th
     assert callable(sim.run) and not isinstance(sim.run, type(sys))
     assert sim.run.__module__ == "hdlora.simulate.run"
-    assert callable(th.solve) and th.BASELINES == ("frozen", "lora-only")
+    assert callable(th.solve) and th.BASELINES == ("frozen", "lora_only")
     with pytest.raises(AttributeError):
         sim.nothing_here  # noqa: B018
 
