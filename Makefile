@@ -37,7 +37,7 @@ test-cluster: $(STAMP)
 	trap 'scripts/slurm_down.sh $(SLURM_DIR)' EXIT; \
 	scripts/slurm_up.sh $(SLURM_DIR) && \
 	SLURM_CONF=$(SLURM_DIR)/slurm.conf HDLORA_REQUIRE_SLURM=1 \
-	    $(VPY) -m pytest -q -m cluster -s -p no:cacheprovider tests/test_slurm_cluster.py \
+	    $(VPY) -m pytest -q -m cluster -s -p no:cacheprovider tests/experiments/test_slurm_cluster.py \
 	    || { tail -n 40 $(SLURM_DIR)/slurmctld.log $(SLURM_DIR)/slurmd.log 2>/dev/null; exit 1; }
 # the explorer in a real browser: Debian's Chromium (scripts/install_browser.sh) driven by Playwright;
 # skipped with the reason only where Chromium cannot be installed, otherwise it must run and pass.
@@ -49,7 +49,7 @@ $(BROWSER_STAMP): $(STAMP) pyproject.toml
 test-browser: $(BROWSER_STAMP)
 	if bash scripts/install_browser.sh; then export HDLORA_REQUIRE_BROWSER=1; \
 	else echo "test-browser: Chromium could not be installed: the browser test is skipped" >&2; fi; \
-	$(VPY) -m pytest -q -m browser tests/test_explore_browser.py
+	$(VPY) -m pytest -q -m browser tests/explore/test_browser.py
 # the documentation site and the notebooks: the `docs` extra (mkdocs, mkdocstrings, jupytext, nbclient, ipykernel)
 DOCSTAMP := $(VENV)/.installed-docs
 $(DOCSTAMP): $(STAMP) pyproject.toml

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the browser of the explorer's browser test (tests/test_explore_browser.py): Debian's
+# Install the browser of the explorer's browser test (tests/explore/test_browser.py): Debian's
 # Chromium and a font for the screenshot. Idempotent: does nothing when both are installed.
 # Playwright drives this Chromium through executable_path; `playwright install` (which downloads
 # browsers) is never used. Exit status 1, with the reason, when they cannot be installed.

@@ -22,7 +22,7 @@ import pytest
 
 from hdlora.experiments.store import Store
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def _slurm_problem() -> str | None:

@@ -23,7 +23,7 @@ import pytest
 from hdlora import Params
 from hdlora.experiments.store import Store, StoreError
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 NOBODY = 65534
 
 SWEEP = """

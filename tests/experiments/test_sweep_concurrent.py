@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hdlora.experiments.store import Store
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def sweep_file(tmp_path: Path, n: int, sleep: float) -> Path:

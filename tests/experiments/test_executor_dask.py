@@ -16,7 +16,7 @@ import pytest
 
 from hdlora.experiments.store import Store
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 SWEEP = """
 [sweep]

@@ -17,7 +17,7 @@ from hdlora.experiments.store import Store
 from hdlora.experiments.sweep import (SweepError, export, load_sweep, parse_sweep, plan, run_sweep, sweep_dataset,
                                       sweep_frame)
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))  # the test-only task kinds, "_sweep_kinds:<name>"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from hdlora.experiments.store import Store, canonical_json
 from hdlora.experiments.sweep import load_sweep, plan
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 SWEEP = """
 [sweep]
