@@ -44,13 +44,20 @@ GENERATOR_STATE = 5056
 HISTORY = 50
 #: Numbers per token chunk (hdlora.data.TOKEN_CHUNK_NUMBERS) and per pre-training chunk.
 CHUNK_NUMBERS = 1 << 24
-#: Rough rates for the expected time (one CPU thread of this kind of machine; a GPU ~30x).
-CPU_FLOPS = 2.0e9
-GPU_FLOPS = 6.0e10
-RNG_PER_S = 1.0e8          # normal draws per second (torch, float64, one thread)
-#: Usual L-BFGS iterations x evaluations (pre-training, each fine-tuning start).
-PRETRAIN_EVALS = 400
-FINETUNE_EVALS = 80
+#: Rough rates for the expected time, one unloaded CPU thread (a busy shared machine is several
+#: times slower; a GPU ~30x faster): dense float64 matrix products (pre-training, test fields),
+#: float64 token passes of the rank-one fine-tuning (memory bound), normal draws.
+CPU_FLOPS = 2.0e10
+TOKEN_PASS_PER_S = 2.0e8
+RNG_PER_S = 5.0e7
+GPU_SPEEDUP = 30.0
+#: Cost of a float32 token pass relative to float64 (cast per chunk), measured in one run of
+#: benchmarks/bench_simulate.py --storage-dim 1500 (docs/benchmarks/bench_simulate_effective.json):
+#: 4.84 s vs 2.11 s per evaluation; regenerating was 16.1 s (7.6x).
+FLOAT32_PASS_COST = 2.3
+#: Usual L-BFGS evaluations (pre-training; each fine-tuning start).
+PRETRAIN_EVALS = 100
+FINETUNE_EVALS = 50
 #: Fraction of the available memory a run may plan to use (the rest: allocator slack, other processes).
 USABLE_FRACTION = 0.85
 
@@ -255,9 +262,10 @@ def token_bytes(n: int, T: int, D: int, storage: str) -> int:
 def choose_token_storage(n: int, T: int, D: int, device: Any = "cpu", requested: str = "auto",
                          available: int | None = None) -> str:
     """The token storage of an effective-mode fine-tuning set: ``requested`` unless 'auto'; then
-    float64 when it fits half of the memory available, else float32 when that fits, else
-    regenerate (measured: float32 is faster per L-BFGS iteration than regenerating, see
-    docs/benchmarks/bench_simulate.json)."""
+    float64 when it takes at most half of the memory available, else float32 when it takes at
+    most 70 %, else regenerate. Measured at D = 1500, alpha' = 10 in one run (one thread, busy
+    machine): 2.1 s (float64), 4.8 s (float32) and 16.1 s (regenerate) per loss/gradient
+    evaluation, so the order is float64, float32, regenerate."""
     from .data import TOKEN_STORAGE
 
     if requested != "auto":
@@ -267,9 +275,10 @@ def choose_token_storage(n: int, T: int, D: int, device: Any = "cpu", requested:
     if available is None:
         got = gpu_memory(str(device)) if _is_cuda(device) else None
         available = (got or available_memory())[0]
-    for storage in ("float64", "float32"):
-        if token_bytes(n, T, D, storage) <= 0.5 * available:
-            return storage
+    if token_bytes(n, T, D, "float64") <= 0.5 * available:
+        return "float64"
+    if token_bytes(n, T, D, "float32") <= 0.7 * available:
+        return "float32"
     return "regenerate"
 
 
@@ -300,6 +309,10 @@ def simulate_estimate(params: Params, dim: int, *, seeds: int = 1, device: str =
     ft_evals = FINETUNE_EVALS * (int(restarts) + (1 if informed_start else 0)) * (0 if math.isinf(params.lam_ft) else 1)
     pool = params.active_pool is not None
     Npool = s.get("N_pool", Nf)
+    sets = 2 if pool else 1                      # active: the selected and the uniform set are fine-tuned
+    storage = "float64"
+    if effective:
+        width = 0                                # no pre-trained weights: z is drawn from Q
     if not effective:
         pre_data = F64 * (N * T * D + 4 * N * T2)
         c = min(N, max(1, CHUNK_NUMBERS // (T * max(width, 1))))
@@ -316,10 +329,11 @@ def simulate_estimate(params: Params, dim: int, *, seeds: int = 1, device: str =
         parts.update({"pre-training set": pre_data, "pre-training chunks": pre_work, "L-BFGS state": lbfgs,
                       "weights": weights, "fine-tuning set": ft_data})
         if pretrained:
-            flops += PRETRAIN_EVALS * 6.0 * N * T * D * width
+            flops += PRETRAIN_EVALS * 4.0 * N * T * D * width
         flops += 2.0 * N * T * D * (P0 + 1)            # targets and Gram matrices
         if pool:
             flops += 2.0 * Npool * T * D * (width + 1)
+            rng += Npool * T * D
     else:
         storage = token_storage
         if storage == "auto":
@@ -329,32 +343,37 @@ def simulate_estimate(params: Params, dim: int, *, seeds: int = 1, device: str =
                 room = (got or available_memory())[0]
             storage = choose_token_storage(Nf, T, D, device, "auto", available=room)
         choices["token_storage"] = storage
-        fields = F64 * 10 * Nf * T2 * (2 if pool else 1)
+        fields = F64 * 10 * Nf * T2 * sets
         parts.update({"fine-tuning tokens": token_bytes(Nf, T, D, storage), "fine-tuning fields": fields})
         if pool:
             parts["pool fields"] = F64 * 8 * min(Npool, 1 << 16) * T2 + F64 * 6 * Nf * T2
-        if storage == "regenerate":
-            rng += (ft_evals * (2 if pool else 1) + 1) * Nf * T * D
+            rng += 2 * Npool * T2
     cf = token_chunk(T, D)
     parts["fine-tuning chunks"] = F64 * (3 * min(Nf, cf) * T * D + 12 * min(Nf, cf) * T2) \
-        if (effective and choices.get("token_storage") != "float64") else F64 * 12 * min(Nf, cf) * T2
+        if storage != "float64" else F64 * 12 * min(Nf, cf) * T2
     parts["fine-tuning L-BFGS state"] = F64 * (2 * HISTORY + 8) * D
     sub = token_chunk(T, max(D, width))
-    parts["test chunks"] = F64 * (2 * min(4096, n_test) * 0 + min(n_test, sub) * T * (D + 2 * width)
-                                  + 16 * min(4096, n_test) * T2)
-    flops += ft_evals * (2 if pool else 1) * 6.0 * Nf * T * D
-    flops += 2 * n_test * 2.0 * T * D * (P0 + width + 4) * (2 if pool else 1)
+    parts["test chunks"] = F64 * (min(n_test, sub) * T * (D + 2 * width) + 16 * min(4096, n_test) * T2)
+    # time: token passes of the fine-tuning evaluations (+ redraws), dense products, draws
+    passes = ft_evals * sets * Nf * T * D
+    token_s = passes / TOKEN_PASS_PER_S * (FLOAT32_PASS_COST if storage == "float32" else 1.0)
+    if storage == "regenerate":
+        rng += passes
+    flops += 2 * n_test * 2.0 * T * D * (P0 + width + 4) * sets
     rng += 2 * n_test * T * D + (N + Nf) * T * D
-    rate = GPU_FLOPS if _is_cuda(device) else CPU_FLOPS
-    seconds = n_seeds * (flops / rate + rng / (RNG_PER_S * (30 if _is_cuda(device) else 1)))
+    speed = GPU_SPEEDUP if _is_cuda(device) else 1.0
+    seconds = n_seeds * (flops / CPU_FLOPS + token_s + rng / RNG_PER_S) / speed
     mode = "effective" if effective else "full"
     what = f"simulate D = {D}, T = {T}, N = {N if not effective else 0}, N' = {Nf} ({mode}, {n_seeds} seed(s))"
     return Estimate(what, {k: int(v) for k, v in parts.items()}, str(device), seconds, choices)
 
 
-#: Per Monte-Carlo sample and per entry of T x T, the numbers the state evolutions hold at their
-#: peak (calibrated on this code: peak RSS minus the interpreter's base, softmax and linear).
-THEORY_NUMBERS_PER_SAMPLE_ENTRY = 40
+#: Numbers per Monte-Carlo sample the state evolutions hold at their peak: a T^2 + b T^3 (softmax:
+#: its T x T x T Jacobians) and a T^2 (linear). Calibrated on this code (peak RSS above the
+#: interpreter's base, measured with os.wait4 on a subprocess): softmax 61 x T^2 at T = 3 (n_mc = 2e5)
+#: and 78 x T^2 at T = 5 (n_mc = 5e4); linear 22 x T^2 at T = 3 and 19 x T^2 at T = 5 (n_mc = 1e5).
+THEORY_SOFTMAX_T2, THEORY_SOFTMAX_T3 = 40, 10
+THEORY_LINEAR_T2 = 25
 THEORY_SECONDS_PER_SAMPLE_ENTRY = 2.0e-7     # per fixed-point iteration, softmax
 THEORY_ITERATIONS = 60
 
@@ -374,10 +393,11 @@ def theory_estimate(params: Params, n_mc: int, *, bayes_optimal: bool = False, s
     if params.active_pool is not None:
         rho = params.alpha_ft / params.active_pool if params.active_pool > 0 else 1.0
         n = n_mc + int(math.ceil(n_mc / max(rho, 1e-12)))
-    parts = {"Monte-Carlo samples": F64 * THEORY_NUMBERS_PER_SAMPLE_ENTRY * n * T2}
-    if bayes_optimal:
-        parts["Bayes-optimal samples"] = F64 * THEORY_NUMBERS_PER_SAMPLE_ENTRY * 20000 * T2
     linear = params.activation == "linear"
+    per_sample = THEORY_LINEAR_T2 * T2 if linear else THEORY_SOFTMAX_T2 * T2 + THEORY_SOFTMAX_T3 * T2 * T
+    parts = {"Monte-Carlo samples": F64 * per_sample * n}
+    if bayes_optimal:
+        parts["Bayes-optimal samples"] = F64 * per_sample * 20000
     per_iter = n * T2 * THEORY_SECONDS_PER_SAMPLE_ENTRY * (0.1 if linear else 1.0)
     seconds = solves * THEORY_ITERATIONS * per_iter
     return Estimate(f"{what} n_mc = {n_mc}, T = {T}", parts, "cpu", seconds)
@@ -507,3 +527,153 @@ def gate(est: Estimate, *, dry_run: bool, json_out: bool = False, check=None, ex
     if check is not None:
         check()
     return None
+
+
+# --------------------------------------------------------------------------- CLI hooks (one call each)
+def simulate_gate(args, params: Params, effective) -> int | None:
+    """``hdlora simulate``: estimate, then ``--dry-run`` (print, exit 0) or refuse when it does not fit."""
+    if isinstance(args.seeds, bool) or not isinstance(args.seeds, int) or args.seeds < 1:
+        raise ParamError(f"--seeds must be an integer >= 1, got {args.seeds!r}")
+    if isinstance(args.restarts, bool) or not isinstance(args.restarts, int) or args.restarts < 0:
+        raise ParamError(f"--restarts must be an integer >= 0, got {args.restarts!r}")
+    device = str(args.device)
+    if device == "auto":
+        device = "cuda" if _cuda_present() else "cpu"
+    kw = dict(seeds=args.seeds, device=device, effective=effective is not None, restarts=args.restarts,
+              reduce_width=bool(getattr(args, "reduce_width", False)))
+    est = simulate_estimate(params, args.dim, **kw)
+    return gate(est, dry_run=bool(getattr(args, "dry_run", False)), json_out=bool(getattr(args, "json", False)),
+                check=lambda: check_simulate(params, args.dim, **kw))
+
+
+def _cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def theory_gate(args, params: Params) -> int | None:
+    """``hdlora theory``: estimate, then ``--dry-run`` (print, exit 0) or refuse when it does not fit."""
+    kw = dict(bayes_optimal=bool(getattr(args, "bayes_optimal", False)))
+    est = theory_estimate(params, args.n_mc, **kw)
+    return gate(est, dry_run=bool(getattr(args, "dry_run", False)), json_out=bool(getattr(args, "json", False)),
+                check=lambda: check_theory(params, args.n_mc, **kw))
+
+
+def optimize_gate(args, params: Params) -> int | None:
+    """``hdlora optimize``: one solve's memory, ``--max-solves`` solves' time."""
+    solves = max(1, int(args.max_solves)) if isinstance(args.max_solves, int) else 1
+    est = theory_estimate(params, args.n_mc, solves=solves, what="optimize")
+    return gate(est, dry_run=bool(getattr(args, "dry_run", False)), json_out=bool(getattr(args, "json", False)),
+                check=lambda: check_theory(params, args.n_mc, solves=solves, what="optimize"))
+
+
+# --------------------------------------------------------------------------- plans (sweeps, figures)
+@dataclass(frozen=True)
+class PlanEstimate:
+    """Estimates of a list of tasks: the largest one (memory), the total time, and the tasks not judged."""
+
+    n_tasks: int
+    largest: Estimate | None
+    seconds: float
+    unknown: int
+
+    def to_dict(self) -> dict:
+        return {"tasks": self.n_tasks, "largest_task": self.largest.to_dict() if self.largest else None,
+                "seconds": self.seconds, "time": fmt_seconds(self.seconds), "tasks_not_estimated": self.unknown}
+
+
+def plan_estimate(tasks) -> PlanEstimate:
+    """``tasks``: objects with ``kind``, ``params``, ``options`` (:class:`hdlora.experiments.sweep.Task`)."""
+    largest, seconds, unknown, n = None, 0.0, 0, 0
+    for t in tasks:
+        n += 1
+        est = task_estimate(t.kind, t.params, t.options)
+        if est is None:
+            unknown += 1
+            continue
+        seconds += est.seconds
+        if largest is None or est.bytes > largest.bytes:
+            largest = est
+    return PlanEstimate(n, largest, seconds, unknown)
+
+
+def _figure_tasks(fig) -> list:
+    from .experiments.sweep import plan
+
+    return [t for s in fig.sweeps for c in plan(s).chains for t in c]
+
+
+def figure_gate(args, fig, mode: str) -> int | None:
+    """``hdlora figure``: ``--dry-run`` prints the plan and the estimates (exit 0); otherwise refuse
+    (one line) when the largest task does not fit, else say on stderr what the run will take."""
+    import sys
+
+    tasks = _figure_tasks(fig)
+    pe = plan_estimate(tasks)
+    limit, source = available_memory()
+    ok = pe.largest is None or fits(pe.largest, limit_for(pe.largest)[0])
+    if getattr(args, "dry_run", False):
+        import json
+
+        from .experiments.sweep import plan
+
+        d = {"figure": fig.number, "mode": mode,
+             "settings": {"dim": fig.settings.dim, "seeds": fig.settings.seeds, "n_mc": fig.settings.n_mc},
+             "sweeps": {s.name: {"grid": dict(zip(s.axis_names, s.shape)),
+                                 "tasks": sum(len(c) for c in plan(s).chains)} for s in fig.sweeps}}
+        d.update(pe.to_dict())
+        d.update({"available": limit, "available_from": source, "fits": ok,
+                  "note": "time: serial, rough (order of magnitude); memory: the largest task (x workers in a pool)"})
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    if not ok:
+        est = pe.largest
+        lim, src = limit_for(est)
+        hints = ["--quick"]
+        if not _is_cuda(est.device):
+            hints.append("a GPU (sweep option device = \"cuda\")")
+        dmax = _largest_figure_dim(fig, mode, lim)
+        if dmax is not None:
+            hints.append(f"a smaller --dim (<= {dmax} fits)")
+        raise ResourceError(f"figure {fig.number}: largest task: " + refuse_message(est, lim, src, ", ".join(hints))
+                            .replace("expected time", f"whole figure ({pe.n_tasks} tasks, serial) ~{fmt_seconds(pe.seconds)}; that task", 1))
+    if pe.largest is not None:
+        print(f"figure {fig.number}: {pe.n_tasks} tasks, largest ~{fmt_bytes(pe.largest.bytes)} of "
+              f"{fmt_bytes(limit)} available ({pe.largest.what}"
+              + "".join(f", {k} {v}" for k, v in pe.largest.choices.items())
+              + f"), expected ~{fmt_seconds(pe.seconds)} of work (rough)", file=sys.stderr)
+    return None
+
+
+def _largest_figure_dim(fig, mode: str, limit: int) -> int | None:
+    from .experiments.figures import build_figure
+
+    def make(d):
+        f = build_figure(fig.number, mode=mode, out=fig.out, dim=d, seeds=fig.settings.seeds, n_mc=fig.settings.n_mc)
+        pe = plan_estimate(_figure_tasks(f))
+        return pe.largest or Estimate("", {})
+
+    return largest_fitting(make, 2, max(2, fig.settings.dim - 1), limit)
+
+
+# --------------------------------------------------------------------------- pool size
+#: Seconds a local process pool costs before its first result (spawned workers import torch).
+POOL_STARTUP_S = 7.0
+
+
+def choose_serial(tasks, workers: int | None) -> tuple[bool, str]:
+    """Run a sweep in this process instead of a pool? Only when ``workers`` was not given and the
+    work is small: one task, or an estimated total under 3 x the pool start-up (7 s), every task
+    estimated.  Returns ``(serial, one line saying what was chosen and why)``."""
+    tasks = list(tasks)
+    if workers is not None:
+        return workers == 1, f"executor: {'serial' if workers == 1 else f'local pool of {workers}'} (--workers)"
+    pe = plan_estimate(tasks)
+    if pe.n_tasks <= 1:
+        return True, f"executor: serial ({pe.n_tasks} task to run: a pool would only add its start-up)"
+    if pe.unknown == 0 and pe.seconds < 3 * POOL_STARTUP_S:
+        return True, (f"executor: serial ({pe.n_tasks} tasks, ~{fmt_seconds(pe.seconds)} of work estimated: less "
+                      f"than a process pool's start-up of ~{POOL_STARTUP_S:g} s would save; --workers N to force a pool)")
+    return False, (f"executor: local pool ({pe.n_tasks} tasks, ~{fmt_seconds(pe.seconds)} of work estimated"
+                   + (f", {pe.unknown} not estimated" if pe.unknown else "") + ")")

@@ -169,10 +169,24 @@ class DaskExecutor:
         self._client.close()
 
 
-def make_executor(workers: int | None = None, scheduler: str | None = None):
-    """``scheduler`` given: Dask; ``workers == 1``: serial in this process; else a local pool."""
+def make_executor(workers: int | None = None, scheduler: str | None = None, tasks: Iterable[Any] | None = None):
+    """``scheduler`` given: Dask; ``workers == 1``: serial in this process; else a local pool.
+
+    With ``workers`` None and the ``tasks`` to run given, a small plan (one task, or less
+    estimated work than a pool's start-up would save, :func:`hdlora.resources.choose_serial`)
+    runs serially; the choice is said in one line on stderr.
+    """
     if scheduler:
         return DaskExecutor(scheduler)
+    if workers is None and tasks is not None:
+        import sys
+
+        from ..resources import choose_serial
+
+        serial, why = choose_serial(tasks, None)
+        print(why, file=sys.stderr)
+        if serial:
+            return SerialExecutor()
     if workers == 1:
         return SerialExecutor()
     return LocalPool(workers)

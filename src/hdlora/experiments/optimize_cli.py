@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-grid", type=int, default=None, help="coarse-grid points per dimension (default 7/5/4)")
     g.add_argument("--records", action="store_true", help="table output: list every solve")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory / time estimate (and whether it fits) and stop; nothing is allocated")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     over = _over(args.over)
     bounds = parse_bounds(args.bounds)
     params = params_from_args(args, beta=args.beta, active_pool=args.active_pool)
+    from ..resources import optimize_gate
+    if (rc := optimize_gate(args, params)) is not None:
+        return rc
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = optimize(params, args.target, over, bounds=bounds, n_mc=args.n_mc, seed=args.seed, tol=args.tol,

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bayes-optimal", action="store_true", help="add the Bayes-optimal benchmarks (App. B)")
     g.add_argument("--tol", type=float, default=1e-7, help="fixed-point tolerance")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory / time estimate (and whether it fits) and stop; nothing is allocated")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     params = params_from_args(args, beta=1.0 if optimal else args.beta, active_pool=args.active_pool)
     if args.n_mc < 100:
         raise ParamError(f"--n-mc must be >= 100, got {args.n_mc}")
+    from ..resources import theory_gate
+    if (rc := theory_gate(args, params)) is not None:
+        return rc
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
