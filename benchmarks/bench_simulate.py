@@ -60,6 +60,8 @@ elif cfg["mode"] == "effective":  # effective pre-training fine-tuning set + a f
     if cfg["device"].startswith("cuda"):
         torch.cuda.synchronize()
     out["data_seconds"] = time.perf_counter() - t0
+    out["peak_rss_GiB_after_data"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(out), file=sys.stderr, flush=True)    # partial record, kept if the case times out
     from hdlora.data import token_chunk
     vg = finetune_value_and_grad(ft, activations.get(p.activation), p.lam_ft, "sequence", token_chunk(T, D))
     vg(teacher.w_star)   # warm-up evaluation (not timed)
@@ -102,7 +104,15 @@ FIG2_LAW = {"Q0": 1.5, "Q": 1.5, "M": 1.0}     # Q = Q0 = 1 + kappa0, M = 1 (Fig
 
 
 def _case(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True,
+                              timeout=cfg.get("timeout"))
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        partial = [ln for ln in err.splitlines() if ln.startswith("{")]
+        rec = json.loads(partial[-1]) if partial else {"case": cfg["case"], "dim": cfg["dim"]}
+        rec["timed_out_after_s"] = cfg.get("timeout")
+        return rec
     if proc.returncode != 0:
         return {"case": cfg["case"], "dim": cfg["dim"], "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -123,10 +133,13 @@ def main(argv=None) -> int:
                     help="effective mode, alpha' = 10, T = 3 at this D (the paper's 10000) with the automatic token "
                          "storage: peak memory and seconds per L-BFGS iteration on CPU (and CUDA when present); 0: skip")
     ap.add_argument("--iters", type=int, default=3, help="L-BFGS iterations timed in the effective cases")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds per effective case; on timeout the partial record (data set built, peak RSS) is kept")
     args = ap.parse_args(argv)
     import torch
     results = []
-    eff = dict(mode="effective", params=FIG2_EFF, effective=FIG2_LAW, iters=args.iters, threads=args.threads)
+    eff = dict(mode="effective", params=FIG2_EFF, effective=FIG2_LAW, iters=args.iters, threads=args.threads,
+               timeout=args.timeout)
     if args.storage_dim:
         for storage in ("float64", "float32", "regenerate"):
             results.append(_case(dict(eff, case="effective_storage", dim=args.storage_dim, device="cpu",

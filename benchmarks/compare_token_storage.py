@@ -1,3 +1,13 @@
+"""Old vs new simulator results at small D (the numbers in docs/benchmarks/token_storage_old_vs_new.json).
+
+Prints one JSON object: E', E'', E, o_w, q, m, iterations and objective of run_seed for seeds 0..3 in
+the effective mode (alpha' = 10, T = 3, softmax, Delta = 2, kappa0 = 0.5) at D = 150 and 300, and
+(float64 / default only) the Fig. 1 full pipeline at D = 150.
+
+Usage (one process per variant, compare the outputs):
+    PYTHONPATH=<checkout of the old commit>/src python benchmarks/compare_token_storage.py > old.json
+    python benchmarks/compare_token_storage.py [float64|float32|regenerate] > new.json
+"""
 import json, sys, torch, warnings
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")

@@ -285,3 +285,15 @@ def test_peak_memory_within_estimate(case):
     assert peak <= 1.2 * est + base, (case, peak - base, est)
     # and the estimate is not a blanket over-estimate
     assert est <= max(5 * (peak - base), 300 * 2 ** 20), (case, peak - base, est)
+
+
+# ----- benchmarks/bench_gpu.py where no GPU is present ---------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the script would run its checks")
+def test_bench_gpu_says_no_gpu_and_exits_0(tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    env = dict(os.environ, OUT=str(tmp_path))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and "no GPU present" in p.stdout and p.stderr == ""
+    assert list(tmp_path.iterdir()) == []

@@ -58,6 +58,10 @@ FLOAT32_PASS_COST = 2.3
 #: Usual L-BFGS evaluations (pre-training; each fine-tuning start).
 PRETRAIN_EVALS = 100
 FINETUNE_EVALS = 50
+#: Resident memory torch adds on its first computations (kernels, autograd engine, thread pools,
+#: allocator caches) beyond importing it: measured 138 MiB on a D = 10 simulation (peak RSS of a
+#: subprocess minus that of one importing the same modules).
+TORCH_RUNTIME = 140 * 2 ** 20
 #: Fraction of the available memory a run may plan to use (the rest: allocator slack, other processes).
 USABLE_FRACTION = 0.85
 
@@ -302,7 +306,7 @@ def simulate_estimate(params: Params, dim: int, *, seeds: int = 1, device: str =
         width = D
     pretrained = not effective and not math.isinf(lam)
     n_test = 10 * D if n_test is None else int(n_test)
-    parts: dict[str, float] = {"teacher": F64 * (D * P0 + D)}
+    parts: dict[str, float] = {"torch runtime": 0 if _is_cuda(device) else TORCH_RUNTIME, "teacher": F64 * (D * P0 + D)}
     choices: dict[str, Any] = {}
     flops = 0.0
     rng = 0.0
@@ -316,7 +320,7 @@ def simulate_estimate(params: Params, dim: int, *, seeds: int = 1, device: str =
     if not effective:
         pre_data = F64 * (N * T * D + 4 * N * T2)
         c = min(N, max(1, CHUNK_NUMBERS // (T * max(width, 1))))
-        pre_work = F64 * 4 * c * T * width if pretrained else F64 * min(N, token_chunk(T, D)) * T2 * 4
+        pre_work = F64 * 6 * c * T * width if pretrained else F64 * min(N, token_chunk(T, D)) * T2 * 4
         lbfgs = F64 * (2 * HISTORY + 6) * D * width if pretrained else 0
         weights = F64 * D * width if pretrained else 0
         if pool:
