@@ -45,6 +45,7 @@ REFUSED = [
     ["simulate", "--kappa", "1e6"],
     ["theory", "--tokens", "100000"],
     ["theory", "--n-mc", "1000000000"],
+    ["theory", "--n-mc", "1e9"],
 ]
 
 
@@ -297,3 +298,16 @@ def test_bench_gpu_says_no_gpu_and_exits_0(tmp_path):
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0 and "no GPU present" in p.stdout and p.stderr == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_library_run_refuses_before_allocating(monkeypatch):
+    """Sweeps call hdlora.simulate.run directly: the same one-line refusal (stored as the task's error)."""
+    from hdlora import simulate
+
+    monkeypatch.setenv("HDLORA_MEMORY_LIMIT", "1GiB")
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("hdlora.simulate.run"), "run_seed",
+                        lambda *a, **k: pytest.fail("allocated"))
+    with pytest.raises(ResourceError, match="way out"):
+        simulate.run(Params(), 2000, 1)

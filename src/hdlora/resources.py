@@ -112,6 +112,23 @@ def parse_bytes(text: str) -> int:
     return int(v)
 
 
+def parse_count(text: str) -> int:
+    """A sample count from the command line: an integer, also written as 1e9 or 3e4 (argparse type)."""
+    import argparse
+
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer count such as 30000 or 3e4, got {text!r}") from None
+    if not math.isfinite(v) or v != int(v):
+        raise argparse.ArgumentTypeError(f"expected an integer count such as 30000 or 3e4, got {text!r}")
+    return int(v)
+
+
 # --------------------------------------------------------------------------- memory available
 def _read(path: str) -> str | None:
     try:

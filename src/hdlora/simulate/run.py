@@ -406,6 +406,10 @@ def run(params: Params, dim: int, seeds: int | Sequence[int] = 4, *, device: str
     if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 0:
         raise ParamError(f"restarts must be an integer >= 0, got {restarts!r}")
     dev = resolve_device(device)
+    from ..resources import check_simulate   # refuse (one line) before allocating what cannot fit
+    check_simulate(params, dim, seeds=len(seed_list), device=str(dev), effective=effective is not None,
+                   restarts=int(restarts), reduce_width=bool(kwargs.get("reduce_width", False)),
+                   n_test=kwargs.get("n_test"), token_storage=kwargs.get("token_storage", "auto"))
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -22,7 +22,8 @@ def _beta(text: str):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_param_arguments(p)
     g = p.add_argument_group("theory")
-    g.add_argument("--n-mc", type=int, default=30000, help="Monte-Carlo samples per expectation (default 3e4)")
+    from ..resources import parse_count
+    g.add_argument("--n-mc", type=parse_count, default=30000, help="Monte-Carlo samples per expectation (default 3e4)")
     g.add_argument("--seed", type=int, default=0, help="seed of the fixed Monte-Carlo samples")
     g.add_argument("--baseline", choices=BASELINES, default=None,
                    help="frozen: lambda' = inf (w_hat = 0); lora-only: lambda = inf (W_hat = 0)")
