@@ -288,12 +288,124 @@ def effective_fields(n: int, T: int, eff: Effective, Delta: float, g: torch.Gene
 
 
 def effective_finetune_dataset(n_ft: int, T: int, Delta: float, eff: Effective, teacher: Teacher,
-                               seed: int, device="cpu", stream: str = "effective_train") -> Dataset:
+                               seed: int, device="cpu", stream: str = "effective_train",
+                               storage: str = "float64") -> Dataset:
     """Fine-tuning set of the effective mode: (z*, z) ~ Q, real tokens for chi*, chi.
 
     ``xi`` is not separately defined here (it is inside z*): it is stored as zeros.
+    ``storage`` is how the N' x T x D tokens are kept (:data:`TOKEN_STORAGE`): ``float64`` (a
+    tensor, as always), ``float32`` or ``regenerate`` (a :class:`Tokens`); the draws are the same
+    in all three, and G and z*' are computed from the float64 draws.
     """
     g = generator(seed, stream, device)
     z_star, z = effective_fields(n_ft, T, eff, Delta, g, device)
-    X = draw_tokens(n_ft, T, teacher.D, g, device)
-    return Dataset(X, torch.zeros_like(z), finetune_target(X, z_star, teacher), gram(X), z_frozen=z)
+    X, G, chi_field = tokens_with_fields(n_ft, T, teacher.D, g, device, storage, teacher.w_star)
+    return Dataset(X, torch.zeros_like(z), z_star + chi_field, G, z_frozen=z)
+
+
+# --------------------------------------------------------------------------- token storage
+#: How the tokens of a large (effective-mode) fine-tuning set are kept: ``float64`` (one tensor),
+#: ``float32`` (one tensor of half the size, each chunk cast back to float64 when used) or
+#: ``regenerate`` (no tokens kept: each chunk is drawn again from the generator state saved at
+#: its start, bit-identical to the first draw; memory O(chunk)).
+TOKEN_STORAGE = ("float64", "float32", "regenerate")
+
+#: Numbers per token chunk (2^24 float64 = 128 MiB): the sequences per chunk of the token passes.
+TOKEN_CHUNK_NUMBERS = 1 << 24
+
+
+def token_chunk(T: int, D: int, cap: int = 1 << 16) -> int:
+    """Sequences per token chunk: ``min(cap, 2^24 // (T D))`` rounded down to a multiple of 16, at least 16.
+
+    A multiple of 16 sequences holds a multiple of 16 numbers, and torch's CPU ``randn`` fills
+    blocks of 16: drawing n sequences chunk by chunk then gives the same numbers as one draw
+    (checked by a test), so chunked storage changes no draw.
+    """
+    c = min(cap, TOKEN_CHUNK_NUMBERS // max(1, T * D))
+    return max(16, c - c % 16)
+
+
+class Tokens:
+    """Tokens X (n, T, D) drawn chunk by chunk from one generator, kept as ``float32`` or regenerated.
+
+    On CPU the chunked draws equal one draw of all n sequences (see :func:`token_chunk`).
+
+    Quacks like the float64 tensor it replaces where the simulator uses it: ``shape``, ``dtype``
+    (float64), ``device`` and slicing ``X[a:b]`` (a float64 tensor of those rows).  For
+    ``regenerate`` the generator state at the start of each chunk of ``chunk`` sequences is
+    saved (a few kB each) and the chunk is redrawn on demand: the same numbers as the first
+    draw, so the results equal those of float64 storage bit for bit; slices aligned with the
+    chunks (the simulator's passes use the same ``chunk``) redraw each chunk once.
+    """
+
+    def __init__(self, n: int, T: int, D: int, device, storage: str, chunk: int,
+                 data: torch.Tensor | None = None, states: list | None = None) -> None:
+        self.shape = torch.Size((n, T, D))
+        self.dtype = DTYPE
+        self.device = torch.device(device)
+        self.storage = storage
+        self.chunk = int(chunk)
+        self._data = data
+        self._states = states
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the float32 tensor, or the saved generator states)."""
+        if self._data is not None:
+            return self._data.numel() * self._data.element_size()
+        return sum(s.numel() * s.element_size() for s in self._states or ())
+
+    def _block(self, k: int) -> torch.Tensor:
+        n, T, D = self.shape
+        g = torch.Generator(device=self.device)
+        g.set_state(self._states[k])
+        rows = min(n, (k + 1) * self.chunk) - k * self.chunk
+        return draw_tokens(rows, T, D, g, self.device)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError(f"Tokens ({self.storage}) support contiguous slices only, got {index!r}")
+        start, stop, _ = index.indices(self.shape[0])
+        if self._data is not None:
+            return self._data[start:stop].to(DTYPE)
+        if stop <= start:
+            return torch.empty(0, *self.shape[1:], dtype=DTYPE, device=self.device)
+        k0, k1 = start // self.chunk, (stop - 1) // self.chunk
+        parts = [self._block(k) for k in range(k0, k1 + 1)]
+        X = parts[0] if len(parts) == 1 else torch.cat(parts)
+        off = k0 * self.chunk
+        return X[start - off:stop - off]
+
+
+def tokens_with_fields(n: int, T: int, D: int, g: torch.Generator, device, storage: str,
+                       w_star: torch.Tensor):
+    """Draw tokens X (n, T, D) from ``g`` and return ``(X, G, chi* chi*^T - (||w*||^2/D) I)``.
+
+    ``storage='float64'``: one draw, exactly as :func:`draw_tokens` (X a tensor).  Otherwise the
+    draw is made chunk by chunk of :func:`token_chunk` sequences (on CPU the same numbers as one
+    draw), G and the rank-one target field are computed from each
+    float64 chunk, and X is a :class:`Tokens` holding float32 copies or only the generator
+    states.  Peak memory beyond the kept tokens: one chunk.
+    """
+    if storage not in TOKEN_STORAGE:
+        raise ParamError(f"token storage must be one of {TOKEN_STORAGE}, got {storage!r}")
+    if storage == "float64":
+        X = draw_tokens(n, T, D, g, device)
+        return X, gram(X), rank_one_field(X, w_star)[1]
+    chunk = token_chunk(T, D)
+    G = torch.empty(n, T, T, dtype=DTYPE, device=device)
+    field = torch.empty(n, T, T, dtype=DTYPE, device=device)
+    data = torch.empty(n, T, D, dtype=torch.float32, device=device) if storage == "float32" else None
+    states = [] if storage == "regenerate" else None
+    for sl in _chunks(n, chunk):
+        if states is not None:
+            states.append(g.get_state())
+        Xc = draw_tokens(sl.stop - sl.start, T, D, g, device)
+        G[sl] = gram(Xc)
+        field[sl] = rank_one_field(Xc, w_star)[1]
+        if data is not None:
+            data[sl] = Xc.to(torch.float32)
+    return Tokens(n, T, D, device, storage, chunk, data, states), G, field

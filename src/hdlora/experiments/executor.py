@@ -169,16 +169,28 @@ class DaskExecutor:
         self._client.close()
 
 
-def make_executor(workers: int | None = None, scheduler: str | None = None):
+def make_executor(workers: int | None = None, scheduler: Any = None, tasks: Iterable[Any] | None = None):
     """``scheduler`` given: Dask; ``workers == 1``: serial in this process; else a local pool.
 
     ``scheduler`` is a ``tcp://HOST:PORT`` address, or an object that starts a cluster and
     returns its executor (:class:`hdlora.experiments.slurm.SlurmCluster`, ``--cluster slurm``).
+    With ``workers`` None and the ``tasks`` to run given, a small plan (one task, or less
+    estimated work than a pool's start-up would save, :func:`hdlora.resources.choose_serial`)
+    runs serially; the choice is said in one line on stderr.
     """
     if scheduler is not None and not isinstance(scheduler, str):
         return scheduler.executor()
     if scheduler:
         return DaskExecutor(scheduler)
+    if workers is None and tasks is not None:
+        import sys
+
+        from ..resources import choose_serial
+
+        serial, why = choose_serial(tasks, None)
+        print(why, file=sys.stderr)
+        if serial:
+            return SerialExecutor()
     if workers == 1:
         return SerialExecutor()
     return LocalPool(workers)

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", action="store_true", help="validate and print the sweeps and task counts; run nothing")
     p.add_argument("--plot-only", action="store_true", help="draw from what is stored; compute nothing")
     p.add_argument("--no-progress", "-q", "--quiet", dest="no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan with the memory / time estimates (largest task, total) and stop")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
                                        "tasks": sum(len(c) for c in plan(s).chains)} for s in fig.sweeps}}
         print(dumps(summary))
         return 0
+    if not args.plot_only:
+        from hdlora.resources import figure_gate
+        if (rc := figure_gate(args, fig, mode)) is not None:
+            return rc
     if args.plot_only and not fig.database.exists():
         return fail(f"--plot-only: no results database {fig.database} yet; run without --plot-only first")
     from .store import StoreError

@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--records", action="store_true", help="table output: list every solve")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (progress and warnings still go to stderr)")
-    g.add_argument("--dry-run", action="store_true", help="validate the parameters, solve nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory / time estimate (and whether it fits) and stop; nothing is allocated")
     add_common_arguments(p)
 
 
@@ -78,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     over = _over(args.over)
     bounds = parse_bounds(args.bounds)
     params = params_from_args(args, beta=args.beta, active_pool=args.active_pool)
+    from ..resources import optimize_gate
+    if (rc := optimize_gate(args, params)) is not None:
+        return rc
     bar = None
     if not args.quiet:
         from ..progress import bar as progress_bar

@@ -486,7 +486,7 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
     bar = None
     try:
         if n_todo:
-            executor = executor or make_executor(workers, scheduler)
+            executor = executor or make_executor(workers, scheduler, tasks=[t for t in distinct if needs(t)])
         desc = executor.description if executor is not None else "nothing to do"
         store.start_run(run_id, sweep=spec.name, source=spec.source, executor=desc, n_tasks=len(distinct))
         if progress:

@@ -32,7 +32,8 @@ from typing import Iterable, Iterator
 import torch
 
 from ..data import (DTYPE, Dataset, Effective, Teacher, _chunks, draw_noise, draw_tokens, effective_fields,
-                    finetune_target, generator, gram, pretrain_target, quadratic_field)
+                    finetune_target, generator, gram, pretrain_target, quadratic_field,
+                    tokens_with_fields)
 from ..params import ParamError
 
 
@@ -122,11 +123,13 @@ def _check_sizes(n_pool: int, n_keep: int) -> None:
 
 
 def effective_pool(n_pool: int, n_keep: int, T: int, eff: Effective, Delta: float, beta: float, sigma,
-                   teacher: Teacher, seed: int, device="cpu", chunk: int = 1 << 16) -> PoolSelection:
+                   teacher: Teacher, seed: int, device="cpu", chunk: int = 1 << 16,
+                   storage: str = "float64") -> PoolSelection:
     """Algorithm 1 on an effective pre-training: pool of (z*, z) ~ Q (eq. 13), scored on beta z.
 
     Only the fields of the pool are drawn (chunked, stream ``pool``); the tokens of the
-    labelled sequences are drawn afterwards (stream ``pool_tokens``, shared by both sets).
+    labelled sequences are drawn afterwards (stream ``pool_tokens``, shared by both sets),
+    kept as ``storage`` (see :func:`hdlora.data.tokens_with_fields`).
     """
     _check_sizes(n_pool, n_keep)
     g = generator(seed, "pool", device)
@@ -145,12 +148,12 @@ def effective_pool(n_pool: int, n_keep: int, T: int, eff: Effective, Delta: floa
             yield selection_score(z, sigma), {"z_star": z_star, "z": z}
 
     index, scores, payload, n, total = select_lowest_stream(chunks(), n_keep)
-    X = draw_tokens(n_keep, T, teacher.D, generator(seed, "pool_tokens", device), device)
-    G = gram(X)
+    X, G, chi_field = tokens_with_fields(n_keep, T, teacher.D, generator(seed, "pool_tokens", device), device,
+                                         storage, teacher.w_star)
     zero = torch.zeros(n_keep, T, T, dtype=DTYPE, device=device)
 
     def dataset(z_star, z):
-        return Dataset(X, zero, finetune_target(X, z_star, teacher), G, z_frozen=z)
+        return Dataset(X, zero, z_star + chi_field, G, z_frozen=z)
 
     u_star, u_z = torch.cat(first["z_star"]), torch.cat(first["z"])
     return PoolSelection(dataset(payload["z_star"], payload["z"]), dataset(u_star, u_z), payload["z_star"], u_star,

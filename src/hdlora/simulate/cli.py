@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (0: torch default; 1 is fastest on a shared, busy machine)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (keys + <key>_se); progress and warnings still go to stderr")
-    g.add_argument("--dry-run", action="store_true", help="validate the parameters, simulate nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory / time estimate (and whether it fits) and stop; nothing is allocated")
     add_common_arguments(p)
 
 
@@ -87,6 +88,9 @@ def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of 
     effective = eff_vals if given else None
     if args.threads < 0:
         raise ParamError(f"threads must be >= 0 (0: torch default), got {args.threads}")
+    from ..resources import simulate_gate
+    if (rc := simulate_gate(args, params, effective)) is not None:
+        return rc
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import Dataset, _chunks, generator, rank_one_field
+from ..data import Dataset, _chunks, generator, rank_one_field, Tokens, token_chunk
 from .losses import per_sample
 from .optim import OptimResult, chunked_ridge_objective, minimise
 
@@ -65,14 +65,18 @@ def train_error(w: torch.Tensor, data: Dataset, sigma, loss: str, chunk: int) ->
 
 def finetune(data: Dataset, w_star: torch.Tensor, *, lam_ft: float, sigma, loss: str, seed: int,
              restarts: int = 2, init_scale: float = 0.5, rtol: float = 1e-6, max_iter: int = 1000,
-             chunk: int = 1 << 16, informed: bool = True) -> FineTuned:
+             chunk: int | None = None, informed: bool = True) -> FineTuned:
     """Minimise eq. 3 + lam' ||w||^2 from several starts; keep the lowest objective.
 
     ``lam_ft = inf`` gives w_hat = 0 (frozen pre-training, A.7) without optimisation.
+    ``chunk``: sequences per pass chunk; default the token chunk of the data
+    (:func:`hdlora.data.token_chunk`, aligned with the chunks of regenerated tokens).
     """
     if data.z_frozen is None:
         raise ValueError("fine-tuning data need the frozen fields z_frozen")
     D = data.X.shape[-1]
+    if chunk is None:
+        chunk = data.X.chunk if isinstance(data.X, Tokens) else token_chunk(data.X.shape[1], D)
     zero = torch.zeros(D, dtype=data.X.dtype, device=data.X.device)
     if math.isinf(lam_ft):
         return FineTuned(zero, train_error(zero, data, sigma, loss, chunk), "frozen", {}, None)

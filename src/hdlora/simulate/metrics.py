@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from ..data import (Effective, Teacher, _chunks, draw_noise, draw_tokens, effective_fields, generator,
-                    quadratic_field, rank_one_field)
+from ..data import (DTYPE, Effective, Teacher, _chunks, draw_noise, draw_tokens, effective_fields, generator,
+                    quadratic_field, rank_one_field, token_chunk)
 from .losses import per_sample
 
 
@@ -68,34 +68,51 @@ def test_errors(*, teacher: Teacher, W_hat: torch.Tensor | None, w_hat: torch.Te
         g_pre = generator(seed, "effective_pretrain_test", device)
         g_ft = generator(seed, "effective_finetune_test", device)
     D = teacher.D
+    # tokens are drawn in sub-blocks of at most ~2^24 numbers (the same draws as one block of
+    # `chunk` sequences) and reduced at once to T x T fields: memory O(2^24 + chunk T^2) at any D
+    sub = token_chunk(T, max(D, 1 if W_hat is None else W_hat.shape[1]))
 
-    def fields(g, c):
-        """(X, z*, z_hat) of c fresh pre-training samples."""
+    def token_fields(g, c, w_list, quad):
+        """Draw c sequences of tokens in sub-blocks; return G and the rank-one fields of each w in
+        w_list (and the quadratic fields of the target / pre-trained map when ``quad``)."""
+        G = torch.empty(c, T, T, dtype=DTYPE, device=device)
+        ranks = [torch.empty_like(G) for _ in w_list]
+        q_star = torch.empty_like(G) if quad else None
+        q_hat = torch.zeros_like(G) if quad else None
+        for b in _chunks(c, sub):
+            X = draw_tokens(b.stop - b.start, T, D, g, device)
+            G[b] = X @ X.transpose(-1, -2) / D
+            for r, w in zip(ranks, w_list):
+                r[b] = rank_one_field(X, w)[1]
+            if quad:
+                q_star[b] = quadratic_field(X, teacher.W_star, teacher.trace_S_star)
+                if W_hat is not None:
+                    q_hat[b] = quadratic_field(X, W_hat, tr_hat)
+        return G, ranks, q_star, q_hat
+
+    def fields(g, c, w_list):
+        """(G, rank-one fields of w_list, z*, z_hat) of c fresh pre-training samples."""
         if effective is None:
-            X = draw_tokens(c, T, D, g, device)
+            G, ranks, q_star, z = token_fields(g, c, w_list, True)
             xi = draw_noise(c, T, Delta, g, device)
-            z_star = quadratic_field(X, teacher.W_star, teacher.trace_S_star) + xi
-            z = torch.zeros_like(z_star) if W_hat is None else quadratic_field(X, W_hat, tr_hat)
+            z_star = q_star + xi
         else:
             z_star, z = effective_fields(c, T, effective, Delta, g, device)
-            X = draw_tokens(c, T, D, g, device)
-        return X, z_star, z
+            G, ranks, _, _ = token_fields(g, c, w_list, False)
+        return (G if loss == "sequence" else None), ranks, z_star, z
 
     with torch.no_grad():
         for sl in _chunks(n_test, chunk):
             c = sl.stop - sl.start
             # pre-training test data: E, E(beta), E''
-            X, z_star, z = fields(g_pre, c)
-            G = (X @ X.transpose(-1, -2) / D) if loss == "sequence" else None
+            G, (lora,), z_star, z = fields(g_pre, c, [w_hat])
             s_star = sigma(z_star)
             sums["pretrain_test_error"] += float(per_sample(sigma(z) - s_star, G, loss).sum())
             sums["recalibrated_test_error"] += float(per_sample(sigma(beta * z) - s_star, G, loss).sum())
-            lora = rank_one_field(X, w_hat)[1]
             sums["forgetting_error"] += float(per_sample(sigma(beta * z + lora) - s_star, G, loss).sum())
             # fresh fine-tuning test data: E'
-            X, z_star, z = fields(g_ft, c)
-            G = (X @ X.transpose(-1, -2) / D) if loss == "sequence" else None
-            target = z_star + rank_one_field(X, teacher.w_star)[1]
-            pred = beta * z + rank_one_field(X, w_hat)[1]
+            G, (chi_star, lora), z_star, z = fields(g_ft, c, [teacher.w_star, w_hat])
+            target = z_star + chi_star
+            pred = beta * z + lora
             sums["finetune_test_error"] += float(per_sample(sigma(pred) - sigma(target), G, loss).sum())
     return {k: v / n_test for k, v in sums.items()}

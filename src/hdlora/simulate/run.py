@@ -138,6 +138,13 @@ def _finetune_record(fr, teacher: Teacher, seed: int, rtol: float, what: str = "
     return rec
 
 
+def _rank_one(X, w: torch.Tensor) -> torch.Tensor:
+    """``chi chi^T - (||w||^2/D) I`` for tokens X (a tensor, or :class:`hdlora.data.Tokens` chunk by chunk)."""
+    if isinstance(X, torch.Tensor):
+        return rank_one_field(X, w)[1]
+    return torch.cat([rank_one_field(X[sl], w)[1] for sl in _chunks(X.shape[0], X.chunk)])
+
+
 def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device = "cpu",
              loss: str = "sequence", effective: dict | None = None, restarts: int = 2,
              informed_start: bool = True, reduce_width: bool = False,
@@ -145,7 +152,7 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
              finetune_rtol: float = 1e-6, finetune_max_iter: int = 1000,
              n_test: int | None = None, return_weights: bool = False,
              optimal_beta: str | None = None, compare_uniform: bool = True,
-             on_stage: Callable[[str], None] | None = None) -> dict:
+             on_stage: Callable[[str], None] | None = None, token_storage: str = "auto") -> dict:
     """One seed of the pipeline; returns a dict with every key of :data:`KEYS` plus diagnostics.
 
     Errors are per sample (mean over samples, Result 3). Objectives are (sum of losses + ridge) / n,
@@ -176,6 +183,10 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
         compare_uniform: with ``params.active_pool`` set (Algorithm 1), also fine-tune on the
             first N' candidates of the same pool (``uniform_*`` keys, paired differences).
         on_stage: called with a stage name after each stage (progress bars).
+        token_storage: how the effective mode keeps the N' x T x D fine-tuning tokens
+            (:data:`hdlora.data.TOKEN_STORAGE`); 'auto' (default) takes float64 when it fits the
+            memory available, else float32, else regenerate (:func:`hdlora.resources.choose_token_storage`).
+            The choice is reported as ``token_storage``.
 
     Active fine-tuning (``params.active_pool = alpha_bar'``, Section 4.3): a pool of
     N_bar' = alpha_bar' D candidates is streamed (see :mod:`hdlora.simulate.active`), the N'
@@ -193,6 +204,11 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
     T, D, beta = params.tokens, sizes["D"], params.beta
     stage = on_stage or (lambda name: None)
     out: dict[str, Any] = {"seed": int(seed)}
+    storage = None
+    if eff is not None:
+        from ..resources import choose_token_storage
+        storage = choose_token_storage(sizes["N_ft"], T, D, dev, token_storage)
+        out["token_storage"] = storage
 
     # ---------------------------------------------------------------- stage 1
     teacher = draw_teacher(D, 0 if eff else sizes["P0"], seed, dev)
@@ -246,7 +262,7 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
                             chunk=max(64, (1 << 22) // (T * max(D, width))))
         else:
             sel = effective_pool(sizes["N_pool"], sizes["N_ft"], T, eff, params.noise, beta, sigma, teacher, seed,
-                                 dev)
+                                 dev, storage=storage)
         ft, ft_star = sel.active, sel.active_z_star
     elif eff is None:
         ft = finetune_dataset(sizes["N_ft"], T, params.noise, teacher, seed, dev,
@@ -261,9 +277,10 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
         ft = ft.with_frozen(beta * z_frozen)     # recalibration: S_hat -> beta S_hat (eq. 26)
         ft_star = ft.z_star - rank_one_field(ft.X, teacher.w_star)[1]
     else:
-        ft = effective_finetune_dataset(sizes["N_ft"], T, params.noise, eff, teacher, seed, dev)
+        ft = effective_finetune_dataset(sizes["N_ft"], T, params.noise, eff, teacher, seed, dev,
+                                        storage=storage)
         ft = ft.with_frozen(beta * ft.z_frozen)
-        ft_star = ft.z_star - rank_one_field(ft.X, teacher.w_star)[1]
+        ft_star = ft.z_star - _rank_one(ft.X, teacher.w_star)
     del pre
     out["delta_eff_measured"] = delta_eff_measured(ft_star, ft.z_frozen)
     ft_kwargs = dict(lam_ft=params.lam_ft, sigma=sigma, loss=loss, seed=seed, restarts=restarts,
@@ -392,6 +409,10 @@ def run(params: Params, dim: int, seeds: int | Sequence[int] = 4, *, device: str
     if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 0:
         raise ParamError(f"restarts must be an integer >= 0, got {restarts!r}")
     dev = resolve_device(device)
+    from ..resources import check_simulate   # refuse (one line) before allocating what cannot fit
+    check_simulate(params, dim, seeds=len(seed_list), device=str(dev), effective=effective is not None,
+                   restarts=int(restarts), reduce_width=bool(kwargs.get("reduce_width", False)),
+                   n_test=kwargs.get("n_test"), token_storage=kwargs.get("token_storage", "auto"))
     bar = None
     if progress:
         from ..progress import bar as progress_bar   # plain lines when stderr is not a terminal

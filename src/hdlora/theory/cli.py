@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tol", type=tolerance, default=1e-7,
                    help="fixed-point tolerance on the relative residual, in [1e-12, 1e-3]")
     g.add_argument("--json", action="store_true", help="print one JSON object (warnings also go to stderr)")
-    g.add_argument("--dry-run", action="store_true", help="validate the parameters, solve nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory / time estimate (and whether it fits) and stop; nothing is allocated")
     add_common_arguments(p)
 
 
@@ -48,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     params = params_from_args(args, beta=1.0 if optimal else args.beta, active_pool=args.active_pool)
     if args.n_mc < 100:
         raise ParamError(f"--n-mc must be >= 100, got {args.n_mc}")
+    from ..resources import theory_gate
+    if (rc := theory_gate(args, params)) is not None:
+        return rc
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
