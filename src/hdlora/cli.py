@@ -118,20 +118,6 @@ def params_from_args(args: argparse.Namespace, **extra: Any) -> Params:
         reuse=args.reuse, activation=args.activation, **extra)
 
 
-def dry_run_exit(args: argparse.Namespace) -> int:
-    """``--dry-run``: parse and validate the parameters, run nothing, exit 0 (bad input raises ParamError)."""
-    extra = {}
-    for name in ("beta", "active_pool"):
-        v = getattr(args, name, None)
-        if name == "beta" and (v is None or isinstance(v, str)):
-            continue
-        extra[name] = v
-    params = params_from_args(args, **extra)
-    if not getattr(args, "quiet", False):
-        print(f"hdlora {args.command}: dry run: parameters valid ({params}); nothing run", file=sys.stderr)
-    return 0
-
-
 # ----------------------------------------------------------------------------- output
 def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
@@ -239,10 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name = f"hdlora {args.command}"
     try:
-        if getattr(args, "dry_run", False):
-            rc = dry_run_exit(args)
-        else:
-            rc = int(importlib.import_module(args._module).run(args) or 0)
+        # --dry-run is handled by each command (hdlora.resources: the estimate, then stop)
+        rc = int(importlib.import_module(args._module).run(args) or 0)
         sys.stdout.flush()
         return rc
     except KeyboardInterrupt:
