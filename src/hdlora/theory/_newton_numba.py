@@ -20,7 +20,9 @@ Potentials (``kind``):
     FINETUNE (1): the fine-tuning channel psi of eq. 63 in x = chi (k = T; row = [z - q I (T*T),
         sigma(z* + chi* chi*^T - q0 I) (T*T)]); loss = ||sigma(z - q I + chi chi^T) - Y||_F^2;
         aux[0] = d loss / d(-q) = Tr dl/dX (eq. 72).
-``consts`` = [T, softmax (1) or linear (0)].
+    SEPARABLE_QUARTIC (2): a test potential of any k, loss = sum_i c_i (x_i^2 - 1)^2 (row = c, k
+        entries): non-concave, separable, with a known global prox per coordinate.
+``consts`` = [T, softmax (1) or linear (0)] (T is unused by SEPARABLE_QUARTIC).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from numba import njit
 
 PRETRAIN = 0
 FINETUNE = 1
+SEPARABLE_QUARTIC = 2
 
 
 @njit(cache=True)
@@ -235,7 +238,29 @@ def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
     softmax = consts[1] != 0.0
     if kind == PRETRAIN:
         return _pretrain_loss(x, row, T, softmax, order, g, H, X, P, R, G)
-    return _finetune_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G)
+    if kind == FINETUNE:
+        return _finetune_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G)
+    return _separable_quartic_loss(x, row, order, g, H)
+
+
+@njit(cache=True)
+def _separable_quartic_loss(x, row, order, g, H):
+    k = x.shape[0]
+    loss = 0.0
+    for i in range(k):
+        u = x[i] * x[i] - 1.0
+        loss += row[i] * u * u
+    if order == 0:
+        return loss
+    for i in range(k):
+        g[i] = 4.0 * row[i] * x[i] * (x[i] * x[i] - 1.0)
+    if order < 2:
+        return loss
+    for i in range(k):
+        for j in range(k):
+            H[i, j] = 0.0
+        H[i, i] = row[i] * (12.0 * x[i] * x[i] - 4.0)
+    return loss
 
 
 @njit(cache=True)
@@ -388,7 +413,7 @@ def newton_prox(kind, x0, anchor, w, data, consts, opts, n_aux,
     armijo_rel = opts[9]
     n_try = int(opts[10])
     take_last = opts[11] != 0.0
-    T = int(consts[0])
+    T = max(int(consts[0]), 1)
     X = np.empty((T, T))
     P = np.empty((T, T))
     R = np.empty((T, T))
@@ -516,3 +541,27 @@ def newton_prox(kind, x0, anchor, w, data, consts, opts, n_aux,
         out_conv[s] = conv
         out_it[s] = it
     return it_max
+
+
+@njit(cache=True)
+def evaluate_batch(kind, x, data, consts, order, out_g, out_H, out_aux):
+    """loss_derivatives for every row of x (n, k); returns the losses (n,) (tests, benchmarks)."""
+    n, k = x.shape
+    T = max(int(consts[0]), 1)
+    X = np.empty((T, T))
+    P = np.empty((T, T))
+    R = np.empty((T, T))
+    G = np.empty((T, T))
+    g = np.empty(k)
+    H = np.empty((k, k))
+    aux = np.zeros(max(out_aux.shape[1], 1))
+    out = np.empty(n)
+    for s in range(n):
+        out[s] = loss_derivatives(kind, x[s], data[s], consts, order, g, H, aux, X, P, R, G)
+        for j in range(k):
+            out_g[s, j] = g[j]
+            for m in range(k):
+                out_H[s, j, m] = H[j, m]
+        for j in range(out_aux.shape[1]):
+            out_aux[s, j] = aux[j]
+    return out

@@ -33,6 +33,7 @@ __all__ = ["ProxResult", "NewtonRule", "PRETRAIN", "FINETUNE", "kernel", "warmup
 #: potential ids of the kernel (see :mod:`hdlora.theory._newton_numba`)
 PRETRAIN = 0
 FINETUNE = 1
+SEPARABLE_QUARTIC = 2      # a test potential of any k (see the kernel module)
 
 _KERNEL: Any = None
 _COMPILE_SECONDS: float | None = None
