@@ -36,7 +36,7 @@ FINETUNE = 1
 SEPARABLE_QUARTIC = 2
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _softmax_rows(X, P, T):
     for a in range(T):
         m = X[a, 0]
@@ -51,11 +51,10 @@ def _softmax_rows(X, P, T):
             P[a, b] = P[a, b] / s
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _pretrain_loss(x, row, T, softmax, order, g, H, X, P, R, G):
     """Psi of eq. 42 (loss part) at h = z~ + x; g, H in the L free entries (upper triangle, row-major)."""
     L = x.shape[0]
-    TT = T * T
     i = 0
     for a in range(T):
         for b in range(a, T):
@@ -128,7 +127,7 @@ def _pretrain_loss(x, row, T, softmax, order, g, H, X, P, R, G):
     return loss
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _free(a, b, T):
     """Index of the free entry (min(a,b), max(a,b)) in the row-major upper triangle."""
     if a > b:
@@ -136,7 +135,7 @@ def _free(a, b, T):
     return a * T - (a * (a - 1)) // 2 + (b - a)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _finetune_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
     """psi of eq. 63 (loss part) at chi = x: X = (z - q I) + chi chi^T, loss = ||sigma(X) - Y||^2."""
     TT = T * T
@@ -231,7 +230,7 @@ def _finetune_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
     return loss
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
     """The loss of potential ``kind`` at x (and, for order >= 1, 2, its gradient g and Hessian H)."""
     T = int(consts[0])
@@ -243,7 +242,7 @@ def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
     return _separable_quartic_loss(x, row, order, g, H)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _separable_quartic_loss(x, row, order, g, H):
     k = x.shape[0]
     loss = 0.0
@@ -263,7 +262,7 @@ def _separable_quartic_loss(x, row, order, g, H):
     return loss
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def jacobi_eigh(A, lam, U, B):
     """Eigen-decomposition A = U diag(lam) U^T of a small symmetric matrix by cyclic Jacobi
     rotations (no allocation; B is work space), swept until the off-diagonal part is below
@@ -315,7 +314,7 @@ def jacobi_eigh(A, lam, U, B):
         lam[i] = B[i, i]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _direction(Hf, gf, pd_min, floor_rel, floor_abs, C, step, tmp, lam, U, B):
     """step = -Hf^-1 gf by Cholesky when Hf is positive definite (pivots > pd_min), else the
     saddle-free direction -U |Lambda|^-1 U^T gf with |lambda| floored at floor_rel max|lambda| + floor_abs.
@@ -369,7 +368,7 @@ def _direction(Hf, gf, pd_min, floor_rel, floor_abs, C, step, tmp, lam, U, B):
     return False
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _norm(v, kind):
     s = 0.0
     if kind == 0:
@@ -382,7 +381,7 @@ def _norm(v, kind):
     return math.sqrt(s)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def newton_prox(kind, x0, anchor, w, data, consts, opts, n_aux,
                 out_x, out_f, out_loss, out_g, out_H, out_aux, out_res, out_conv, out_it):
     """Minimise f(x) = loss(x) + sum_i (x_i - a_i)^2 / (2 w_i) from x0, for every sample (rows).
@@ -543,7 +542,7 @@ def newton_prox(kind, x0, anchor, w, data, consts, opts, n_aux,
     return it_max
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def evaluate_batch(kind, x, data, consts, order, out_g, out_H, out_aux):
     """loss_derivatives for every row of x (n, k); returns the losses (n,) (tests, benchmarks)."""
     n, k = x.shape
