@@ -10,7 +10,7 @@ from hdlora import Params, ParamError
 from hdlora.activations import get as get_activation
 from hdlora.theory import errors
 from hdlora.theory.finetune import (
-    _prox_t, _t, frozen_baseline, prox_psi, psi_derivatives, solve_finetune, solve_finetune_effective,
+    _prox_t, _t, frozen_baseline, prox_psi, finetune_potential_derivatives, solve_finetune, solve_finetune_effective,
     solve_lora_only)
 from hdlora.theory.sampling import frozen_fields, standard_normals, to_sym
 
@@ -35,7 +35,7 @@ def test_psi_derivatives_match_autograd(act):
     chi, Zq, Y_arg, ct = _batch(6, seed=1)
     Y = get_activation(act, "numpy")(Y_arg)
     v = 0.7
-    psi, g, H, dq = psi_derivatives(chi, Zq, Y, ct, v, act)
+    psi, g, H, dq = finetune_potential_derivatives(chi, Zq, Y, ct, v, act)
     sig = get_activation(act, "torch")
     for i in range(chi.shape[0]):
         def f(c, qs):
@@ -59,7 +59,7 @@ def test_prox_is_stationary_local_max_and_beats_random_starts(act, v):
     Y = get_activation(act, "numpy")(Y_arg)
     pr = prox_psi(ct, Zq, Y, v, act, Y_arg=Y_arg)
     assert pr.n_failed == 0 and pr.n_not_max == 0
-    _, g, H, _ = psi_derivatives(pr.chi, Zq, Y, ct, v, act)
+    _, g, H, _ = finetune_potential_derivatives(pr.x, Zq, Y, ct, v, act)
     assert np.max(np.abs(g) * v) < 1e-7                          # stationary (gradient in chi units)
     assert np.all(np.linalg.eigvalsh(H)[:, -1] < 0)             # strict local maximum
     # eq. 66; C comes from the last Newton evaluation, one step (< xtol = 1e-9) before chi
@@ -67,10 +67,10 @@ def test_prox_is_stationary_local_max_and_beats_random_starts(act, v):
     # global: 30 other random restarts rarely find a larger psi.  Measured on 3000 samples
     # against 40 random restarts: 0 misses at v <= 0.4, 1 at v = 2, 3 at v = 5 (softmax), 0 (linear).
     rng = np.random.default_rng(5)
-    scale = 1.0 + np.abs(pr.chi).max()
-    starts = [pr.chi] + [rng.standard_normal((n, T)) * scale * rng.uniform(0.2, 1.5) for _ in range(30)]
+    scale = 1.0 + np.abs(pr.x).max()
+    starts = [pr.x] + [rng.standard_normal((n, T)) * scale * rng.uniform(0.2, 1.5) for _ in range(30)]
     pr2 = prox_psi(ct, Zq, Y, v, act, starts=starts)
-    misses = np.sum(pr2.psi > pr.psi + 1e-9 * np.maximum(1, np.abs(pr.psi)))
+    misses = np.sum(pr2.value > pr.value + 1e-9 * np.maximum(1, np.abs(pr.value)))
     assert misses <= (0 if (v <= 0.5 or act == "linear") else 0.01 * n)
 
 
@@ -81,8 +81,8 @@ def test_prox_small_v_is_chi_tilde(act):
     Y = get_activation(act, "numpy")(Y_arg)
     for v in (1e-4, 1e-6):
         pr = prox_psi(ct, Zq, Y, v, act)
-        _, g_loss = psi_derivatives(ct, Zq, Y, ct, 1.0, act, order=1)   # at chi = chi_tilde: grad = -grad l
-        np.testing.assert_allclose(pr.chi - ct, v * g_loss, atol=50 * v * v * (1 + np.abs(g_loss).max()) ** 2)
+        _, g_loss = finetune_potential_derivatives(ct, Zq, Y, ct, 1.0, act, order=1)   # at chi = chi_tilde: grad = -grad l
+        np.testing.assert_allclose(pr.x - ct, v * g_loss, atol=50 * v * v * (1 + np.abs(g_loss).max()) ** 2)
         np.testing.assert_allclose(pr.C / v, np.broadcast_to(np.eye(T), pr.C.shape), atol=50 * v)
 
 
@@ -96,9 +96,9 @@ def test_prox_derivative_is_C_over_v(act):
     for k in range(T):
         e = np.zeros(T)
         e[k] = h
-        p1 = prox_psi(ct + e, Zq, Y, v, act, starts=[pr.chi], xtol=1e-13)
-        p0 = prox_psi(ct - e, Zq, Y, v, act, starts=[pr.chi], xtol=1e-13)
-        np.testing.assert_allclose((p1.chi - p0.chi) / (2 * h), pr.C[:, :, k] / v, atol=2e-5)
+        p1 = prox_psi(ct + e, Zq, Y, v, act, starts=[pr.x], xtol=1e-13)
+        p0 = prox_psi(ct - e, Zq, Y, v, act, starts=[pr.x], xtol=1e-13)
+        np.testing.assert_allclose((p1.x - p0.x) / (2 * h), pr.C[:, :, k] / v, atol=2e-5)
 
 
 # ------------------------------------------------------------------ state evolution

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hdlora import Params, ParamError
-from hdlora.theory.finetune import prox_psi, psi_derivatives, solve_finetune, solve_finetune_effective
+from hdlora.theory.finetune import prox_psi, finetune_potential_derivatives, solve_finetune, solve_finetune_effective
 from hdlora.theory.prox_rank_one_linear import LinearRankOneProx, solve_secular
 from hdlora.theory.sampling import frozen_fields, to_sym
 
@@ -52,18 +52,18 @@ def test_exact_prox_is_the_global_maximiser_found_by_the_newton_search(T, law, s
     ct = m * cs + math.sqrt(q - m * m) * ze
     Y_arg = Zs + cs[:, :, None] * cs[:, None, :] - eye
     Zq = Zb - q * eye
-    psi, grad, hess, dq = psi_derivatives(chi, Zq, Y_arg / T, ct, v, "linear")
+    psi, grad, hess, dq = finetune_potential_derivatives(chi, Zq, Y_arg / T, ct, v, "linear")
     gscale = 1.0 + np.linalg.norm(ct, axis=1) / v
     assert np.max(np.linalg.norm(grad, axis=1) / gscale) < 1e-9
     assert out["d"].min() >= 0.0
     np.testing.assert_allclose(out["psi"], psi, rtol=1e-12, atol=1e-10)
     np.testing.assert_allclose(out["dpsi_dq"], dq, rtol=1e-10, atol=1e-10)
     search = prox_psi(ct, Zq, Y_arg / T, v, "linear", Y_arg=Y_arg)
-    gap = psi - search.psi
+    gap = psi - search.value
     assert gap.min() > -1e-10 * (1.0 + np.abs(psi).max())      # never worse than the search
     same = np.abs(gap) < 1e-10 * (1.0 + np.abs(psi))
     assert same.mean() > 0.999                                 # the search finds the same maximiser
-    np.testing.assert_allclose(chi[same], search.chi[same], atol=1e-6)
+    np.testing.assert_allclose(chi[same], search.x[same], atol=1e-6)
     # C = v (D + 2 c y y^T)^{-1} (eq. 66) in the token basis equals -H^{-1} at the maximiser
     C = v * P.matrix_to_original(P.curvature(out))
     np.testing.assert_allclose(C[same], np.linalg.inv(-hess[same]), rtol=1e-6, atol=1e-8)
@@ -83,12 +83,12 @@ def test_exact_prox_beats_a_dense_grid_T2():
     # psi is genuinely non-concave here: Newton started from -chi_prox stops in a worse local
     # maximum on most samples (measured: 78 % of 400 samples at these settings)
     other = prox_psi(ct, Zq, Y_arg / T, v, "linear", starts=[-chi])
-    assert np.mean(out["psi"] - other.psi > 1e-8) > 0.5
+    assert np.mean(out["psi"] - other.value > 1e-8) > 0.5
     g = np.linspace(-5, 5, 401)
     grid = np.array(list(itertools.product(g, g)))                 # (G, 2)
     for i in range(n):
         G = grid.shape[0]
-        vals = psi_derivatives(grid, np.broadcast_to(Zq[i], (G, T, T)), np.broadcast_to(Y_arg[i] / T, (G, T, T)),
+        vals = finetune_potential_derivatives(grid, np.broadcast_to(Zq[i], (G, T, T)), np.broadcast_to(Y_arg[i] / T, (G, T, T)),
                                np.broadcast_to(ct[i], (G, T)), v, "linear", order=0)
         assert vals.max() <= out["psi"][i] + 1e-12 * (1 + abs(out["psi"][i]))
 

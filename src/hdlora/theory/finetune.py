@@ -46,44 +46,19 @@ from ..activations import get as get_activation
 from ..params import A0 as _A0, DEFAULT_N_MC, Params, ParamError, check_tol
 from . import effective as _effective
 from . import errors as _errors
+from . import newton as _newton
 from .fixed_point import NonConvergenceWarning, iterate
 from .order_parameters import FinetuneOrderParameters
+from .newton import ProxResult
 from .prox_rank_one_linear import LinearRankOneProx
 from .sampling import frozen_fields, s_ab, standard_normals, to_sym
 from .stability import replicon_finetune_terms
 
 __all__ = [
-    "ProxResult", "FinetuneResult", "psi_derivatives", "prox_psi", "solve_finetune",
+    "ProxResult", "FinetuneResult", "finetune_potential_derivatives", "prox_psi", "solve_finetune",
     "solve_finetune_effective", "solve_lora_only", "frozen_baseline", "DEFAULT_N_MC",
 ]
 
-
-
-@dataclass(frozen=True)
-class ProxResult:
-    """The prox of psi (eq. 64) for every sample.
-
-    Attributes:
-        chi: (n, T) the maximiser kept (largest psi among the starts).
-        C: (n, T, T) C = -[Hessian of psi]^{-1} at chi (eq. 66).
-        dpsi_dq: (n,) explicit d psi / d q at chi (eq. 72).
-        psi: (n,) psi at chi.
-        hess: (n, T, T) the Hessian of psi at chi.
-        step_norm: (n,) size of the last Newton step (the accuracy of chi is ~ its square).
-        n_failed: samples whose Newton iteration did not reach the gradient tolerance.
-        n_not_max: samples whose Hessian at chi is not negative definite (saddle).
-        n_start_changed: samples where a start other than the first gave the best psi.
-    """
-
-    chi: np.ndarray
-    C: np.ndarray
-    dpsi_dq: np.ndarray
-    psi: np.ndarray
-    hess: np.ndarray
-    step_norm: np.ndarray
-    n_failed: int
-    n_not_max: int
-    n_start_changed: int
 
 
 # ----------------------------------------------------------------------------------------
@@ -170,7 +145,7 @@ def _n(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, 0))
 
 
-def psi_derivatives(chi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, chi_tilde: np.ndarray,
+def finetune_potential_derivatives(chi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, chi_tilde: np.ndarray,
                     v: float, activation: str, *, order: int = 2):
     """psi (eq. 63) and its derivatives in chi, for a batch of samples.
 
@@ -232,75 +207,31 @@ def _modified_inverse(hess: np.ndarray, v: float) -> np.ndarray:
     return _t((U[:, :, None, :] * U[:, None, :, :] / wm[:, None, None, :]).sum(axis=3))
 
 
-def _ascent_step(hess: np.ndarray, grad: np.ndarray, v: float):
-    """Modified-Newton ascent direction -H^{-1} g (H = Hessian of psi, token-first), and 'H < 0'."""
-    L, ok = _chol(-hess)
-    step = _chol_solve(L, grad)
-    bad = ~ok
-    if bad.any():
-        Cb = _modified_inverse(hess[:, :, bad], v)
-        step[:, bad] = (Cb * grad[:, bad][None, :, :]).sum(axis=1)
-    return step, ok
+def _kernel_rows(Zq: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """Per-sample rows [z - q I (T*T), Y (T*T)] of the compiled kernel (potential FINETUNE), (n, 2 T^2)."""
+    T, _, n = Zq.shape
+    return np.concatenate([Zq.reshape(T * T, n).T, Y.reshape(T * T, n).T], axis=1)
 
 
-def _newton_ascent(chi0, Zq, Y, ct, v, activation, *, xtol, max_steps):
-    """Maximise psi from chi0 for all samples at once (safeguarded Newton, token-first layout).
+def _newton_ascent(chi0, rows, ct, v, activation, *, xtol, max_steps):
+    """Maximise psi from chi0 for all samples (token-first chi0, ct (T, n); rows from :func:`_kernel_rows`).
 
-    A sample stops when its Newton step is below xtol (1 + |chi|) at a negative-definite
-    Hessian; the step is then taken (quadratic convergence: the error left is ~ step^2) and
-    the derivatives of the last evaluation (one tiny step away) are returned with it.
+    Runs the one compiled prox kernel (:mod:`hdlora.theory.newton`, potential FINETUNE, rule
+    :meth:`NewtonRule.finetune`): a sample stops when its Newton step is below xtol (1 + |chi|) at a
+    negative-definite Hessian; the step is then taken (quadratic convergence: the error left is
+    ~ step^2) and the derivatives of the last evaluation (one tiny step away) are returned with it.
     Steps larger than 1e-3 (1 + |chi|), or at an indefinite Hessian, are backtracked (Armijo).
 
-    Returns (chi, psi, hess, dpsi_dq, step_norm, converged) for every sample.
+    Returns (chi, psi, hess, dpsi_dq, step_norm, converged), token-first.
     """
-    chi = chi0.copy()
-    T, n = chi.shape
-    psi_all = np.empty(n)
-    hess_all = np.empty((T, T, n))
-    dq_all = np.empty(n)
-    snorm_all = np.full(n, np.inf)
-    conv = np.zeros(n, dtype=bool)
-    active = np.arange(n)
-    for _ in range(max_steps):
-        if active.size == 0:
-            break
-        sub = active.size < n
-        c = chi[:, active] if sub else chi
-        zq, y, cti = (Zq[:, :, active], Y[:, :, active], ct[:, active]) if sub else (Zq, Y, ct)
-        psi, grad, hess, dq = _psi_t(c, zq, y, cti, v, activation)
-        psi_all[active], hess_all[:, :, active], dq_all[active] = psi, hess, dq
-        step, neg_def = _ascent_step(hess, grad, v)
-        snorm = np.sqrt((step * step).sum(axis=0))
-        scale = 1.0 + np.sqrt((c * c).sum(axis=0))
-        snorm_all[active] = snorm
-        done = neg_def & (snorm < xtol * scale)
-        trusted = neg_def & (snorm < 1e-3 * scale)          # quadratic regime: full step
-        new = c + step
-        check = np.flatnonzero(~trusted)
-        if check.size:
-            slope = (grad[:, check] * step[:, check]).sum(axis=0)   # > 0: ascent direction
-            t = np.ones(check.size)
-            todo = np.arange(check.size)
-            for _ls in range(40):
-                idx = check[todo]
-                trial = c[:, idx] + t[todo] * step[:, idx]
-                pt = _psi_t(trial, zq[:, :, idx], y[:, :, idx], cti[:, idx], v, activation, order=0)
-                ok = pt >= psi[idx] + 1e-4 * t[todo] * slope[todo] - 1e-14 * np.abs(psi[idx])
-                new[:, idx[ok]] = trial[:, ok]
-                todo = todo[~ok]
-                if todo.size == 0:
-                    break
-                t[todo] *= 0.5
-            if todo.size:                                    # no ascent found: stay
-                new[:, check[todo]] = c[:, check[todo]]
-        chi[:, active] = new
-        conv[active[done]] = True
-        active = active[~done]
-    if active.size:      # not converged within max_steps: derivatives at the final point
-        psi, grad, hess, dq = _psi_t(chi[:, active], Zq[:, :, active], Y[:, :, active], ct[:, active], v,
-                                     activation)
-        psi_all[active], hess_all[:, :, active], dq_all[active] = psi, hess, dq
-    return chi, psi_all, hess_all, dq_all, snorm_all, conv
+    T, n = chi0.shape
+    out = _newton.minimise(_newton.FINETUNE, chi0.T, ct.T, np.full(T, v), rows, T, activation == "softmax",
+                           _newton.NewtonRule.finetune(xtol, max_steps, v), n_aux=1)
+    hess = -out.hess
+    d = np.arange(T)
+    hess[:, d, d] -= 1.0 / v
+    return (np.ascontiguousarray(out.x.T), -out.f, _t(hess), out.aux[:, 0].copy(), out.residual,
+            out.converged)
 
 
 def _rank_one_starts(Zq, Y_arg, ct, n_random=6, scaled=()):
@@ -337,7 +268,7 @@ def _rank_one_starts(Zq, Y_arg, ct, n_random=6, scaled=()):
 
 def _prox_t(ct, Zq, Y, v, activation, *, starts=None, Y_arg=None, xtol=1e-9, max_steps=60, n_random=6,
             scaled=(), alt=None, want_alt=False):
-    """prox_psi in the token-first layout; returns (chi, C, dq, psi, hess, snorm, n_failed, n_not_max, n_changed)
+    """prox_psi in the token-first layout; returns (chi, C, dq, psi, hess, snorm, converged, n_not_max, n_changed)
     [+ (alt,) with ``want_alt``].
 
     ``alt = (idx, chi_alt)``: one more start, ``chi_alt`` (T, k), for the samples ``idx`` only (the
@@ -351,12 +282,13 @@ def _prox_t(ct, Zq, Y, v, activation, *, starts=None, Y_arg=None, xtol=1e-9, max
     if Y_arg is not None:
         starts += _rank_one_starts(Zq, Y_arg, ct, n_random=n_random, scaled=scaled)
     n = ct.shape[1]
+    rows = _kernel_rows(Zq, Y)
     runs = []          # (idx or None, (chi, psi, hess, dq, snorm, conv))
     for s in starts:
-        runs.append((None, _newton_ascent(s, Zq, Y, ct, v, activation, xtol=xtol, max_steps=max_steps)))
+        runs.append((None, _newton_ascent(s, rows, ct, v, activation, xtol=xtol, max_steps=max_steps)))
     if alt is not None and len(alt[0]):
         idx, ca = alt
-        runs.append((idx, _newton_ascent(ca, Zq[:, :, idx], Y[:, :, idx], ct[:, idx], v, activation, xtol=xtol,
+        runs.append((idx, _newton_ascent(ca, rows[idx], ct[:, idx], v, activation, xtol=xtol,
                                          max_steps=max_steps)))
     best = None
     changed = np.zeros(n, dtype=bool)
@@ -392,7 +324,7 @@ def _prox_t(ct, Zq, Y, v, activation, *, starts=None, Y_arg=None, xtol=1e-9, max
     bad = ~neg_def
     if bad.any():      # not a strict local maximum (reported): modified-Newton curvature
         C[:, :, bad] = _modified_inverse(hess[:, :, bad], v)
-    out = (chi, C, dq, psi, hess, snorm, int((~conv).sum()), int(bad.sum()), int(changed.sum()))
+    out = (chi, C, dq, psi, hess, snorm, conv, int(bad.sum()), int(changed.sum()))
     return out + (alt_out,) if want_alt else out
 
 
@@ -413,13 +345,19 @@ def prox_psi(chi_tilde: np.ndarray, Zq: np.ndarray, Y: np.ndarray, v: float, act
     Newton ascent from each start, keeping per sample the largest psi.  psi is not concave,
     so several starts guard against local maxima; every returned point is checked to be a
     local maximum (negative-definite Hessian).
+
+    Returns:
+        ProxResult: x = chi (n, T), value = psi there, hessian (n, T, T) of psi (of the last
+        Newton evaluation, one step < xtol before chi), residual = last Newton step size,
+        converged per sample, n_not_max, n_start_changed; ``extra``: ``C`` (n, T, T) =
+        -[Hessian]^{-1} (eq. 66), ``dpsi_dq`` (n,) explicit d psi / d q (eq. 72).
     """
     out = _prox_t(_t(chi_tilde), _t(Zq), _t(Y), v, activation,
                   starts=None if not starts else [_t(s) for s in starts],
                   Y_arg=None if Y_arg is None else _t(Y_arg), xtol=xtol, max_steps=max_steps)
-    chi, C, dq, psi, hess, snorm, nf, nm, nc = out
-    return ProxResult(chi=_n(chi), C=_n(C), dpsi_dq=dq, psi=psi, hess=_n(hess), step_norm=snorm,
-                      n_failed=nf, n_not_max=nm, n_start_changed=nc)
+    chi, C, dq, psi, hess, snorm, conv, nm, nc = out
+    return ProxResult(x=_n(chi), value=psi, hessian=_n(hess), residual=snorm, converged=conv, iterations=0,
+                      n_not_max=nm, n_start_changed=nc, extra={"C": _n(C), "dpsi_dq": dq})
 
 
 # ----------------------------------------------------------------------------------------
@@ -673,13 +611,13 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
         starts = [] if cache["chi"] is None else [cache["chi"]]
         if full or cache["chi"] is None:
             starts.append(ct)
-        chi, C, dq, psi, hess, snorm, nf, nm, nc, alt = _prox_t(
+        chi, C, dq, psi, hess, snorm, conv, nm, nc, alt = _prox_t(
             ct, Zq, Y_t, v, act, starts=starts, Y_arg=Yarg_t if full else None, alt=cache["alt"], want_alt=True,
             **_GLOBAL_SEARCH)
         cache["chi"], cache["alt"] = chi, alt
         new, hats = _state_update(chi, ct, cs_t, zeta_t, dq, lambda: C[d, d].sum(axis=0), m, q, v, ap, lam_ft, T,
                                   form)
-        return new, {**hats, "chi": chi, "C": C, "n_failed": nf, "n_not_max": nm, "n_changed": nc}
+        return new, {**hats, "chi": chi, "C": C, "n_failed": int((~conv).sum()), "n_not_max": nm, "n_changed": nc}
 
     exact = act == "linear" and linear_prox == "exact"
     if exact:     # exact global prox (secular equation), no multi-start search

@@ -280,7 +280,7 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
             ptol = min(1e-6, max(1e-11, 1e-4 * memo["res"]))
             hats, px, _, _ = output_channel(alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"], prox_tol=ptol,
                                             full=False, multi_start=memo["global"])
-            memo["h"] = px.h
+            memo["h"] = px.x
         try:
             new, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
         except FloatingPointError:
@@ -308,7 +308,7 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
                                                    prox_tol=1e-11, multi_start=memo["global"])
         # the warm-started prox must be the global maximiser: compare with a start at z* (interpolation)
         alt = prox(z_star, z_tilde, V, act, init=z_star, multi_start=False, tol=1e-11, full=False)
-        not_global = bool(np.any(alt.psi > px.psi + 1e-9 * (1.0 + np.abs(px.psi))))
+        not_global = bool(np.any(alt.value > px.value + 1e-9 * (1.0 + np.abs(px.value))))
         if not_global and not memo["global"] and converged and iterations < max_iter:
             # the continuation followed a non-global branch: iterate again with multi-start proxes
             memo["global"], x0 = True, fp.state
@@ -318,7 +318,7 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
         failures = px.n_failed
         converged = converged and failures == 0 and not not_global
         err = {"pretrain_test_error": _mean_error(z_tilde, z_star, T, act),
-               "pretrain_train_error": _mean_error(px.h, z_star, T, act)}
+               "pretrain_train_error": _mean_error(px.x, z_star, T, act)}
         sample_term = float(np.mean(px.replicon))
     try:
         spec, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
@@ -367,4 +367,4 @@ def train_fields(params: Params, result: PretrainResult, n: int, seed: int = 0,
     px = prox(z_star, z_tilde, result.V, params.activation, multi_start=True, tol=1e-11)
     if not px.all_converged:
         raise RuntimeError(f"train law R: prox did not converge on {px.n_failed} of {n} samples")
-    return z_star, px.h
+    return z_star, px.x

@@ -11,11 +11,11 @@ each free entry once.
 
     Prox(z*, z~) = argmax_h Psi(h; z*, z~)                                          (eq. 16/41)
 
-is computed for all n Monte-Carlo samples at once by a safeguarded Newton method
-(analytic gradient and Hessian, batched Cholesky with a saddle-free eigenvalue
-fallback, Armijo backtracking per sample), warm-startable from a previous
-solution.  Internally the sample axis is last, so every operation is a vector
-operation over n contiguous samples.
+is computed for all n Monte-Carlo samples by the one compiled Newton prox kernel of
+:mod:`hdlora.theory.newton` (analytic gradient and Hessian, Cholesky with a saddle-free
+eigenvalue fallback, Armijo backtracking, per sample), warm-startable from a previous
+solution.  The NumPy formulas below (sample axis last) are the reference the kernel is tested
+against and serve the public value/derivative functions and the post-processing.
 
 For the linear activation sigma(x) = x / T the prox is closed form (App. C, eq. 106):
 
@@ -28,16 +28,17 @@ Everything is float64 numpy; no printing, no I/O.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from ..params import ACTIVATIONS, ParamError
+from . import newton as _newton
+from .newton import ProxResult
 from .sampling import s_ab, upper_indices
 
 __all__ = [
-    "ProxResult", "tokens_from_L", "psi_value", "psi_derivatives", "prox", "prox_linear",
+    "ProxResult", "tokens_from_L", "pretrain_potential", "pretrain_potential_derivatives", "prox", "prox_linear",
     "normalized_hessian",
 ]
 
@@ -193,7 +194,7 @@ def _newton_direction_t(Hf: np.ndarray, grad: np.ndarray) -> tuple[np.ndarray, n
 
 
 # ---------------------------------------------------------------- public scalar-potential helpers
-def psi_value(h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V: float,
+def pretrain_potential(h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V: float,
               activation: str = "softmax") -> np.ndarray:
     """Psi(h; z*, z~) of eq. 15/42 for each sample; all arguments (n, L) upper triangles."""
     _check_activation(activation)
@@ -204,7 +205,7 @@ def psi_value(h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V: float,
     return -loss - np.sum((zt_t - h_t) ** 2 / (2.0 * V * s[:, None]), axis=0)
 
 
-def psi_derivatives(h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V: float,
+def pretrain_potential_derivatives(h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V: float,
                     activation: str = "softmax"):
     """(Psi, grad Psi, Hessian of Psi) with respect to the L free entries of h (eq. 42).
 
@@ -241,46 +242,6 @@ def prox_linear(z_star: np.ndarray, z_tilde: np.ndarray, V: float) -> np.ndarray
     return (np.asarray(z_tilde) + k * np.asarray(z_star)) / (1.0 + k)
 
 
-@dataclass(frozen=True)
-class ProxResult:
-    """Output of :func:`prox` for n samples.
-
-    Attributes:
-        h: (n, L) the maximiser Prox(z*, z~) (eq. 16/41), upper triangle.
-        delta: (n, L) the displacement h - z~, computed directly (accurate also when V -> 0,
-            where it is O(V) and h - z~ would lose digits).
-        hessian: (n, L, L) Hessian of Psi with respect to h at the prox (h coordinates), or None.
-        jacobian_diag: (n, L) d Prox_ab / d z~_ab (implicit differentiation,
-            [(-Hessian)^-1]_{ab,ab} / (V s_ab)); used for V_hat (eq. 51 via Stein's lemma).
-        replicon: (n,) ||(V Hess_u)^-1 + I_L||_F^2 with Hess_u the Hessian in the
-            normalised entries (see :func:`normalized_hessian`); the sample term of eq. 75. Or None.
-        psi: (n,) the value max_h Psi.
-        stationarity: (n,) max_ab |delta_ab + V s_ab d l/dh_ab| / min(1, V): the residual of the
-            fixed-point form h = z~ - V s grad l(h), in units of h for V >= 1 and relative to
-            V (gradient units) for V < 1.
-        converged: (n,) stationarity <= tol and the Hessian negative definite (a maximum).
-        iterations: Newton iterations performed (summed over the starting points).
-    """
-
-    h: np.ndarray
-    delta: np.ndarray
-    hessian: np.ndarray | None
-    jacobian_diag: np.ndarray
-    replicon: np.ndarray | None
-    psi: np.ndarray
-    stationarity: np.ndarray
-    converged: np.ndarray
-    iterations: int
-
-    @property
-    def all_converged(self) -> bool:
-        return bool(np.all(self.converged))
-
-    @property
-    def n_failed(self) -> int:
-        return int(np.size(self.converged) - np.count_nonzero(self.converged))
-
-
 def _inv_diag_t(C: np.ndarray) -> np.ndarray:
     """Diagonal of (C C^T)^-1 from a batched lower Cholesky factor (L, L, n): sum_k (C^-1)_ki^2."""
     L = C.shape[0]
@@ -296,68 +257,20 @@ def _inv_diag_t(C: np.ndarray) -> np.ndarray:
 
 
 def _newton_t(d_t, y_t, zt_t, V, activation, T, tol, max_iter):
-    """Safeguarded Newton for min_delta f = -Psi(z~ + delta), all samples at once; arrays (L, n).
+    """Safeguarded Newton for min_delta f = -Psi(z~ + delta), all samples; arrays (L, n) token-first.
 
     The unknown is the displacement delta = h - z~ (so that it keeps its relative precision
-    when V -> 0).  Returns (delta, loss, loss gradient, loss Hessian at h = z~ + delta, iterations).
-    Each iteration costs one evaluation of the loss with its derivatives at the trial points
-    (reused at the next iteration when accepted); rejected trials backtrack (Armijo) with loss
-    values only.
+    when V -> 0).  Runs the one compiled prox kernel (:mod:`hdlora.theory.newton`, potential
+    PRETRAIN, rule :meth:`NewtonRule.pretrain`).  Returns (delta, loss, loss gradient, loss Hessian
+    at h = z~ + delta, iterations), token-first.
     """
-    s = _embedding(T)[2][:, None]
-    Vs = V * s
-    scale = min(1.0, V)
     L, n = d_t.shape
-    d_t = d_t.copy()
-    loss, g, Hl = _loss_t(zt_t + d_t, y_t, T, activation)
-    idx = np.arange(L)
-
-    def fval(dd, ll):
-        return ll + np.sum(dd * dd / (2.0 * Vs), axis=0)
-
-    active = np.flatnonzero(np.max(np.abs(Vs * g + d_t), axis=0) > tol * scale)
-    it = 0
-    while active.size and it < max_iter:
-        it += 1
-        sel = slice(None) if active.size == n else active            # views when all are active
-        dd, zt, ya = d_t[:, sel], zt_t[:, sel], y_t[..., sel]
-        grad = g[:, sel] + dd / Vs                                   # grad of f = -Psi
-        f0 = fval(dd, loss[sel])
-        Hf = Hl[:, :, sel].copy()
-        Hf[idx, idx] += 1.0 / Vs
-        step, pd = _newton_direction_t(Hf, grad)
-        slope = np.sum(grad * step, axis=0)
-        trial = dd + step
-        lt, gt, Ht = _loss_t(zt + trial, ya, T, activation)
-        ft = fval(trial, lt)
-        # Armijo; in the quadratic-convergence region (convex, tiny step) the full Newton step
-        # is taken: the test cannot resolve decreases below the rounding of f there
-        local = pd & (np.max(np.abs(step), axis=0) <= 1e-6 * (scale + np.max(np.abs(dd), axis=0)))
-        ok = local | (ft <= f0 + 1e-4 * slope + 4e-16 * np.abs(f0))
-        if np.all(ok) and active.size == n:
-            d_t, loss, g, Hl = trial, lt, gt, Ht
-        else:
-            acc = active[ok]
-            d_t[:, acc], loss[acc], g[:, acc], Hl[:, :, acc] = trial[:, ok], lt[ok], gt[:, ok], Ht[:, :, ok]
-        pending = np.flatnonzero(~ok)
-        t = 1.0
-        for _ in range(40):
-            if pending.size == 0:
-                break
-            t *= 0.5
-            tr = dd[:, pending] + t * step[:, pending]
-            lt, _, _ = _loss_t(zt[:, pending] + tr, ya[..., pending], T, activation, order=0)
-            good = fval(tr, lt) <= f0[pending] + 1e-4 * t * slope[pending] + 4e-16 * np.abs(f0[pending])
-            if np.any(good) or t < 1e-10:
-                take = pending[good] if t >= 1e-10 else pending
-                trs = dd[:, take] + t * step[:, take]
-                d_t[:, active[take]] = trs
-                loss[active[take]], g[:, active[take]], Hl[:, :, active[take]] = _loss_t(
-                    zt[:, take] + trs, ya[..., take], T, activation)
-                pending = pending[~good] if t >= 1e-10 else pending[:0]
-        still = np.max(np.abs(Vs * g[:, sel] + d_t[:, sel]), axis=0) > tol * scale
-        active = active[still]
-    return d_t, loss, g, Hl, it
+    s = _embedding(T)[2]
+    data = np.concatenate([zt_t.T, y_t.reshape(T * T, n).T], axis=1)
+    out = _newton.minimise(_newton.PRETRAIN, d_t.T, np.zeros((n, L)), V * s, data, T, activation == "softmax",
+                           _newton.NewtonRule.pretrain(tol, max_iter, V))
+    return (np.ascontiguousarray(out.x.T), out.loss, np.ascontiguousarray(out.grad.T),
+            np.ascontiguousarray(np.moveaxis(out.hess, 0, -1)), out.iterations)
 
 
 def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "softmax", *,
@@ -374,7 +287,9 @@ def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "s
         init: (n, L) warm start for h (e.g. the prox of the previous state-evolution iteration).
         multi_start: also start from z* (an interpolating point, sigma(z*) fitted) and
             keep the larger Psi per sample.  Default: True without ``init``, False with it.
-        tol: tolerance on the stationarity residual (see ProxResult.stationarity).
+        tol: tolerance on the stationarity residual (ProxResult.residual)
+            max_ab |delta_ab + V s_ab d l/dh_ab| / min(1, V): the residual of the fixed-point form
+            h = z~ - V s grad l(h), in units of h for V >= 1 and relative to V (gradient units) for V < 1.
         max_iter: maximum number of Newton iterations per starting point.
         full: also return the Hessian and the replicon sample term (else those fields are None;
             the state-evolution iterations only need h and the Jacobian diagonal).
@@ -382,8 +297,13 @@ def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "s
             generic Newton path, for testing).
 
     Returns:
-        ProxResult with the maximiser, the Hessian of Psi there, the implicit derivative
-        d Prox / d z~ (diagonal), the replicon sample term and per-sample convergence.
+        ProxResult: x (n, L) the maximiser h (upper triangle), value = max_h Psi, the Hessian of
+        Psi there (h coordinates; None unless ``full``), residual (above), converged
+        (residual <= tol at a negative-definite Hessian), iterations (summed over the starts), and
+        in ``extra``: ``delta`` (n, L) = h - z~ computed directly (accurate also when V -> 0),
+        ``jacobian_diag`` (n, L) d Prox_ab / d z~_ab = [(-Hessian)^-1]_{ab,ab} / (V s_ab) (for V_hat,
+        eq. 51 via Stein's lemma), ``replicon`` (n,) ||(V Hess_u)^-1 + I_L||_F^2 in the normalised
+        entries (:func:`normalized_hessian`), the sample term of eq. 75 (None unless ``full``).
     """
     _check_activation(activation)
     z_star = np.asarray(z_star, dtype=float)
@@ -443,5 +363,6 @@ def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "s
         hess[idx, idx] -= 1.0 / (V * s)
         hess = np.moveaxis(hess, -1, 0)
     converged = (stat <= tol) & pd & np.all(np.isfinite(h_t), axis=0)
-    return ProxResult(h=h_t.T.copy(), delta=d_t.T.copy(), hessian=hess, jacobian_diag=jac.T.copy(),
-                      replicon=rep, psi=psi, stationarity=stat, converged=converged, iterations=iters)
+    return ProxResult(x=h_t.T.copy(), value=psi, hessian=hess, residual=stat, converged=converged,
+                      iterations=iters, n_not_max=int(np.count_nonzero(~pd)),
+                      extra={"delta": d_t.T.copy(), "jacobian_diag": jac.T.copy(), "replicon": rep})

@@ -1,0 +1,566 @@
+"""The compiled batched Newton prox kernel (Numba); imported lazily by :mod:`hdlora.theory.newton`.
+
+Do not import this module directly: :func:`hdlora.theory.newton.kernel` does, the first time a
+prox needs it, so that a CLI call or a closed-form (linear) solve never imports numba.  All
+functions are ``@njit(cache=True)``: compiled once per machine, cached on disk next to this file.
+
+One kernel, :func:`newton_prox`, minimises per sample
+
+    f(x) = loss(x) + sum_i (x_i - a_i)^2 / (2 w_i),       x in R^k,
+
+(the proximal operator of ``loss`` in the metric diag(w), anchor a), by safeguarded Newton:
+Cholesky direction, saddle-free |eigenvalue| direction where the Hessian of f is not positive
+definite, Armijo backtracking.  The loss, its gradient and Hessian in x are supplied per sample by
+:func:`loss_derivatives`, which dispatches on ``kind`` (the potentials below); k is read from the
+arrays, never fixed.
+
+Potentials (``kind``):
+    PRETRAIN (0): the pre-training channel Psi of eq. 42 in the displacement x = delta = h - z~
+        (k = L = T(T+1)/2; row = [z~ (L), sigma(z*) (T*T)]); loss = ||sigma(h) - sigma(z*)||_F^2.
+    FINETUNE (1): the fine-tuning channel psi of eq. 63 in x = chi (k = T; row = [z - q I (T*T),
+        sigma(z* + chi* chi*^T - q0 I) (T*T)]); loss = ||sigma(z - q I + chi chi^T) - Y||_F^2;
+        aux[0] = d loss / d(-q) = Tr dl/dX (eq. 72).
+    SEPARABLE_QUARTIC (2): a test potential of any k, loss = sum_i c_i (x_i^2 - 1)^2 (row = c, k
+        entries): non-concave, separable, with a known global prox per coordinate.
+``consts`` = [T, softmax (1) or linear (0)] (T is unused by SEPARABLE_QUARTIC).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+PRETRAIN = 0
+FINETUNE = 1
+SEPARABLE_QUARTIC = 2
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_rows(X, P, T):
+    for a in range(T):
+        m = X[a, 0]
+        for b in range(1, T):
+            if X[a, b] > m:
+                m = X[a, b]
+        s = 0.0
+        for b in range(T):
+            P[a, b] = math.exp(X[a, b] - m)
+            s += P[a, b]
+        for b in range(T):
+            P[a, b] = P[a, b] / s
+
+
+@njit(cache=True, error_model="numpy")
+def _pretrain_loss(x, row, T, softmax, order, g, H, X, P, R, G):
+    """Psi of eq. 42 (loss part) at h = z~ + x; g, H in the L free entries (upper triangle, row-major)."""
+    L = x.shape[0]
+    i = 0
+    for a in range(T):
+        for b in range(a, T):
+            v = row[i] + x[i]
+            X[a, b] = v
+            X[b, a] = v
+            i += 1
+    if softmax:
+        _softmax_rows(X, P, T)
+    else:
+        for a in range(T):
+            for b in range(T):
+                P[a, b] = X[a, b] / T
+    loss = 0.0
+    for a in range(T):
+        for b in range(T):
+            r = P[a, b] - row[L + a * T + b]
+            R[a, b] = r
+            loss += r * r
+    if order == 0:
+        return loss
+    # gradient of the loss in the full T x T entries (G), then folded onto the free entries
+    if softmax:
+        for a in range(T):
+            w = 0.0
+            for b in range(T):
+                w += P[a, b] * R[a, b]
+            for b in range(T):
+                G[a, b] = 2.0 * (P[a, b] * R[a, b] - P[a, b] * w)
+    else:
+        for a in range(T):
+            for b in range(T):
+                G[a, b] = (2.0 / T) * R[a, b]
+    i = 0
+    for a in range(T):
+        for b in range(a, T):
+            g[i] = G[a, b] + G[b, a] if a != b else G[a, a]
+            i += 1
+    if order < 2:
+        return loss
+    for p in range(L):
+        for q in range(L):
+            H[p, q] = 0.0
+    if softmax:
+        # row a: Hess l_a = 2 [diag(p (p + r - w)) - p q^T - q p^T + c p p^T], q = p (p + r), c = |p|^2 + 2 w
+        for a in range(T):
+            w = 0.0
+            c = 0.0
+            for b in range(T):
+                w += P[a, b] * R[a, b]
+                c += P[a, b] * P[a, b]
+            c += 2.0 * w
+            for b in range(T):
+                ib = _free(a, b, T)
+                pb = P[a, b]
+                qb = pb * pb + pb * R[a, b]
+                for d in range(T):
+                    pd = P[a, d]
+                    qd = pd * pd + pd * R[a, d]
+                    hv = c * pb * pd - pb * qd - qb * pd
+                    if b == d:
+                        hv += pb * (pb + R[a, b] - w)
+                    H[ib, _free(a, d, T)] += 2.0 * hv
+    else:
+        k2 = 2.0 / (T * T)
+        for a in range(T):
+            for b in range(T):
+                ib = _free(a, b, T)
+                H[ib, ib] += k2
+    return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _free(a, b, T):
+    """Index of the free entry (min(a,b), max(a,b)) in the row-major upper triangle."""
+    if a > b:
+        a, b = b, a
+    return a * T - (a * (a - 1)) // 2 + (b - a)
+
+
+@njit(cache=True, error_model="numpy")
+def _finetune_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
+    """psi of eq. 63 (loss part) at chi = x: X = (z - q I) + chi chi^T, loss = ||sigma(X) - Y||^2."""
+    TT = T * T
+    for a in range(T):
+        for b in range(T):
+            X[a, b] = row[a * T + b] + x[a] * x[b]
+    if softmax:
+        _softmax_rows(X, P, T)
+    else:
+        for a in range(T):
+            for b in range(T):
+                P[a, b] = X[a, b] / T
+    loss = 0.0
+    for a in range(T):
+        for b in range(T):
+            r = P[a, b] - row[TT + a * T + b]
+            R[a, b] = r
+            loss += r * r
+    if order == 0:
+        return loss
+    # G = dl/dX: softmax 2 U, U = P o (R - (P.R) 1^T); linear 2 R / T
+    if softmax:
+        for a in range(T):
+            s = 0.0
+            for b in range(T):
+                s += P[a, b] * R[a, b]
+            for b in range(T):
+                G[a, b] = 2.0 * (P[a, b] * (R[a, b] - s))
+    else:
+        for a in range(T):
+            for b in range(T):
+                G[a, b] = (2.0 / T) * R[a, b]
+    dq = 0.0
+    for a in range(T):
+        dq += G[a, a]
+    aux[0] = dq
+    for a in range(T):
+        acc = 0.0
+        for b in range(T):
+            acc += (G[a, b] + G[b, a]) * x[b]
+        g[a] = acc
+    if order < 2:
+        return loss
+    # Hess l = G + G^T + diag_k(chi^T h_k chi) + chi_k (h_k chi)_l + chi_l (h_l chi)_k + sum_a chi_a^2 h_a
+    if softmax:
+        # h_a = 2 [diag(w) - w p^T - p w^T + |p|^2 p p^T], w = p o p + u   (row a)
+        # hc[a] = h_a chi, quad[a] = chi^T h_a chi, S4 = sum_a chi_a^2 h_a
+        for p in range(T):
+            for q in range(T):
+                H[p, q] = 0.0
+        for a in range(T):
+            pp = 0.0
+            pchi = 0.0
+            wchi = 0.0
+            for b in range(T):
+                pab = P[a, b]
+                wab = pab * pab + 0.5 * G[a, b]
+                pp += pab * pab
+                pchi += pab * x[b]
+                wchi += wab * x[b]
+            quad = 0.0
+            for b in range(T):
+                pab = P[a, b]
+                wab = pab * pab + 0.5 * G[a, b]
+                hc = 2.0 * (wab * x[b] - wab * pchi - pab * wchi + pp * pchi * pab)
+                quad += hc * x[b]
+                # chi_a (h_a chi)_b + chi_b (h_b chi)_a : M2[a, b] + M2[b, a]
+                H[a, b] += x[a] * hc
+                H[b, a] += x[a] * hc
+            H[a, a] += quad
+            ca = x[a] * x[a]
+            for b in range(T):
+                pab = P[a, b]
+                wab = pab * pab + 0.5 * G[a, b]
+                H[b, b] += 2.0 * ca * wab
+                for d in range(T):
+                    pad = P[a, d]
+                    wad = pad * pad + 0.5 * G[a, d]
+                    H[b, d] += 2.0 * ca * (pp * pab * pad - wab * pad - pab * wad)
+        for p in range(T):
+            for q in range(T):
+                H[p, q] += G[p, q] + G[q, p]
+    else:
+        k2 = 2.0 / (T * T)
+        c2 = 0.0
+        for a in range(T):
+            c2 += x[a] * x[a]
+        for p in range(T):
+            for q in range(T):
+                H[p, q] = G[p, q] + G[q, p] + 2.0 * k2 * x[p] * x[q]
+            H[p, p] += 2.0 * k2 * c2
+    return loss
+
+
+@njit(cache=True, error_model="numpy")
+def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
+    """The loss of potential ``kind`` at x (and, for order >= 1, 2, its gradient g and Hessian H)."""
+    T = int(consts[0])
+    softmax = consts[1] != 0.0
+    if kind == PRETRAIN:
+        return _pretrain_loss(x, row, T, softmax, order, g, H, X, P, R, G)
+    if kind == FINETUNE:
+        return _finetune_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G)
+    return _separable_quartic_loss(x, row, order, g, H)
+
+
+@njit(cache=True, error_model="numpy")
+def _separable_quartic_loss(x, row, order, g, H):
+    k = x.shape[0]
+    loss = 0.0
+    for i in range(k):
+        u = x[i] * x[i] - 1.0
+        loss += row[i] * u * u
+    if order == 0:
+        return loss
+    for i in range(k):
+        g[i] = 4.0 * row[i] * x[i] * (x[i] * x[i] - 1.0)
+    if order < 2:
+        return loss
+    for i in range(k):
+        for j in range(k):
+            H[i, j] = 0.0
+        H[i, i] = row[i] * (12.0 * x[i] * x[i] - 4.0)
+    return loss
+
+
+@njit(cache=True, error_model="numpy")
+def jacobi_eigh(A, lam, U, B):
+    """Eigen-decomposition A = U diag(lam) U^T of a small symmetric matrix by cyclic Jacobi
+    rotations (no allocation; B is work space), swept until the off-diagonal part is below
+    1e-12 of the Frobenius norm (eigenvalue errors ~ its square) (at most 50 sweeps).  Eigenvalues unsorted."""
+    k = A.shape[0]
+    total = 0.0
+    for i in range(k):
+        for j in range(k):
+            B[i, j] = A[i, j]
+            U[i, j] = 1.0 if i == j else 0.0
+            total += A[i, j] * A[i, j]
+    for _sweep in range(50):
+        off = 0.0
+        for p in range(k - 1):
+            for q in range(p + 1, k):
+                off += B[p, q] * B[p, q]
+        if not off > 1e-24 * total:
+            break
+        for p in range(k - 1):
+            for q in range(p + 1, k):
+                apq = B[p, q]
+                if apq == 0.0:
+                    continue
+                theta = (B[q, q] - B[p, p]) / (2.0 * apq)
+                if abs(theta) > 1e150:
+                    t = 0.5 / theta
+                else:
+                    t = 1.0 / (abs(theta) + math.sqrt(theta * theta + 1.0))
+                    if theta < 0.0:
+                        t = -t
+                c = 1.0 / math.sqrt(t * t + 1.0)
+                sn = t * c
+                for r in range(k):
+                    brp = B[r, p]
+                    brq = B[r, q]
+                    B[r, p] = c * brp - sn * brq
+                    B[r, q] = sn * brp + c * brq
+                for r in range(k):
+                    bpr = B[p, r]
+                    bqr = B[q, r]
+                    B[p, r] = c * bpr - sn * bqr
+                    B[q, r] = sn * bpr + c * bqr
+                for r in range(k):
+                    urp = U[r, p]
+                    urq = U[r, q]
+                    U[r, p] = c * urp - sn * urq
+                    U[r, q] = sn * urp + c * urq
+    for i in range(k):
+        lam[i] = B[i, i]
+
+
+@njit(cache=True, error_model="numpy")
+def _direction(Hf, gf, pd_min, floor_rel, floor_abs, C, step, tmp, lam, U, B):
+    """step = -Hf^-1 gf by Cholesky when Hf is positive definite (pivots > pd_min), else the
+    saddle-free direction -U |Lambda|^-1 U^T gf with |lambda| floored at floor_rel max|lambda| + floor_abs.
+    Returns True when Hf is positive definite."""
+    k = gf.shape[0]
+    ok = True
+    for j in range(k):
+        d = Hf[j, j]
+        for m in range(j):
+            d -= C[j, m] * C[j, m]
+        if not d > pd_min:
+            ok = False
+            break
+        cjj = math.sqrt(d)
+        C[j, j] = cjj
+        for i in range(j + 1, k):
+            acc = Hf[i, j]
+            for m in range(j):
+                acc -= C[i, m] * C[j, m]
+            C[i, j] = acc / cjj
+    if ok:
+        for j in range(k):
+            acc = gf[j]
+            for m in range(j):
+                acc -= C[j, m] * tmp[m]
+            tmp[j] = acc / C[j, j]
+        for j in range(k - 1, -1, -1):
+            acc = tmp[j]
+            for m in range(j + 1, k):
+                acc -= C[m, j] * step[m]
+            step[j] = acc / C[j, j]
+        for j in range(k):
+            step[j] = -step[j]
+        return True
+    jacobi_eigh(Hf, lam, U, B)
+    amax = 0.0
+    for j in range(k):
+        if abs(lam[j]) > amax:
+            amax = abs(lam[j])
+    floor = floor_rel * amax + floor_abs
+    for j in range(k):
+        acc = 0.0
+        for m in range(k):
+            acc += U[m, j] * gf[m]
+        tmp[j] = acc / max(abs(lam[j]), floor)
+    for m in range(k):
+        acc = 0.0
+        for j in range(k):
+            acc += U[m, j] * tmp[j]
+        step[m] = -acc
+    return False
+
+
+@njit(cache=True, error_model="numpy")
+def _norm(v, kind):
+    s = 0.0
+    if kind == 0:
+        for j in range(v.shape[0]):
+            if abs(v[j]) > s:
+                s = abs(v[j])
+        return s
+    for j in range(v.shape[0]):
+        s += v[j] * v[j]
+    return math.sqrt(s)
+
+
+@njit(cache=True, error_model="numpy")
+def newton_prox(kind, x0, anchor, w, data, consts, opts, n_aux,
+                out_x, out_f, out_loss, out_g, out_H, out_aux, out_res, out_conv, out_it):
+    """Minimise f(x) = loss(x) + sum_i (x_i - a_i)^2 / (2 w_i) from x0, for every sample (rows).
+
+    opts = [stop, tol, max_iter, pd_min, floor_rel, floor_abs, trust, scale0, norm_kind,
+            armijo_rel, n_try, take_last]:
+      stop 0 ('residual'): converged when max_i |w_i dloss/dx_i + x_i - a_i| <= tol * scale0,
+          checked at every iterate before the step (out_res: that residual);
+      stop 1 ('step'): converged when the Newton step at a positive-definite Hessian is below
+          tol * (1 + |x|_2); that step is taken and the derivatives of the point before it are
+          returned (out_res: the last step norm, inf if none);
+      full step without test when the Hessian is positive definite and |step| <= trust (scale0 + |x|)
+          (norm_kind 0: max-norm and '<=', 1: 2-norm and '<');
+      else Armijo f(x + t s) <= f(x) + 1e-4 t g.s + armijo_rel |f(x)| for t = 1, 1/2, ... (n_try
+          values); if none passes, the last is taken (take_last) or the sample stays and stops.
+    Outputs at the point of the returned derivatives: f, loss, dloss/dx, d2loss/dx2 and aux.
+    """
+    n, k = x0.shape
+    stop = int(opts[0])
+    tol = opts[1]
+    max_iter = int(opts[2])
+    pd_min = opts[3]
+    floor_rel = opts[4]
+    floor_abs = opts[5]
+    trust = opts[6]
+    scale0 = opts[7]
+    norm_kind = int(opts[8])
+    armijo_rel = opts[9]
+    n_try = int(opts[10])
+    take_last = opts[11] != 0.0
+    T = max(int(consts[0]), 1)
+    X = np.empty((T, T))
+    P = np.empty((T, T))
+    R = np.empty((T, T))
+    G = np.empty((T, T))
+    x = np.empty(k)
+    xt = np.empty(k)
+    gl = np.empty(k)
+    Hl = np.empty((k, k))
+    gf = np.empty(k)
+    Hf = np.empty((k, k))
+    C = np.empty((k, k))
+    step = np.empty(k)
+    tmp = np.empty(k)
+    lam = np.empty(k)
+    U = np.empty((k, k))
+    B = np.empty((k, k))
+    gdum = np.empty(k)
+    Hdum = np.empty((k, k))
+    aux = np.zeros(max(n_aux, 1))
+    auxd = np.zeros(max(n_aux, 1))
+    it_max = 0
+    for s in range(n):
+        row = data[s]
+        a = anchor[s]
+        for j in range(k):
+            x[j] = x0[s, j]
+        loss = loss_derivatives(kind, x, row, consts, 2, gl, Hl, aux, X, P, R, G)
+        f = loss
+        for j in range(k):
+            dx = x[j] - a[j]
+            f += dx * dx / (2.0 * w[j])
+        conv = False
+        res = np.inf
+        it = 0
+        while True:
+            if stop == 0:
+                res = 0.0
+                for j in range(k):
+                    r = abs(w[j] * gl[j] + (x[j] - a[j]))
+                    if r > res:
+                        res = r
+                if res <= tol * scale0:
+                    conv = True
+                    break
+            if it >= max_iter:
+                break
+            it += 1
+            for j in range(k):
+                gf[j] = gl[j] + (x[j] - a[j]) / w[j]
+                for m in range(k):
+                    Hf[j, m] = Hl[j, m]
+                Hf[j, j] += 1.0 / w[j]
+            pd = _direction(Hf, gf, pd_min, floor_rel, floor_abs, C, step, tmp, lam, U, B)
+            snorm = _norm(step, norm_kind)
+            xnorm = _norm(x, norm_kind)
+            if stop == 1:
+                res = snorm
+                if pd and snorm < tol * (1.0 + xnorm):
+                    for j in range(k):
+                        x[j] += step[j]
+                    conv = True
+                    break
+            if norm_kind == 0:
+                trusted = pd and snorm <= trust * (scale0 + xnorm)
+            else:
+                trusted = pd and snorm < trust * (scale0 + xnorm)
+            slope = 0.0
+            for j in range(k):
+                slope += gf[j] * step[j]
+            # the full step is evaluated with its derivatives (kept when it is accepted, the usual
+            # case); shorter ones with the value only
+            t = 1.0
+            accepted = False
+            have_derivs = False
+            for tr in range(n_try):
+                for j in range(k):
+                    xt[j] = x[j] + t * step[j]
+                if tr == 0:
+                    lt = loss_derivatives(kind, xt, row, consts, 2, gdum, Hdum, auxd, X, P, R, G)
+                    have_derivs = True
+                else:
+                    lt = loss_derivatives(kind, xt, row, consts, 0, gdum, Hdum, auxd, X, P, R, G)
+                    have_derivs = False
+                ft = lt
+                for j in range(k):
+                    dx = xt[j] - a[j]
+                    ft += dx * dx / (2.0 * w[j])
+                if (trusted and tr == 0) or ft <= f + 1e-4 * t * slope + armijo_rel * abs(f):
+                    accepted = True
+                    break
+                if tr == n_try - 1:
+                    break
+                t *= 0.5
+            if not accepted and not take_last:
+                break          # no ascent found: stay (every further iteration would repeat this one)
+            for j in range(k):
+                x[j] = xt[j]
+            if have_derivs:
+                loss = lt
+                f = ft
+                for j in range(k):
+                    gl[j] = gdum[j]
+                    for m in range(k):
+                        Hl[j, m] = Hdum[j, m]
+                for j in range(n_aux):
+                    aux[j] = auxd[j]
+            else:
+                loss = loss_derivatives(kind, x, row, consts, 2, gl, Hl, aux, X, P, R, G)
+                f = loss
+                for j in range(k):
+                    dx = x[j] - a[j]
+                    f += dx * dx / (2.0 * w[j])
+        if it > it_max:
+            it_max = it
+        for j in range(k):
+            out_x[s, j] = x[j]
+            out_g[s, j] = gl[j]
+            for m in range(k):
+                out_H[s, j, m] = Hl[j, m]
+        for j in range(n_aux):
+            out_aux[s, j] = aux[j]
+        out_f[s] = f
+        out_loss[s] = loss
+        out_res[s] = res
+        out_conv[s] = conv
+        out_it[s] = it
+    return it_max
+
+
+@njit(cache=True, error_model="numpy")
+def evaluate_batch(kind, x, data, consts, order, out_g, out_H, out_aux):
+    """loss_derivatives for every row of x (n, k); returns the losses (n,) (tests, benchmarks)."""
+    n, k = x.shape
+    T = max(int(consts[0]), 1)
+    X = np.empty((T, T))
+    P = np.empty((T, T))
+    R = np.empty((T, T))
+    G = np.empty((T, T))
+    g = np.empty(k)
+    H = np.empty((k, k))
+    aux = np.zeros(max(out_aux.shape[1], 1))
+    out = np.empty(n)
+    for s in range(n):
+        out[s] = loss_derivatives(kind, x[s], data[s], consts, order, g, H, aux, X, P, R, G)
+        for j in range(k):
+            out_g[s, j] = g[j]
+            for m in range(k):
+                out_H[s, j, m] = H[j, m]
+        for j in range(out_aux.shape[1]):
+            out_aux[s, j] = aux[j]
+    return out

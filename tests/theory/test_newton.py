@@ -1,0 +1,194 @@
+"""The one compiled Newton prox kernel (hdlora.theory.newton, _newton_numba): identities only."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+
+from hdlora.activations import get as get_activation
+from hdlora.theory import finetune as F
+from hdlora.theory import newton
+from hdlora.theory import prox as P
+from hdlora.theory.sampling import frozen_fields
+
+ACTS = ["softmax", "linear"]
+
+
+def _pretrain_batch(n, T, seed):
+    rng = np.random.default_rng(seed)
+    L = T * (T + 1) // 2
+    zs, zt, d = rng.standard_normal((n, L)), rng.standard_normal((n, L)), 0.5 * rng.standard_normal((n, L))
+    return zs, zt, d
+
+
+def _pretrain_rows(zs, zt, T, act):
+    y_t = P._sigma_t(P._full_t(zs.T.copy(), T), act)
+    return np.concatenate([zt, y_t.reshape(T * T, -1).T], axis=1)
+
+
+def _finetune_batch(n, T, seed):
+    rng = np.random.default_rng(seed)
+    Zq = rng.standard_normal((n, T, T))
+    Zq = Zq + np.swapaxes(Zq, 1, 2)
+    Ya = rng.standard_normal((n, T, T))
+    Ya = Ya + np.swapaxes(Ya, 1, 2)
+    return rng.standard_normal((n, T)), Zq, Ya, rng.standard_normal((n, T))
+
+
+def _eval(kind, x, rows, T, act, order=2, n_aux=1):
+    n, k = x.shape
+    g, H, aux = np.empty((n, k)), np.empty((n, k, k)), np.empty((n, n_aux))
+    loss = newton.kernel().evaluate_batch(kind, np.ascontiguousarray(x), np.ascontiguousarray(rows),
+                                          np.array([float(T), 1.0 if act == "softmax" else 0.0]), order, g, H, aux)
+    return loss, g, H, aux
+
+
+# ---------------------------------------------------------------- derivatives: finite differences, NumPy reference
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("kind,T", [(newton.PRETRAIN, 2), (newton.PRETRAIN, 3), (newton.FINETUNE, 3),
+                                    (newton.FINETUNE, 4)])
+def test_kernel_derivatives_match_finite_differences(kind, T, act):
+    if kind == newton.PRETRAIN:
+        zs, zt, x = _pretrain_batch(5, T, 1)
+        rows = _pretrain_rows(zs, zt, T, act)
+    else:
+        x, Zq, Ya, _ = _finetune_batch(5, T, 1)
+        rows = F._kernel_rows(F._t(Zq), F._t(get_activation(act, "numpy")(Ya)))
+    _, g, H, _ = _eval(kind, x, rows, T, act)
+    e = 1e-6
+    for i in range(x.shape[1]):
+        dx = np.zeros(x.shape[1])
+        dx[i] = e
+        lp, gp, _, _ = _eval(kind, x + dx, rows, T, act)
+        lm, gm, _, _ = _eval(kind, x - dx, rows, T, act)
+        np.testing.assert_allclose(g[:, i], (lp - lm) / (2 * e), atol=1e-7)
+        np.testing.assert_allclose(H[:, :, i], (gp - gm) / (2 * e), atol=1e-7)
+    np.testing.assert_allclose(H, np.swapaxes(H, 1, 2), atol=1e-14)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("T", [2, 3])          # k = 3, 6
+def test_pretrain_kernel_equals_numpy_reference(T, act):
+    zs, zt, d = _pretrain_batch(200, T, 2)
+    loss, g, H, _ = _eval(newton.PRETRAIN, d, _pretrain_rows(zs, zt, T, act), T, act)
+    y_t = P._sigma_t(P._full_t(zs.T.copy(), T), act)
+    l_ref, g_ref, H_ref = P._loss_t((zt + d).T.copy(), y_t, T, act)
+    np.testing.assert_allclose(loss, l_ref, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(g, g_ref.T, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(H, np.moveaxis(H_ref, -1, 0), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("T", [3, 5])
+def test_finetune_kernel_equals_numpy_reference(T, act):
+    chi, Zq, Ya, ct = _finetune_batch(200, T, 3)
+    Y = get_activation(act, "numpy")(Ya)
+    loss, g, H, aux = _eval(newton.FINETUNE, chi, F._kernel_rows(F._t(Zq), F._t(Y)), T, act)
+    v = 0.7
+    psi, gpsi, hpsi, dq = F.finetune_potential_derivatives(chi, Zq, Y, ct, v, act)
+    prior = ((chi - ct) ** 2).sum(axis=1) / (2 * v)
+    np.testing.assert_allclose(-loss - prior, psi, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(-g - (chi - ct) / v, gpsi, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(-H - np.eye(T) / v, hpsi, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(aux[:, 0], dq, rtol=1e-12, atol=1e-14)
+
+
+def test_jacobi_eigh_matches_lapack():
+    rng = np.random.default_rng(4)
+    K = newton.kernel()
+    for k in (2, 3, 6, 9):
+        for _ in range(20):
+            A = rng.standard_normal((k, k))
+            A = A + A.T
+            lam, U, B = np.empty(k), np.empty((k, k)), np.empty((k, k))
+            K.jacobi_eigh(A, lam, U, B)
+            np.testing.assert_allclose(np.sort(lam), np.linalg.eigvalsh(A), atol=1e-12 * np.abs(A).max())
+            np.testing.assert_allclose(U @ np.diag(lam) @ U.T, A, atol=1e-11 * np.abs(A).max())
+            np.testing.assert_allclose(U.T @ U, np.eye(k), atol=1e-12)
+
+
+# ---------------------------------------------------------------- the Newton solver
+def _quartic_global(c, a, w):
+    """Global minimiser of c (x^2 - 1)^2 + (x - a)^2 / (2 w), per coordinate (real roots of the cubic)."""
+    out = np.empty_like(a)
+    for idx in np.ndindex(a.shape):
+        ci, ai = c[idx], a[idx]
+        wi = w[idx[-1]]
+        roots = np.roots([4 * ci, 0.0, -4 * ci + 1 / wi, -ai / wi])
+        roots = roots[np.abs(roots.imag) < 1e-9].real
+        f = ci * (roots**2 - 1) ** 2 + (roots - ai) ** 2 / (2 * wi)
+        out[idx] = roots[np.argmin(f)]
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])
+@pytest.mark.parametrize("rule", ["pretrain", "finetune"])
+def test_generic_k_separable_prox_reaches_the_known_global_maximum(k, rule):
+    rng = np.random.default_rng(k)
+    n = 300
+    c = rng.uniform(0.2, 2.0, (n, k))
+    a = 2.0 * rng.standard_normal((n, k))
+    w = rng.uniform(0.2, 3.0, k)
+    xg = _quartic_global(c, a, w)
+    # started at the global minimiser's sign (the basin is then the global one: f is separable)
+    x0 = np.sign(xg) * 1.5
+    r = (newton.NewtonRule.pretrain(1e-12, 100, 1.0) if rule == "pretrain"
+         else newton.NewtonRule.finetune(1e-12, 100, 1.0))
+    out = newton.minimise(newton.SEPARABLE_QUARTIC, x0, a, w, c, 0, False, r)
+    assert out.converged.all()
+    np.testing.assert_allclose(out.x, xg, atol=1e-8)
+    gf = out.grad + (out.x - a) / w                 # stationarity of f (stop 'step': one step before x)
+    assert np.abs(gf).max() < 1e-6
+    f_ref = (c * (xg**2 - 1) ** 2 + (xg - a) ** 2 / (2 * w)).sum(axis=1)
+    f_x = (c * (out.x**2 - 1) ** 2 + (out.x - a) ** 2 / (2 * w)).sum(axis=1)
+    assert np.all(f_x <= f_ref + 1e-12 * (1 + np.abs(f_ref)))
+
+
+@pytest.mark.parametrize("T", [2, 3])
+def test_pretrain_prox_is_stationary_and_not_below_a_quasi_newton_polish(T):
+    fl = frozen_fields(60, T, 2.25, 0.8, 0.7, seed=7)
+    zs, zt, V = fl["z_star"], fl["z"], 0.8
+    r = P.prox(zs, zt, V)
+    assert r.all_converged
+    _, g, _ = P.pretrain_potential_derivatives(r.x, zs, zt, V)
+    assert np.abs(V * 2 * g).max() < 1e-8
+    for i in range(zs.shape[0]):
+        for x0 in (zt[i], zs[i]):           # the starts of prox(): z~ and z*
+            res = minimize(lambda x: -P.pretrain_potential(x[None], zs[i:i + 1], zt[i:i + 1], V)[0], x0,
+                           method="BFGS", options={"gtol": 1e-10})
+            assert -res.fun <= r.value[i] + 1e-10 * (1 + abs(r.value[i]))
+
+
+def test_finetune_prox_is_stationary_and_not_below_a_quasi_newton_polish():
+    T, v, act = 3, 0.8, "softmax"
+    _, Zq, Ya, ct = _finetune_batch(60, T, 8)
+    Y = get_activation(act, "numpy")(Ya)
+    pr = F.prox_psi(ct, Zq, Y, v, act, Y_arg=Ya)
+    assert pr.n_failed == 0 and pr.n_not_max == 0
+    _, g, _, _ = F.finetune_potential_derivatives(pr.x, Zq, Y, ct, v, act)
+    assert np.abs(g * v).max() < 1e-7
+    for i in range(ct.shape[0]):
+        def mpsi(c):
+            return -F.finetune_potential_derivatives(c[None], Zq[i:i + 1], Y[i:i + 1], ct[i:i + 1], v, act,
+                                                     order=0)[0]
+        res = minimize(mpsi, ct[i], method="BFGS", options={"gtol": 1e-10})
+        assert -res.fun <= pr.value[i] + 1e-9 * (1 + abs(pr.value[i]))
+
+
+# ---------------------------------------------------------------- lazy import
+def test_linear_solve_and_theory_import_do_not_import_numba():
+    code = (
+        "import sys, json\n"
+        "import hdlora.theory\n"
+        "from hdlora import Params\n"
+        "from hdlora.theory import solve\n"
+        "r = solve(Params(alpha=0.1, alpha_ft=3, tokens=3, noise=0.5, lam=0.1, lam_ft=0.5, activation='linear'),"
+        " n_mc=2000, warn=False)\n"
+        "print(json.dumps({'numba': 'numba' in sys.modules, 'kernel': 'hdlora.theory._newton_numba' in sys.modules,"
+        " 'ok': r.finetune_test_error > 0}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"numba": False, "kernel": False, "ok": True}
