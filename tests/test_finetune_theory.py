@@ -1,17 +1,23 @@
 """Fine-tuning state evolution (Result 5), its prox, and the errors of Result 3 / A.7 / A.8."""
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from hdlora import Params, ParamError
+from hdlora import ParamError, Params
 from hdlora.activations import get as get_activation
 from hdlora.theory import errors
 from hdlora.theory.finetune import (
-    _prox_t, _t, frozen_baseline, prox_psi, psi_derivatives, solve_finetune, solve_finetune_effective,
-    solve_lora_only)
+    _prox_t,
+    _t,
+    frozen_baseline,
+    prox_psi,
+    psi_derivatives,
+    solve_finetune,
+    solve_finetune_effective,
+    solve_lora_only,
+)
 from hdlora.theory.sampling import frozen_fields, standard_normals, to_sym
 
 T = 3

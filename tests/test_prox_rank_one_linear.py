@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from hdlora import Params, ParamError
+from hdlora import ParamError, Params
 from hdlora.theory.finetune import prox_psi, psi_derivatives, solve_finetune, solve_finetune_effective
 from hdlora.theory.prox_rank_one_linear import LinearRankOneProx, solve_secular
 from hdlora.theory.sampling import frozen_fields, to_sym

@@ -15,7 +15,8 @@ import os
 import threading
 import time
 import traceback
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .tasks import run_task
 

@@ -10,9 +10,10 @@ and, by default, Q = Q0, M = 1, so Delta_eff = Delta/2 + Q0 - 2M + Q = Delta/2 +
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from hdlora.params import DEFAULT_N_MC, Params, ParamError
+from hdlora.params import DEFAULT_N_MC, ParamError, Params
 
 __all__ = ["effective_theory_task", "effective_simulate_task", "active_theory_task", "recalibrated_theory_task",
            "recalibrated_simulate_task", "recalibrated_pretrain_task", "EFF_THEORY", "EFF_SIM", "ACTIVE_THEORY",
@@ -97,9 +98,8 @@ def active_theory_task(params: Params, options: Mapping[str, Any], init: Mapping
 
 def _beta_star(params: Params, n_mc: int, seed: int = 0) -> tuple[float, Any]:
     """beta* = M/Q from the pre-training state evolution at beta = 1 (eq. 26, App. E)."""
-    from hdlora.theory.pretrain import solve_pretrain
-
     from hdlora.theory.effective import beta_min
+    from hdlora.theory.pretrain import solve_pretrain
 
     pre = solve_pretrain(params.replace(beta=1.0), n_mc=n_mc, seed=seed)
     if not pre.Q > 0:

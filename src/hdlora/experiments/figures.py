@@ -28,12 +28,12 @@ module only builds the sweeps and plots, so editing a plot keeps stored results 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from hdlora.params import DEFAULT_N_MC
 
@@ -122,7 +122,7 @@ class Figure:
     docs: tuple[dict, ...] = ()
     #: sweeps that depend on stored results (Fig. 1 inset: E' vs lam' at the optimal lam):
     #: a function (figure, frame of the first sweeps) -> sweep documents
-    followups: Callable[["Figure", Any], list] | None = None
+    followups: Callable[[Figure, Any], list] | None = None
 
     def followup_docs(self, frame) -> list[dict]:
         return [] if self.followups is None else list(self.followups(self, frame))
@@ -261,7 +261,7 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
     raise FigureError(f"figure number must be one of {list(FIGURES)}, got {number!r}")  # pragma: no cover
 
 
-def _fig1_inset(fig: "Figure", frame) -> list[dict]:
+def _fig1_inset(fig: Figure, frame) -> list[dict]:
     """E' vs lam' at the optimal lam of each panel (the minimum of the finite-lam' theory curves)."""
     s = fig.settings
     th = _ok(frame, "fig1-theory", "theory") if len(frame) else frame
@@ -439,7 +439,7 @@ def _once(ax, label: str) -> str | None:
     return None if label in ax.get_legend_handles_labels()[1] else label
 
 
-def _finish(fig: Figure, mfig, cov: "Coverage") -> dict[str, Path]:
+def _finish(fig: Figure, mfig, cov: Coverage) -> dict[str, Path]:
     s = fig.settings
     mfig.suptitle(f"Fig. {fig.number}: {fig.title}", fontsize=11)
     # the footer states the settings of the rows drawn (the task keys hold them) and what is not there
@@ -610,7 +610,7 @@ def _plot4(fig: Figure, df, plt):
         t = th[th["alpha_ft"] == a]
         # min over lam' at each Delta_eff, separately for the active and the uniform runs
         rows = []
-        for k, g in t.groupby("kappa0"):
+        for _, g in t.groupby("kappa0"):
             ia, iu = g["finetune_test_error"].idxmin(), g["uniform_finetune_test_error"].idxmin()
             rows.append(dict(delta_eff=g["delta_eff"].iloc[0], act=g.loc[ia, "finetune_test_error"],
                              uni=g.loc[iu, "uniform_finetune_test_error"], o_act=g.loc[ia, "overlap"],
@@ -626,7 +626,7 @@ def _plot4(fig: Figure, df, plt):
         s = sm[sm["alpha_ft"] == a]
         if len(s):
             srows = []
-            for k, g in s.groupby("kappa0"):
+            for _, g in s.groupby("kappa0"):
                 ia, iu = g["finetune_test_error"].idxmin(), g["uniform_finetune_test_error"].idxmin()
                 srows.append((g["delta_eff_law"].iloc[0], g.loc[[ia]], g.loc[[iu]], g.loc[[ia]]))
             srows.sort(key=lambda r: r[0])

@@ -59,13 +59,14 @@ import itertools
 import math
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from ..params import DEFAULT_N_MC, Params, ParamError
+from ..params import DEFAULT_N_MC, ParamError, Params
 from ..theory.fixed_point import NonConvergenceWarning
 
 #: target -> maximise? (errors are minimised, the overlap is maximised)

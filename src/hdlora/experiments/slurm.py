@@ -223,7 +223,7 @@ class SlurmCluster:
         self._cluster = None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SlurmCluster":
+    def from_args(cls, args: argparse.Namespace) -> SlurmCluster:
         return cls(parse_cluster_options(args.cluster_option, args.workers))
 
     @property
@@ -294,7 +294,7 @@ class SlurmCluster:
             self._cluster.close()
             self._cluster = None
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from ..activations import get as get_activation
-from ..params import A0, Params, ParamError
+from ..params import A0, ParamError, Params
 from .sampling import frozen_fields, to_sym
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
-from ..params import A0, DEFAULT_N_MC, Params, ParamError
+from ..params import A0, DEFAULT_N_MC, ParamError, Params
 from . import effective as _eff
 from .active import active_fields
 from .errors import finetune_losses

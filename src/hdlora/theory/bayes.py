@@ -101,15 +101,17 @@ Everything is float64 numpy; no printing, no I/O.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from scipy.special import logsumexp
 
 from ..activations import get as get_activation
-from ..params import A0 as _A0, ACTIVATIONS, ParamError, Params
+from ..params import A0 as _A0
+from ..params import ACTIVATIONS, ParamError, Params
 from .fixed_point import iterate
 from .sampling import frozen_fields, s_ab, standard_normals, to_sym, upper_indices
 
