@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
 
 from ..params import A0, DEFAULT_N_MC, ParamError, Params
 from . import effective as _eff
@@ -67,7 +70,7 @@ class ActiveComparison:
         return d
 
 
-def _paired_test_difference(params: Params, Q0: float, Q: float, M: float, a, u, n_test: int, seed: int):
+def _paired_test_difference(params: Params, Q0: float, Q: float, M: float, a: np.ndarray, u: np.ndarray, n_test: int, seed: int):
     """E'(uniform) - E'(active) on common test samples: (mean, s.e.) (eq. 73, fields from Q)."""
     b = params.beta
     if params.frozen:
@@ -82,7 +85,7 @@ def _paired_test_difference(params: Params, Q0: float, Q: float, M: float, a, u,
 
 
 def active_comparison_effective(params: Params, Q0: float, Q: float, M: float, *, n_mc: int = DEFAULT_N_MC,
-                                seed: int = 0, n_test: int | None = None, **kwargs) -> ActiveComparison:
+                                seed: int = 0, n_test: int | None = None, **kwargs: Any) -> ActiveComparison:
     """Active vs uniform fine-tuning on an effective pre-training (Fig. 4), theory.
 
     Args:
@@ -110,7 +113,7 @@ def active_comparison_effective(params: Params, Q0: float, Q: float, M: float, *
     return _compare(params, Q0, Q, M, act, uni, zs_a, z_a, zs_u, z_u, n_test or n_mc, seed + 2)
 
 
-def active_comparison(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, **kwargs) -> ActiveComparison:
+def active_comparison(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, **kwargs: Any) -> ActiveComparison:
     """Active vs uniform fine-tuning after a real pre-training: :func:`hdlora.theory.solve` with and
     without ``active_pool`` (same seeds, hence common rank-one and test samples)."""
     from .solve import solve
@@ -125,7 +128,7 @@ def active_comparison(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0
     return _compare(p, Q0, Q, M, act, uni, zs_a, z_a, f["z_star"], f["z"], n_mc, seed + 2)
 
 
-def _compare(params, Q0, Q, M, act, uni, zs_a, z_a, zs_u, z_u, n_test, seed) -> ActiveComparison:
+def _compare(params: Params, Q0: float, Q: float, M: float, act: FinetuneResult, uni: FinetuneResult, zs_a: np.ndarray, z_a: np.ndarray, zs_u: np.ndarray, z_u: np.ndarray, n_test: int, seed: int) -> ActiveComparison:
     b = params.beta
     d, d_se = _paired_test_difference(params, Q0, Q, M, act, uni, n_test, seed)
     return ActiveComparison(
