@@ -150,7 +150,7 @@ def linear_frozen_test_error_printed(T: int, delta_eff: float) -> float:
 # ----------------------------------------------------------------------------------------
 # errors from the order parameters (closed form for linear, Monte Carlo for softmax)
 # ----------------------------------------------------------------------------------------
-def _check_T(T: object):
+def _check_T(T: float):
     if isinstance(T, bool) or int(T) != T or T < 2:
         raise ParamError(f"tokens (T) must be an integer >= 2, got {T!r}")
     return int(T)

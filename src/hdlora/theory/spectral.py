@@ -202,7 +202,7 @@ def _edges(t: float, k: float):
     scale = 1.0 + np.abs(roots)
     real = np.sort(roots[np.abs(roots.imag) <= 1e-9 * scale].real)
     # intervals between consecutive real roots where the discriminant is negative
-    intervals = []
+    intervals: list[tuple[float, float]] = []
     for a, b in zip(real[:-1], real[1:]):
         if b > a and _polyval(disc, 0.5 * (a + b)) < 0:
             if intervals and abs(intervals[-1][1] - a) <= 1e-12 * (1 + abs(a)):
