@@ -469,7 +469,7 @@ def _plot1(fig: Figure, df, plt):
     mfig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     th, sm = _ok(df, "fig1-theory", "theory"), _ok(df, "fig1-simulate", "simulate")
     lo, bo = _ok(df, "fig1-theory", "lora_only"), _ok(df, "fig1-theory", "bayes_optimal")
-    best = {}
+    best: dict[float, list[tuple[float, float, float]]] = {}
     for ax, noise in zip(axes[:2], noises):
         for i, lf in enumerate([0.05, 1.0, math.inf]):
             c = _COLORS[i]
@@ -546,7 +546,7 @@ def _plot_effective(fig: Figure, df, plt, panels: Sequence[tuple[str, float]], e
         ax.set_ylabel(r"$\mathcal{E}'$")
         ax.set_title(title + " (dots: simulations)")
         _legend(ax)
-    if excess:
+    if ref is not None:   # i.e. excess
         ax = axes[-1]
         for i, a in enumerate([1.0, 3.0, 10.0]):
             c = _COLORS[i]
@@ -745,9 +745,9 @@ def coverage(fig: Figure, df) -> Coverage:
     per = {}
     for spec in specs:
         d = df[df["sweep"] == spec.name] if "sweep" in df else df.iloc[0:0]
-        status = d["status"] if "status" in d else []
-        per[spec.name] = (len(plan(spec).tasks), int((status == "ok").sum()) if len(d) else 0,
-                          int((status == "failed").sum()) if len(d) else 0)
+        counted = len(d) > 0 and "status" in d
+        per[spec.name] = (len(plan(spec).tasks), int((d["status"] == "ok").sum()) if counted else 0,
+                          int((d["status"] == "failed").sum()) if counted else 0)
     return Coverage(per)
 
 
@@ -768,7 +768,7 @@ def stored_modes(fig: Figure) -> list[str]:
     return found
 
 
-def plot_figure(fig: Figure, df=None) -> dict[str, Path]:
+def plot_figure(fig: Figure, df=None) -> dict[str, Any]:
     """Draw the figure from the stored results of its own tasks; writes figN.png, figN.pdf and figN.csv.
 
     Only the rows of the figure's tasks are drawn (their keys hold D, the seeds, n_mc and the code

@@ -220,7 +220,7 @@ class SlurmCluster:
 
     def __init__(self, options: SlurmOptions) -> None:
         self.options = options
-        self._cluster = None
+        self._cluster: Any = None   # a dask_jobqueue.SLURMCluster once started
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SlurmCluster:

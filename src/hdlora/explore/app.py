@@ -54,7 +54,7 @@ from .model import (
     theory_command,
 )
 
-_EMPTY_CURVE = {"x": [], **{n: [] for n in CURVES}}
+_EMPTY_CURVE: dict[str, list[float]] = {"x": [], **{n: [] for n in CURVES}}
 
 _COPY_JS = """
 const text = area.value;
