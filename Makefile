@@ -70,6 +70,18 @@ notebooks: $(DOCSTAMP)
 notebooks-outputs: $(DOCSTAMP)
 	$(VPY) scripts/run_notebooks.py --update
 
+# ruff (lint, then the format check) and mypy, configured in pyproject.toml; the `lint` extra
+LINTSTAMP := $(VENV)/.installed-lint
+LINT_PATHS := src tests benchmarks scripts
+$(LINTSTAMP): $(STAMP) pyproject.toml
+	$(VPY) -m pip install -q -e '.[test,lint]'
+	touch $(LINTSTAMP)
+
+lint: $(LINTSTAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(VPY) $$b; done
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hdlora import Params, ParamError, cli
+from hdlora import ParamError, Params, cli
 
 HDLORA = [sys.executable, "-m", "hdlora.cli"]
 LINEAR = ["--activation", "linear", "--alpha", "0.1", "--alpha-ft", "3", "--tokens", "3", "--noise", "0.5",
@@ -188,7 +188,7 @@ def test_json_mode_prints_theory_warnings_on_stderr_too(monkeypatch, capsys):
     real = solve_mod.solve
 
     def warning_solve(*a, **k):
-        warnings.warn("fine-tuning state evolution not converged: residual 0.1 after 400 iterations")
+        warnings.warn("fine-tuning state evolution not converged: residual 0.1 after 400 iterations", stacklevel=2)
         return real(*a, **k)
 
     monkeypatch.setattr(solve_mod, "solve", warning_solve)

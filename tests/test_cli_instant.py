@@ -102,8 +102,10 @@ def test_n_mc_3e4_accepted_and_1000_5_refused_in_one_line(capsys):
 def test_parser_constants_match_the_library():
     """The light CLI modules repeat a few constants of heavy modules; they must agree."""
     from hdlora.experiments import optimize, optimize_cli
-    from hdlora.simulate import cli as sim_cli, losses
-    from hdlora.theory import BASELINES, cli as th_cli
+    from hdlora.simulate import cli as sim_cli
+    from hdlora.simulate import losses
+    from hdlora.theory import BASELINES
+    from hdlora.theory import cli as th_cli
     assert th_cli.BASELINES == BASELINES
     assert sim_cli.LOSSES == losses.LOSSES
     assert optimize_cli.TARGETS == tuple(optimize.TARGETS)

@@ -1,13 +1,20 @@
 """The data model (eq. 6): laws of the generated fields, centering, reuse, seeds."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from hdlora import ParamError
-from hdlora.data import (Effective, draw_noise, draw_teacher, effective_fields, finetune_dataset, generator,
-                         pretrain_dataset, rank_one_field)
+from hdlora.data import (
+    Effective,
+    draw_noise,
+    draw_teacher,
+    effective_fields,
+    finetune_dataset,
+    generator,
+    pretrain_dataset,
+    rank_one_field,
+)
 
 
 def _var_and_se(x: torch.Tensor):

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from hdlora import Params, ParamError
+from hdlora import ParamError, Params
 
 
 def test_defaults_valid():

@@ -7,16 +7,22 @@ One seed, one D, one activation, at the paper's Fig. 1 pre-training point.  Mode
   indep  rank-one token fields as in attention, but fresh tokens for every pair (no token shared in a row).
 usage: python scripts/studies/glm_surrogate.py MODE ACT D SEED1 SEED2 ...   (one JSON line per seed)
 Memory of 'sur': N L D(D+1)/2 float64 = 0.24 GB at D = 100, 1.2 GB at D = 150."""
-import json, math, sys, time, os
+import json
+import math
+import os
+import sys
+import time
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
+
 torch.set_num_threads(1)
-from hdlora.params import Params
 from hdlora import activations
-from hdlora.data import (draw_teacher, pretrain_dataset, generator, draw_noise, DTYPE)
-from hdlora.simulate.pretrain import pretrain
+from hdlora.data import DTYPE, draw_noise, draw_teacher, generator, pretrain_dataset
+from hdlora.params import Params
 from hdlora.simulate.metrics import order_parameters
 from hdlora.simulate.optim import minimise
+from hdlora.simulate.pretrain import pretrain
 
 RTOL = float(os.environ.get("RTOL", "1e-6"))
 
@@ -35,7 +41,8 @@ def sur_design(N, T, D, seed):
     diag_mask = (iu[0] == iu[1]).to(DTYPE)
     L = T * (T + 1) // 2
     pairs = [(a, b) for a in range(T) for b in range(a, T)]
-    g = torch.Generator(); g.manual_seed(1_000_003 * seed + 77 * D + 5)
+    g = torch.Generator()
+    g.manual_seed(1_000_003 * seed + 77 * D + 5)
     K = iu.shape[1]
     Gm = torch.randn(N, L, K, generator=g, dtype=DTYPE)
     scale_off = torch.where(diag_mask > 0, torch.tensor(1.0, dtype=DTYPE), torch.tensor(math.sqrt(2.0), dtype=DTYPE))
@@ -54,10 +61,12 @@ def to_sym(zL, pairs, T):
     return z
 
 def run_sur(p, D, seed, sigma):
-    s = p.sizes(D); N, T, P, P0 = s["N"], p.tokens, s["P"], s["P0"]
+    s = p.sizes(D)
+    N, T, P, P0 = s["N"], p.tokens, s["P"], s["P0"]
     teacher = draw_teacher(D, P0, seed)
     Gm, iu, pairs = sur_design(N, T, D, seed)
-    L = len(pairs); K = iu.shape[1]
+    L = len(pairs)
+    K = iu.shape[1]
     Gflat = Gm.reshape(N * L, K)
     S_star = teacher.W_star @ teacher.W_star.T / math.sqrt(P0)
     u_star = S_star[iu[0], iu[1]]
@@ -88,7 +97,8 @@ def run_sur(p, D, seed, sigma):
     return out
 
 def run_real(p, D, seed, sigma):
-    s = p.sizes(D); N, T, P, P0 = s["N"], p.tokens, s["P"], s["P0"]
+    s = p.sizes(D)
+    N, T, P, P0 = s["N"], p.tokens, s["P"], s["P0"]
     teacher = draw_teacher(D, P0, seed)
     pre = pretrain_dataset(N, T, p.noise, teacher, seed)
     pt = pretrain(pre, width=P, lam=p.lam, sigma=sigma, loss="attention", seed=seed, rtol=RTOL, max_iter=5000)
@@ -105,11 +115,14 @@ def fields(U, V, isdiag, W, D):
     return ((U @ W) * (V @ W)).sum(-1) / (D * math.sqrt(P)) - isdiag * trS / D
 
 def run_indep(p, D, seed, sigma):
-    s = p.sizes(D); N, T, P, P0 = s["N"], p.tokens, s["P"], s["P0"]
+    s = p.sizes(D)
+    N, T, P, P0 = s["N"], p.tokens, s["P"], s["P0"]
     teacher = draw_teacher(D, P0, seed)
-    pairs = [(a, b) for a in range(T) for b in range(a, T)]; L = len(pairs)
+    pairs = [(a, b) for a in range(T) for b in range(a, T)]
+    L = len(pairs)
     isdiag = torch.tensor([float(a == b) for a, b in pairs], dtype=DTYPE)
-    g = torch.Generator(); g.manual_seed(2_000_003 * seed + 91 * D + 7)
+    g = torch.Generator()
+    g.manual_seed(2_000_003 * seed + 91 * D + 7)
     U = torch.randn(N, L, D, generator=g, dtype=DTYPE)
     V = torch.randn(N, L, D, generator=g, dtype=DTYPE)
     V[:, isdiag > 0] = U[:, isdiag > 0]
@@ -136,7 +149,8 @@ if __name__ == "__main__":
     runners = {"real": run_real, "sur": run_sur, "indep": run_indep}
     if mode not in runners:
         sys.exit(f"MODE must be one of {sorted(runners)}, got {mode!r}")
-    p = params(act); sigma = activations.get(act, "torch")
+    p = params(act)
+    sigma = activations.get(act, "torch")
     for seed in map(int, sys.argv[4:]):
         t0 = time.time()
         r = runners[mode](p, D, seed, sigma)

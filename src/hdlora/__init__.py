@@ -6,6 +6,6 @@ the state evolutions (:mod:`hdlora.theory`) and the experiments
 (:mod:`hdlora.experiments`).
 """
 from ._version import __version__, code_version
-from .params import Params, ParamError
+from .params import ParamError, Params
 
 __all__ = ["Params", "ParamError", "__version__", "code_version"]

@@ -15,8 +15,9 @@ stored simulation; the test suite checks the two against each other.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

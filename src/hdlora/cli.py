@@ -23,10 +23,11 @@ import json
 import math
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ._version import __version__
-from .params import TOL_RANGE, Params, ParamError
+from .params import TOL_RANGE, Params
 
 # command name -> (module, one-line help). Modules are imported lazily: only the one that runs.
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 ACTIVATIONS = ("softmax", "linear")
 #: allowed fixed-point tolerances of the state evolutions (relative residual); the default is 1e-7.
@@ -189,7 +190,7 @@ class Params:
                 f"at dim = {dim}")
         return out
 
-    def replace(self, **changes: Any) -> "Params":
+    def replace(self, **changes: Any) -> Params:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
@@ -197,7 +198,7 @@ class Params:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Params":
+    def from_dict(cls, d: Mapping[str, Any]) -> Params:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

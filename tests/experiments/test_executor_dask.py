@@ -12,8 +12,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-
 from hdlora.experiments.store import Store
 
 TESTS = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import pytest
 
 from hdlora.cli import main as hdlora_main
 from hdlora.experiments import figures
+from hdlora.experiments import tasks as task_kinds
 from hdlora.experiments.figures import FigureError, build_figure, settings_for, toml_text
 from hdlora.experiments.sweep import SweepSpec, load_sweep, plan
-from hdlora.experiments import tasks as task_kinds
 
 
 @pytest.mark.parametrize("mode", ["paper", "quick", "tiny"])

@@ -22,7 +22,6 @@ import pytest
 
 from hdlora import Params
 from hdlora.cli import main
-from hdlora.experiments import optimize as opt_mod
 from hdlora.experiments.optimize import DEFAULT_BOUNDS, OptimizeResult, optimize
 from hdlora.params import ParamError
 from hdlora.theory import solve

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from hdlora.experiments.slurm import ClusterOptionError, SlurmOptions, parse_cluster_options
+from hdlora.experiments.slurm import ClusterOptionError, parse_cluster_options
 
 
 def test_defaults_one_job_one_core_one_thread():

@@ -14,8 +14,16 @@ import pytest
 from hdlora.experiments import tasks as task_kinds
 from hdlora.experiments.executor import SerialExecutor
 from hdlora.experiments.store import Store
-from hdlora.experiments.sweep import (SweepError, export, load_sweep, parse_sweep, plan, run_sweep, sweep_dataset,
-                                      sweep_frame)
+from hdlora.experiments.sweep import (
+    SweepError,
+    export,
+    load_sweep,
+    parse_sweep,
+    plan,
+    run_sweep,
+    sweep_dataset,
+    sweep_frame,
+)
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent

@@ -74,7 +74,7 @@ def test_three_concurrent_sweeps_compute_each_task_once_and_heartbeats_keep_long
     f = sweep_file(tmp_path, n, sleep=1.5)
     procs = [start(f, "--lease-seconds", "1") for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err
     reports = [json.loads(out) for out, _ in outs]
     assert completions(tmp_path) == [1.0 + i for i in range(n)]  # each task computed exactly once
@@ -111,7 +111,7 @@ def test_a_killed_sweeps_tasks_are_taken_over_after_its_lease_expires(tmp_path):
     victim.wait()
     others = [start(f, "--lease-seconds", "2") for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in others]
-    for p, (out, err) in zip(others, outs):
+    for p, (_, err) in zip(others, outs):
         assert p.returncode == 0, err
     reports = [json.loads(out) for out, _ in outs]
     stored = {a: (s, att, w) for a, s, att, w in rows(db)}

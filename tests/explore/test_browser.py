@@ -67,7 +67,7 @@ def _database(path: Path) -> None:
 
     base = Params(activation="linear")
     with Store(path, version="test") as st:
-        for i, (p, E) in enumerate([(base.replace(alpha_ft=1.0), 1.25), (base.replace(alpha_ft=3.0), 0.75),
+        for p, E in ([(base.replace(alpha_ft=1.0), 1.25), (base.replace(alpha_ft=3.0), 0.75),
                                     (base.replace(alpha_ft=2.0, noise=1.5), 9.0)]):
             st.put(Store.key("simulate", p.to_dict(), {"dim": 40, "seeds": 2}), status="ok", run_id="t",
                    result={"finetune_test_error": E, "finetune_test_error_se": 0.01, "overlap": 0.5,

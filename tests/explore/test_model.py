@@ -8,11 +8,18 @@ import sys
 
 import pytest
 
-from hdlora import Params, ParamError
+from hdlora import ParamError, Params
 from hdlora.cli import build_parser, main, params_from_args
 from hdlora.experiments.sweep import parse_sweep
-from hdlora.explore.model import (View, curve_columns, render_png, simulation_markers, solve_curve, sweep_toml,
-                                  theory_command)
+from hdlora.explore.model import (
+    View,
+    curve_columns,
+    render_png,
+    simulation_markers,
+    solve_curve,
+    sweep_toml,
+    theory_command,
+)
 
 try:
     import tomllib

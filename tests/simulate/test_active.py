@@ -8,12 +8,26 @@ import math
 import pytest
 import torch
 
-from hdlora import Params, ParamError, activations, cli
-from hdlora.data import DTYPE, Effective, draw_noise, draw_teacher, draw_tokens, effective_fields, generator, \
-    quadratic_field
+from hdlora import ParamError, Params, activations, cli
+from hdlora.data import (
+    DTYPE,
+    Effective,
+    draw_noise,
+    draw_teacher,
+    draw_tokens,
+    effective_fields,
+    generator,
+    quadratic_field,
+)
 from hdlora.simulate import ACTIVE_KEYS, EFFECTIVE_NAN_KEYS, KEYS, run, run_seed, theory_beta_star
-from hdlora.simulate.active import (delta_eff_measured, effective_pool, full_pool, select_lowest,
-                                    select_lowest_stream, selection_score)
+from hdlora.simulate.active import (
+    delta_eff_measured,
+    effective_pool,
+    full_pool,
+    select_lowest,
+    select_lowest_stream,
+    selection_score,
+)
 
 SOFTMAX = activations.get("softmax")
 EFF = {"Q0": 2.0, "Q": 2.0, "M": 1.0}

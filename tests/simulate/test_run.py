@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from hdlora import Params, ParamError, activations
+from hdlora import ParamError, Params, activations
 from hdlora.data import draw_teacher, generator, pretrain_dataset, quadratic_field
 from hdlora.simulate import EFFECTIVE_NAN_KEYS, KEYS, run, run_seed
 from hdlora.simulate.finetune import finetune_loss_sum, finetune_value_and_grad
-from hdlora.simulate.metrics import order_parameters, trace_S2, trace_S_S
+from hdlora.simulate.metrics import trace_S2, trace_S_S
 from hdlora.simulate.pretrain import pretrain_loss_sum, pretrain_value_and_grad
 
 SMALL = Params(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5, lam=0.1, lam_ft=0.5)

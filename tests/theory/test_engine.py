@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 
 from hdlora.theory.engine import (
-    CONVERGED, CONVERGED_MC, NOT_CONVERGED, REPLICA_UNSTABLE, BranchChoiceWarning, CarryDependenceError,
-    MCResolution, Stage, check_carry_independence, residual, solve_stage,
+    CONVERGED,
+    CONVERGED_MC,
+    NOT_CONVERGED,
+    REPLICA_UNSTABLE,
+    BranchChoiceWarning,
+    CarryDependenceError,
+    MCResolution,
+    Stage,
+    check_carry_independence,
+    residual,
+    solve_stage,
 )
 from hdlora.theory.fixed_point import NonConvergenceWarning, iterate
 
@@ -354,7 +363,7 @@ def test_real_stage_pretrain_linear_reaches_solve_pretrain_fixed_point(alpha, la
 def finetune_linear_stage(params, z_star, z, seed, n):
     """Fine-tuning state evolution (eqs. 67-72) for sigma(x) = x/T as solve_finetune builds it (exact prox,
     'direct' form), on the same samples; objective alpha' L'_train + lam' q per sample."""
-    from hdlora.theory.finetune import _linear_update       # read-only use of the stage's update map
+    from hdlora.theory.finetune import _linear_update  # read-only use of the stage's update map
     from hdlora.theory.prox_rank_one_linear import LinearRankOneProx
     from hdlora.theory.sampling import standard_normals, to_sym
 

@@ -1,12 +1,11 @@
 """Fine-tuning state evolution (Result 5), its prox, and the errors of Result 3 / A.7 / A.8."""
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from hdlora import Params, ParamError
+from hdlora import ParamError, Params
 from hdlora.activations import get as get_activation
 from hdlora.theory import errors
 from hdlora.theory.finetune import (

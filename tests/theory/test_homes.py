@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from hdlora import Params, ParamError
+from hdlora import ParamError, Params
 from hdlora.params import A0, DEFAULT_N_MC
 from hdlora.theory import effective as eff
 from hdlora.theory.solve import BASELINES, apply_baseline, canonical_baseline

@@ -8,8 +8,16 @@ import pytest
 from hdlora import Params
 from hdlora.params import ParamError
 from hdlora.theory import spectral
-from hdlora.theory.pretrain import (A0_of, PretrainResult, errors_exact, output_channel, output_channel_exact,
-                                    solve_pretrain, fields_test_law, train_fields)
+from hdlora.theory.pretrain import (
+    A0_of,
+    PretrainResult,
+    errors_exact,
+    fields_test_law,
+    output_channel,
+    output_channel_exact,
+    solve_pretrain,
+    train_fields,
+)
 from hdlora.theory.prox import prox_linear
 from hdlora.theory.sampling import standard_normals
 from hdlora.theory.stability import replicon_pretrain

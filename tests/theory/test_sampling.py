@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hdlora.theory.sampling import (from_sym, frozen_fields, s_ab, standard_normals, to_sym,
-                                    upper_indices)
+from hdlora.theory.sampling import from_sym, frozen_fields, s_ab, standard_normals, to_sym, upper_indices
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 5])

@@ -6,8 +6,8 @@ import pytest
 
 from hdlora import Params
 from hdlora.cli import main
-from hdlora.theory import solve
 from hdlora.theory import effective as eff
+from hdlora.theory import solve
 
 LIN = Params(activation="linear", alpha=0.1, alpha_ft=3, tokens=3, noise=0.5, lam=0.1, lam_ft=0.5)
 N = 3000  # small Monte-Carlo budget: these tests check wiring and identities, not accuracy

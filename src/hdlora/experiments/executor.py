@@ -15,7 +15,8 @@ import os
 import threading
 import time
 import traceback
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .tasks import run_task
 
@@ -38,7 +39,7 @@ class SerialExecutor:
     description = "serial"
 
     def __init__(self) -> None:
-        self._pending: dict[cf.Future, tuple] = {}
+        self._pending: dict[cf.Future, tuple[str, dict, dict, Mapping | None]] = {}
 
     def submit(self, kind: str, params: Mapping, options: Mapping, init: Mapping | None) -> cf.Future:
         fut: cf.Future = cf.Future()

@@ -10,9 +10,10 @@ and, by default, Q = Q0, M = 1, so Delta_eff = Delta/2 + Q0 - 2M + Q = Delta/2 +
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from hdlora.params import DEFAULT_N_MC, Params, ParamError
+from hdlora.params import DEFAULT_N_MC, ParamError, Params
 
 __all__ = ["effective_theory_task", "effective_simulate_task", "active_theory_task", "recalibrated_theory_task",
            "recalibrated_simulate_task", "recalibrated_pretrain_task", "EFF_THEORY", "EFF_SIM", "ACTIVE_THEORY",
@@ -52,7 +53,7 @@ def effective_theory_task(params: Params, options: Mapping[str, Any], init: Mapp
     from hdlora.theory.finetune import solve_finetune_effective
 
     Q0, Q, M = _effective_law(params, options)
-    kw = {"n_mc": int(options.get("n_mc", DEFAULT_N_MC)), "seed": int(options.get("seed", 0))}
+    kw: dict[str, Any] = {"n_mc": int(options.get("n_mc", DEFAULT_N_MC)), "seed": int(options.get("seed", 0))}
     if init is not None and not params.frozen:
         kw["init"] = {k: init[k] for k in ("m", "q", "v") if k in init} or None
     r = solve_finetune_effective(params, Q0, Q, M, **kw)
@@ -61,7 +62,7 @@ def effective_theory_task(params: Params, options: Mapping[str, Any], init: Mapp
     return d
 
 
-effective_theory_task.warm_start = True
+effective_theory_task.warm_start = True  # type: ignore[attr-defined]  # marker read by tasks.Kind via getattr
 
 
 def effective_simulate_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
@@ -97,9 +98,8 @@ def active_theory_task(params: Params, options: Mapping[str, Any], init: Mapping
 
 def _beta_star(params: Params, n_mc: int, seed: int = 0) -> tuple[float, Any]:
     """beta* = M/Q from the pre-training state evolution at beta = 1 (eq. 26, App. E)."""
-    from hdlora.theory.pretrain import solve_pretrain
-
     from hdlora.theory.effective import beta_min
+    from hdlora.theory.pretrain import solve_pretrain
 
     pre = solve_pretrain(params.replace(beta=1.0), n_mc=n_mc, seed=seed)
     if not pre.Q > 0:
@@ -113,20 +113,20 @@ def recalibrated_theory_task(params: Params, options: Mapping[str, Any], init: M
     ``params.beta`` is read as the *relative* factor beta/beta* (Fig. 6, App. E); beta* = M/Q
     from the pre-training fixed point.  Options: n_mc, seed.
     """
-    from hdlora import theory
+    from hdlora.theory.solve import solve
 
     n_mc, seed = int(options.get("n_mc", DEFAULT_N_MC)), int(options.get("seed", 0))
     bstar, _ = _beta_star(params, n_mc, seed)
     p = params.replace(beta=params.beta * bstar)
-    kw = {"n_mc": n_mc, "seed": seed}
+    kw: dict[str, Any] = {"n_mc": n_mc, "seed": seed}
     if init is not None:
         kw["init"] = {k: init[k] for k in ("Q", "M", "V", "q", "m", "v") if k in init}
-    d = theory.solve(p, **kw).to_dict()
+    d = solve(p, **kw).to_dict()
     d.update({"beta_star": bstar, "beta_factor": params.beta, "beta_used": p.beta})
     return d
 
 
-recalibrated_theory_task.warm_start = True
+recalibrated_theory_task.warm_start = True  # type: ignore[attr-defined]  # marker read by tasks.Kind via getattr
 
 
 def recalibrated_simulate_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:

@@ -28,12 +28,12 @@ module only builds the sweeps and plots, so editing a plot keeps stored results 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from hdlora.params import DEFAULT_N_MC
 
@@ -122,7 +122,7 @@ class Figure:
     docs: tuple[dict, ...] = ()
     #: sweeps that depend on stored results (Fig. 1 inset: E' vs lam' at the optimal lam):
     #: a function (figure, frame of the first sweeps) -> sweep documents
-    followups: Callable[["Figure", Any], list] | None = None
+    followups: Callable[[Figure, Any], list] | None = None
 
     def followup_docs(self, frame) -> list[dict]:
         return [] if self.followups is None else list(self.followups(self, frame))
@@ -261,7 +261,7 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
     raise FigureError(f"figure number must be one of {list(FIGURES)}, got {number!r}")  # pragma: no cover
 
 
-def _fig1_inset(fig: "Figure", frame) -> list[dict]:
+def _fig1_inset(fig: Figure, frame) -> list[dict]:
     """E' vs lam' at the optimal lam of each panel (the minimum of the finite-lam' theory curves)."""
     s = fig.settings
     th = _ok(frame, "fig1-theory", "theory") if len(frame) else frame
@@ -439,7 +439,7 @@ def _once(ax, label: str) -> str | None:
     return None if label in ax.get_legend_handles_labels()[1] else label
 
 
-def _finish(fig: Figure, mfig, cov: "Coverage") -> dict[str, Path]:
+def _finish(fig: Figure, mfig, cov: Coverage) -> dict[str, Path]:
     s = fig.settings
     mfig.suptitle(f"Fig. {fig.number}: {fig.title}", fontsize=11)
     # the footer states the settings of the rows drawn (the task keys hold them) and what is not there
@@ -469,7 +469,7 @@ def _plot1(fig: Figure, df, plt):
     mfig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     th, sm = _ok(df, "fig1-theory", "theory"), _ok(df, "fig1-simulate", "simulate")
     lo, bo = _ok(df, "fig1-theory", "lora_only"), _ok(df, "fig1-theory", "bayes_optimal")
-    best = {}
+    best: dict[float, list[tuple[float, float, float]]] = {}
     for ax, noise in zip(axes[:2], noises):
         for i, lf in enumerate([0.05, 1.0, math.inf]):
             c = _COLORS[i]
@@ -546,7 +546,7 @@ def _plot_effective(fig: Figure, df, plt, panels: Sequence[tuple[str, float]], e
         ax.set_ylabel(r"$\mathcal{E}'$")
         ax.set_title(title + " (dots: simulations)")
         _legend(ax)
-    if excess:
+    if ref is not None:   # i.e. excess
         ax = axes[-1]
         for i, a in enumerate([1.0, 3.0, 10.0]):
             c = _COLORS[i]
@@ -610,7 +610,7 @@ def _plot4(fig: Figure, df, plt):
         t = th[th["alpha_ft"] == a]
         # min over lam' at each Delta_eff, separately for the active and the uniform runs
         rows = []
-        for k, g in t.groupby("kappa0"):
+        for _, g in t.groupby("kappa0"):
             ia, iu = g["finetune_test_error"].idxmin(), g["uniform_finetune_test_error"].idxmin()
             rows.append(dict(delta_eff=g["delta_eff"].iloc[0], act=g.loc[ia, "finetune_test_error"],
                              uni=g.loc[iu, "uniform_finetune_test_error"], o_act=g.loc[ia, "overlap"],
@@ -626,7 +626,7 @@ def _plot4(fig: Figure, df, plt):
         s = sm[sm["alpha_ft"] == a]
         if len(s):
             srows = []
-            for k, g in s.groupby("kappa0"):
+            for _, g in s.groupby("kappa0"):
                 ia, iu = g["finetune_test_error"].idxmin(), g["uniform_finetune_test_error"].idxmin()
                 srows.append((g["delta_eff_law"].iloc[0], g.loc[[ia]], g.loc[[iu]], g.loc[[ia]]))
             srows.sort(key=lambda r: r[0])
@@ -745,9 +745,9 @@ def coverage(fig: Figure, df) -> Coverage:
     per = {}
     for spec in specs:
         d = df[df["sweep"] == spec.name] if "sweep" in df else df.iloc[0:0]
-        status = d["status"] if "status" in d else []
-        per[spec.name] = (len(plan(spec).tasks), int((status == "ok").sum()) if len(d) else 0,
-                          int((status == "failed").sum()) if len(d) else 0)
+        counted = len(d) > 0 and "status" in d
+        per[spec.name] = (len(plan(spec).tasks), int((d["status"] == "ok").sum()) if counted else 0,
+                          int((d["status"] == "failed").sum()) if counted else 0)
     return Coverage(per)
 
 
@@ -768,7 +768,7 @@ def stored_modes(fig: Figure) -> list[str]:
     return found
 
 
-def plot_figure(fig: Figure, df=None) -> dict[str, Path]:
+def plot_figure(fig: Figure, df=None) -> dict[str, Any]:
     """Draw the figure from the stored results of its own tasks; writes figN.png, figN.pdf and figN.csv.
 
     Only the rows of the figure's tasks are drawn (their keys hold D, the seeds, n_mc and the code

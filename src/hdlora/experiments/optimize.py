@@ -59,13 +59,14 @@ import itertools
 import math
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from ..params import DEFAULT_N_MC, Params, ParamError
+from ..params import DEFAULT_N_MC, ParamError, Params
 from ..theory.fixed_point import NonConvergenceWarning
 
 #: target -> maximise? (errors are minimised, the overlap is maximised)
@@ -238,21 +239,21 @@ class _Evaluator:
         return solve(p, n_mc=self.n_mc, seed=self.seed, tol=self.tol, max_iter=self.max_iter, init=init,
                      warn=False)
 
-    def value(self, x: Sequence[float]) -> float:
+    def value(self, x: Sequence[float] | np.ndarray) -> float:
         """The target at log10 point x (raw value, NaN if unavailable)."""
-        x = np.asarray(x, dtype=float)
-        key = tuple(np.round(x, 12))
+        xa = np.asarray(x, dtype=float)
+        key = tuple(np.round(xa, 12))
         if key in self.cache:
             return self.cache[key]
         if len(self.solved) >= self.max_solves:
             raise _BudgetExhausted
-        point = {n: float(10.0 ** xi) for n, xi in zip(self.over, x)}
-        init = self._init(x)
-        rec = self._record(x, point, init, self.phase)
+        point = {n: float(10.0 ** xi) for n, xi in zip(self.over, xa)}
+        init = self._init(xa)
+        rec = self._record(xa, point, init, self.phase)
         if not self._ok(rec) and init is not None and len(self.solved) < self.max_solves:
             # a warm start can lead the iteration astray (measured: softmax, e = 1, a warm start two
             # decades of lam away ran 500 fine-tuning iterations without converging): retry cold
-            rec = self._record(x, point, None, self.phase + "-cold")
+            rec = self._record(xa, point, None, self.phase + "-cold")
         self.cache[key] = rec.value if self._ok(rec) else math.nan
         return self.cache[key]
 
@@ -273,7 +274,7 @@ class _Evaluator:
             self.on_solve(rec)
         return rec
 
-    def objective(self, x: Sequence[float]) -> float:
+    def objective(self, x: Sequence[float] | np.ndarray) -> float:
         """Signed objective to minimise; non-converged / non-finite solves rank below every converged one."""
         v = self.value(x)
         if math.isfinite(v):
@@ -310,8 +311,8 @@ def _search_nd(ev: _Evaluator, lo: np.ndarray, hi: np.ndarray, n_grid: int, xtol
     axes = [np.linspace(lo[j], hi[j], n_grid) for j in range(k)]
     # snake order: consecutive grid points are neighbours (good warm starts)
     pts = []
-    for idx in itertools.product(range(n_grid), repeat=k):
-        idx = list(idx)
+    for cell in itertools.product(range(n_grid), repeat=k):
+        idx = list(cell)
         for j in range(1, k):
             if sum(idx[:j]) % 2:
                 idx[j] = n_grid - 1 - idx[j]

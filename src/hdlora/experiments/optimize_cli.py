@@ -5,8 +5,16 @@ import argparse
 import math
 import warnings
 
-from ..cli import (_float, add_common_arguments, add_param_arguments, dumps, format_table, integer,
-                   params_from_args, print_warnings)
+from ..cli import (
+    _float,
+    add_common_arguments,
+    add_param_arguments,
+    dumps,
+    format_table,
+    integer,
+    params_from_args,
+    print_warnings,
+)
 from ..params import DEFAULT_N_MC, ParamError
 
 # The same as hdlora.experiments.optimize's (a test checks it); not imported from there, which

@@ -220,10 +220,10 @@ class SlurmCluster:
 
     def __init__(self, options: SlurmOptions) -> None:
         self.options = options
-        self._cluster = None
+        self._cluster: Any = None   # a dask_jobqueue.SLURMCluster once started
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SlurmCluster":
+    def from_args(cls, args: argparse.Namespace) -> SlurmCluster:
         return cls(parse_cluster_options(args.cluster_option, args.workers))
 
     @property
@@ -294,7 +294,7 @@ class SlurmCluster:
             self._cluster.close()
             self._cluster = None
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -49,11 +49,12 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from hdlora.params import Params, ParamError
+from hdlora.params import ParamError, Params
 
 from . import tasks as task_kinds
 from .store import Key, Row, Store, canonical_json
@@ -490,7 +491,7 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
         desc = executor.description if executor is not None else "nothing to do"
         store.start_run(run_id, sweep=spec.name, source=spec.source, executor=desc, n_tasks=len(distinct))
         if progress:
-            from ..progress import bar as progress_bar   # plain lines when stderr is not a terminal
+            from ..progress import bar as progress_bar  # plain lines when stderr is not a terminal
 
             bar = progress_bar(total=len(distinct), initial=len(distinct) - n_todo, desc=spec.name, unit="task",
                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

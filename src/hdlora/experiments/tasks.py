@@ -30,8 +30,9 @@ import os
 import time
 import traceback
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from hdlora.params import Params
 
@@ -170,7 +171,7 @@ def _rule_effective() -> tuple[Callable[[Any], bool], str]:
     return ok, "a table {Q0 = ..., Q = ..., M = ...} of finite numbers"
 
 
-def _option_rules(kind: str) -> dict[str, tuple[Callable[[Any], bool], str]] | None:
+def _option_rules(kind: str) -> dict[str, tuple[Callable[[Any], bool], str] | None] | None:
     """name -> (check, allowed values) of the built-in kinds' options; None for other kinds."""
     if kind == "theory":
         from hdlora.theory.pretrain import PRETRAIN_METHODS
@@ -271,19 +272,19 @@ def _result_dict(r: Any) -> dict:
 # ----- built-in task functions (run in the worker) ---------------------------------------------------
 def theory_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
     """State evolution (Results 3-5), warm-started from the neighbouring point's result."""
-    from hdlora import theory
+    from hdlora.theory.solve import solve
 
     kwargs = dict(options)
     if init is not None:
         kwargs["init"] = init
-    return _result_dict(theory.solve(params, **kwargs))
+    return _result_dict(solve(params, **kwargs))
 
 
 def simulate_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
     """Finite-D simulation (pre-training + LoRA), averaged over the seeds by the simulator."""
-    from hdlora import simulate
+    from hdlora.simulate.run import run
 
-    return _result_dict(simulate.run(params, **dict(options)))
+    return _result_dict(run(params, **dict(options)))
 
 
 def bayes_optimal_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:

@@ -14,23 +14,47 @@ The data the page plots live in named ColumnDataSources (``theory``, ``nonconver
 from __future__ import annotations
 
 import base64
-import math
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 from bokeh.layouts import column, row
-from bokeh.models import (Button, Checkbox, ColumnDataSource, CustomJS, DataRange1d, Div, Legend, LegendItem,
-                          NumericInput, Select, Slider, TextAreaInput, Whisker)
+from bokeh.models import (
+    Button,
+    Checkbox,
+    ColumnDataSource,
+    CustomJS,
+    DataRange1d,
+    Div,
+    Legend,
+    LegendItem,
+    NumericInput,
+    Select,
+    Slider,
+    TextAreaInput,
+    Whisker,
+)
 from bokeh.plotting import figure
 
-from ..params import Params, ParamError
-from .model import AXES, CURVES, SLIDERS, View, curve_columns, render_png, simulation_markers, solve_curve
-from .model import CurvePoint, sweep_command, theory_command
+from ..params import ParamError, Params
+from .model import (
+    AXES,
+    CURVES,
+    SLIDERS,
+    CurvePoint,
+    View,
+    curve_columns,
+    render_png,
+    simulation_markers,
+    solve_curve,
+    sweep_command,
+    theory_command,
+)
 
-_EMPTY_CURVE = {"x": [], **{n: [] for n in CURVES}}
+_EMPTY_CURVE: dict[str, list[float]] = {"x": [], **{n: [] for n in CURVES}}
 
 _COPY_JS = """
 const text = area.value;

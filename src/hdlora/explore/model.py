@@ -22,10 +22,11 @@ import math
 import shlex
 import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
-from ..params import Params, ParamError
+from ..params import ParamError, Params
 
 # ----- what the page controls ------------------------------------------------------------------------------
 # Params field -> (label with the paper's symbol, slider start, end, step)
@@ -99,7 +100,7 @@ class View:
             self.point(x)
 
     @classmethod
-    def for_axis(cls, params: Params, axis: str, **kw: Any) -> "View":
+    def for_axis(cls, params: Params, axis: str, **kw: Any) -> View:
         """A view along ``axis`` with that axis' default range."""
         if axis not in AXES:
             raise ParamError(f"x-axis must be one of {sorted(AXES)}, got {axis!r}")
@@ -107,7 +108,7 @@ class View:
         kw = {"start": start, "stop": stop, "log": log, **kw}
         return cls(params=params, axis=axis, **kw)
 
-    def replace(self, **kw: Any) -> "View":
+    def replace(self, **kw: Any) -> View:
         return dataclasses.replace(self, **kw)
 
     def xs(self) -> list[float]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..params import ParamError
 from .model import View

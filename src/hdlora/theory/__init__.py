@@ -7,6 +7,7 @@ hdlora.theory.cli`` (the command line's parser) stays light.
 """
 import sys
 import types
+from typing import Any
 
 __all__ = ["solve", "TheoryResult", "BASELINES"]
 
@@ -18,7 +19,7 @@ def _load() -> None:
         globals()[n] = getattr(mod, n)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in __all__:
         _load()
         return globals()[name]
@@ -28,7 +29,7 @@ def __getattr__(name: str):
 class _Package(types.ModuleType):
     """Keeps ``hdlora.theory.solve`` the function when the submodule of the same name is imported."""
 
-    def __setattr__(self, name: str, value) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         if name == "solve" and isinstance(value, types.ModuleType):
             value = value.solve
         super().__setattr__(name, value)

@@ -10,11 +10,12 @@ fields (chi*, chi) are independent of (z*, z) (App. A.4) and are not affected.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 
 from ..activations import get as get_activation
-from ..params import A0, Params, ParamError
+from ..params import A0, ParamError, Params
 from .sampling import frozen_fields, to_sym
 
 
@@ -43,7 +44,7 @@ def active_fields(params: Params, Q0: float, Q: float, M: float, n_mc: int, seed
     """
     if params.active_pool is None:
         raise ParamError("active_fields needs params.active_pool (alpha_bar') to be set")
-    rho = params.rho
+    rho = cast(float, params.rho)   # active_pool is set (checked above), so rho is a float
     n_pool = int(math.ceil(n_mc / rho))
     f = frozen_fields(n_pool, params.tokens, A0(Q0, params.noise), Q, M, seed, method)
     keep_zs, keep_z = select(f["z_star"], params.beta * f["z"], n_mc, params.tokens, params.activation)

@@ -17,15 +17,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from ..params import A0, DEFAULT_N_MC, Params, ParamError
+from ..params import A0, DEFAULT_N_MC, ParamError, Params
 from . import effective as _eff
 from .active import active_fields
 from .errors import finetune_losses
 from .finetune import FinetuneResult, solve_finetune
 from .sampling import frozen_fields
+
+if TYPE_CHECKING:
+    from .solve import TheoryResult
+
+    # the solve behind each arm: fine-tuning only (effective pre-training) or the whole pipeline
+    _Outcome = FinetuneResult | TheoryResult
 
 __all__ = ["ActiveComparison", "active_comparison_effective", "active_comparison"]
 
@@ -59,8 +66,8 @@ class ActiveComparison:
     delta_eff_uniform: float
     rho: float
     converged: bool
-    active: object
-    uniform: object
+    active: _Outcome
+    uniform: _Outcome
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("active", "uniform")}
@@ -69,7 +76,7 @@ class ActiveComparison:
         return d
 
 
-def _paired_test_difference(params: Params, Q0: float, Q: float, M: float, a, u, n_test: int, seed: int):
+def _paired_test_difference(params: Params, Q0: float, Q: float, M: float, a: _Outcome, u: _Outcome, n_test: int, seed: int):
     """E'(uniform) - E'(active) on common test samples: (mean, s.e.) (eq. 73, fields from Q)."""
     b = params.beta
     if params.frozen:
@@ -84,7 +91,7 @@ def _paired_test_difference(params: Params, Q0: float, Q: float, M: float, a, u,
 
 
 def active_comparison_effective(params: Params, Q0: float, Q: float, M: float, *, n_mc: int = DEFAULT_N_MC,
-                                seed: int = 0, n_test: int | None = None, **kwargs) -> ActiveComparison:
+                                seed: int = 0, n_test: int | None = None, **kwargs: Any) -> ActiveComparison:
     """Active vs uniform fine-tuning on an effective pre-training (Fig. 4), theory.
 
     Args:
@@ -112,7 +119,7 @@ def active_comparison_effective(params: Params, Q0: float, Q: float, M: float, *
     return _compare(params, Q0, Q, M, act, uni, zs_a, z_a, zs_u, z_u, n_test or n_mc, seed + 2)
 
 
-def active_comparison(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, **kwargs) -> ActiveComparison:
+def active_comparison(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, **kwargs: Any) -> ActiveComparison:
     """Active vs uniform fine-tuning after a real pre-training: :func:`hdlora.theory.solve` with and
     without ``active_pool`` (same seeds, hence common rank-one and test samples)."""
     from .solve import solve
@@ -127,7 +134,7 @@ def active_comparison(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0
     return _compare(p, Q0, Q, M, act, uni, zs_a, z_a, f["z_star"], f["z"], n_mc, seed + 2)
 
 
-def _compare(params, Q0, Q, M, act, uni, zs_a, z_a, zs_u, z_u, n_test, seed) -> ActiveComparison:
+def _compare(params: Params, Q0: float, Q: float, M: float, act: _Outcome, uni: _Outcome, zs_a: np.ndarray, z_a: np.ndarray, zs_u: np.ndarray, z_u: np.ndarray, n_test: int, seed: int) -> ActiveComparison:
     b = params.beta
     d, d_se = _paired_test_difference(params, Q0, Q, M, act, uni, n_test, seed)
     return ActiveComparison(
@@ -138,4 +145,5 @@ def _compare(params, Q0, Q, M, act, uni, zs_a, z_a, zs_u, z_u, n_test, seed) -> 
         delta_eff_actft=_eff.delta_eff_actft(Q0, Q, M, params.noise) if Q > 0 else math.nan,
         delta_eff_selected=_eff.delta_eff_from_fields(zs_a, z_a, b)[0],
         delta_eff_uniform=_eff.delta_eff_from_fields(zs_u, z_u, b)[0],
-        rho=params.rho, converged=bool(act.converged and uni.converged), active=act, uniform=uni)
+        rho=cast(float, params.rho),  # active_pool is set (both callers check), so rho is a float
+        converged=bool(act.converged and uni.converged), active=act, uniform=uni)

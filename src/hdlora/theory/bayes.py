@@ -101,15 +101,17 @@ Everything is float64 numpy; no printing, no I/O.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, SupportsFloat
 
 import numpy as np
 from scipy.special import logsumexp
 
 from ..activations import get as get_activation
-from ..params import A0 as _A0, ACTIVATIONS, ParamError, Params
+from ..params import A0 as _A0
+from ..params import ACTIVATIONS, ParamError, Params
 from .fixed_point import iterate
 from .sampling import frozen_fields, s_ab, standard_normals, to_sym, upper_indices
 
@@ -157,13 +159,13 @@ def pretrain_qhat(Q: float, *, alpha: float, T: int, Q0: float, noise: float, ac
     return alpha * output_coefficient(T, activation) / V
 
 
-def _default_cubic_integral() -> Callable[[float, float], float]:
+def _default_cubic_integral() -> Callable[[float, float], SupportsFloat]:
     from .spectral import cubic_integral  # written concurrently; imported lazily
     return cubic_integral
 
 
 def matrix_denoising_mmse(Qhat: float, kappa0: float,
-                          cubic_integral: Callable[[float, float], float] | None = None) -> float:
+                          cubic_integral: Callable[[float, float], SupportsFloat] | None = None) -> float:
     """mmse(Qhat) = 1/Qhat - 4 pi^2/(3 Qhat^2) int mu_eta^3,  eta = Qhat^-1/2  (eqs. 87-88).
 
     MMSE per D^2-normalised squared Frobenius norm of estimating S*/sqrt(D) from
@@ -185,7 +187,7 @@ def matrix_denoising_mmse(Qhat: float, kappa0: float,
 
 
 def pretrain_q_from_qhat(Qhat: float, kappa0: float,
-                         cubic_integral: Callable[[float, float], float] | None = None) -> float:
+                         cubic_integral: Callable[[float, float], SupportsFloat] | None = None) -> float:
     """Q_BO = Q0 - mmse(Qhat)   (eq. 87), Q0 = 1 + kappa0."""
     return 1.0 + kappa0 - matrix_denoising_mmse(Qhat, kappa0, cubic_integral)
 
@@ -270,7 +272,7 @@ class PretrainBO:
 def solve_pretrain_bo(*, alpha: float, tokens: int, kappa0: float, noise: float, activation: str,
                       n_mc: int = 20000, seed: int = 0, tol: float = 1e-9, max_iter: int = 2000,
                       mixing: float = 1.0, Q_init: float | None = None,
-                      cubic_integral: Callable[[float, float], float] | None = None) -> PretrainBO:
+                      cubic_integral: Callable[[float, float], SupportsFloat] | None = None) -> PretrainBO:
     """Solve eqs. 87 + 89 for (Q_BO, Qhat_BO) with the shared fixed-point engine, then eq. 91.
 
     Starts from the no-data point Q = kappa0 unless ``Q_init`` is given.
@@ -483,7 +485,7 @@ def solve_finetune_bo(*, alpha_ft: float, tokens: int, Q_BO: float, kappa0: floa
     q0 = Q_FINETUNE0
     Q0 = 1.0 + kappa0
     V = _A0(Q0, noise) - Q_BO
-    common = dict(Q_BO=Q_BO, T=tokens, Q0=Q0, noise=noise, activation=activation, n_mc=n_mc_error, seed=seed)
+    common: dict[str, Any] = dict(Q_BO=Q_BO, T=tokens, Q0=Q0, noise=noise, activation=activation, n_mc=n_mc_error, seed=seed)
     if reuse:
         if alpha_ft < 1.0 / (tokens - 1):
             raise ParamError(

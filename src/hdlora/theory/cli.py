@@ -5,8 +5,17 @@ import argparse
 import time
 import warnings
 
-from ..cli import (_float, add_common_arguments, add_param_arguments, dumps, format_table, integer,
-                   params_from_args, print_warnings, tolerance)
+from ..cli import (
+    _float,
+    add_common_arguments,
+    add_param_arguments,
+    dumps,
+    format_table,
+    integer,
+    params_from_args,
+    print_warnings,
+    tolerance,
+)
 from ..params import DEFAULT_N_MC, ParamError
 
 #: the baselines of App. A.7 (the same as :data:`hdlora.theory.solve.BASELINES`; not imported from

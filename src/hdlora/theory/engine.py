@@ -32,12 +32,18 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .fixed_point import NonConvergenceWarning
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+    from ..params import Params
 
 __all__ = [
     "Stage", "Branch", "Comparison", "StageResult", "MCResolution", "solve_stage", "choose_branch",
@@ -78,15 +84,15 @@ class MCResolution:
     evidence: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _no_verify(x, carry):
+def _no_verify(x: np.ndarray, carry: Any):
     return carry, False
 
 
-def _no_objective(x, carry):
+def _no_objective(x: np.ndarray, carry: Any):
     return math.nan, None
 
 
-def _finite(x) -> bool:
+def _finite(x: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(x)))
 
 
@@ -264,8 +270,8 @@ def _anderson_step(X: list, G: list, mixing: float, reg: float, cond_max: float)
 
 
 # ------------------------------------------------------------------------------------ one branch
-def _solve_branch(stage: Stage, name: str, x0, params, samples, samples_key, *, tol, max_iter, mixing,
-                  anderson, reg, cond_max, stall, min_mixing, growth) -> Branch:
+def _solve_branch(stage: Stage, name: str, x0: ArrayLike, params: Params, samples: Any, samples_key: Any, *, tol: float, max_iter: int, mixing: float,
+                  anderson: int, reg: float, cond_max: float, stall: int, min_mixing: float, growth: float) -> Branch:
     x = np.array(x0, dtype=np.float64).ravel()
     ctol = min(tol, CONVERGED_CAP)
     events: list[tuple[int, str]] = []
@@ -288,7 +294,7 @@ def _solve_branch(stage: Stage, name: str, x0, params, samples, samples_key, *, 
     converged, reason = False, ""
     ev = None                # (x, res, aux) of the evaluation with the smallest finite residual
 
-    def reset(it, why):
+    def reset(it: int, why: str):
         nonlocal n_restarts
         if len(X) > 1:
             n_restarts += 1
@@ -424,7 +430,7 @@ def _shorten(stage: Stage, x: np.ndarray, g: np.ndarray, mix: float, max_halving
     return None
 
 
-def _replicon(stage: Stage, x, carry, aux) -> float:
+def _replicon(stage: Stage, x: np.ndarray, carry: Any, aux: Any) -> float:
     if stage.replicon is not None:
         return float(stage.replicon(x, carry, aux))
     if isinstance(aux, Mapping) and "replicon" in aux:
@@ -456,7 +462,8 @@ def _same_point(a: Branch, b: Branch, tol: float) -> bool:
     return a.x.shape == b.x.shape and (a.x.size == 0 or float(np.max(np.abs(a.x - b.x))) <= tol * scale)
 
 
-def choose_branch(branches: Sequence[Branch], *, same_point_tol: float = 1e-6):
+def choose_branch(branches: Sequence[Branch], *, same_point_tol: float = 1e-6
+                  ) -> tuple[str, str, tuple[Comparison, ...], tuple[str, ...]]:
     """The branch choice: (chosen name, status, comparisons, flags).
 
     Candidates are the solved branches with a finite objective.  The chosen one is the lowest objective
@@ -572,7 +579,7 @@ def solve_stage(stage: Stage, starts: Mapping[str, Any], *, params: Any = None, 
 
 
 # ------------------------------------------------------------------------------ the carry trap
-def check_carry_independence(stage: Stage, x, carries: Sequence[Any], *, rtol: float = 1e-10,
+def check_carry_independence(stage: Stage, x: np.ndarray, carries: Sequence[Any], *, rtol: float = 1e-10,
                              atol: float = 1e-12) -> float:
     """Check that ``update(x, carry)`` returns the same state for every carry (to rtol/atol).
 

@@ -150,13 +150,13 @@ def linear_frozen_test_error_printed(T: int, delta_eff: float) -> float:
 # ----------------------------------------------------------------------------------------
 # errors from the order parameters (closed form for linear, Monte Carlo for softmax)
 # ----------------------------------------------------------------------------------------
-def _check_T(T):
+def _check_T(T: float):
     if isinstance(T, bool) or int(T) != T or T < 2:
         raise ParamError(f"tokens (T) must be an integer >= 2, got {T!r}")
     return int(T)
 
 
-def _test_fields(T, Q0, Q, M, noise, n_mc, seed):
+def _test_fields(T: int, Q0: float, Q: float, M: float, noise: float, n_mc: int, seed: int):
     if n_mc < 2:
         raise ParamError(f"n_mc must be >= 2, got {n_mc}")
     f = frozen_fields(n_mc, T, A0(Q0, noise), Q, M, seed=seed)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -102,7 +103,7 @@ def iterate(
     res = math.inf
     converged = False
     rising = 0
-    for it in range(1, max_iter + 1):
+    for _ in range(max_iter):
         fx_map, aux = update(dict(zip(names, x.tolist())))
         fx = np.array([float(fx_map[k]) for k in names])
         res = _residual(fx, x)

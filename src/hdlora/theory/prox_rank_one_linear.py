@@ -35,7 +35,7 @@ __all__ = ["LinearRankOneProx", "solve_secular"]
 
 
 def solve_secular(b: np.ndarray, yt: np.ndarray, c: float, *, r0: np.ndarray | None = None, max_iter: int = 100,
-                  step_tol: float = 1e-9):
+                  step_tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Global maximiser of psi in the eigenbasis: returns (y, r, d, iterations).
 
     Args:
@@ -55,7 +55,7 @@ def solve_secular(b: np.ndarray, yt: np.ndarray, c: float, *, r0: np.ndarray | N
     return y, (y * y).sum(axis=1), d, it
 
 
-def _solve_secular_t(b, yt, c, r0=None, max_iter=100, step_tol=1e-9):
+def _solve_secular_t(b: np.ndarray, yt: np.ndarray, c: float, r0: np.ndarray | None = None, max_iter: int = 100, step_tol: float = 1e-9):
     """:func:`solve_secular` in the token-first layout b, yt (T, n); returns y, d (T, n), iterations."""
     T, n = b.shape
     bmin = b.min(axis=0)
@@ -114,7 +114,7 @@ def _solve_secular_t(b, yt, c, r0=None, max_iter=100, step_tol=1e-9):
     return y, d, it
 
 
-def _secular_function(s, e, a2, c, r_lo, pole):
+def _secular_function(s: np.ndarray, e: np.ndarray, a2: np.ndarray, c: float, r_lo: np.ndarray, pole: np.ndarray):
     """G (r_lo = 0) or H (r_lo > 0), see :func:`solve_secular`, and its derivative; token-first."""
     d = e + c * s
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -146,7 +146,7 @@ class LinearRankOneProx:
     rotation invariant).
     """
 
-    def __init__(self, B0: np.ndarray, chi_star: np.ndarray, zeta: np.ndarray):
+    def __init__(self, B0: np.ndarray, chi_star: np.ndarray, zeta: np.ndarray) -> None:
         self.T = B0.shape[-1]
         b0, self.U = np.linalg.eigh(B0)
         # token-first (T, n) copies: sums over the T tokens are then fast elementwise adds

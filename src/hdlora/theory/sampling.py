@@ -55,7 +55,7 @@ def standard_normals(n: int, k: int, seed: int = 0, method: str = "mc") -> np.nd
     if method == "mc":
         return np.random.default_rng(seed).standard_normal((n, k))
     if method == "qmc":
-        from scipy.special import ndtri      # imported here: scipy.stats takes seconds to import
+        from scipy.special import ndtri  # imported here: scipy.stats takes seconds to import
         from scipy.stats import qmc
         u = qmc.Sobol(d=k, scramble=True, seed=seed).random(n)
         return ndtri(np.clip(u, 1e-16, 1 - 1e-16))

@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
-from ..params import DEFAULT_N_MC, Params, ParamError, check_tol
+from ..params import DEFAULT_N_MC, ParamError, Params, check_tol
 from . import effective as _eff
 from .active import active_fields
 from .finetune import FinetuneResult, solve_finetune
@@ -130,7 +131,7 @@ def apply_baseline(params: Params, baseline: str | None) -> Params:
 
 
 def solve(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, baseline: str | None = None,
-          init: "TheoryResult | Mapping[str, float] | None" = None, tol: float = 1e-7,
+          init: TheoryResult | Mapping[str, float] | None = None, tol: float = 1e-7,
           max_iter: int = 500, method: str | None = None, optimal_beta: bool = False,
           warn: bool = True) -> TheoryResult:
     """Solve the pre-training and fine-tuning state evolutions at ``params``.

@@ -52,12 +52,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hdlora.params import ParamError, real_number
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = [
     "ETA_MIN", "SpectralJ", "QuadratureResult", "AccuracyWarning",
@@ -127,14 +131,14 @@ class QuadratureResult:
 
 
 # ----------------------------------------------------------------------------- validation
-def _number(name: str, value, *, allow_pos_inf: bool = False) -> float:
+def _number(name: str, value: object, *, allow_pos_inf: bool = False) -> float:
     x = real_number(name, value)
     if math.isinf(x) and not (allow_pos_inf and x > 0):
         raise ParamError(f"{name} must be finite{' or +inf' if allow_pos_inf else ''}, got {x}")
     return x
 
 
-def _check_eta_kappa0(eta, kappa0) -> tuple[float, float]:
+def _check_eta_kappa0(eta: object, kappa0: object) -> tuple[float, float]:
     eta = _number("eta", eta)
     kappa0 = _number("kappa0", kappa0)
     if not eta >= ETA_MIN:
@@ -145,7 +149,7 @@ def _check_eta_kappa0(eta, kappa0) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- the cubic
-def _coeffs(x, t: float, k: float):
+def _coeffs(x: np.ndarray, t: float, k: float):
     """Monic cubic in H = 1/G: H^3 + c2 H^2 + c1 H + c0 (see module docstring)."""
     r = math.sqrt(k)
     c2 = -(x - (k - 1.0) / r)
@@ -174,7 +178,7 @@ def _discriminant(t: float, k: float) -> np.ndarray:
     return out[::-1].copy()
 
 
-def _polyval(coef: np.ndarray, z):
+def _polyval(coef: np.ndarray, z: np.ndarray):
     """Horner evaluation, coefficients highest degree first."""
     acc = coef[0] * np.ones_like(z)
     for c in coef[1:]:
@@ -198,7 +202,7 @@ def _edges(t: float, k: float):
     scale = 1.0 + np.abs(roots)
     real = np.sort(roots[np.abs(roots.imag) <= 1e-9 * scale].real)
     # intervals between consecutive real roots where the discriminant is negative
-    intervals = []
+    intervals: list[tuple[float, float]] = []
     for a, b in zip(real[:-1], real[1:]):
         if b > a and _polyval(disc, 0.5 * (a + b)) < 0:
             if intervals and abs(intervals[-1][1] - a) <= 1e-12 * (1 + abs(a)):
@@ -215,7 +219,7 @@ def _edges(t: float, k: float):
     return intervals, roots, disc[0], tuple(cusps)
 
 
-def _roots_on_support(x: np.ndarray, t: float, k: float, roots, lead):
+def _roots_on_support(x: np.ndarray, t: float, k: float, roots: np.ndarray, lead: float):
     """(Re G, rho) at real x inside the support, from the complex root pair of the cubic.
 
     Cardano with y = H + c2/3: y^3 + p y + q = 0, Dc = (q/2)^2 + (p/3)^3 > 0 on the support
@@ -248,8 +252,8 @@ def _theta(m: float, h: float, x: float) -> float:
     return math.acos(min(1.0, max(-1.0, (m - x) / h)))
 
 
-def _rule(intervals, lower: float, upper: float, n: int, grade: str = "", panel: int = 0,
-          panels: int = 16, cusps=()):
+def _rule(intervals: list[tuple[float, float]], lower: float, upper: float, n: int, grade: str = "", panel: int = 0,
+          panels: int = 16, cusps: tuple[float, ...] = ()):
     """Nodes x, weights w (Jacobian h sin(theta) included) and distances on support ∩ (lower, upper).
 
     Plain Gauss-Legendre with n nodes in theta on each interval.  With grade="lower" (or
@@ -306,7 +310,7 @@ def _rule(intervals, lower: float, upper: float, n: int, grade: str = "", panel:
     return np.concatenate(xs), np.concatenate(ws), (np.concatenate(ds) if ds else None)
 
 
-def _measure(intervals, lower, upper, n, t, k, roots, lead, cusps=(), **grading):
+def _measure(intervals: list[tuple[float, float]], lower: float, upper: float, n: int, t: float, k: float, roots: np.ndarray, lead: float, cusps: tuple[float, ...] = (), **grading: Any):
     """Nodes x, weights w*rho(x) (so sum(f(x) w) = ∫ f dmu), and Re G(x)."""
     x, w, d = _rule(intervals, lower, upper, n, cusps=cusps, **grading)
     if x.size == 0:
@@ -315,7 +319,7 @@ def _measure(intervals, lower, upper, n, t, k, roots, lead, cusps=(), **grading)
     return x, w * rho, re_g, d
 
 
-def _adaptive(compute: Callable[[int], np.ndarray], rtol: float, atol: float, scale=None):
+def _adaptive(compute: Callable[[int], np.ndarray], rtol: float, atol: float, scale: float | None = None):
     """Doubling of the node count until two consecutive levels agree."""
     prev = compute(_LEVELS[0])
     for n in _LEVELS[1:]:
@@ -329,7 +333,7 @@ def _adaptive(compute: Callable[[int], np.ndarray], rtol: float, atol: float, sc
 
 
 # ----------------------------------------------------------------------------- public API
-def support(eta, kappa0) -> list[tuple[float, float]]:
+def support(eta: float, kappa0: float) -> list[tuple[float, float]]:
     """Support of mu_eta = mu0 ⊞ mu_sc,eta as a sorted list of intervals (lo, hi).
 
     One interval, or two for kappa0 < 1 and eta small (smoothed atom at 0 + bulk).
@@ -338,14 +342,14 @@ def support(eta, kappa0) -> list[tuple[float, float]]:
     return _edges(eta * eta, kappa0)[0]
 
 
-def _x_array(x) -> np.ndarray:
+def _x_array(x: ArrayLike) -> np.ndarray:
     arr = np.asarray(x, dtype=float)
     if np.isnan(arr).any():
         raise ParamError("x must not contain NaN")
     return arr
 
 
-def density(x, eta, kappa0) -> np.ndarray:
+def density(x: ArrayLike, eta: float, kappa0: float) -> np.ndarray:
     """Density of mu_eta = mu0 ⊞ mu_sc,eta at real x (eq. 44); 0 outside the support."""
     eta, kappa0 = _check_eta_kappa0(eta, kappa0)
     xa = _x_array(x)
@@ -361,14 +365,14 @@ def density(x, eta, kappa0) -> np.ndarray:
     return rho.reshape(xa.shape)
 
 
-def expectation(f: Callable[[np.ndarray], np.ndarray], eta, kappa0, lower=-math.inf,
-                upper=math.inf, *, rtol: float = 1e-12, atol: float = 1e-14) -> QuadratureResult:
+def expectation(f: Callable[[np.ndarray], np.ndarray], eta: float, kappa0: float, lower: float = -math.inf,
+                upper: float = math.inf, *, rtol: float = 1e-12, atol: float = 1e-14) -> QuadratureResult:
     """E_{mu_eta}[f(x) 1{lower < x < upper}] for f smooth on (lower, upper) (vectorised f)."""
     eta, kappa0 = _check_eta_kappa0(eta, kappa0)
     t = eta * eta
     intervals, roots, lead, cusps = _edges(t, kappa0)
 
-    def compute(n):
+    def compute(n: int):
         x, w, _, _ = _measure(intervals, float(lower), float(upper), n, t, kappa0, roots, lead, cusps)
         return np.array([np.sum(w * f(x)) if x.size else 0.0])
 
@@ -376,7 +380,7 @@ def expectation(f: Callable[[np.ndarray], np.ndarray], eta, kappa0, lower=-math.
     return QuadratureResult(float(val[0]), err, n, ok)
 
 
-def cdf(x, eta, kappa0) -> np.ndarray:
+def cdf(x: ArrayLike, eta: float, kappa0: float) -> np.ndarray:
     """mu_eta((-inf, x]) for real x (array)."""
     xa = _x_array(x)
     out = np.array([expectation(np.ones_like, eta, kappa0, upper=float(v)).value for v in xa.ravel()])
@@ -393,7 +397,7 @@ def _J_scalar(eta: float, eps: float, kappa0: float, rtol: float, atol: float) -
         # whole support: E[(x - eps)^2] = Var + (mean - eps)^2 = 1 + t + (r - eps)^2; dJ/dt = 1
         return SpectralJ(1.0 + t + (r - eps) ** 2, 2.0 * eta, -2.0 * (r - eps), 1.0, 0.0, 0, True)
 
-    def compute(n):
+    def compute(n: int):
         x, w, re_g, _ = _measure(intervals, eps, math.inf, n, t, kappa0, roots, lead, cusps)
         z = x - eps
         wz = w * z
@@ -409,7 +413,7 @@ def _J_scalar(eta: float, eps: float, kappa0: float, rtol: float, atol: float) -
     return SpectralJ(float(j), float(2.0 * eta * dj_dt), float(-2.0 * e1), float(dj_dt), err, n, ok)
 
 
-def J(eta, eps, kappa0, *, rtol: float = 1e-11, atol: float = 1e-15) -> SpectralJ:
+def J(eta: ArrayLike, eps: ArrayLike, kappa0: ArrayLike, *, rtol: float = 1e-11, atol: float = 1e-15) -> SpectralJ:
     """J(eta, eps) (eq. 44) with J1 = dJ/deta and J2 = dJ/deps (eq. 48).
 
     eta = sqrt(Q_hat)/M_hat >= ETA_MIN, eps = 2 sqrt(kappa) lam / M_hat (any real, or +inf),
@@ -429,14 +433,14 @@ def J(eta, eps, kappa0, *, rtol: float = 1e-11, atol: float = 1e-15) -> Spectral
            for a, e, k in zip(b[0].ravel(), b[1].ravel(), b[2].ravel())]
     shape = b[0].shape
 
-    def field(name, dtype=float):
+    def field(name: str, dtype: type = float):
         return np.array([getattr(s, name) for s in res], dtype=dtype).reshape(shape)
 
     return SpectralJ(field("J"), field("J1"), field("J2"), field("dJ_dt"), field("abserr"),
                      field("nodes", int), field("converged", bool))
 
 
-def _divided_difference_integral(eta, eps, kappa0, power: int, panel: int, panels: int):
+def _divided_difference_integral(eta: float, eps: float, kappa0: float, power: int, panel: int, panels: int):
     """∫∫ ((zeta(x) - zeta(y)) / (x - y))^power mu_eta(dx) mu_eta(dy), zeta = (x - eps)_+.
 
     = P(x > eps)^2 + 2 ∫_{x>eps} ∫_{y<eps} ((x - eps)/(x - y))^power: the mixed block has a
@@ -461,7 +465,7 @@ def _divided_difference_integral(eta, eps, kappa0, power: int, panel: int, panel
     return p_right ** 2 + 2.0 * mixed
 
 
-def _dd_result(eta, eps, kappa0, power, rtol: float = 1e-9) -> QuadratureResult:
+def _dd_result(eta: float, eps: float, kappa0: float, power: int, rtol: float = 1e-9) -> QuadratureResult:
     eta, kappa0 = _check_eta_kappa0(eta, kappa0)
     eps = _number("eps", eps, allow_pos_inf=True)
     for panels in (16, 64):
@@ -477,7 +481,7 @@ def _dd_result(eta, eps, kappa0, power, rtol: float = 1e-9) -> QuadratureResult:
     return QuadratureResult(b, err, 12 * panels, ok)
 
 
-def heat_flow_integral(eta, eps, kappa0) -> QuadratureResult:
+def heat_flow_integral(eta: float, eps: float, kappa0: float) -> QuadratureResult:
     """∫∫ (zeta(x) - zeta(y))/(x - y) mu_eta(dx) mu_eta(dy) = dJ/d(eta^2), by 2-D quadrature.
 
     Independent of :func:`J` (which uses the 1-D heat-flow form); J1 = 2 eta * this.
@@ -485,7 +489,7 @@ def heat_flow_integral(eta, eps, kappa0) -> QuadratureResult:
     return _dd_result(eta, eps, kappa0, 1)
 
 
-def replicon_integral(eta, eps, kappa0) -> QuadratureResult:
+def replicon_integral(eta: float, eps: float, kappa0: float) -> QuadratureResult:
     """∫∫ (zeta(x) - zeta(y))^2 / (x - y)^2 mu_eta(dx) mu_eta(dy), zeta(x) = (x - eps)_+.
 
     The spectral factor of the pre-training replicon condition (eq. 75, without 1/V_hat^2;
@@ -494,7 +498,7 @@ def replicon_integral(eta, eps, kappa0) -> QuadratureResult:
     return _dd_result(eta, eps, kappa0, 2)
 
 
-def cubic_integral(eta, kappa0, *, rtol: float = 1e-10, atol: float = 1e-15) -> QuadratureResult:
+def cubic_integral(eta: float, kappa0: float, *, rtol: float = 1e-10, atol: float = 1e-15) -> QuadratureResult:
     """∫ mu_eta(x)^3 dx, for the Bayes-optimal input channel (eq. 87, eta = Q_hat_BO^{-1/2}).
 
     mu_eta is the limiting spectral density of Y = S*/sqrt(D) + eta Z/sqrt(D) (eq. 88).
@@ -503,7 +507,7 @@ def cubic_integral(eta, kappa0, *, rtol: float = 1e-10, atol: float = 1e-15) -> 
     t = eta * eta
     intervals, roots, lead, cusps = _edges(t, kappa0)
 
-    def compute(n):
+    def compute(n: int):
         x, w, _, _ = _measure(intervals, -math.inf, math.inf, n, t, kappa0, roots, lead, cusps)
         rho = _roots_on_support(x, t, kappa0, roots, lead)[1]
         return np.array([np.sum(w * rho * rho)])
@@ -515,7 +519,7 @@ def cubic_integral(eta, kappa0, *, rtol: float = 1e-10, atol: float = 1e-15) -> 
     return QuadratureResult(float(val[0]), err, n, ok)
 
 
-def mmse(q_hat, kappa0) -> float:
+def mmse(q_hat: float, kappa0: float) -> float:
     """Matrix-denoising MMSE 1/Q_hat - 4 pi^2/(3 Q_hat^2) ∫ mu_{eta}^3, eta = Q_hat^{-1/2}.
 
     Q_BO = Q0 - mmse (eq. 87).  Tends to Var(mu0) = 1 as Q_hat -> 0 and to 0 as Q_hat -> inf.
