@@ -59,7 +59,7 @@ from .sampling import standard_normals, to_sym
 
 __all__ = [
     "sqrtm_psd", "sqrtm_frechet", "ridge_channel", "canonical_gauge", "loss_derivatives", "newton_prox",
-    "prox_rank_r", "replicon_map", "linear_test_error", "RankRResult", "solve_finetune_rank_r",
+    "prox_rank_r", "output_channel", "replicon_map", "linear_test_error", "RankRResult", "solve_finetune_rank_r",
 ]
 
 
@@ -103,8 +103,10 @@ def canonical_gauge(m: np.ndarray, q: np.ndarray, v: np.ndarray, rel_tol: float 
     """Rotate (m, q, v) -> (O^T m, O^T q O, O^T v O), O orthogonal r x r, into the canonical gauge:
     A = m E^T (E = the r x r* matrix with ones on the diagonal: the first min(r, r*) columns of m) has
     O^T A symmetric positive semidefinite on its range; on the complement (dimension r - rank A: r > r*
-    or a rank-deficient m) q is diagonal with decreasing entries, each basis vector with its largest
-    component positive.  Returns (m, q, v, O).  At r = 1: O = sign(m) (1 when m = 0)."""
+    or a rank-deficient m) q is diagonal with decreasing entries, each basis vector signed so that its
+    largest coupling q_{i j} (else v_{i j}) to the range directions i is positive (largest component
+    positive when there is no range).  Degenerate eigenvalues of q on the complement leave the gauge
+    there undetermined (a limitation of this prototype).  Returns (m, q, v, O).  At r = 1: O = sign(m) (1 when m = 0)."""
     r, rs = m.shape
     A = np.zeros((r, r))
     k0 = min(r, rs)
@@ -119,9 +121,13 @@ def canonical_gauge(m: np.ndarray, q: np.ndarray, v: np.ndarray, rel_tol: float 
         lam, Z = np.linalg.eigh(N0.T @ q @ N0)
         Z = Z[:, ::-1]
         N = N0 @ Z
-        for j in range(N.shape[1]):
-            if N[np.argmax(np.abs(N[:, j])), j] < 0:
-                N[:, j] = -N[:, j]
+        Rk = U[:, :k] @ V[:, :k].T       # the range part of O (invariant under the SVD's sign choices)
+        for j in range(N.shape[1]):      # sign: the largest coupling to the range, in canonical coordinates
+            for c in (Rk.T @ q @ N[:, j], Rk.T @ v @ N[:, j], N[:, j]):
+                if c.size and np.abs(c).max() > 1e-12 * (1.0 + np.abs(q).max()):
+                    if c[np.argmax(np.abs(c))] < 0:
+                        N[:, j] = -N[:, j]
+                    break
         # complement in the canonical coordinates: standard basis vectors least in span(V_k), Gram-Schmidt
         Vk = V[:, :k]
         P = np.eye(r) - Vk @ Vk.T
@@ -204,7 +210,7 @@ def loss_derivatives(xi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, activation: 
     H[:, d, :, d, :] += np.moveaxis(quad, 1, 0)
     cross = np.einsum("nabk,naj->nakbj", hx, xi)                     # (h_a xi)_bk xi_aj
     H += cross + np.transpose(cross, (0, 3, 4, 1, 2))
-    H += np.einsum("ncab,nck,ncj->nakbj", h, xi, xi)
+    H += np.einsum("ncab,nckj->nakbj", h, xi[:, :, :, None] * xi[:, :, None, :])
     dq = np.trace(G, axis1=1, axis2=2)
     return loss, grad, H.reshape(n, T * r, T * r), dq
 
@@ -220,6 +226,29 @@ class _NewtonOut:
     dq: np.ndarray         # (n,) Tr G there
     residual: np.ndarray   # (n,) last step norm
     converged: np.ndarray  # (n,)
+
+
+def _chol_step(A: np.ndarray, b: np.ndarray):
+    """-A^{-1} b by a batched Cholesky (loops over the k x k entries, vectorised over samples);
+    pd[i] False where a pivot is not > 1e-300 (the kernel's pd_min); the step there is garbage."""
+    n, k, _ = A.shape
+    Lc = np.zeros_like(A)
+    pd = np.ones(n, dtype=bool)
+    for j in range(k):
+        dj = A[:, j, j] - (Lc[:, j, :j] ** 2).sum(axis=1)
+        good = dj > 1e-300
+        pd &= good
+        ljj = np.sqrt(np.where(good, dj, 1.0))
+        Lc[:, j, j] = ljj
+        for i in range(j + 1, k):
+            Lc[:, i, j] = (A[:, i, j] - (Lc[:, i, :j] * Lc[:, j, :j]).sum(axis=1)) / ljj
+    y = np.empty_like(b)
+    for i in range(k):
+        y[:, i] = (b[:, i] - (Lc[:, i, :i] * y[:, :i]).sum(axis=1)) / Lc[:, i, i]
+    x = np.empty_like(b)
+    for i in reversed(range(k)):
+        x[:, i] = (y[:, i] - (Lc[:, i + 1:, i] * x[:, i + 1:]).sum(axis=1)) / Lc[:, i, i]
+    return -x, pd
 
 
 def newton_prox(x0, Zq, Y, anchor, w, activation, *, xtol=1e-9, max_steps=60):
@@ -259,10 +288,12 @@ def newton_prox(x0, Zq, Y, anchor, w, activation, *, xtol=1e-9, max_steps=60):
         xa = x[idx]
         gf = gl[idx] + (xa - a[idx]) / wv
         Hf = Hl[idx] + np.diag(1.0 / wv)
-        lam, V = np.linalg.eigh(Hf)
-        pd = lam.min(axis=1) > 1e-300
-        lam_eff = np.where(pd[:, None], lam, np.maximum(np.abs(lam), floor))
-        step = -np.einsum("nij,nj->ni", V, np.einsum("nji,nj->ni", V, gf) / lam_eff)
+        step, pd = _chol_step(Hf, gf)
+        bad = np.flatnonzero(~pd)
+        if bad.size:       # saddle-free direction where f is not convex
+            lam, V = np.linalg.eigh(Hf[bad])
+            lam_eff = np.maximum(np.abs(lam), floor)
+            step[bad] = -np.einsum("nij,nj->ni", V, np.einsum("nji,nj->ni", V, gf[bad]) / lam_eff)
         snorm = np.linalg.norm(step, axis=1)
         xnorm = np.linalg.norm(xa, axis=1)
         res[idx] = snorm
@@ -444,6 +475,50 @@ def linear_test_error(T: int, delta_eff: float, q: np.ndarray, m: np.ndarray, q0
 
 
 # ----------------------------------------------------------------------------------------
+# output channel: the conjugates from the per-sample prox (docs/theory/rank_r.md, sec. 4)
+# ----------------------------------------------------------------------------------------
+def output_channel(m, q, v, chi_star, zeta, Zb, Y, q0, alpha_ft, activation, *, Y_arg=None, warm=None,
+                   form="direct", n_random=2, xtol=1e-9):
+    """The conjugates (m_hat, q_hat, v_hat) at (m, q, v) from the prox of every sample.
+
+    chi_star (n, T, r*) rows ~ N(0, q0); zeta (n, T, r) rows ~ N(0, I); Zb (n, T, T) the frozen
+    student argument beta z; Y (n, T, T) the target sigma(z* + chi* chi*^T - tr(q0) I).
+    Also returns the sampled output free entropy ``phi_out`` = E max psi and its derivatives
+    ``dphi_dm`` (r x r*), ``dphi_dq`` (r x r, symmetric: d phi = tr(dphi_dq dq)), ``dphi_dv``, in the
+    direct form (the stationarity of the sampled free entropy: m_hat = alpha' dphi_dm,
+    v_hat = -2 alpha' dphi_dq, q_hat = 2 alpha' dphi_dv).
+    """
+    n, T, r = zeta.shape
+    q0i = np.linalg.inv(q0)
+    S = q - m @ q0i @ m.T
+    Sh = sqrtm_psd(S)
+    ct = chi_star @ q0i @ m.T + zeta @ Sh                                                   # chi_tilde
+    Zq = Zb - np.trace(q) * np.eye(T)
+    p = prox_rank_r(ct, Zq, Y, v, activation, Y_arg=Y_arg, warm=warm, n_random=n_random, xtol=xtol)
+    chi = p["chi"]
+    vi = np.linalg.inv(v)
+    g = (chi - ct) @ vi                                                                     # g_out
+    Egg = np.einsum("nak,naj->kj", g, g) / n
+    Edq = float(p["dq"].mean())                                                             # E d psi / d tr q
+    F = np.einsum("nak,naj->kj", zeta, g) / n                                               # E[zeta^T g]
+    Ys = sqrtm_frechet(S, 0.5 * (F + F.T))
+    dphi_dm = (np.einsum("nak,naj->kj", g, chi_star) / n - 2.0 * Ys @ m) @ q0i
+    dphi_dq = Ys + Edq * np.eye(r)
+    out = {"phi_out": float(p["psi"].mean()), "dphi_dm": dphi_dm, "dphi_dq": dphi_dq, "dphi_dv": 0.5 * Egg,
+           "qhat": alpha_ft * Egg, "prox": p, "chi_tilde": ct}
+    if form == "direct":
+        out["mhat"] = alpha_ft * dphi_dm
+        out["vhat"] = -2.0 * alpha_ft * dphi_dq
+    else:       # Stein form: Gaussian integration by parts on zeta and chi*
+        U = p["U"]
+        Cx = np.linalg.inv(p["hess_f"]).reshape(n, T, r, T, r)
+        CT = U @ (np.einsum("nakaj->kj", Cx) / n) @ U.T                                     # E[C_T]
+        out["mhat"] = alpha_ft * (vi @ np.einsum("nak,naj->kj", chi, chi_star) / n - vi @ CT @ vi @ m) @ q0i
+        out["vhat"] = -alpha_ft * (vi @ CT @ vi - T * vi) - 2.0 * alpha_ft * Edq * np.eye(r)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
 # state evolution
 # ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -522,7 +597,7 @@ def solve_finetune_rank_r(params: Params, z_star: np.ndarray, z: np.ndarray, *, 
         seed: seed of chi*, zeta (standard_normals(n, T (r* + r), seed): at r = r* = 1 the rank-one draw)
             and of the test samples (seed + 104729, as the rank-one code).
         tol, max_iter, mixing: :func:`hdlora.theory.fixed_point.iterate`, on the gauge-fixed entries.
-        init: {'m', 'q', 'v'} matrices (default m = 0.5 E, q = 0.5 I, v = I / (2 lam' + alpha' T), the
+        init: {'m', 'q', 'v'} matrices (default m = 0.5 E diag(q0)^{1/2}, q = 0.5 I, v = I / (2 lam' + alpha' T), the
             rank-one cold start at r = r* = 1).
         form: 'direct' (default) or 'stein' (docs/theory/rank_r.md, sec. 4).
         delta_eff: effective noise for the linear closed-form E' (default: E' by Monte Carlo on the fields).
@@ -562,43 +637,21 @@ def solve_finetune_rank_r(params: Params, z_star: np.ndarray, z: np.ndarray, *, 
 
     def update(state):
         m, q, v = _unpack(state, r, r_star)
-        S = q - m @ q0i @ m.T
-        Sh = sqrtm_psd(S)
-        ct = chi_star @ q0i @ m.T + zeta @ Sh
-        Zq = Zb - np.trace(q) * eye
-        p = prox_rank_r(ct, Zq, Y, v, act, Y_arg=Y_arg, warm=cache["chi"], n_random=n_random, xtol=xtol)
-        chi = p["chi"]
-        cache["chi"] = chi
-        vi = np.linalg.inv(v)
-        g = (chi - ct) @ vi                                                                 # g_out
-        qhat = ap * np.einsum("nak,naj->kj", g, g) / n
-        Edq = float(p["dq"].mean())
-        if form == "direct":
-            F = np.einsum("nak,naj->kj", zeta, g) / n                                       # E[zeta^T g]
-            Ys = sqrtm_frechet(S, 0.5 * (F + F.T))
-            mhat = ap * (np.einsum("nak,naj->kj", g, chi_star) / n - 2.0 * Ys @ m) @ q0i
-            vhat = -2.0 * ap * (Ys + Edq * np.eye(r))
-        else:
-            U, d = p["U"], p["d"]
-            Cx = np.linalg.inv(p["hess_f"]).reshape(n, T, r, T, r)
-            CT_xi = np.einsum("nakaj->kj", Cx) / n                                          # E[C_T], rotated
-            CT = U @ CT_xi @ U.T
-            mhat = ap * (vi @ np.einsum("nak,naj->kj", chi, chi_star) / n - vi @ CT @ vi @ m) @ q0i
-            GT = vi @ CT @ vi - T * vi
-            vhat = -ap * GT - 2.0 * ap * Edq * np.eye(r)
-        m_new, q_new, v_new = ridge_channel(mhat, qhat, vhat, lam_ft, q0)
+        out = output_channel(m, q, v, chi_star, zeta, Zb, Y, q0, ap, act, Y_arg=Y_arg, warm=cache["chi"],
+                             form=form, n_random=n_random, xtol=xtol)
+        m_new, q_new, v_new = ridge_channel(out["mhat"], out["qhat"], out["vhat"], lam_ft, q0)
         if v_new is None:
             raise FloatingPointError("2 lam' I + v_hat is not positive definite")
         m_new, q_new, v_new, O = canonical_gauge(m_new, q_new, v_new)
-        cache["chi"] = chi @ O
-        return _pack(m_new, q_new, v_new), {"mhat": O.T @ mhat, "qhat": O.T @ qhat @ O, "vhat": O.T @ vhat @ O,
-                                            "prox": p}
+        cache["chi"] = out["prox"]["chi"] @ O
+        return _pack(m_new, q_new, v_new), {"mhat": O.T @ out["mhat"], "qhat": O.T @ out["qhat"] @ O,
+                                            "vhat": O.T @ out["vhat"] @ O, "prox": out["prox"]}
 
     if init is None:
         vv = 1.0 / (2.0 * lam_ft + ap * T)
         m0 = np.zeros((r, r_star))
         for i in range(min(r, r_star)):
-            m0[i, i] = 0.5
+            m0[i, i] = 0.5 * math.sqrt(q0[i, i])        # S = q - m q0^-1 m^T = 0.25 I on the leading block
         state0 = (m0, 0.5 * np.eye(r), vv * np.eye(r))
     else:
         state0 = tuple(np.asarray(init[k], dtype=np.float64) for k in ("m", "q", "v"))
