@@ -207,7 +207,7 @@ def test_canonical_gauge(r, rs):
 @pytest.mark.parametrize("act", ["linear", "softmax"])
 def test_direct_conjugates_are_free_entropy_derivatives(act):
     rng = np.random.default_rng(7)
-    n, T, r, rs = 150, 3, 2, 2
+    n, T, r, rs = 60, 3, 2, 2
     q0 = np.diag([1.0, 0.5])
     chi_star = rng.standard_normal((n, T, rs)) @ fr.sqrtm_psd(q0)
     zeta = rng.standard_normal((n, T, r))

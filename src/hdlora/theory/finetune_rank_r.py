@@ -106,7 +106,8 @@ def canonical_gauge(m: np.ndarray, q: np.ndarray, v: np.ndarray, rel_tol: float 
     or a rank-deficient m) q is diagonal with decreasing entries, each basis vector signed so that its
     largest coupling q_{i j} (else v_{i j}) to the range directions i is positive (largest component
     positive when there is no range).  Degenerate eigenvalues of q on the complement leave the gauge
-    there undetermined (a limitation of this prototype).  Returns (m, q, v, O).  At r = 1: O = sign(m) (1 when m = 0)."""
+    there undetermined (a limitation of this prototype).
+    Returns (m, q, v, O).  At r = 1: O = sign(m) (1 when m = 0)."""
     r, rs = m.shape
     A = np.zeros((r, r))
     k0 = min(r, rs)
