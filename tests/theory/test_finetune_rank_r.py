@@ -273,3 +273,43 @@ def test_linear_test_error_matches_monte_carlo():
     losses = np.sum(((h + F) / T) ** 2, axis=(1, 2))
     se = losses.std() / np.sqrt(n)
     assert abs(losses.mean() - fr.linear_test_error(T, dz, q, m, q0)) < 4 * se
+
+
+@pytest.mark.parametrize("act", ["linear", "softmax"])
+def test_stein_form_equals_direct_form_in_expectation(act):
+    """E[zeta^T g_out] = S^{1/2} E[Gamma_T] (Gaussian integration by parts, docs sec. 7): the per-sample
+    difference of the direct (R.8) and Stein (R.10) conjugates has mean zero within its standard error
+    (small v: psi concave, chi_prox smooth in chi_tilde, so Stein's lemma applies)."""
+    rng = np.random.default_rng(10)
+    n, T, r, rs = 6000, 3, 2, 2
+    q0 = np.diag([1.0, 0.5])
+    chi_star = rng.standard_normal((n, T, rs)) @ fr.sqrtm_psd(q0)
+    zeta = rng.standard_normal((n, T, r))
+    Zb = rng.standard_normal((n, T, T))
+    Zb = 0.5 * (Zb + np.swapaxes(Zb, 1, 2))
+    Ya = Zb + chi_star @ np.swapaxes(chi_star, 1, 2) - np.trace(q0) * np.eye(T)
+    Y = Ya / T if act == "linear" else np.exp(Ya) / np.exp(Ya).sum(axis=2, keepdims=True)
+    m = np.array([[0.6, 0.1], [-0.2, 0.4]])
+    q = np.array([[1.0, 0.1], [0.1, 0.8]])
+    v = np.array([[0.2, 0.05], [0.05, 0.15]])
+    out = fr.output_channel(m, q, v, chi_star, zeta, Zb, Y, q0, 1.0, act)
+    p = out["prox"]
+    assert np.linalg.eigvalsh(p["hess_f"]).min() > 0          # concave psi at every sample
+    ct, chi = out["chi_tilde"], p["chi"]
+    vi = np.linalg.inv(v)
+    g = (chi - ct) @ vi
+    S = q - m @ np.linalg.inv(q0) @ m.T
+    Sh = fr.sqrtm_psd(S)
+    U = p["U"]
+    C = np.linalg.inv(p["hess_f"]).reshape(n, T, r, T, r)
+    CT = U @ np.einsum("nakaj->nkj", C) @ U.T                   # per-sample C_T (chi coordinates)
+    GT = vi @ CT @ vi - T * vi                                  # Gamma_T (R.9)
+    diff = np.einsum("nak,naj->nkj", zeta, g) - Sh @ GT         # zeta^T g - S^{1/2} Gamma_T, mean 0
+    mean, se = diff.mean(axis=0), diff.std(axis=0, ddof=1) / np.sqrt(n)
+    assert np.all(np.abs(mean) < 4 * se + 1e-12), (mean, se)
+    # the two forms differ exactly by the sample estimates of these mean-zero quantities
+    st = fr.output_channel(m, q, v, chi_star, zeta, Zb, Y, q0, 1.0, act, form="stein")
+    Ld = fr.sqrtm_frechet(S, 0.5 * (mean + mean.T))            # Y_S - E[Gamma_T]/2
+    np.testing.assert_allclose(out["vhat"] - st["vhat"], -2.0 * Ld, atol=1e-10)
+    ctcs = np.einsum("nak,naj->kj", ct, chi_star) / n - T * m   # E[chi_tilde^T chi*] - T m, mean 0
+    np.testing.assert_allclose(out["mhat"] - st["mhat"], (-vi @ ctcs - 2.0 * Ld @ m) @ np.linalg.inv(q0), atol=1e-10)
