@@ -46,12 +46,14 @@ def _psi(chi, ct, Zq, Y, v, act):
 # ----------------------------------------------------------------------------------------
 # r = r* = 1: the generic path reproduces the rank-one solve_finetune
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("act,n", [("linear", 600), pytest.param("softmax", 300, marks=pytest.mark.slow)])
-def test_rank_one_reduction(act, n):
+@pytest.mark.parametrize("act,n,form", [("linear", 600, "direct"), ("linear", 400, "stein"),
+                                         pytest.param("softmax", 300, "direct", marks=pytest.mark.slow)])
+def test_rank_one_reduction(act, n, form):
     p = Params(activation=act, tokens=3, alpha_ft=3.0, lam_ft=0.5, noise=0.5)
     f = frozen_fields(n, 3, 2.25, 2.0, 1.0, seed=1)
-    a = solve_finetune(p, f["z_star"], f["z"], tol=1e-11, seed=0, max_iter=2000, warn=False)
-    b = fr.solve_finetune_rank_r(p, f["z_star"], f["z"], r=1, r_star=1, tol=1e-11, seed=0, max_iter=2000)
+    a = solve_finetune(p, f["z_star"], f["z"], tol=1e-11, seed=0, max_iter=2000, form=form, warn=False)
+    b = fr.solve_finetune_rank_r(p, f["z_star"], f["z"], r=1, r_star=1, tol=1e-11, seed=0, max_iter=2000,
+                                 form=form)
     assert a.converged and b.converged
     assert b.prox_failed == 0 and b.prox_not_max == 0
     diffs = {"q": abs(a.q - b.q[0][0]), "m": abs(a.m - b.m[0][0]), "v": abs(a.v - b.v[0][0]),
