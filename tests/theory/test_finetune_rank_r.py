@@ -315,3 +315,33 @@ def test_stein_form_equals_direct_form_in_expectation(act):
     np.testing.assert_allclose(out["vhat"] - st["vhat"], -2.0 * Ld, atol=1e-10)
     ctcs = np.einsum("nak,naj->kj", ct, chi_star) / n - T * m   # E[chi_tilde^T chi*] - T m, mean 0
     np.testing.assert_allclose(out["mhat"] - st["mhat"], (-vi @ ctcs - 2.0 * Ld @ m) @ np.linalg.inv(q0), atol=1e-10)
+
+
+def test_compiled_potential_matches_numpy():
+    """The hand-over form of the potential (kernel signature, Numba) equals the batched NumPy one; at r = 1
+    both equal the kernel's FINETUNE potential."""
+    pytest.importorskip("numba")
+    from hdlora.theory import newton as nw
+
+    _loss, evaluate = fr.compiled_potential()
+    rng = np.random.default_rng(11)
+    for act in ("linear", "softmax"):
+        for T, r in ((3, 1), (3, 2), (2, 3), (4, 2)):
+            n = 6
+            xi = rng.standard_normal((n, T, r))
+            _ct, Zq, Y, _ = _channel_data(rng, n, T, r, act)
+            rows = np.concatenate([Zq.reshape(n, -1), Y.reshape(n, -1)], axis=1)
+            og, oH, oa = np.empty((n, T * r)), np.empty((n, T * r, T * r)), np.empty((n, 1))
+            lc = evaluate(xi.reshape(n, -1), rows, T, act == "softmax", 2, og, oH, oa)
+            ln, gn, Hn, dqn = fr.loss_derivatives(xi, Zq, Y, act)
+            np.testing.assert_allclose(lc, ln, rtol=1e-13, atol=1e-14)
+            np.testing.assert_allclose(og, gn.reshape(n, -1), rtol=1e-12, atol=1e-13)
+            np.testing.assert_allclose(oH, Hn, rtol=1e-12, atol=1e-13)
+            np.testing.assert_allclose(oa[:, 0], dqn, rtol=1e-12, atol=1e-14)
+            if r == 1:
+                K = nw.kernel()
+                kg, kH, ka = np.empty((n, T)), np.empty((n, T, T)), np.empty((n, 1))
+                lk = K.evaluate_batch(nw.FINETUNE, xi[:, :, 0].copy(), rows,
+                                      np.array([float(T), 1.0 if act == "softmax" else 0.0]), 2, kg, kH, ka)
+                np.testing.assert_allclose(lc, lk, rtol=1e-13, atol=1e-14)
+                np.testing.assert_allclose(oH, kH, rtol=1e-12, atol=1e-13)

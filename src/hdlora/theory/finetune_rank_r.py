@@ -21,7 +21,8 @@ runs them through :func:`newton_prox`, a NumPy transcription of the kernel's New
 fine-tuning rule (:meth:`hdlora.theory.newton.NewtonRule.finetune`: step stop, Cholesky /
 saddle-free direction, Armijo, derivatives of the last evaluation before the final step returned).
 At r = 1 :func:`loss_derivatives` is the kernel's FINETUNE potential.  Wiring: a kernel kind
-FINETUNE_RANK_R with row = [z - tr(q) I (T*T), Y (T*T)], consts = [T, softmax, r].
+FINETUNE_RANK_R with row = [z - tr(q) I (T*T), Y (T*T)], r = k // T; the per-sample function in the
+kernel's potential signature is :func:`compiled_potential` (hand-over form, tested equal).
 
 The update (direct form, the default of the rank-one code): with g = (chi_prox - chi_tilde) v^{-1},
 F = E[zeta^T g], Y_S the solution of S^{1/2} Y_S + Y_S S^{1/2} = sym(F) (Frechet derivative of the
@@ -58,7 +59,8 @@ from .fixed_point import iterate
 from .sampling import standard_normals, to_sym
 
 __all__ = [
-    "sqrtm_psd", "sqrtm_frechet", "ridge_channel", "canonical_gauge", "loss_derivatives", "newton_prox",
+    "sqrtm_psd", "sqrtm_frechet", "ridge_channel", "canonical_gauge", "loss_derivatives", "compiled_potential",
+    "newton_prox",
     "prox_rank_r", "output_channel", "replicon_map", "linear_test_error", "RankRResult", "solve_finetune_rank_r",
 ]
 
@@ -214,6 +216,153 @@ def loss_derivatives(xi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, activation: 
     H += np.einsum("ncab,nckj->nakbj", h, xi[:, :, :, None] * xi[:, :, None, :])
     dq = np.trace(G, axis1=1, axis2=2)
     return loss, grad, H.reshape(n, T * r, T * r), dq
+
+
+# ----------------------------------------------------------------------------------------
+# the same potential per sample, compiled, in the kernel's potential signature (for wiring)
+# ----------------------------------------------------------------------------------------
+_COMPILED: Any = None
+
+
+def compiled_potential():
+    """(loss, evaluate): the rank-r loss as a Numba function with the signature of the kernel's
+    potentials, ``loss(x, row, T, softmax, order, g, H, aux, X, P, R, G)`` (x = vec(xi), k = T r, r = k // T;
+    row = [Zq (T*T), Y (T*T)]; aux[0] = Tr G; X is reused as the row-Hessian scratch), ready to be added to
+    :func:`hdlora.theory._newton_numba.loss_derivatives` as a kind FINETUNE_RANK_R; and ``evaluate(xs,
+    data, T, softmax, order, out_g, out_H, out_aux)`` over rows (tests).  Compiled on first call (numba
+    imported lazily, not cached on disk: this is the hand-over form, the kernel will own the cached one).
+    """
+    global _COMPILED
+    if _COMPILED is not None:
+        return _COMPILED
+    from numba import njit
+
+    from ._newton_numba import _softmax_rows
+
+    @njit(cache=False)
+    def loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
+        k = x.shape[0]
+        r = k // T
+        TT = T * T
+        for a in range(T):
+            for b in range(T):
+                acc = row[a * T + b]
+                for c in range(r):
+                    acc += x[a * r + c] * x[b * r + c]
+                X[a, b] = acc
+        if softmax:
+            _softmax_rows(X, P, T)
+        else:
+            for a in range(T):
+                for b in range(T):
+                    P[a, b] = X[a, b] / T
+        val = 0.0
+        for a in range(T):
+            for b in range(T):
+                rr = P[a, b] - row[TT + a * T + b]
+                R[a, b] = rr
+                val += rr * rr
+        if order == 0:
+            return val
+        if softmax:
+            for a in range(T):
+                s = 0.0
+                for b in range(T):
+                    s += P[a, b] * R[a, b]
+                for b in range(T):
+                    G[a, b] = 2.0 * (P[a, b] * (R[a, b] - s))
+        else:
+            for a in range(T):
+                for b in range(T):
+                    G[a, b] = (2.0 / T) * R[a, b]
+        dq = 0.0
+        for a in range(T):
+            dq += G[a, a]
+        aux[0] = dq
+        for a in range(T):
+            for c in range(r):
+                acc = 0.0
+                for b in range(T):
+                    acc += (G[a, b] + G[b, a]) * x[b * r + c]
+                g[a * r + c] = acc
+        if order < 2:
+            return val
+        for i in range(k):
+            for j in range(k):
+                H[i, j] = 0.0
+        for a in range(T):
+            for b in range(T):
+                gs = G[a, b] + G[b, a]
+                for c in range(r):
+                    H[a * r + c, b * r + c] += gs
+        for a in range(T):
+            # row Hessian h_a into X (X is no longer needed)
+            if softmax:
+                pp = 0.0
+                for b in range(T):
+                    pp += P[a, b] * P[a, b]
+                for b in range(T):
+                    wb = P[a, b] * P[a, b] + 0.5 * G[a, b]
+                    for e in range(T):
+                        we = P[a, e] * P[a, e] + 0.5 * G[a, e]
+                        hv = pp * P[a, b] * P[a, e] - wb * P[a, e] - P[a, b] * we
+                        if b == e:
+                            hv += wb
+                        X[b, e] = 2.0 * hv
+            else:
+                for b in range(T):
+                    for e in range(T):
+                        X[b, e] = 2.0 / (T * T) if b == e else 0.0
+            for b in range(T):
+                for kk in range(r):
+                    hx = 0.0                                   # (h_a xi)_{b kk}
+                    for e in range(T):
+                        hx += X[b, e] * x[e * r + kk]
+                    for j in range(r):
+                        val2 = hx * x[a * r + j]
+                        H[a * r + kk, b * r + j] += val2       # (h_a xi)_bk xi_aj
+                        H[b * r + j, a * r + kk] += val2       # and its transpose
+                        # delta_ab (xi^T h_a xi)_{kk j}: sum over b of xi_{b kk} (h_a xi)_{b j} -- below
+            for kk in range(r):
+                for j in range(r):
+                    qd = 0.0
+                    for b in range(T):
+                        for e in range(T):
+                            qd += x[b * r + kk] * X[b, e] * x[e * r + j]
+                    H[a * r + kk, a * r + j] += qd
+            # sum_c (h_c)_{b e} xi_ck xi_cj with c = a
+            for b in range(T):
+                for e in range(T):
+                    hbe = X[b, e]
+                    if hbe == 0.0:
+                        continue
+                    for kk in range(r):
+                        for j in range(r):
+                            H[b * r + kk, e * r + j] += hbe * x[a * r + kk] * x[a * r + j]
+        return val
+
+    @njit(cache=False)
+    def evaluate(xs, data, T, softmax, order, out_g, out_H, out_aux):
+        n, k = xs.shape
+        X = np.empty((T, T))
+        P = np.empty((T, T))
+        R = np.empty((T, T))
+        G = np.empty((T, T))
+        g = np.empty(k)
+        H = np.empty((k, k))
+        aux = np.zeros(1)
+        out = np.empty(n)
+        for s_ in range(n):
+            out[s_] = loss(xs[s_], data[s_], T, softmax, order, g, H, aux, X, P, R, G)
+            for i in range(k):
+                out_g[s_, i] = g[i]
+                for j in range(k):
+                    out_H[s_, i, j] = H[i, j]
+            out_aux[s_, 0] = aux[0]
+        return out
+
+    _COMPILED = (loss, evaluate)
+    return _COMPILED
 
 
 # ----------------------------------------------------------------------------------------
