@@ -86,7 +86,7 @@ def sqrtm_frechet(S: np.ndarray, E: np.ndarray) -> np.ndarray:
 
 
 def ridge_channel(mhat: np.ndarray, qhat: np.ndarray, vhat: np.ndarray, lam_ft: float, q0: np.ndarray):
-    """The input channel of the ridge penalty lam' ||w||_F^2 in closed form (docs/theory/rank_r.md, sec. 3):
+    """The input channel of the ridge penalty lam' ||w||_F^2 in closed form (docs/theory/rank_r.md, sec. 5):
     v = (2 lam' I + v_hat)^{-1}, m = v m_hat q0, q = v (m_hat q0 m_hat^T + q_hat) v.
 
     Returns (m, q, v); v = None when 2 lam' I + v_hat is not positive definite (no fixed point there)."""
@@ -191,7 +191,7 @@ def loss_derivatives(xi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, activation: 
         xi: (n, T, r).  Zq: (n, T, T) the frozen argument z - tr(q) I.  Y: (n, T, T) the target.
         order: 0 (value), 1 (+ gradient (n, T, r)), 2 (+ Hessian (n, T r, T r) and Tr G = d psi / d tr q).
 
-    Gradient (G + G^T) xi; Hessian (docs/theory/rank_r.md, sec. 5)
+    Gradient (G + G^T) xi; Hessian (docs/theory/rank_r.md, sec. 8, R.11)
         H[(a,k),(b,j)] = (G + G^T)_ab delta_kj + delta_ab (xi^T h_a xi)_kj
                          + (h_a xi)_bk xi_aj + (h_b xi)_aj xi_bk + sum_c (h_c)_ab xi_ck xi_cj.
     At r = 1 this is the kernel's FINETUNE potential.
@@ -580,7 +580,7 @@ def prox_rank_r(chi_tilde, Zq, Y, v, activation, *, Y_arg=None, warm=None, n_ran
 
 
 # ----------------------------------------------------------------------------------------
-# replicon (docs/theory/rank_r.md, sec. 7)
+# replicon (docs/theory/rank_r.md, sec. 10)
 # ----------------------------------------------------------------------------------------
 def _sym_basis(r: int) -> np.ndarray:
     """Orthonormal basis of the symmetric r x r matrices, as columns of an (r^2, r(r+1)/2) array."""
@@ -619,13 +619,13 @@ def replicon_map(hess_f: np.ndarray, d: np.ndarray, alpha_ft: float) -> tuple[fl
 
 
 def linear_test_error(T: int, delta_eff: float, q: np.ndarray, m: np.ndarray, q0: np.ndarray) -> float:
-    """E' for sigma(x) = x / T at rank r (docs/theory/rank_r.md, sec. 6):
+    """E' for sigma(x) = x / T at rank r (docs/theory/rank_r.md, sec. 9, R.13):
     (T^2 + T)(Delta_eff + ||q0||_F^2 + ||q||_F^2 - 2 ||m||_F^2) / T^2; at r = 1 the rank-one closed form."""
     return (T * T + T) * (delta_eff + np.sum(q0 * q0) + np.sum(q * q) - 2.0 * np.sum(m * m)) / T**2
 
 
 # ----------------------------------------------------------------------------------------
-# output channel: the conjugates from the per-sample prox (docs/theory/rank_r.md, sec. 4)
+# output channel: the conjugates from the per-sample prox (docs/theory/rank_r.md, secs. 6-7)
 # ----------------------------------------------------------------------------------------
 def output_channel(m, q, v, chi_star, zeta, Zb, Y, q0, alpha_ft, activation, *, Y_arg=None, warm=None,
                    form="direct", n_random=2, xtol=1e-9):
