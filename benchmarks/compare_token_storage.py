@@ -8,11 +8,18 @@ Usage (one process per variant, compare the outputs):
     PYTHONPATH=<checkout of the old commit>/src python benchmarks/compare_token_storage.py > old.json
     python benchmarks/compare_token_storage.py [float64|float32|regenerate] > new.json
 """
-import json, sys, torch, warnings
+import json
+import sys
+import warnings
+
+import torch
+
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")
-from hdlora import Params
-from hdlora.simulate import run_seed
+# the thread count is set before hdlora is imported
+from hdlora import Params  # noqa: E402
+from hdlora.simulate import run_seed  # noqa: E402
+
 storage = sys.argv[1] if len(sys.argv) > 1 else None
 keys = ("finetune_test_error", "forgetting_error", "pretrain_test_error", "overlap", "q", "m", "finetune_iterations", "finetune_objective")
 out = {}
@@ -24,7 +31,8 @@ for D in (150, 300):
         r = run_seed(Params(**EFF), D, s, effective={"Q0": 0.5, "Q": 0.5, "M": 1.0 * 0.5 ** 0.5 * 0.9}, **kw)
         out[f"eff D={D} seed={s}"] = {k: r[k] for k in keys}
 for s in range(4):
-    if storage not in (None, "float64"): break
+    if storage not in (None, "float64"):
+        break
     r = run_seed(Params(**FIG1), 150, s)
     out[f"full D=150 seed={s}"] = {k: r[k] for k in keys}
 print(json.dumps(out))

@@ -15,8 +15,15 @@ import torch
 
 from hdlora import Params, resources
 from hdlora.cli import main
-from hdlora.resources import (ResourceError, available_memory, cgroup_headroom, choose_serial, choose_token_storage,
-                              simulate_estimate, theory_estimate)
+from hdlora.resources import (
+    ResourceError,
+    available_memory,
+    cgroup_headroom,
+    choose_serial,
+    choose_token_storage,
+    simulate_estimate,
+    theory_estimate,
+)
 
 GiB = 2 ** 30
 

@@ -33,8 +33,8 @@ The "effective pre-training" mode skips the pre-training stage: the frozen field
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -176,12 +176,12 @@ class Dataset:
     def n(self) -> int:
         return self.X.shape[0]
 
-    def subset(self, index: torch.Tensor | slice) -> "Dataset":
+    def subset(self, index: torch.Tensor | slice) -> Dataset:
         """Rows ``index`` (e.g. the N' sequences chosen by an active-selection score)."""
         zf = None if self.z_frozen is None else self.z_frozen[index]
         return Dataset(self.X[index], self.xi[index], self.z_star[index], self.G[index], zf)
 
-    def with_frozen(self, z_frozen: torch.Tensor) -> "Dataset":
+    def with_frozen(self, z_frozen: torch.Tensor) -> Dataset:
         return replace(self, z_frozen=z_frozen)
 
 
@@ -240,7 +240,7 @@ class Effective:
     M: float
 
     @staticmethod
-    def from_mapping(eff, Delta: float) -> "Effective":
+    def from_mapping(eff, Delta: float) -> Effective:
         try:
             keys = set(eff)
         except TypeError:
@@ -361,6 +361,7 @@ class Tokens:
     def _block(self, k: int) -> torch.Tensor:
         n, T, D = self.shape
         g = torch.Generator(device=self.device)
+        assert self._states is not None  # _block is only used for regenerated tokens
         g.set_state(self._states[k])
         rows = min(n, (k + 1) * self.chunk) - k * self.chunk
         return draw_tokens(rows, T, D, g, self.device)
@@ -399,7 +400,7 @@ def tokens_with_fields(n: int, T: int, D: int, g: torch.Generator, device, stora
     G = torch.empty(n, T, T, dtype=DTYPE, device=device)
     field = torch.empty(n, T, T, dtype=DTYPE, device=device)
     data = torch.empty(n, T, D, dtype=torch.float32, device=device) if storage == "float32" else None
-    states = [] if storage == "regenerate" else None
+    states: list[torch.Tensor] | None = [] if storage == "regenerate" else None
     for sl in _chunks(n, chunk):
         if states is not None:
             states.append(g.get_state())

@@ -31,8 +31,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .params import ParamError, Params
 
@@ -560,7 +561,7 @@ def simulate_gate(args, params: Params, effective) -> int | None:
     device = str(args.device)
     if device == "auto":
         device = "cuda" if _cuda_present() else "cpu"
-    kw = dict(seeds=args.seeds, device=device, effective=effective is not None, restarts=args.restarts,
+    kw: dict[str, Any] = dict(seeds=args.seeds, device=device, effective=effective is not None, restarts=args.restarts,
               reduce_width=bool(getattr(args, "reduce_width", False)))
     est = simulate_estimate(params, args.dim, **kw)
     return gate(est, dry_run=bool(getattr(args, "dry_run", False)), json_out=bool(getattr(args, "json", False)),
@@ -575,7 +576,7 @@ def _cuda_present() -> bool:
 
 def theory_gate(args, params: Params) -> int | None:
     """``hdlora theory``: estimate, then ``--dry-run`` (print, exit 0) or refuse when it does not fit."""
-    kw = dict(bayes_optimal=bool(getattr(args, "bayes_optimal", False)))
+    kw: dict[str, Any] = dict(bayes_optimal=bool(getattr(args, "bayes_optimal", False)))
     est = theory_estimate(params, args.n_mc, **kw)
     return gate(est, dry_run=bool(getattr(args, "dry_run", False)), json_out=bool(getattr(args, "json", False)),
                 check=lambda: check_theory(params, args.n_mc, **kw))
@@ -650,6 +651,7 @@ def figure_gate(args, fig, mode: str) -> int | None:
         return 0
     if not ok:
         est = pe.largest
+        assert est is not None  # ok is True when there is no largest task
         lim, src = limit_for(est)
         hints = ["--quick"]
         if not _is_cuda(est.device):

@@ -9,8 +9,15 @@ from hdlora import ParamError, Params
 from hdlora.activations import get as get_activation
 from hdlora.theory import errors
 from hdlora.theory.finetune import (
-    _prox_t, _t, frozen_baseline, prox_psi, finetune_potential_derivatives, solve_finetune, solve_finetune_effective,
-    solve_lora_only)
+    _prox_t,
+    _t,
+    finetune_potential_derivatives,
+    frozen_baseline,
+    prox_psi,
+    solve_finetune,
+    solve_finetune_effective,
+    solve_lora_only,
+)
 from hdlora.theory.sampling import frozen_fields, standard_normals, to_sym
 
 T = 3

@@ -110,7 +110,7 @@ def test_prox_optimality_and_multistart(act):
         def negpsi(x):
             return -_psi(x.reshape(T, r), ct[i], Zq[i], Y[i], v, act)
         best = np.inf
-        for s in range(12):
+        for _s in range(12):
             x0 = rng.standard_normal(T * r) * (1 + np.abs(ct[i]).max()) * rng.uniform(0.3, 2.0)
             best = min(best, minimize(negpsi, x0, method="BFGS", options={"gtol": 1e-10}).fun)
         assert p["psi"][i] >= -best - 1e-8 * (1 + abs(best)), (i, p["psi"][i], -best)

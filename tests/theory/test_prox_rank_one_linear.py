@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from hdlora import Params, ParamError
-from hdlora.theory.finetune import prox_psi, finetune_potential_derivatives, solve_finetune, solve_finetune_effective
+from hdlora import ParamError, Params
+from hdlora.theory.finetune import finetune_potential_derivatives, prox_psi, solve_finetune, solve_finetune_effective
 from hdlora.theory.prox_rank_one_linear import LinearRankOneProx, solve_secular
 from hdlora.theory.sampling import frozen_fields, to_sym
 

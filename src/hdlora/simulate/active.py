@@ -26,18 +26,31 @@ difference E'(uniform) - E'(active) has a smaller variance (common random number
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 
-from ..data import (DTYPE, Dataset, Effective, Teacher, _chunks, draw_noise, draw_tokens, effective_fields,
-                    finetune_target, generator, gram, pretrain_target, quadratic_field,
-                    tokens_with_fields)
+from ..data import (
+    DTYPE,
+    Dataset,
+    Effective,
+    Teacher,
+    _chunks,
+    draw_noise,
+    draw_tokens,
+    effective_fields,
+    finetune_target,
+    generator,
+    gram,
+    pretrain_target,
+    quadratic_field,
+    tokens_with_fields,
+)
 from ..params import ParamError
 
 
-def selection_score(z: torch.Tensor, sigma) -> torch.Tensor:
+def selection_score(z: torch.Tensor, sigma: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``||sigma(z) - sigma(0)||_F^2`` per sequence (Algorithm 1, step 2); z: (n, T, T) -> (n,)."""
     T = z.shape[-1]
     s0 = sigma(torch.zeros(1, T, T, dtype=z.dtype, device=z.device))
@@ -64,6 +77,8 @@ class _Running:
     def update(self, scores: torch.Tensor, start: int, payload: dict) -> None:
         idx = torch.arange(start, start + scores.shape[0], device=scores.device)
         if self.scores is not None:
+            # scores, index and payload are always set together
+            assert self.index is not None and self.payload is not None
             scores = torch.cat([self.scores, scores])
             idx = torch.cat([self.index, idx])
             payload = {k: torch.cat([self.payload[k], v]) for k, v in payload.items()}
@@ -75,12 +90,15 @@ class _Running:
         self.scores, self.index, self.payload = scores, idx, payload
 
 
-def select_lowest_stream(chunks: Iterable[tuple[torch.Tensor, dict]], n_keep: int):
+def select_lowest_stream(
+    chunks: Iterable[tuple[torch.Tensor, dict]], n_keep: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None, dict | None, int, float]:
     """Memory-bounded path: ``chunks`` yields ``(scores, payload)`` in pool order.
 
     Returns ``(index, scores, payload, n_pool, score_sum)``: the pool indices of the
     ``n_keep`` lowest scores (pool order), their scores and payload rows, the pool
-    size and the sum of all scores.
+    size and the sum of all scores (index, scores, payload are None only for an empty pool with
+    n_keep <= 0).
     """
     run = _Running(int(n_keep))
     start, total = 0, 0.0
@@ -122,8 +140,8 @@ def _check_sizes(n_pool: int, n_keep: int) -> None:
         raise ParamError(f"active fine-tuning needs 1 <= N' <= N_bar', got N' = {n_keep}, N_bar' = {n_pool}")
 
 
-def effective_pool(n_pool: int, n_keep: int, T: int, eff: Effective, Delta: float, beta: float, sigma,
-                   teacher: Teacher, seed: int, device="cpu", chunk: int = 1 << 16,
+def effective_pool(n_pool: int, n_keep: int, T: int, eff: Effective, Delta: float, beta: float, sigma: Callable[[torch.Tensor], torch.Tensor],
+                   teacher: Teacher, seed: int, device: str | torch.device = "cpu", chunk: int = 1 << 16,
                    storage: str = "float64") -> PoolSelection:
     """Algorithm 1 on an effective pre-training: pool of (z*, z) ~ Q (eq. 13), scored on beta z.
 
@@ -148,6 +166,8 @@ def effective_pool(n_pool: int, n_keep: int, T: int, eff: Effective, Delta: floa
             yield selection_score(z, sigma), {"z_star": z_star, "z": z}
 
     index, scores, payload, n, total = select_lowest_stream(chunks(), n_keep)
+    # _check_sizes gave n_keep >= 1, so the selection is set
+    assert index is not None and scores is not None and payload is not None
     X, G, chi_field = tokens_with_fields(n_keep, T, teacher.D, generator(seed, "pool_tokens", device), device,
                                          storage, teacher.w_star)
     zero = torch.zeros(n_keep, T, T, dtype=DTYPE, device=device)
@@ -160,8 +180,8 @@ def effective_pool(n_pool: int, n_keep: int, T: int, eff: Effective, Delta: floa
                          index, scores, total / n, n)
 
 
-def full_pool(n_pool: int, n_keep: int, T: int, Delta: float, beta: float, sigma, teacher: Teacher,
-              W_hat: torch.Tensor | None, seed: int, device="cpu", chunk: int = 4096) -> PoolSelection:
+def full_pool(n_pool: int, n_keep: int, T: int, Delta: float, beta: float, sigma: Callable[[torch.Tensor], torch.Tensor], teacher: Teacher,
+              W_hat: torch.Tensor | None, seed: int, device: str | torch.device = "cpu", chunk: int = 4096) -> PoolSelection:
     """Algorithm 1 with a real pre-trained map: stream the pool (tokens X, noise xi) in chunks,
     score ``beta z_hat(X)`` (eqs. 11, 26) and keep only the X, xi of the selected and of the first N'.
     """
@@ -180,6 +200,7 @@ def full_pool(n_pool: int, n_keep: int, T: int, Delta: float, beta: float, sigma
             if W_hat is None:
                 z = torch.zeros(c, T, T, dtype=DTYPE, device=device)
             else:
+                assert tr_hat is not None  # set whenever W_hat is
                 z = beta * quadratic_field(X, W_hat, tr_hat)
             if n_first[0] < n_keep:
                 take = min(n_keep - n_first[0], c)
@@ -189,6 +210,8 @@ def full_pool(n_pool: int, n_keep: int, T: int, Delta: float, beta: float, sigma
             yield selection_score(z, sigma), {"X": X, "xi": xi, "z": z}
 
     index, scores, payload, n, total = select_lowest_stream(chunks(), n_keep)
+    # _check_sizes gave n_keep >= 1, so the selection is set
+    assert index is not None and scores is not None and payload is not None
 
     def dataset(X, xi, z):
         z_star = pretrain_target(X, xi, teacher)

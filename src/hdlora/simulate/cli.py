@@ -5,8 +5,16 @@ import argparse
 import time
 import warnings
 
-from ..cli import (_float, add_common_arguments, add_param_arguments, dumps, format_table, integer,
-                   params_from_args, print_warnings)
+from ..cli import (
+    _float,
+    add_common_arguments,
+    add_param_arguments,
+    dumps,
+    format_table,
+    integer,
+    params_from_args,
+    print_warnings,
+)
 from ..params import ParamError
 
 #: the losses (the same as :data:`hdlora.simulate.losses.LOSSES`; not imported from there, which
@@ -77,8 +85,8 @@ _BOOL_WORDS = {"pretrain_converged": "converged", "finetune_converged": "converg
 
 
 def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of this command)
-    from . import run as simulate_run  # the library function, not this one
     from .run import ACTIVE_KEYS, KEYS
+    from .run import run as simulate_run  # the library function, not this one
     optimal = _BETA_WORDS.get(args.beta) if isinstance(args.beta, str) else None
     params = params_from_args(args, beta=1.0 if optimal else args.beta, active_pool=args.active_pool)
     eff_vals = {"Q0": args.effective_Q0, "Q": args.effective_Q, "M": args.effective_M}

@@ -12,30 +12,38 @@ even in w, so the sign of the minimiser is fixed to ``m = w.w*/D >= 0``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..data import Dataset, _chunks, generator, rank_one_field, Tokens, token_chunk
+from ..data import Dataset, Tokens, _chunks, generator, rank_one_field, token_chunk
 from .losses import per_sample
-from .optim import OptimResult, chunked_ridge_objective, minimise
+from .optim import OptimResult, ValueAndGrad, chunked_ridge_objective, minimise
+
+
+def _frozen(data: Dataset) -> torch.Tensor:
+    if data.z_frozen is None:
+        raise ValueError("fine-tuning data need the frozen fields z_frozen")
+    return data.z_frozen
 
 
 def finetune_loss_sum(w: torch.Tensor, X: torch.Tensor, z_frozen: torch.Tensor, sigma_target: torch.Tensor,
-                      G: torch.Tensor | None, sigma, loss: str) -> torch.Tensor:
+                      G: torch.Tensor | None, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str) -> torch.Tensor:
     """``sum_mu loss(sigma(z_frozen + chi chi^T - q I) - sigma(z*'))`` for one chunk (eq. 3)."""
     _, field = rank_one_field(X, w)
     return per_sample(sigma(z_frozen + field) - sigma_target, G, loss).sum()
 
 
-def finetune_value_and_grad(data: Dataset, sigma, lam_ft: float, loss: str, chunk: int):
+def finetune_value_and_grad(data: Dataset, sigma: Callable[[torch.Tensor], torch.Tensor], lam_ft: float, loss: str, chunk: int) -> ValueAndGrad:
     """``w -> ((sum_mu loss_mu + lam' ||w||^2)/N', gradient)``."""
     n = data.n
     sigma_target = sigma(data.z_star)
     G = data.G if loss == "sequence" else None
+    z_frozen = _frozen(data)
 
     def chunk_loss(w: torch.Tensor, sl: slice) -> torch.Tensor:
-        return finetune_loss_sum(w, data.X[sl], data.z_frozen[sl], sigma_target[sl],
+        return finetune_loss_sum(w, data.X[sl], z_frozen[sl], sigma_target[sl],
                                  None if G is None else G[sl], sigma, loss)
 
     return chunked_ridge_objective(chunk_loss, n, lam_ft, _chunks(n, chunk))
@@ -53,17 +61,18 @@ class FineTuned:
     optim: OptimResult | None
 
 
-def train_error(w: torch.Tensor, data: Dataset, sigma, loss: str, chunk: int) -> float:
+def train_error(w: torch.Tensor, data: Dataset, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str, chunk: int) -> float:
     total = 0.0
+    z_frozen = _frozen(data)
     sigma_target = sigma(data.z_star)
     with torch.no_grad():
         for sl in _chunks(data.n, chunk):
             G = data.G[sl] if loss == "sequence" else None
-            total += float(finetune_loss_sum(w, data.X[sl], data.z_frozen[sl], sigma_target[sl], G, sigma, loss))
+            total += float(finetune_loss_sum(w, data.X[sl], z_frozen[sl], sigma_target[sl], G, sigma, loss))
     return total / data.n
 
 
-def finetune(data: Dataset, w_star: torch.Tensor, *, lam_ft: float, sigma, loss: str, seed: int,
+def finetune(data: Dataset, w_star: torch.Tensor, *, lam_ft: float, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str, seed: int,
              restarts: int = 2, init_scale: float = 0.5, rtol: float = 1e-6, max_iter: int = 1000,
              chunk: int | None = None, informed: bool = True) -> FineTuned:
     """Minimise eq. 3 + lam' ||w||^2 from several starts; keep the lowest objective.
@@ -93,6 +102,7 @@ def finetune(data: Dataset, w_star: torch.Tensor, *, lam_ft: float, sigma, loss:
         objectives[name] = res.objective
         if best is None or res.objective < best.objective:
             best_name, best = name, res
+    assert best is not None and best_name is not None  # starts is not empty
     w = best.x
     if float(w @ w_star) < 0:  # sign symmetry w -> -w: report the representative with m >= 0
         w = -w

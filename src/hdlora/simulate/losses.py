@@ -23,5 +23,7 @@ def check_loss(loss: str) -> str:
 def per_sample(B: torch.Tensor, G: torch.Tensor | None, loss: str) -> torch.Tensor:
     """Loss of each sample, shape (n,): ``Tr(B G B^T)`` (eq. 2, 29) or ``||B||_F^2`` (eq. 30)."""
     if loss == "sequence":
+        if G is None:
+            raise ValueError("the sequence loss needs the Gram matrices G")
         return ((B @ G) * B).sum(dim=(-1, -2))
     return (B * B).sum(dim=(-1, -2))

@@ -6,11 +6,23 @@ evaluated chunk by chunk (no test set is held in memory).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from ..data import (DTYPE, Effective, Teacher, _chunks, draw_noise, draw_tokens, effective_fields, generator,
-                    quadratic_field, rank_one_field, token_chunk)
+from ..data import (
+    DTYPE,
+    Effective,
+    Teacher,
+    _chunks,
+    draw_noise,
+    draw_tokens,
+    effective_fields,
+    generator,
+    quadratic_field,
+    rank_one_field,
+    token_chunk,
+)
 from .losses import per_sample
 
 
@@ -44,7 +56,7 @@ def rank_one_parameters(w: torch.Tensor, w_star: torch.Tensor) -> dict:
 
 
 def test_errors(*, teacher: Teacher, W_hat: torch.Tensor | None, w_hat: torch.Tensor, beta: float,
-                T: int, Delta: float, n_test: int, seed: int, sigma, loss: str,
+                T: int, Delta: float, n_test: int, seed: int, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str,
                 effective: Effective | None = None, chunk: int = 4096) -> dict:
     """Test errors on fresh samples (eqs. 4, 5, 83), mean per sample.
 

@@ -8,8 +8,8 @@ uses); the result always carries iterations, final gradient norm and the flag.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -17,7 +17,7 @@ ValueAndGrad = Callable[[torch.Tensor], tuple[float, torch.Tensor]]
 
 
 def chunked_ridge_objective(chunk_loss: Callable[[torch.Tensor, slice], torch.Tensor], n: int, lam: float,
-                            chunks) -> ValueAndGrad:
+                            chunks: Iterable[slice]) -> ValueAndGrad:
     """``x -> ((sum_mu loss_mu(x) + lam ||x||^2) / n, gradient)`` (eqs. 2-3 divided by n).
 
     ``chunk_loss(x, sl)`` is the differentiable sum of the per-sample losses over the samples

@@ -13,13 +13,14 @@ in :func:`hdlora.simulate.run` uses it (checked by a test).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..data import Dataset, _chunks, generator, quadratic_field
 from .losses import per_sample
-from .optim import OptimResult, chunked_ridge_objective, minimise
+from .optim import OptimResult, ValueAndGrad, chunked_ridge_objective, minimise
 
 
 def default_chunk(T: int, width: int, budget: int = 1 << 24) -> int:
@@ -28,7 +29,7 @@ def default_chunk(T: int, width: int, budget: int = 1 << 24) -> int:
 
 
 def pretrain_loss_sum(W: torch.Tensor, X: torch.Tensor, sigma_target: torch.Tensor, G: torch.Tensor | None,
-                      sigma, loss: str) -> torch.Tensor:
+                      sigma: Callable[[torch.Tensor], torch.Tensor], loss: str) -> torch.Tensor:
     """``sum_mu loss(sigma(z_mu(W)) - sigma(z*_mu))`` for one chunk (eq. 2), differentiable in W.
 
     ``z(W) = X S X^T / D - delta_ab Tr(S)/D`` with ``S = W W^T / sqrt(P)`` (eqs. 34-35).
@@ -48,7 +49,7 @@ class Pretrained:
     optim: OptimResult | None
 
 
-def pretrain_value_and_grad(data: Dataset, sigma, lam: float, loss: str, chunk: int):
+def pretrain_value_and_grad(data: Dataset, sigma: Callable[[torch.Tensor], torch.Tensor], lam: float, loss: str, chunk: int) -> ValueAndGrad:
     """``W -> ((sum_mu loss_mu + lam ||W||^2)/N, gradient)``, chunked."""
     N = data.n
     sigma_target = sigma(data.z_star)
@@ -60,7 +61,7 @@ def pretrain_value_and_grad(data: Dataset, sigma, lam: float, loss: str, chunk: 
     return chunked_ridge_objective(chunk_loss, N, lam, _chunks(N, chunk))
 
 
-def train_error(W: torch.Tensor | None, data: Dataset, sigma, loss: str, chunk: int) -> float:
+def train_error(W: torch.Tensor | None, data: Dataset, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str, chunk: int) -> float:
     """Mean per-sample train loss (Result 3 convention); ``W = None`` means W_hat = 0."""
     sigma_target = sigma(data.z_star)
     total = 0.0
@@ -75,7 +76,7 @@ def train_error(W: torch.Tensor | None, data: Dataset, sigma, loss: str, chunk: 
     return total / data.n
 
 
-def pretrain(data: Dataset, *, width: int, lam: float, sigma, loss: str, seed: int,
+def pretrain(data: Dataset, *, width: int, lam: float, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str, seed: int,
              rtol: float = 1e-5, max_iter: int = 3000, init_scale: float = 1.0,
              chunk: int | None = None) -> Pretrained:
     """Minimise eq. 2 + lam ||W||_F^2 from a random init ``W_ij ~ N(0, init_scale^2)``.

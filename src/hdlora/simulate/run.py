@@ -5,16 +5,27 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .. import activations
-from ..data import (Effective, Teacher, draw_teacher, effective_finetune_dataset, finetune_dataset,
-                    pretrain_dataset, quadratic_field, rank_one_field, _chunks)
-from ..params import A0 as _A0, DEFAULT_N_MC, Params, ParamError
+from ..data import (
+    Effective,
+    Teacher,
+    _chunks,
+    draw_teacher,
+    effective_finetune_dataset,
+    finetune_dataset,
+    pretrain_dataset,
+    quadratic_field,
+    rank_one_field,
+)
+from ..params import A0 as _A0
+from ..params import DEFAULT_N_MC, ParamError, Params
 from .active import delta_eff_measured, effective_pool, full_pool
 from .finetune import finetune
 from .losses import check_loss
@@ -261,6 +272,7 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
             sel = full_pool(sizes["N_pool"], sizes["N_ft"], T, params.noise, beta, sigma, teacher, W_hat, seed, dev,
                             chunk=max(64, (1 << 22) // (T * max(D, width))))
         else:
+            assert storage is not None  # chosen above whenever eff is set
             sel = effective_pool(sizes["N_pool"], sizes["N_ft"], T, eff, params.noise, beta, sigma, teacher, seed,
                                  dev, storage=storage)
         ft, ft_star = sel.active, sel.active_z_star
@@ -277,13 +289,16 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
         ft = ft.with_frozen(beta * z_frozen)     # recalibration: S_hat -> beta S_hat (eq. 26)
         ft_star = ft.z_star - rank_one_field(ft.X, teacher.w_star)[1]
     else:
+        assert storage is not None  # chosen above whenever eff is set
         ft = effective_finetune_dataset(sizes["N_ft"], T, params.noise, eff, teacher, seed, dev,
                                         storage=storage)
+        assert ft.z_frozen is not None  # effective_finetune_dataset sets the frozen fields
         ft = ft.with_frozen(beta * ft.z_frozen)
         ft_star = ft.z_star - _rank_one(ft.X, teacher.w_star)
     del pre
+    assert ft.z_frozen is not None  # every branch above sets the frozen fields
     out["delta_eff_measured"] = delta_eff_measured(ft_star, ft.z_frozen)
-    ft_kwargs = dict(lam_ft=params.lam_ft, sigma=sigma, loss=loss, seed=seed, restarts=restarts,
+    ft_kwargs: dict[str, Any] = dict(lam_ft=params.lam_ft, sigma=sigma, loss=loss, seed=seed, restarts=restarts,
                      informed=informed_start, rtol=finetune_rtol, max_iter=finetune_max_iter)
     fr = finetune(ft, teacher.w_star, **ft_kwargs)
     out.update(_finetune_record(fr, teacher, seed, finetune_rtol))
@@ -293,6 +308,7 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
         rec = _finetune_record(fr_u, teacher, seed, finetune_rtol, what="uniform fine-tuning")
         out.update({f"uniform_{k}": rec[k] for k in ("finetune_train_error", "overlap", "q", "m",
                                                       "finetune_converged", "finetune_informed_won")})
+        assert sel.uniform.z_frozen is not None  # both pool sets carry their frozen fields
         out["uniform_delta_eff_measured"] = delta_eff_measured(sel.uniform_z_star, sel.uniform.z_frozen)
     if sel is not None:
         out.update({"selection_score_selected": float(sel.scores.mean()), "selection_score_pool": sel.score_pool_mean,
@@ -300,7 +316,7 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
     stage("finetune")
 
     # ---------------------------------------------------------------- test errors
-    test_kwargs = dict(teacher=teacher, W_hat=W_hat, beta=beta, T=T, Delta=params.noise,
+    test_kwargs: dict[str, Any] = dict(teacher=teacher, W_hat=W_hat, beta=beta, T=T, Delta=params.noise,
                        n_test=10 * D if n_test is None else int(n_test), seed=seed, sigma=sigma, loss=loss,
                        effective=eff)
     out.update(test_errors(w_hat=fr.w, **test_kwargs))
@@ -389,7 +405,7 @@ def _seed_list(seeds) -> tuple:
 
 def run(params: Params, dim: int, seeds: int | Sequence[int] = 4, *, device: str = "cpu",
         loss: str = "sequence", effective: dict | None = None, restarts: int = 2,
-        progress: bool = False, **kwargs) -> SimulationResult:
+        progress: bool = False, **kwargs: Any) -> SimulationResult:
     """Run the pipeline for several seeds (``seeds=4`` means seeds 0..3) and average.
 
     Keyword arguments beyond those shown go to :func:`run_seed`.  ``optimal_beta='theory'``
@@ -409,13 +425,13 @@ def run(params: Params, dim: int, seeds: int | Sequence[int] = 4, *, device: str
     if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 0:
         raise ParamError(f"restarts must be an integer >= 0, got {restarts!r}")
     dev = resolve_device(device)
-    from ..resources import check_simulate   # refuse (one line) before allocating what cannot fit
+    from ..resources import check_simulate  # refuse (one line) before allocating what cannot fit
     check_simulate(params, dim, seeds=len(seed_list), device=str(dev), effective=effective is not None,
                    restarts=int(restarts), reduce_width=bool(kwargs.get("reduce_width", False)),
                    n_test=kwargs.get("n_test"), token_storage=kwargs.get("token_storage", "auto"))
     bar = None
     if progress:
-        from ..progress import bar as progress_bar   # plain lines when stderr is not a terminal
+        from ..progress import bar as progress_bar  # plain lines when stderr is not a terminal
         bar = progress_bar(total=3 * len(seed_list), file=sys.stderr, desc="simulate", unit="stage")
     records = []
     try:

@@ -37,19 +37,21 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, asdict
-from typing import Any, Mapping
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..activations import get as get_activation
-from ..params import A0 as _A0, DEFAULT_N_MC, Params, ParamError, check_tol
+from ..params import A0 as _A0
+from ..params import DEFAULT_N_MC, ParamError, Params, check_tol
 from . import effective as _effective
 from . import errors as _errors
 from . import newton as _newton
 from .fixed_point import NonConvergenceWarning, iterate
-from .order_parameters import FinetuneOrderParameters
 from .newton import ProxResult
+from .order_parameters import FinetuneOrderParameters
 from .prox_rank_one_linear import LinearRankOneProx
 from .sampling import frozen_fields, s_ab, standard_normals, to_sym
 from .stability import replicon_finetune_terms
@@ -146,7 +148,7 @@ def _n(x: np.ndarray) -> np.ndarray:
 
 
 def finetune_potential_derivatives(chi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, chi_tilde: np.ndarray,
-                    v: float, activation: str, *, order: int = 2):
+                    v: float, activation: str, *, order: int = 2) -> np.ndarray | tuple[np.ndarray, ...]:
     """psi (eq. 63) and its derivatives in chi, for a batch of samples.
 
     Args:
@@ -630,7 +632,8 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
         state = {k: float(st[k]) for k in ("m", "q", "v")}
         cache["check"] = True       # near the fixed point already: global search at the first call
     bounds = {"q": (1e-12, 1e6), "v": (1e-12, 1e6), "m": (-1e3, 1e3)}
-    iterations, history = 0, ()
+    iterations = 0
+    history: tuple[float, ...] = ()
     for _round in range(3):
         fp = iterate(update, state, mixing=mixing, tol=tol, max_iter=max_iter - iterations, bounds=bounds,
                      name="fine-tuning state evolution", warn=False)
@@ -749,7 +752,6 @@ def _test_errors(params, q, m, law, Zs, Zb, seed, n_test, n):
         Zs_t, Zb_t = Zs, Zb
         if n_test is not None and n_test != n:
             raise ParamError("n_test needs the law (Q0, Q, M) to draw fresh test fields")
-    nt = Zs_t.shape[0]
     ft = _errors.finetune_losses(act, Zs_t, Zb_t, q, m, seed=seed + 104729)
     return {"finetune_test_error": float(ft["finetune"].mean()), "forgetting_error": float(ft["forgetting"].mean()),
             "se": {"finetune_test_error": _se(ft["finetune"]), "forgetting_error": _se(ft["forgetting"])}}
@@ -757,7 +759,6 @@ def _test_errors(params, q, m, law, Zs, Zb, seed, n_test, n):
 
 def _frozen_result(params, Zs, Zb, chi_star, Y, law, seed, n_test, delta_eff, t0):
     """lam_ft = inf: w_hat = 0, q = m = v = 0 (eq. 79)."""
-    T = params.tokens
     sigma = get_activation(params.activation, "numpy")
     n = Zs.shape[0]
     train = np.sum((sigma(Zb) - Y) ** 2, axis=(1, 2))
@@ -772,7 +773,7 @@ def _frozen_result(params, Zs, Zb, chi_star, Y, law, seed, n_test, delta_eff, t0
 
 
 def solve_finetune_effective(params: Params, Q0: float, Q: float, M: float, *, n_mc: int = DEFAULT_N_MC,
-                             seed: int = 0, method: str = "mc", **kwargs) -> FinetuneResult:
+                             seed: int = 0, method: str = "mc", **kwargs: Any) -> FinetuneResult:
     """Fine-tuning on an *effective pre-training* (Figs. 2, 4, 5): (z*, z) ~ Q with given Q0, Q, M.
 
     The fields are drawn from the test law Q (eq. 13) with A0 = Q0 + Delta/2 (e = 0
@@ -809,7 +810,7 @@ def solve_finetune_effective(params: Params, Q0: float, Q: float, M: float, *, n
                           rank_one_normals=x[:, 2 * L:], **kwargs)
 
 
-def solve_lora_only(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, **kwargs) -> FinetuneResult:
+def solve_lora_only(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, **kwargs: Any) -> FinetuneResult:
     """LoRA-only baseline (lam = inf, A.7): W_hat = 0, so z = 0 and z* ~ eq. 81, for e = 0 and 1."""
     p = params.replace(lam=math.inf, reuse=False)
     r = solve_finetune_effective(p, params.Q0, 0.0, 0.0, n_mc=n_mc, seed=seed, **kwargs)

@@ -48,8 +48,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,8 @@ def sqrtm_frechet(S: np.ndarray, E: np.ndarray) -> np.ndarray:
     return U @ ((U.T @ E @ U) / denom) @ U.T
 
 
-def ridge_channel(mhat: np.ndarray, qhat: np.ndarray, vhat: np.ndarray, lam_ft: float, q0: np.ndarray):
+def ridge_channel(mhat: np.ndarray, qhat: np.ndarray, vhat: np.ndarray, lam_ft: float,
+                  q0: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """The input channel of the ridge penalty lam' ||w||_F^2 in closed form (docs/theory/rank_r.md, sec. 5):
     v = (2 lam' I + v_hat)^{-1}, m = v m_hat q0, q = v (m_hat q0 m_hat^T + q_hat) v.
 
@@ -101,7 +103,8 @@ def ridge_channel(mhat: np.ndarray, qhat: np.ndarray, vhat: np.ndarray, lam_ft: 
     return m, 0.5 * (q + q.T), v
 
 
-def canonical_gauge(m: np.ndarray, q: np.ndarray, v: np.ndarray, rel_tol: float = 1e-10):
+def canonical_gauge(m: np.ndarray, q: np.ndarray, v: np.ndarray,
+                    rel_tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rotate (m, q, v) -> (O^T m, O^T q O, O^T v O), O orthogonal r x r, into the canonical gauge:
     A = m E^T (E = the r x r* matrix with ones on the diagonal: the first min(r, r*) columns of m) has
     O^T A symmetric positive semidefinite on its range; on the complement (dimension r - rank A: r > r*
@@ -184,7 +187,8 @@ def _row_terms(X: np.ndarray, Y: np.ndarray, T: int, activation: str, order: int
     return R, G, h
 
 
-def loss_derivatives(xi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, activation: str, order: int = 2):
+def loss_derivatives(xi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, activation: str,
+                     order: int = 2) -> np.ndarray | tuple[np.ndarray, ...]:
     """l(xi) = ||sigma(Zq + xi xi^T) - Y||_F^2 and its derivatives in vec(xi) (row-major, index a r + k).
 
     Args:
@@ -224,7 +228,7 @@ def loss_derivatives(xi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, activation: 
 _COMPILED: Any = None
 
 
-def compiled_potential():
+def compiled_potential() -> tuple[Any, Any]:
     """(loss, evaluate): the rank-r loss as a Numba function with the signature of the kernel's
     potentials, ``loss(x, row, T, softmax, order, g, H, aux, X, P, R, G)`` (x = vec(xi), k = T r, r = k // T;
     row = [Zq (T*T), Y (T*T)]; aux[0] = Tr G; X is reused as the row-Hessian scratch), ready to be added to
@@ -401,7 +405,8 @@ def _chol_step(A: np.ndarray, b: np.ndarray):
     return -x, pd
 
 
-def newton_prox(x0, Zq, Y, anchor, w, activation, *, xtol=1e-9, max_steps=60):
+def newton_prox(x0: np.ndarray, Zq: np.ndarray, Y: np.ndarray, anchor: np.ndarray, w: np.ndarray, activation: str,
+                *, xtol: float = 1e-9, max_steps: int = 60) -> _NewtonOut:
     """min_x l(x) + sum_{a,k} (x_ak - anchor_ak)^2 / (2 w_k) for every sample, x (n, T, r), w (r,) > 0.
 
     The rule of :meth:`hdlora.theory.newton.NewtonRule.finetune`: a sample stops when its Newton step
@@ -541,8 +546,9 @@ def _starts(ct: np.ndarray, Zq: np.ndarray, Y_arg: np.ndarray | None, softmax: b
     return out
 
 
-def prox_rank_r(chi_tilde, Zq, Y, v, activation, *, Y_arg=None, warm=None, n_random=2, xtol=1e-9,
-                max_steps=60):
+def prox_rank_r(chi_tilde: np.ndarray, Zq: np.ndarray, Y: np.ndarray, v: np.ndarray, activation: str, *,
+                Y_arg: np.ndarray | None = None, warm: np.ndarray | None = None, n_random: int = 2,
+                xtol: float = 1e-9, max_steps: int = 60) -> dict[str, Any]:
     """argmax_chi psi(chi) (eq. 64 at rank r) for every sample, by Newton from several starts.
 
     Args:
@@ -572,6 +578,7 @@ def prox_rank_r(chi_tilde, Zq, Y, v, activation, *, Y_arg=None, warm=None, n_ran
         better = out.f < best.f - 1e-12 * np.maximum(1.0, np.abs(best.f))
         for name in ("x", "f", "hess", "dq", "residual", "converged"):
             getattr(best, name)[better] = getattr(out, name)[better]
+    assert best is not None  # starts holds at least chi_tilde
     n, T, r = ct.shape
     Hf = best.hess + np.diag(1.0 / np.tile(d, T))
     n_not_max = int(np.sum(np.linalg.eigvalsh(Hf).min(axis=1) <= 0))
@@ -627,8 +634,10 @@ def linear_test_error(T: int, delta_eff: float, q: np.ndarray, m: np.ndarray, q0
 # ----------------------------------------------------------------------------------------
 # output channel: the conjugates from the per-sample prox (docs/theory/rank_r.md, secs. 6-7)
 # ----------------------------------------------------------------------------------------
-def output_channel(m, q, v, chi_star, zeta, Zb, Y, q0, alpha_ft, activation, *, Y_arg=None, warm=None,
-                   form="direct", n_random=2, xtol=1e-9):
+def output_channel(m: np.ndarray, q: np.ndarray, v: np.ndarray, chi_star: np.ndarray, zeta: np.ndarray,
+                   Zb: np.ndarray, Y: np.ndarray, q0: np.ndarray, alpha_ft: float, activation: str, *,
+                   Y_arg: np.ndarray | None = None, warm: np.ndarray | None = None, form: str = "direct",
+                   n_random: int = 2, xtol: float = 1e-9) -> dict[str, Any]:
     """The conjugates (m_hat, q_hat, v_hat) at (m, q, v) from the prox of every sample.
 
     chi_star (n, T, r*) rows ~ N(0, q0); zeta (n, T, r) rows ~ N(0, I); Zb (n, T, T) the frozen
@@ -797,6 +806,7 @@ def solve_finetune_rank_r(params: Params, z_star: np.ndarray, z: np.ndarray, *, 
         return _pack(m_new, q_new, v_new), {"mhat": O.T @ out["mhat"], "qhat": O.T @ out["qhat"] @ O,
                                             "vhat": O.T @ out["vhat"] @ O, "prox": out["prox"]}
 
+    state0: tuple[np.ndarray, ...]
     if init is None:
         vv = 1.0 / (2.0 * lam_ft + ap * T)
         m0 = np.zeros((r, r_star))

@@ -96,13 +96,13 @@ class NewtonRule:
     take_last: bool           # no Armijo step: take the last one (True) or stay and stop (False)
 
     @classmethod
-    def pretrain(cls, tol: float, max_iter: int, V: float) -> "NewtonRule":
+    def pretrain(cls, tol: float, max_iter: int, V: float) -> NewtonRule:
         """Pre-training (eq. 42): residual of h = z~ - V s grad l(h) below tol min(1, V)."""
         scale = min(1.0, V)
         return cls(0, tol, max_iter, 0.0, 1e-8, 1e-300, 1e-6, scale, 0, 4e-16, 35, True)
 
     @classmethod
-    def finetune(cls, xtol: float, max_steps: int, v: float) -> "NewtonRule":
+    def finetune(cls, xtol: float, max_steps: int, v: float) -> NewtonRule:
         """Fine-tuning (eq. 63): Newton step below xtol (1 + |chi|) at a negative-definite Hessian."""
         return cls(1, xtol, max_steps, 1e-300, 0.0, 1e-3 / v, 1e-3, 1.0, 1, 1e-14, 40, False)
 

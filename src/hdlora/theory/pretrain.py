@@ -41,8 +41,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -222,7 +223,7 @@ def _init_state(params: Params, init) -> dict[str, float]:
 
 def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, method: str | None = None,
                    tol: float = 1e-7, max_iter: int = 500, mixing: float = 1.0,
-                   init: "PretrainResult | Mapping[str, float] | None" = None,
+                   init: PretrainResult | Mapping[str, float] | None = None,
                    warn: bool = True) -> PretrainResult:
     """Solve the pre-training state evolution (Result 4, eqs. 46-54) and evaluate eqs. 19-20, 75.
 
@@ -278,6 +279,7 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
             hats = output_channel_exact(alpha, A0, T, Q, M, V)
         else:
             ptol = min(1e-6, max(1e-11, 1e-4 * memo["res"]))
+            assert g is not None and zeta is not None  # the Monte-Carlo fields are drawn unless method == 'exact'
             hats, px, _, _ = output_channel(alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"], prox_tol=ptol,
                                             full=False, multi_start=memo["global"])
             memo["h"] = px.x
@@ -304,6 +306,7 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
             sample_term, failures = L * c * c, 0
             break
         # final evaluation at the fixed point with a tight prox tolerance
+        assert g is not None and zeta is not None  # the Monte-Carlo fields are drawn unless method == 'exact'
         hats, px, z_star, z_tilde = output_channel(alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"],
                                                    prox_tol=1e-11, multi_start=memo["global"])
         # the warm-started prox must be the global maximiser: compare with a start at z* (interpolation)

@@ -28,7 +28,7 @@ Everything is float64 numpy; no printing, no I/O.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -51,7 +51,7 @@ def tokens_from_L(L: int) -> int:
     return T
 
 
-@lru_cache(maxsize=None)
+@cache
 def _embedding(T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Et (L, T*T): free-entry gradient from a full one; Kt (L*L, T^3) for row Hessians; s (L,)."""
     a, b = upper_indices(T)
@@ -206,7 +206,7 @@ def pretrain_potential(h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V
 
 
 def pretrain_potential_derivatives(h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V: float,
-                    activation: str = "softmax"):
+                    activation: str = "softmax") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(Psi, grad Psi, Hessian of Psi) with respect to the L free entries of h (eq. 42).
 
     Arguments (n, L); returns arrays of shapes (n,), (n, L), (n, L, L).
