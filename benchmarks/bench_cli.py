@@ -16,6 +16,7 @@ median are reported, with the ratio old / new of the minima.
 
 Usage: python benchmarks/bench_cli.py [--old-src DIR] [--repeats N] [--out FILE.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LINEAR = ["--activation", "linear", "--alpha", "0.1", "--alpha-ft", "3", "--tokens", "3", "--noise", "0.5",
-          "--lam", "0.1", "--lam-ft", "0.5"]
+LINEAR = [
+    "--activation",
+    "linear",
+    "--alpha",
+    "0.1",
+    "--alpha-ft",
+    "3",
+    "--tokens",
+    "3",
+    "--noise",
+    "0.5",
+    "--lam",
+    "0.1",
+    "--lam-ft",
+    "0.5",
+]
 SWEEP = """[sweep]
 name = "bench-cli"
 database = "{db}"
@@ -59,8 +74,13 @@ def _env(src: Path) -> dict:
 
 
 def _which(src: Path) -> str:
-    out = subprocess.run([sys.executable, "-c", "import hdlora; print(hdlora.__file__)"], env=_env(src),
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import hdlora; print(hdlora.__file__)"],
+        env=_env(src),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -79,8 +99,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="repeats of each fast case (old and new alternate)")
     ap.add_argument("--sweep-repeats", type=int, default=3, help="repeats of each sweep case")
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    ap.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
-                    help="another src directory measured alongside (e.g. this branch merged with another)")
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another src directory measured alongside (e.g. this branch merged with another)",
+    )
     args = ap.parse_args()
     old, new = Path(args.old_src).resolve(), ROOT / "src"
     sources = {"old": old, "new": new}
@@ -99,6 +124,7 @@ def main() -> int:
             f = tmp / f"sweep{i}.toml"
             f.write_text(SWEEP.format(db=tmp / f"db{i}.sqlite"))
             return ["sweep", str(f), "--no-progress", *extra]
+
         return argv
 
     cases = {
@@ -126,9 +152,12 @@ def main() -> int:
     doc = {
         "benchmark": "bench_cli",
         "what": "process wall time of `python -m hdlora.cli ...` (fresh interpreter each), old vs new code, "
-                "alternating, min and median of the repeats",
-        "sources": {k: str(v) for k, v in sources.items()}, "imported_from": which,
-        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+        "alternating, min and median of the repeats",
+        "sources": {k: str(v) for k, v in sources.items()},
+        "imported_from": which,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -22,6 +22,7 @@ Output: the JSON is printed and written to ``$OUT/bench_gpu.json`` when ``$OUT``
 
 Usage: python benchmarks/bench_gpu.py [--budget-s 460] [--output PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,22 +78,40 @@ TARGET_FIG3_S = 60.0
 
 CASES = [
     ("fig3_d1000", dict(params=FIG3, dim=1000, dtype="float64"), 150),
-    ("effective_d10000_float64", dict(params=FIG2_EFF, dim=10_000, dtype="float64", effective=FIG2_LAW, restarts=0), 110),
-    ("effective_d10000_float32", dict(params=FIG2_EFF, dim=10_000, dtype="float32", effective=FIG2_LAW, restarts=0), 80),
-    ("effective_d10000_tf32", dict(params=FIG2_EFF, dim=10_000, dtype="float32", tf32=True, effective=FIG2_LAW, restarts=0), 80),
+    (
+        "effective_d10000_float64",
+        dict(params=FIG2_EFF, dim=10_000, dtype="float64", effective=FIG2_LAW, restarts=0),
+        110,
+    ),
+    (
+        "effective_d10000_float32",
+        dict(params=FIG2_EFF, dim=10_000, dtype="float32", effective=FIG2_LAW, restarts=0),
+        80,
+    ),
+    (
+        "effective_d10000_tf32",
+        dict(params=FIG2_EFF, dim=10_000, dtype="float32", tf32=True, effective=FIG2_LAW, restarts=0),
+        80,
+    ),
 ]
 
 
 def run_case(name: str, cfg: dict, timeout: float) -> dict:
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True,
-                           timeout=timeout)
+        p = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return {"case": name, "error": f"timed out after {timeout:g} s", "seconds": time.perf_counter() - t0}
     if p.returncode != 0:
-        return {"case": name, "error": (p.stderr.strip().splitlines() or ["?"])[-1], "returncode": p.returncode,
-                "stderr_tail": p.stderr[-2000:], "seconds": time.perf_counter() - t0}
+        return {
+            "case": name,
+            "error": (p.stderr.strip().splitlines() or ["?"])[-1],
+            "returncode": p.returncode,
+            "stderr_tail": p.stderr[-2000:],
+            "seconds": time.perf_counter() - t0,
+        }
     rec = json.loads(p.stdout.strip().splitlines()[-1])
     rec["case"] = name
     rec["process_seconds"] = time.perf_counter() - t0
@@ -134,8 +153,14 @@ def main(argv=None) -> int:
                 "delta_overlap": v["overlap"] - ref["overlap"],
                 "speedup_vs_float64": ref["wall_seconds"] / v["wall_seconds"],
             }
-    doc = {"benchmark": "gpu", "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
-           "total_seconds": time.perf_counter() - t_start, "summary": summary, "results": results}
+    doc = {
+        "benchmark": "gpu",
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0),
+        "total_seconds": time.perf_counter() - t_start,
+        "summary": summary,
+        "results": results,
+    }
     text = json.dumps(doc, indent=2, default=str)
     print(text)
     path = os.path.join(os.environ["OUT"], "bench_gpu.json") if os.environ.get("OUT") else args.output

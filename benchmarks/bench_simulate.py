@@ -20,6 +20,7 @@ Cases:
 Usage: python benchmarks/bench_simulate.py [--dims 100 150 300] [--threads N] [--memory-check] [--skip-gpu]
        [--storage-dim 1500] [--effective-dim 10000] [--iters 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,13 +101,14 @@ FIG1 = dict(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5, lam=0
 FIG3 = dict(alpha=0.2, alpha_ft=3, tokens=2, kappa0=0.5, kappa=1, noise=0.5, lam=0.3, lam_ft=0.5, reuse=True)
 #: Fig. 2 effective pre-training at its largest alpha' (alpha' = 10, T = 3, softmax, Delta = 0, kappa0 = 0.5).
 FIG2_EFF = dict(alpha=0.1, alpha_ft=10.0, tokens=3, kappa0=0.5, kappa=1, noise=0.0, lam=0.1, lam_ft=0.5)
-FIG2_LAW = {"Q0": 1.5, "Q": 1.5, "M": 1.0}     # Q = Q0 = 1 + kappa0, M = 1 (Fig. 2's law)
+FIG2_LAW = {"Q0": 1.5, "Q": 1.5, "M": 1.0}  # Q = Q0 = 1 + kappa0, M = 1 (Fig. 2's law)
 
 
 def _case(cfg: dict) -> dict:
     try:
-        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True,
-                              timeout=cfg.get("timeout"))
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True, timeout=cfg.get("timeout")
+        )
     except subprocess.TimeoutExpired as exc:
         err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
         partial = [ln for ln in err.splitlines() if ln.startswith("{")]
@@ -121,53 +123,96 @@ def _case(cfg: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", type=int, nargs="*", default=[100, 150, 300], help="Fig. 1 pipeline dims (none: skip)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0: torch default). Default 1: on the shared 2-core machine 2 threads "
-                         "were 6x slower (OpenMP oversubscription in L-BFGS's many small vector ops)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0: torch default). Default 1: on the shared 2-core machine 2 threads "
+        "were 6x slower (OpenMP oversubscription in L-BFGS's many small vector ops)",
+    )
     ap.add_argument("--memory-check", action="store_true")
     ap.add_argument("--skip-gpu", action="store_true")
-    ap.add_argument("--storage-dim", type=int, default=0,
-                    help="effective mode, alpha' = 10: time per L-BFGS iteration with the tokens kept as float64, "
-                         "float32 and regenerated, at this D (e.g. 1500); 0: skip")
-    ap.add_argument("--effective-dim", type=int, default=0,
-                    help="effective mode, alpha' = 10, T = 3 at this D (the paper's 10000) with the automatic token "
-                         "storage: peak memory and seconds per L-BFGS iteration on CPU (and CUDA when present); 0: skip")
+    ap.add_argument(
+        "--storage-dim",
+        type=int,
+        default=0,
+        help="effective mode, alpha' = 10: time per L-BFGS iteration with the tokens kept as float64, "
+        "float32 and regenerated, at this D (e.g. 1500); 0: skip",
+    )
+    ap.add_argument(
+        "--effective-dim",
+        type=int,
+        default=0,
+        help="effective mode, alpha' = 10, T = 3 at this D (the paper's 10000) with the automatic token "
+        "storage: peak memory and seconds per L-BFGS iteration on CPU (and CUDA when present); 0: skip",
+    )
     ap.add_argument("--iters", type=int, default=3, help="L-BFGS iterations timed in the effective cases")
-    ap.add_argument("--timeout", type=float, default=None,
-                    help="seconds per effective case; on timeout the partial record (data set built, peak RSS) is kept")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per effective case; on timeout the partial record (data set built, peak RSS) is kept",
+    )
     args = ap.parse_args(argv)
     import torch
+
     results = []
-    eff = dict(mode="effective", params=FIG2_EFF, effective=FIG2_LAW, iters=args.iters, threads=args.threads,
-               timeout=args.timeout)
+    eff = dict(
+        mode="effective",
+        params=FIG2_EFF,
+        effective=FIG2_LAW,
+        iters=args.iters,
+        threads=args.threads,
+        timeout=args.timeout,
+    )
     if args.storage_dim:
         for storage in ("float64", "float32", "regenerate"):
-            results.append(_case(dict(eff, case="effective_storage", dim=args.storage_dim, device="cpu",
-                                      storage=storage)))
+            results.append(
+                _case(dict(eff, case="effective_storage", dim=args.storage_dim, device="cpu", storage=storage))
+            )
             print(json.dumps(results[-1]), file=sys.stderr)
     if args.effective_dim:
         results.append(_case(dict(eff, case="effective_fig2", dim=args.effective_dim, device="cpu", storage="auto")))
         print(json.dumps(results[-1]), file=sys.stderr)
         if torch.cuda.is_available() and not args.skip_gpu:
-            results.append(_case(dict(eff, case="effective_fig2", dim=args.effective_dim, device="cuda",
-                                      storage="auto")))
+            results.append(
+                _case(dict(eff, case="effective_fig2", dim=args.effective_dim, device="cuda", storage="auto"))
+            )
         else:
-            results.append({"case": "effective_fig2", "dim": args.effective_dim, "device": "cuda",
-                            "skipped": "--skip-gpu" if args.skip_gpu else "CUDA not available on this machine"})
+            results.append(
+                {
+                    "case": "effective_fig2",
+                    "dim": args.effective_dim,
+                    "device": "cuda",
+                    "skipped": "--skip-gpu" if args.skip_gpu else "CUDA not available on this machine",
+                }
+            )
     for D in args.dims:
-        results.append(_case(dict(case="fig1", mode="pipeline", dim=D, device="cpu", params=FIG1,
-                                   threads=args.threads)))
+        results.append(
+            _case(dict(case="fig1", mode="pipeline", dim=D, device="cpu", params=FIG1, threads=args.threads))
+        )
         print(json.dumps(results[-1]), file=sys.stderr)
     if args.skip_gpu or not args.dims:
         results.append({"case": "fig3", "dim": 1000, "skipped": "--skip-gpu" if args.skip_gpu else "no --dims"})
     elif torch.cuda.is_available():
-        results.append(_case(dict(case="fig3", mode="pipeline", dim=1000, device="cuda", params=FIG3,
-                                  threads=args.threads)))
+        results.append(
+            _case(dict(case="fig3", mode="pipeline", dim=1000, device="cuda", params=FIG3, threads=args.threads))
+        )
     else:
         results.append({"case": "fig3", "dim": 1000, "skipped": "CUDA not available on this machine"})
     if args.memory_check:
-        results.append(_case(dict(case="memory_check", mode="memory", dim=1000, device="cpu",
-                                  params=dict(FIG3, reuse=False), threads=args.threads)))
+        results.append(
+            _case(
+                dict(
+                    case="memory_check",
+                    mode="memory",
+                    dim=1000,
+                    device="cpu",
+                    params=dict(FIG3, reuse=False),
+                    threads=args.threads,
+                )
+            )
+        )
     print(json.dumps({"benchmark": "simulate", "torch": torch.__version__, "results": results}, indent=2))
     return 0
 

@@ -2,6 +2,7 @@
 
 Prints one JSON object.  Run: .venv/bin/python benchmarks/bench_spectral.py
 """
+
 from __future__ import annotations
 
 import json
@@ -24,16 +25,14 @@ def _time(fn, repeat: int = 5, number: int = 20) -> float:
 
 
 def main() -> None:
-    grid = [(k, eta, eps) for k in (0.5, 1.0, 2.0) for eta in (1e-3, 0.05, 0.3, 1.0)
-            for eps in (0.0, 0.3, 1.5)]
+    grid = [(k, eta, eps) for k in (0.5, 1.0, 2.0) for eta in (1e-3, 0.05, 0.3, 1.0) for eps in (0.0, 0.3, 1.5)]
     j_times = [_time(lambda k=k, eta=eta, eps=eps: sp.J(eta, eps, k)) for k, eta, eps in grid]
     moment_err = 0.0
     fd_err = 0.0
     h = 1e-5
     for k, eta, eps in grid:
         m = [sp.expectation(f, eta, k).value for f in (np.ones_like, lambda x: x, lambda x: x * x)]
-        moment_err = max(moment_err, abs(m[0] - 1), abs(m[1] - math.sqrt(k)),
-                         abs(m[2] - 1 - k - eta ** 2))
+        moment_err = max(moment_err, abs(m[0] - 1), abs(m[1] - math.sqrt(k)), abs(m[2] - 1 - k - eta**2))
         r = sp.J(eta, eps, k)
         fd1 = (sp.J(eta + h, eps, k).J - sp.J(eta - h, eps, k).J) / (2 * h)
         fd2 = (sp.J(eta, eps + h, k).J - sp.J(eta, eps - h, k).J) / (2 * h)

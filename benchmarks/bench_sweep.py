@@ -13,6 +13,7 @@
 
 Usage: python benchmarks/bench_sweep.py [--activation linear|softmax] [--n-mc N] [--workers N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,15 @@ def theory_sweep_doc(db: Path, activation: str, n_mc: int | None) -> dict:
     opts = {} if n_mc is None else {"n_mc": n_mc}
     return {
         "sweep": {"name": f"bench-theory-{activation}", "database": str(db), "continuation": "lam"},
-        "params": {"alpha": 0.1, "alpha_ft": 3.0, "tokens": 3, "kappa0": 1.0, "kappa": 1.0, "noise": 0.5,
-                   "activation": activation},
+        "params": {
+            "alpha": 0.1,
+            "alpha_ft": 3.0,
+            "tokens": 3,
+            "kappa0": 1.0,
+            "kappa": 1.0,
+            "noise": 0.5,
+            "activation": activation,
+        },
         "axes": {"lam_ft": [0.05, 0.2, 1.0, 5.0], "lam": {"start": 0.001, "stop": 10.0, "num": 5, "log": True}},
         "run": {"theory": opts},
     }
@@ -74,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-figure", action="store_true", help="do not time hdlora figure 1 --quick")
     args = ap.parse_args(argv)
 
-    result: dict = {"benchmark": "sweep", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                                       "python": platform.python_version()}}
+    result: dict = {
+        "benchmark": "sweep",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
     try:
         from hdlora import theory
 
@@ -100,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             load0 = os.getloadavg()[0]
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "hdlora.cli", "figure", "1", "--quick", "--out", tmp],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "hdlora.cli", "figure", "1", "--quick", "--out", tmp],
+                capture_output=True,
+                text=True,
+            )
             result["figure1_quick_s"] = time.perf_counter() - t0
             result["figure1_quick_exit_status"] = proc.returncode
             result["figure1_quick_load_average"] = [round(load0, 2), round(os.getloadavg()[0], 2)]

@@ -28,6 +28,7 @@ reference (token-first arrays).
 Usage: python benchmarks/bench_theory.py [--repeat 3] [--threads 1] [--n-mc 30000]
        [--base-src DIR | --base-rev REV] [--no-base] [--cases a,b]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ def _set_threads(n: int) -> None:
 def child(a: argparse.Namespace) -> dict:
     """Run the cases once each in this (fresh) process; returns {case: {...}}."""
     import torch
+
     torch.set_num_threads(a.threads)
     from hdlora import Params
     from hdlora.theory import solve
@@ -63,7 +65,7 @@ def child(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     try:
         from hdlora.theory import newton
-    except ImportError:           # the old code has no compiled kernel
+    except ImportError:  # the old code has no compiled kernel
         out["kernel_warmup_s"] = None
     else:
         newton.warmup()
@@ -82,9 +84,12 @@ def child(a: argparse.Namespace) -> dict:
         t = time.perf_counter()
         r = solve(p, n_mc=a.n_mc, init=init, warn=False)
         out["cases"][name] = {
-            "wall_s": time.perf_counter() - t, "pretrain_iterations": r.pretrain_iterations,
-            "finetune_iterations": r.finetune_iterations, "converged": r.converged,
-            "finetune_test_error": r.finetune_test_error}
+            "wall_s": time.perf_counter() - t,
+            "pretrain_iterations": r.pretrain_iterations,
+            "finetune_iterations": r.finetune_iterations,
+            "converged": r.converged,
+            "finetune_test_error": r.finetune_test_error,
+        }
     return out
 
 
@@ -92,6 +97,7 @@ def kernel_choice(a: argparse.Namespace) -> dict:
     """Seconds (min of 5) of one fine-tuning loss + gradient + Hessian evaluation on all samples."""
     import numpy as np
     import torch
+
     torch.set_num_threads(a.threads)
     from hdlora.activations import get as get_activation
     from hdlora.theory import finetune as F
@@ -122,7 +128,7 @@ def kernel_choice(a: argparse.Namespace) -> dict:
     numba_s = best(lambda: K.evaluate_batch(1, chi, rows, consts, 2, g, H, aux))
     cz, Zt, Yt = torch.from_numpy(chi), torch.from_numpy(Zq), torch.from_numpy(Y)
 
-    def torch_eval():           # the NumPy reference formulas of _psi_t on (n, T, T) tensors
+    def torch_eval():  # the NumPy reference formulas of _psi_t on (n, T, T) tensors
         X = Zt + cz[:, :, None] * cz[:, None, :]
         P = torch.softmax(X, dim=2)
         R = P - Yt
@@ -135,8 +141,7 @@ def kernel_choice(a: argparse.Namespace) -> dict:
         pp = (P * P).sum(dim=2)
         pchi = (P * cz[:, None, :]).sum(dim=2)
         wchi = (W * cz[:, None, :]).sum(dim=2)
-        hc = 2.0 * (W * cz[:, None, :] - W * pchi[:, :, None] - P * wchi[:, :, None]
-                    + (pp * pchi)[:, :, None] * P)
+        hc = 2.0 * (W * cz[:, None, :] - W * pchi[:, :, None] - P * wchi[:, :, None] + (pp * pchi)[:, :, None] * P)
         quad = (hc * cz[:, None, :]).sum(dim=2)
         c2 = cz * cz
         cW = c2[:, :, None] * W
@@ -152,14 +157,28 @@ def kernel_choice(a: argparse.Namespace) -> dict:
         torch_s = best(torch_eval)
     Zq_t, Y_t, c_t = F._t(Zq), F._t(Y), F._t(chi)
     numpy_s = best(lambda: F._psi_t(c_t, Zq_t, Y_t, c_t, 1.0, "softmax"))
-    return {"what": "fine-tuning loss + gradient + Hessian, all samples, softmax T = 3", "n": n,
-            "numba_s": numba_s, "torch_s": torch_s, "numpy_reference_s": numpy_s}
+    return {
+        "what": "fine-tuning loss + gradient + Hessian, all samples, softmax T = 3",
+        "n": n,
+        "numba_s": numba_s,
+        "torch_s": torch_s,
+        "numpy_reference_s": numpy_s,
+    }
 
 
 def _run(src: Path, a: argparse.Namespace, mode: str, env_extra: dict | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src), **(env_extra or {}))
-    cmd = [sys.executable, str(Path(__file__).resolve()), f"--{mode}", "--threads", str(a.threads),
-           "--n-mc", str(a.n_mc), "--cases", a.cases]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        f"--{mode}",
+        "--threads",
+        str(a.threads),
+        "--n-mc",
+        str(a.n_mc),
+        "--cases",
+        a.cases,
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"benchmark child ({src}) failed:\n{r.stderr[-3000:]}")
@@ -172,8 +191,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-mc", type=int, default=30000)
     ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--base-src", default=os.environ.get("HDLORA_BASE_SRC"),
-                    help="src directory of the old code (default: a git worktree of --base-rev)")
+    ap.add_argument(
+        "--base-src",
+        default=os.environ.get("HDLORA_BASE_SRC"),
+        help="src directory of the old code (default: a git worktree of --base-rev)",
+    )
     ap.add_argument("--base-rev", default=DEFAULT_BASE_REV)
     ap.add_argument("--no-base", action="store_true", help="time the new code only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -186,6 +208,7 @@ def main() -> None:
         return
     if a.warmup_only:
         from hdlora.theory import newton
+
         print(json.dumps({"compile_s": newton.warmup()}))
         return
     if a.kernel_choice:
@@ -200,17 +223,27 @@ def main() -> None:
             base_src = Path(a.base_src)
         else:
             tmp = Path(tempfile.mkdtemp(prefix="hdlora-base-"))
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tmp / "wt"), a.base_rev],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tmp / "wt"), a.base_rev],
+                check=True,
+                capture_output=True,
+            )
             base_src = tmp / "wt" / "src"
-    out: dict = {"benchmark": "theory point (pre-training + fine-tuning SE), new vs old code", "n_mc": a.n_mc,
-                 "threads": a.threads, "repeat": a.repeat, "cpu_count": os.cpu_count(),
-                 "machine": platform.processor() or platform.machine(), "old_code": str(base_src),
-                 "load_avg_start": os.getloadavg()[0]}
+    out: dict = {
+        "benchmark": "theory point (pre-training + fine-tuning SE), new vs old code",
+        "n_mc": a.n_mc,
+        "threads": a.threads,
+        "repeat": a.repeat,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "old_code": str(base_src),
+        "load_avg_start": os.getloadavg()[0],
+    }
     try:
         with tempfile.TemporaryDirectory(prefix="numba-cache-") as cache:
             out["kernel_compile_s_empty_cache"] = _run(new_src, a, "warmup-only", {"NUMBA_CACHE_DIR": cache})[
-                "compile_s"]
+                "compile_s"
+            ]
         runs: dict[str, list] = {"new": [], "old": []}
         for _ in range(a.repeat):
             runs["new"].append(_run(new_src, a, "child"))
@@ -225,20 +258,26 @@ def main() -> None:
                     continue
                 ts = [r["cases"][name]["wall_s"] for r in runs[which]]
                 last = runs[which][-1]["cases"][name]
-                row[which] = {"wall_s_min": min(ts), "wall_s_all": ts,
-                              **{k: last[k] for k in ("pretrain_iterations", "finetune_iterations", "converged",
-                                                      "finetune_test_error")}}
+                row[which] = {
+                    "wall_s_min": min(ts),
+                    "wall_s_all": ts,
+                    **{
+                        k: last[k]
+                        for k in ("pretrain_iterations", "finetune_iterations", "converged", "finetune_test_error")
+                    },
+                }
             if "old" in row:
                 row["speedup_old_over_new"] = row["old"]["wall_s_min"] / row["new"]["wall_s_min"]
-                row["finetune_test_error_rel_diff"] = (abs(row["new"]["finetune_test_error"]
-                                                           - row["old"]["finetune_test_error"])
-                                                       / abs(row["old"]["finetune_test_error"]))
+                row["finetune_test_error_rel_diff"] = abs(
+                    row["new"]["finetune_test_error"] - row["old"]["finetune_test_error"]
+                ) / abs(row["old"]["finetune_test_error"])
             out["cases"][name] = row
         out["kernel_choice"] = _run(new_src, a, "kernel-choice")
     finally:
         if tmp is not None:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "wt")],
-                           capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "wt")], capture_output=True
+            )
             shutil.rmtree(tmp, ignore_errors=True)
     out["load_avg_end"] = os.getloadavg()[0]
     print(json.dumps(out, indent=2))

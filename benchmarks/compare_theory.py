@@ -10,6 +10,7 @@ the iteration counts that changed.
 
 Usage: python benchmarks/compare_theory.py [--base-src DIR | --base-rev REV] [--points a,b] [--n-mc 30000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ def _points() -> dict[str, dict]:
     tree = ast.parse(src)
     env: dict = {"math": math, "dict": dict}
     for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and \
-                node.targets[0].id in ("FIG1", "FIG3", "POINTS"):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id in ("FIG1", "FIG3", "POINTS")
+        ):
             exec(compile(ast.Module([node], []), "validation_table", "exec"), env)
     pts = {f"validation: {k}": v for k, v in env["POINTS"].items()}
     fig1 = env["FIG1"]
@@ -51,6 +55,7 @@ def child(names: list[str], n_mc: int) -> dict:
 
     from hdlora import Params
     from hdlora.theory import solve
+
     warnings.simplefilter("ignore")
     pts = _points()
     out = {}
@@ -94,22 +99,30 @@ def main() -> None:
         base = Path(a.base_src)
     else:
         tmp = Path(tempfile.mkdtemp(prefix="hdlora-base-"))
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tmp / "wt"), a.base_rev],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tmp / "wt"), a.base_rev],
+            check=True,
+            capture_output=True,
+        )
         base = tmp / "wt" / "src"
     res = {}
     try:
         for which, src in (("new", ROOT / "src"), ("old", base)):
             env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-            r = subprocess.run([sys.executable, __file__, "--child", json.dumps(names), "--n-mc", str(a.n_mc)],
-                               env=env, capture_output=True, text=True)
+            r = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(names), "--n-mc", str(a.n_mc)],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             if r.returncode:
                 raise RuntimeError(r.stderr[-3000:])
             res[which] = json.loads(r.stdout)
     finally:
         if tmp is not None:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "wt")],
-                           capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "wt")], capture_output=True
+            )
             shutil.rmtree(tmp, ignore_errors=True)
     per_q: dict[str, float] = {}
     moved, iters, identical = [], [], 0
@@ -131,9 +144,19 @@ def main() -> None:
             per_q[k] = max(per_q.get(k, 0.0), rel)
             if rel > a.flag and not k.startswith("mc_se"):
                 moved.append(f"{name}: {k} {o!r} -> {n_!r} (rel {rel:.2g})")
-    print(json.dumps({"points": len(names), "values_compared": total, "bit_identical": identical,
-                      "max_rel_diff_per_quantity": dict(sorted(per_q.items())),
-                      f"moved_more_than_{a.flag:g}": moved, "iteration_counts_changed": iters}, indent=1))
+    print(
+        json.dumps(
+            {
+                "points": len(names),
+                "values_compared": total,
+                "bit_identical": identical,
+                "max_rel_diff_per_quantity": dict(sorted(per_q.items())),
+                f"moved_more_than_{a.flag:g}": moved,
+                "iteration_counts_changed": iters,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Usage (one process per variant, compare the outputs):
     PYTHONPATH=<checkout of the old commit>/src python benchmarks/compare_token_storage.py > old.json
     python benchmarks/compare_token_storage.py [float64|float32|regenerate] > new.json
 """
+
 import json
 import sys
 import warnings
@@ -21,14 +22,23 @@ from hdlora import Params  # noqa: E402
 from hdlora.simulate import run_seed  # noqa: E402
 
 storage = sys.argv[1] if len(sys.argv) > 1 else None
-keys = ("finetune_test_error", "forgetting_error", "pretrain_test_error", "overlap", "q", "m", "finetune_iterations", "finetune_objective")
+keys = (
+    "finetune_test_error",
+    "forgetting_error",
+    "pretrain_test_error",
+    "overlap",
+    "q",
+    "m",
+    "finetune_iterations",
+    "finetune_objective",
+)
 out = {}
 EFF = dict(tokens=3, lam_ft=0.5, activation="softmax", alpha=0.1, lam=0.1, alpha_ft=10.0, noise=2.0, kappa0=0.5)
 FIG1 = dict(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5, lam=0.1, lam_ft=0.5)
 for D in (150, 300):
     for s in range(4):
         kw = {} if storage is None else {"token_storage": storage}
-        r = run_seed(Params(**EFF), D, s, effective={"Q0": 0.5, "Q": 0.5, "M": 1.0 * 0.5 ** 0.5 * 0.9}, **kw)
+        r = run_seed(Params(**EFF), D, s, effective={"Q0": 0.5, "Q": 0.5, "M": 1.0 * 0.5**0.5 * 0.9}, **kw)
         out[f"eff D={D} seed={s}"] = {k: r[k] for k in keys}
 for s in range(4):
     if storage not in (None, "float64"):

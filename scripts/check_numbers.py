@@ -13,6 +13,7 @@ Prints one line per point: the maximum absolute difference over all its numbers 
 bit-identical; a NaN in one run but not the other, or a missing number, counts as inf), then
 every non-numeric field (strings, flags) that changed.  Exit status 1 when anything differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,19 +76,20 @@ def compute(n_mc: int) -> dict:
     res["baseline frozen"] = solve(fig1, n_mc=small, baseline="frozen", warn=False)
     res["baseline lora-only"] = solve(fig1, n_mc=small, baseline="lora-only", warn=False)
     res["optimal_beta"] = solve(fig1, n_mc=small, optimal_beta=True, warn=False)
-    res["optimal_beta linear e=1"] = solve(fig3.replace(activation="linear"), n_mc=small, optimal_beta=True,
-                                           warn=False)
+    res["optimal_beta linear e=1"] = solve(fig3.replace(activation="linear"), n_mc=small, optimal_beta=True, warn=False)
     res["active_pool"] = solve(fig1.replace(active_pool=6.0, beta=0.9), n_mc=small, warn=False)
 
     from hdlora.theory import applications, bayes, effective, errors, finetune
 
     res["active_comparison_effective"] = applications.active_comparison_effective(
-        Params(tokens=3, noise=0.0, alpha=0.1, lam=0.1, lam_ft=0.5, active_pool=6.0), 2.0, 2.0, 1.0, n_mc=2000)
+        Params(tokens=3, noise=0.0, alpha=0.1, lam=0.1, lam_ft=0.5, active_pool=6.0), 2.0, 2.0, 1.0, n_mc=2000
+    )
     res["solve_lora_only"] = finetune.solve_lora_only(fig1, n_mc=2048)
     res["frozen_baseline"] = finetune.frozen_baseline(fig1, 2.0, 0.3, 0.5, n_mc=2048)
     res["bayes_optimal softmax"] = bayes.bayes_optimal(fig1, n_mc=300, n_nodes=6, n_mc_error=1000)
-    res["bayes_optimal linear e=1"] = bayes.bayes_optimal(fig3.replace(activation="linear"), n_mc=300, n_nodes=6,
-                                                          n_mc_error=1000)
+    res["bayes_optimal linear e=1"] = bayes.bayes_optimal(
+        fig3.replace(activation="linear"), n_mc=300, n_nodes=6, n_mc_error=1000
+    )
     res["closed forms"] = {
         "delta_eff": effective.delta_eff(2.0, 0.3, 0.5, 0.5),
         "delta_eff_beta": effective.delta_eff_beta(2.0, 0.3, 0.5, 0.5, 0.7),

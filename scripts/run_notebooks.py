@@ -14,6 +14,7 @@ The kernel is this interpreter (a kernelspec written to a temporary JUPYTER_PATH
 other "python3" kernels the machine has. Prints one line per notebook and a closing
 'notebooks: N passed, N failed'; exit status 1 when a notebook failed or is out of sync.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,14 +56,18 @@ def out_of_sync(ipynb: Path) -> str | None:
 def write_kernelspec(where: Path) -> None:
     d = where / "kernels" / KERNEL
     d.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python 3 (ipykernel)", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
     (d / "kernel.json").write_text(json.dumps(spec))
 
 
 def execute(nb, cwd: Path, timeout: int) -> None:
-    client = NotebookClient(nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(cwd)}},
-                            record_timing=False)
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(cwd)}}, record_timing=False
+    )
     client.execute()
     # the stored notebooks name the usual kernel, not the temporary one
     nb.metadata["kernelspec"] = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
@@ -71,8 +76,11 @@ def execute(nb, cwd: Path, timeout: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", help="notebook names (default: all of docs/notebooks/*.ipynb)")
-    ap.add_argument("--update", action="store_true",
-                    help="rebuild NAME.ipynb from NAME.py and store its outputs at the full (modest) size")
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="rebuild NAME.ipynb from NAME.py and store its outputs at the full (modest) size",
+    )
     ap.add_argument("--timeout", type=int, default=900, help="seconds per cell (default 900)")
     args = ap.parse_args(argv)
 
@@ -108,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                     reason = out_of_sync(path)
                     if reason:
                         raise RuntimeError(reason)
-                    nb = nbformat.read(path, as_version=4)   # a copy in memory: the file is not written
+                    nb = nbformat.read(path, as_version=4)  # a copy in memory: the file is not written
                 execute(nb, work, args.timeout)
                 if args.update:
                     target = path.with_suffix(".ipynb")
                     nbformat.write(nb, target)
-                    jupytext.write(nb, path, fmt="py:percent")   # keep the pair's metadata in step
+                    jupytext.write(nb, path, fmt="py:percent")  # keep the pair's metadata in step
             except Exception as exc:  # noqa: BLE001 - report and go on with the next notebook
                 failed += 1
                 print(f"FAILED {name} after {time.perf_counter() - t0:.1f} s: {type(exc).__name__}", flush=True)

@@ -10,6 +10,7 @@ interrupted and resumed; the markdown table is printed (and written with --md).
 Usage: python scripts/validation_table.py [--dim 150] [--seeds 4] [--json docs/validation.json]
                                           [--md docs/validation_table.md] [--only NAME ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,19 +43,39 @@ POINTS = {
     "fig3 softmax e=1 (lam=0.3, lam'=0.1)": dict(FIG3, lam=0.3, lam_ft=0.1),
     "fig3 softmax e=1 (lam=0.01, lam'=1)": dict(FIG3, lam=0.01, lam_ft=1.0),
     "softmax T=2 e=0 kappa0=0.5 (lam=2, lam'=0.05)": dict(FIG3, reuse=False, lam=2.0, lam_ft=0.05),
-    "softmax T=3 kappa0=2 kappa=1.5 Delta=1 (lam=0.01, lam'=1)":
-        dict(alpha=0.15, alpha_ft=3, tokens=3, kappa0=2, kappa=1.5, noise=1.0, lam=0.01, lam_ft=1.0),
+    "softmax T=3 kappa0=2 kappa=1.5 Delta=1 (lam=0.01, lam'=1)": dict(
+        alpha=0.15, alpha_ft=3, tokens=3, kappa0=2, kappa=1.5, noise=1.0, lam=0.01, lam_ft=1.0
+    ),
     "linear fig1 (lam=0.1, lam'=0.5)": dict(FIG1, activation="linear", lam=0.1, lam_ft=0.5),
-    "linear T=2 e=1 kappa0=0.5 kappa=2 (lam=1, lam'=2)":
-        dict(FIG3, activation="linear", kappa=2, lam=1.0, lam_ft=2.0),
-    "linear T=3 e=1 kappa0=0.5 (lam=0.03, lam'=0.2)":
-        dict(FIG1, activation="linear", kappa0=0.5, reuse=True, alpha=0.15, lam=0.03, lam_ft=0.2),
+    "linear T=2 e=1 kappa0=0.5 kappa=2 (lam=1, lam'=2)": dict(FIG3, activation="linear", kappa=2, lam=1.0, lam_ft=2.0),
+    "linear T=3 e=1 kappa0=0.5 (lam=0.03, lam'=0.2)": dict(
+        FIG1, activation="linear", kappa0=0.5, reuse=True, alpha=0.15, lam=0.03, lam_ft=0.2
+    ),
 }
-QUANTITIES = ("pretrain_train_error", "pretrain_test_error", "finetune_train_error", "finetune_test_error",
-              "forgetting_error", "overlap", "Q", "M", "q", "m")
-SHORT = {"pretrain_train_error": "L", "pretrain_test_error": "E", "finetune_train_error": "L'",
-         "finetune_test_error": "E'", "forgetting_error": "E''", "overlap": "o_w",
-         "Q": "Q", "M": "M", "q": "q", "m": "m"}
+QUANTITIES = (
+    "pretrain_train_error",
+    "pretrain_test_error",
+    "finetune_train_error",
+    "finetune_test_error",
+    "forgetting_error",
+    "overlap",
+    "Q",
+    "M",
+    "q",
+    "m",
+)
+SHORT = {
+    "pretrain_train_error": "L",
+    "pretrain_test_error": "E",
+    "finetune_train_error": "L'",
+    "finetune_test_error": "E'",
+    "forgetting_error": "E''",
+    "overlap": "o_w",
+    "Q": "Q",
+    "M": "M",
+    "q": "q",
+    "m": "m",
+}
 
 
 def simulate_point(kw: dict, dim: int, seeds: int, loss: str = "sequence") -> dict:
@@ -80,13 +101,27 @@ def combine(name: str, kw: dict, sim: dict, th: dict, dim: int, seeds: int, n_mc
     for k in QUANTITIES:
         mean, se = s.get(k, math.nan), s.get(k + "_se", math.nan)
         mean = math.nan if mean is None else mean
-        rows[k] = {"theory": t[k], "sim": mean, "se": se,
-                   "z": (mean - t[k]) / se if se and se > 0 and math.isfinite(mean) else None}
-    return {"name": name, "params": Params(**kw).to_dict(), "dim": dim, "seeds": seeds, "n_mc": n_mc, "rows": rows,
-            "theory_converged": t["converged"], "theory_iterations": t["iterations"],
-            "replicon": [t["replicon_pretrain"], t["replicon_finetune"]],
-            "sim_converged": [s.get("pretrain_converged"), s.get("finetune_converged")],
-            "theory_s": th["wall_s"], "sim_s": sim["wall_s"], "warnings": sim["warnings"] + th["warnings"]}
+        rows[k] = {
+            "theory": t[k],
+            "sim": mean,
+            "se": se,
+            "z": (mean - t[k]) / se if se and se > 0 and math.isfinite(mean) else None,
+        }
+    return {
+        "name": name,
+        "params": Params(**kw).to_dict(),
+        "dim": dim,
+        "seeds": seeds,
+        "n_mc": n_mc,
+        "rows": rows,
+        "theory_converged": t["converged"],
+        "theory_iterations": t["iterations"],
+        "replicon": [t["replicon_pretrain"], t["replicon_finetune"]],
+        "sim_converged": [s.get("pretrain_converged"), s.get("finetune_converged")],
+        "theory_s": th["wall_s"],
+        "sim_s": sim["wall_s"],
+        "warnings": sim["warnings"] + th["warnings"],
+    }
 
 
 def fmt(x, nd=3):
@@ -117,13 +152,17 @@ def markdown(results: list[dict]) -> str:
                 continue
             z = row["z"]
             flag = "**" if z is not None and abs(z) > 2 else ""
-            out.append(f"| {head} | {ds} | {SHORT[k]} | {fmt(row['theory'])} | {fmt(row['sim'])} ± {fmt(row['se'])} "
-                       f"| {flag}{fmt(z, 1)}{flag} |")
+            out.append(
+                f"| {head} | {ds} | {SHORT[k]} | {fmt(row['theory'])} | {fmt(row['sim'])} ± {fmt(row['se'])} "
+                f"| {flag}{fmt(z, 1)}{flag} |"
+            )
         rp, rf = r["replicon"]
         status = "converged" if r["theory_converged"] else "**NOT converged**"
         unstable = " **replicon violated (>= 1): outside the replica-symmetric theory**" if max(rp, rf) >= 1 else ""
-        out.append(f"| | | *theory* | {status}, {r['theory_iterations']} it., replicon (eq. 75, 78) = "
-                   f"{rp:.2f}, {rf:.2f}{unstable} | *{r['theory_s']:.1f} s theory, {r['sim_s']:.0f} s simulation* | |")
+        out.append(
+            f"| | | *theory* | {status}, {r['theory_iterations']} it., replicon (eq. 75, 78) = "
+            f"{rp:.2f}, {rf:.2f}{unstable} | *{r['theory_s']:.1f} s theory, {r['sim_s']:.0f} s simulation* | |"
+        )
     return "\n".join(out)
 
 
@@ -135,10 +174,18 @@ def main() -> None:
     ap.add_argument("--json", default="docs/validation.json")
     ap.add_argument("--md", default=None)
     ap.add_argument("--only", nargs="*", default=None)
-    ap.add_argument("--part", choices=("sim", "theory", "both"), default="both",
-                    help="compute only the simulations, only the theory, or both (cached separately)")
-    ap.add_argument("--loss", choices=("sequence", "attention"), default="sequence",
-                    help="simulation loss: eqs. 2-3 (default) or the attention-matrix loss of eq. 30")
+    ap.add_argument(
+        "--part",
+        choices=("sim", "theory", "both"),
+        default="both",
+        help="compute only the simulations, only the theory, or both (cached separately)",
+    )
+    ap.add_argument(
+        "--loss",
+        choices=("sequence", "attention"),
+        default="sequence",
+        help="simulation loss: eqs. 2-3 (default) or the attention-matrix loss of eq. 30",
+    )
     ap.add_argument("--redo-theory", action="store_true", help="recompute the theory even if cached")
     a = ap.parse_args()
     cache = json.load(open(a.json)) if os.path.exists(a.json) else {"sim": {}, "theory": {}}

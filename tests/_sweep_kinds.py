@@ -3,6 +3,7 @@
 They are cheap and deterministic, so the sweep machinery (chains, warm starts, failures,
 resumption, executors) can be checked exactly; the tests also run the real "simulate" kind.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,17 +13,25 @@ import time
 def arith(params, options, init):
     """A deterministic function of the parameters (and an optional sleep)."""
     time.sleep(float(options.get("sleep", 0.0)))
-    return {"value": params.alpha_ft * 10.0 + params.noise, "square": params.alpha_ft ** 2,
-            "converged": True, "pid": os.getpid()}
+    return {
+        "value": params.alpha_ft * 10.0 + params.noise,
+        "square": params.alpha_ft**2,
+        "converged": True,
+        "pid": os.getpid(),
+    }
 
 
 def fake_theory(params, options, init):
     """Stands in for the state evolution: records the warm start it was given."""
     time.sleep(float(options.get("sleep", 0.0)))
     bad = options.get("nonconverged_at")
-    return {"value": params.alpha_ft + (0.0 if params.lam_ft == float("inf") else params.lam_ft),
-            "init_alpha_ft": None if init is None else init["alpha_ft"], "alpha_ft": params.alpha_ft,
-            "lam_ft": params.lam_ft, "converged": not (bad is not None and params.alpha_ft == bad)}
+    return {
+        "value": params.alpha_ft + (0.0 if params.lam_ft == float("inf") else params.lam_ft),
+        "init_alpha_ft": None if init is None else init["alpha_ft"],
+        "alpha_ft": params.alpha_ft,
+        "lam_ft": params.lam_ft,
+        "converged": not (bad is not None and params.alpha_ft == bad),
+    }
 
 
 fake_theory.warm_start = True
@@ -39,8 +48,11 @@ def threads(params, options, init):
     """What a worker sees: BLAS environment and torch threads."""
     import torch
 
-    return {"omp": int(os.environ.get("OMP_NUM_THREADS", "-1")), "torch_threads": torch.get_num_threads(),
-            "value": params.alpha_ft}
+    return {
+        "omp": int(os.environ.get("OMP_NUM_THREADS", "-1")),
+        "torch_threads": torch.get_num_threads(),
+        "value": params.alpha_ft,
+    }
 
 
 def strict_library(params, *, n_mc: int = 100, tol: float = 1e-8):

@@ -1,4 +1,5 @@
 """The activation registry (hdlora.activations): one definition per sigma, NumPy and torch flavours."""
+
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ def test_numpy_softmax_rows_are_probabilities_and_shift_invariant():
     assert np.all(p > 0)
     np.testing.assert_allclose(p.sum(axis=-1), 1.0, rtol=0, atol=1e-15)
     np.testing.assert_allclose(activations.get("softmax", "numpy")(x + 7.0 * np.ones((1, 3, 1))), p, atol=1e-15)
-    big = activations.get("softmax", "numpy")(x + 800.0)      # no overflow: the row maximum is shifted out
+    big = activations.get("softmax", "numpy")(x + 800.0)  # no overflow: the row maximum is shifted out
     assert np.all(np.isfinite(big))
 
 
@@ -49,7 +50,9 @@ def test_bad_name_or_backend():
 
 
 def test_theory_does_not_import_torch():
-    code = ("import sys, hdlora.activations, hdlora.theory, hdlora.theory.bayes, hdlora.theory.applications, "
-            "hdlora.theory.errors; print('torch' in sys.modules)")
+    code = (
+        "import sys, hdlora.activations, hdlora.theory, hdlora.theory.bayes, hdlora.theory.applications, "
+        "hdlora.theory.errors; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -3,6 +3,7 @@
 Public: a module-level function or a method of a module-level class whose name has no leading
 underscore (dunder methods other than __init__ are exempt, as are private helpers).
 """
+
 from __future__ import annotations
 
 import ast
@@ -13,8 +14,12 @@ import pytest
 import hdlora
 
 SRC = Path(hdlora.__file__).resolve().parent
-FILES = sorted(p for pkg in ("theory", "simulate") for p in (SRC / pkg).glob("*.py")
-               if not p.name.startswith("_") or p.name == "__init__.py")   # private modules exempt
+FILES = sorted(
+    p
+    for pkg in ("theory", "simulate")
+    for p in (SRC / pkg).glob("*.py")
+    if not p.name.startswith("_") or p.name == "__init__.py"
+)  # private modules exempt
 
 
 def _public_functions(tree: ast.Module):
@@ -24,7 +29,8 @@ def _public_functions(tree: ast.Module):
         if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
             for item in node.body:
                 if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
-                        not item.name.startswith("_") or item.name == "__init__"):
+                    not item.name.startswith("_") or item.name == "__init__"
+                ):
                     yield f"{node.name}.{item.name}", item, True
 
 

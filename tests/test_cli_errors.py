@@ -1,5 +1,6 @@
 """Bad input ends in ONE stderr line naming the thing, exit 2, never a traceback (issue 12, "Errors");
 nothing wrong presented as right ("Nothing wrong presented as right", the CLI items)."""
+
 import json
 import math
 import os
@@ -15,11 +16,28 @@ import pytest
 from hdlora import ParamError, Params, cli
 
 HDLORA = [sys.executable, "-m", "hdlora.cli"]
-LINEAR = ["--activation", "linear", "--alpha", "0.1", "--alpha-ft", "3", "--tokens", "3", "--noise", "0.5",
-          "--lam", "0.1", "--lam-ft", "0.5"]
+LINEAR = [
+    "--activation",
+    "linear",
+    "--alpha",
+    "0.1",
+    "--alpha-ft",
+    "3",
+    "--tokens",
+    "3",
+    "--noise",
+    "0.5",
+    "--lam",
+    "0.1",
+    "--lam-ft",
+    "0.5",
+]
 # the smallest valid invocation of each command that takes the model flags, stopped before any work
-DRY = {"theory": ["theory", "--dry-run"], "simulate": ["simulate", "--dry-run"],
-       "optimize": ["optimize", "--over", "lam", "--dry-run"]}
+DRY = {
+    "theory": ["theory", "--dry-run"],
+    "simulate": ["simulate", "--dry-run"],
+    "optimize": ["optimize", "--over", "lam", "--dry-run"],
+}
 
 
 def one_error_line(capsys, *words):
@@ -37,7 +55,7 @@ def one_error_line(capsys, *words):
 def test_tokens_not_an_integer(command, value, capsys):
     assert cli.main(DRY[command] + [f"--tokens={value}"]) == 2
     one_error_line(capsys, "--tokens", value)
-    assert cli.main(DRY[command] + ["--tokens", value]) == 2   # -inf: taken for a flag, said so
+    assert cli.main(DRY[command] + ["--tokens", value]) == 2  # -inf: taken for a flag, said so
     one_error_line(capsys, "--tokens")
 
 
@@ -62,6 +80,7 @@ def test_tol_out_of_range(value, capsys):
 @pytest.mark.parametrize("tol", [10.0, 0.0, -1.0, math.nan, 1e-2, True])
 def test_library_refuses_a_tolerance_out_of_range(tol):
     from hdlora.theory import solve
+
     with pytest.raises(ParamError, match="tol"):
         solve(Params(activation="linear"), tol=tol)
 
@@ -69,6 +88,7 @@ def test_library_refuses_a_tolerance_out_of_range(tol):
 def test_tol_10_no_longer_reports_a_wrong_point_as_converged():
     """Issue 12: --tol 10 returned converged: true after 3 iterations with Q = 1.99 instead of 1.27."""
     from hdlora.theory.pretrain import solve_pretrain
+
     p = Params(activation="linear", alpha=0.1, tokens=3, noise=0.5, lam=0.1)
     with pytest.raises(ParamError):
         solve_pretrain(p, tol=10.0)
@@ -85,6 +105,7 @@ def test_finetune_converged_means_residual_at_the_returned_point_meets_tol(lam_f
     """lam' = 100 was labelled converged with a residual of 3.4e-7 > tol = 1e-7 at the returned point
     (the rule allowed 10 tol): converged now implies residual <= tol, and a warning says so otherwise."""
     from hdlora.theory.finetune import solve_finetune_effective
+
     p = Params(tokens=3, noise=0.5, alpha_ft=3.0, lam_ft=lam_ft, activation="linear")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -105,13 +126,15 @@ def test_scheduler_without_port_refused_at_parse_time(value, capsys, tmp_path):
     sweep = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.toml"
     assert cli.main(["sweep", str(sweep), "--plan", "--scheduler", value]) == 2
     one_error_line(capsys, "--scheduler")
-    assert time.perf_counter() - t0 < 10     # no connection attempt (it hung for 20 s)
+    assert time.perf_counter() - t0 < 10  # no connection attempt (it hung for 20 s)
 
 
-@pytest.mark.parametrize("value", ["tcp://127.0.0.1:8786", "localhost:8786", "tls://sched.example:8786",
-                                   "tcp://[::1]:8786"])
+@pytest.mark.parametrize(
+    "value", ["tcp://127.0.0.1:8786", "localhost:8786", "tls://sched.example:8786", "tcp://[::1]:8786"]
+)
 def test_scheduler_addresses_accepted(value):
     from hdlora.experiments.cli import scheduler_address
+
     assert scheduler_address(value) == value
 
 
@@ -151,12 +174,17 @@ def test_keyboard_interrupt_exit_130_one_line(monkeypatch, capsys):
 def test_ctrl_c_on_simulate_subprocess():
     """SIGINT while simulating (after the progress bar appeared): one line, exit 130, no traceback."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen(HDLORA + ["simulate", "--dim", "60", "--seeds", "50", "--threads", "1"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        HDLORA + ["simulate", "--dim", "60", "--seeds", "50", "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
-        first = p.stderr.readline()            # the progress bar's first line: the run has started
+        first = p.stderr.readline()  # the progress bar's first line: the run has started
         assert "simulate" in first, first
-        time.sleep(3)                          # past torch's own lazy imports at the first L-BFGS step
+        time.sleep(3)  # past torch's own lazy imports at the first L-BFGS step
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=180)
     finally:
@@ -171,19 +199,23 @@ def test_ctrl_c_on_simulate_subprocess():
 
 def test_broken_pipe_is_quiet(tmp_path):
     """``hdlora figure ... | head``: the reader went away: no BrokenPipeError traceback."""
-    p = subprocess.Popen(HDLORA + ["figure", "1", "--tiny", "--plan", "--out", str(tmp_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    p.stdout.close()                            # nobody reads stdout
+    p = subprocess.Popen(
+        HDLORA + ["figure", "1", "--tiny", "--plan", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    p.stdout.close()  # nobody reads stdout
     err = p.stderr.read().decode()
     p.wait(timeout=120)
     assert err == "", err
-    assert p.returncode == 141                  # as a Unix tool killed by SIGPIPE
+    assert p.returncode == 141  # as a Unix tool killed by SIGPIPE
 
 
 # ----------------------------------------------------------------------------- nothing wrong as right
 def test_json_mode_prints_theory_warnings_on_stderr_too(monkeypatch, capsys):
     import importlib
-    solve_mod = importlib.import_module("hdlora.theory.solve")   # the module (hdlora.theory.solve is the function)
+
+    solve_mod = importlib.import_module("hdlora.theory.solve")  # the module (hdlora.theory.solve is the function)
 
     real = solve_mod.solve
 

@@ -5,6 +5,7 @@ The flags of ``theory``, ``simulate``, ``optimize`` (through ``--dry-run``), ``f
 themselves, so a new flag is fuzzed without editing this file.  Nothing real runs: the parse and
 validation stage only, in-process for speed; one subprocess case checks the real executable.
 """
+
 import subprocess
 import sys
 
@@ -16,17 +17,64 @@ from hypothesis import strategies as st  # noqa: E402
 
 from hdlora import cli  # noqa: E402
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 # values that have broken parsers before, plus arbitrary short text and numbers
-SPECIAL = ["nan", "inf", "-inf", "NaN", "-1", "0", "-0", "1", "2", "3", "0.5", "3e4", "1e400", "1e-13", "1000.5",
-           "1e9", "abc", "", " ", "optimal", "optimal-theory", "linear", "softmax", "frozen", "lora-only", "cpu",
-           "cuda", "tpu", "attention", "lam", "lam,lam_ft", "lam=1e-3:10", "lam=5:1", "beta=0:1", "foo",
-           "tcp://127.0.0.1:1", "x:y", "1,2", "\u00b1", "-", "--"]
-VALUES = st.one_of(st.sampled_from(SPECIAL), st.text(max_size=6),
-                   st.floats(allow_nan=True, allow_infinity=True).map(repr),
-                   st.integers(-10**6, 10**12).map(str))
+SPECIAL = [
+    "nan",
+    "inf",
+    "-inf",
+    "NaN",
+    "-1",
+    "0",
+    "-0",
+    "1",
+    "2",
+    "3",
+    "0.5",
+    "3e4",
+    "1e400",
+    "1e-13",
+    "1000.5",
+    "1e9",
+    "abc",
+    "",
+    " ",
+    "optimal",
+    "optimal-theory",
+    "linear",
+    "softmax",
+    "frozen",
+    "lora-only",
+    "cpu",
+    "cuda",
+    "tpu",
+    "attention",
+    "lam",
+    "lam,lam_ft",
+    "lam=1e-3:10",
+    "lam=5:1",
+    "beta=0:1",
+    "foo",
+    "tcp://127.0.0.1:1",
+    "x:y",
+    "1,2",
+    "\u00b1",
+    "-",
+    "--",
+]
+VALUES = st.one_of(
+    st.sampled_from(SPECIAL),
+    st.text(max_size=6),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-(10**6), 10**12).map(str),
+)
 
 NO_FUZZ = {"-h", "--help", "--out", "--db", "--export", "--dry-run", "--plan"}
 
@@ -54,6 +102,7 @@ def _argv(command: str):
             if takes:
                 argv.append(draw_(VALUES))
         return argv
+
     return draw()
 
 
@@ -72,36 +121,79 @@ def run(argv, capsys):
     return rc, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command,tail", [("theory", ["--dry-run"]), ("simulate", ["--dry-run"]),
-                                          ("optimize", ["--dry-run"])])
+@pytest.mark.parametrize(
+    "command,tail", [("theory", ["--dry-run"]), ("simulate", ["--dry-run"]), ("optimize", ["--dry-run"])]
+)
 def test_fuzz_model_commands(command, tail, capsys):
     @FUZZ
     @given(argv=_argv(command))
     def inner(argv):
         full = [command, *argv, *tail]
         check(*run(full, capsys), full)
+
     inner()
 
 
 def test_fuzz_figure_plan(capsys, tmp_path):
     @FUZZ
-    @given(number=st.one_of(st.sampled_from(["1", "2", "3", "4", "5", "6", "0", "7", "3e0", "nan"]), VALUES),
-           argv=_argv("figure"))
+    @given(
+        number=st.one_of(st.sampled_from(["1", "2", "3", "4", "5", "6", "0", "7", "3e0", "nan"]), VALUES),
+        argv=_argv("figure"),
+    )
     def inner(number, argv):
         full = ["figure", number, *argv, "--plan", "--out", str(tmp_path / "fig")]
         check(*run(full, capsys), full)
+
     inner()
 
 
 # sweep files: a few valid-looking tables with fuzzed keys and values
-KEYS = st.sampled_from(["alpha", "alpha_ft", "tokens", "kappa", "kappa0", "noise", "lam", "lam_ft", "reuse",
-                        "activation", "beta", "active_pool", "bogus"])
-TOML_VALUES = st.one_of(st.sampled_from(["nan", "inf", "-inf", "0", "-1", "3", "0.5", "1e9", "1000.5", "true",
-                                         '"linear"', '"softmax"', '"x"', "[]", "[1.0, 2.0]", "[0.5, nan]",
-                                         '{start = 0.1, stop = 1.0, num = 2}', '{start = 1, stop = 0, num = -1}']),
-                        st.integers(-5, 10**6).map(str))
-RUN_OPTIONS = {"theory": ["n_mc", "seed", "tol", "baseline", "bogus"],
-               "simulate": ["dim", "seeds", "device", "loss", "restarts", "bogus"]}
+KEYS = st.sampled_from(
+    [
+        "alpha",
+        "alpha_ft",
+        "tokens",
+        "kappa",
+        "kappa0",
+        "noise",
+        "lam",
+        "lam_ft",
+        "reuse",
+        "activation",
+        "beta",
+        "active_pool",
+        "bogus",
+    ]
+)
+TOML_VALUES = st.one_of(
+    st.sampled_from(
+        [
+            "nan",
+            "inf",
+            "-inf",
+            "0",
+            "-1",
+            "3",
+            "0.5",
+            "1e9",
+            "1000.5",
+            "true",
+            '"linear"',
+            '"softmax"',
+            '"x"',
+            "[]",
+            "[1.0, 2.0]",
+            "[0.5, nan]",
+            "{start = 0.1, stop = 1.0, num = 2}",
+            "{start = 1, stop = 0, num = -1}",
+        ]
+    ),
+    st.integers(-5, 10**6).map(str),
+)
+RUN_OPTIONS = {
+    "theory": ["n_mc", "seed", "tol", "baseline", "bogus"],
+    "simulate": ["dim", "seeds", "device", "loss", "restarts", "bogus"],
+}
 
 
 @st.composite
@@ -127,14 +219,17 @@ def test_fuzz_sweep_file_plan(capsys, tmp_path):
         path.write_text(text)
         full = ["sweep", str(path), "--plan", "--db", str(tmp_path / "fuzz.sqlite")]
         check(*run(full, capsys), (full, text))
+
     inner()
 
 
 def test_subprocess_smoke():
     """The real executable: a bad flag and a bad --tokens end in one line and exit 2."""
-    for argv in (["theory", "--tokens", "nan"], ["simulate", "--n-mc-typo", "3"], ["figure", "1", "--scheduler", "foo",
-                                                                                   "--plan"]):
-        out = subprocess.run([sys.executable, "-m", "hdlora.cli", *argv], capture_output=True, text=True,
-                             timeout=120)
+    for argv in (
+        ["theory", "--tokens", "nan"],
+        ["simulate", "--n-mc-typo", "3"],
+        ["figure", "1", "--scheduler", "foo", "--plan"],
+    ):
+        out = subprocess.run([sys.executable, "-m", "hdlora.cli", *argv], capture_output=True, text=True, timeout=120)
         check(out.returncode, out.stderr, argv)
         assert out.returncode == 2

@@ -3,6 +3,7 @@
 Not a timing test (benchmarks/bench_cli.py measures the time): it checks *what is imported*, in a
 fresh interpreter, which is what makes the start-up slow.
 """
+
 import json
 import subprocess
 import sys
@@ -27,14 +28,28 @@ print('\\nPROBE ' + json.dumps({"rc": rc, "heavy": heavy}))
 
 
 def _probe(argv, heavy=HEAVY):
-    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argv), json.dumps(list(heavy))],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(argv), json.dumps(list(heavy))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     line = [x for x in out.stdout.splitlines() if x.startswith("PROBE ")][-1]
     return json.loads(line[6:]), out
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["theory", "--help"], ["simulate", "--help"], ["optimize", "--help"],
-                                  ["figure", "--help"], ["sweep", "--help"], ["--version"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["theory", "--help"],
+        ["simulate", "--help"],
+        ["optimize", "--help"],
+        ["figure", "--help"],
+        ["sweep", "--help"],
+        ["--version"],
+    ],
+)
 def test_help_imports_nothing_heavy(argv):
     res, out = _probe(argv)
     assert res["rc"] == 0, out.stderr
@@ -48,15 +63,37 @@ def test_bad_flag_imports_nothing_heavy():
 
 
 def test_linear_theory_point_imports_no_dask_matplotlib_pandas():
-    argv = ["theory", "--activation", "linear", "--alpha", "0.1", "--alpha-ft", "3", "--tokens", "3", "--noise",
-            "0.5", "--lam", "0.1", "--lam-ft", "0.5", "--n-mc", "1000", "--json"]
+    argv = [
+        "theory",
+        "--activation",
+        "linear",
+        "--alpha",
+        "0.1",
+        "--alpha-ft",
+        "3",
+        "--tokens",
+        "3",
+        "--noise",
+        "0.5",
+        "--lam",
+        "0.1",
+        "--lam-ft",
+        "0.5",
+        "--n-mc",
+        "1000",
+        "--json",
+    ]
     res, out = _probe(argv, heavy=("dask", "distributed", "matplotlib", "pandas", "xarray", "torch"))
     assert res["rc"] == 0, out.stderr
     heavy = set(res["heavy"])
     # torch: the theory needs none; hdlora.activations imported it at module level before the
     # torch-free activations change, so it is only checked where activations no longer does
-    probe = subprocess.run([sys.executable, "-c", "import sys, hdlora.activations; print('torch' in sys.modules)"],
-                           capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, hdlora.activations; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if probe.stdout.strip() == "True":
         heavy.discard("torch")
     assert heavy == set(), heavy
@@ -74,12 +111,13 @@ def test_defaults_in_help(command, capsys):
     out = capsys.readouterr().out
     assert "(default:" in out
     if command in ("theory", "simulate", "optimize"):
-        assert "(default: 3)" in out          # --tokens
+        assert "(default: 3)" in out  # --tokens
     assert "--quiet" in out
 
 
-@pytest.mark.parametrize("text,value", [("3e4", 30000), ("30000", 30000), ("3E4", 30000), ("1e2", 100),
-                                        ("30000.0", 30000), ("-0", 0)])
+@pytest.mark.parametrize(
+    "text,value", [("3e4", 30000), ("30000", 30000), ("3E4", 30000), ("1e2", 100), ("30000.0", 30000), ("-0", 0)]
+)
 def test_integer_accepts_integral_floats(text, value):
     assert cli.integer(text) == value and isinstance(cli.integer(text), int)
 
@@ -106,6 +144,7 @@ def test_parser_constants_match_the_library():
     from hdlora.simulate import losses
     from hdlora.theory import BASELINES
     from hdlora.theory import cli as th_cli
+
     assert th_cli.BASELINES == BASELINES
     assert sim_cli.LOSSES == losses.LOSSES
     assert optimize_cli.TARGETS == tuple(optimize.TARGETS)
@@ -118,6 +157,7 @@ def test_lazy_packages_keep_their_names():
     import hdlora.simulate as sim
     import hdlora.simulate.run  # noqa: F401 (the submodule must not replace the function)
     import hdlora.theory as th
+
     assert callable(sim.run) and not isinstance(sim.run, type(sys))
     assert sim.run.__module__ == "hdlora.simulate.run"
     assert callable(th.solve) and th.BASELINES == ("frozen", "lora_only")
@@ -130,6 +170,7 @@ def test_progress_lines_without_carriage_returns():
     import io
 
     from hdlora.progress import bar
+
     buf = io.StringIO()
     b = bar(total=3, file=buf, desc="work", unit="step", log_interval=0.0)
     for _ in range(3):

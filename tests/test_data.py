@@ -1,4 +1,5 @@
 """The data model (eq. 6): laws of the generated fields, centering, reuse, seeds."""
+
 import math
 
 import pytest
@@ -31,7 +32,7 @@ def test_noise_law():
     for a in range(T):
         for b in range(T):
             v, se = _var_and_se(xi[:, a, b])
-            expected = Delta if a == b else Delta / 2           # eq. 6: N(0, Delta / (2 - delta_ab))
+            expected = Delta if a == b else Delta / 2  # eq. 6: N(0, Delta / (2 - delta_ab))
             assert abs(v - expected) < 5 * se, (a, b, v, expected, se)
             assert abs(float(xi[:, a, b].mean())) < 5 * math.sqrt(expected / n)
     # distinct upper-triangle entries are uncorrelated
@@ -52,7 +53,7 @@ def test_target_field_variances_and_centering(pre_set):
     teacher, data, Delta = pre_set
     D = teacher.D
     S = teacher.W_star @ teacher.W_star.T / math.sqrt(teacher.P0)
-    Q0 = float(torch.trace(S @ S)) / D ** 2
+    Q0 = float(torch.trace(S @ S)) / D**2
     z = data.z_star
     for a in range(3):
         for b in range(a, 3):
@@ -76,7 +77,7 @@ def test_rank_one_field_law(pre_set):
         assert abs(v - q0) < 5 * se
         # Gaussian: 4th moment 3 q0^2
         m4 = float((chi[:, a] ** 4).mean())
-        assert abs(m4 - 3 * q0 ** 2) < 5 * float((chi[:, a] ** 4).std()) / math.sqrt(data.n)
+        assert abs(m4 - 3 * q0**2) < 5 * float((chi[:, a] ** 4).std()) / math.sqrt(data.n)
     assert abs(float((chi[:, 0] * chi[:, 1]).mean())) < 5 * q0 / math.sqrt(data.n)
     for a in range(3):
         for b in range(3):
@@ -107,17 +108,24 @@ def test_effective_fields_law():
     eff, Delta, n, T = Effective(Q0=2.0, Q=1.5, M=1.0), 1.0, 100_000, 3
     zs, z = effective_fields(n, T, eff, Delta, generator(1, "effective_train"))
     assert torch.equal(zs, zs.transpose(-1, -2)) and torch.equal(z, z.transpose(-1, -2))
-    for (a, b) in [(0, 0), (0, 1), (1, 2), (2, 2)]:
+    for a, b in [(0, 0), (0, 1), (1, 2), (2, 2)]:
         s = 1 + (a == b)
         for x, y, expected in [(zs, zs, s * (eff.Q0 + Delta / 2)), (z, z, s * eff.Q), (zs, z, s * eff.M)]:
             prod = x[:, a, b] * y[:, a, b]
             assert abs(float(prod.mean()) - expected) < 5 * float(prod.std()) / math.sqrt(n)
 
 
-@pytest.mark.parametrize("eff,word", [
-    ({"Q0": 1, "Q": 1}, "keys"), ({"Q0": -1, "Q": 1, "M": 0}, "Q0"), ({"Q0": 1, "Q": -1, "M": 0}, "Q"),
-    ({"Q0": 1, "Q": 1, "M": 5}, "M"), ({"Q0": 1, "Q": "x", "M": 0}, "Q"), ({"Q0": 1, "Q": math.nan, "M": 0}, "Q"),
-])
+@pytest.mark.parametrize(
+    "eff,word",
+    [
+        ({"Q0": 1, "Q": 1}, "keys"),
+        ({"Q0": -1, "Q": 1, "M": 0}, "Q0"),
+        ({"Q0": 1, "Q": -1, "M": 0}, "Q"),
+        ({"Q0": 1, "Q": 1, "M": 5}, "M"),
+        ({"Q0": 1, "Q": "x", "M": 0}, "Q"),
+        ({"Q0": 1, "Q": math.nan, "M": 0}, "Q"),
+    ],
+)
 def test_effective_bad_input(eff, word):
     with pytest.raises(ParamError, match=word):
         Effective.from_mapping(eff, 0.5)

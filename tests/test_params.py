@@ -10,13 +10,27 @@ def test_defaults_valid():
     assert p.e == 0 and p.Q0 == 2.0 and not p.frozen and not p.lora_only
 
 
-@pytest.mark.parametrize("field,value,word", [
-    ("kappa", 0.5, "kappa"), ("kappa0", 0.0, "kappa0"), ("kappa0", -1, "kappa0"),
-    ("tokens", 1, "tokens"), ("tokens", 2.5, "tokens"), ("alpha", 0, "alpha"), ("alpha_ft", -1, "alpha_ft"),
-    ("noise", -0.1, "noise"), ("lam", -1, "lam"), ("lam_ft", -1e-3, "lam_ft"),
-    ("alpha", math.nan, "alpha"), ("noise", math.nan, "noise"), ("lam", "abc", "lam"),
-    ("activation", "relu", "activation"), ("beta", 0.0, "beta"), ("alpha", math.inf, "alpha"),
-])
+@pytest.mark.parametrize(
+    "field,value,word",
+    [
+        ("kappa", 0.5, "kappa"),
+        ("kappa0", 0.0, "kappa0"),
+        ("kappa0", -1, "kappa0"),
+        ("tokens", 1, "tokens"),
+        ("tokens", 2.5, "tokens"),
+        ("alpha", 0, "alpha"),
+        ("alpha_ft", -1, "alpha_ft"),
+        ("noise", -0.1, "noise"),
+        ("lam", -1, "lam"),
+        ("lam_ft", -1e-3, "lam_ft"),
+        ("alpha", math.nan, "alpha"),
+        ("noise", math.nan, "noise"),
+        ("lam", "abc", "lam"),
+        ("activation", "relu", "activation"),
+        ("beta", 0.0, "beta"),
+        ("alpha", math.inf, "alpha"),
+    ],
+)
 def test_bad_input_names_field(field, value, word):
     with pytest.raises(ParamError, match=word):
         Params(**{field: value})

@@ -1,6 +1,7 @@
 """Size checks before allocating (issue 12, "Resources"): estimates, refusals, --dry-run, memory
 available (meminfo, cgroup v1/v2), token storage of large effective-mode sets, pool-size choice,
 and real small runs whose peak memory stays within 1.2 x the estimate plus the interpreter's base."""
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,13 @@ from hdlora.resources import (
     theory_estimate,
 )
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 @pytest.fixture
 def no_runs(monkeypatch):
     """Any computation reached in these tests is a failure of the size check (nothing may be allocated)."""
+
     def boom(*a, **k):
         raise AssertionError("the run started: the size check did not refuse it")
 
@@ -41,7 +43,7 @@ def no_runs(monkeypatch):
     monkeypatch.setattr(sim, "run", boom)
     monkeypatch.setattr(importlib.import_module("hdlora.theory.solve"), "solve", boom)
     monkeypatch.setattr(importlib.import_module("hdlora.experiments.optimize"), "optimize", boom)
-    monkeypatch.setenv("HDLORA_MEMORY_LIMIT", "8GiB")   # the same refusals on any machine
+    monkeypatch.setenv("HDLORA_MEMORY_LIMIT", "8GiB")  # the same refusals on any machine
 
 
 REFUSED = [
@@ -77,22 +79,45 @@ def test_refusal_names_a_dimension_that_fits(no_runs, capsys):
 
 def test_refusal_in_a_subprocess_is_one_line_exit_2_no_traceback():
     """A real process, with an address-space cap so that a broken check could not hurt the machine."""
+
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (12 * GiB, 12 * GiB))
 
     env = dict(os.environ, HDLORA_MEMORY_LIMIT="8GiB")
-    p = subprocess.run([sys.executable, "-m", "hdlora.cli", "simulate", "--dim", "2000"], capture_output=True,
-                       text=True, env=env, preexec_fn=cap, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "hdlora.cli", "simulate", "--dim", "2000"],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=cap,
+        timeout=300,
+    )
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("argv", [
-    ["simulate", "--dim", "2000", "--dry-run"],
-    ["simulate", "--dim", "10000", "--alpha-ft", "10", "--effective-Q0", "1.5", "--effective-Q", "1.5",
-     "--effective-M", "1", "--dry-run"],
-    ["theory", "--n-mc", "1000000000", "--dry-run"],
-    ["optimize", "--over", "lam", "--dry-run"],
-], ids=lambda a: " ".join(a[:3]))
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["simulate", "--dim", "2000", "--dry-run"],
+        [
+            "simulate",
+            "--dim",
+            "10000",
+            "--alpha-ft",
+            "10",
+            "--effective-Q0",
+            "1.5",
+            "--effective-Q",
+            "1.5",
+            "--effective-M",
+            "1",
+            "--dry-run",
+        ],
+        ["theory", "--n-mc", "1000000000", "--dry-run"],
+        ["optimize", "--over", "lam", "--dry-run"],
+    ],
+    ids=lambda a: " ".join(a[:3]),
+)
 def test_dry_run_prints_the_estimate_and_stops(argv, no_runs, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -130,9 +155,9 @@ def test_figure_default_refuses_or_says_what_it_will_take(monkeypatch, capsys, t
 
     fig = build_figure(2, out=tmp_path)
     args = types.SimpleNamespace(dry_run=False)
-    assert resources.figure_gate(args, fig, "paper") is None          # runs within memory ...
+    assert resources.figure_gate(args, fig, "paper") is None  # runs within memory ...
     err = capsys.readouterr().err
-    assert err.startswith("figure 2: 90 tasks, largest ~") and "expected ~" in err   # ... and says so
+    assert err.startswith("figure 2: 90 tasks, largest ~") and "expected ~" in err  # ... and says so
     monkeypatch.setenv("HDLORA_MEMORY_LIMIT", "256MiB")
     with pytest.raises(ResourceError) as e:
         resources.figure_gate(args, fig, "paper")
@@ -155,11 +180,16 @@ def test_available_memory_cgroup_v2(tmp_path):
     _write(root / "job" / "memory.current", str(1 * GiB))
     _write(root / "job" / "step" / "memory.max", "max\n")
     _write(root / "job" / "step" / "memory.current", str(GiB // 2))
-    b, src = available_memory(meminfo=str(tmp_path / "meminfo"), cgroup_root=str(root),
-                              proc_cgroup=str(tmp_path / "self_cgroup"), env={})
+    b, src = available_memory(
+        meminfo=str(tmp_path / "meminfo"), cgroup_root=str(root), proc_cgroup=str(tmp_path / "self_cgroup"), env={}
+    )
     assert b == 5 * GiB and "memory.max" in src
-    b, src = available_memory(meminfo=str(tmp_path / "meminfo"), cgroup_root=str(root),
-                              proc_cgroup=str(tmp_path / "self_cgroup"), env={"HDLORA_MEMORY_LIMIT": "1GiB"})
+    b, src = available_memory(
+        meminfo=str(tmp_path / "meminfo"),
+        cgroup_root=str(root),
+        proc_cgroup=str(tmp_path / "self_cgroup"),
+        env={"HDLORA_MEMORY_LIMIT": "1GiB"},
+    )
     assert b == GiB and src == "HDLORA_MEMORY_LIMIT"
 
 
@@ -167,13 +197,14 @@ def test_available_memory_cgroup_v1_and_meminfo(tmp_path):
     _write(tmp_path / "meminfo", "MemAvailable:   1048576 kB\n")
     _write(tmp_path / "self_cgroup", "5:cpu,cpuacct:/x\n4:memory:/docker/abc\n")
     root = tmp_path / "cg"
-    _write(root / "memory" / "memory.limit_in_bytes", str(2 ** 63 - 4096))          # v1 "unlimited"
+    _write(root / "memory" / "memory.limit_in_bytes", str(2**63 - 4096))  # v1 "unlimited"
     _write(root / "memory" / "docker" / "abc" / "memory.limit_in_bytes", str(3 * GiB))
     _write(root / "memory" / "docker" / "abc" / "memory.usage_in_bytes", str(GiB))
     assert cgroup_headroom(str(root), str(tmp_path / "self_cgroup"))[0] == 2 * GiB
-    b, src = available_memory(meminfo=str(tmp_path / "meminfo"), cgroup_root=str(root),
-                              proc_cgroup=str(tmp_path / "self_cgroup"), env={})
-    assert b == GiB and src == "MemAvailable"                        # 1 GiB available < 2 GiB of headroom
+    b, src = available_memory(
+        meminfo=str(tmp_path / "meminfo"), cgroup_root=str(root), proc_cgroup=str(tmp_path / "self_cgroup"), env={}
+    )
+    assert b == GiB and src == "MemAvailable"  # 1 GiB available < 2 GiB of headroom
 
 
 def test_bad_memory_limit_env_is_one_clear_error(monkeypatch):
@@ -190,7 +221,7 @@ def test_chunked_draws_equal_one_draw_and_storages_agree(monkeypatch):
     from hdlora import activations
     from hdlora.simulate.finetune import finetune
 
-    monkeypatch.setattr(data, "TOKEN_CHUNK_NUMBERS", 16 * 3 * 37 * 2)   # 32 sequences per chunk
+    monkeypatch.setattr(data, "TOKEN_CHUNK_NUMBERS", 16 * 3 * 37 * 2)  # 32 sequences per chunk
     n, T, D = 203, 3, 37
     assert data.token_chunk(T, D) == 32
     teacher = data.draw_teacher(D, 0, 3)
@@ -231,7 +262,7 @@ def test_small_plans_run_serially_and_say_so():
     assert serial and why.startswith("executor: serial")
     serial, why = choose_serial([_task("simulate", Params(), {"dim": 150, "seeds": 4})] * 8, None)
     assert not serial and why.startswith("executor: local pool")
-    serial, _ = choose_serial([_task("my.module:f", lin, {})] * 8, None)       # cannot judge: pool
+    serial, _ = choose_serial([_task("my.module:f", lin, {})] * 8, None)  # cannot judge: pool
     assert not serial
     assert choose_serial([_task("theory", lin, {})] * 6, 3) == (False, "executor: local pool of 3 (--workers)")
 
@@ -239,8 +270,14 @@ def test_small_plans_run_serially_and_say_so():
 def test_sweep_with_default_workers_picks_serial_for_a_small_plan(tmp_path, capsys):
     from hdlora.experiments.sweep import parse_sweep, run_sweep
 
-    spec = parse_sweep({"sweep": {"database": str(tmp_path / "s.sqlite")}, "params": {"activation": "linear"},
-                        "axes": {"lam": [0.1, 1.0]}, "run": {"theory": {"n_mc": 500}}})
+    spec = parse_sweep(
+        {
+            "sweep": {"database": str(tmp_path / "s.sqlite")},
+            "params": {"activation": "linear"},
+            "axes": {"lam": [0.1, 1.0]},
+            "run": {"theory": {"n_mc": 500}},
+        }
+    )
     rep = run_sweep(spec, progress=False)
     assert rep.executor == "serial" and rep.n_computed == 2
     assert "executor: serial" in capsys.readouterr().err
@@ -261,8 +298,12 @@ if argv:
 
 def _peak_rss(mods, argv) -> int:
     """Peak resident bytes of a subprocess (its own getrusage record, via os.wait4)."""
-    p = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps([mods, argv])], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, json.dumps([mods, argv])],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     _, status, ru = os.wait4(p.pid, 0)
     err = p.stderr.read().decode()
     assert os.waitstatus_to_exitcode(status) == 0, err
@@ -272,15 +313,40 @@ def _peak_rss(mods, argv) -> int:
 SIM_MODS = ["torch", "hdlora.cli", "hdlora.simulate", "hdlora.simulate.cli", "hdlora.resources", "tqdm.auto"]
 THEORY_MODS = ["hdlora.cli", "hdlora.theory.solve", "hdlora.theory.cli", "hdlora.resources"]
 CASES = {
-    "theory linear": (THEORY_MODS, ["theory", "--activation", "linear", "--n-mc", "200000"],
-                      lambda: theory_estimate(Params(activation="linear"), 200000)),
+    "theory linear": (
+        THEORY_MODS,
+        ["theory", "--activation", "linear", "--n-mc", "200000"],
+        lambda: theory_estimate(Params(activation="linear"), 200000),
+    ),
     "theory softmax": (THEORY_MODS, ["theory", "--n-mc", "40000"], lambda: theory_estimate(Params(), 40000)),
-    "simulate full": (SIM_MODS, ["simulate", "--dim", "50", "--seeds", "1", "--alpha", "0.5", "--threads", "1"],
-                      lambda: simulate_estimate(Params(alpha=0.5), 50)),
-    "simulate effective": (SIM_MODS, ["simulate", "--dim", "400", "--seeds", "1", "--alpha-ft", "10",
-                                      "--effective-Q0", "1.5", "--effective-Q", "1.5", "--effective-M", "1",
-                                      "--restarts", "0", "--threads", "1"],
-                           lambda: simulate_estimate(Params(alpha_ft=10.0), 400, effective=True, restarts=0)),
+    "simulate full": (
+        SIM_MODS,
+        ["simulate", "--dim", "50", "--seeds", "1", "--alpha", "0.5", "--threads", "1"],
+        lambda: simulate_estimate(Params(alpha=0.5), 50),
+    ),
+    "simulate effective": (
+        SIM_MODS,
+        [
+            "simulate",
+            "--dim",
+            "400",
+            "--seeds",
+            "1",
+            "--alpha-ft",
+            "10",
+            "--effective-Q0",
+            "1.5",
+            "--effective-Q",
+            "1.5",
+            "--effective-M",
+            "1",
+            "--restarts",
+            "0",
+            "--threads",
+            "1",
+        ],
+        lambda: simulate_estimate(Params(alpha_ft=10.0), 400, effective=True, restarts=0),
+    ),
 }
 
 
@@ -292,7 +358,7 @@ def test_peak_memory_within_estimate(case):
     est = make().bytes
     assert peak <= 1.2 * est + base, (case, peak - base, est)
     # and the estimate is not a blanket over-estimate
-    assert est <= max(5 * (peak - base), 300 * 2 ** 20), (case, peak - base, est)
+    assert est <= max(5 * (peak - base), 300 * 2**20), (case, peak - base, est)
 
 
 # ----- benchmarks/bench_gpu.py where no GPU is present ---------------------------------------------------------
@@ -314,7 +380,8 @@ def test_library_run_refuses_before_allocating(monkeypatch):
     monkeypatch.setenv("HDLORA_MEMORY_LIMIT", "1GiB")
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("hdlora.simulate.run"), "run_seed",
-                        lambda *a, **k: pytest.fail("allocated"))
+    monkeypatch.setattr(
+        importlib.import_module("hdlora.simulate.run"), "run_seed", lambda *a, **k: pytest.fail("allocated")
+    )
     with pytest.raises(ResourceError, match="way out"):
         simulate.run(Params(), 2000, 1)

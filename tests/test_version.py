@@ -1,4 +1,5 @@
 """The results key (hdlora._version): it changes with the code that computes stored numbers, and only with it."""
+
 from __future__ import annotations
 
 import json
@@ -43,43 +44,61 @@ def test_the_copy_has_the_same_key(pkg):
 
 def test_hashed_set_covers_the_task_modules_and_their_numerics():
     mods = hashed_modules()
-    for name in TASK_MODULES + ("hdlora.params", "hdlora.activations", "hdlora.theory.solve",
-                                "hdlora.theory.finetune", "hdlora.theory.pretrain", "hdlora.theory.bayes",
-                                "hdlora.theory.applications", "hdlora.simulate.run", "hdlora.data"):
+    for name in TASK_MODULES + (
+        "hdlora.params",
+        "hdlora.activations",
+        "hdlora.theory.solve",
+        "hdlora.theory.finetune",
+        "hdlora.theory.pretrain",
+        "hdlora.theory.bayes",
+        "hdlora.theory.applications",
+        "hdlora.simulate.run",
+        "hdlora.data",
+    ):
         assert name in mods, name
     for name in mods:
         assert not name.endswith("cli"), name
-    assert "hdlora.experiments.figures" not in mods          # the plots
+    assert "hdlora.experiments.figures" not in mods  # the plots
     assert "hdlora.cli" not in mods and "hdlora.theory.cli" not in mods
 
 
-@pytest.mark.parametrize("rel, old, new", [
-    ("experiments/figure_tasks.py", "seed=seed + 11)", "seed=seed + 12)"),                 # a figure task function
-    ("experiments/figure_tasks.py", 'val("M", 1.0)', 'val("M", 1.5)'),  # the M = 1 default
-    ("experiments/optimize.py", "def _brent(", "def _brent_renamed("),
-    ("experiments/tasks.py", '"lam_ft": math.inf', '"lam_ft": 1e300'),
-    ("theory/effective.py", "return A0 - 2 * M + Q", "return A0 - 2.0 * M + Q"),
-    ("simulate/run.py", "import math\n", "import math\nimport os\n"),
-    ("params.py", "return 1.0 + self.kappa0", "return self.kappa0 + 1.0"),
-])
+@pytest.mark.parametrize(
+    "rel, old, new",
+    [
+        ("experiments/figure_tasks.py", "seed=seed + 11)", "seed=seed + 12)"),  # a figure task function
+        ("experiments/figure_tasks.py", 'val("M", 1.0)', 'val("M", 1.5)'),  # the M = 1 default
+        ("experiments/optimize.py", "def _brent(", "def _brent_renamed("),
+        ("experiments/tasks.py", '"lam_ft": math.inf', '"lam_ft": 1e300'),
+        ("theory/effective.py", "return A0 - 2 * M + Q", "return A0 - 2.0 * M + Q"),
+        ("simulate/run.py", "import math\n", "import math\nimport os\n"),
+        ("params.py", "return 1.0 + self.kappa0", "return self.kappa0 + 1.0"),
+    ],
+)
 def test_editing_code_that_computes_stored_numbers_changes_the_key(pkg, rel, old, new):
     before = fingerprint(pkg)
     _edit(pkg / rel, old, new)
     assert fingerprint(pkg) != before
 
 
-@pytest.mark.parametrize("rel, old, new", [
-    ("theory/effective.py", '"""Effective noises', '"""Effective noise levels'),             # module docstring
-    ("theory/effective.py", '"""beta_min = M / Q', '"""beta_min = M / Q, the minimiser (edited)'),
-    ("experiments/figure_tasks.py", "Options: n_mc, seed, Q, M.", "Options: n_mc, seed, Q and M."),
-    ("theory/solve.py", "    noise = params.noise\n", "    # a new comment\n\n    noise = params.noise  # here too\n"),
-    ("experiments/optimize.py", "import itertools\n", "import itertools  # comment\n\n\n"),
-    ("experiments/figures.py", "def _mark_nonconverged(", "def _mark_nonconverged_edited("),  # plotting
-    ("experiments/figures.py", '"paper": dict(dim=150', '"paper": dict(dim=151'),               # figure specs
-    ("cli.py", "import argparse", "import argparse\nimport os"),                               # the CLIs
-    ("theory/cli.py", "import argparse", "import argparse\nimport os"),
-    ("experiments/figure_cli.py", "import argparse", "import argparse\nimport os"),
-])
+@pytest.mark.parametrize(
+    "rel, old, new",
+    [
+        ("theory/effective.py", '"""Effective noises', '"""Effective noise levels'),  # module docstring
+        ("theory/effective.py", '"""beta_min = M / Q', '"""beta_min = M / Q, the minimiser (edited)'),
+        ("experiments/figure_tasks.py", "Options: n_mc, seed, Q, M.", "Options: n_mc, seed, Q and M."),
+        (
+            "theory/solve.py",
+            "    noise = params.noise\n",
+            "    # a new comment\n\n    noise = params.noise  # here too\n",
+        ),
+        ("experiments/optimize.py", "import itertools\n", "import itertools  # comment\n\n\n"),
+        ("experiments/figures.py", "def _mark_nonconverged(", "def _mark_nonconverged_edited("),  # plotting
+        ("experiments/figures.py", '"paper": dict(dim=150', '"paper": dict(dim=151'),  # figure specs
+        ("cli.py", "import argparse", "import argparse\nimport os"),  # the CLIs
+        ("theory/cli.py", "import argparse", "import argparse\nimport os"),
+        ("experiments/figure_cli.py", "import argparse", "import argparse\nimport os"),
+    ],
+)
 def test_docstrings_comments_plots_and_cli_do_not_change_the_key(pkg, rel, old, new):
     before = fingerprint(pkg)
     _edit(pkg / rel, old, new)
@@ -88,8 +107,11 @@ def test_docstrings_comments_plots_and_cli_do_not_change_the_key(pkg, rel, old, 
 
 def test_a_module_imported_inside_a_task_function_joins_the_key(pkg):
     (pkg / "theory" / "newthing.py").write_text("X = 1\n")
-    _edit(pkg / "experiments" / "figure_tasks.py", "    from hdlora.theory.pretrain import solve_pretrain\n",
-          "    from hdlora.theory.pretrain import solve_pretrain\n    from ..theory import newthing  # noqa\n")
+    _edit(
+        pkg / "experiments" / "figure_tasks.py",
+        "    from hdlora.theory.pretrain import solve_pretrain\n",
+        "    from hdlora.theory.pretrain import solve_pretrain\n    from ..theory import newthing  # noqa\n",
+    )
     assert "hdlora.theory.newthing" in hashed_modules(pkg)
     before = fingerprint(pkg)
     (pkg / "theory" / "newthing.py").write_text("X = 2\n")
@@ -109,7 +131,8 @@ def test_every_module_loaded_by_the_task_functions_is_hashed():
         "    if name.endswith('_task'):\n"
         "        tasks.resolve(f'hdlora.experiments.figure_tasks:{name}')\n"
         "import hdlora.theory.pretrain, hdlora.theory.finetune, hdlora.theory.errors, hdlora.theory.applications\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m == 'hdlora' or m.startswith('hdlora.'))))\n")
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'hdlora' or m.startswith('hdlora.'))))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = {m for m in json.loads(out) if not m.rsplit(".", 1)[-1].endswith("cli")}
     assert loaded - set(hashed_modules()) == set()
@@ -127,6 +150,6 @@ def test_strip_docstrings_keeps_code():
     import ast
 
     a = _version._dump(_version._strip_docstrings(ast.parse('def f():\n    "doc"\n    return 1\n')))
-    b = _version._dump(_version._strip_docstrings(ast.parse('def f():\n    return 1  # c\n')))
+    b = _version._dump(_version._strip_docstrings(ast.parse("def f():\n    return 1  # c\n")))
     c = _version._dump(_version._strip_docstrings(ast.parse('def f():\n    "doc"\n')))
     assert a == b and "Pass" in c and a != c

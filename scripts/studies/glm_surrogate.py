@@ -7,6 +7,7 @@ One seed, one D, one activation, at the paper's Fig. 1 pre-training point.  Mode
   indep  rank-one token fields as in attention, but fresh tokens for every pair (no token shared in a row).
 usage: python scripts/studies/glm_surrogate.py MODE ACT D SEED1 SEED2 ...   (one JSON line per seed)
 Memory of 'sur': N L D(D+1)/2 float64 = 0.24 GB at D = 100, 1.2 GB at D = 150."""
+
 import json
 import math
 import os
@@ -26,9 +27,12 @@ from hdlora.simulate.pretrain import pretrain
 
 RTOL = float(os.environ.get("RTOL", "1e-6"))
 
+
 def params(act):
-    return Params(alpha=0.1, alpha_ft=1.0, tokens=3, kappa0=1.0, kappa=1.0, noise=0.5, lam=0.1,
-                  lam_ft=math.inf, activation=act)
+    return Params(
+        alpha=0.1, alpha_ft=1.0, tokens=3, kappa0=1.0, kappa=1.0, noise=0.5, lam=0.1, lam_ft=math.inf, activation=act
+    )
+
 
 def sur_design(N, T, D, seed):
     """Independent sensing 'matrices' in upper-triangle coordinates of a symmetric S.
@@ -51,6 +55,7 @@ def sur_design(N, T, D, seed):
     Gm *= scale[None]
     return Gm, iu, pairs
 
+
 def to_sym(zL, pairs, T):
     n = zL.shape[0]
     z = zL.new_zeros(n, T, T)
@@ -59,6 +64,7 @@ def to_sym(zL, pairs, T):
         if a != b:
             z[:, b, a] = zL[:, l]
     return z
+
 
 def run_sur(p, D, seed, sigma):
     s = p.sizes(D)
@@ -74,6 +80,7 @@ def run_sur(p, D, seed, sigma):
     z_star = to_sym((Gflat @ u_star).reshape(N, L) / D, pairs, T) + xi
     target = sigma(z_star)
     lam = p.lam
+
     def vg(W):
         Wl = W.detach().requires_grad_(True)
         S = Wl @ Wl.T / math.sqrt(P)
@@ -83,6 +90,7 @@ def run_sur(p, D, seed, sigma):
         obj = ((B * B).sum() + lam * (Wl * Wl).sum()) / N
         obj.backward()
         return float(obj.detach()), Wl.grad
+
     g = generator(seed, "pretrain_init")
     W0 = torch.randn(D, P, generator=g, dtype=DTYPE)
     res = minimise(vg, W0, rtol=RTOL, max_iter=5000)
@@ -92,9 +100,16 @@ def run_sur(p, D, seed, sigma):
         B = sigma(z) - target
         terr = float((B * B).sum()) / N
     out = order_parameters(res.x, teacher)
-    out.update(train_error=terr, objective=res.objective, converged=res.converged, iters=res.iterations,
-               grad=res.grad_norm, grad0=res.grad_norm_initial)
+    out.update(
+        train_error=terr,
+        objective=res.objective,
+        converged=res.converged,
+        iters=res.iterations,
+        grad=res.grad_norm,
+        grad0=res.grad_norm_initial,
+    )
     return out
+
 
 def run_real(p, D, seed, sigma):
     s = p.sizes(D)
@@ -104,8 +119,14 @@ def run_real(p, D, seed, sigma):
     pt = pretrain(pre, width=P, lam=p.lam, sigma=sigma, loss="attention", seed=seed, rtol=RTOL, max_iter=5000)
     out = order_parameters(pt.W, teacher)
     o = pt.optim
-    out.update(train_error=pt.train_error, objective=o.objective, converged=o.converged, iters=o.iterations,
-               grad=o.grad_norm, grad0=o.grad_norm_initial)
+    out.update(
+        train_error=pt.train_error,
+        objective=o.objective,
+        converged=o.converged,
+        iters=o.iterations,
+        grad=o.grad_norm,
+        grad0=o.grad_norm_initial,
+    )
     return out
 
 
@@ -113,6 +134,7 @@ def fields(U, V, isdiag, W, D):
     P = W.shape[1]
     trS = (W * W).sum() / math.sqrt(P)
     return ((U @ W) * (V @ W)).sum(-1) / (D * math.sqrt(P)) - isdiag * trS / D
+
 
 def run_indep(p, D, seed, sigma):
     s = p.sizes(D)
@@ -128,21 +150,30 @@ def run_indep(p, D, seed, sigma):
     V[:, isdiag > 0] = U[:, isdiag > 0]
     xi = draw_noise(N, T, p.noise, generator(seed, "pretrain_data"), "cpu")
     target = sigma(to_sym(fields(U, V, isdiag, teacher.W_star, D), pairs, T) + xi)
+
     def vg(W):
         Wl = W.detach().requires_grad_(True)
         B = sigma(to_sym(fields(U, V, isdiag, Wl, D), pairs, T)) - target
         obj = ((B * B).sum() + p.lam * (Wl * Wl).sum()) / N
         obj.backward()
         return float(obj.detach()), Wl.grad
+
     W0 = torch.randn(D, P, generator=generator(seed, "pretrain_init"), dtype=DTYPE)
     res = minimise(vg, W0, rtol=RTOL, max_iter=5000)
     with torch.no_grad():
         B = sigma(to_sym(fields(U, V, isdiag, res.x, D), pairs, T)) - target
         terr = float((B * B).sum()) / N
     out = order_parameters(res.x, teacher)
-    out.update(train_error=terr, objective=res.objective, converged=res.converged, iters=res.iterations,
-               grad=res.grad_norm, grad0=res.grad_norm_initial)
+    out.update(
+        train_error=terr,
+        objective=res.objective,
+        converged=res.converged,
+        iters=res.iterations,
+        grad=res.grad_norm,
+        grad0=res.grad_norm_initial,
+    )
     return out
+
 
 if __name__ == "__main__":
     mode, act, D = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -5,6 +5,7 @@ Solvable Attention Model"): the finite-D simulator (:mod:`hdlora.simulate`),
 the state evolutions (:mod:`hdlora.theory`) and the experiments
 (:mod:`hdlora.experiments`).
 """
+
 from ._version import __version__, code_version
 from .params import ParamError, Params
 

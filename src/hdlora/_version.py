@@ -14,6 +14,7 @@ of code does.  Plotting (``experiments/figures.py``) and the CLI are outside the
 them keeps stored results valid.  A custom task kind that lives outside the package (a sweep
 file naming ``"mypackage.module:function"``) is not covered: its author keys its rows.
 """
+
 from __future__ import annotations
 
 import ast
@@ -59,7 +60,7 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
             else:
                 base = node.module or ""
             out.add(base)
-            out.update(f"{base}.{a.name}" for a in node.names)    # a submodule, or an attribute (dropped below)
+            out.update(f"{base}.{a.name}" for a in node.names)  # a submodule, or an attribute (dropped below)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             m = _TARGET.match(node.value)
             if m:
@@ -71,8 +72,12 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
     return tree
 
@@ -105,12 +110,12 @@ def _closure(root: Path | str | None, roots: tuple[str, ...]) -> dict[str, tuple
         if name in found or _is_cli(name):
             continue
         path = _path(root, name)
-        if path is None:            # an attribute imported from a module, not a module
+        if path is None:  # an attribute imported from a module, not a module
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         found[name] = (path, tree)
         parts = name.split(".")
-        todo += [".".join(parts[:k]) for k in range(1, len(parts))]      # the packages on the way
+        todo += [".".join(parts[:k]) for k in range(1, len(parts))]  # the packages on the way
         todo += sorted(_imports(tree, name, path.name == "__init__.py"))
     return dict(sorted(found.items()))
 

@@ -15,6 +15,7 @@ line on stderr naming the parameter, its range and the way out), 130
 interrupted (Ctrl-C).  A closed output pipe (``hdlora ... | head``) ends quietly.
 Anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "theory": ("hdlora.theory.cli", "state evolution of pre-training and fine-tuning (Results 3-5)"),
     "sweep": ("hdlora.experiments.cli", "run a sweep file (TOML): resumable, local pool or Dask cluster"),
     "optimize": ("hdlora.experiments.optimize_cli", "theory-driven tuning of lam, lam_ft, beta"),
-    "figure": ("hdlora.experiments.figure_cli", "reproduce a figure of the paper (theory lines, simulation markers, BO, baselines)"),
+    "figure": (
+        "hdlora.experiments.figure_cli",
+        "reproduce a figure of the paper (theory lines, simulation markers, BO, baselines)",
+    ),
     "explore": ("hdlora.explore.cli", "interactive explorer of the theory curves in the browser (local Bokeh server)"),
 }
 
@@ -72,8 +76,7 @@ def tolerance(text: str) -> float:
     lo, hi = TOL_RANGE
     x = _float(text)
     if not (lo <= x <= hi):
-        raise argparse.ArgumentTypeError(
-            f"must be in [{lo:g}, {hi:g}], got {text!r}; leave it out for the default")
+        raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}], got {text!r}; leave it out for the default")
     return x
 
 
@@ -114,9 +117,18 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 def params_from_args(args: argparse.Namespace, **extra: Any) -> Params:
     return Params(
-        alpha=args.alpha, alpha_ft=args.alpha_ft, tokens=args.tokens, kappa0=args.kappa0,
-        kappa=args.kappa, noise=args.noise, lam=args.lam, lam_ft=args.lam_ft,
-        reuse=args.reuse, activation=args.activation, **extra)
+        alpha=args.alpha,
+        alpha_ft=args.alpha_ft,
+        tokens=args.tokens,
+        kappa0=args.kappa0,
+        kappa=args.kappa,
+        noise=args.noise,
+        lam=args.lam,
+        lam_ft=args.lam_ft,
+        reuse=args.reuse,
+        activation=args.activation,
+        **extra,
+    )
 
 
 # ----------------------------------------------------------------------------- output
@@ -173,10 +185,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     Adding a command's flags imports its (light) CLI module; ``hdlora --help`` needs none.
     """
     parser = Parser(
-        prog="hdlora", description="Theory and simulation of LoRA fine-tuning in a solvable attention model "
-                                   "(arXiv 2606.05899).")
-    parser.add_argument("--version", action=_Version, help="show the package version and the code version "
-                        "that keys stored results, and exit")
+        prog="hdlora",
+        description="Theory and simulation of LoRA fine-tuning in a solvable attention model (arXiv 2606.05899).",
+    )
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        help="show the package version and the code version that keys stored results, and exit",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (module, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
@@ -196,6 +212,7 @@ class _Version(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         from ._version import code_version
+
         print(f"hdlora {__version__} (code version keying stored results: {code_version()})")
         parser.exit()
 
@@ -219,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(only=command or "")
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:   # --help, --version (0) and bad flags (2, one line already printed)
+    except SystemExit as exc:  # --help, --version (0) and bad flags (2, one line already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -235,10 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         _stdout_gone()
-        return 141   # as a Unix tool killed by SIGPIPE (128 + 13), silently
+        return 141  # as a Unix tool killed by SIGPIPE (128 + 13), silently
     except Exception as exc:
         if not _is_user_error(exc):
-            raise   # a bug: keep the traceback
+            raise  # a bug: keep the traceback
         msg = " ".join(str(exc).split())
         print(f"{name}: error: {msg}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ The "effective pre-training" mode skips the pre-training stage: the frozen field
 (eq. 13) for given ``(Q0, Q, M)`` and Delta, while the rank-one fields
 ``chi*, chi`` still come from real D-dimensional tokens.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,9 +46,18 @@ DTYPE = torch.float64
 
 # Stream names -> fixed integers: a seed and a name give one generator.
 _STREAMS = {
-    "teacher": 1, "pretrain_data": 2, "finetune_data": 3, "pretrain_test": 4,
-    "finetune_test": 5, "pretrain_init": 6, "finetune_init": 7, "effective_train": 8,
-    "effective_pretrain_test": 9, "effective_finetune_test": 10, "pool": 11, "pool_tokens": 12,
+    "teacher": 1,
+    "pretrain_data": 2,
+    "finetune_data": 3,
+    "pretrain_test": 4,
+    "finetune_test": 5,
+    "pretrain_init": 6,
+    "finetune_init": 7,
+    "effective_train": 8,
+    "effective_pretrain_test": 9,
+    "effective_finetune_test": 10,
+    "pool": 11,
+    "pool_tokens": 12,
 }
 
 
@@ -82,7 +92,7 @@ class Teacher:
     @property
     def trace_S_star(self) -> float:
         """Tr S* = ||W*||_F^2 / sqrt(P0) (eq. 31, 34)."""
-        return float((self.W_star ** 2).sum()) / math.sqrt(self.P0)
+        return float((self.W_star**2).sum()) / math.sqrt(self.P0)
 
     @property
     def q0(self) -> float:
@@ -199,8 +209,16 @@ def finetune_target(X: torch.Tensor, z_star_pre: torch.Tensor, teacher: Teacher)
     return z_star_pre + rank_one_field(X, teacher.w_star)[1]
 
 
-def pretrain_dataset(n: int, T: int, Delta: float, teacher: Teacher, seed: int, device="cpu",
-                     stream: str = "pretrain_data", chunk: int = 65536) -> Dataset:
+def pretrain_dataset(
+    n: int,
+    T: int,
+    Delta: float,
+    teacher: Teacher,
+    seed: int,
+    device="cpu",
+    stream: str = "pretrain_data",
+    chunk: int = 65536,
+) -> Dataset:
     """N pre-training sequences from P (eq. 6, left)."""
     g = generator(seed, stream, device)
     X = torch.empty(n, T, teacher.D, dtype=DTYPE, device=device)
@@ -214,8 +232,16 @@ def pretrain_dataset(n: int, T: int, Delta: float, teacher: Teacher, seed: int, 
     return Dataset(X, xi, z_star, G)
 
 
-def finetune_dataset(n_ft: int, T: int, Delta: float, teacher: Teacher, seed: int, device="cpu",
-                     reuse_from: Dataset | None = None, stream: str = "finetune_data") -> Dataset:
+def finetune_dataset(
+    n_ft: int,
+    T: int,
+    Delta: float,
+    teacher: Teacher,
+    seed: int,
+    device="cpu",
+    reuse_from: Dataset | None = None,
+    stream: str = "finetune_data",
+) -> Dataset:
     """N' fine-tuning sequences from P' (eq. 6, right).
 
     ``reuse_from`` given (e = 1): the first N' sequences of that pre-training set and
@@ -263,12 +289,14 @@ class Effective:
         if vals["Q"] - vals["M"] ** 2 / A0 < -1e-12 * max(1.0, vals["Q"]):
             raise ParamError(
                 f"effective (Q0, Q, M) must give a positive covariance: need M^2 <= Q (Q0 + Delta/2), "
-                f"got M = {vals['M']}, Q = {vals['Q']}, Q0 + Delta/2 = {A0}")
+                f"got M = {vals['M']}, Q = {vals['Q']}, Q0 + Delta/2 = {A0}"
+            )
         return Effective(**vals)
 
 
-def effective_fields(n: int, T: int, eff: Effective, Delta: float, g: torch.Generator,
-                     device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def effective_fields(
+    n: int, T: int, eff: Effective, Delta: float, g: torch.Generator, device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw (z*, z) ~ Q (eq. 13): symmetric T x T, entry (a, b) with covariance
     ``(1 + delta_ab) [[Q0 + Delta/2, M], [M, Q]]``; z* includes the noise xi.
 
@@ -277,7 +305,7 @@ def effective_fields(n: int, T: int, eff: Effective, Delta: float, g: torch.Gene
     variance ``1 + delta_ab`` (``(E + E^T)/sqrt(2)``).
     """
     A0 = eff.Q0 + Delta / 2.0
-    B = max(eff.Q - eff.M ** 2 / A0, 0.0)
+    B = max(eff.Q - eff.M**2 / A0, 0.0)
 
     def sym():
         E = torch.randn(n, T, T, generator=g, device=device, dtype=DTYPE)
@@ -287,9 +315,17 @@ def effective_fields(n: int, T: int, eff: Effective, Delta: float, g: torch.Gene
     return math.sqrt(A0) * Z1, eff.M / math.sqrt(A0) * Z1 + math.sqrt(B) * Z2
 
 
-def effective_finetune_dataset(n_ft: int, T: int, Delta: float, eff: Effective, teacher: Teacher,
-                               seed: int, device="cpu", stream: str = "effective_train",
-                               storage: str = "float64") -> Dataset:
+def effective_finetune_dataset(
+    n_ft: int,
+    T: int,
+    Delta: float,
+    eff: Effective,
+    teacher: Teacher,
+    seed: int,
+    device="cpu",
+    stream: str = "effective_train",
+    storage: str = "float64",
+) -> Dataset:
     """Fine-tuning set of the effective mode: (z*, z) ~ Q, real tokens for chi*, chi.
 
     ``xi`` is not separately defined here (it is inside z*): it is stored as zeros.
@@ -338,8 +374,17 @@ class Tokens:
     chunks (the simulator's passes use the same ``chunk``) redraw each chunk once.
     """
 
-    def __init__(self, n: int, T: int, D: int, device, storage: str, chunk: int,
-                 data: torch.Tensor | None = None, states: list | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        T: int,
+        D: int,
+        device,
+        storage: str,
+        chunk: int,
+        data: torch.Tensor | None = None,
+        states: list | None = None,
+    ) -> None:
         self.shape = torch.Size((n, T, D))
         self.dtype = DTYPE
         self.device = torch.device(device)
@@ -378,11 +423,10 @@ class Tokens:
         parts = [self._block(k) for k in range(k0, k1 + 1)]
         X = parts[0] if len(parts) == 1 else torch.cat(parts)
         off = k0 * self.chunk
-        return X[start - off:stop - off]
+        return X[start - off : stop - off]
 
 
-def tokens_with_fields(n: int, T: int, D: int, g: torch.Generator, device, storage: str,
-                       w_star: torch.Tensor):
+def tokens_with_fields(n: int, T: int, D: int, g: torch.Generator, device, storage: str, w_star: torch.Tensor):
     """Draw tokens X (n, T, D) from ``g`` and return ``(X, G, chi* chi*^T - (||w*||^2/D) I)``.
 
     ``storage='float64'``: one draw, exactly as :func:`draw_tokens` (X a tensor).  Otherwise the

@@ -4,6 +4,7 @@ One validated, immutable object is passed everywhere: the simulator, the state
 evolution, the applications and the experiments all read their parameters from
 a :class:`Params`.  Validation lives here and only here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,8 +100,7 @@ class Params:
             if math.isinf(getattr(self, name)):
                 raise ParamError(f"{name} must be finite, got inf")
         t = self.tokens
-        if (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
-                or float(t) != int(t)):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or float(t) != int(t):
             raise ParamError(f"tokens (T) must be an integer >= 2, got {t!r}")
         set_("tokens", int(t))
         if self.tokens < 2:
@@ -132,7 +132,8 @@ class Params:
             pool = real_number("active_pool", self.active_pool)
             if not (math.isfinite(pool) and pool >= self.alpha_ft):
                 raise ParamError(
-                    f"active_pool (alpha_bar') must be finite and >= alpha_ft = {self.alpha_ft}, got {pool}")
+                    f"active_pool (alpha_bar') must be finite and >= alpha_ft = {self.alpha_ft}, got {pool}"
+                )
             if self.reuse:
                 raise ParamError("active_pool (active fine-tuning) is defined for e = 0 only; set reuse=False")
             set_("active_pool", pool)
@@ -187,7 +188,8 @@ class Params:
         if self.reuse and out["N_ft"] > out["N"]:
             raise ParamError(
                 f"reuse (e = 1) needs N' <= N, got N' = alpha_ft D = {out['N_ft']} > N = alpha D^2 = {out['N']} "
-                f"at dim = {dim}")
+                f"at dim = {dim}"
+            )
         return out
 
     def replace(self, **changes: Any) -> Params:

@@ -4,6 +4,7 @@ On a terminal the bar redraws in place; in a log file (stderr redirected, a batc
 job) a redrawing bar would write carriage returns, so each refresh becomes one
 plain line instead, at most one every ``log_interval`` seconds (and the final state).
 """
+
 from __future__ import annotations
 
 import sys

@@ -26,6 +26,7 @@ subprocess (peak RSS within 1.2 x estimate + the interpreter's base); the times 
 (flop counts at a calibrated rate, with the usual number of L-BFGS iterations) and are given
 to order of magnitude only.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,7 +63,7 @@ FINETUNE_EVALS = 50
 #: Resident memory torch adds on its first computations (kernels, autograd engine, thread pools,
 #: allocator caches) beyond importing it: measured 138 MiB on a D = 10 simulation (peak RSS of a
 #: subprocess minus that of one importing the same modules).
-TORCH_RUNTIME = 140 * 2 ** 20
+TORCH_RUNTIME = 140 * 2**20
 #: Fraction of the available memory a run may plan to use (the rest: allocator slack, other processes).
 USABLE_FRACTION = 0.85
 
@@ -75,7 +76,7 @@ class ResourceError(ParamError):
 def fmt_bytes(n: float) -> str:
     """``1.5 GiB``-style text."""
     n = float(n)
-    for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
             return f"{n / size:.3g} {unit}"
     return f"{n:.0f} B"
@@ -95,8 +96,22 @@ def fmt_seconds(s: float) -> str:
     return f"{s / (365 * 86400):.3g} years"
 
 
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -158,7 +173,7 @@ def _as_limit(text: str | None) -> int | None:
         v = int(text)
     except ValueError:
         return None
-    return v if 0 < v < 2 ** 60 else None   # v1 "unlimited" is a huge number
+    return v if 0 < v < 2**60 else None  # v1 "unlimited" is a huge number
 
 
 def cgroup_headroom(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> tuple[int, str] | None:
@@ -176,7 +191,7 @@ def cgroup_headroom(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self
             v2_path = parts[2]
         elif "memory" in parts[1].split(","):
             v1_path = parts[2]
-    candidates: list[tuple[str, str, str]] = []   # (dir, limit file, usage file)
+    candidates: list[tuple[str, str, str]] = []  # (dir, limit file, usage file)
 
     def walk(base: str, path: str | None, limit: str, usage: str) -> None:
         rel = (path or "/").strip("/")
@@ -204,8 +219,13 @@ def cgroup_headroom(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self
     return best
 
 
-def available_memory(*, meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys/fs/cgroup",
-                     proc_cgroup: str = "/proc/self/cgroup", env: Mapping[str, str] | None = None) -> tuple[int, str]:
+def available_memory(
+    *,
+    meminfo: str = "/proc/meminfo",
+    cgroup_root: str = "/sys/fs/cgroup",
+    proc_cgroup: str = "/proc/self/cgroup",
+    env: Mapping[str, str] | None = None,
+) -> tuple[int, str]:
     """Memory this process may still allocate: ``(bytes, where the number comes from)``.
 
     The minimum of MemAvailable, the cgroup headroom (v1 or v2) and ``HDLORA_MEMORY_LIMIT``.
@@ -221,7 +241,7 @@ def available_memory(*, meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys
     if env.get("HDLORA_MEMORY_LIMIT"):
         options.append((parse_bytes(env["HDLORA_MEMORY_LIMIT"]), "HDLORA_MEMORY_LIMIT"))
     if not options:
-        return 2 ** 62, "unknown (no /proc/meminfo, no cgroup limit)"
+        return 2**62, "unknown (no /proc/meminfo, no cgroup limit)"
     return min(options)
 
 
@@ -246,7 +266,7 @@ class Estimate:
     device: str = "cpu"
     seconds: float = 0.0
     choices: dict = field(default_factory=dict)
-    host_bytes: int = 0          # bytes on the host when the run itself lives on a GPU
+    host_bytes: int = 0  # bytes on the host when the run itself lives on a GPU
 
     @property
     def bytes(self) -> int:
@@ -257,9 +277,16 @@ class Estimate:
         return ", ".join(f"{name} {fmt_bytes(v)}" for name, v in items if v > 0)
 
     def to_dict(self) -> dict:
-        return {"what": self.what, "bytes": self.bytes, "memory": fmt_bytes(self.bytes), "device": self.device,
-                "parts": {k: int(v) for k, v in self.parts.items()}, "seconds": self.seconds,
-                "time": fmt_seconds(self.seconds), **({"choices": dict(self.choices)} if self.choices else {})}
+        return {
+            "what": self.what,
+            "bytes": self.bytes,
+            "memory": fmt_bytes(self.bytes),
+            "device": self.device,
+            "parts": {k: int(v) for k, v in self.parts.items()},
+            "seconds": self.seconds,
+            "time": fmt_seconds(self.seconds),
+            **({"choices": dict(self.choices)} if self.choices else {}),
+        }
 
 
 def _is_cuda(device: Any) -> bool:
@@ -281,8 +308,9 @@ def token_bytes(n: int, T: int, D: int, storage: str) -> int:
     return GENERATOR_STATE * math.ceil(n / token_chunk(T, D))
 
 
-def choose_token_storage(n: int, T: int, D: int, device: Any = "cpu", requested: str = "auto",
-                         available: int | None = None) -> str:
+def choose_token_storage(
+    n: int, T: int, D: int, device: Any = "cpu", requested: str = "auto", available: int | None = None
+) -> str:
     """The token storage of an effective-mode fine-tuning set: ``requested`` unless 'auto'; then
     float64 when it takes at most half of the memory available, else float32 when it takes at
     most 70 %, else regenerate. Measured at D = 1500, alpha' = 10 in one run (one thread, busy
@@ -304,17 +332,27 @@ def choose_token_storage(n: int, T: int, D: int, device: Any = "cpu", requested:
     return "regenerate"
 
 
-def simulate_estimate(params: Params, dim: int, *, seeds: int = 1, device: str = "cpu", effective: bool = False,
-                      restarts: int = 2, reduce_width: bool = False, n_test: int | None = None,
-                      token_storage: str = "auto", available: int | None = None,
-                      informed_start: bool = True) -> Estimate:
+def simulate_estimate(
+    params: Params,
+    dim: int,
+    *,
+    seeds: int = 1,
+    device: str = "cpu",
+    effective: bool = False,
+    restarts: int = 2,
+    reduce_width: bool = False,
+    n_test: int | None = None,
+    token_storage: str = "auto",
+    available: int | None = None,
+    informed_start: bool = True,
+) -> Estimate:
     """Peak memory and rough time of :func:`hdlora.simulate.run` (one seed at a time; time x seeds).
 
     ``effective``: the effective-pre-training mode (no pre-training set; tokens of the N'
     fine-tuning sequences kept as ``token_storage``, 'auto' choosing as the run will).
     """
     s = params.sizes(dim)
-    T, D, T2 = params.tokens, s["D"], params.tokens ** 2
+    T, D, T2 = params.tokens, s["D"], params.tokens**2
     n_seeds = max(1, int(seeds)) if isinstance(seeds, int) else max(1, len(list(seeds)))
     N, Nf = s["N"], s["N_ft"]
     P0 = 0 if effective else s["P0"]
@@ -331,10 +369,10 @@ def simulate_estimate(params: Params, dim: int, *, seeds: int = 1, device: str =
     ft_evals = FINETUNE_EVALS * (int(restarts) + (1 if informed_start else 0)) * (0 if math.isinf(params.lam_ft) else 1)
     pool = params.active_pool is not None
     Npool = s.get("N_pool", Nf)
-    sets = 2 if pool else 1                      # active: the selected and the uniform set are fine-tuned
+    sets = 2 if pool else 1  # active: the selected and the uniform set are fine-tuned
     storage = "float64"
     if effective:
-        width = 0                                # no pre-trained weights: z is drawn from Q
+        width = 0  # no pre-trained weights: z is drawn from Q
     if not effective:
         pre_data = F64 * (N * T * D + 4 * N * T2)
         c = min(N, max(1, CHUNK_NUMBERS // (T * max(width, 1))))
@@ -348,11 +386,18 @@ def simulate_estimate(params: Params, dim: int, *, seeds: int = 1, device: str =
             ft_data = F64 * 6 * Nf * T2
         else:
             ft_data = F64 * (Nf * T * D + 8 * Nf * T2)
-        parts.update({"pre-training set": pre_data, "pre-training chunks": pre_work, "L-BFGS state": lbfgs,
-                      "weights": weights, "fine-tuning set": ft_data})
+        parts.update(
+            {
+                "pre-training set": pre_data,
+                "pre-training chunks": pre_work,
+                "L-BFGS state": lbfgs,
+                "weights": weights,
+                "fine-tuning set": ft_data,
+            }
+        )
         if pretrained:
             flops += PRETRAIN_EVALS * 4.0 * N * T * D * width
-        flops += 2.0 * N * T * D * (P0 + 1)            # targets and Gram matrices
+        flops += 2.0 * N * T * D * (P0 + 1)  # targets and Gram matrices
         if pool:
             flops += 2.0 * Npool * T * D * (width + 1)
             rng += Npool * T * D
@@ -371,8 +416,9 @@ def simulate_estimate(params: Params, dim: int, *, seeds: int = 1, device: str =
             parts["pool fields"] = F64 * 8 * min(Npool, 1 << 16) * T2 + F64 * 6 * Nf * T2
             rng += 2 * Npool * T2
     cf = token_chunk(T, D)
-    parts["fine-tuning chunks"] = F64 * (3 * min(Nf, cf) * T * D + 12 * min(Nf, cf) * T2) \
-        if storage != "float64" else F64 * 12 * min(Nf, cf) * T2
+    parts["fine-tuning chunks"] = (
+        F64 * (3 * min(Nf, cf) * T * D + 12 * min(Nf, cf) * T2) if storage != "float64" else F64 * 12 * min(Nf, cf) * T2
+    )
     parts["fine-tuning L-BFGS state"] = F64 * (2 * HISTORY + 8) * D
     sub = token_chunk(T, max(D, width))
     parts["test chunks"] = F64 * (min(n_test, sub) * T * (D + 2 * width) + 16 * min(4096, n_test) * T2)
@@ -396,12 +442,13 @@ def simulate_estimate(params: Params, dim: int, *, seeds: int = 1, device: str =
 #: and 78 x T^2 at T = 5 (n_mc = 5e4); linear 22 x T^2 at T = 3 and 19 x T^2 at T = 5 (n_mc = 1e5).
 THEORY_SOFTMAX_T2, THEORY_SOFTMAX_T3 = 40, 10
 THEORY_LINEAR_T2 = 25
-THEORY_SECONDS_PER_SAMPLE_ENTRY = 2.0e-7     # per fixed-point iteration, softmax
+THEORY_SECONDS_PER_SAMPLE_ENTRY = 2.0e-7  # per fixed-point iteration, softmax
 THEORY_ITERATIONS = 60
 
 
-def theory_estimate(params: Params, n_mc: int, *, bayes_optimal: bool = False, solves: int = 1,
-                    what: str = "theory") -> Estimate:
+def theory_estimate(
+    params: Params, n_mc: int, *, bayes_optimal: bool = False, solves: int = 1, what: str = "theory"
+) -> Estimate:
     """Peak memory and rough time of the state evolution (Results 3-5): O(n_mc T^2) samples.
 
     With ``params.active_pool`` (Algorithm 1) the pool holds n_mc / rho candidates.
@@ -432,17 +479,23 @@ def task_estimate(kind: str, params: Params, options: Mapping[str, Any]) -> Esti
         if "dim" in opts:
             eff = "effective" in kind
             seeds = opts.get("seeds", 4)
-            return simulate_estimate(params, int(opts["dim"]), seeds=seeds if isinstance(seeds, int) else len(seeds),
-                                     device=str(opts.get("device", "cpu")), effective=eff,
-                                     restarts=int(opts.get("restarts", 2)),
-                                     reduce_width=bool(opts.get("reduce_width", False)),
-                                     n_test=opts.get("n_test"), token_storage=str(opts.get("token_storage", "auto")))
+            return simulate_estimate(
+                params,
+                int(opts["dim"]),
+                seeds=seeds if isinstance(seeds, int) else len(seeds),
+                device=str(opts.get("device", "cpu")),
+                effective=eff,
+                restarts=int(opts.get("restarts", 2)),
+                reduce_width=bool(opts.get("reduce_width", False)),
+                n_test=opts.get("n_test"),
+                token_storage=str(opts.get("token_storage", "auto")),
+            )
         if kind == "bayes_optimal":
             return theory_estimate(params, int(opts.get("n_mc_error", 20000)), what="bayes_optimal")
         if "n_mc" in opts or kind == "theory" or "theory" in kind:
             n_mc = int(opts.get("n_mc", 30000))
             est = theory_estimate(params, n_mc, what=kind)
-            if "active" in kind:   # active vs uniform: two solves and the pool
+            if "active" in kind:  # active vs uniform: two solves and the pool
                 est = Estimate(est.what, est.parts, est.device, 2 * est.seconds)
             return est
     except (ParamError, TypeError, ValueError):
@@ -466,14 +519,17 @@ def fits(est: Estimate, limit: int | None = None) -> bool:
 
 
 def refuse_message(est: Estimate, limit: int, source: str, way_out: str) -> str:
-    return (f"{est.what} needs about {fmt_bytes(est.bytes)} ({est.biggest()}) but only {fmt_bytes(limit)} "
-            f"is available ({source}; a run may plan {USABLE_FRACTION:.0%} of it); expected time ~{fmt_seconds(est.seconds)}; "
-            f"way out: {way_out}")
+    return (
+        f"{est.what} needs about {fmt_bytes(est.bytes)} ({est.biggest()}) but only {fmt_bytes(limit)} "
+        f"is available ({source}; a run may plan {USABLE_FRACTION:.0%} of it); expected time ~{fmt_seconds(est.seconds)}; "
+        f"way out: {way_out}"
+    )
 
 
 def largest_fitting(make, lo: int, hi: int, limit: int) -> int | None:
     """Largest integer x in [lo, hi] with ``make(x).bytes <= USABLE_FRACTION * limit`` (bisection; the
     estimate grows with x), or None when even ``lo`` does not fit."""
+
     def ok(x):
         try:
             return make(x).bytes <= USABLE_FRACTION * limit
@@ -510,8 +566,7 @@ def check_simulate(params: Params, dim: int, **kw) -> Estimate:
     limit, source = limit_for(est)
     if not fits(est, limit):
         kw2 = {k: v for k, v in kw.items() if k not in ("device", "seeds", "available")}
-        raise ResourceError(refuse_message(est, limit, source,
-                                           simulate_way_out(params, dim, limit, est.device, **kw2)))
+        raise ResourceError(refuse_message(est, limit, source, simulate_way_out(params, dim, limit, est.device, **kw2)))
     return est
 
 
@@ -528,7 +583,9 @@ def check_theory(params: Params, n_mc: int, **kw) -> Estimate:
     return est
 
 
-def gate(est: Estimate, *, dry_run: bool, json_out: bool = False, check=None, extra: Mapping | None = None) -> int | None:
+def gate(
+    est: Estimate, *, dry_run: bool, json_out: bool = False, check=None, extra: Mapping | None = None
+) -> int | None:
     """The CLI hook: with ``dry_run`` print the estimate (and ``extra``) and return 0; else run
     ``check()`` (which raises :class:`ResourceError` when the run does not fit) and return None."""
     if dry_run:
@@ -541,10 +598,11 @@ def gate(est: Estimate, *, dry_run: bool, json_out: bool = False, check=None, ex
 
             print(json.dumps(d, indent=2, default=str))
         else:
-            print(f"dry run: {est.what}: memory ~{fmt_bytes(est.bytes)} ({est.biggest(3)}); "
-                  f"available {fmt_bytes(limit)} ({source}); fits: {'yes' if d['fits'] else 'no'}; "
-                  f"expected time ~{fmt_seconds(est.seconds)}"
-                  + "".join(f"; {k} {v}" for k, v in est.choices.items()))
+            print(
+                f"dry run: {est.what}: memory ~{fmt_bytes(est.bytes)} ({est.biggest(3)}); "
+                f"available {fmt_bytes(limit)} ({source}); fits: {'yes' if d['fits'] else 'no'}; "
+                f"expected time ~{fmt_seconds(est.seconds)}" + "".join(f"; {k} {v}" for k, v in est.choices.items())
+            )
         return 0
     if check is not None:
         check()
@@ -561,11 +619,20 @@ def simulate_gate(args, params: Params, effective) -> int | None:
     device = str(args.device)
     if device == "auto":
         device = "cuda" if _cuda_present() else "cpu"
-    kw: dict[str, Any] = dict(seeds=args.seeds, device=device, effective=effective is not None, restarts=args.restarts,
-              reduce_width=bool(getattr(args, "reduce_width", False)))
+    kw: dict[str, Any] = dict(
+        seeds=args.seeds,
+        device=device,
+        effective=effective is not None,
+        restarts=args.restarts,
+        reduce_width=bool(getattr(args, "reduce_width", False)),
+    )
     est = simulate_estimate(params, args.dim, **kw)
-    return gate(est, dry_run=bool(getattr(args, "dry_run", False)), json_out=bool(getattr(args, "json", False)),
-                check=lambda: check_simulate(params, args.dim, **kw))
+    return gate(
+        est,
+        dry_run=bool(getattr(args, "dry_run", False)),
+        json_out=bool(getattr(args, "json", False)),
+        check=lambda: check_simulate(params, args.dim, **kw),
+    )
 
 
 def _cuda_present() -> bool:
@@ -578,16 +645,24 @@ def theory_gate(args, params: Params) -> int | None:
     """``hdlora theory``: estimate, then ``--dry-run`` (print, exit 0) or refuse when it does not fit."""
     kw: dict[str, Any] = dict(bayes_optimal=bool(getattr(args, "bayes_optimal", False)))
     est = theory_estimate(params, args.n_mc, **kw)
-    return gate(est, dry_run=bool(getattr(args, "dry_run", False)), json_out=bool(getattr(args, "json", False)),
-                check=lambda: check_theory(params, args.n_mc, **kw))
+    return gate(
+        est,
+        dry_run=bool(getattr(args, "dry_run", False)),
+        json_out=bool(getattr(args, "json", False)),
+        check=lambda: check_theory(params, args.n_mc, **kw),
+    )
 
 
 def optimize_gate(args, params: Params) -> int | None:
     """``hdlora optimize``: one solve's memory, ``--max-solves`` solves' time."""
     solves = max(1, int(args.max_solves)) if isinstance(args.max_solves, int) else 1
     est = theory_estimate(params, args.n_mc, solves=solves, what="optimize")
-    return gate(est, dry_run=bool(getattr(args, "dry_run", False)), json_out=bool(getattr(args, "json", False)),
-                check=lambda: check_theory(params, args.n_mc, solves=solves, what="optimize"))
+    return gate(
+        est,
+        dry_run=bool(getattr(args, "dry_run", False)),
+        json_out=bool(getattr(args, "json", False)),
+        check=lambda: check_theory(params, args.n_mc, solves=solves, what="optimize"),
+    )
 
 
 # --------------------------------------------------------------------------- plans (sweeps, figures)
@@ -601,8 +676,13 @@ class PlanEstimate:
     unknown: int
 
     def to_dict(self) -> dict:
-        return {"tasks": self.n_tasks, "largest_task": self.largest.to_dict() if self.largest else None,
-                "seconds": self.seconds, "time": fmt_seconds(self.seconds), "tasks_not_estimated": self.unknown}
+        return {
+            "tasks": self.n_tasks,
+            "largest_task": self.largest.to_dict() if self.largest else None,
+            "seconds": self.seconds,
+            "time": fmt_seconds(self.seconds),
+            "tasks_not_estimated": self.unknown,
+        }
 
 
 def plan_estimate(tasks) -> PlanEstimate:
@@ -640,13 +720,24 @@ def figure_gate(args, fig, mode: str) -> int | None:
 
         from .experiments.sweep import plan
 
-        d = {"figure": fig.number, "mode": mode,
-             "settings": {"dim": fig.settings.dim, "seeds": fig.settings.seeds, "n_mc": fig.settings.n_mc},
-             "sweeps": {s.name: {"grid": dict(zip(s.axis_names, s.shape)),
-                                 "tasks": sum(len(c) for c in plan(s).chains)} for s in fig.sweeps}}
+        d = {
+            "figure": fig.number,
+            "mode": mode,
+            "settings": {"dim": fig.settings.dim, "seeds": fig.settings.seeds, "n_mc": fig.settings.n_mc},
+            "sweeps": {
+                s.name: {"grid": dict(zip(s.axis_names, s.shape)), "tasks": sum(len(c) for c in plan(s).chains)}
+                for s in fig.sweeps
+            },
+        }
         d.update(pe.to_dict())
-        d.update({"available": limit, "available_from": source, "fits": ok,
-                  "note": "time: serial, rough (order of magnitude); memory: the largest task (x workers in a pool)"})
+        d.update(
+            {
+                "available": limit,
+                "available_from": source,
+                "fits": ok,
+                "note": "time: serial, rough (order of magnitude); memory: the largest task (x workers in a pool)",
+            }
+        )
         print(json.dumps(d, indent=2, default=str))
         return 0
     if not ok:
@@ -655,17 +746,24 @@ def figure_gate(args, fig, mode: str) -> int | None:
         lim, src = limit_for(est)
         hints = ["--quick"]
         if not _is_cuda(est.device):
-            hints.append("a GPU (sweep option device = \"cuda\")")
+            hints.append('a GPU (sweep option device = "cuda")')
         dmax = _largest_figure_dim(fig, mode, lim)
         if dmax is not None:
             hints.append(f"a smaller --dim (<= {dmax} fits)")
-        raise ResourceError(f"figure {fig.number}: largest task: " + refuse_message(est, lim, src, ", ".join(hints))
-                            .replace("expected time", f"whole figure ({pe.n_tasks} tasks, serial) ~{fmt_seconds(pe.seconds)}; that task", 1))
+        raise ResourceError(
+            f"figure {fig.number}: largest task: "
+            + refuse_message(est, lim, src, ", ".join(hints)).replace(
+                "expected time", f"whole figure ({pe.n_tasks} tasks, serial) ~{fmt_seconds(pe.seconds)}; that task", 1
+            )
+        )
     if pe.largest is not None:
-        print(f"figure {fig.number}: {pe.n_tasks} tasks, largest ~{fmt_bytes(pe.largest.bytes)} of "
-              f"{fmt_bytes(limit)} available ({pe.largest.what}"
-              + "".join(f", {k} {v}" for k, v in pe.largest.choices.items())
-              + f"), expected ~{fmt_seconds(pe.seconds)} of work (rough)", file=sys.stderr)
+        print(
+            f"figure {fig.number}: {pe.n_tasks} tasks, largest ~{fmt_bytes(pe.largest.bytes)} of "
+            f"{fmt_bytes(limit)} available ({pe.largest.what}"
+            + "".join(f", {k} {v}" for k, v in pe.largest.choices.items())
+            + f"), expected ~{fmt_seconds(pe.seconds)} of work (rough)",
+            file=sys.stderr,
+        )
     return None
 
 
@@ -696,7 +794,12 @@ def choose_serial(tasks, workers: int | None) -> tuple[bool, str]:
     if pe.n_tasks <= 1:
         return True, f"executor: serial ({pe.n_tasks} task to run: a pool would only add its start-up)"
     if pe.unknown == 0 and pe.seconds < 3 * POOL_STARTUP_S:
-        return True, (f"executor: serial ({pe.n_tasks} tasks, ~{fmt_seconds(pe.seconds)} of work estimated: less "
-                      f"than a process pool's start-up of ~{POOL_STARTUP_S:g} s would save; --workers N to force a pool)")
-    return False, (f"executor: local pool ({pe.n_tasks} tasks, ~{fmt_seconds(pe.seconds)} of work estimated"
-                   + (f", {pe.unknown} not estimated" if pe.unknown else "") + ")")
+        return True, (
+            f"executor: serial ({pe.n_tasks} tasks, ~{fmt_seconds(pe.seconds)} of work estimated: less "
+            f"than a process pool's start-up of ~{POOL_STARTUP_S:g} s would save; --workers N to force a pool)"
+        )
+    return False, (
+        f"executor: local pool ({pe.n_tasks} tasks, ~{fmt_seconds(pe.seconds)} of work estimated"
+        + (f", {pe.unknown} not estimated" if pe.unknown else "")
+        + ")"
+    )

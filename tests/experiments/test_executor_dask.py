@@ -1,5 +1,6 @@
 """A real Dask cluster (scheduler + two workers, separate processes on 127.0.0.1) runs a sweep
 through ``--scheduler`` and gets the same results as the local pool."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     fh = open(log, "w")
-    return subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=fh, stderr=subprocess.STDOUT, env=ENV,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dask", *args], stdout=fh, stderr=subprocess.STDOUT, env=ENV, start_new_session=True
+    )
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -65,8 +67,13 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def _sweep(path: Path, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "hdlora.experiments.cli", str(path), "--no-progress", "--json",
-                           *args], capture_output=True, text=True, env=ENV, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hdlora.experiments.cli", str(path), "--no-progress", "--json", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -87,8 +94,21 @@ def test_dask_cluster_gives_the_same_results_as_the_local_pool(tmp_path):
     sched_file = tmp_path / "scheduler.json"
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(_spawn(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                             "--scheduler-file", str(sched_file)], tmp_path / "scheduler.log"))
+        procs.append(
+            _spawn(
+                [
+                    "scheduler",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--no-dashboard",
+                    "--scheduler-file",
+                    str(sched_file),
+                ],
+                tmp_path / "scheduler.log",
+            )
+        )
         deadline = time.time() + 60
         while not sched_file.exists():
             assert procs[0].poll() is None, (tmp_path / "scheduler.log").read_text()
@@ -98,9 +118,25 @@ def test_dask_cluster_gives_the_same_results_as_the_local_pool(tmp_path):
         address = json.loads(sched_file.read_text())["address"]
         assert address.startswith("tcp://127.0.0.1:")
         for i in range(2):
-            procs.append(_spawn(["worker", address, "--nthreads", "1", "--nworkers", "1", "--no-nanny",
-                                 "--no-dashboard", "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}")],
-                                tmp_path / f"worker{i}.log"))
+            procs.append(
+                _spawn(
+                    [
+                        "worker",
+                        address,
+                        "--nthreads",
+                        "1",
+                        "--nworkers",
+                        "1",
+                        "--no-nanny",
+                        "--no-dashboard",
+                        "--name",
+                        f"w{i}",
+                        "--local-directory",
+                        str(tmp_path / f"w{i}"),
+                    ],
+                    tmp_path / f"worker{i}.log",
+                )
+            )
         from distributed import Client
 
         with Client(address, timeout=30, set_as_default=False) as client:

@@ -1,4 +1,5 @@
 """hdlora figure N: specs build valid sweeps; a tiny end-to-end run writes PNG/PDF/CSV and is resumable."""
+
 from __future__ import annotations
 
 import math
@@ -102,8 +103,17 @@ def test_tiny_figure1_end_to_end_and_resume(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "fig1.pdf").read_bytes()[:5] == b"%PDF-"
     df = pd.read_csv(out / "fig1.csv")
-    for col in ("sweep", "label", "lam", "lam_ft", "noise", "status", "finetune_test_error",
-                "finetune_test_error_se", "bo_finetune_test_error"):
+    for col in (
+        "sweep",
+        "label",
+        "lam",
+        "lam_ft",
+        "noise",
+        "status",
+        "finetune_test_error",
+        "finetune_test_error_se",
+        "bo_finetune_test_error",
+    ):
         assert col in df.columns, col
     assert set(df["label"]) == {"theory", "lora_only", "bayes_optimal", "simulate"}
     assert (df["status"] == "ok").all()
@@ -120,5 +130,9 @@ def test_tiny_figure1_end_to_end_and_resume(tmp_path, capsys):
     with sqlite3.connect(out / "fig1.sqlite") as con:
         assert con.execute("SELECT COUNT(*) FROM results").fetchone()[0] == n_rows
         assert {r[0] for r in con.execute("SELECT DISTINCT run_id FROM results")} == ids
-    assert sorted(p.name for p in out.glob("fig1_*.toml")) == ["fig1_inset_noise0.5.toml", "fig1_inset_noise2.toml",
-                                                               "fig1_simulate.toml", "fig1_theory.toml"]
+    assert sorted(p.name for p in out.glob("fig1_*.toml")) == [
+        "fig1_inset_noise0.5.toml",
+        "fig1_inset_noise2.toml",
+        "fig1_simulate.toml",
+        "fig1_theory.toml",
+    ]

@@ -1,5 +1,6 @@
 """``hdlora figure N --plot-only`` draws only the rows of its own tasks: after a run in another mode it refuses
 (exit 2, one line) and leaves the good PNG / PDF / CSV as they are; an incomplete figure says what is missing."""
+
 from __future__ import annotations
 
 import hashlib

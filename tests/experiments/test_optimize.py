@@ -12,6 +12,7 @@ solver's own roughness (the same point solved from different warm starts) is 1-3
 The grids' spreads (0.03 to 2 in E', 5e-3 in o_w) are 100-40000 times larger, so a search
 that stopped in the wrong place or went the wrong way fails these tests.
 """
+
 import dataclasses
 import json
 import math
@@ -29,8 +30,8 @@ from hdlora.theory.fixed_point import NonConvergenceWarning
 from hdlora.theory.pretrain import solve_pretrain
 
 LIN = Params(activation="linear", alpha=0.1, alpha_ft=3, tokens=3, noise=0.5, lam=0.03, lam_ft=0.5)
-N = 2000          # Monte-Carlo samples of the fine-tuning stage (the linear pre-training is closed form)
-N2 = 500          # 2-D search: fewer samples (speed); the grid uses the same, so the comparison is exact
+N = 2000  # Monte-Carlo samples of the fine-tuning stage (the linear pre-training is closed form)
+N2 = 500  # 2-D search: fewer samples (speed); the grid uses the same, so the comparison is exact
 VALUE_TOL = 5e-5  # see the module docstring
 
 
@@ -46,8 +47,8 @@ def _grid_solves(params, points, n_mc=N):
 
 @pytest.fixture(scope="module")
 def lam_grid():
-    x = np.linspace(-3, 1, 21)                       # step 0.2 decades
-    return x, _grid_solves(LIN, [{"lam": 10 ** t} for t in x])
+    x = np.linspace(-3, 1, 21)  # step 0.2 decades
+    return x, _grid_solves(LIN, [{"lam": 10**t} for t in x])
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def opt_ft():
 def test_1d_finetune_error_no_worse_than_a_fine_grid(lam_grid, opt_ft):
     x, res = lam_grid
     vals = np.array([r.finetune_test_error for r in res])
-    assert vals.max() - vals.min() > 1.0                              # the grid is informative
+    assert vals.max() - vals.min() > 1.0  # the grid is informative
     r = opt_ft
     assert isinstance(r, OptimizeResult) and r.over == ("lam",) and not r.maximize
     assert r.converged and r.all_converged and not r.budget_exhausted
@@ -93,7 +94,7 @@ def test_beta_search_finds_the_recalibration_optimum_of_eq_26():
     r = optimize(LIN, "finetune_test_error", "beta", n_mc=N2)
     assert r.converged and not r.at_bound["beta"]
     beta_star = r.solution["beta_min"]
-    assert 0.5 < beta_star < 2.0 and abs(beta_star - 1.0) > 0.05        # a non-trivial recalibration
+    assert 0.5 < beta_star < 2.0 and abs(beta_star - 1.0) > 0.05  # a non-trivial recalibration
     assert abs(math.log10(r.optimum["beta"] / beta_star)) < r.xtol
 
 
@@ -106,7 +107,7 @@ def test_maximize_overrides_the_direction():
 
 def test_1d_pretrain_error_uses_the_pretraining_alone_and_flags_bounds():
     x = np.linspace(-3, 1, 41)
-    vals = np.array([solve_pretrain(LIN.replace(lam=10 ** t)).pretrain_test_error for t in x])
+    vals = np.array([solve_pretrain(LIN.replace(lam=10**t)).pretrain_test_error for t in x])
     r = optimize(LIN, "pretrain_test_error", "lam", n_mc=N)
     assert r.value <= vals.min() + VALUE_TOL and r.converged and r.value_se == 0.0
     # the chained solve's pre-training at the optimum (cold start there: agrees to the fixed-point roughness)
@@ -119,11 +120,11 @@ def test_1d_pretrain_error_uses_the_pretraining_alone_and_flags_bounds():
 
 @pytest.fixture(scope="module")
 def grid_2d():
-    xs = np.linspace(-2.6, -0.2, 5)                  # lam in [2.5e-3, 0.63]
-    ys = np.linspace(-2.5, 0.5, 5)                   # lam_ft in [3e-3, 3]
+    xs = np.linspace(-2.6, -0.2, 5)  # lam in [2.5e-3, 0.63]
+    ys = np.linspace(-2.5, 0.5, 5)  # lam_ft in [3e-3, 3]
     pts = []
-    for i, a in enumerate(xs):                       # snake order: neighbouring warm starts
-        pts += [{"lam": 10 ** a, "lam_ft": 10 ** b} for b in (ys if i % 2 == 0 else ys[::-1])]
+    for i, a in enumerate(xs):  # snake order: neighbouring warm starts
+        pts += [{"lam": 10**a, "lam_ft": 10**b} for b in (ys if i % 2 == 0 else ys[::-1])]
     res = _grid_solves(LIN, pts, n_mc=N2)
     return pts, np.array([r.finetune_test_error for r in res])
 
@@ -162,14 +163,14 @@ def test_non_converged_solves_never_become_the_optimum(monkeypatch):
         return dataclasses.replace(r, converged=False) if 0.01 < params.lam < 0.1 else r
 
     free = optimize(LIN, "pretrain_test_error", "lam")
-    assert 0.01 < free.optimum["lam"] < 0.1          # the unpatched minimiser is in the window
+    assert 0.01 < free.optimum["lam"] < 0.1  # the unpatched minimiser is in the window
     monkeypatch.setattr("hdlora.theory.pretrain.solve_pretrain", failing)
     with pytest.warns(NonConvergenceWarning, match="did not converge"):
         r = optimize(LIN, "pretrain_test_error", "lam")
     assert not (0.01 < r.optimum["lam"] < 0.1)
     assert r.converged and not r.all_converged and r.n_not_converged > 0
     assert r.value > free.value
-    assert any(rec.phase.endswith("-cold") for rec in r.records)      # failed warm starts were retried cold
+    assert any(rec.phase.endswith("-cold") for rec in r.records)  # failed warm starts were retried cold
 
 
 def test_no_converged_solve_is_flagged_and_warned():
@@ -184,36 +185,76 @@ def test_budget_is_respected_and_flagged():
     assert r.budget_exhausted and r.n_solves == 7 and r.converged
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(target="test_error", over=("lam",)), "target must be one of"),
-    (dict(target="overlap", over=("lam", "gamma")), "unknown hyperparameter 'gamma'"),
-    (dict(target="overlap", over=()), "at least one"),
-    (dict(target="overlap", over=("lam", "lam")), "at most once"),
-    (dict(target="pretrain_test_error", over=("lam_ft",)), "depends on lam only"),
-    (dict(target="pretrain_test_error", over=("lam", "beta")), "depends on lam only"),
-    (dict(target="overlap", over=("lam",), bounds={"lam": (0.0, 1.0)}), "bounds for lam"),
-    (dict(target="overlap", over=("lam",), bounds={"lam": (1.0, 0.1)}), "bounds for lam"),
-    (dict(target="overlap", over=("lam",), bounds={"lam": (1e-3, math.inf)}), "bounds for lam"),
-    (dict(target="overlap", over=("lam",), bounds={"lam": "1:2"}), "bounds for lam"),
-    (dict(target="overlap", over=("lam",), bounds={"beta": (0.5, 2)}), "not searched"),
-    (dict(target="overlap", over=("lam",), n_mc=50), "n_mc"),
-    (dict(target="overlap", over=("lam",), tol=0.0), "tol"),
-    (dict(target="overlap", over=("lam",), max_solves=3), "max_solves"),
-    (dict(target="overlap", over=("lam",), n_grid=2), "n_grid"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target="test_error", over=("lam",)), "target must be one of"),
+        (dict(target="overlap", over=("lam", "gamma")), "unknown hyperparameter 'gamma'"),
+        (dict(target="overlap", over=()), "at least one"),
+        (dict(target="overlap", over=("lam", "lam")), "at most once"),
+        (dict(target="pretrain_test_error", over=("lam_ft",)), "depends on lam only"),
+        (dict(target="pretrain_test_error", over=("lam", "beta")), "depends on lam only"),
+        (dict(target="overlap", over=("lam",), bounds={"lam": (0.0, 1.0)}), "bounds for lam"),
+        (dict(target="overlap", over=("lam",), bounds={"lam": (1.0, 0.1)}), "bounds for lam"),
+        (dict(target="overlap", over=("lam",), bounds={"lam": (1e-3, math.inf)}), "bounds for lam"),
+        (dict(target="overlap", over=("lam",), bounds={"lam": "1:2"}), "bounds for lam"),
+        (dict(target="overlap", over=("lam",), bounds={"beta": (0.5, 2)}), "not searched"),
+        (dict(target="overlap", over=("lam",), n_mc=50), "n_mc"),
+        (dict(target="overlap", over=("lam",), tol=0.0), "tol"),
+        (dict(target="overlap", over=("lam",), max_solves=3), "max_solves"),
+        (dict(target="overlap", over=("lam",), n_grid=2), "n_grid"),
+    ],
+)
 def test_bad_input_is_a_param_error_naming_it(kwargs, match):
     with pytest.raises(ParamError, match=match):
         optimize(LIN, **kwargs)
 
 
 def test_cli_json(capsys):
-    rc = main(["optimize", "--activation", "linear", "--alpha", "0.1", "--tokens", "3", "--noise", "0.5",
-               "--over", "lam", "--target", "pretrain_test_error", "--bounds", "lam=1e-3:1", "--json"])
+    rc = main(
+        [
+            "optimize",
+            "--activation",
+            "linear",
+            "--alpha",
+            "0.1",
+            "--tokens",
+            "3",
+            "--noise",
+            "0.5",
+            "--over",
+            "lam",
+            "--target",
+            "pretrain_test_error",
+            "--bounds",
+            "lam=1e-3:1",
+            "--json",
+        ]
+    )
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
-    for k in ("target", "maximize", "over", "optimum", "value", "converged", "all_converged", "n_solves",
-              "n_not_converged", "at_bound", "budget_exhausted", "records", "bounds", "xtol", "n_mc", "seed",
-              "params", "solution", "wall_time", "warnings"):
+    for k in (
+        "target",
+        "maximize",
+        "over",
+        "optimum",
+        "value",
+        "converged",
+        "all_converged",
+        "n_solves",
+        "n_not_converged",
+        "at_bound",
+        "budget_exhausted",
+        "records",
+        "bounds",
+        "xtol",
+        "n_mc",
+        "seed",
+        "params",
+        "solution",
+        "wall_time",
+        "warnings",
+    ):
         assert k in d, k
     assert d["over"] == ["lam"] and d["bounds"] == {"lam": [1e-3, 1.0]}
     assert d["n_solves"] == len(d["records"]) and set(d["records"][0]) >= {"point", "value", "converged"}
@@ -222,29 +263,41 @@ def test_cli_json(capsys):
 
 
 def test_cli_table(capsys):
-    rc = main(["optimize", "--activation", "linear", "--over", "lam", "--target", "pretrain_test_error",
-               "--records"])
+    rc = main(["optimize", "--activation", "linear", "--over", "lam", "--target", "pretrain_test_error", "--records"])
     out = capsys.readouterr().out
     assert rc == 0 and "optimal lam" in out and "pretrain_test_error (min)" in out and "refine" in out
 
 
-@pytest.mark.parametrize("argv, word", [
-    (["--over", "lam", "--target", "bogus"], "--target"),
-    (["--over", "lam,foo"], "'foo'"),
-    (["--over", "lam", "--bounds", "lam=1e-3"], "--bounds lam"),
-    (["--over", "lam", "--bounds", "gamma=1:2"], "--bounds"),
-    (["--over", "lam", "--bounds", "lam=1:0.1"], "bounds for lam"),
-    (["--over", "lam", "--bounds", "lam=1e-3:1,lam=1e-2:1"], "twice"),
-    (["--over", "lam_ft", "--target", "pretrain_test_error"], "depends on lam only"),
-])
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (["--over", "lam", "--target", "bogus"], "--target"),
+        (["--over", "lam,foo"], "'foo'"),
+        (["--over", "lam", "--bounds", "lam=1e-3"], "--bounds lam"),
+        (["--over", "lam", "--bounds", "gamma=1:2"], "--bounds"),
+        (["--over", "lam", "--bounds", "lam=1:0.1"], "bounds for lam"),
+        (["--over", "lam", "--bounds", "lam=1e-3:1,lam=1e-2:1"], "twice"),
+        (["--over", "lam_ft", "--target", "pretrain_test_error"], "depends on lam only"),
+    ],
+)
 def test_cli_bad_input_exit_2(argv, word, capsys):
     assert main(["optimize", "--activation", "linear", *argv]) == 2
     assert word in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ slow
-FIG3 = Params(activation="softmax", tokens=2, kappa0=0.5, kappa=1, noise=0.5, alpha=0.2, alpha_ft=3,
-              reuse=True, lam=0.3, lam_ft=0.1)
+FIG3 = Params(
+    activation="softmax",
+    tokens=2,
+    kappa0=0.5,
+    kappa=1,
+    noise=0.5,
+    alpha=0.2,
+    alpha_ft=3,
+    reuse=True,
+    lam=0.3,
+    lam_ft=0.1,
+)
 
 
 @pytest.mark.slow
@@ -256,8 +309,10 @@ def test_fig3_overlap_optimal_lam_below_error_optimal_lam():
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = {t: optimize(FIG3, t, ("lam",), n_mc=10000) for t in
-               ("pretrain_test_error", "finetune_test_error", "overlap")}
+        res = {
+            t: optimize(FIG3, t, ("lam",), n_mc=10000)
+            for t in ("pretrain_test_error", "finetune_test_error", "overlap")
+        }
     for t, r in res.items():
         assert r.converged, t
     lam_o = res["overlap"].optimum["lam"]

@@ -5,6 +5,7 @@ Needs a running SLURM whose jobs can reach this machine on 127.0.0.1: ``make tes
 starts a single-node one (scripts/slurm_up.sh), runs this file, and stops it
 (scripts/slurm_down.sh).  Deselected by default (marker ``cluster``).
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,13 @@ PROBE = """
 
 def _sweep(path: Path, *args: str, env: dict) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "hdlora.experiments.cli", str(path), "--no-progress", "--json",
-                           *args], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hdlora.experiments.cli", str(path), "--no-progress", "--json", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout), time.perf_counter() - t0
 
@@ -84,8 +90,9 @@ def _queue(job_name: str, wait_s: float = 30.0) -> list[str]:
     """The jobs of that name still in SLURM's queue, after up to wait_s for cancelled ones to complete."""
     deadline = time.time() + wait_s
     while True:
-        q = subprocess.run(["squeue", "-h", "-n", job_name, "-o", "%i:%t"], capture_output=True, text=True,
-                           timeout=30).stdout.split()
+        q = subprocess.run(
+            ["squeue", "-h", "-n", job_name, "-o", "%i:%t"], capture_output=True, text=True, timeout=30
+        ).stdout.split()
         if not q or time.time() > deadline:
             return q
         time.sleep(1)
@@ -111,11 +118,29 @@ def test_slurm_cluster_gives_the_same_results_as_the_local_pool(tmp_path):
     job_name = f"hdlora-test-{os.getpid()}"
 
     rep_slurm, wall = _sweep(
-        with_probe, "--cluster", "slurm", "--workers", "2", "--db", str(tmp_path / "slurm.sqlite"),
-        "--cluster-option", "host=127.0.0.1", "--cluster-option", "cores=1", "--cluster-option", "memory=1GB",
-        "--cluster-option", "walltime=00:10:00", "--cluster-option", f"job_name={job_name}",
-        "--cluster-option", f"log_directory={logs}",
-        "--cluster-option", f"job_script_prologue=export PYTHONPATH={TESTS}", env=env)
+        with_probe,
+        "--cluster",
+        "slurm",
+        "--workers",
+        "2",
+        "--db",
+        str(tmp_path / "slurm.sqlite"),
+        "--cluster-option",
+        "host=127.0.0.1",
+        "--cluster-option",
+        "cores=1",
+        "--cluster-option",
+        "memory=1GB",
+        "--cluster-option",
+        "walltime=00:10:00",
+        "--cluster-option",
+        f"job_name={job_name}",
+        "--cluster-option",
+        f"log_directory={logs}",
+        "--cluster-option",
+        f"job_script_prologue=export PYTHONPATH={TESTS}",
+        env=env,
+    )
     print(f"\nSLURM sweep: {rep_slurm['n_computed']} tasks in {wall:.1f} s on {rep_slurm['executor']}")
     assert rep_slurm["executor"].startswith("slurm:2 jobs x 1 workers (tcp://127.0.0.1:")
     assert rep_slurm["n_computed"] == 12 and rep_slurm["n_failed"] == 0 and rep_slurm["n_missing"] == 0
@@ -133,8 +158,12 @@ def test_slurm_cluster_gives_the_same_results_as_the_local_pool(tmp_path):
     assert None not in job_ids and all(p.result["slurm_job_name"] == job_name for p in probes)
     for p in probes:
         r = p.result
-        assert (r["OMP_NUM_THREADS"], r["MKL_NUM_THREADS"], r["OPENBLAS_NUM_THREADS"], r["torch_threads"]) == \
-            ("1", "1", "1", 1), r
+        assert (r["OMP_NUM_THREADS"], r["MKL_NUM_THREADS"], r["OPENBLAS_NUM_THREADS"], r["torch_threads"]) == (
+            "1",
+            "1",
+            "1",
+            1,
+        ), r
     # SLURM's own record of the jobs (finished jobs stay MinJobAge seconds in the controller)
     for jid in job_ids:
         show = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True, timeout=30).stdout
@@ -194,11 +223,32 @@ def test_ctrl_c_stops_the_sweep_and_cancels_the_jobs(tmp_path):
     job_name = f"hdlora-int-{os.getpid()}"
     db = tmp_path / "int.sqlite"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hdlora.experiments.cli", str(path), "--no-progress", "--db", str(db),
-         "--cluster", "slurm", "--cluster-option", "host=127.0.0.1", "--cluster-option", f"job_name={job_name}",
-         "--cluster-option", "memory=1GB", "--cluster-option", f"log_directory={tmp_path / 'jobs'}",
-         "--cluster-option", f"job_script_prologue=export PYTHONPATH={TESTS}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(TESTS)))
+        [
+            sys.executable,
+            "-m",
+            "hdlora.experiments.cli",
+            str(path),
+            "--no-progress",
+            "--db",
+            str(db),
+            "--cluster",
+            "slurm",
+            "--cluster-option",
+            "host=127.0.0.1",
+            "--cluster-option",
+            f"job_name={job_name}",
+            "--cluster-option",
+            "memory=1GB",
+            "--cluster-option",
+            f"log_directory={tmp_path / 'jobs'}",
+            "--cluster-option",
+            f"job_script_prologue=export PYTHONPATH={TESTS}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(TESTS)),
+    )
     try:
         deadline = time.time() + 120
         while True:  # interrupt once the first task is stored (so the job runs and a result exists)

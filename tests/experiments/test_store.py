@@ -1,4 +1,5 @@
 """The results database: keys, round trips, versions, durability of each committed row."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,14 @@ def test_canonical_key_is_independent_of_spelling_and_order():
 def test_round_trip_with_inf_nan_and_numpy(tmp_path):
     with Store(tmp_path / "r.sqlite", version="1.0") as st:
         key = Store.key("k", Params(lam_ft=math.inf).to_dict(), {})
-        result = {"a": np.float64(0.25), "b": math.inf, "c": math.nan, "arr": np.arange(3), "nested": {"x": 1},
-                  "flag": np.bool_(True)}
+        result = {
+            "a": np.float64(0.25),
+            "b": math.inf,
+            "c": math.nan,
+            "arr": np.arange(3),
+            "nested": {"x": 1},
+            "flag": np.bool_(True),
+        }
         st.put(key, status="ok", result=result, wall_s=0.5, run_id="r1", warnings=["NonConvergenceWarning: x"])
         row = st.get(key)
     assert row.ok and row.params["lam_ft"] == math.inf and row.run_id == "r1" and row.attempts == 1

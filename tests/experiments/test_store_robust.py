@@ -4,6 +4,7 @@ Root ignores permission bits, and CI runs as root: the permission cases run the 
 unprivileged user (``setpriv --reuid=65534``, in a world-traversable temporary directory), and
 the read-only database case also uses ``chattr +i`` (immutable even for root).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,9 @@ def _chattr_works(d: Path) -> bool:
     return ok
 
 
-unprivileged = pytest.mark.skipif(not _can_drop_privileges(),
-                                  reason="running as root without setpriv: root ignores permission bits")
+unprivileged = pytest.mark.skipif(
+    not _can_drop_privileges(), reason="running as root without setpriv: root ignores permission bits"
+)
 
 
 @pytest.fixture
@@ -76,8 +78,13 @@ def pub():
 
 
 def sweep(*args: str, as_nobody: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", HOME="/tmp")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        PYTHONDONTWRITEBYTECODE="1",
+        HOME="/tmp",
+    )
     cmd = [sys.executable, "-m", "hdlora.experiments.cli", *args, "--no-progress", "--workers", "1"]
     if as_nobody and os.geteuid() == 0:
         cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
@@ -251,15 +258,21 @@ def test_json_columns_are_strict_so_sqlite_json_extract_reads_them(tmp_path):
     db = tmp_path / "r.sqlite"
     key = Store.key("theory", Params(lam_ft=math.inf).to_dict(), {"n_mc": 100})
     with Store(db, version="1") as st:
-        st.put(key, status="ok", result={"a": 0.5, "b": math.inf, "c": -math.inf, "d": math.nan, "l": [1.0, math.nan]},
-               run_id="r")
+        st.put(
+            key,
+            status="ok",
+            result={"a": 0.5, "b": math.inf, "c": -math.inf, "d": math.nan, "l": [1.0, math.nan]},
+            run_id="r",
+        )
         row = st.get(key)
     assert row.params["lam_ft"] == math.inf and row.result["b"] == math.inf and row.result["c"] == -math.inf
     assert math.isnan(row.result["d"]) and math.isnan(row.result["l"][1]) and row.result["a"] == 0.5
     con = sqlite3.connect(db)
-    got = con.execute("SELECT json_extract(result, '$.a'), json_extract(result, '$.b'), json_extract(result, '$.d'), "
-                      "json_extract(params, '$.lam_ft'), json_valid(result), json_valid(params), json_valid(options) "
-                      "FROM results").fetchone()
+    got = con.execute(
+        "SELECT json_extract(result, '$.a'), json_extract(result, '$.b'), json_extract(result, '$.d'), "
+        "json_extract(params, '$.lam_ft'), json_valid(result), json_valid(params), json_valid(options) "
+        "FROM results"
+    ).fetchone()
     con.close()
     assert got == (0.5, "inf", "nan", "inf", 1, 1, 1)
 
@@ -269,8 +282,10 @@ def test_old_rows_with_bare_infinity_and_nan_stay_readable(tmp_path):
     with Store(db, version="1") as st:
         pass
     con = sqlite3.connect(db)
-    con.execute("INSERT INTO results (kind, params, options, version, status, result, finished_at, run_id) "
-                "VALUES ('k', '{\"lam_ft\":Infinity}', '{}', '1', 'ok', '{\"b\":Infinity,\"c\":NaN}', 'now', 'r')")
+    con.execute(
+        "INSERT INTO results (kind, params, options, version, status, result, finished_at, run_id) "
+        "VALUES ('k', '{\"lam_ft\":Infinity}', '{}', '1', 'ok', '{\"b\":Infinity,\"c\":NaN}', 'now', 'r')"
+    )
     con.commit()
     con.close()
     with Store(db, version="1", readonly=True) as st:

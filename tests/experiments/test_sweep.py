@@ -1,4 +1,5 @@
 """Sweep files: parsing, validation before anything runs, chains and warm starts, failures, resumption, export."""
+
 from __future__ import annotations
 
 import math
@@ -37,25 +38,39 @@ def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "hdlora.experiments.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "hdlora.experiments.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 @pytest.fixture
 def fake_theory(monkeypatch):
     """Replace the 'theory' kind by a cheap warm-started stand-in (in-process runs only)."""
-    monkeypatch.setitem(task_kinds.REGISTRY, "theory",
-                        task_kinds.Kind("theory", "_sweep_kinds:fake_theory", None, warm_start=True))
+    monkeypatch.setitem(
+        task_kinds.REGISTRY, "theory", task_kinds.Kind("theory", "_sweep_kinds:fake_theory", None, warm_start=True)
+    )
 
 
 # ----- axes -------------------------------------------------------------------------------------------------
 def test_axes_lists_and_ranges():
-    spec = parse_sweep({"axes": {"alpha_ft": {"start": 1, "stop": 3, "num": 5},
-                                 "noise": {"start": 0.01, "stop": 1.0, "num": 3, "log": True},
-                                 "tokens": [2, 3]},
-                        "run": {"_sweep_kinds:arith": {}}})
+    spec = parse_sweep(
+        {
+            "axes": {
+                "alpha_ft": {"start": 1, "stop": 3, "num": 5},
+                "noise": {"start": 0.01, "stop": 1.0, "num": 3, "log": True},
+                "tokens": [2, 3],
+            },
+            "run": {"_sweep_kinds:arith": {}},
+        }
+    )
     axes = dict(spec.axes)
     assert axes["alpha_ft"] == (1.0, 1.5, 2.0, 2.5, 3.0)
     assert axes["noise"][0] == 0.01 and axes["noise"][-1] == 1.0
@@ -73,27 +88,42 @@ database = "out.sqlite"
 
 BAD_FILES = {
     "unknown parameter": ("[params]\nalphaa = 0.1\n[run.'_sweep_kinds:arith']\n", r"unknown parameter 'alphaa'"),
-    "unknown axis parameter": ("[axes]\nnois = [0.1]\n[run.'_sweep_kinds:arith']\n", r"\[axes\] unknown parameter 'nois'"),
+    "unknown axis parameter": (
+        "[axes]\nnois = [0.1]\n[run.'_sweep_kinds:arith']\n",
+        r"\[axes\] unknown parameter 'nois'",
+    ),
     "empty axis list": ("[axes]\nalpha_ft = []\n[run.'_sweep_kinds:arith']\n", r"\[axes\] alpha_ft: empty axis"),
-    "empty axis range": ("[axes]\nalpha_ft = {start = 1, stop = 2, num = 0}\n[run.'_sweep_kinds:arith']\n",
-                         r"\[axes\] alpha_ft: empty axis"),
-    "invalid axis value": ("[axes]\nalpha_ft = [1.0, 2.0]\nkappa = [1.0, 0.5]\n[run.'_sweep_kinds:arith']\n",
-                           r"grid point alpha_ft=1.0, kappa=0.5: kappa must be >= 1"),
+    "empty axis range": (
+        "[axes]\nalpha_ft = {start = 1, stop = 2, num = 0}\n[run.'_sweep_kinds:arith']\n",
+        r"\[axes\] alpha_ft: empty axis",
+    ),
+    "invalid axis value": (
+        "[axes]\nalpha_ft = [1.0, 2.0]\nkappa = [1.0, 0.5]\n[run.'_sweep_kinds:arith']\n",
+        r"grid point alpha_ft=1.0, kappa=0.5: kappa must be >= 1",
+    ),
     "invalid fixed value": ("[params]\nnoise = -1\n[run.'_sweep_kinds:arith']\n", r"\[params\] invalid value: noise"),
-    "log range through zero": ("[axes]\nnoise = {start = 0, stop = 1, num = 3, log = true}\n"
-                               "[run.'_sweep_kinds:arith']\n", r"\[axes\] noise: a log range needs start > 0"),
+    "log range through zero": (
+        "[axes]\nnoise = {start = 0, stop = 1, num = 3, log = true}\n[run.'_sweep_kinds:arith']\n",
+        r"\[axes\] noise: a log range needs start > 0",
+    ),
     "unknown kind": ("[run.theroy]\n", r"\[run.theroy\] unknown task kind 'theroy'"),
     "unknown baseline": ("[run]\nbaselines = ['frozzen']\n", r"unknown baseline 'frozzen'"),
     "no run": ("[params]\nalpha = 0.1\n", r"\[run\] is missing"),
     "unknown table": ("[parms]\nalpha = 0.1\n[run.'_sweep_kinds:arith']\n", r"top level: unknown key\(s\) \['parms'\]"),
     "simulate without dim": ("[run.simulate]\nseeds = 2\n", r"\[run.simulate\].*needs option\(s\) \['dim'\]"),
     "simulate bad seeds": ("[run.simulate]\ndim = 10\nseeds = 0\n", r"\[run.simulate\] seeds must be"),
-    "reuse needs N' <= N at this D": ("[params]\nreuse = true\nalpha = 0.01\n[run.simulate]\ndim = 10\nseeds = 1\n",
-                                      r"\[run.simulate\] at grid point the fixed parameters: reuse"),
-    "axis also fixed": ("[params]\nnoise = 0.1\n[axes]\nnoise = [0.2]\n[run.'_sweep_kinds:arith']\n",
-                        r"'noise' is also fixed"),
-    "bad continuation": ("[sweep]\ncontinuation = 'lam'\n[axes]\nnoise = [0.2]\n[run.'_sweep_kinds:arith']\n",
-                         r"continuation 'lam' is not an axis"),
+    "reuse needs N' <= N at this D": (
+        "[params]\nreuse = true\nalpha = 0.01\n[run.simulate]\ndim = 10\nseeds = 1\n",
+        r"\[run.simulate\] at grid point the fixed parameters: reuse",
+    ),
+    "axis also fixed": (
+        "[params]\nnoise = 0.1\n[axes]\nnoise = [0.2]\n[run.'_sweep_kinds:arith']\n",
+        r"'noise' is also fixed",
+    ),
+    "bad continuation": (
+        "[sweep]\ncontinuation = 'lam'\n[axes]\nnoise = [0.2]\n[run.'_sweep_kinds:arith']\n",
+        r"continuation 'lam' is not an axis",
+    ),
 }
 
 
@@ -101,7 +131,11 @@ BAD_FILES = {
 def test_bad_sweep_file_is_rejected_before_anything_runs(tmp_path, case):
     body, pattern = BAD_FILES[case]
     head = "" if body.startswith("[sweep]") else GOOD_HEAD
-    text = head + body if not body.startswith("[sweep]") else body.replace("[sweep]\n", "[sweep]\ndatabase = 'out.sqlite'\n")
+    text = (
+        head + body
+        if not body.startswith("[sweep]")
+        else body.replace("[sweep]\n", "[sweep]\ndatabase = 'out.sqlite'\n")
+    )
     path = write(tmp_path, text)
     with pytest.raises(SweepError, match=pattern) as info:
         load_sweep(path)
@@ -121,8 +155,9 @@ def test_cli_bad_sweep_file_exit_2_and_no_database(tmp_path, case):
 
 
 def test_unavailable_kind_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(task_kinds.REGISTRY, "theory",
-                        task_kinds.Kind("theory", "x:y", "hdlora.not_a_module:solve", warm_start=True))
+    monkeypatch.setitem(
+        task_kinds.REGISTRY, "theory", task_kinds.Kind("theory", "x:y", "hdlora.not_a_module:solve", warm_start=True)
+    )
     with pytest.raises(SweepError, match=r"\[run.theory\] task kind 'theory' is not available"):
         parse_sweep({"run": {"theory": {}}})
 
@@ -141,8 +176,9 @@ def test_unknown_option_rejected_against_library_signature():
 
 # ----- plan: chains, warm start, baselines -----------------------------------------------------------------------
 def test_chains_follow_the_continuation_axis_and_baselines_are_deduplicated(fake_theory):
-    spec = parse_sweep({"axes": {"alpha_ft": [1.0, 2.0, 3.0], "lam_ft": [0.1, 0.2]},
-                        "run": {"theory": {}, "baselines": ["frozen"]}})
+    spec = parse_sweep(
+        {"axes": {"alpha_ft": [1.0, 2.0, 3.0], "lam_ft": [0.1, 0.2]}, "run": {"theory": {}, "baselines": ["frozen"]}}
+    )
     p = plan(spec)
     assert len(p.tasks) == 12  # 2 labels x 6 grid points
     theory_chains = [c for c in p.chains if c[0].label == "theory"]
@@ -153,8 +189,11 @@ def test_chains_follow_the_continuation_axis_and_baselines_are_deduplicated(fake
 
 
 def test_warm_start_passes_the_neighbours_result_and_resumes_from_the_store(tmp_path, fake_theory):
-    doc = {"sweep": {"database": str(tmp_path / "db.sqlite")}, "axes": {"alpha_ft": [1.0, 2.0, 3.0, 4.0]},
-           "run": {"theory": {"nonconverged_at": 3.0}}}
+    doc = {
+        "sweep": {"database": str(tmp_path / "db.sqlite")},
+        "axes": {"alpha_ft": [1.0, 2.0, 3.0, 4.0]},
+        "run": {"theory": {"nonconverged_at": 3.0}},
+    }
     spec = parse_sweep(doc)
     rep = run_sweep(spec, executor=SerialExecutor(), progress=False)
     assert rep.n_computed == 4 and rep.n_failed == 0 and rep.n_not_converged == 1
@@ -178,7 +217,9 @@ def test_warm_start_passes_the_neighbours_result_and_resumes_from_the_store(tmp_
 # ----- failures ------------------------------------------------------------------------------------------------------
 def test_failure_is_recorded_does_not_stop_the_sweep_and_is_retried_on_request(tmp_path):
     marker = tmp_path / "fixed"
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
         [sweep]
         database = "db.sqlite"
         [axes]
@@ -186,7 +227,8 @@ def test_failure_is_recorded_does_not_stop_the_sweep_and_is_retried_on_request(t
         [run.'_sweep_kinds:flaky']
         fail_at = 2.0
         fixed_marker = "{marker}"
-        """)
+        """,
+    )
     spec = load_sweep(path)
     rep = run_sweep(spec, executor=SerialExecutor(), progress=False)
     assert (rep.n_computed, rep.n_failed, rep.n_failed_total) == (3, 1, 1)
@@ -208,8 +250,10 @@ def test_failure_is_recorded_does_not_stop_the_sweep_and_is_retried_on_request(t
 
 # ----- executors ---------------------------------------------------------------------------------------------------
 def test_local_pool_equals_serial_and_workers_use_one_thread(tmp_path):
-    doc = {"axes": {"alpha_ft": [1.0, 2.0, 3.0], "noise": [0.1, 0.2]},
-           "run": {"_sweep_kinds:arith": {}, "_sweep_kinds:threads": {}}}
+    doc = {
+        "axes": {"alpha_ft": [1.0, 2.0, 3.0], "noise": [0.1, 0.2]},
+        "run": {"_sweep_kinds:arith": {}, "_sweep_kinds:threads": {}},
+    }
     a = parse_sweep({**doc, "sweep": {"database": str(tmp_path / "a.sqlite")}})
     b = parse_sweep({**doc, "sweep": {"database": str(tmp_path / "b.sqlite")}})
     run_sweep(a, workers=1, progress=False)
@@ -229,9 +273,13 @@ def test_export_csv_and_netcdf(tmp_path, fake_theory):
     import pandas as pd
     import xarray as xr
 
-    spec = parse_sweep({"sweep": {"database": str(tmp_path / "db.sqlite")},
-                        "axes": {"alpha_ft": [1.0, 2.0, 3.0], "lam_ft": [0.1, 0.2]},
-                        "run": {"theory": {}, "baselines": ["frozen"]}})
+    spec = parse_sweep(
+        {
+            "sweep": {"database": str(tmp_path / "db.sqlite")},
+            "axes": {"alpha_ft": [1.0, 2.0, 3.0], "lam_ft": [0.1, 0.2]},
+            "run": {"theory": {}, "baselines": ["frozen"]},
+        }
+    )
     run_sweep(spec, executor=SerialExecutor(), progress=False)
     df = pd.read_csv(export(spec, tmp_path / "out.csv"))
     assert len(df) == 12 and set(df.label) == {"theory", "frozen"} and set(df.status) == {"ok"}
@@ -273,16 +321,26 @@ def test_bayes_optimal_is_keyed_without_the_parameters_it_ignores():
 def test_serial_runs_each_task_only_when_the_previous_one_is_stored(tmp_path, monkeypatch):
     """In a single process, a task starts only after the previous result was committed."""
     monkeypatch.setenv("SWEEP_TEST_DIR", str(tmp_path))
-    spec = parse_sweep({"sweep": {"database": str(tmp_path / "db.sqlite"), "continuation": ""},
-                        "axes": {"alpha_ft": [1.0, 2.0, 3.0]}, "run": {"_sweep_kinds:stored_before": {}}})
+    spec = parse_sweep(
+        {
+            "sweep": {"database": str(tmp_path / "db.sqlite"), "continuation": ""},
+            "axes": {"alpha_ft": [1.0, 2.0, 3.0]},
+            "run": {"_sweep_kinds:stored_before": {}},
+        }
+    )
     run_sweep(spec, workers=1, progress=False)
     df = sweep_frame(spec).sort_values("alpha_ft")
     assert df["rows_seen"].tolist() == [0, 1, 2]
 
 
 def test_results_of_another_package_version_are_refused(tmp_path):
-    spec = parse_sweep({"sweep": {"database": str(tmp_path / "db.sqlite")}, "axes": {"alpha_ft": [1.0]},
-                        "run": {"_sweep_kinds:arith": {}}})
+    spec = parse_sweep(
+        {
+            "sweep": {"database": str(tmp_path / "db.sqlite")},
+            "axes": {"alpha_ft": [1.0]},
+            "run": {"_sweep_kinds:arith": {}},
+        }
+    )
     with Store(spec.database, version="0.0.0-other") as st:
         rep = run_sweep(spec, executor=SerialExecutor(), store=st, progress=False)
         row = next(st.rows())
@@ -305,9 +363,11 @@ def test_real_theory_chain_warm_start_reaches_the_cold_start_fixed_points_in_few
 
     if not hasattr(theory, "solve"):
         pytest.skip("hdlora.theory.solve not available")
-    doc = {"params": {"activation": "linear", "lam_ft": 0.05},
-           "axes": {"lam": {"start": 0.001, "stop": 1.0, "num": 4, "log": True}},
-           "run": {"theory": {"n_mc": 2000}}}
+    doc = {
+        "params": {"activation": "linear", "lam_ft": 0.05},
+        "axes": {"lam": {"start": 0.001, "stop": 1.0, "num": 4, "log": True}},
+        "run": {"theory": {"n_mc": 2000}},
+    }
     warm = parse_sweep({**doc, "sweep": {"database": str(tmp_path / "warm.sqlite"), "continuation": "lam"}})
     cold = parse_sweep({**doc, "sweep": {"database": str(tmp_path / "cold.sqlite"), "continuation": ""}})
     assert len(plan(warm).chains) == 1 and len(plan(cold).chains) == 4

@@ -1,5 +1,6 @@
 """Several sweeps on one database split the work: each task is claimed (a lease in the database), computed
 once, and a killed sweep's tasks are taken over by the others when its lease expires."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,8 @@ def sweep_file(tmp_path: Path, n: int, sleep: float) -> Path:
     log.mkdir()
     values = ", ".join(f"{1.0 + i}" for i in range(n))
     f = tmp_path / "c.toml"
-    f.write_text(textwrap.dedent(f"""
+    f.write_text(
+        textwrap.dedent(f"""
         [sweep]
         database = "c.sqlite"
         [axes]
@@ -30,16 +32,22 @@ def sweep_file(tmp_path: Path, n: int, sleep: float) -> Path:
         [run.'_sweep_kinds:counted']
         sleep = {sleep}
         log_dir = "{log}"
-        """))
+        """)
+    )
     return f
 
 
 def start(f: Path, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "hdlora.experiments.cli", str(f), "--workers", "1", "--json",
-                             "--no-progress", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "hdlora.experiments.cli", str(f), "--workers", "1", "--json", "--no-progress", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def completions(tmp_path: Path) -> list[float]:
@@ -49,7 +57,9 @@ def completions(tmp_path: Path) -> list[float]:
 def rows(db: Path) -> list[tuple]:
     con = sqlite3.connect(db)
     try:
-        return con.execute("SELECT json_extract(params, '$.alpha_ft'), status, attempts, worker FROM results").fetchall()
+        return con.execute(
+            "SELECT json_extract(params, '$.alpha_ft'), status, attempts, worker FROM results"
+        ).fetchall()
     finally:
         con.close()
 
@@ -100,8 +110,9 @@ def test_a_killed_sweeps_tasks_are_taken_over_after_its_lease_expires(tmp_path):
         if db.exists():
             try:
                 con = sqlite3.connect(db)
-                held = con.execute("SELECT json_extract(params, '$.alpha_ft') FROM leases WHERE owner LIKE ?",
-                                   (f"%:{victim.pid}:%",)).fetchone()
+                held = con.execute(
+                    "SELECT json_extract(params, '$.alpha_ft') FROM leases WHERE owner LIKE ?", (f"%:{victim.pid}:%",)
+                ).fetchone()
                 con.close()
             except sqlite3.OperationalError:  # the tables are being created
                 pass

@@ -2,6 +2,7 @@
 
 Runs the real "simulate" kind at D = 10 (one seed: ~0.3 s a task once a worker has imported torch).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,14 @@ seeds = 1
 
 def _start(path: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS))
-    return subprocess.Popen([sys.executable, "-m", "hdlora.experiments.cli", str(path), "--workers", "2",
-                             "--no-progress", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hdlora.experiments.cli", str(path), "--workers", "2", "--no-progress", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def _n_rows(db: Path) -> int:
@@ -113,8 +119,10 @@ def test_sigkill_then_resume_computes_only_the_missing_tasks(tmp_path):
     assert report["n_present"] == n_done and report["n_computed"] == 12 - n_done and report["n_failed"] == 0
     with Store(db) as st:
         rows = list(st.rows())
-        dup = st._con.execute("SELECT COUNT(*) FROM (SELECT kind, params, options, version FROM results "
-                              "GROUP BY kind, params, options, version HAVING COUNT(*) > 1)").fetchone()[0]
+        dup = st._con.execute(
+            "SELECT COUNT(*) FROM (SELECT kind, params, options, version FROM results "
+            "GROUP BY kind, params, options, version HAVING COUNT(*) > 1)"
+        ).fetchone()[0]
         assert {r.kind for r in rows} == {"simulate"}
         assert {Store.key(r.kind, r.params, r.options) for r in rows} == keys  # every task present
     assert len(rows) == 12 and dup == 0  # exactly once

@@ -1,5 +1,6 @@
 """Every option of every [run.*] table is checked when the sweep file is loaded (so --plan catches it), in one
 line naming the file, the table, the option and the allowed values; a run ends with its errors summarised."""
+
 from __future__ import annotations
 
 import os
@@ -14,10 +15,12 @@ TESTS = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "hdlora.experiments.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "hdlora.experiments.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def _cuda() -> bool:
@@ -38,8 +41,10 @@ BAD = {
     "theory n_mc text": ("[run.theory]\nn_mc = 'many'\n", ["[run.theory]", "n_mc = 'many'", "integer >= 100"]),
     "theory n_mc fraction": ("[run.theory]\nn_mc = 1000.5\n", ["[run.theory]", "n_mc = 1000.5", "integer >= 100"]),
     "theory method": ("[run.theory]\nmethod = 'magic'\n", ["[run.theory]", "method = 'magic'", "'mc'"]),
-    "theory via baseline": ("[run]\nbaselines = ['frozen']\n[run.theory]\nwarn = 'yes'\n",
-                            ["warn = 'yes'", "true | false"]),
+    "theory via baseline": (
+        "[run]\nbaselines = ['frozen']\n[run.theory]\nwarn = 'yes'\n",
+        ["warn = 'yes'", "true | false"],
+    ),
     "bayes nodes": ("[run.bayes_optimal]\nn_nodes = 0\n", ["[run.bayes_optimal]", "n_nodes = 0", "integer >= 1"]),
 }
 
@@ -81,7 +86,8 @@ def test_cuda_without_a_gpu_fails_at_plan(tmp_path):
 
 def test_good_options_pass(tmp_path):
     f = tmp_path / "s.toml"
-    f.write_text(textwrap.dedent("""
+    f.write_text(
+        textwrap.dedent("""
         [axes]
         alpha_ft = [1.0, 2.0]
         [run]
@@ -101,7 +107,8 @@ def test_good_options_pass(tmp_path):
         n_test = 50
         [run.bayes_optimal]
         n_nodes = 6
-        """))
+        """)
+    )
     r = cli(str(f), "--plan")
     assert r.returncode == 0, r.stderr
 

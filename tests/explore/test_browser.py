@@ -12,6 +12,7 @@ Marked ``browser``: not part of the default ``make test`` run.  Skipped, with th
 where Chromium or Playwright is not installed; ``HDLORA_REQUIRE_BROWSER=1`` (set by
 ``make test-browser``) turns that skip into a failure, so CI cannot pass without running it.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,16 @@ import pytest
 pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("HDLORA_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "docs" / "explorer.png"
 POINTS = 6
@@ -67,19 +76,47 @@ def _database(path: Path) -> None:
 
     base = Params(activation="linear")
     with Store(path, version="test") as st:
-        for p, E in ([(base.replace(alpha_ft=1.0), 1.25), (base.replace(alpha_ft=3.0), 0.75),
-                                    (base.replace(alpha_ft=2.0, noise=1.5), 9.0)]):
-            st.put(Store.key("simulate", p.to_dict(), {"dim": 40, "seeds": 2}), status="ok", run_id="t",
-                   result={"finetune_test_error": E, "finetune_test_error_se": 0.01, "overlap": 0.5,
-                           "overlap_se": 0.02, "delta_eff": 1.0, "delta_eff_se": 0.0, "n_seeds": 2, "dim": 40})
+        for p, E in [
+            (base.replace(alpha_ft=1.0), 1.25),
+            (base.replace(alpha_ft=3.0), 0.75),
+            (base.replace(alpha_ft=2.0, noise=1.5), 9.0),
+        ]:
+            st.put(
+                Store.key("simulate", p.to_dict(), {"dim": 40, "seeds": 2}),
+                status="ok",
+                run_id="t",
+                result={
+                    "finetune_test_error": E,
+                    "finetune_test_error_se": 0.01,
+                    "overlap": 0.5,
+                    "overlap_se": 0.02,
+                    "delta_eff": 1.0,
+                    "delta_eff_se": 0.0,
+                    "n_seeds": 2,
+                    "dim": 40,
+                },
+            )
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     db = tmp_path_factory.mktemp("explore") / "results.sqlite"
     _database(db)
-    cmd = [sys.executable, "-c", "import sys; from hdlora.cli import main; sys.exit(main())", "explore",
-           "--no-browser", "--port", "0", "--points", str(POINTS), "--n-mc", "500", "--database", str(db)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from hdlora.cli import main; sys.exit(main())",
+        "explore",
+        "--no-browser",
+        "--port",
+        "0",
+        "--points",
+        str(POINTS),
+        "--n-mc",
+        "500",
+        "--database",
+        str(db),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
@@ -109,7 +146,9 @@ def _data(page, name: str) -> dict:
     return page.evaluate(
         """(name) => { const s = Bokeh.documents[0].get_model_by_name(name);
                        const out = {}; for (const [k, v] of Object.entries(s.data)) out[k] = Array.from(v);
-                       return out; }""", name)
+                       return out; }""",
+        name,
+    )
 
 
 def _wait_full_curve(page, min_done: float = 0) -> None:
@@ -118,7 +157,9 @@ def _wait_full_curve(page, min_done: float = 0) -> None:
         """(n) => { const d = window.Bokeh && Bokeh.documents.length && Bokeh.documents[0].get_model_by_name('theory');
                     const p = d && Bokeh.documents[0].get_model_by_name('progress');
                     return d && d.data.x.length === n && p.text.startsWith('done'); }""",
-        arg=POINTS, timeout=90_000)
+        arg=POINTS,
+        timeout=90_000,
+    )
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -161,7 +202,10 @@ def test_explorer_in_chromium(playwright_api, server, tmp_path):
         noise1 = page.evaluate("Bokeh.documents[0].get_model_by_name('slider_noise').value")
         page.wait_for_function(
             "(e0) => { const d = Bokeh.documents[0].get_model_by_name('theory').data;"
-            "          return d.x.length > 0 && d.E[0] !== e0; }", arg=before["E"][0], timeout=60_000)
+            "          return d.x.length > 0 && d.E[0] !== e0; }",
+            arg=before["E"][0],
+            timeout=60_000,
+        )
         _wait_full_curve(page)
         after = _data(page, "theory")
         assert after["x"] == before["x"]

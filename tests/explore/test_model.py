@@ -1,4 +1,5 @@
 """The explorer's model (no browser): curves, markers, the reproducing commands, PNG, CLI errors."""
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,15 @@ def test_theory_command_gives_the_view_point():
     assert args.n_mc == v.n_mc
 
 
-@pytest.mark.parametrize("kw, word", [({"num": 1}, "points"), ({"n_mc": 10}, "n_mc"),
-                                      ({"start": 0.0}, "log-spaced"), ({"start": 3.0, "stop": 3.0}, "differ")])
+@pytest.mark.parametrize(
+    "kw, word",
+    [
+        ({"num": 1}, "points"),
+        ({"n_mc": 10}, "n_mc"),
+        ({"start": 0.0}, "log-spaced"),
+        ({"start": 3.0, "stop": 3.0}, "differ"),
+    ],
+)
 def test_bad_view_is_one_clear_error(kw, word):
     with pytest.raises(ParamError, match=word):
         _view(**kw)
@@ -105,11 +113,22 @@ def test_cancelled_curve_stops():
 def test_simulation_markers_match_the_fixed_parameters():
     v = _view()
     base = v.params
-    rows = [{"params": base.replace(alpha_ft=1.0).to_dict(),
-             "result": {"finetune_test_error": 1.0, "finetune_test_error_se": 0.1, "overlap": 0.5, "delta_eff": 2.0,
-                        "n_seeds": 4}},
-            {"params": base.replace(alpha_ft=2.0, lam=0.5).to_dict(),  # another lambda: not this view
-             "result": {"finetune_test_error": 9.0, "overlap": 0.1, "delta_eff": 2.0}}]
+    rows = [
+        {
+            "params": base.replace(alpha_ft=1.0).to_dict(),
+            "result": {
+                "finetune_test_error": 1.0,
+                "finetune_test_error_se": 0.1,
+                "overlap": 0.5,
+                "delta_eff": 2.0,
+                "n_seeds": 4,
+            },
+        },
+        {
+            "params": base.replace(alpha_ft=2.0, lam=0.5).to_dict(),  # another lambda: not this view
+            "result": {"finetune_test_error": 9.0, "overlap": 0.1, "delta_eff": 2.0},
+        },
+    ]
     m = simulation_markers(rows, v)
     assert m["x"] == [1.0] and m["E"] == [1.0]
     assert m["E_lo"][0] == pytest.approx(1.0 - 0.1 * 2) and m["E_hi"][0] == pytest.approx(1.0 + 0.1 * 2)
@@ -127,8 +146,10 @@ def test_cli_errors_exit_2(capsys, tmp_path):
 
 def test_explorer_modules_do_not_import_torch():
     """The explorer's own modules stay torch-free (the solver is imported only when a point is solved)."""
-    code = ("import sys, hdlora.explore.model, hdlora.explore.cli, hdlora.explore.server\n"
-            "try:\n    import hdlora.explore.app\nexcept ImportError:\n    pass\n"
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, hdlora.explore.model, hdlora.explore.cli, hdlora.explore.server\n"
+        "try:\n    import hdlora.explore.app\nexcept ImportError:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -2,6 +2,7 @@
 
 Theory-vs-simulation comparisons are in test_applications_theory_vs_sim.py.
 """
+
 import json
 import math
 
@@ -32,8 +33,7 @@ from hdlora.simulate.active import (
 SOFTMAX = activations.get("softmax")
 EFF = {"Q0": 2.0, "Q": 2.0, "M": 1.0}
 P_EFF = Params(alpha=0.1, alpha_ft=3, tokens=3, noise=0.0, lam=0.1, lam_ft=0.5, active_pool=15.0)
-P_FULL = Params(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5, lam=0.1, lam_ft=0.5,
-                active_pool=12.0)
+P_FULL = Params(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5, lam=0.1, lam_ft=0.5, active_pool=12.0)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -51,12 +51,12 @@ def test_score_is_zero_at_zero_and_row_shift_invariant_for_softmax():
 def test_stream_selection_equals_direct_selection(chunk):
     g = torch.Generator().manual_seed(3)
     scores = torch.rand(403, generator=g, dtype=DTYPE)
-    scores[100:140] = 0.25                               # ties: broken by pool index in both paths
+    scores[100:140] = 0.25  # ties: broken by pool index in both paths
     payload = torch.arange(403)
 
     def chunks():
         for s in range(0, 403, chunk):
-            yield scores[s:s + chunk], {"id": payload[s:s + chunk]}
+            yield scores[s : s + chunk], {"id": payload[s : s + chunk]}
 
     idx, sc, pl, n, total = select_lowest_stream(chunks(), 120)
     direct = select_lowest(scores, 120)
@@ -130,8 +130,8 @@ def test_selected_set_has_smaller_frozen_fields_and_effective_noise():
     eff = Effective(2.0, 2.0, 1.0)
     sel = effective_pool(200_000, 2000, 3, eff, 0.0, 1.0, lin, draw_teacher(8, 0, 0), seed=0)
     s = 1.0 + torch.eye(3, dtype=DTYPE)
-    m2_sel = float((sel.active.z_frozen ** 2 / s).mean())
-    m2_uni = float((sel.uniform.z_frozen ** 2 / s).mean())
+    m2_sel = float((sel.active.z_frozen**2 / s).mean())
+    m2_uni = float((sel.uniform.z_frozen**2 / s).mean())
     assert m2_uni == pytest.approx(2.0, abs=0.1) and m2_sel < 0.15 * m2_uni
     d_sel = delta_eff_measured(sel.active_z_star, sel.active.z_frozen)
     d_uni = delta_eff_measured(sel.uniform_z_star, sel.uniform.z_frozen)
@@ -219,7 +219,7 @@ def test_optimal_beta_measured_is_M_over_Q():
     assert r["delta_eff"] == pytest.approx(0.25 + r["Q0"] - r["M"] ** 2 / r["Q"])
     r1 = run_seed(base, 24, 0, restarts=1)
     assert r1["beta"] == 1.0 and r1["delta_eff"] >= r["delta_eff"]
-    assert r1["Q"] == r["Q"]                                  # same pre-training
+    assert r1["Q"] == r["Q"]  # same pre-training
     e = run_seed(base, 24, 0, optimal_beta="measured", effective={"Q0": 2, "Q": 4, "M": 1}, restarts=1)
     assert e["beta"] == 0.25
 
@@ -228,6 +228,7 @@ def test_optimal_beta_theory_is_state_evolution_M_over_Q():
     base = Params(alpha=0.1, alpha_ft=3, tokens=3, noise=0.5, lam=0.1, lam_ft=math.inf, activation="linear")
     b = theory_beta_star(base)
     from hdlora.theory.pretrain import solve_pretrain
+
     pre = solve_pretrain(base)
     assert b == pytest.approx(pre.M / pre.Q) and 0 < b
     res = run(base, 20, seeds=1, optimal_beta="theory")
@@ -250,8 +251,28 @@ def only_simulate(monkeypatch):
     torch.set_num_threads(threads)
 
 
-BASE = ["simulate", "--alpha", "0.1", "--alpha-ft", "3", "--tokens", "3", "--noise", "0.5", "--lam", "0.1",
-        "--lam-ft", "0.5", "--dim", "20", "--seeds", "2", "--restarts", "1", "--json"]
+BASE = [
+    "simulate",
+    "--alpha",
+    "0.1",
+    "--alpha-ft",
+    "3",
+    "--tokens",
+    "3",
+    "--noise",
+    "0.5",
+    "--lam",
+    "0.1",
+    "--lam-ft",
+    "0.5",
+    "--dim",
+    "20",
+    "--seeds",
+    "2",
+    "--restarts",
+    "1",
+    "--json",
+]
 
 
 def test_cli_active_pool_and_optimal_beta(only_simulate, capsys):
@@ -264,14 +285,19 @@ def test_cli_active_pool_and_optimal_beta(only_simulate, capsys):
         assert s["beta"] == pytest.approx(s["M"] / s["Q"])
 
 
-@pytest.mark.parametrize("extra,word", [
-    (["--active-pool", "2"], "active_pool"), (["--active-pool", "5", "--reuse"], "active_pool"),
-    (["--beta", "best"], "beta"), (["--beta", "optimal", "--lam", "inf"], "optimal_beta"),
-])
+@pytest.mark.parametrize(
+    "extra,word",
+    [
+        (["--active-pool", "2"], "active_pool"),
+        (["--active-pool", "5", "--reuse"], "active_pool"),
+        (["--beta", "best"], "beta"),
+        (["--beta", "optimal", "--lam", "inf"], "optimal_beta"),
+    ],
+)
 def test_cli_bad_input(only_simulate, extra, word, capsys):
     try:
         code = cli.main(BASE + extra)
-    except SystemExit as exc:         # argparse rejects a non-number --beta itself
+    except SystemExit as exc:  # argparse rejects a non-number --beta itself
         code = exc.code
     assert code == 2
     assert word in capsys.readouterr().err

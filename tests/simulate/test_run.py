@@ -1,5 +1,6 @@
 """The simulator: gradients, limits (lam = inf, lam' = inf), beta, reuse, seeds, effective mode,
 width reduction, and the closed-form frozen baseline for linear sigma (eq. 80)."""
+
 import math
 import warnings
 
@@ -109,8 +110,13 @@ def test_frozen_model_lam_ft_inf(base):
     I = torch.eye(3, dtype=torch.float64)
     z = X @ S @ X.transpose(-1, -2) / 30 - I * torch.trace(S) / 30
     chi = X @ teacher.w_star / math.sqrt(30)
-    zs = (X @ Ss @ X.transpose(-1, -2) / 30 - I * torch.trace(Ss) / 30 + xi
-          + chi[:, :, None] * chi[:, None, :] - I * teacher.q0)
+    zs = (
+        X @ Ss @ X.transpose(-1, -2) / 30
+        - I * torch.trace(Ss) / 30
+        + xi
+        + chi[:, :, None] * chi[:, None, :]
+        - I * teacher.q0
+    )
     B = sigma(z) - sigma(zs)
     expected = float(((B @ (X @ X.transpose(-1, -2) / 30)) * B).sum() / 300)
     assert r["finetune_test_error"] == pytest.approx(expected, rel=1e-10)
@@ -124,7 +130,7 @@ def test_lora_only_lam_inf():
 
 def test_beta_recalibration(base):
     r = run_seed(SMALL.replace(beta=0.6), 30, 0)
-    assert r["Q"] == base["Q"] and r["M"] == base["M"]           # pre-training unchanged
+    assert r["Q"] == base["Q"] and r["M"] == base["M"]  # pre-training unchanged
     assert r["pretrain_test_error"] == base["pretrain_test_error"]
     assert r["Q_frozen"] == pytest.approx(0.36 * base["Q"]) and r["M_frozen"] == pytest.approx(0.6 * base["M"])
     assert r["recalibrated_test_error"] != base["recalibrated_test_error"]
@@ -158,10 +164,17 @@ def test_run_averages_with_standard_errors():
     assert math.isnan(d["finetune_informed_won"]) and d["Q_se"] > 0
 
 
-@pytest.mark.parametrize("kwargs,word", [
-    (dict(device="tpu"), "device"), (dict(device="cuda"), "cuda"), (dict(loss="mse"), "loss"),
-    (dict(seeds=0), "seeds"), (dict(seeds=[-1]), "seeds"), (dict(restarts=-1), "restarts"),
-])
+@pytest.mark.parametrize(
+    "kwargs,word",
+    [
+        (dict(device="tpu"), "device"),
+        (dict(device="cuda"), "cuda"),
+        (dict(loss="mse"), "loss"),
+        (dict(seeds=0), "seeds"),
+        (dict(seeds=[-1]), "seeds"),
+        (dict(restarts=-1), "restarts"),
+    ],
+)
 def test_bad_run_arguments(kwargs, word):
     if kwargs.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
@@ -207,10 +220,10 @@ def _frozen_linear_check(params, dim, seeds, loss="attention", n_test=None):
         x = -float(((Ws.T @ ws) ** 2).sum()) / math.sqrt(Ws.shape[1])
         if W is not None:
             x += float(((W.T @ ws) ** 2).sum()) / math.sqrt(W.shape[1])
-        x /= dim ** 2
+        x /= dim**2
         d_eff = params.noise / 2 + r["Q0"] + r["Q"] - 2 * r["M"]
         for c, key in ((T * T + T, "c_T2+T"), (T * T + T - 2, "c_T2+T-2")):
-            pred = (c * d_eff + (T * T + T) * (r["q0"] ** 2 - 2 * x)) / T ** 2
+            pred = (c * d_eff + (T * T + T) * (r["q0"] ** 2 - 2 * x)) / T**2
             out[key].append(r["finetune_test_error"] - pred)
     return {k: (np.mean(v), np.std(v, ddof=1) / math.sqrt(len(v))) for k, v in out.items()}
 

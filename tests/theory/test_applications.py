@@ -6,6 +6,7 @@ seed-to-seed standard error measured in the test, se_theory the Monte-Carlo spre
 evolution over its sample seeds (measured, quoted next to each constant), and the allowance
 quoted from measurements at the same D.
 """
+
 import math
 
 import numpy as np
@@ -21,9 +22,14 @@ COMPARED = ("finetune_test_error", "uniform_finetune_test_error", "overlap", "un
 
 
 def _theory_values(r):
-    return {"finetune_test_error": r.finetune_test_error, "uniform_finetune_test_error": r.uniform_finetune_test_error,
-            "overlap": r.overlap, "uniform_overlap": r.uniform_overlap,
-            "delta_finetune_test_error": r.delta_finetune_test_error, "delta_overlap": r.delta_overlap}
+    return {
+        "finetune_test_error": r.finetune_test_error,
+        "uniform_finetune_test_error": r.uniform_finetune_test_error,
+        "overlap": r.overlap,
+        "uniform_overlap": r.uniform_overlap,
+        "delta_finetune_test_error": r.delta_finetune_test_error,
+        "delta_overlap": r.delta_overlap,
+    }
 
 
 def _check_active(p, dim, seeds, n_mc, se_theory, allowance, restarts, resolve_gains=True):
@@ -52,10 +58,21 @@ def test_active_theory_vs_simulation_small():
     (active), ~0.009 (uniform); ~1.3x that at 6000.  Finite D: at D = 300 (4 seeds) sim - theory was
     -0.008 (E' active, s.e. 0.006); we allow 0.02 beyond 4 combined s.e."""
     p = Params(**FIG4, active_pool=30.0)
-    _check_active(p, 200, 3, 6_000,
-                  se_theory={"finetune_test_error": 0.008, "uniform_finetune_test_error": 0.008,
-                             "overlap": 0.005, "uniform_overlap": 0.012},
-                  allowance={k: 0.02 for k in COMPARED}, restarts=1, resolve_gains=False)
+    _check_active(
+        p,
+        200,
+        3,
+        6_000,
+        se_theory={
+            "finetune_test_error": 0.008,
+            "uniform_finetune_test_error": 0.008,
+            "overlap": 0.005,
+            "uniform_overlap": 0.012,
+        },
+        allowance={k: 0.02 for k in COMPARED},
+        restarts=1,
+        resolve_gains=False,
+    )
 
 
 @pytest.mark.slow
@@ -68,10 +85,20 @@ def test_active_theory_vs_simulation_D1000(pool):
     -0.0017 (o_w active, s.e. 0.0018), -0.0072 (o_w uniform, s.e. 0.0048): we allow 0.005 beyond
     4 combined s.e. for the O(1/sqrt(D)) finite-size bias."""
     p = Params(**FIG4, active_pool=pool)
-    _check_active(p, 1000, 5, 30_000,
-                  se_theory={"finetune_test_error": 0.001, "uniform_finetune_test_error": 0.0025,
-                             "overlap": 0.003, "uniform_overlap": 0.0045},
-                  allowance={k: 0.005 for k in COMPARED}, restarts=2)
+    _check_active(
+        p,
+        1000,
+        5,
+        30_000,
+        se_theory={
+            "finetune_test_error": 0.001,
+            "uniform_finetune_test_error": 0.0025,
+            "overlap": 0.003,
+            "uniform_overlap": 0.0045,
+        },
+        allowance={k: 0.005 for k in COMPARED},
+        restarts=2,
+    )
 
 
 # ----------------------------------------------------------------------------- recalibration (eq. 26)
@@ -81,20 +108,25 @@ FIG1 = dict(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5)
 def _check_recalibration(p, dim, seeds, k_se, allowance, n_mc=30000):
     """beta in {1, beta*_theory}: E' and o_w vs theory, and the paired change E'(1) - E'(beta*)."""
     from hdlora.theory import solve
+
     th_opt = solve(p, optimal_beta=True, n_mc=n_mc)
     th_one = solve(p, n_mc=n_mc, init=th_opt)
     b = th_opt.params["beta"]
     one = run(p, dim, seeds, restarts=1)
     opt = run(p.replace(beta=b), dim, seeds, restarts=1)
-    d_sim = np.array([r1["finetune_test_error"] - r2["finetune_test_error"]
-                      for r1, r2 in zip(one.per_seed, opt.per_seed)])
+    d_sim = np.array(
+        [r1["finetune_test_error"] - r2["finetune_test_error"] for r1, r2 in zip(one.per_seed, opt.per_seed)]
+    )
     dd_sim = np.array([r1["delta_eff"] - r2["delta_eff"] for r1, r2 in zip(one.per_seed, opt.per_seed)])
     d_th = th_one.finetune_test_error - th_opt.finetune_test_error
     se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x)))  # noqa: E731
-    report = {"beta*": b, "E'(1)": (one["finetune_test_error"], one.se["finetune_test_error"], th_one.finetune_test_error),
-              "E'(b*)": (opt["finetune_test_error"], opt.se["finetune_test_error"], th_opt.finetune_test_error),
-              "dE'": (d_sim.mean(), se(d_sim), d_th), "dDeff": (dd_sim.mean(), se(dd_sim),
-                                                              th_one.delta_eff - th_opt.delta_eff)}
+    report = {
+        "beta*": b,
+        "E'(1)": (one["finetune_test_error"], one.se["finetune_test_error"], th_one.finetune_test_error),
+        "E'(b*)": (opt["finetune_test_error"], opt.se["finetune_test_error"], th_opt.finetune_test_error),
+        "dE'": (d_sim.mean(), se(d_sim), d_th),
+        "dDeff": (dd_sim.mean(), se(dd_sim), th_one.delta_eff - th_opt.delta_eff),
+    }
     for sim, th in ((one, th_one), (opt, th_opt)):
         for k in ("finetune_test_error", "overlap"):
             assert abs(sim[k] - getattr(th, k)) < k_se * sim.se[k] + allowance[k], (k, report)

@@ -1,4 +1,5 @@
 """Tests of the Bayes-optimal benchmarks (Result 6, Appendix B): hdlora.theory.bayes."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,8 +15,10 @@ from hdlora.theory import bayes as B
 from hdlora.theory.sampling import frozen_fields, s_ab, standard_normals, to_sym
 
 HAS_SPECTRAL = importlib.util.find_spec("hdlora.theory.spectral") is not None
-HAS_ERM = (importlib.util.find_spec("hdlora.theory.pretrain") is not None
-           and importlib.util.find_spec("hdlora.theory.finetune") is not None)
+HAS_ERM = (
+    importlib.util.find_spec("hdlora.theory.pretrain") is not None
+    and importlib.util.find_spec("hdlora.theory.finetune") is not None
+)
 needs_spectral = pytest.mark.skipif(not HAS_SPECTRAL, reason="hdlora.theory.spectral not available")
 needs_erm = pytest.mark.skipif(not HAS_ERM, reason="ERM theory not available")
 
@@ -48,7 +51,7 @@ def test_softmax_of_symmetric_loses_exactly_one_direction(T):
         d = to_sym(e, T)
         cols.append(((softmax(z0 + eps * d) - softmax(z0 - eps * d)) / (2 * eps)).ravel())
     sv = np.linalg.svd(np.array(cols).T, compute_uv=False)
-    assert sv[-1] < 1e-8 * sv[0] and sv[-2] > 1e-3 * sv[0]          # rank exactly L - 1
+    assert sv[-1] < 1e-8 * sv[0] and sv[-2] > 1e-3 * sv[0]  # rank exactly L - 1
     # the fibre point recovered from y alone lies on z0 + s 1 1^T
     y = softmax(z0)
     z_rec = B._softmax_fibre_point(y)
@@ -74,11 +77,12 @@ def test_eq89_closed_form_matches_monte_carlo(T, noise, Q):
 @needs_spectral
 def test_mmse_agrees_with_spectral_and_limits():
     from hdlora.theory import spectral
+
     for k0 in (0.5, 1.0, 2.0):
         vals = [B.matrix_denoising_mmse(q, k0) for q in (1e-6, 1e-2, 1.0, 1e2, 1e6)]
-        assert abs(vals[0] - 1.0) < 1e-5                     # Var(mu0) = 1 with no data
-        assert all(a > b for a, b in zip(vals, vals[1:]))    # decreasing in Qhat
-        assert 0 < vals[-1] <= 1e-6 * (1 + 1e-6)             # <= 1/Qhat (the noise itself)
+        assert abs(vals[0] - 1.0) < 1e-5  # Var(mu0) = 1 with no data
+        assert all(a > b for a, b in zip(vals, vals[1:]))  # decreasing in Qhat
+        assert 0 < vals[-1] <= 1e-6 * (1 + 1e-6)  # <= 1/Qhat (the noise itself)
         assert abs(B.matrix_denoising_mmse(1.0, k0) - spectral.mmse(1.0, k0)) < 1e-12
     assert B.matrix_denoising_mmse(0.0, 1.0) == 1.0
 
@@ -92,24 +96,26 @@ def test_pretrain_limits(activation, kappa0):
     lo = B.solve_pretrain_bo(alpha=1e-6, tokens=T, kappa0=kappa0, noise=noise, activation=activation, n_mc=20000)
     hi = B.solve_pretrain_bo(alpha=1e4, tokens=T, kappa0=kappa0, noise=noise, activation=activation, n_mc=20000)
     assert lo.converged and hi.converged
-    assert abs(lo.Q_BO - kappa0) < 1e-4          # no data (Q_BO - kappa0 = O(Qhat) ~ 1e-5 at alpha = 1e-6): only the prior mean sqrt(kappa0) I of S*/sqrt(D)
-    assert 0 < Q0 - hi.Q_BO < 1e-4               # infinite data: S* recovered (Q0 - Q_BO ~ 1/Qhat ~ 1e-5 here)
+    assert (
+        abs(lo.Q_BO - kappa0) < 1e-4
+    )  # no data (Q_BO - kappa0 = O(Qhat) ~ 1e-5 at alpha = 1e-6): only the prior mean sqrt(kappa0) I of S*/sqrt(D)
+    assert 0 < Q0 - hi.Q_BO < 1e-4  # infinite data: S* recovered (Q0 - Q_BO ~ 1/Qhat ~ 1e-5 here)
     # errors against independent Monte Carlo (different seed) of the two limiting channels
     rng = np.random.default_rng(11)
     n, L = 40000, T * (T + 1) // 2
     s = np.sqrt(s_ab(T))
     sig = get_activation(activation, "numpy")
-    z_nd = to_sym(s * math.sqrt(kappa0) * rng.standard_normal((n, L)), T)          # z ~ s kappa0
+    z_nd = to_sym(s * math.sqrt(kappa0) * rng.standard_normal((n, L)), T)  # z ~ s kappa0
     zs_nd = z_nd + to_sym(s * math.sqrt(A0 - kappa0) * rng.standard_normal((n, L)), T)
-    z_inf = to_sym(s * math.sqrt(Q0) * rng.standard_normal((n, L)), T)              # z = S* part exactly
+    z_inf = to_sym(s * math.sqrt(Q0) * rng.standard_normal((n, L)), T)  # z = S* part exactly
     zs_inf = z_inf + to_sym(s * math.sqrt(noise / 2) * rng.standard_normal((n, L)), T)
     for res, z, zs in ((lo, z_nd, zs_nd), (hi, z_inf, zs_inf)):
         e = np.sum((sig(z) - sig(zs)) ** 2, axis=(-1, -2))
         se = math.hypot(e.std() / math.sqrt(n), res.bo_pretrain_test_error_se)
         assert abs(res.bo_pretrain_test_error - e.mean()) < 4 * se + 1e-12, (res, e.mean(), se)
-    if activation == "linear":                    # closed forms
-        assert abs(lo.bo_pretrain_test_error - (T * T + T) * (A0 - kappa0) / T ** 2) < 1e-4
-        assert abs(hi.bo_pretrain_test_error - (T * T + T) * (noise / 2) / T ** 2) < 2e-4
+    if activation == "linear":  # closed forms
+        assert abs(lo.bo_pretrain_test_error - (T * T + T) * (A0 - kappa0) / T**2) < 1e-4
+        assert abs(hi.bo_pretrain_test_error - (T * T + T) * (noise / 2) / T**2) < 2e-4
 
 
 @needs_spectral
@@ -117,9 +123,10 @@ def test_pretrain_monotone_unique_and_eq87_89_hold():
     Qs = []
     for alpha in (0.01, 0.1, 1.0, 10.0):
         r = B.solve_pretrain_bo(alpha=alpha, tokens=3, kappa0=1.0, noise=0.5, activation="softmax", n_mc=2000)
-        r2 = B.solve_pretrain_bo(alpha=alpha, tokens=3, kappa0=1.0, noise=0.5, activation="softmax", n_mc=2000,
-                                 Q_init=1.999)
-        assert r.converged and r2.converged and abs(r.Q_BO - r2.Q_BO) < 1e-8   # same fixed point from both sides
+        r2 = B.solve_pretrain_bo(
+            alpha=alpha, tokens=3, kappa0=1.0, noise=0.5, activation="softmax", n_mc=2000, Q_init=1.999
+        )
+        assert r.converged and r2.converged and abs(r.Q_BO - r2.Q_BO) < 1e-8  # same fixed point from both sides
         # the returned pair satisfies eqs. 87 and 89
         assert abs(r.Qhat_BO - alpha * (9 + 3 - 2) / (2.25 - r.Q_BO)) < 1e-12 * r.Qhat_BO
         assert abs(r.Q_BO - B.pretrain_q_from_qhat(r.Qhat_BO, 1.0)) < 1e-8
@@ -141,7 +148,7 @@ def test_gauss_hermite_grid_moments():
     nodes, logw = B.gauss_hermite_grid(3, 8)
     w = np.exp(logw)
     assert abs(w.sum() - 1) < 1e-13
-    np.testing.assert_allclose(w @ (nodes ** 2), [1, 1, 1], atol=1e-12)
+    np.testing.assert_allclose(w @ (nodes**2), [1, 1, 1], atol=1e-12)
     np.testing.assert_allclose(w @ (nodes[:, 0] ** 4 * nodes[:, 1] ** 2), 3.0, atol=1e-11)
 
 
@@ -161,7 +168,7 @@ def test_channel_posterior_mean_matches_inner_monte_carlo(activation):
         R = Y[i] - chi[:, :, None] * chi[:, None, :]
         F = np.sum(R * R, axis=(1, 2))
         if activation == "softmax":
-            F = F - R.sum(axis=(1, 2)) ** 2 / T ** 2
+            F = F - R.sum(axis=(1, 2)) ** 2 / T**2
         w = np.exp(-(F - F.min()) / (4 * V))
         mean = (w[:, None] * chi).sum(0) / w.sum()
         # self-normalised importance-sampling standard error (delta method)
@@ -180,8 +187,10 @@ def test_channel_gauss_hermite_convergence(activation):
     """
     smp = B.finetune_channel_samples(300, 3, seed=0)
     for q, rtol in ((0.95, 1e-6), (0.5, 1e-2)):
-        vals = [B.finetune_qhat(q, alpha_ft=3, V=0.56, activation=activation, samples=smp, n_nodes=n)[0]
-                for n in (6, 10, 16, 22)]
+        vals = [
+            B.finetune_qhat(q, alpha_ft=3, V=0.56, activation=activation, samples=smp, n_nodes=n)[0]
+            for n in (6, 10, 16, 22)
+        ]
         assert abs(vals[2] - vals[3]) <= rtol * vals[3], vals
 
 
@@ -206,11 +215,20 @@ def test_channel_nishimori_identity(activation):
 def test_finetune_q_in_range_and_monotone_in_alpha_ft(activation):
     qs = []
     for a in (0.3, 1.0, 3.0, 10.0):
-        r = B.solve_finetune_bo(alpha_ft=a, tokens=3, Q_BO=1.6, kappa0=1.0, noise=0.5, activation=activation,
-                                n_mc=400, n_nodes=8, n_mc_error=2000)
+        r = B.solve_finetune_bo(
+            alpha_ft=a,
+            tokens=3,
+            Q_BO=1.6,
+            kappa0=1.0,
+            noise=0.5,
+            activation=activation,
+            n_mc=400,
+            n_nodes=8,
+            n_mc_error=2000,
+        )
         assert r.converged and 0.0 <= r.q_BO <= 1.0
         assert abs(r.bo_overlap - math.sqrt(r.q_BO)) < 1e-15
-        assert abs(r.q_BO - r.qhat_BO / (1 + r.qhat_BO)) < 1e-7         # eq. 92 at the fixed point
+        assert abs(r.q_BO - r.qhat_BO / (1 + r.qhat_BO)) < 1e-7  # eq. 92 at the fixed point
         qs.append(r.q_BO)
     assert all(x < y for x, y in zip(qs, qs[1:])), qs
     assert qs[-1] > 0.97
@@ -234,12 +252,12 @@ def test_finetune_linear_error_closed_form(q):
 
 
 def test_finetune_reuse():
-    r = B.solve_finetune_bo(alpha_ft=0.5, tokens=3, Q_BO=1.6, kappa0=1.0, noise=0.5, activation="softmax",
-                            reuse=True, n_mc_error=2000)
+    r = B.solve_finetune_bo(
+        alpha_ft=0.5, tokens=3, Q_BO=1.6, kappa0=1.0, noise=0.5, activation="softmax", reuse=True, n_mc_error=2000
+    )
     assert r.q_BO == 1.0 and r.bo_overlap == 1.0 and r.start == "exact"
     with pytest.raises(ParamError, match="alpha_ft"):
-        B.solve_finetune_bo(alpha_ft=0.4, tokens=3, Q_BO=1.6, kappa0=1.0, noise=0.5, activation="softmax",
-                            reuse=True)
+        B.solve_finetune_bo(alpha_ft=0.4, tokens=3, Q_BO=1.6, kappa0=1.0, noise=0.5, activation="softmax", reuse=True)
     with pytest.raises(ParamError, match="alpha_ft"):
         B.solve_finetune_bo(alpha_ft=0.0, tokens=3, Q_BO=1.6, kappa0=1.0, noise=0.5, activation="softmax")
 
@@ -250,8 +268,15 @@ def test_bayes_optimal_entry_and_json():
     p = Params(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5, activation="linear")
     r = B.bayes_optimal(p, n_mc=500, n_nodes=8, n_mc_error=2000)
     d = r.to_dict()
-    for k in ("bo_pretrain_test_error", "bo_finetune_test_error", "bo_overlap", "Q_BO", "q_BO",
-              "bo_pretrain_converged", "bo_finetune_converged"):
+    for k in (
+        "bo_pretrain_test_error",
+        "bo_finetune_test_error",
+        "bo_overlap",
+        "Q_BO",
+        "q_BO",
+        "bo_pretrain_converged",
+        "bo_finetune_converged",
+    ):
         assert k in d
     assert d["bo_converged"] is True and r.converged
     json.dumps(d, allow_nan=False)
@@ -268,13 +293,14 @@ def test_bo_below_erm_linear(noise):
     """Linear sigma: every quantity is closed form (ERM 'exact' method), so BO <= ERM is checked tightly."""
     from hdlora.theory.finetune import solve_finetune_effective
     from hdlora.theory.pretrain import solve_pretrain
+
     base = Params(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=noise, activation="linear")
     bo = B.bayes_optimal(base, n_mc=800, n_nodes=10, n_mc_error=2000)
     for lam in (0.003, 0.05, 0.3):
         pre = solve_pretrain(base.replace(lam=lam))
         assert pre.converged
         assert bo.pretrain.bo_pretrain_test_error <= pre.pretrain_test_error
-        assert bo.pretrain.Q_BO >= pre.M ** 2 / pre.Q        # the best rescaled ERM overlap
+        assert bo.pretrain.Q_BO >= pre.M**2 / pre.Q  # the best rescaled ERM overlap
         for lam_ft in (0.05, 1.0):
             ft = solve_finetune_effective(base.replace(lam=lam, lam_ft=lam_ft), base.Q0, pre.Q, pre.M, n_mc=1000)
             assert ft.converged
@@ -289,6 +315,7 @@ def test_bo_below_erm_softmax(noise):
     """Softmax, Fig. 1 setting: BO <= ERM up to 3 combined Monte-Carlo standard errors."""
     from hdlora.theory.finetune import solve_finetune_effective
     from hdlora.theory.pretrain import solve_pretrain
+
     base = Params(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=noise, activation="softmax")
     bo = B.bayes_optimal(base, n_mc=3000, n_nodes=14, n_mc_error=30000)
     for lam in (0.01, 0.1, 0.5):
@@ -298,7 +325,9 @@ def test_bo_below_erm_softmax(noise):
         for lam_ft in (0.05, 1.0):
             ft = solve_finetune_effective(base.replace(lam=lam, lam_ft=lam_ft), base.Q0, pre.Q, pre.M, n_mc=4000)
             assert ft.converged
-            assert bo.finetune.bo_finetune_test_error <= ft.finetune_test_error + 3 * bo.finetune.bo_finetune_test_error_se
+            assert (
+                bo.finetune.bo_finetune_test_error <= ft.finetune_test_error + 3 * bo.finetune.bo_finetune_test_error_se
+            )
 
 
 @pytest.mark.slow

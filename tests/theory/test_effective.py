@@ -1,4 +1,5 @@
 """Effective noises (eqs. 25-28, App. C): identities and Monte-Carlo checks."""
+
 import math
 
 import numpy as np
@@ -40,12 +41,12 @@ def test_delta_eff_is_the_variance_of_beta_z_minus_z_star(Q0, Q, M, noise, beta)
 def test_actft_is_the_conditional_variance_at_z_zero(Q0, Q, M, noise):
     """Eq. 28: Var(z - z* | z = 0) per entry, measured on an off-diagonal entry with |z| < 0.01."""
     f = frozen_fields(2_000_000, 2, Q0 + noise / 2, Q, M, seed=5)
-    z, zs = f["z"][:, 1], f["z_star"][:, 1]          # the off-diagonal entry (0, 1) of T = 2
+    z, zs = f["z"][:, 1], f["z_star"][:, 1]  # the off-diagonal entry (0, 1) of T = 2
     sel = np.abs(z) < 0.01 * math.sqrt(Q)
     h = (z - zs)[sel]
     var, n = h.var(ddof=1), h.size
-    se = var * math.sqrt(2.0 / (n - 1))                # standard error of a Gaussian variance
-    assert abs(var - eff.delta_eff_actft(Q0, Q, M, noise)) < 4 * se + 1e-4 * var   # 1e-4: |z| < 0.01 sqrt(Q) window
+    se = var * math.sqrt(2.0 / (n - 1))  # standard error of a Gaussian variance
+    assert abs(var - eff.delta_eff_actft(Q0, Q, M, noise)) < 4 * se + 1e-4 * var  # 1e-4: |z| < 0.01 sqrt(Q) window
 
 
 @pytest.mark.parametrize("V", [0.0, 0.3, 2.0, 50.0])
@@ -66,7 +67,8 @@ def test_reuse_linear_effective_noise(V, beta):
     assert abs(mean - eff.delta_eff_reuse_linear(Q0, Q, M, noise, V, T, beta)) < 4 * se
     if beta == 1.0:
         assert eff.delta_eff_reuse_linear(Q0, Q, M, noise, V, T) == pytest.approx(
-            eff.delta_eff(Q0, Q, M, noise) / (1 + 4 * V / T**2) ** 2)
+            eff.delta_eff(Q0, Q, M, noise) / (1 + 4 * V / T**2) ** 2
+        )
     assert eff.delta_eff_reuse_linear(Q0, Q, M, noise, V, T) <= eff.delta_eff(Q0, Q, M, noise) + 1e-15
 
 

@@ -1,4 +1,5 @@
 """The state-evolution engine (hdlora.theory.engine) on maps with known answers."""
+
 from __future__ import annotations
 
 import math
@@ -92,7 +93,7 @@ def test_two_fixed_points_both_found_lower_objective_chosen_other_kept():
     r = solve_stage(st, {"uninformed": [1.3], "informed": [-1.3]}, tol=1e-12)
     assert r.branches["uninformed"].x[0] == pytest.approx(xr, abs=1e-10)
     assert r.branches["informed"].x[0] == pytest.approx(xl, abs=1e-10)
-    assert V(xl) < V(xr)            # the tilt makes the left well lower
+    assert V(xl) < V(xr)  # the tilt makes the left well lower
     assert r.chosen == "informed" and r.status == CONVERGED and not r.undecided
     other = r.branches["uninformed"]
     assert other.status == CONVERGED and other.objective == pytest.approx(V(xr), rel=1e-12)
@@ -114,8 +115,11 @@ def noisy_double_well(tilt, n=100, seed=0):
     """Two branches whose per-sample objectives V(x) + x u_i differ by noise of s.e. ~ |x_l - x_r| / sqrt(n)."""
     V, F, minima = double_well(tilt)
     u = np.random.default_rng(seed).standard_normal(n)
-    st = Stage(init=lambda p, s: s, update=lambda x, c: (F(x), c, None),
-               objective=lambda x, c: (float(np.mean(V(x[0]) + x[0] * c)), V(x[0]) + x[0] * c))
+    st = Stage(
+        init=lambda p, s: s,
+        update=lambda x, c: (F(x), c, None),
+        objective=lambda x, c: (float(np.mean(V(x[0]) + x[0] * c)), V(x[0]) + x[0] * c),
+    )
     return st, u, V, minima
 
 
@@ -135,6 +139,7 @@ def test_undecided_when_paired_objectives_differ_within_two_standard_errors():
 
 def test_branches_on_different_samples_are_not_compared():
     from hdlora.theory.engine import choose_branch
+
     st, u, _, _ = noisy_double_well(0.3)
     a = solve_stage(st, {"informed": [-1.3]}, samples=u, samples_key=("mc", 0), tol=1e-12).branch
     b = solve_stage(st, {"uninformed": [1.3]}, samples=u, samples_key=("mc", 1), tol=1e-12).branch
@@ -145,17 +150,20 @@ def test_branches_on_different_samples_are_not_compared():
 def test_replica_unstable_branch_with_lower_objective_is_not_chosen_silently():
     V, F, (xl, xr) = double_well(0.3)
     # the lower (left) branch is declared replica-unstable through aux
-    st = Stage(init=lambda p, s: None,
-               update=lambda x, c: (F(x), c, {"replicon": 1.7 if x[0] < 0 else 0.4}),
-               objective=lambda x, c: (float(V(x[0])), None))
+    st = Stage(
+        init=lambda p, s: None,
+        update=lambda x, c: (F(x), c, {"replicon": 1.7 if x[0] < 0 else 0.4}),
+        objective=lambda x, c: (float(V(x[0])), None),
+    )
     with pytest.warns(BranchChoiceWarning, match="replica-unstable"):
         r = solve_stage(st, {"informed": [-1.3], "uninformed": [1.3]}, tol=1e-12)
     assert r.branches["informed"].status == REPLICA_UNSTABLE and r.branches["informed"].replicon == 1.7
     assert r.chosen == "uninformed" and r.status == CONVERGED
     assert any("'informed'" in f and "replica-unstable" in f for f in r.flags)
     # only unstable branches: the lowest is returned, with status replica-unstable
-    st_all = Stage(init=st.init, update=lambda x, c: (F(x), c, None), objective=st.objective,
-                   replicon=lambda x, c, aux: 2.0)
+    st_all = Stage(
+        init=st.init, update=lambda x, c: (F(x), c, None), objective=st.objective, replicon=lambda x, c, aux: 2.0
+    )
     with pytest.warns(BranchChoiceWarning, match="no replica-stable"):
         r2 = solve_stage(st_all, {"informed": [-1.3], "uninformed": [1.3]}, tol=1e-12)
     assert r2.chosen == "informed" and r2.status == REPLICA_UNSTABLE and not r2.converged
@@ -198,7 +206,7 @@ def test_domain_leaving_accelerated_step_rejected_and_history_reset_never_clippe
     assert r.status == CONVERGED and b.x[0] == pytest.approx(1.0, abs=1e-9)
     assert b.n_rejected >= 1
     assert any("leaves the domain" in e and "history reset" in e for _, e in b.events)
-    assert min(calls) > 0            # the map was never evaluated outside the domain
+    assert min(calls) > 0  # the map was never evaluated outside the domain
     assert all(c != 1e-12 for c in calls)
 
 
@@ -234,7 +242,7 @@ def test_vector_contraction_with_rotation_anderson_on_vectors():
     plain = solve_stage(st, {"uninformed": np.zeros(3)}, tol=1e-10, anderson=0, max_iter=5000)
     assert plain.status == CONVERGED and np.allclose(plain.x, c, atol=1e-8)
     b, p = r.branch, plain.branch
-    assert b.iterations <= 12 < 100 < p.iterations         # linear 3-D map: Anderson(m >= 3) is exact in a few steps
+    assert b.iterations <= 12 < 100 < p.iterations  # linear 3-D map: Anderson(m >= 3) is exact in a few steps
     assert b.iterations == len(b.history) and p.iterations == len(p.history)
     assert b.history[-1] <= 1e-10 and p.history[-1] <= 1e-10
 
@@ -271,8 +279,9 @@ def test_mc_resolution_hook_explains_a_residual_floor():
     assert 1e-10 < r.residual <= 4 * jump
     # a floor that does not explain the residual leaves it not converged
     with pytest.warns(NonConvergenceWarning):
-        r2 = solve_stage(map_stage(F, mc_resolution=lambda *a: MCResolution(1e-9)), {"u": [3.0]}, tol=1e-10,
-                         max_iter=200)
+        r2 = solve_stage(
+            map_stage(F, mc_resolution=lambda *a: MCResolution(1e-9)), {"u": [3.0]}, tol=1e-10, max_iter=200
+        )
     assert r2.status == NOT_CONVERGED
 
 
@@ -301,6 +310,7 @@ def test_carry_independence_helper():
     good = Stage(init=lambda p, s: {"y0": None}, update=cube_root_update)
     dev = check_carry_independence(good, [8.0], [{"y0": None}, {"y0": np.array([5.0])}, {"y0": np.array([0.3])}])
     assert dev < 1e-12
+
     # bad: the carry decides which of two fixed points of an inner problem is returned (a tracked local maximum)
     def basin_update(x, c):
         root = c["basin"] * np.sqrt(np.abs(x))
@@ -311,9 +321,17 @@ def test_carry_independence_helper():
         check_carry_independence(bad, [4.0], [{"basin": 1.0}, {"basin": -1.0}])
 
 
-@pytest.mark.parametrize("kw, msg", [({"mixing": 0.0}, "mixing"), ({"mixing": 1.5}, "mixing"), ({"tol": 0.0}, "tol"),
-                                     ({"max_iter": 0}, "max_iter"), ({"anderson": -1}, "anderson"),
-                                     ({"stall": 0}, "stall")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"mixing": 0.0}, "mixing"),
+        ({"mixing": 1.5}, "mixing"),
+        ({"tol": 0.0}, "tol"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"anderson": -1}, "anderson"),
+        ({"stall": 0}, "stall"),
+    ],
+)
 def test_bad_settings_refused(kw, msg):
     with pytest.raises(ValueError, match=msg):
         solve_stage(map_stage(lambda x: x), {"u": [0.0]}, **kw)
@@ -340,8 +358,13 @@ def pretrain_linear_stage(params):
             return np.full(3, math.nan), c, h
         return np.array([new["Q"], new["M"], new["V"]]), c, h
 
-    return Stage(init=lambda p, s: None, update=update, names=("Q", "M", "V"), name="pre-training (linear, exact)",
-                 domain=lambda x: bool(x[2] > 0 and x[0] > 0 and x[0] >= x[1] ** 2 / A0))
+    return Stage(
+        init=lambda p, s: None,
+        update=update,
+        names=("Q", "M", "V"),
+        name="pre-training (linear, exact)",
+        domain=lambda x: bool(x[2] > 0 and x[0] > 0 and x[0] >= x[1] ** 2 / A0),
+    )
 
 
 @pytest.mark.parametrize("alpha, lam", [(0.1, 0.1), (0.5, 0.01), (2.0, 0.1), (0.3, 1e-3)])
@@ -352,9 +375,9 @@ def test_real_stage_pretrain_linear_reaches_solve_pretrain_fixed_point(alpha, la
     p = Params(alpha=alpha, tokens=3, kappa0=1.0, kappa=1.0, noise=0.5, lam=lam, activation="linear")
     ref = solve_pretrain(p, method="exact", tol=1e-10, max_iter=5000)
     assert ref.converged
-    x0 = [0.5 * p.Q0, 0.4 * p.Q0, 1.0]          # solve_pretrain's default start
+    x0 = [0.5 * p.Q0, 0.4 * p.Q0, 1.0]  # solve_pretrain's default start
     r = solve_stage(pretrain_linear_stage(p), {"informed": x0, "uninformed": [0.5, 1e-3, 1.0]}, tol=1e-10)
-    assert r.status == CONVERGED and r.flags == ()        # both starts reach the one fixed point
+    assert r.status == CONVERGED and r.flags == ()  # both starts reach the one fixed point
     # both residuals <= 1e-10 on a contraction: the two points agree to ~1e-10 (measured <= 3e-11)
     for k in "QMV":
         assert r.state[k] == pytest.approx(ref.state[k], abs=1e-9)
@@ -372,7 +395,7 @@ def finetune_linear_stage(params, z_star, z, seed, n):
     cs, zeta = xn[:, :T], xn[:, T:]
     Zs, Zb = to_sym(z_star, T), params.beta * to_sym(z, T)
     outer = cs[:, :, None] * cs[:, None, :]
-    Y = (Zs + outer - np.eye(T)) / T                      # sigma(z* + chi* chi*^T - q0 I), q0 = 1
+    Y = (Zs + outer - np.eye(T)) / T  # sigma(z* + chi* chi*^T - q0 I), q0 = 1
 
     def init(p, samples):
         lin = LinearRankOneProx(Zb - Zs - outer, cs, zeta)
@@ -389,8 +412,14 @@ def finetune_linear_stage(params, z_star, z, seed, n):
         per = ap * np.sum((X / T - Y) ** 2, axis=(1, 2)) + lft * q
         return float(per.mean()), per
 
-    return Stage(init=init, update=update, objective=objective, names=("m", "q", "v"), name="fine-tuning (linear)",
-                 domain=lambda x: bool(x[2] > 0 and x[1] > 0 and x[0] ** 2 <= x[1]))
+    return Stage(
+        init=init,
+        update=update,
+        objective=objective,
+        names=("m", "q", "v"),
+        name="fine-tuning (linear)",
+        domain=lambda x: bool(x[2] > 0 and x[1] > 0 and x[0] ** 2 <= x[1]),
+    )
 
 
 @pytest.mark.parametrize("lam_ft, Q", [(0.5, 2.0), (0.05, 2.0)])
@@ -424,13 +453,13 @@ def test_real_stage_finetune_linear_reaches_solve_finetune_fixed_point_and_rejec
 def test_a_failed_start_is_recorded_and_flagged_but_does_not_stop_the_solve():
     # F(x) = x^2: damped iteration from 0.5 reaches 0; from 3 it blows up (no fixed point reachable)
     with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore"):
-        warnings.simplefilter("error", NonConvergenceWarning)      # no warning: the answer converged
+        warnings.simplefilter("error", NonConvergenceWarning)  # no warning: the answer converged
         warnings.simplefilter("error", BranchChoiceWarning)
         r = solve_stage(map_stage(lambda x: x * x), {"a": [0.5], "b": [3.0]}, anderson=0, tol=1e-12)
     assert r.chosen == "a" and r.status == CONVERGED and r.x[0] == pytest.approx(0.0, abs=1e-12)
     b = r.branches["b"]
     assert b.status == NOT_CONVERGED and "non-finite" in b.reason
-    assert b.residual == residual(b.x * b.x, b.x)          # the best point evaluated, residual measured there
+    assert b.residual == residual(b.x * b.x, b.x)  # the best point evaluated, residual measured there
     assert any(f.startswith("not converged: branch 'b'") for f in r.flags)
 
 

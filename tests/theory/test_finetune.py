@@ -1,4 +1,5 @@
 """Fine-tuning state evolution (Result 5), its prox, and the errors of Result 3 / A.7 / A.8."""
+
 import math
 
 import numpy as np
@@ -44,9 +45,11 @@ def test_psi_derivatives_match_autograd(act):
     psi, g, H, dq = finetune_potential_derivatives(chi, Zq, Y, ct, v, act)
     sig = get_activation(act, "torch")
     for i in range(chi.shape[0]):
+
         def f(c, qs):
             X = torch.tensor(Zq[i]) - qs * torch.eye(T, dtype=torch.float64) + torch.outer(c, c)
             return -((sig(X) - torch.tensor(Y[i])) ** 2).sum() - ((c - torch.tensor(ct[i])) ** 2).sum() / (2 * v)
+
         c = torch.tensor(chi[i])
         q0 = torch.tensor(0.0, dtype=torch.float64)
         assert psi[i] == pytest.approx(f(c, q0).item(), abs=1e-12)
@@ -66,8 +69,8 @@ def test_prox_is_stationary_local_max_and_beats_random_starts(act, v):
     pr = prox_psi(ct, Zq, Y, v, act, Y_arg=Y_arg)
     assert pr.n_failed == 0 and pr.n_not_max == 0
     _, g, H, _ = finetune_potential_derivatives(pr.x, Zq, Y, ct, v, act)
-    assert np.max(np.abs(g) * v) < 1e-7                          # stationary (gradient in chi units)
-    assert np.all(np.linalg.eigvalsh(H)[:, -1] < 0)             # strict local maximum
+    assert np.max(np.abs(g) * v) < 1e-7  # stationary (gradient in chi units)
+    assert np.all(np.linalg.eigvalsh(H)[:, -1] < 0)  # strict local maximum
     # eq. 66; C comes from the last Newton evaluation, one step (< xtol = 1e-9) before chi
     np.testing.assert_allclose(pr.C, -np.linalg.inv(H), rtol=1e-6, atol=1e-7)
     # global: 30 other random restarts rarely find a larger psi.  Measured on 3000 samples
@@ -87,7 +90,9 @@ def test_prox_small_v_is_chi_tilde(act):
     Y = get_activation(act, "numpy")(Y_arg)
     for v in (1e-4, 1e-6):
         pr = prox_psi(ct, Zq, Y, v, act)
-        _, g_loss = finetune_potential_derivatives(ct, Zq, Y, ct, 1.0, act, order=1)   # at chi = chi_tilde: grad = -grad l
+        _, g_loss = finetune_potential_derivatives(
+            ct, Zq, Y, ct, 1.0, act, order=1
+        )  # at chi = chi_tilde: grad = -grad l
         np.testing.assert_allclose(pr.x - ct, v * g_loss, atol=50 * v * v * (1 + np.abs(g_loss).max()) ** 2)
         np.testing.assert_allclose(pr.C / v, np.broadcast_to(np.eye(T), pr.C.shape), atol=50 * v)
 
@@ -145,11 +150,12 @@ def test_fixed_point_is_stationary_point_of_free_entropy(act, small_solutions):
         return out[3].mean()
 
     def phi(m, q, v, mh, qh, vh):
-        return (-m * mh / ap + (q * vh - v * qh) / (2 * ap) + (mh**2 + qh) / (2 * ap * (2 * lam + vh))
-                + e_max_psi(m, q, v))
+        return (
+            -m * mh / ap + (q * vh - v * qh) / (2 * ap) + (mh**2 + qh) / (2 * ap * (2 * lam + vh)) + e_max_psi(m, q, v)
+        )
 
     x0 = [r.m, r.q, r.v, r.mhat, r.qhat, r.vhat]
-    scale = r.mhat / ap                      # size of the individual terms of d phi / d m
+    scale = r.mhat / ap  # size of the individual terms of d phi / d m
     for i in range(6):
         h = 1e-4 * max(1.0, abs(x0[i]))
         xp, xm = list(x0), list(x0)
@@ -175,8 +181,9 @@ def test_stein_and_direct_forms_agree_within_mc_error(act):
     m, q, v = r.m, r.q, r.v
     s = math.sqrt(q - m * m)
     ct = m * cs + s * ze
-    chi, C = _prox_t(ct, _t(Zb - q * eye), _t(get_activation(act, "numpy")(Y_arg)), v, act, starts=[ct],
-                     Y_arg=_t(Y_arg))[:2]
+    chi, C = _prox_t(
+        ct, _t(Zb - q * eye), _t(get_activation(act, "numpy")(Y_arg)), v, act, starts=[ct], Y_arg=_t(Y_arg)
+    )[:2]
     trC = C[0, 0] + C[1, 1] + C[2, 2]
     # Stein's lemma on zeta: E[f . zeta] = s E[Tr C / v^2 - T / v], f = (chi_prox - chi_tilde)/v
     dif = ((chi - ct) / v * ze).sum(axis=0) - s * (trC / v**2 - T / v)
@@ -191,9 +198,9 @@ def test_linear_and_softmax_results_are_sane(small_solutions):
         _, _, _, r = small_solutions[act]
         assert r.converged and r.prox_failed == 0 and r.prox_not_max == 0
         assert 0 < r.overlap <= 1 and r.q > 0 and r.v > 0
-        assert r.finetune_train_error < r.finetune_test_error       # overfitting sign (eq. 20 vs 19)
+        assert r.finetune_train_error < r.finetune_test_error  # overfitting sign (eq. 20 vs 19)
         assert r.overlap == pytest.approx(r.m / math.sqrt(r.q))
-        assert r.delta_eff == pytest.approx(0.25 + 2 - 2 + 2)         # eq. 25
+        assert r.delta_eff == pytest.approx(0.25 + 2 - 2 + 2)  # eq. 25
 
 
 def test_linear_test_errors_closed_form_vs_monte_carlo(small_solutions):
@@ -278,8 +285,10 @@ def test_linear_closed_forms_vs_monte_carlo():
     Q0, Q, M, noise, q, m = 2.0, 1.5, 1.1, 0.5, 0.8, 0.6
     zs, z = _fields(400_000, Q0, Q, M, noise, seed=31)
     mc = errors.finetune_losses("linear", zs, z, q, m, seed=32)
-    for key, closed in (("finetune", errors.linear_finetune_test_error(T, Q0, Q, M, noise, q, m)),
-                        ("forgetting", errors.linear_forgetting_error(T, Q0, Q, M, noise, q))):
+    for key, closed in (
+        ("finetune", errors.linear_finetune_test_error(T, Q0, Q, M, noise, q, m)),
+        ("forgetting", errors.linear_forgetting_error(T, Q0, Q, M, noise, q)),
+    ):
         mean, se = errors.mc_mean(mc[key])
         assert abs(mean - closed) < 4 * se, (key, mean, closed, se)
     mean, se = errors.mc_mean(errors.pretrain_losses("linear", zs, z))
@@ -313,7 +322,7 @@ def test_softmax_error_functions_consistent():
     e_perfect, _ = errors.finetune_test_error("softmax", T, Q0, Q, M, noise, 1.0, 1.0, n_mc=20000, seed=1)
     assert e_perfect < e_frozen
     with pytest.raises(ParamError):
-        errors.finetune_test_error("softmax", T, Q0, Q, M, noise, 0.5, 1.0)   # m^2 > q q0
+        errors.finetune_test_error("softmax", T, Q0, Q, M, noise, 0.5, 1.0)  # m^2 > q q0
 
 
 def test_qmc_effective_solve_agrees_with_mc():

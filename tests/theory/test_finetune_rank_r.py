@@ -1,4 +1,5 @@
 """Rank-r fine-tuning state evolution (prototype, src/hdlora/theory/finetune_rank_r.py; docs/theory/rank_r.md)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,19 +47,28 @@ def _psi(chi, ct, Zq, Y, v, act):
 # ----------------------------------------------------------------------------------------
 # r = r* = 1: the generic path reproduces the rank-one solve_finetune
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("act,n,form", [("linear", 600, "direct"), ("linear", 400, "stein"),
-                                         pytest.param("softmax", 300, "direct", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "act,n,form",
+    [
+        ("linear", 600, "direct"),
+        ("linear", 400, "stein"),
+        pytest.param("softmax", 300, "direct", marks=pytest.mark.slow),
+    ],
+)
 def test_rank_one_reduction(act, n, form):
     p = Params(activation=act, tokens=3, alpha_ft=3.0, lam_ft=0.5, noise=0.5)
     f = frozen_fields(n, 3, 2.25, 2.0, 1.0, seed=1)
     a = solve_finetune(p, f["z_star"], f["z"], tol=1e-11, seed=0, max_iter=2000, form=form, warn=False)
-    b = fr.solve_finetune_rank_r(p, f["z_star"], f["z"], r=1, r_star=1, tol=1e-11, seed=0, max_iter=2000,
-                                 form=form)
+    b = fr.solve_finetune_rank_r(p, f["z_star"], f["z"], r=1, r_star=1, tol=1e-11, seed=0, max_iter=2000, form=form)
     assert a.converged and b.converged
     assert b.prox_failed == 0 and b.prox_not_max == 0
-    diffs = {"q": abs(a.q - b.q[0][0]), "m": abs(a.m - b.m[0][0]), "v": abs(a.v - b.v[0][0]),
-             "E'": abs(a.finetune_test_error - b.finetune_test_error),
-             "replicon": abs(a.replicon_finetune - b.replicon_finetune)}
+    diffs = {
+        "q": abs(a.q - b.q[0][0]),
+        "m": abs(a.m - b.m[0][0]),
+        "v": abs(a.v - b.v[0][0]),
+        "E'": abs(a.finetune_test_error - b.finetune_test_error),
+        "replicon": abs(a.replicon_finetune - b.replicon_finetune),
+    }
     assert max(diffs.values()) < 1e-8, diffs
     assert abs(b.overlap - a.overlap) < 1e-8
 
@@ -107,8 +117,10 @@ def test_prox_optimality_and_multistart(act):
         assert abs(_psi(chi[i], ct[i], Zq[i], Y[i], v, act) - p["psi"][i]) < 1e-10 * (1 + abs(p["psi"][i]))
     # never below a multi-start BFGS search (independent optimiser) on a subsample
     for i in range(0, n, 10):
+
         def negpsi(x):
             return -_psi(x.reshape(T, r), ct[i], Zq[i], Y[i], v, act)
+
         best = np.inf
         for _s in range(12):
             x0 = rng.standard_normal(T * r) * (1 + np.abs(ct[i]).max()) * rng.uniform(0.3, 2.0)
@@ -177,7 +189,7 @@ def test_sqrtm_and_frechet_derivative():
         fd = (fr.sqrtm_psd(S + eps * E) - fr.sqrtm_psd(S - eps * E)) / (2 * eps)
         X = fr.sqrtm_frechet(S, E)
         np.testing.assert_allclose(X, fd, atol=1e-8)
-        np.testing.assert_allclose(R @ X + X @ R, E, atol=1e-12)       # the Sylvester equation
+        np.testing.assert_allclose(R @ X + X @ R, E, atol=1e-12)  # the Sylvester equation
 
 
 @pytest.mark.parametrize("r,rs", [(1, 1), (2, 2), (3, 1), (1, 3), (3, 2)])
@@ -238,7 +250,7 @@ def test_direct_conjugates_are_free_entropy_derivatives(act):
         for j in range(i, r):
             E = np.zeros((r, r))
             E[i, j] = E[j, i] = eps
-            w = 1.0 if i == j else 2.0                        # d phi = tr(G dq): an off-diagonal pair counts twice
+            w = 1.0 if i == j else 2.0  # d phi = tr(G dq): an off-diagonal pair counts twice
             fd = (phi(m, q + E, v) - phi(m, q - E, v)) / (2 * eps)
             assert abs(fd - w * out["dphi_dq"][i, j]) < 1e-6 * (1 + abs(fd)), ("q", i, j, fd, out["dphi_dq"][i, j])
             fd = (phi(m, q, v + E) - phi(m, q, v - E)) / (2 * eps)
@@ -270,7 +282,7 @@ def test_linear_test_error_matches_monte_carlo():
     cs = rng.standard_normal((n, T, rs)) @ fr.sqrtm_psd(q0)
     ch = cs @ np.linalg.inv(q0) @ m.T + rng.standard_normal((n, T, r)) @ fr.sqrtm_psd(q - m @ np.linalg.inv(q0) @ m.T)
     h = rng.standard_normal((n, T, T)) * np.sqrt(dz / 2)
-    h = h + np.swapaxes(h, 1, 2)                                    # off-diagonal var dz, diagonal 2 dz
+    h = h + np.swapaxes(h, 1, 2)  # off-diagonal var dz, diagonal 2 dz
     F = ch @ np.swapaxes(ch, 1, 2) - cs @ np.swapaxes(cs, 1, 2) - (np.trace(q) - np.trace(q0)) * np.eye(T)
     losses = np.sum(((h + F) / T) ** 2, axis=(1, 2))
     se = losses.std() / np.sqrt(n)
@@ -296,7 +308,7 @@ def test_stein_form_equals_direct_form_in_expectation(act):
     v = np.array([[0.2, 0.05], [0.05, 0.15]])
     out = fr.output_channel(m, q, v, chi_star, zeta, Zb, Y, q0, 1.0, act)
     p = out["prox"]
-    assert np.linalg.eigvalsh(p["hess_f"]).min() > 0          # concave psi at every sample
+    assert np.linalg.eigvalsh(p["hess_f"]).min() > 0  # concave psi at every sample
     ct, chi = out["chi_tilde"], p["chi"]
     vi = np.linalg.inv(v)
     g = (chi - ct) @ vi
@@ -304,16 +316,16 @@ def test_stein_form_equals_direct_form_in_expectation(act):
     Sh = fr.sqrtm_psd(S)
     U = p["U"]
     C = np.linalg.inv(p["hess_f"]).reshape(n, T, r, T, r)
-    CT = U @ np.einsum("nakaj->nkj", C) @ U.T                   # per-sample C_T (chi coordinates)
-    GT = vi @ CT @ vi - T * vi                                  # Gamma_T (R.9)
-    diff = np.einsum("nak,naj->nkj", zeta, g) - Sh @ GT         # zeta^T g - S^{1/2} Gamma_T, mean 0
+    CT = U @ np.einsum("nakaj->nkj", C) @ U.T  # per-sample C_T (chi coordinates)
+    GT = vi @ CT @ vi - T * vi  # Gamma_T (R.9)
+    diff = np.einsum("nak,naj->nkj", zeta, g) - Sh @ GT  # zeta^T g - S^{1/2} Gamma_T, mean 0
     mean, se = diff.mean(axis=0), diff.std(axis=0, ddof=1) / np.sqrt(n)
     assert np.all(np.abs(mean) < 4 * se + 1e-12), (mean, se)
     # the two forms differ exactly by the sample estimates of these mean-zero quantities
     st = fr.output_channel(m, q, v, chi_star, zeta, Zb, Y, q0, 1.0, act, form="stein")
-    Ld = fr.sqrtm_frechet(S, 0.5 * (mean + mean.T))            # Y_S - E[Gamma_T]/2
+    Ld = fr.sqrtm_frechet(S, 0.5 * (mean + mean.T))  # Y_S - E[Gamma_T]/2
     np.testing.assert_allclose(out["vhat"] - st["vhat"], -2.0 * Ld, atol=1e-10)
-    ctcs = np.einsum("nak,naj->kj", ct, chi_star) / n - T * m   # E[chi_tilde^T chi*] - T m, mean 0
+    ctcs = np.einsum("nak,naj->kj", ct, chi_star) / n - T * m  # E[chi_tilde^T chi*] - T m, mean 0
     np.testing.assert_allclose(out["mhat"] - st["mhat"], (-vi @ ctcs - 2.0 * Ld @ m) @ np.linalg.inv(q0), atol=1e-10)
 
 
@@ -341,7 +353,15 @@ def test_compiled_potential_matches_numpy():
             if r == 1:
                 K = nw.kernel()
                 kg, kH, ka = np.empty((n, T)), np.empty((n, T, T)), np.empty((n, 1))
-                lk = K.evaluate_batch(nw.FINETUNE, xi[:, :, 0].copy(), rows,
-                                      np.array([float(T), 1.0 if act == "softmax" else 0.0]), 2, kg, kH, ka)
+                lk = K.evaluate_batch(
+                    nw.FINETUNE,
+                    xi[:, :, 0].copy(),
+                    rows,
+                    np.array([float(T), 1.0 if act == "softmax" else 0.0]),
+                    2,
+                    kg,
+                    kH,
+                    ka,
+                )
                 np.testing.assert_allclose(lc, lk, rtol=1e-13, atol=1e-14)
                 np.testing.assert_allclose(oH, kH, rtol=1e-12, atol=1e-13)

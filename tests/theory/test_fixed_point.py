@@ -1,4 +1,5 @@
 """The damped fixed-point iterator (hdlora.theory.fixed_point.iterate) on maps with known answers."""
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,7 @@ def test_bounds_clip_the_iterates_and_aux_is_the_last_call():
         return {"v": 0.5 * s["v"] + 1.0}, len(calls)
 
     r = iterate(f, {"v": -5.0}, bounds={"v": (0.1, np.inf)}, tol=1e-12, mixing=1.0)
-    assert calls[0] == 0.1            # the start was clipped into the box
+    assert calls[0] == 0.1  # the start was clipped into the box
     assert r.converged and r.state["v"] == pytest.approx(2.0, abs=1e-11)
     assert r.aux == len(calls)
 
@@ -64,8 +65,10 @@ def test_relative_residual_on_large_values():
     assert r.converged and r.iterations == 1
 
 
-@pytest.mark.parametrize("kw, msg", [({"mixing": 0.0}, "mixing"), ({"mixing": 1.5}, "mixing"),
-                                     ({"tol": 0.0}, "tol"), ({"max_iter": 0}, "max_iter")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [({"mixing": 0.0}, "mixing"), ({"mixing": 1.5}, "mixing"), ({"tol": 0.0}, "tol"), ({"max_iter": 0}, "max_iter")],
+)
 def test_bad_settings_refused(kw, msg):
     with pytest.raises(ValueError, match=msg):
         iterate(lambda s: (s, None), {"x": 0.0}, **kw)

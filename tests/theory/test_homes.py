@@ -1,4 +1,5 @@
 """One home per paper object: A0, the Delta_eff family, beta*, the default n_mc, the baseline names."""
+
 import inspect
 import math
 
@@ -19,8 +20,11 @@ def test_A0_is_Q0_plus_half_Delta_and_the_property_agrees():
 def test_delta_eff_family_is_one_set_of_formulas(Q0, Q, M, noise, beta):
     a0 = A0(Q0, noise)
     assert eff.delta_eff(Q0, Q, M, noise) == eff.delta_eff_of_A0(a0, Q, M) == noise / 2 + Q0 - 2 * M + Q
-    assert eff.delta_eff_beta(Q0, Q, M, noise, beta) == eff.delta_eff_beta_of_A0(a0, Q, M, beta) \
+    assert (
+        eff.delta_eff_beta(Q0, Q, M, noise, beta)
+        == eff.delta_eff_beta_of_A0(a0, Q, M, beta)
         == noise / 2 + Q0 + beta * beta * Q - 2 * beta * M
+    )
     assert eff.delta_eff_min(Q0, Q, M, noise) == eff.delta_eff_min_of_A0(a0, Q, M) == noise / 2 + Q0 - M * M / Q
 
 
@@ -34,10 +38,22 @@ def test_every_theory_entry_point_defaults_to_the_one_n_mc():
     from hdlora.theory import applications, errors, finetune, pretrain
     from hdlora.theory.solve import solve
 
-    fns = [solve, pretrain.solve_pretrain, finetune.solve_finetune_effective, finetune.solve_lora_only,
-           finetune.frozen_baseline, applications.active_comparison, applications.active_comparison_effective,
-           errors.pretrain_test_error, errors.finetune_test_error, errors.forgetting_error,
-           errors.frozen_test_error, errors.lora_only_test_error, optimize.optimize, theory_beta_star]
+    fns = [
+        solve,
+        pretrain.solve_pretrain,
+        finetune.solve_finetune_effective,
+        finetune.solve_lora_only,
+        finetune.frozen_baseline,
+        applications.active_comparison,
+        applications.active_comparison_effective,
+        errors.pretrain_test_error,
+        errors.finetune_test_error,
+        errors.forgetting_error,
+        errors.frozen_test_error,
+        errors.lora_only_test_error,
+        optimize.optimize,
+        theory_beta_star,
+    ]
     assert {f.__qualname__: _default_n_mc(f) for f in fns} == {f.__qualname__: DEFAULT_N_MC for f in fns}
 
 

@@ -1,4 +1,5 @@
 """The one compiled Newton prox kernel (hdlora.theory.newton, _newton_numba): identities only."""
+
 import json
 import subprocess
 import sys
@@ -40,15 +41,24 @@ def _finetune_batch(n, T, seed):
 def _eval(kind, x, rows, T, act, order=2, n_aux=1):
     n, k = x.shape
     g, H, aux = np.empty((n, k)), np.empty((n, k, k)), np.empty((n, n_aux))
-    loss = newton.kernel().evaluate_batch(kind, np.ascontiguousarray(x), np.ascontiguousarray(rows),
-                                          np.array([float(T), 1.0 if act == "softmax" else 0.0]), order, g, H, aux)
+    loss = newton.kernel().evaluate_batch(
+        kind,
+        np.ascontiguousarray(x),
+        np.ascontiguousarray(rows),
+        np.array([float(T), 1.0 if act == "softmax" else 0.0]),
+        order,
+        g,
+        H,
+        aux,
+    )
     return loss, g, H, aux
 
 
 # ---------------------------------------------------------------- derivatives: finite differences, NumPy reference
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("kind,T", [(newton.PRETRAIN, 2), (newton.PRETRAIN, 3), (newton.FINETUNE, 3),
-                                    (newton.FINETUNE, 4)])
+@pytest.mark.parametrize(
+    "kind,T", [(newton.PRETRAIN, 2), (newton.PRETRAIN, 3), (newton.FINETUNE, 3), (newton.FINETUNE, 4)]
+)
 def test_kernel_derivatives_match_finite_differences(kind, T, act):
     if kind == newton.PRETRAIN:
         zs, zt, x = _pretrain_batch(5, T, 1)
@@ -69,7 +79,7 @@ def test_kernel_derivatives_match_finite_differences(kind, T, act):
 
 
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("T", [2, 3])          # k = 3, 6
+@pytest.mark.parametrize("T", [2, 3])  # k = 3, 6
 def test_pretrain_kernel_equals_numpy_reference(T, act):
     zs, zt, d = _pretrain_batch(200, T, 2)
     loss, g, H, _ = _eval(newton.PRETRAIN, d, _pretrain_rows(zs, zt, T, act), T, act)
@@ -134,12 +144,15 @@ def test_generic_k_separable_prox_reaches_the_known_global_maximum(k, rule):
     xg = _quartic_global(c, a, w)
     # started at the global minimiser's sign (the basin is then the global one: f is separable)
     x0 = np.sign(xg) * 1.5
-    r = (newton.NewtonRule.pretrain(1e-12, 100, 1.0) if rule == "pretrain"
-         else newton.NewtonRule.finetune(1e-12, 100, 1.0))
+    r = (
+        newton.NewtonRule.pretrain(1e-12, 100, 1.0)
+        if rule == "pretrain"
+        else newton.NewtonRule.finetune(1e-12, 100, 1.0)
+    )
     out = newton.minimise(newton.SEPARABLE_QUARTIC, x0, a, w, c, 0, False, r)
     assert out.converged.all()
     np.testing.assert_allclose(out.x, xg, atol=1e-8)
-    gf = out.grad + (out.x - a) / w                 # stationarity of f (stop 'step': one step before x)
+    gf = out.grad + (out.x - a) / w  # stationarity of f (stop 'step': one step before x)
     assert np.abs(gf).max() < 1e-6
     f_ref = (c * (xg**2 - 1) ** 2 + (xg - a) ** 2 / (2 * w)).sum(axis=1)
     f_x = (c * (out.x**2 - 1) ** 2 + (out.x - a) ** 2 / (2 * w)).sum(axis=1)
@@ -155,9 +168,13 @@ def test_pretrain_prox_is_stationary_and_not_below_a_quasi_newton_polish(T):
     _, g, _ = P.pretrain_potential_derivatives(r.x, zs, zt, V)
     assert np.abs(V * 2 * g).max() < 1e-8
     for i in range(zs.shape[0]):
-        for x0 in (zt[i], zs[i]):           # the starts of prox(): z~ and z*
-            res = minimize(lambda x: -P.pretrain_potential(x[None], zs[i:i + 1], zt[i:i + 1], V)[0], x0,
-                           method="BFGS", options={"gtol": 1e-10})
+        for x0 in (zt[i], zs[i]):  # the starts of prox(): z~ and z*
+            res = minimize(
+                lambda x: -P.pretrain_potential(x[None], zs[i : i + 1], zt[i : i + 1], V)[0],
+                x0,
+                method="BFGS",
+                options={"gtol": 1e-10},
+            )
             assert -res.fun <= r.value[i] + 1e-10 * (1 + abs(r.value[i]))
 
 
@@ -170,9 +187,12 @@ def test_finetune_prox_is_stationary_and_not_below_a_quasi_newton_polish():
     _, g, _, _ = F.finetune_potential_derivatives(pr.x, Zq, Y, ct, v, act)
     assert np.abs(g * v).max() < 1e-7
     for i in range(ct.shape[0]):
+
         def mpsi(c):
-            return -F.finetune_potential_derivatives(c[None], Zq[i:i + 1], Y[i:i + 1], ct[i:i + 1], v, act,
-                                                     order=0)[0]
+            return -F.finetune_potential_derivatives(
+                c[None], Zq[i : i + 1], Y[i : i + 1], ct[i : i + 1], v, act, order=0
+            )[0]
+
         res = minimize(mpsi, ct[i], method="BFGS", options={"gtol": 1e-10})
         assert -res.fun <= pr.value[i] + 1e-9 * (1 + abs(pr.value[i]))
 
@@ -187,7 +207,8 @@ def test_linear_solve_and_theory_import_do_not_import_numba():
         "r = solve(Params(alpha=0.1, alpha_ft=3, tokens=3, noise=0.5, lam=0.1, lam_ft=0.5, activation='linear'),"
         " n_mc=2000, warn=False)\n"
         "print(json.dumps({'numba': 'numba' in sys.modules, 'kernel': 'hdlora.theory._newton_numba' in sys.modules,"
-        " 'ok': r.finetune_test_error > 0}))\n")
+        " 'ok': r.finetune_test_error > 0}))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])

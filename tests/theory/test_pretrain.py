@@ -1,4 +1,5 @@
 """Tests of the pre-training state evolution (Result 4, eqs. 46-55) and its replicon (eq. 75)."""
+
 import math
 import warnings
 
@@ -44,7 +45,7 @@ def test_linear_ols_identities():
         assert r.converged
         assert math.isclose(r.M, p.Q0, rel_tol=1e-9)
         assert math.isclose(r.Q, p.Q0 + eta2, rel_tol=1e-9)
-        assert math.isclose(r.eta ** 2, eta2, rel_tol=1e-8)
+        assert math.isclose(r.eta**2, eta2, rel_tol=1e-8)
         assert math.isclose(r.V * r.Vhat, 1.0, rel_tol=1e-9)
         assert math.isclose(r.pretrain_test_error, (T + 1) / T * (noise / 2 + eta2), rel_tol=1e-9)
         assert math.isclose(r.replicon_pretrain, 1.0 / (2 * alpha * L), rel_tol=1e-6)
@@ -86,7 +87,7 @@ def test_linear_mc_solve_agrees_with_exact_within_sampling_error():
         assert abs(vals.mean() - getattr(ex, k)) <= 4 * se, (k, vals.mean(), getattr(ex, k), se)
     q = solve_pretrain(p, method="qmc", n_mc=8192, init=ex)
     assert q.converged
-    for k in keys:   # QMC error at 8192 points is well below the MC spread measured above (~1e-3)
+    for k in keys:  # QMC error at 8192 points is well below the MC spread measured above (~1e-3)
         assert abs(getattr(q, k) - getattr(ex, k)) < 5e-3 * max(1.0, abs(getattr(ex, k)))
 
 
@@ -103,13 +104,14 @@ def test_linear_errors_closed_form():
 def test_fixed_point_satisfies_the_equations():
     """Re-evaluating eqs. 49-54 at the returned state gives the state back (exact path)."""
     from hdlora.theory.pretrain import input_channel
+
     p = _lin(**FIG3)
     r = solve_pretrain(p, tol=1e-12)
     hats = output_channel_exact(p.alpha, A0_of(p), p.tokens, r.Q, r.M, r.V)
     new, _ = input_channel(p.kappa0, p.kappa, p.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
     for k in ("Q", "M", "V"):
         assert math.isclose(new[k], getattr(r, k), rel_tol=1e-10)
-    assert r.Q >= r.M ** 2 / A0_of(p)
+    assert r.Q >= r.M**2 / A0_of(p)
 
 
 def test_warm_start_and_result_object():
@@ -117,14 +119,26 @@ def test_warm_start_and_result_object():
     r = solve_pretrain(p, n_mc=5000)
     assert isinstance(r, PretrainResult) and r.converged and r.prox_failures == 0
     with pytest.raises(Exception):
-        r.Q = 1.0                                            # frozen
+        r.Q = 1.0  # frozen
     again = solve_pretrain(p, n_mc=5000, init=r)
     assert again.iterations <= 3
     for k in ("Q", "M", "V"):
         assert math.isclose(getattr(again, k), getattr(r, k), rel_tol=1e-6)
     d = again.to_dict()
-    assert {"Q", "M", "V", "Mhat", "Qhat", "Vhat", "pretrain_test_error", "pretrain_train_error",
-            "replicon_pretrain", "converged", "iterations", "wall_time"} <= set(d)
+    assert {
+        "Q",
+        "M",
+        "V",
+        "Mhat",
+        "Qhat",
+        "Vhat",
+        "pretrain_test_error",
+        "pretrain_train_error",
+        "replicon_pretrain",
+        "converged",
+        "iterations",
+        "wall_time",
+    } <= set(d)
     assert 0 < r.replicon_pretrain < 1 and r.replicon_stable
     # train loss below test error (the student fits its own data), both above the noise floor 0
     assert 0 < r.pretrain_train_error < r.pretrain_test_error
@@ -191,7 +205,7 @@ def test_train_and_test_laws():
     # eq. 13: Var z_ab = s_ab Q, Cov = s_ab M (diagonal entries are 0 and 2 in the upper-triangle order)
     s = np.array([2.0, 1.0, 2.0])
     for est, want in ((np.mean(z * z, 0) / s, r.Q), (np.mean(z * zs, 0) / s, r.M)):
-        assert np.all(np.abs(est - want) < 0.05 * want + 0.01)   # se of these moments ~1% at n = 2e4
+        assert np.all(np.abs(est - want) < 0.05 * want + 0.01)  # se of these moments ~1% at n = 2e4
     zs_r, z_r = train_fields(p, r, 20000, seed=7)
     assert np.array_equal(zs_r, zs)
     # train error from R (fresh samples) equals the solver's value within Monte-Carlo error
@@ -207,6 +221,7 @@ def test_train_and_test_laws():
 
 def _softmax_full(v, T):
     from hdlora.theory.sampling import to_sym
+
     x = to_sym(v, T)
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
@@ -234,6 +249,7 @@ def test_bad_input():
 # A factor-2 error in lam or alpha changes Q, M or the errors by 20-100%, far outside these bands.
 def _compare(p, dim, seeds, bias, keys=("Q", "M", "pretrain_test_error", "pretrain_train_error")):
     from hdlora.simulate import run
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sim = run(p.replace(lam_ft=math.inf), dim=dim, seeds=seeds, loss="attention").to_dict(per_seed=False)
@@ -251,8 +267,10 @@ def test_theory_matches_simulation_small_D(point):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", [dict(FIG1), dict(FIG3), dict(FIG1, activation="linear"),
-                                   dict(FIG3, activation="linear")],
-                         ids=["fig1-softmax", "fig3-softmax", "fig1-linear", "fig3-linear"])
+@pytest.mark.parametrize(
+    "point",
+    [dict(FIG1), dict(FIG3), dict(FIG1, activation="linear"), dict(FIG3, activation="linear")],
+    ids=["fig1-softmax", "fig3-softmax", "fig1-linear", "fig3-linear"],
+)
 def test_theory_matches_simulation_D150(point):
     _compare(Params(**point), dim=150, seeds=4, bias=0.04)

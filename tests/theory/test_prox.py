@@ -1,4 +1,5 @@
 """Tests of the batched proximal operator (eqs. 15-16, 41-42; App. C)."""
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize
@@ -35,7 +36,7 @@ def test_off_diagonal_entries_count_twice_in_the_loss():
     # ||sigma(h) - sigma(z*)||_F^2 sums all T x T entries: for linear sigma and V -> inf,
     # Psi = -(1/T^2) (sum_diag d^2 + 2 sum_offdiag d^2)
     T = 3
-    d = np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])       # upper triangle: (0,0),(0,1),(0,2),(1,1),(1,2),(2,2)
+    d = np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])  # upper triangle: (0,0),(0,1),(0,2),(1,1),(1,2),(2,2)
     val = P.pretrain_potential(d, np.zeros_like(d), d, 1e300, "linear")
     assert np.isclose(val[0], -(1 + 16 + 36 + 2 * (4 + 9 + 25)) / T**2)
 
@@ -47,8 +48,8 @@ def test_prox_is_a_strict_local_maximum_that_beats_perturbations(T, V):
     r = P.prox(zs, zt, V)
     assert r.all_converged
     _, g, H = P.pretrain_potential_derivatives(r.x, zs, zt, V, "softmax")
-    assert np.max(np.abs(V * 2 * g)) < 1e-8                     # stationary (V s grad, s <= 2)
-    assert np.all(np.linalg.eigvalsh(H)[:, -1] < 0)             # a maximum
+    assert np.max(np.abs(V * 2 * g)) < 1e-8  # stationary (V s grad, s <= 2)
+    assert np.all(np.linalg.eigvalsh(H)[:, -1] < 0)  # a maximum
     assert np.allclose(H, r.hessian)
     rng = np.random.default_rng(0)
     for scale in (1e-3, 1e-1, 1.0):
@@ -62,7 +63,7 @@ def test_prox_tends_to_z_tilde_as_V_to_0():
         r = P.prox(zs, zt, V)
         # first order: h = z~ - V s grad l(z~) + O(V^2), |grad l| <= O(1)
         assert np.max(np.abs(r.x - zt)) < 10 * V
-        assert np.max(r.replicon) < 1e3 * V**2 + 1e-12        # (V Hess_u)^-1 + I = O(V)
+        assert np.max(r.replicon) < 1e3 * V**2 + 1e-12  # (V Hess_u)^-1 + I = O(V)
         assert np.allclose(r.jacobian_diag, 1.0, atol=10 * V)
 
 
@@ -73,8 +74,12 @@ def test_batched_prox_equals_per_sample_scipy():
     for i in range(len(zs)):
         best = None
         for x0 in (zt[i], zs[i], np.zeros(6)):
-            res = minimize(lambda x: -P.pretrain_potential(x[None], zs[i:i + 1], zt[i:i + 1], V)[0], x0,
-                           method="BFGS", options={"gtol": 1e-11})
+            res = minimize(
+                lambda x: -P.pretrain_potential(x[None], zs[i : i + 1], zt[i : i + 1], V)[0],
+                x0,
+                method="BFGS",
+                options={"gtol": 1e-11},
+            )
             if best is None or res.fun < best.fun:
                 best = res
         assert -best.fun <= r.value[i] + 1e-10

@@ -1,5 +1,6 @@
 """The exact global prox of the linear fine-tuning potential (secular equation) and the linear
 fine-tuning state evolution built on it."""
+
 import itertools
 import math
 
@@ -60,9 +61,9 @@ def test_exact_prox_is_the_global_maximiser_found_by_the_newton_search(T, law, s
     np.testing.assert_allclose(out["dpsi_dq"], dq, rtol=1e-10, atol=1e-10)
     search = prox_psi(ct, Zq, Y_arg / T, v, "linear", Y_arg=Y_arg)
     gap = psi - search.value
-    assert gap.min() > -1e-10 * (1.0 + np.abs(psi).max())      # never worse than the search
+    assert gap.min() > -1e-10 * (1.0 + np.abs(psi).max())  # never worse than the search
     same = np.abs(gap) < 1e-10 * (1.0 + np.abs(psi))
-    assert same.mean() > 0.999                                 # the search finds the same maximiser
+    assert same.mean() > 0.999  # the search finds the same maximiser
     np.testing.assert_allclose(chi[same], search.x[same], atol=1e-6)
     # C = v (D + 2 c y y^T)^{-1} (eq. 66) in the token basis equals -H^{-1} at the maximiser
     C = v * P.matrix_to_original(P.curvature(out))
@@ -85,11 +86,18 @@ def test_exact_prox_beats_a_dense_grid_T2():
     other = prox_psi(ct, Zq, Y_arg / T, v, "linear", starts=[-chi])
     assert np.mean(out["psi"] - other.value > 1e-8) > 0.5
     g = np.linspace(-5, 5, 401)
-    grid = np.array(list(itertools.product(g, g)))                 # (G, 2)
+    grid = np.array(list(itertools.product(g, g)))  # (G, 2)
     for i in range(n):
         G = grid.shape[0]
-        vals = finetune_potential_derivatives(grid, np.broadcast_to(Zq[i], (G, T, T)), np.broadcast_to(Y_arg[i] / T, (G, T, T)),
-                               np.broadcast_to(ct[i], (G, T)), v, "linear", order=0)
+        vals = finetune_potential_derivatives(
+            grid,
+            np.broadcast_to(Zq[i], (G, T, T)),
+            np.broadcast_to(Y_arg[i] / T, (G, T, T)),
+            np.broadcast_to(ct[i], (G, T)),
+            v,
+            "linear",
+            order=0,
+        )
         assert vals.max() <= out["psi"][i] + 1e-12 * (1 + abs(out["psi"][i]))
 
 
@@ -101,7 +109,7 @@ def test_hard_case_is_handled():
     b = np.array([[-3.0, 0.5, 2.0], [-3.0, 0.5, 2.0], [-1.5, -1.4999, 1.0]])
     yt = np.array([[0.0, 0.3, 0.1], [1e-14, 0.3, 0.1], [0.0, 0.2, 0.0]])
     y, r, d, _ = solve_secular(b, yt, c)
-    grad = d * y - yt                                   # v * (-grad psi) in the eigenbasis
+    grad = d * y - yt  # v * (-grad psi) in the eigenbasis
     assert np.abs(grad).max() < 1e-10
     assert d.min() >= 0
     np.testing.assert_allclose(r, (y * y).sum(axis=1))
@@ -115,7 +123,7 @@ def test_warm_started_secular_root_equals_cold_one():
     Zs, Zb, cs, ze = _samples(5000, 3)
     P = LinearRankOneProx(Zb - Zs - cs[:, :, None] * cs[:, None, :], cs, ze)
     P(0.6, 0.9, 0.2)
-    warm = P(0.65, 0.95, 0.25)                                        # warm start from the previous r
+    warm = P(0.65, 0.95, 0.25)  # warm start from the previous r
     cold = LinearRankOneProx(Zb - Zs - cs[:, :, None] * cs[:, None, :], cs, ze)(0.65, 0.95, 0.25)
     np.testing.assert_allclose(warm["y"], cold["y"], atol=1e-12)
 

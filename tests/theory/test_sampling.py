@@ -1,4 +1,5 @@
 """Fixed Gaussian samples (hdlora.theory.sampling): shapes, determinism, moments of the law Q (eq. 13, 47)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,7 @@ def test_standard_normals_fixed_by_seed_and_standard(method):
     x = standard_normals(4096, 3, seed=5, method=method)
     assert np.array_equal(x, standard_normals(4096, 3, seed=5, method=method))
     assert not np.array_equal(x, standard_normals(4096, 3, seed=6, method=method))
-    tol = 4 / np.sqrt(4096) if method == "mc" else 0.01   # QMC is far more accurate
+    tol = 4 / np.sqrt(4096) if method == "mc" else 0.01  # QMC is far more accurate
     assert np.all(np.abs(x.mean(0)) < tol)
     assert np.all(np.abs(x.var(0) - 1) < 3 * tol)
 
@@ -52,9 +53,9 @@ def test_frozen_fields_have_the_covariance_of_eq_13():
 
 
 def test_frozen_fields_degenerate_and_invalid_laws():
-    f = frozen_fields(100, 2, 2.0, 0.5, 1.0, seed=0)        # B = Q - M^2/A0 = 0: z proportional to z*
+    f = frozen_fields(100, 2, 2.0, 0.5, 1.0, seed=0)  # B = Q - M^2/A0 = 0: z proportional to z*
     assert np.allclose(f["z"], 0.5 * f["z_star"])
     with pytest.raises(ValueError, match="not positive"):
-        frozen_fields(100, 2, 1.0, 0.5, 1.0)                 # Q < M^2/A0
+        frozen_fields(100, 2, 1.0, 0.5, 1.0)  # Q < M^2/A0
     with pytest.raises(ValueError, match="A0"):
         frozen_fields(100, 2, 0.0, 0.5, 0.0)

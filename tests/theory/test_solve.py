@@ -1,4 +1,5 @@
 """hdlora.theory.solve / `hdlora theory`: the chained pre-training + fine-tuning point."""
+
 import json
 import math
 
@@ -12,9 +13,26 @@ from hdlora.theory import solve
 LIN = Params(activation="linear", alpha=0.1, alpha_ft=3, tokens=3, noise=0.5, lam=0.1, lam_ft=0.5)
 N = 3000  # small Monte-Carlo budget: these tests check wiring and identities, not accuracy
 
-REQUIRED = ("Q", "M", "V", "q", "m", "v", "pretrain_train_error", "pretrain_test_error",
-            "finetune_train_error", "finetune_test_error", "forgetting_error", "overlap", "delta_eff",
-            "replicon_pretrain", "replicon_finetune", "converged", "iterations", "wall_time")
+REQUIRED = (
+    "Q",
+    "M",
+    "V",
+    "q",
+    "m",
+    "v",
+    "pretrain_train_error",
+    "pretrain_test_error",
+    "finetune_train_error",
+    "finetune_test_error",
+    "forgetting_error",
+    "overlap",
+    "delta_eff",
+    "replicon_pretrain",
+    "replicon_finetune",
+    "converged",
+    "iterations",
+    "wall_time",
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +45,11 @@ def test_result_has_every_key_and_is_consistent(lin):
     for k in REQUIRED:
         assert k in d, k
     assert lin.converged and lin.pretrain_converged and lin.finetune_converged
-    assert lin.overlap == pytest.approx(lin.m / math.sqrt(lin.q))          # o_w = m / sqrt(q q0), q0 = 1
-    assert lin.delta_eff == pytest.approx(LIN.noise / 2 + LIN.Q0 + lin.Q - 2 * lin.M)   # eq. 25
-    assert lin.delta_eff_actft <= lin.delta_eff + 1e-12                    # eq. 28 <= eq. 25
+    assert lin.overlap == pytest.approx(lin.m / math.sqrt(lin.q))  # o_w = m / sqrt(q q0), q0 = 1
+    assert lin.delta_eff == pytest.approx(LIN.noise / 2 + LIN.Q0 + lin.Q - 2 * lin.M)  # eq. 25
+    assert lin.delta_eff_actft <= lin.delta_eff + 1e-12  # eq. 28 <= eq. 25
     with pytest.raises(Exception):
-        lin.q = 0.0                                                         # frozen result
+        lin.q = 0.0  # frozen result
 
 
 def test_warm_start_reaches_same_point_in_fewer_iterations(lin):
@@ -66,10 +84,17 @@ def test_cli_json_has_every_key(capsys):
         assert k in d, k
 
 
-@pytest.mark.parametrize("argv,word", [
-    (["--kappa", "0.5"], "kappa"), (["--tokens", "1"], "tokens"), (["--noise", "-1"], "noise"),
-    (["--activation", "tanh"], "activation"), (["--n-mc", "5"], "n-mc"), (["--lam", "nan"], "lam"),
-])
+@pytest.mark.parametrize(
+    "argv,word",
+    [
+        (["--kappa", "0.5"], "kappa"),
+        (["--tokens", "1"], "tokens"),
+        (["--noise", "-1"], "noise"),
+        (["--activation", "tanh"], "activation"),
+        (["--n-mc", "5"], "n-mc"),
+        (["--lam", "nan"], "lam"),
+    ],
+)
 def test_cli_bad_input_is_one_line_error(argv, word, capsys):
     assert main(["theory", *argv]) == 2
     err = capsys.readouterr().err

@@ -5,6 +5,7 @@ Identities are checked against independent computations (moments, the subordinat
 finite differences, the 2-D heat-flow integral, Marchenko-Pastur at eta -> 0, eigenvalues of
 sampled matrices Y = S*/sqrt(D) + eta Z).
 """
+
 from __future__ import annotations
 
 import math
@@ -47,10 +48,9 @@ def mp_J(eps: float, kappa0: float) -> float:
     lo = max(a, eps)
     val = 0.0
     if lo < b:
-        val = integrate.quad(lambda x: rho(x) * (x - eps) ** 2, lo, b, limit=200,
-                             epsabs=1e-13, epsrel=1e-12)[0]
+        val = integrate.quad(lambda x: rho(x) * (x - eps) ** 2, lo, b, limit=200, epsabs=1e-13, epsrel=1e-12)[0]
     if kappa0 < 1 and eps < 0:
-        val += (1 - kappa0) * eps ** 2
+        val += (1 - kappa0) * eps**2
     return val
 
 
@@ -65,19 +65,19 @@ def test_moments(kappa0, eta):
     assert m0.converged and m1.converged and m2.converged
     assert m0.value == pytest.approx(1.0, abs=1e-12)
     assert m1.value == pytest.approx(math.sqrt(kappa0), abs=1e-12)
-    assert m2.value == pytest.approx(1.0 + kappa0 + eta ** 2, abs=1e-11)
+    assert m2.value == pytest.approx(1.0 + kappa0 + eta**2, abs=1e-11)
 
 
 @pytest.mark.parametrize("kappa0,eta", [(0.5, 0.1), (0.5, 1.0), (1.0, 0.05), (2.0, 0.5)])
 def test_density_solves_subordination_cubic(kappa0, eta):
     """The Stieltjes transform of the computed density, G(z) = ∫ rho(y)/(z - y) dy at complex z,
     is a root of the subordination cubic t G^3 - (z + r t) G^2 + (r z - k + 1) G - r = 0."""
-    t, r, k = eta ** 2, math.sqrt(kappa0), kappa0
+    t, r, k = eta**2, math.sqrt(kappa0), kappa0
     for z in (0.3 + 0.5j, 2.0 + 0.2j, -1.0 + 1.0j, 5.0 + 0.1j):
-        re = sp.expectation(lambda y: ((1 / (z - y)).real), eta, kappa0).value
-        im = sp.expectation(lambda y: ((1 / (z - y)).imag), eta, kappa0).value
+        re = sp.expectation(lambda y: (1 / (z - y)).real, eta, kappa0).value
+        im = sp.expectation(lambda y: (1 / (z - y)).imag, eta, kappa0).value
         g = re + 1j * im
-        resid = t * g ** 3 - (z + r * t) * g ** 2 + (r * z - k + 1) * g - r
+        resid = t * g**3 - (z + r * t) * g**2 + (r * z - k + 1) * g - r
         assert abs(resid) < 1e-10, (z, g, resid)
 
 
@@ -95,7 +95,7 @@ def test_support_components_and_smoothed_atom():
     assert len(sp.support(1.0, 0.5)) == 1
     # kappa0 >= 1: one interval; for kappa0 > 1 and small eta it stays away from 0
     assert len(sp.support(0.05, 1.0)) == 1
-    (a, b), = sp.support(0.05, 2.0)
+    ((a, b),) = sp.support(0.05, 2.0)
     assert a > 0.1
     # density: zero outside, positive inside, mass by trapezoid on a fine grid
     for kappa0, eta in [(0.5, 0.05), (1.0, 0.3), (2.0, 0.5)]:
@@ -162,7 +162,7 @@ def test_J_regions(kappa0):
         assert (r.J, r.J1, r.J2) == (0.0, 0.0, 0.0)
     # just inside the right edge: tiny, positive, continuous (J ~ (hi - eps)^{7/2})
     r1, r2 = sp.J(eta, hi - 1e-2, kappa0), sp.J(eta, hi - 2e-2, kappa0)
-    assert 0 < r1.J < r2.J and r2.J / r1.J == pytest.approx(2 ** 3.5, rel=0.05)
+    assert 0 < r1.J < r2.J and r2.J / r1.J == pytest.approx(2**3.5, rel=0.05)
     # left of the support and inside: J = E[(x-eps)^2] - E[(x-eps)^2 ; x < eps]
     for eps in (lo - 2.0, lo - 1e-3, 0.05, 0.5 * (lo + hi), 2.5):
         full = sp.expectation(lambda x: (x - eps) ** 2, eta, kappa0).value
@@ -173,7 +173,7 @@ def test_J_regions(kappa0):
         assert r.J2 == pytest.approx(-2 * tail1, abs=1e-11)
     # negative eps left of the support: closed form Var + eta^2 + (mean - eps)^2
     r = sp.J(eta, lo - 1.0, kappa0)
-    assert r.J == pytest.approx(1 + eta ** 2 + (math.sqrt(kappa0) - lo + 1.0) ** 2, rel=1e-14)
+    assert r.J == pytest.approx(1 + eta**2 + (math.sqrt(kappa0) - lo + 1.0) ** 2, rel=1e-14)
     assert r.J1 == pytest.approx(2 * eta) and r.dJ_dt == 1.0
 
 
@@ -186,7 +186,7 @@ def test_small_eta_limit_is_marchenko_pastur(kappa0):
             r = sp.J(eta, eps, kappa0)
             assert r.converged
             # d J / d(eta^2) = dJ_dt is bounded by 1 (divided differences of zeta lie in [0, 1])
-            assert abs(r.J - j0) <= 1.01 * eta ** 2 + 1e-9, (eps, eta, r.J, j0)
+            assert abs(r.J - j0) <= 1.01 * eta**2 + 1e-9, (eps, eta, r.J, j0)
 
 
 def test_vectorised_J_matches_scalar():
@@ -213,7 +213,7 @@ def _check_against_sampling(D, seeds, kappa0, eta):
         for eps in eps_values:
             r = sp.J(eta, eps, kappa0)
             z = np.maximum(ev - eps, 0.0)
-            row += [np.mean(z ** 2) - r.J, np.mean(z) + r.J2 / 2]
+            row += [np.mean(z**2) - r.J, np.mean(z) + r.J2 / 2]
         diffs.append(row)
     diffs = np.array(diffs)
     mean = diffs.mean(0)
@@ -271,7 +271,7 @@ def test_replicon_integral(kappa0, eta):
         assert rep.converged
         p = sp.expectation(np.ones_like, eta, kappa0, lower=eps).value
         # (zeta(x)-zeta(y))/(x-y) lies in [0, 1] and is 1 when both x, y > eps
-        assert p ** 2 <= rep.value <= hf.value <= p ** 2 + 2 * p * (1 - p)
+        assert p**2 <= rep.value <= hf.value <= p**2 + 2 * p * (1 - p)
         # discrete version on sampled eigenvalues (off-diagonal pairs); O(1/D) finite-size
         # differences, measured below 0.01 here, tolerance 0.02
         zeta = np.maximum(ev - eps, 0.0)
@@ -279,7 +279,7 @@ def test_replicon_integral(kappa0, eta):
         np.fill_diagonal(dx, 1.0)
         ratio = (zeta[:, None] - zeta[None, :]) / dx
         np.fill_diagonal(ratio, 0.0)
-        emp = np.sum(ratio ** 2) / len(ev) ** 2
+        emp = np.sum(ratio**2) / len(ev) ** 2
         assert rep.value == pytest.approx(emp, abs=0.02)
 
 
@@ -298,7 +298,7 @@ def test_cubic_integral_mmse_limits(kappa0):
     # 2 kappa0 - kappa0^2 for rank kappa0 D (dimension of the rank-kappa0 D manifold).
     # Measured approach: O(1/Q_hat) except kappa0 = 1 (hard edge of mu0, ∫ mu0^3 diverges):
     # |Q_hat mmse - 1| = 2.7e-3 at 1e4, 1.3e-4 at 1e6.
-    dof = 1.0 if kappa0 >= 1 else 2 * kappa0 - kappa0 ** 2
+    dof = 1.0 if kappa0 >= 1 else 2 * kappa0 - kappa0**2
     dev = [abs(sp.mmse(q, kappa0) * q - dof) for q in (1e4, 1e6)]
     assert dev[1] < 2e-4 and dev[1] < dev[0] / 10
 
@@ -310,27 +310,30 @@ def test_cubic_integral_semicircle():
         eta = 30.0
         c = sp.cubic_integral(eta, kappa0)
         assert c.converged
-        assert c.value == pytest.approx(3 / (4 * math.pi ** 2 * (1 + eta ** 2)), rel=1e-3)
+        assert c.value == pytest.approx(3 / (4 * math.pi**2 * (1 + eta**2)), rel=1e-3)
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("call,name", [
-    (lambda: sp.J(0.0, 0.1, 1.0), "eta"),
-    (lambda: sp.J(-1.0, 0.1, 1.0), "eta"),
-    (lambda: sp.J(float("nan"), 0.1, 1.0), "eta"),
-    (lambda: sp.J(sp.ETA_MIN / 2, 0.1, 1.0), "eta"),
-    (lambda: sp.J(0.3, float("nan"), 1.0), "eps"),
-    (lambda: sp.J(0.3, -math.inf, 1.0), "eps"),
-    (lambda: sp.J(0.3, 0.1, 0.0), "kappa0"),
-    (lambda: sp.J(0.3, 0.1, -2.0), "kappa0"),
-    (lambda: sp.J(0.3, 0.1, float("nan")), "kappa0"),
-    (lambda: sp.density([0.1], 0.0, 1.0), "eta"),
-    (lambda: sp.density([float("nan")], 0.3, 1.0), "x"),
-    (lambda: sp.support(0.3, 0.0), "kappa0"),
-    (lambda: sp.replicon_integral(0.3, float("nan"), 1.0), "eps"),
-    (lambda: sp.cubic_integral(-0.3, 1.0), "eta"),
-    (lambda: sp.mmse(0.0, 1.0), "q_hat"),
-])
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (lambda: sp.J(0.0, 0.1, 1.0), "eta"),
+        (lambda: sp.J(-1.0, 0.1, 1.0), "eta"),
+        (lambda: sp.J(float("nan"), 0.1, 1.0), "eta"),
+        (lambda: sp.J(sp.ETA_MIN / 2, 0.1, 1.0), "eta"),
+        (lambda: sp.J(0.3, float("nan"), 1.0), "eps"),
+        (lambda: sp.J(0.3, -math.inf, 1.0), "eps"),
+        (lambda: sp.J(0.3, 0.1, 0.0), "kappa0"),
+        (lambda: sp.J(0.3, 0.1, -2.0), "kappa0"),
+        (lambda: sp.J(0.3, 0.1, float("nan")), "kappa0"),
+        (lambda: sp.density([0.1], 0.0, 1.0), "eta"),
+        (lambda: sp.density([float("nan")], 0.3, 1.0), "x"),
+        (lambda: sp.support(0.3, 0.0), "kappa0"),
+        (lambda: sp.replicon_integral(0.3, float("nan"), 1.0), "eps"),
+        (lambda: sp.cubic_integral(-0.3, 1.0), "eta"),
+        (lambda: sp.mmse(0.0, 1.0), "q_hat"),
+    ],
+)
 def test_bad_input(call, name):
     with pytest.raises(ValueError, match=name) as info:
         call()

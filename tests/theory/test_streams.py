@@ -1,4 +1,5 @@
 """Named random streams (hdlora.theory.streams): different (seed, purpose) never share draws."""
+
 from __future__ import annotations
 
 import itertools
@@ -33,8 +34,9 @@ def test_purposes_have_distinct_keys_and_stream_is_the_sequence():
     assert np.array_equal(g.random(5), stream(2, "bayes").random(5))
 
 
-@pytest.mark.parametrize("seed, purpose, msg", [(-1, "test", "seed"), (1.5, "test", "seed"), (True, "test", "seed"),
-                                                (0, "nope", "purpose")])
+@pytest.mark.parametrize(
+    "seed, purpose, msg", [(-1, "test", "seed"), (1.5, "test", "seed"), (True, "test", "seed"), (0, "nope", "purpose")]
+)
 def test_bad_input_refused(seed, purpose, msg):
     with pytest.raises(ValueError, match=msg):
         stream(seed, purpose)

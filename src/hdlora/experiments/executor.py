@@ -7,6 +7,7 @@ returned by :func:`hdlora.experiments.tasks.run_task`, also when the worker
 itself died), and ``close``.  The driver, in the parent process, stores each
 outcome as it arrives.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -25,8 +26,14 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 def _crash_outcome(exc: BaseException, where: str) -> dict:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return {"status": "failed", "result": None, "error": f"{where}: {text}", "warnings": [], "wall_s": None,
-            "worker": None}
+    return {
+        "status": "failed",
+        "result": None,
+        "error": f"{where}: {text}",
+        "warnings": [],
+        "wall_s": None,
+        "worker": None,
+    }
 
 
 class SerialExecutor:
@@ -99,8 +106,12 @@ class LocalPool:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
-                                      initializer=_init_worker, initargs=(os.getpid(),))
+        return cf.ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=mp.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(os.getpid(),),
+        )
 
     def submit(self, kind: str, params: Mapping, options: Mapping, init: Mapping | None) -> cf.Future:
         try:

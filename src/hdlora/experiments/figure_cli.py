@@ -10,6 +10,7 @@ figure is still drawn from what is there, and says so), 2 for a bad figure numbe
 option, or when nothing of the figure is stored (an existing figure is then left as it is,
 never replaced by empty axes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,11 @@ from .cli import add_executor_arguments, executor_arguments_error, scheduler_arg
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("number", type=_int, help="figure number of the paper, 1-6")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true",
-                      help="reduced version (smaller D, fewer seeds, points and n_mc): a few minutes on 2 cores")
+    mode.add_argument(
+        "--quick",
+        action="store_true",
+        help="reduced version (smaller D, fewer seeds, points and n_mc): a few minutes on 2 cores",
+    )
     mode.add_argument("--tiny", action="store_true", help="test configuration (2 points, D = 12, 1 seed): seconds")
     p.add_argument("--out", default="results/figures", help="output directory")
     add_executor_arguments(p)
@@ -34,8 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", action="store_true", help="validate and print the sweeps and task counts; run nothing")
     p.add_argument("--plot-only", action="store_true", help="draw from what is stored; compute nothing")
     p.add_argument("--no-progress", "-q", "--quiet", dest="no_progress", action="store_true", help="no progress bars")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan with the memory / time estimates (largest task, total) and stop")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan with the memory / time estimates (largest task, total) and stop",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,14 +63,25 @@ def run(args: argparse.Namespace) -> int:
     except (FigureError, SweepError, ValueError) as exc:
         return fail(str(exc))
     if args.plan:
-        summary = {"figure": fig.number, "mode": mode, "database": str(fig.database),
-                   "settings": {"dim": fig.settings.dim, "seeds": fig.settings.seeds, "n_mc": fig.settings.n_mc},
-                   "sweeps": {s.name: {"grid": dict(zip(s.axis_names, s.shape)), "runs": [r.label for r in s.runs],
-                                       "tasks": sum(len(c) for c in plan(s).chains)} for s in fig.sweeps}}
+        summary = {
+            "figure": fig.number,
+            "mode": mode,
+            "database": str(fig.database),
+            "settings": {"dim": fig.settings.dim, "seeds": fig.settings.seeds, "n_mc": fig.settings.n_mc},
+            "sweeps": {
+                s.name: {
+                    "grid": dict(zip(s.axis_names, s.shape)),
+                    "runs": [r.label for r in s.runs],
+                    "tasks": sum(len(c) for c in plan(s).chains),
+                }
+                for s in fig.sweeps
+            },
+        }
         print(dumps(summary))
         return 0
     if not args.plot_only:
         from hdlora.resources import figure_gate
+
         if (rc := figure_gate(args, fig, mode)) is not None:
             return rc
     if args.plot_only and not fig.database.exists():
@@ -91,15 +109,19 @@ def run(args: argparse.Namespace) -> int:
     n_nc = sum(r.n_not_converged for r in reports)
     interrupted = any(r.interrupted for r in reports)
     if reports:
-        print(f"figure {fig.number} ({mode}): {n_tasks} tasks, {n_computed} computed now "
-              f"({n_nc} not converged), {n_failed} failed, {n_missing} missing, {wall:.1f} s")
+        print(
+            f"figure {fig.number} ({mode}): {n_tasks} tasks, {n_computed} computed now "
+            f"({n_nc} not converged), {n_failed} failed, {n_missing} missing, {wall:.1f} s"
+        )
     if not cov.complete:
         print(f"  drawn from what is stored: {cov.summary()}", file=sys.stderr)
     print(f"picture: {paths['png']}")
     print(f"  also: {paths['pdf']}, data {paths['csv']}, database {paths['database']}")
     if n_failed:
-        print("  failed tasks keep their error in the database (hdlora sweep <out>/figN_*.toml --retry-failed)",
-              file=sys.stderr)
+        print(
+            "  failed tasks keep their error in the database (hdlora sweep <out>/figN_*.toml --retry-failed)",
+            file=sys.stderr,
+        )
     if interrupted:
         return 130
     return 1 if (n_failed or n_missing or not cov.complete) else 0
@@ -107,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from hdlora.cli import Parser
+
     parser = Parser(prog="hdlora figure", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -8,6 +8,7 @@ covered by the results key (:func:`hdlora.code_version`), the plotting code is n
 Effective pre-training (Figs. 2, 4, 5) is parameterised through ``kappa0``: Q0 = 1 + kappa0
 and, by default, Q = Q0, M = 1, so Delta_eff = Delta/2 + Q0 - 2M + Q = Delta/2 + 2 kappa0 (eq. 25).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -15,9 +16,20 @@ from typing import Any
 
 from hdlora.params import DEFAULT_N_MC, ParamError, Params
 
-__all__ = ["effective_theory_task", "effective_simulate_task", "active_theory_task", "recalibrated_theory_task",
-           "recalibrated_simulate_task", "recalibrated_pretrain_task", "EFF_THEORY", "EFF_SIM", "ACTIVE_THEORY",
-           "RECAL_THEORY", "RECAL_SIM", "RECAL_PRETRAIN"]
+__all__ = [
+    "effective_theory_task",
+    "effective_simulate_task",
+    "active_theory_task",
+    "recalibrated_theory_task",
+    "recalibrated_simulate_task",
+    "recalibrated_pretrain_task",
+    "EFF_THEORY",
+    "EFF_SIM",
+    "ACTIVE_THEORY",
+    "RECAL_THEORY",
+    "RECAL_SIM",
+    "RECAL_PRETRAIN",
+]
 
 _MOD = __name__
 EFF_THEORY = f"{_MOD}:effective_theory_task"
@@ -26,6 +38,7 @@ ACTIVE_THEORY = f"{_MOD}:active_theory_task"
 RECAL_THEORY = f"{_MOD}:recalibrated_theory_task"
 RECAL_SIM = f"{_MOD}:recalibrated_simulate_task"
 RECAL_PRETRAIN = f"{_MOD}:recalibrated_pretrain_task"
+
 
 def _effective_law(params: Params, options: Mapping[str, Any]) -> tuple[float, float, float]:
     """(Q0, Q, M) of the effective pre-training: Q0 = 1 + kappa0; options Q, M are numbers or "Q0"."""
@@ -89,8 +102,9 @@ def active_theory_task(params: Params, options: Mapping[str, Any], init: Mapping
     from hdlora.theory.applications import active_comparison_effective
 
     Q0, Q, M = _effective_law(params, options)
-    r = active_comparison_effective(params, Q0, Q, M, n_mc=int(options.get("n_mc", DEFAULT_N_MC)),
-                                    seed=int(options.get("seed", 0)))
+    r = active_comparison_effective(
+        params, Q0, Q, M, n_mc=int(options.get("n_mc", DEFAULT_N_MC)), seed=int(options.get("seed", 0))
+    )
     d = r.to_dict()
     d.update({"Q0": Q0, "Q": Q, "M": M})
     return d
@@ -156,11 +170,24 @@ def recalibrated_pretrain_task(params: Params, options: Mapping[str, Any], init:
     n_mc, seed = int(options.get("n_mc", DEFAULT_N_MC)), int(options.get("seed", 0))
     bstar, pre = _beta_star(params, n_mc, seed)
     b = params.beta * bstar
-    e, se = pretrain_test_error(params.activation, params.tokens, params.Q0, b * b * pre.Q, b * pre.M, params.noise,
-                                n_mc=n_mc, seed=seed + 11)
-    e1, se1 = pretrain_test_error(params.activation, params.tokens, params.Q0, pre.Q, pre.M, params.noise,
-                                  n_mc=n_mc, seed=seed + 11)
-    return {"recalibrated_test_error": e, "recalibrated_test_error_se": se, "pretrain_test_error": e1,
-            "pretrain_test_error_se": se1, "beta_star": bstar, "beta_factor": params.beta, "beta_used": b,
-            "Q": pre.Q, "M": pre.M, "V": pre.V, "converged": pre.converged, "residual": pre.residual,
-            "iterations": pre.iterations}
+    e, se = pretrain_test_error(
+        params.activation, params.tokens, params.Q0, b * b * pre.Q, b * pre.M, params.noise, n_mc=n_mc, seed=seed + 11
+    )
+    e1, se1 = pretrain_test_error(
+        params.activation, params.tokens, params.Q0, pre.Q, pre.M, params.noise, n_mc=n_mc, seed=seed + 11
+    )
+    return {
+        "recalibrated_test_error": e,
+        "recalibrated_test_error_se": se,
+        "pretrain_test_error": e1,
+        "pretrain_test_error_se": se1,
+        "beta_star": bstar,
+        "beta_factor": params.beta,
+        "beta_used": b,
+        "Q": pre.Q,
+        "M": pre.M,
+        "V": pre.V,
+        "converged": pre.converged,
+        "residual": pre.residual,
+        "iterations": pre.iterations,
+    }

@@ -26,6 +26,7 @@ The task functions (``*_task``, "module:function" task kinds of the sweep files,
 workers) live in :mod:`hdlora.experiments.figure_tasks`, which the results key covers; this
 module only builds the sweeps and plots, so editing a plot keeps stored results valid.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,44 +53,64 @@ class FigureError(ValueError):
 class Settings:
     """Sizes of a figure run: simulation D and seeds, Monte-Carlo samples, grid densities."""
 
-    mode: str               # 'paper', 'quick' or 'tiny'
+    mode: str  # 'paper', 'quick' or 'tiny'
     dim: int
     seeds: int
     n_mc: int
-    points: int             # theory points along the x axis
-    sim_points: int         # simulated points along the x axis
+    points: int  # theory points along the x axis
+    sim_points: int  # simulated points along the x axis
     bo: Mapping[str, int] = field(default_factory=dict)
 
     def footnote(self, what: str = "") -> str:
         from hdlora import __version__
 
-        tag = {"paper": "paper grid, sizes as stated", "quick": "QUICK mode (reduced)", "tiny": "TINY test mode"}[self.mode]
-        return (f"simulations: D = {self.dim}, {self.seeds} seed(s), error bars = std over seeds; theory: n_mc = "
-                f"{self.n_mc}{what}; {tag}; hdlora {__version__}")
+        tag = {"paper": "paper grid, sizes as stated", "quick": "QUICK mode (reduced)", "tiny": "TINY test mode"}[
+            self.mode
+        ]
+        return (
+            f"simulations: D = {self.dim}, {self.seeds} seed(s), error bars = std over seeds; theory: n_mc = "
+            f"{self.n_mc}{what}; {tag}; hdlora {__version__}"
+        )
 
 
 #: Default settings per figure and mode (paper: the paper's D and seeds; quick: a few minutes on 2 cores).
 _DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
-    1: {"paper": dict(dim=150, seeds=4, n_mc=DEFAULT_N_MC, points=16, sim_points=8),
-        "quick": dict(dim=80, seeds=2, n_mc=2000, points=7, sim_points=4)},
-    2: {"paper": dict(dim=10000, seeds=5, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
-        "quick": dict(dim=200, seeds=2, n_mc=2000, points=6, sim_points=4)},
-    3: {"paper": dict(dim=1000, seeds=5, n_mc=DEFAULT_N_MC, points=14, sim_points=7),
-        "quick": dict(dim=60, seeds=2, n_mc=2000, points=7, sim_points=4)},
-    4: {"paper": dict(dim=10000, seeds=5, n_mc=DEFAULT_N_MC, points=8, sim_points=4),
-        "quick": dict(dim=60, seeds=2, n_mc=2000, points=5, sim_points=3)},
-    5: {"paper": dict(dim=5000, seeds=5, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
-        "quick": dict(dim=200, seeds=2, n_mc=2000, points=6, sim_points=4)},
-    6: {"paper": dict(dim=800, seeds=10, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
-        "quick": dict(dim=80, seeds=2, n_mc=2000, points=6, sim_points=3)},
+    1: {
+        "paper": dict(dim=150, seeds=4, n_mc=DEFAULT_N_MC, points=16, sim_points=8),
+        "quick": dict(dim=80, seeds=2, n_mc=2000, points=7, sim_points=4),
+    },
+    2: {
+        "paper": dict(dim=10000, seeds=5, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
+        "quick": dict(dim=200, seeds=2, n_mc=2000, points=6, sim_points=4),
+    },
+    3: {
+        "paper": dict(dim=1000, seeds=5, n_mc=DEFAULT_N_MC, points=14, sim_points=7),
+        "quick": dict(dim=60, seeds=2, n_mc=2000, points=7, sim_points=4),
+    },
+    4: {
+        "paper": dict(dim=10000, seeds=5, n_mc=DEFAULT_N_MC, points=8, sim_points=4),
+        "quick": dict(dim=60, seeds=2, n_mc=2000, points=5, sim_points=3),
+    },
+    5: {
+        "paper": dict(dim=5000, seeds=5, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
+        "quick": dict(dim=200, seeds=2, n_mc=2000, points=6, sim_points=4),
+    },
+    6: {
+        "paper": dict(dim=800, seeds=10, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
+        "quick": dict(dim=80, seeds=2, n_mc=2000, points=6, sim_points=3),
+    },
 }
 _TINY = dict(dim=12, seeds=1, n_mc=500, points=2, sim_points=2)
-_BO = {"paper": {}, "quick": {"n_mc": 1000, "n_nodes": 8, "n_mc_error": 4000},
-       "tiny": {"n_mc": 300, "n_nodes": 6, "n_mc_error": 1000}}
+_BO = {
+    "paper": {},
+    "quick": {"n_mc": 1000, "n_nodes": 8, "n_mc_error": 4000},
+    "tiny": {"n_mc": 300, "n_nodes": 6, "n_mc_error": 1000},
+}
 
 
-def settings_for(number: int, mode: str = "paper", *, dim: int | None = None, seeds: int | None = None,
-                 n_mc: int | None = None) -> Settings:
+def settings_for(
+    number: int, mode: str = "paper", *, dim: int | None = None, seeds: int | None = None, n_mc: int | None = None
+) -> Settings:
     check_number(number)
     if mode not in ("paper", "quick", "tiny"):
         raise FigureError(f"mode must be 'paper', 'quick' or 'tiny', got {mode!r}")
@@ -128,8 +149,10 @@ class Figure:
         return [] if self.followups is None else list(self.followups(self, frame))
 
     def followup_specs(self, frame) -> tuple[SweepSpec, ...]:
-        return tuple(parse_sweep(d, source=f"figure {self.number} ({d['sweep']['name']})", base_dir=self.out)
-                     for d in self.followup_docs(frame))
+        return tuple(
+            parse_sweep(d, source=f"figure {self.number} ({d['sweep']['name']})", base_dir=self.out)
+            for d in self.followup_docs(frame)
+        )
 
     @property
     def database(self) -> Path:
@@ -174,8 +197,12 @@ def _lin(start: float, stop: float, num: int) -> list[float]:
 
 
 def _doc(fig: int, name: str, db: Path, params: dict, axes: dict, run: dict, continuation: str = "") -> dict:
-    return {"sweep": {"name": f"fig{fig}-{name}", "database": str(db), "continuation": continuation},
-            "params": params, "axes": axes, "run": run}
+    return {
+        "sweep": {"name": f"fig{fig}-{name}", "database": str(db), "continuation": continuation},
+        "params": params,
+        "axes": axes,
+        "run": run,
+    }
 
 
 FIG1 = dict(alpha=0.1, alpha_ft=3.0, tokens=3, kappa0=1.0, kappa=1.0, activation="softmax")
@@ -191,10 +218,24 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
         # tiny (tests): linear sigma, whose pre-training is in closed form (seconds, not minutes)
         base1 = dict(FIG1, activation="linear") if s.mode == "tiny" else dict(FIG1)
         docs = [
-            _doc(1, "theory", db, dict(base1), {"noise": [0.5, 2.0], "lam_ft": lam_ft, "lam": lam},
-                 {"theory": th, "baselines": ["lora_only"], "bayes_optimal": dict(s.bo)}, "lam"),
-            _doc(1, "simulate", db, dict(base1), {"noise": [0.5, 2.0], "lam_ft": lam_ft, "lam": _sub(lam, s.sim_points)},
-                 {"simulate": sim}, ""),
+            _doc(
+                1,
+                "theory",
+                db,
+                dict(base1),
+                {"noise": [0.5, 2.0], "lam_ft": lam_ft, "lam": lam},
+                {"theory": th, "baselines": ["lora_only"], "bayes_optimal": dict(s.bo)},
+                "lam",
+            ),
+            _doc(
+                1,
+                "simulate",
+                db,
+                dict(base1),
+                {"noise": [0.5, 2.0], "lam_ft": lam_ft, "lam": _sub(lam, s.sim_points)},
+                {"simulate": sim},
+                "",
+            ),
         ]
         return "E' vs pre-training ridge lambda" + (" (tiny: linear sigma)" if s.mode == "tiny" else ""), docs
     if number in (2, 5):
@@ -205,15 +246,37 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
         base = dict(tokens=3, lam_ft=0.5, activation=act, alpha=0.1, lam=0.1)
         eff = {"M": 1.0, "Q": "Q0"}
         docs = [
-            _doc(number, "theory", db, dict(base), {"noise": noise, "alpha_ft": alpha_ft, "kappa0": kappa0},
-                 {EFF_THEORY: dict(th, **eff)}, "kappa0"),
-            _doc(number, "simulate", db, dict(base),
-                 {"noise": noise, "alpha_ft": alpha_ft, "kappa0": _sub(kappa0, s.sim_points)},
-                 {EFF_SIM: dict(sim, **eff)}, ""),
+            _doc(
+                number,
+                "theory",
+                db,
+                dict(base),
+                {"noise": noise, "alpha_ft": alpha_ft, "kappa0": kappa0},
+                {EFF_THEORY: dict(th, **eff)},
+                "kappa0",
+            ),
+            _doc(
+                number,
+                "simulate",
+                db,
+                dict(base),
+                {"noise": noise, "alpha_ft": alpha_ft, "kappa0": _sub(kappa0, s.sim_points)},
+                {EFF_SIM: dict(sim, **eff)},
+                "",
+            ),
         ]
         if number == 5:  # the reference Delta_eff = 0: M = Q = Q0 with Delta = 0
-            docs.append(_doc(5, "reference", db, dict(base, kappa0=1.0), {"noise": [0.0], "alpha_ft": alpha_ft},
-                             {EFF_THEORY: dict(th, M="Q0", Q="Q0")}, ""))
+            docs.append(
+                _doc(
+                    5,
+                    "reference",
+                    db,
+                    dict(base, kappa0=1.0),
+                    {"noise": [0.0], "alpha_ft": alpha_ft},
+                    {EFF_THEORY: dict(th, M="Q0", Q="Q0")},
+                    "",
+                )
+            )
             return "linear sigma: E' vs Delta_eff on an effective pre-training", docs
         return "E' vs Delta_eff on an effective pre-training, softmax", docs
     if number == 3:
@@ -221,8 +284,15 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
         # reuse (e = 1) needs N' <= N: at small D the simulations run anyway (Params.sizes checks)
         docs = [
             _doc(3, "theory", db, dict(FIG3), {"lam_ft": [0.1, 1.0], "lam": lam}, {"theory": th}, "lam"),
-            _doc(3, "simulate", db, dict(FIG3), {"lam_ft": [0.1, 1.0], "lam": _sub(lam, s.sim_points)},
-                 {"simulate": sim}, ""),
+            _doc(
+                3,
+                "simulate",
+                db,
+                dict(FIG3),
+                {"lam_ft": [0.1, 1.0], "lam": _sub(lam, s.sim_points)},
+                {"simulate": sim},
+                "",
+            ),
         ]
         return "e = 1 (reused sequences): errors and overlap vs lambda", docs
     if number == 4:
@@ -233,11 +303,24 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
         eff = {"M": 1.0, "Q": "Q0"}
         rho = [0.1, 0.3]
         docs = [
-            _doc(4, "theory", db, dict(base), {"alpha_ft": [r * pool for r in rho], "lam_ft": lam_ft, "kappa0": kappa0},
-                 {ACTIVE_THEORY: dict(th, **eff)}, ""),
-            _doc(4, "simulate", db, dict(base),
-                 {"alpha_ft": [r * pool for r in rho], "lam_ft": lam_ft, "kappa0": _sub(kappa0, s.sim_points)},
-                 {EFF_SIM: dict(sim, **eff)}, ""),
+            _doc(
+                4,
+                "theory",
+                db,
+                dict(base),
+                {"alpha_ft": [r * pool for r in rho], "lam_ft": lam_ft, "kappa0": kappa0},
+                {ACTIVE_THEORY: dict(th, **eff)},
+                "",
+            ),
+            _doc(
+                4,
+                "simulate",
+                db,
+                dict(base),
+                {"alpha_ft": [r * pool for r in rho], "lam_ft": lam_ft, "kappa0": _sub(kappa0, s.sim_points)},
+                {EFF_SIM: dict(sim, **eff)},
+                "",
+            ),
         ]
         return "active fine-tuning (Algorithm 1) vs uniform", docs
     if number == 6:
@@ -246,16 +329,51 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
         factors = _lin(0.5, 1.5, max(3, 2 * s.points + 1))
         lam_ft = _grid(1e-2, 10.0, s.points)
         docs = [
-            _doc(6, "beta", db, dict(base), {"lam": lam_left, "beta": sorted(set(factors) | {1.0, 0.8})},
-                 {RECAL_PRETRAIN: dict(th)}, ""),
-            _doc(6, "uncalibrated", db, dict(base, lam=0.005, beta=1.0), {"lam_ft": lam_ft},
-                 {"theory": th, "bayes_optimal": dict(s.bo)}, "lam_ft"),
-            _doc(6, "recalibrated", db, dict(base, lam=0.005, beta=0.8), {"lam_ft": lam_ft},
-                 {RECAL_THEORY: dict(th)}, "lam_ft"),
-            _doc(6, "simulate-uncalibrated", db, dict(base, lam=0.005, beta=1.0),
-                 {"lam_ft": _sub(lam_ft, s.sim_points)}, {"simulate": sim}, ""),
-            _doc(6, "simulate-recalibrated", db, dict(base, lam=0.005, beta=0.8),
-                 {"lam_ft": _sub(lam_ft, s.sim_points)}, {RECAL_SIM: dict(sim, n_mc=s.n_mc)}, ""),
+            _doc(
+                6,
+                "beta",
+                db,
+                dict(base),
+                {"lam": lam_left, "beta": sorted(set(factors) | {1.0, 0.8})},
+                {RECAL_PRETRAIN: dict(th)},
+                "",
+            ),
+            _doc(
+                6,
+                "uncalibrated",
+                db,
+                dict(base, lam=0.005, beta=1.0),
+                {"lam_ft": lam_ft},
+                {"theory": th, "bayes_optimal": dict(s.bo)},
+                "lam_ft",
+            ),
+            _doc(
+                6,
+                "recalibrated",
+                db,
+                dict(base, lam=0.005, beta=0.8),
+                {"lam_ft": lam_ft},
+                {RECAL_THEORY: dict(th)},
+                "lam_ft",
+            ),
+            _doc(
+                6,
+                "simulate-uncalibrated",
+                db,
+                dict(base, lam=0.005, beta=1.0),
+                {"lam_ft": _sub(lam_ft, s.sim_points)},
+                {"simulate": sim},
+                "",
+            ),
+            _doc(
+                6,
+                "simulate-recalibrated",
+                db,
+                dict(base, lam=0.005, beta=0.8),
+                {"lam_ft": _sub(lam_ft, s.sim_points)},
+                {RECAL_SIM: dict(sim, n_mc=s.n_mc)},
+                "",
+            ),
         ]
         return "recalibration of the frozen map, beta = 0.8 beta* vs 1", docs
     raise FigureError(f"figure number must be one of {list(FIGURES)}, got {number!r}")  # pragma: no cover
@@ -272,13 +390,29 @@ def _fig1_inset(fig: Figure, frame) -> list[dict]:
             continue
         lam_best = float(t.loc[t["finetune_test_error"].idxmin(), "lam"])
         base1 = dict(FIG1, activation="linear") if s.mode == "tiny" else dict(FIG1)
-        docs.append(_doc(1, f"inset-noise{noise:g}", fig.database.absolute(), dict(base1, noise=noise, lam=lam_best),
-                         {"lam_ft": _grid(1e-2, 10.0, max(3, s.points))}, {"theory": {"n_mc": s.n_mc}}, "lam_ft"))
+        docs.append(
+            _doc(
+                1,
+                f"inset-noise{noise:g}",
+                fig.database.absolute(),
+                dict(base1, noise=noise, lam=lam_best),
+                {"lam_ft": _grid(1e-2, 10.0, max(3, s.points))},
+                {"theory": {"n_mc": s.n_mc}},
+                "lam_ft",
+            )
+        )
     return docs
 
 
-def build_figure(number: int, *, mode: str = "paper", out: str | os.PathLike = "results/figures",
-                 dim: int | None = None, seeds: int | None = None, n_mc: int | None = None) -> Figure:
+def build_figure(
+    number: int,
+    *,
+    mode: str = "paper",
+    out: str | os.PathLike = "results/figures",
+    dim: int | None = None,
+    seeds: int | None = None,
+    n_mc: int | None = None,
+) -> Figure:
     """The sweeps of figure ``number`` (validated: every Params of every grid is built); runs nothing."""
     check_number(number)
     s = settings_for(number, mode, dim=dim, seeds=seeds, n_mc=n_mc)
@@ -286,13 +420,21 @@ def build_figure(number: int, *, mode: str = "paper", out: str | os.PathLike = "
     db = (out / f"fig{number}.sqlite").absolute()
     title, docs = _docs(number, s, db)
     specs = tuple(parse_sweep(d, source=f"figure {number} ({d['sweep']['name']})", base_dir=out) for d in docs)
-    return Figure(number=number, title=title, settings=s, sweeps=specs, out=out, docs=tuple(docs),
-                  followups=_fig1_inset if number == 1 else None)
+    return Figure(
+        number=number,
+        title=title,
+        settings=s,
+        sweeps=specs,
+        out=out,
+        docs=tuple(docs),
+        followups=_fig1_inset if number == 1 else None,
+    )
 
 
 # ----- running -------------------------------------------------------------------------------------------
 def toml_text(doc: Mapping[str, Any]) -> str:
     """A sweep document as TOML (the subset sweep files use: tables of scalars and lists)."""
+
     def val(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -329,8 +471,7 @@ def toml_text(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_figure(fig: Figure, *, workers: int | None = None, scheduler: str | None = None,
-               progress: bool = True) -> list:
+def run_figure(fig: Figure, *, workers: int | None = None, scheduler: str | None = None, progress: bool = True) -> list:
     """Run what is missing of every sweep of the figure (resumable); returns the SweepReports."""
     from .store import Store
     from .sweep import run_sweep
@@ -351,8 +492,9 @@ def run_figure(fig: Figure, *, workers: int | None = None, scheduler: str | None
     if fig.followups is not None:
         docs = fig.followup_docs(_frame(fig.sweeps, fig.database))
         write(docs)
-        extra = tuple(parse_sweep(d, source=f"figure {fig.number} ({d['sweep']['name']})", base_dir=fig.out)
-                      for d in docs)
+        extra = tuple(
+            parse_sweep(d, source=f"figure {fig.number} ({d['sweep']['name']})", base_dir=fig.out) for d in docs
+        )
         with Store(fig.database) as store:
             for spec in extra:
                 reports.append(run_sweep(spec, workers=workers, scheduler=scheduler, progress=progress, store=store))
@@ -483,12 +625,25 @@ def _plot1(fig: Figure, df, plt):
                     best.setdefault(noise, []).append((t.loc[j, "finetune_test_error"], t.loc[j, "lam"], lf))
             s = sm[(sm["noise"] == noise) & (sm["lam_ft"] == lf)].sort_values("lam")
             if len(s):
-                ax.errorbar(s["lam"], s["finetune_test_error"], yerr=_std(s, "finetune_test_error"), fmt="s",
-                            color=c, ms=5, capsize=2, mfc="none")
+                ax.errorbar(
+                    s["lam"],
+                    s["finetune_test_error"],
+                    yerr=_std(s, "finetune_test_error"),
+                    fmt="s",
+                    color=c,
+                    ms=5,
+                    capsize=2,
+                    mfc="none",
+                )
             l = lo[(lo["noise"] == noise) & (lo["lam_ft"] == lf)]
             if len(l) and math.isfinite(lf):
-                ax.axhline(l["finetune_test_error"].iloc[0], color=c, ls=":", lw=1.2,
-                           label=f"LoRA only ($\\lambda=\\infty$), $\\lambda'$={_fmt(lf)}")
+                ax.axhline(
+                    l["finetune_test_error"].iloc[0],
+                    color=c,
+                    ls=":",
+                    lw=1.2,
+                    label=f"LoRA only ($\\lambda=\\infty$), $\\lambda'$={_fmt(lf)}",
+                )
         b = bo[bo["noise"] == noise]
         if len(b):
             ax.axhline(b["bo_finetune_test_error"].iloc[0], color="k", ls="--", lw=1.2, label="Bayes-optimal")
@@ -503,19 +658,34 @@ def _plot1(fig: Figure, df, plt):
         if not len(t):
             continue
         lam_best = float(t["lam"].iloc[0])
-        ax.plot(t["lam_ft"], _line(t, "finetune_test_error"), "-", color=_COLORS[i],
-                label=f"$\\Delta$={noise:g} at $\\lambda$={lam_best:.3g}")
+        ax.plot(
+            t["lam_ft"],
+            _line(t, "finetune_test_error"),
+            "-",
+            color=_COLORS[i],
+            label=f"$\\Delta$={noise:g} at $\\lambda$={lam_best:.3g}",
+        )
         _mark_nonconverged(ax, t, "lam_ft", "finetune_test_error", _COLORS[i])
         j = t["finetune_test_error"].idxmin()
         ax.axvline(t.loc[j, "lam_ft"], color="darkred", ls="--", lw=0.8)
         fz = th[(th["noise"] == noise) & (th["lam"] == lam_best) & (th["lam_ft"] == math.inf)]
         if len(fz):
-            ax.axhline(fz["finetune_test_error"].iloc[0], color=_COLORS[i], ls=":", lw=1,
-                       label=f"$\\lambda'=\\infty$ (frozen), $\\Delta$={noise:g}")
+            ax.axhline(
+                fz["finetune_test_error"].iloc[0],
+                color=_COLORS[i],
+                ls=":",
+                lw=1,
+                label=f"$\\lambda'=\\infty$ (frozen), $\\Delta$={noise:g}",
+            )
         b = bo[bo["noise"] == noise]
         if len(b):
-            ax.axhline(b["bo_finetune_test_error"].iloc[0], color=_COLORS[i], ls="--", lw=1,
-                       label=f"Bayes-optimal, $\\Delta$={noise:g}")
+            ax.axhline(
+                b["bo_finetune_test_error"].iloc[0],
+                color=_COLORS[i],
+                ls="--",
+                lw=1,
+                label=f"Bayes-optimal, $\\Delta$={noise:g}",
+            )
     ax.set_xscale("log")
     ax.set_xlabel(r"$\lambda'$ (LoRA ridge)")
     ax.set_ylabel(r"$\mathcal{E}'$")
@@ -540,13 +710,21 @@ def _plot_effective(fig: Figure, df, plt, panels: Sequence[tuple[str, float]], e
                 _mark_nonconverged(ax, t, "delta_eff", "finetune_test_error", c)
             s = sm[(sm["noise"] == noise) & (sm["alpha_ft"] == a)].sort_values("delta_eff_law")
             if len(s):
-                ax.errorbar(s["delta_eff_law"], s["finetune_test_error"], yerr=_std(s, "finetune_test_error"),
-                            fmt="o", color=c, ms=5, capsize=2, mfc="none")
+                ax.errorbar(
+                    s["delta_eff_law"],
+                    s["finetune_test_error"],
+                    yerr=_std(s, "finetune_test_error"),
+                    fmt="o",
+                    color=c,
+                    ms=5,
+                    capsize=2,
+                    mfc="none",
+                )
         ax.set_xlabel(r"$\Delta_{\rm eff}=\Delta/2+Q_0-2M+Q$  ($M=1$, $Q_0=Q$)")
         ax.set_ylabel(r"$\mathcal{E}'$")
         ax.set_title(title + " (dots: simulations)")
         _legend(ax)
-    if ref is not None:   # i.e. excess
+    if ref is not None:  # i.e. excess
         ax = axes[-1]
         for i, a in enumerate([1.0, 3.0, 10.0]):
             c = _COLORS[i]
@@ -558,8 +736,16 @@ def _plot_effective(fig: Figure, df, plt, panels: Sequence[tuple[str, float]], e
             ax.plot(t["delta_eff"], t["finetune_test_error"] - e0, "-", color=c, label=f"theory $\\alpha'$={a:g}")
             s = sm[(sm["noise"] == 0.0) & (sm["alpha_ft"] == a)].sort_values("delta_eff_law")
             if len(s):
-                ax.errorbar(s["delta_eff_law"], s["finetune_test_error"] - e0, yerr=_std(s, "finetune_test_error"),
-                            fmt="o", color=c, ms=5, capsize=2, mfc="none")
+                ax.errorbar(
+                    s["delta_eff_law"],
+                    s["finetune_test_error"] - e0,
+                    yerr=_std(s, "finetune_test_error"),
+                    fmt="o",
+                    color=c,
+                    ms=5,
+                    capsize=2,
+                    mfc="none",
+                )
         ax.set_xlabel(r"$\Delta_{\rm eff}$")
         ax.set_ylabel(r"$\mathcal{E}'(\Delta_{\rm eff})-\mathcal{E}'(\Delta_{\rm eff}=0)$ (theory)")
         ax.set_title("excess error w.r.t. $\\Delta_{\\rm eff}=0$")
@@ -573,8 +759,10 @@ def _plot3(fig: Figure, df, plt):
     t0 = th[th["lam_ft"] == 0.1].sort_values("lam")
     s0 = sm[sm["lam_ft"] == 0.1].sort_values("lam")
     ax = axes[0]
-    for key, name, c in (("pretrain_train_error", r"$\mathcal{L}$ (train)", "tab:blue"),
-                         ("pretrain_test_error", r"$\mathcal{E}$ (test)", "tab:red")):
+    for key, name, c in (
+        ("pretrain_train_error", r"$\mathcal{L}$ (train)", "tab:blue"),
+        ("pretrain_test_error", r"$\mathcal{E}$ (test)", "tab:red"),
+    ):
         ax.plot(t0["lam"], t0[key], "-", color=c, label=name)
         if len(s0):
             ax.errorbar(s0["lam"], s0[key], yerr=_std(s0, key), fmt="o", color=c, ms=5, capsize=2, mfc="none")
@@ -612,9 +800,16 @@ def _plot4(fig: Figure, df, plt):
         rows = []
         for _, g in t.groupby("kappa0"):
             ia, iu = g["finetune_test_error"].idxmin(), g["uniform_finetune_test_error"].idxmin()
-            rows.append(dict(delta_eff=g["delta_eff"].iloc[0], act=g.loc[ia, "finetune_test_error"],
-                             uni=g.loc[iu, "uniform_finetune_test_error"], o_act=g.loc[ia, "overlap"],
-                             o_uni=g.loc[iu, "uniform_overlap"], lam_a=g.loc[ia, "lam_ft"]))
+            rows.append(
+                dict(
+                    delta_eff=g["delta_eff"].iloc[0],
+                    act=g.loc[ia, "finetune_test_error"],
+                    uni=g.loc[iu, "uniform_finetune_test_error"],
+                    o_act=g.loc[ia, "overlap"],
+                    o_uni=g.loc[iu, "uniform_overlap"],
+                    lam_a=g.loc[ia, "lam_ft"],
+                )
+            )
         rows.sort(key=lambda r: r["delta_eff"])
         x = np.array([r["delta_eff"] for r in rows])
         act, uni = np.array([r["act"] for r in rows]), np.array([r["uni"] for r in rows])
@@ -633,15 +828,40 @@ def _plot4(fig: Figure, df, plt):
             xs = [r[0] for r in srows]
             ga = pd.concat([r[1] for r in srows])
             gu = pd.concat([r[2] for r in srows])
-            axes[0].errorbar(xs, ga["finetune_test_error"], yerr=_std(ga, "finetune_test_error"), fmt="o", color=c,
-                             capsize=2, ms=5)
-            axes[0].errorbar(xs, gu["uniform_finetune_test_error"], yerr=_std(gu, "uniform_finetune_test_error"),
-                             fmt="o", color=c, capsize=2, ms=5, mfc="none")
-            axes[1].errorbar(xs, ga["delta_finetune_test_error"], yerr=_std(ga, "delta_finetune_test_error"),
-                             fmt="o", color=c, capsize=2, ms=5, mfc="none")
+            axes[0].errorbar(
+                xs, ga["finetune_test_error"], yerr=_std(ga, "finetune_test_error"), fmt="o", color=c, capsize=2, ms=5
+            )
+            axes[0].errorbar(
+                xs,
+                gu["uniform_finetune_test_error"],
+                yerr=_std(gu, "uniform_finetune_test_error"),
+                fmt="o",
+                color=c,
+                capsize=2,
+                ms=5,
+                mfc="none",
+            )
+            axes[1].errorbar(
+                xs,
+                ga["delta_finetune_test_error"],
+                yerr=_std(ga, "delta_finetune_test_error"),
+                fmt="o",
+                color=c,
+                capsize=2,
+                ms=5,
+                mfc="none",
+            )
             axes[2].errorbar(xs, ga["overlap"], yerr=_std(ga, "overlap"), fmt="o", color=c, capsize=2, ms=5)
-            axes[2].errorbar(xs, gu["uniform_overlap"], yerr=_std(gu, "uniform_overlap"), fmt="o", color=c,
-                             capsize=2, ms=5, mfc="none")
+            axes[2].errorbar(
+                xs,
+                gu["uniform_overlap"],
+                yerr=_std(gu, "uniform_overlap"),
+                fmt="o",
+                color=c,
+                capsize=2,
+                ms=5,
+                mfc="none",
+            )
     lam_ft = sorted(set(th["lam_ft"])) if len(th) else []
     axes[0].set_ylabel(r"$\mathcal{E}'$ (min over $\lambda'\in$" + f"{[float(v) for v in lam_ft]})")
     axes[0].set_title(r"$\mathcal{E}'(\hat W,\hat w)$ (dashed) vs $\mathcal{E}'(\hat W,\hat w_{\rm ActFT})$")
@@ -671,9 +891,12 @@ def _plot6(fig: Figure, df, plt):
     ax.set_title(r"pre-training, circles: uncalibrated $\beta=1$")
     _legend(ax)
     ax = axes[1]
-    for i, (th_name, lab, sim_name, sim_lab) in enumerate((
+    for i, (th_name, lab, sim_name, sim_lab) in enumerate(
+        (
             ("fig6-uncalibrated", "theory", "fig6-simulate-uncalibrated", "simulate"),
-            ("fig6-recalibrated", RECAL_THEORY, "fig6-simulate-recalibrated", RECAL_SIM))):
+            ("fig6-recalibrated", RECAL_THEORY, "fig6-simulate-recalibrated", RECAL_SIM),
+        )
+    ):
         c = _COLORS[i]
         name = r"$\beta=1$" if i == 0 else r"$\beta=0.8\beta^\star$"
         t = _ok(df, th_name, lab).sort_values("lam_ft")
@@ -682,8 +905,16 @@ def _plot6(fig: Figure, df, plt):
             _mark_nonconverged(ax, t, "lam_ft", "finetune_test_error", c)
         s = _ok(df, sim_name, sim_lab).sort_values("lam_ft")
         if len(s):
-            ax.errorbar(s["lam_ft"], s["finetune_test_error"], yerr=_std(s, "finetune_test_error"), fmt="s",
-                        color=c, capsize=2, ms=5, mfc="none")
+            ax.errorbar(
+                s["lam_ft"],
+                s["finetune_test_error"],
+                yerr=_std(s, "finetune_test_error"),
+                fmt="s",
+                color=c,
+                capsize=2,
+                ms=5,
+                mfc="none",
+            )
     bo = _ok(df, "fig6-uncalibrated", "bayes_optimal")
     if len(bo):
         ax.axhline(bo["bo_finetune_test_error"].iloc[0], color="k", ls="--", lw=1.2, label="Bayes-optimal")
@@ -695,10 +926,31 @@ def _plot6(fig: Figure, df, plt):
     return mfig
 
 
-_PLOTTED = ("sweep", "label", "status", "lam", "lam_ft", "noise", "alpha_ft", "kappa0", "beta", "n_seeds", "converged",
-            "finetune_test_error", "overlap", "pretrain_train_error", "pretrain_test_error", "delta_eff",
-            "delta_eff_law", "bo_finetune_test_error", "uniform_finetune_test_error", "uniform_overlap",
-            "delta_finetune_test_error", "recalibrated_test_error", "beta_star")
+_PLOTTED = (
+    "sweep",
+    "label",
+    "status",
+    "lam",
+    "lam_ft",
+    "noise",
+    "alpha_ft",
+    "kappa0",
+    "beta",
+    "n_seeds",
+    "converged",
+    "finetune_test_error",
+    "overlap",
+    "pretrain_train_error",
+    "pretrain_test_error",
+    "delta_eff",
+    "delta_eff_law",
+    "bo_finetune_test_error",
+    "uniform_finetune_test_error",
+    "uniform_overlap",
+    "delta_finetune_test_error",
+    "recalibrated_test_error",
+    "beta_star",
+)
 
 
 @dataclass(frozen=True)
@@ -728,8 +980,11 @@ class Coverage:
         return self.ok == self.tasks
 
     def summary(self) -> str:
-        parts = [f"{name}: {o}/{t} ok" + (f", {f} failed" if f else "")
-                 for name, (t, o, f) in self.per_sweep.items() if o < t]
+        parts = [
+            f"{name}: {o}/{t} ok" + (f", {f} failed" if f else "")
+            for name, (t, o, f) in self.per_sweep.items()
+            if o < t
+        ]
         return f"{self.ok} of {self.tasks} tasks stored as ok ({'; '.join(parts)})"
 
 
@@ -746,8 +1001,11 @@ def coverage(fig: Figure, df) -> Coverage:
     for spec in specs:
         d = df[df["sweep"] == spec.name] if "sweep" in df else df.iloc[0:0]
         counted = len(d) > 0 and "status" in d
-        per[spec.name] = (len(plan(spec).tasks), int((d["status"] == "ok").sum()) if counted else 0,
-                          int((d["status"] == "failed").sum()) if counted else 0)
+        per[spec.name] = (
+            len(plan(spec).tasks),
+            int((d["status"] == "ok").sum()) if counted else 0,
+            int((d["status"] == "failed").sum()) if counted else 0,
+        )
     return Coverage(per)
 
 
@@ -785,12 +1043,17 @@ def plot_figure(fig: Figure, df=None) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 (a hint only)
             modes = []
         if modes:
-            hint = f"; the database holds results of the {' / '.join(modes)} mode: add --{modes[0]}" \
-                if modes[0] != "paper" else "; the database holds results of the paper mode: drop --quick / --tiny"
-        raise FigureError(f"figure {fig.number} ({fig.settings.mode} mode, D = {fig.settings.dim}, "
-                          f"{fig.settings.seeds} seed(s), n_mc = {fig.settings.n_mc}): none of its {cov.tasks} tasks "
-                          f"is stored as ok in {fig.database}{hint} (or run without --plot-only); "
-                          f"{fig.path('png')} is left as it is")
+            hint = (
+                f"; the database holds results of the {' / '.join(modes)} mode: add --{modes[0]}"
+                if modes[0] != "paper"
+                else "; the database holds results of the paper mode: drop --quick / --tiny"
+            )
+        raise FigureError(
+            f"figure {fig.number} ({fig.settings.mode} mode, D = {fig.settings.dim}, "
+            f"{fig.settings.seeds} seed(s), n_mc = {fig.settings.n_mc}): none of its {cov.tasks} tasks "
+            f"is stored as ok in {fig.database}{hint} (or run without --plot-only); "
+            f"{fig.path('png')} is left as it is"
+        )
     import matplotlib
 
     matplotlib.use("Agg")

@@ -53,6 +53,7 @@ is recorded but never chosen as the optimum; in the search it counts as worse th
 converged solve. If no solve converged, the best non-converged one is returned with
 ``converged=False`` and a :class:`NonConvergenceWarning`.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -177,7 +178,9 @@ def _check_over(over: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _check_bounds(over: tuple[str, ...], bounds: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, float]]:
+def _check_bounds(
+    over: tuple[str, ...], bounds: Mapping[str, Sequence[float]] | None
+) -> dict[str, tuple[float, float]]:
     bounds = dict(bounds or {})
     for n in bounds:
         if n not in over:
@@ -199,12 +202,23 @@ def _check_bounds(over: tuple[str, ...], bounds: Mapping[str, Sequence[float]] |
 class _Evaluator:
     """Solves at log10 points, caches them, warm-starts from the nearest converged solve."""
 
-    def __init__(self, params: Params, target: str, over: tuple[str, ...], maximize: bool, *, n_mc: int,
-                 seed: int, tol: float, max_iter: int, max_solves: int):
+    def __init__(
+        self,
+        params: Params,
+        target: str,
+        over: tuple[str, ...],
+        maximize: bool,
+        *,
+        n_mc: int,
+        seed: int,
+        tol: float,
+        max_iter: int,
+        max_solves: int,
+    ):
         self.params, self.target, self.over, self.sign = params, target, over, (-1.0 if maximize else 1.0)
         self.n_mc, self.seed, self.tol, self.max_iter, self.max_solves = n_mc, seed, tol, max_iter, max_solves
         self.cache: dict[tuple, float] = {}
-        self.solved: list[tuple[np.ndarray, Any, SolveRecord]] = []   # (log point, result, record)
+        self.solved: list[tuple[np.ndarray, Any, SolveRecord]] = []  # (log point, result, record)
         self.phase = "grid"
         self.lam_index = over.index("lam") if "lam" in over else None
         self.on_solve: Callable[[SolveRecord], None] | None = None
@@ -233,11 +247,13 @@ class _Evaluator:
     def _solve(self, p: Params, init):
         if self.target == "pretrain_test_error":
             from ..theory.pretrain import solve_pretrain
-            return solve_pretrain(p, n_mc=self.n_mc, seed=self.seed, tol=self.tol, max_iter=self.max_iter,
-                                  init=init, warn=False)
+
+            return solve_pretrain(
+                p, n_mc=self.n_mc, seed=self.seed, tol=self.tol, max_iter=self.max_iter, init=init, warn=False
+            )
         from ..theory.solve import solve
-        return solve(p, n_mc=self.n_mc, seed=self.seed, tol=self.tol, max_iter=self.max_iter, init=init,
-                     warn=False)
+
+        return solve(p, n_mc=self.n_mc, seed=self.seed, tol=self.tol, max_iter=self.max_iter, init=init, warn=False)
 
     def value(self, x: Sequence[float] | np.ndarray) -> float:
         """The target at log10 point x (raw value, NaN if unavailable)."""
@@ -247,7 +263,7 @@ class _Evaluator:
             return self.cache[key]
         if len(self.solved) >= self.max_solves:
             raise _BudgetExhausted
-        point = {n: float(10.0 ** xi) for n, xi in zip(self.over, xa)}
+        point = {n: float(10.0**xi) for n, xi in zip(self.over, xa)}
         init = self._init(xa)
         rec = self._record(xa, point, init, self.phase)
         if not self._ok(rec) and init is not None and len(self.solved) < self.max_solves:
@@ -261,14 +277,15 @@ class _Evaluator:
         t0 = time.perf_counter()
         try:
             res = self._solve(self.params.replace(**point), init)
-        except FloatingPointError:      # a stage left its domain: no fixed point here
+        except FloatingPointError:  # a stage left its domain: no fixed point here
             res = None
         if res is None:
             val, conv, its = math.nan, False, 0
         else:
             val, conv, its = float(getattr(res, self.target)), bool(res.converged), int(res.iterations)
-        rec = SolveRecord(point=point, value=val, converged=conv, iterations=its,
-                          wall_time=time.perf_counter() - t0, phase=phase)
+        rec = SolveRecord(
+            point=point, value=val, converged=conv, iterations=its, wall_time=time.perf_counter() - t0, phase=phase
+        )
         self.solved.append((x.copy(), res, rec))
         if self.on_solve is not None:
             self.on_solve(rec)
@@ -333,8 +350,11 @@ def _search_nd(ev: _Evaluator, lo: np.ndarray, hi: np.ndarray, n_grid: int, xtol
 
             _brent(f, a, b, xtol)
             # move to the best converged point of this line (the current x included)
-            cand = [(lx, rec) for lx, _, rec in ev.solved
-                    if ev._ok(rec) and np.allclose(np.delete(lx, j), np.delete(x, j), rtol=0, atol=1e-12)]
+            cand = [
+                (lx, rec)
+                for lx, _, rec in ev.solved
+                if ev._ok(rec) and np.allclose(np.delete(lx, j), np.delete(x, j), rtol=0, atol=1e-12)
+            ]
             if cand:
                 lx, _ = min(cand, key=lambda c: ev.sign * c[1].value)
                 x = lx.copy()
@@ -345,12 +365,24 @@ def _search_nd(ev: _Evaluator, lo: np.ndarray, hi: np.ndarray, n_grid: int, xtol
 
 
 # ------------------------------------------------------------------------------ entry point
-def optimize(params: Params, target: str, over: str | Sequence[str], *,
-             bounds: Mapping[str, Sequence[float]] | None = None, n_mc: int = DEFAULT_N_MC, seed: int = 0,
-             tol: float = DEFAULT_XTOL, max_solves: int = 300, maximize: bool | None = None,
-             n_grid: int | None = None, max_cycles: int = 8, solver_tol: float = 1e-7,
-             max_iter: int = 500, warn: bool = True,
-             on_solve: Callable[[SolveRecord], None] | None = None) -> OptimizeResult:
+def optimize(
+    params: Params,
+    target: str,
+    over: str | Sequence[str],
+    *,
+    bounds: Mapping[str, Sequence[float]] | None = None,
+    n_mc: int = DEFAULT_N_MC,
+    seed: int = 0,
+    tol: float = DEFAULT_XTOL,
+    max_solves: int = 300,
+    maximize: bool | None = None,
+    n_grid: int | None = None,
+    max_cycles: int = 8,
+    solver_tol: float = 1e-7,
+    max_iter: int = 500,
+    warn: bool = True,
+    on_solve: Callable[[SolveRecord], None] | None = None,
+) -> OptimizeResult:
     """Optimise a state-evolution prediction over lam, lam_ft and/or beta (log-scale search).
 
     Args:
@@ -383,8 +415,10 @@ def optimize(params: Params, target: str, over: str | Sequence[str], *,
         raise ParamError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     over = _check_over(over)
     if target == "pretrain_test_error" and over != ("lam",):
-        raise ParamError("target pretrain_test_error depends on lam only (pre-training, Result 4, does not see "
-                         f"lam_ft nor the recalibration beta): search over=('lam',), got {list(over)}")
+        raise ParamError(
+            "target pretrain_test_error depends on lam only (pre-training, Result 4, does not see "
+            f"lam_ft nor the recalibration beta): search over=('lam',), got {list(over)}"
+        )
     bnd = _check_bounds(over, bounds)
     if maximize is None:
         maximize = TARGETS[target]
@@ -398,12 +432,14 @@ def optimize(params: Params, target: str, over: str | Sequence[str], *,
     n_grid = DEFAULT_GRID[k] if n_grid is None else n_grid
     if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 3:
         raise ParamError(f"n_grid must be an integer >= 3, got {n_grid!r}")
-    if isinstance(max_solves, bool) or not isinstance(max_solves, int) or max_solves < n_grid ** k:
-        raise ParamError(f"max_solves must be an integer >= n_grid^{k} = {n_grid ** k} (the coarse grid), "
-                         f"got {max_solves!r}")
+    if isinstance(max_solves, bool) or not isinstance(max_solves, int) or max_solves < n_grid**k:
+        raise ParamError(
+            f"max_solves must be an integer >= n_grid^{k} = {n_grid**k} (the coarse grid), got {max_solves!r}"
+        )
 
-    ev = _Evaluator(params, target, over, maximize, n_mc=n_mc, seed=seed, tol=solver_tol, max_iter=max_iter,
-                    max_solves=max_solves)
+    ev = _Evaluator(
+        params, target, over, maximize, n_mc=n_mc, seed=seed, tol=solver_tol, max_iter=max_iter, max_solves=max_solves
+    )
     ev.on_solve = on_solve
     lo = np.array([math.log10(bnd[n][0]) for n in over])
     hi = np.array([math.log10(bnd[n][1]) for n in over])
@@ -421,24 +457,52 @@ def optimize(params: Params, target: str, over: str | Sequence[str], *,
     n_bad = sum(not ev._ok(r) for r in records)
     converged = ev._ok(rec)
     if warn and not converged:
-        warnings.warn(f"optimize: no state-evolution solve converged ({len(records)} solves); the returned "
-                      f"{target} = {rec.value:.6g} is not a converged prediction", NonConvergenceWarning, stacklevel=2)
+        warnings.warn(
+            f"optimize: no state-evolution solve converged ({len(records)} solves); the returned "
+            f"{target} = {rec.value:.6g} is not a converged prediction",
+            NonConvergenceWarning,
+            stacklevel=2,
+        )
     elif warn and n_bad:
-        warnings.warn(f"optimize: {n_bad} of {len(records)} solves did not converge (excluded from the optimum)",
-                      NonConvergenceWarning, stacklevel=2)
+        warnings.warn(
+            f"optimize: {n_bad} of {len(records)} solves did not converge (excluded from the optimum)",
+            NonConvergenceWarning,
+            stacklevel=2,
+        )
     if warn and exhausted:
-        warnings.warn(f"optimize: stopped at max_solves = {max_solves} before reaching tol = {tol}",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"optimize: stopped at max_solves = {max_solves} before reaching tol = {tol}", RuntimeWarning, stacklevel=2
+        )
     at_bound = {n: bool(lx[j] - lo[j] <= tol or hi[j] - lx[j] <= tol) for j, n in enumerate(over)}
     if res is None:
         solution, se = {}, math.nan
     else:
         solution = res.to_dict()
-        se = float(getattr(res, "mc_se", {}).get(target, math.nan)) if hasattr(res, "mc_se") else (
-            0.0 if getattr(res, "method", "") == "exact" else math.nan)
+        se = (
+            float(getattr(res, "mc_se", {}).get(target, math.nan))
+            if hasattr(res, "mc_se")
+            else (0.0 if getattr(res, "method", "") == "exact" else math.nan)
+        )
     return OptimizeResult(
-        target=target, maximize=maximize, over=over, optimum=dict(rec.point), value=rec.value, value_se=se,
-        converged=converged, all_converged=n_bad == 0, n_solves=len(records), n_not_converged=n_bad,
-        at_bound=at_bound, budget_exhausted=exhausted, records=records, bounds=bnd, xtol=float(tol),
-        n_grid=n_grid, n_mc=n_mc, seed=seed, params=params.replace(**rec.point).to_dict(), solution=solution,
-        wall_time=time.perf_counter() - t0)
+        target=target,
+        maximize=maximize,
+        over=over,
+        optimum=dict(rec.point),
+        value=rec.value,
+        value_se=se,
+        converged=converged,
+        all_converged=n_bad == 0,
+        n_solves=len(records),
+        n_not_converged=n_bad,
+        at_bound=at_bound,
+        budget_exhausted=exhausted,
+        records=records,
+        bounds=bnd,
+        xtol=float(tol),
+        n_grid=n_grid,
+        n_mc=n_mc,
+        seed=seed,
+        params=params.replace(**rec.point).to_dict(),
+        solution=solution,
+        wall_time=time.perf_counter() - t0,
+    )

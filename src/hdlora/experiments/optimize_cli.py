@@ -1,4 +1,5 @@
 """``hdlora optimize``: theory-driven tuning of lam, lam_ft and beta (see :mod:`.optimize`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ def parse_bounds(text: str | None) -> dict[str, tuple[float, float]]:
         name, eq, rng = item.partition("=")
         name = name.strip()
         if not eq or name not in HYPERPARAMETERS:
-            raise ParamError(f"--bounds: expected NAME=LOW:HIGH with NAME in {', '.join(HYPERPARAMETERS)}, got {item!r}")
+            raise ParamError(
+                f"--bounds: expected NAME=LOW:HIGH with NAME in {', '.join(HYPERPARAMETERS)}, got {item!r}"
+            )
         if name in out:
             raise ParamError(f"--bounds: {name} given twice")
         lo, colon, hi = rng.partition(":")
@@ -57,56 +60,81 @@ def _over(text: str) -> tuple[str, ...]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_param_arguments(p)
     g = p.add_argument_group("optimize")
-    g.add_argument("--target", default="finetune_test_error",
-                   help=f"quantity to optimise: {' | '.join(TARGETS)} (errors minimised, overlap maximised)")
-    g.add_argument("--over", required=True,
-                   help="comma-separated hyperparameters to search: lam, lam_ft, beta (e.g. lam,lam_ft)")
+    g.add_argument(
+        "--target",
+        default="finetune_test_error",
+        help=f"quantity to optimise: {' | '.join(TARGETS)} (errors minimised, overlap maximised)",
+    )
+    g.add_argument(
+        "--over", required=True, help="comma-separated hyperparameters to search: lam, lam_ft, beta (e.g. lam,lam_ft)"
+    )
     defaults = ",".join(f"{k}={lo:g}:{hi:g}" for k, (lo, hi) in DEFAULT_BOUNDS.items())
     g.add_argument("--bounds", default=None, help=f"search intervals (log scale), default {defaults}")
     g.add_argument("--beta", type=_float, default=1.0, help="recalibration beta (eq. 26) when beta is not searched")
     g.add_argument("--active-pool", type=_float, default=None, help="active fine-tuning pool alpha_bar' (Algorithm 1)")
     g.add_argument("--n-mc", type=integer, default=DEFAULT_N_MC, help="Monte-Carlo samples per expectation (>= 100)")
     g.add_argument("--seed", type=integer, default=0, help="seed of the fixed Monte-Carlo samples (all solves)")
-    g.add_argument("--tol", type=_float, default=DEFAULT_XTOL,
-                   help="tolerance on log10 of each hyperparameter (> 0)")
+    g.add_argument("--tol", type=_float, default=DEFAULT_XTOL, help="tolerance on log10 of each hyperparameter (> 0)")
     g.add_argument("--max-solves", type=integer, default=300, help="budget of state-evolution solves")
-    g.add_argument("--n-grid", type=integer, default=None,
-                   help="coarse-grid points per dimension (None: 7/5/4 for 1/2/3 hyperparameters)")
+    g.add_argument(
+        "--n-grid",
+        type=integer,
+        default=None,
+        help="coarse-grid points per dimension (None: 7/5/4 for 1/2/3 hyperparameters)",
+    )
     g.add_argument("--records", action="store_true", help="table output: list every solve")
-    g.add_argument("--json", action="store_true",
-                   help="print one JSON object (progress and warnings still go to stderr)")
-    g.add_argument("--dry-run", action="store_true",
-                   help="print the memory / time estimate (and whether it fits) and stop; nothing is allocated")
+    g.add_argument(
+        "--json", action="store_true", help="print one JSON object (progress and warnings still go to stderr)"
+    )
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory / time estimate (and whether it fits) and stop; nothing is allocated",
+    )
     add_common_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from .optimize import optimize
+
     if args.target not in TARGETS:
         raise ParamError(f"--target must be one of {', '.join(TARGETS)}, got {args.target!r}")
     over = _over(args.over)
     bounds = parse_bounds(args.bounds)
     params = params_from_args(args, beta=args.beta, active_pool=args.active_pool)
     from ..resources import optimize_gate
+
     if (rc := optimize_gate(args, params)) is not None:
         return rc
     bar = None
     if not args.quiet:
         from ..progress import bar as progress_bar
+
         bar = progress_bar(total=args.max_solves, desc="optimize", unit="solve", log_interval=5.0)
 
     def on_solve(rec) -> None:
         if bar is not None:
             point = ", ".join(f"{n} {v:.3g}" for n, v in rec.point.items())
-            bar.set_postfix_str(f"{rec.phase}: {point}: {rec.value:.4g}" + ("" if rec.converged else " (nc)"),
-                                refresh=False)
+            bar.set_postfix_str(
+                f"{rec.phase}: {point}: {rec.value:.4g}" + ("" if rec.converged else " (nc)"), refresh=False
+            )
             bar.update(1)
 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = optimize(params, args.target, over, bounds=bounds, n_mc=args.n_mc, seed=args.seed, tol=args.tol,
-                           max_solves=args.max_solves, n_grid=args.n_grid, on_solve=on_solve)
+            res = optimize(
+                params,
+                args.target,
+                over,
+                bounds=bounds,
+                n_mc=args.n_mc,
+                seed=args.seed,
+                tol=args.tol,
+                max_solves=args.max_solves,
+                n_grid=args.n_grid,
+                on_solve=on_solve,
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -136,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
         names = list(res.over)
         print("\n  " + "  ".join(f"{n:>10}" for n in names) + f"  {res.target:>20}  converged  phase")
         for r in res.records:
-            print("  " + "  ".join(f"{r.point[n]:10.4g}" for n in names)
-                  + f"  {r.value:20.8g}  {str(r.converged):>9}  {r.phase}")
+            print(
+                "  "
+                + "  ".join(f"{r.point[n]:10.4g}" for n in names)
+                + f"  {r.value:20.8g}  {str(r.converged):>9}  {r.phase}"
+            )
     return 0

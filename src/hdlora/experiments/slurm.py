@@ -15,6 +15,7 @@ none), kept for all the sweeps of a command (``hdlora figure``), and cancelled a
 shape; ``--workers N`` is the number of jobs.  ``dask_jobqueue`` is imported only here, when a
 cluster is started.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,17 +36,16 @@ OPTIONS: dict[str, str] = {
     "account": "SLURM account to charge (default: none given)",
     "job_extra_directives": "one more #SBATCH option, e.g. --exclusive or --qos=short (repeatable)",
     "job_script_prologue": "one shell line run in the job before the worker, e.g. "
-                           "'source /shared/venv/bin/activate' (repeatable)",
+    "'source /shared/venv/bin/activate' (repeatable)",
     "jobs": "number of SLURM jobs, integer >= 1 (default 1; the same as --workers)",
     "adapt": "MIN:MAX, scale between MIN and MAX jobs with the work left (instead of jobs)",
     "host": "address of this machine that the compute nodes reach (the scheduler binds to it; "
-            "default: this machine's outward address)",
+    "default: this machine's outward address)",
     "port": "scheduler port, integer 0..65535 (default 0: any free port)",
     "interface": "network interface of the workers, e.g. ib0 (default: the host name's address)",
-    "python": "Python on the compute nodes, with the same hdlora installed (default: this one, "
-              f"{sys.executable})",
+    "python": f"Python on the compute nodes, with the same hdlora installed (default: this one, {sys.executable})",
     "log_directory": "directory (on a shared filesystem) for the jobs' output (default: SLURM's, "
-                     "slurm-JOBID.out in the working directory)",
+    "slurm-JOBID.out in the working directory)",
     "local_directory": "worker scratch directory on the nodes (default: Dask's, in /tmp)",
     "job_name": "SLURM job name (default hdlora)",
 }
@@ -91,11 +91,18 @@ class SlurmOptions:
         # one BLAS thread per worker, set before Python starts (as the local pool's initializer does)
         prologue = [f"export {v}=1" for v in _THREAD_VARS] + list(self.job_script_prologue)
         kw: dict[str, Any] = dict(
-            cores=self.cores, processes=self.processes or self.cores,
-            memory=self.memory or f"{2 * self.cores}GB", walltime=self.walltime,
-            queue=self.queue, account=self.account, job_name=self.job_name,
-            job_extra_directives=list(self.job_extra_directives), job_script_prologue=prologue,
-            python=self.python, log_directory=self.log_directory, local_directory=self.local_directory,
+            cores=self.cores,
+            processes=self.processes or self.cores,
+            memory=self.memory or f"{2 * self.cores}GB",
+            walltime=self.walltime,
+            queue=self.queue,
+            account=self.account,
+            job_name=self.job_name,
+            job_extra_directives=list(self.job_extra_directives),
+            job_script_prologue=prologue,
+            python=self.python,
+            log_directory=self.log_directory,
+            local_directory=self.local_directory,
             scheduler_options={"host": host, "port": self.port, "dashboard_address": None},
         )
         if self.interface:
@@ -150,24 +157,30 @@ def parse_cluster_options(pairs: list[str], workers: int | None = None) -> Slurm
             except (ValueError, TypeError):
                 ok = False
             if not ok:
-                raise ClusterOptionError(f"--cluster-option memory={value}: expected a positive size such as 4GB "
-                                         "or 2GiB")
+                raise ClusterOptionError(
+                    f"--cluster-option memory={value}: expected a positive size such as 4GB or 2GiB"
+                )
             opts.memory = value
         elif key == "walltime":
             if not _WALLTIME.match(value):
-                raise ClusterOptionError(f"--cluster-option walltime={value}: expected SLURM's format, "
-                                         "MM, HH:MM:SS or D-HH:MM:SS")
+                raise ClusterOptionError(
+                    f"--cluster-option walltime={value}: expected SLURM's format, MM, HH:MM:SS or D-HH:MM:SS"
+                )
             opts.walltime = value
         elif key == "adapt":
             m = re.fullmatch(r"(\d+):(\d+)", value)
             if not m or int(m[2]) < 1 or int(m[1]) > int(m[2]):
-                raise ClusterOptionError(f"--cluster-option adapt={value}: expected MIN:MAX jobs with "
-                                         "0 <= MIN <= MAX and MAX >= 1, e.g. adapt=0:10")
+                raise ClusterOptionError(
+                    f"--cluster-option adapt={value}: expected MIN:MAX jobs with "
+                    "0 <= MIN <= MAX and MAX >= 1, e.g. adapt=0:10"
+                )
             opts.adapt = (int(m[1]), int(m[2]))
         elif key == "job_extra_directives":
             if not value.startswith("-"):
-                raise ClusterOptionError(f"--cluster-option job_extra_directives={value}: expected an sbatch "
-                                         "option such as --exclusive or --qos=short (without #SBATCH)")
+                raise ClusterOptionError(
+                    f"--cluster-option job_extra_directives={value}: expected an sbatch "
+                    "option such as --exclusive or --qos=short (without #SBATCH)"
+                )
             opts.job_extra_directives.append(value)
         elif key == "job_script_prologue":
             opts.job_script_prologue.append(value)
@@ -177,16 +190,20 @@ def parse_cluster_options(pairs: list[str], workers: int | None = None) -> Slurm
             setattr(opts, key, value)
     processes = opts.processes or opts.cores
     if processes > opts.cores or opts.cores % processes:
-        raise ClusterOptionError(f"--cluster-option processes={processes}: must divide cores={opts.cores} "
-                                 "(each worker gets cores/processes threads)")
+        raise ClusterOptionError(
+            f"--cluster-option processes={processes}: must divide cores={opts.cores} "
+            "(each worker gets cores/processes threads)"
+        )
     if workers is not None:
         if "jobs" in seen and opts.jobs != workers:
-            raise ClusterOptionError(f"--workers {workers} and --cluster-option jobs={opts.jobs} disagree; "
-                                     "give the number of jobs once")
+            raise ClusterOptionError(
+                f"--workers {workers} and --cluster-option jobs={opts.jobs} disagree; give the number of jobs once"
+            )
         opts.jobs = workers
     if opts.adapt is not None and opts.jobs is not None:
-        raise ClusterOptionError("--cluster-option adapt=MIN:MAX replaces a fixed number of jobs; "
-                                 "drop --workers / jobs=, or drop adapt")
+        raise ClusterOptionError(
+            "--cluster-option adapt=MIN:MAX replaces a fixed number of jobs; drop --workers / jobs=, or drop adapt"
+        )
     if opts.adapt is None and opts.jobs is None:
         opts.jobs = 1
     return opts
@@ -220,7 +237,7 @@ class SlurmCluster:
 
     def __init__(self, options: SlurmOptions) -> None:
         self.options = options
-        self._cluster: Any = None   # a dask_jobqueue.SLURMCluster once started
+        self._cluster: Any = None  # a dask_jobqueue.SLURMCluster once started
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SlurmCluster:
@@ -273,8 +290,10 @@ class SlurmCluster:
             proc = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
             why = " ".join((proc.stderr or proc.stdout).split()) or f"exit status {proc.returncode}"
-            raise ClusterStartError(f"--cluster slurm: SLURM refuses the job ({why}); "
-                                    "fix --cluster-option queue / account / memory / walltime / cores")
+            raise ClusterStartError(
+                f"--cluster slurm: SLURM refuses the job ({why}); "
+                "fix --cluster-option queue / account / memory / walltime / cores"
+            )
 
     def job_script(self) -> str:
         """The sbatch script the jobs are submitted with (starts the scheduler)."""

@@ -31,6 +31,7 @@ with a :class:`StoreError` (one line); ``Store(path, readonly=True)`` opens an
 existing database without writing anything to it (``mode=ro``), for plans,
 exports and plots.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,6 +56,7 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 
 class StoreError(Exception):
     """The results database cannot be used (not ours, unreadable, read-only, ...); a one-line message."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -219,6 +221,7 @@ class Store:
     def __init__(self, path: str | os.PathLike, version: str | None = None, *, readonly: bool = False) -> None:
         if version is None:
             from hdlora import code_version
+
             version = code_version()
         self.version = str(version)
         self.path = Path(path)
@@ -239,11 +242,14 @@ class Store:
                 with open(p, "rb") as fh:
                     head = fh.read(16)
             except OSError as exc:
-                raise self._fail(f"cannot be read ({exc.strerror})", "fix its permissions or choose another file") \
-                    from None
+                raise self._fail(
+                    f"cannot be read ({exc.strerror})", "fix its permissions or choose another file"
+                ) from None
             if head and head != _SQLITE_HEADER:
-                raise self._fail("is not an SQLite database (not written by hdlora)",
-                                 "choose another file; this one is left untouched")
+                raise self._fail(
+                    "is not an SQLite database (not written by hdlora)",
+                    "choose another file; this one is left untouched",
+                )
         if self.readonly:
             if not exists:
                 raise self._fail("does not exist", "run the sweep first, or give the right file")
@@ -254,15 +260,20 @@ class Store:
             try:
                 parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise self._fail(f"its directory cannot be created ({exc.strerror})",
-                                 "choose a writable location") from None
+                raise self._fail(
+                    f"its directory cannot be created ({exc.strerror})", "choose a writable location"
+                ) from None
         if exists and not os.access(p, os.W_OK):
-            raise self._fail("is read-only (permissions or the immutable attribute)",
-                             "running a sweep stores results into it: copy it somewhere writable, "
-                             "or use --plan / --plot-only, which only read")
+            raise self._fail(
+                "is read-only (permissions or the immutable attribute)",
+                "running a sweep stores results into it: copy it somewhere writable, "
+                "or use --plan / --plot-only, which only read",
+            )
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise self._fail(f"the directory {parent} is not writable (SQLite needs its -wal and -shm files "
-                             "next to the database)", "choose a writable directory")
+            raise self._fail(
+                f"the directory {parent} is not writable (SQLite needs its -wal and -shm files next to the database)",
+                "choose a writable directory",
+            )
         try:
             con = sqlite3.connect(p, timeout=60.0, isolation_level=None)
             self._check_ours(con)
@@ -274,8 +285,10 @@ class Store:
             con.executescript(_SCHEMA)
             con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         except sqlite3.DatabaseError as exc:
-            raise self._fail(f"cannot be opened for writing ({exc})",
-                             "check the file system (a local disk, not NFS) and the permissions") from None
+            raise self._fail(
+                f"cannot be opened for writing ({exc})",
+                "check the file system (a local disk, not NFS) and the permissions",
+            ) from None
         return con
 
     def _connect_readonly(self) -> sqlite3.Connection:
@@ -310,16 +323,19 @@ class Store:
             app = con.execute("PRAGMA application_id").fetchone()[0]
             tables = {t[0] for t in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as exc:
-            raise self._fail(f"is not a readable SQLite database ({exc})",
-                             "choose another file; this one is left untouched") from None
+            raise self._fail(
+                f"is not a readable SQLite database ({exc})", "choose another file; this one is left untouched"
+            ) from None
         if app == APPLICATION_ID:
             return
         # an empty file, or a database written by an older hdlora (before the application_id was set)
         if app == 0 and (not tables or (_OUR_TABLES <= tables and self._old_schema_ok(con))):
             return
         other = f"application_id {app:#x}" if app else f"tables {sorted(tables)[:5]}"
-        raise self._fail(f"is another application's SQLite database ({other})",
-                         "give hdlora its own file; this one is left untouched")
+        raise self._fail(
+            f"is another application's SQLite database ({other})",
+            "give hdlora its own file; this one is left untouched",
+        )
 
     @staticmethod
     def _old_schema_ok(con: sqlite3.Connection) -> bool:
@@ -342,20 +358,33 @@ class Store:
         return (kind, canonical_json(params), canonical_json(options))
 
     # ----- reading ---------------------------------------------------------------
-    _COLS = ("kind, params, options, version, status, result, error, warnings, wall_s, finished_at, "
-             "run_id, worker, attempts")
+    _COLS = (
+        "kind, params, options, version, status, result, error, warnings, wall_s, finished_at, run_id, worker, attempts"
+    )
 
     @staticmethod
     def _row(t: tuple) -> Row:
-        return Row(kind=t[0], params=loads(t[1]), options=loads(t[2]), version=t[3], status=t[4],
-                   result=None if t[5] is None else loads(t[5]), error=t[6],
-                   warnings=json.loads(t[7]) if t[7] else [], wall_s=t[8], finished_at=t[9], run_id=t[10],
-                   worker=t[11], attempts=t[12])
+        return Row(
+            kind=t[0],
+            params=loads(t[1]),
+            options=loads(t[2]),
+            version=t[3],
+            status=t[4],
+            result=None if t[5] is None else loads(t[5]),
+            error=t[6],
+            warnings=json.loads(t[7]) if t[7] else [],
+            wall_s=t[8],
+            finished_at=t[9],
+            run_id=t[10],
+            worker=t[11],
+            attempts=t[12],
+        )
 
     def get(self, key: Key) -> Row | None:
         cur = self._con.execute(
             f"SELECT {self._COLS} FROM results WHERE kind=? AND params=? AND options=? AND version=?",
-            (*key, self.version))
+            (*key, self.version),
+        )
         t = cur.fetchone()
         return None if t is None else self._row(t)
 
@@ -374,8 +403,7 @@ class Store:
         if all_versions:
             cur = self._con.execute(f"SELECT {self._COLS} FROM results ORDER BY id")
         else:
-            cur = self._con.execute(f"SELECT {self._COLS} FROM results WHERE version=? ORDER BY id",
-                                    (self.version,))
+            cur = self._con.execute(f"SELECT {self._COLS} FROM results WHERE version=? ORDER BY id", (self.version,))
         for t in cur:
             yield self._row(t)
 
@@ -388,9 +416,19 @@ class Store:
         return [dict(zip(names, t)) for t in cur]
 
     # ----- writing -----------------------------------------------------------------
-    def put(self, key: Key, *, status: str, result: Mapping | None = None, error: str | None = None,
-            warnings: list | None = None, wall_s: float | None = None, run_id: str,
-            worker: str | None = None, owner: str | None = None) -> None:
+    def put(
+        self,
+        key: Key,
+        *,
+        status: str,
+        result: Mapping | None = None,
+        error: str | None = None,
+        warnings: list | None = None,
+        wall_s: float | None = None,
+        run_id: str,
+        worker: str | None = None,
+        owner: str | None = None,
+    ) -> None:
         """Store one finished task and commit (a rerun of the same key replaces it, attempts += 1).
 
         ``owner``: the claim (:meth:`claim`) of this task is released in the same transaction.
@@ -405,8 +443,10 @@ class Store:
         try:
             self._insert(key, status, result_json, error, warn_json, wall, run_id, worker)
             if owner is not None:
-                con.execute("DELETE FROM leases WHERE kind=? AND params=? AND options=? AND version=? AND owner=?",
-                            (*key, self.version, owner))
+                con.execute(
+                    "DELETE FROM leases WHERE kind=? AND params=? AND options=? AND version=? AND owner=?",
+                    (*key, self.version, owner),
+                )
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -420,7 +460,8 @@ class Store:
             "result=excluded.result, error=excluded.error, warnings=excluded.warnings, wall_s=excluded.wall_s, "
             "finished_at=excluded.finished_at, run_id=excluded.run_id, worker=excluded.worker, "
             "attempts=results.attempts + 1",
-            (*key, self.version, status, result_json, error, warn_json, wall, utc_now(), run_id, worker))
+            (*key, self.version, status, result_json, error, warn_json, wall, utc_now(), run_id, worker),
+        )
 
     # ----- claims: several sweeps on one database split the work ---------------------------------------------
     def claim(self, key: Key, owner: str, lease_s: float, redo_before: str | None = None) -> str:
@@ -436,20 +477,26 @@ class Store:
         now = time.time()
         con.execute("BEGIN IMMEDIATE")
         try:
-            row = con.execute("SELECT status, finished_at FROM results WHERE kind=? AND params=? AND options=? "
-                              "AND version=?", (*key, self.version)).fetchone()
+            row = con.execute(
+                "SELECT status, finished_at FROM results WHERE kind=? AND params=? AND options=? AND version=?",
+                (*key, self.version),
+            ).fetchone()
             if row is not None and (row[0] == "ok" or redo_before is None or row[1] >= redo_before):
                 state = "done"
             else:
-                lease = con.execute("SELECT owner, expires FROM leases WHERE kind=? AND params=? AND options=? "
-                                    "AND version=?", (*key, self.version)).fetchone()
+                lease = con.execute(
+                    "SELECT owner, expires FROM leases WHERE kind=? AND params=? AND options=? AND version=?",
+                    (*key, self.version),
+                ).fetchone()
                 if lease is not None and lease[0] != owner and lease[1] > now:
                     state = "busy"
                 else:
-                    con.execute("INSERT INTO leases (kind, params, options, version, owner, heartbeat, expires) "
-                                "VALUES (?,?,?,?,?,?,?) ON CONFLICT (kind, params, options, version) DO UPDATE SET "
-                                "owner=excluded.owner, heartbeat=excluded.heartbeat, expires=excluded.expires",
-                                (*key, self.version, owner, now, now + lease_s))
+                    con.execute(
+                        "INSERT INTO leases (kind, params, options, version, owner, heartbeat, expires) "
+                        "VALUES (?,?,?,?,?,?,?) ON CONFLICT (kind, params, options, version) DO UPDATE SET "
+                        "owner=excluded.owner, heartbeat=excluded.heartbeat, expires=excluded.expires",
+                        (*key, self.version, owner, now, now + lease_s),
+                    )
                     state = "claimed"
             con.execute("COMMIT")
         except BaseException:
@@ -470,11 +517,14 @@ class Store:
         self._con.execute(
             "INSERT INTO runs (run_id, started_at, sweep, source, executor, host, version, n_tasks, n_computed, "
             "n_failed, state) VALUES (?,?,?,?,?,?,?,?,0,0,'running')",
-            (run_id, utc_now(), sweep, source, executor, socket.gethostname(), self.version, n_tasks))
+            (run_id, utc_now(), sweep, source, executor, socket.gethostname(), self.version, n_tasks),
+        )
 
     def end_run(self, run_id: str, *, n_computed: int, n_failed: int, state: str) -> None:
-        self._con.execute("UPDATE runs SET finished_at=?, n_computed=?, n_failed=?, state=? WHERE run_id=?",
-                          (utc_now(), n_computed, n_failed, state, run_id))
+        self._con.execute(
+            "UPDATE runs SET finished_at=?, n_computed=?, n_failed=?, state=? WHERE run_id=?",
+            (utc_now(), n_computed, n_failed, state, run_id),
+        )
 
     # ----- export ------------------------------------------------------------------
     def frame(self, all_versions: bool = False):
@@ -513,8 +563,9 @@ class Heartbeat:
             while not self._stop.wait(self.lease_s / 4.0):
                 now = time.time()
                 try:
-                    con.execute("UPDATE leases SET heartbeat=?, expires=? WHERE owner=?",
-                                (now, now + self.lease_s, self.owner))
+                    con.execute(
+                        "UPDATE leases SET heartbeat=?, expires=? WHERE owner=?", (now, now + self.lease_s, self.owner)
+                    )
                 except sqlite3.DatabaseError:  # pragma: no cover (busy for a full minute): try again next beat
                     pass
         finally:
@@ -539,8 +590,17 @@ def flatten_row(r: Row) -> dict[str, Any]:
     rec: dict[str, Any] = {"kind": r.kind}
     rec.update(r.params)
     rec.update({k: v for k, v in flatten(r.options).items()})
-    rec.update({"status": r.status, "error": r.error, "wall_s": r.wall_s, "finished_at": r.finished_at,
-                "run_id": r.run_id, "version": r.version, "attempts": r.attempts})
+    rec.update(
+        {
+            "status": r.status,
+            "error": r.error,
+            "wall_s": r.wall_s,
+            "finished_at": r.finished_at,
+            "run_id": r.run_id,
+            "version": r.version,
+            "attempts": r.attempts,
+        }
+    )
     if r.result:
         for k, v in flatten(r.result).items():
             rec[k if k not in rec else f"result.{k}"] = v

@@ -40,6 +40,7 @@ run in order, each warm-started (``init``) from its neighbour's converged
 result, each stored as its own row as soon as it finishes.  Chains run in
 parallel with each other and with the other tasks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -216,21 +217,32 @@ def parse_sweep(doc: Mapping[str, Any], source: str = "<sweep>", base_dir: str |
 
     cont = head.get("continuation", axes[0][0] if axes else "")
     if not isinstance(cont, str):
-        raise _err(source, f"[sweep] continuation must be an axis name or \"\", got {cont!r}")
+        raise _err(source, f'[sweep] continuation must be an axis name or "", got {cont!r}')
     if cont and cont not in [a for a, _ in axes]:
         raise _err(source, f"[sweep] continuation {cont!r} is not an axis; axes: {[a for a, _ in axes]}")
 
     runs = _parse_runs(source, doc.get("run"))
-    spec = SweepSpec(name=name, source=source, database=database, fixed=fixed, axes=tuple(axes),
-                     runs=tuple(runs), continuation=cont or None, description=str(head.get("description", "")))
+    spec = SweepSpec(
+        name=name,
+        source=source,
+        database=database,
+        fixed=fixed,
+        axes=tuple(axes),
+        runs=tuple(runs),
+        continuation=cont or None,
+        description=str(head.get("description", "")),
+    )
     plan(spec)  # constructs (and so validates) every Params of the grid
     return spec
 
 
 def _parse_runs(source: str, table: Any) -> list[RunSpec]:
     if not table:
-        raise _err(source, "[run] is missing or empty: name at least one task kind, e.g. [run.theory]; "
-                           f"kinds: {sorted(task_kinds.REGISTRY) + sorted(task_kinds.BASELINES)}")
+        raise _err(
+            source,
+            "[run] is missing or empty: name at least one task kind, e.g. [run.theory]; "
+            f"kinds: {sorted(task_kinds.REGISTRY) + sorted(task_kinds.BASELINES)}",
+        )
     runs: dict[str, RunSpec] = {}
     baselines = table.get("baselines", [])
     if not isinstance(baselines, list):
@@ -266,10 +278,12 @@ def _check_simulate_options(source: str, label: str, opts: Mapping[str, Any]) ->
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
         raise _err(source, f"[run.{label}] dim (D) must be an integer >= 2, got {dim!r}")
     ok = (isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 1) or (
-        isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds))
+        isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    )
     if not ok:
-        raise _err(source, f"[run.{label}] seeds must be an integer >= 1 or a non-empty list of integer seeds, "
-                           f"got {seeds!r}")
+        raise _err(
+            source, f"[run.{label}] seeds must be an integer >= 1 or a non-empty list of integer seeds, got {seeds!r}"
+        )
 
 
 def check_local_devices(spec: SweepSpec) -> None:
@@ -300,7 +314,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
 # ----- the plan: tasks and chains ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
-    tasks: tuple[Task, ...]            # every (run, grid point), in grid order
+    tasks: tuple[Task, ...]  # every (run, grid point), in grid order
     chains: tuple[tuple[Task, ...], ...]  # the distinct tasks, grouped into warm-start chains
 
 
@@ -327,15 +341,16 @@ def plan(spec: SweepSpec) -> Plan:
                     params.sizes(run.options["dim"])
             except ParamError as exc:
                 where = ", ".join(f"{a}={v!r}" for a, v in spec.coords(point).items()) or "the fixed parameters"
-                raise _err(spec.source, f"invalid parameters for [run.{run.label}] at grid point {where}: {exc}") \
-                    from None
+                raise _err(
+                    spec.source, f"invalid parameters for [run.{run.label}] at grid point {where}: {exc}"
+                ) from None
             task = Task(run.label, run.kind, params, dict(run.options), point)
             all_tasks.append(task)
             if task.key in seen:
                 continue
             seen.add(task.key)
             if warm and cont is not None:
-                group = (run.label,) + point[:cont] + point[cont + 1:]
+                group = (run.label,) + point[:cont] + point[cont + 1 :]
             else:
                 group = (run.label,) + point + ("single",)
             chains.setdefault(group, []).append(task)
@@ -353,13 +368,13 @@ DEFAULT_LEASE_S = 60.0
 @dataclass(frozen=True)
 class SweepReport:
     run_id: str
-    n_tasks: int          # distinct tasks of the sweep
-    n_present: int        # already in the database before this run (ok or failed): skipped
-    n_computed: int       # computed (and stored) by this process
-    n_failed: int         # failures among those computed by this process
+    n_tasks: int  # distinct tasks of the sweep
+    n_present: int  # already in the database before this run (ok or failed): skipped
+    n_computed: int  # computed (and stored) by this process
+    n_failed: int  # failures among those computed by this process
     n_not_converged: int  # computed by this process, stored as ok, but reporting converged = False
-    n_failed_total: int   # failed rows of this sweep in the database after the run
-    n_missing: int        # still missing (interrupted)
+    n_failed_total: int  # failed rows of this sweep in the database after the run
+    n_missing: int  # still missing (interrupted)
     wall_s: float
     interrupted: bool
     executor: str
@@ -420,9 +435,18 @@ def _summarise_errors(spec: SweepSpec, the_plan: Plan, rows: Mapping[Key, Row]) 
     return counts, first
 
 
-def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | None = None,
-              retry_failed: bool = False, progress: bool = True, store: Store | None = None,
-              executor: Any = None, lease_s: float = DEFAULT_LEASE_S, poll_s: float | None = None) -> SweepReport:
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+    store: Store | None = None,
+    executor: Any = None,
+    lease_s: float = DEFAULT_LEASE_S,
+    poll_s: float | None = None,
+) -> SweepReport:
     """Run what is missing of ``spec`` and store each result as it arrives.
 
     Several sweeps may run on one database at once (processes on one machine, or clients of one
@@ -462,14 +486,33 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
                 have = ro.lookup(t.key for t in distinct)
                 if all(k.key in have and (have[k.key].ok or not retry_failed) for k in distinct):
                     errors, first = _summarise_errors(spec, the_plan, have)
-                    return SweepReport(run_id="", n_tasks=len(distinct), n_present=len(distinct), n_computed=0,
-                                       n_failed=0, n_not_converged=0,
-                                       n_failed_total=sum(not r.ok for r in have.values()), n_missing=0,
-                                       wall_s=time.perf_counter() - t0, interrupted=False, executor="none",
-                                       errors=errors, first_error=first)
+                    return SweepReport(
+                        run_id="",
+                        n_tasks=len(distinct),
+                        n_present=len(distinct),
+                        n_computed=0,
+                        n_failed=0,
+                        n_not_converged=0,
+                        n_failed_total=sum(not r.ok for r in have.values()),
+                        n_missing=0,
+                        wall_s=time.perf_counter() - t0,
+                        interrupted=False,
+                        executor="none",
+                        errors=errors,
+                        first_error=first,
+                    )
         with Store(spec.database) as own:
-            return run_sweep(spec, workers=workers, scheduler=scheduler, retry_failed=retry_failed,
-                             progress=progress, store=own, executor=executor, lease_s=lease_s, poll_s=poll_s)
+            return run_sweep(
+                spec,
+                workers=workers,
+                scheduler=scheduler,
+                retry_failed=retry_failed,
+                progress=progress,
+                store=own,
+                executor=executor,
+                lease_s=lease_s,
+                poll_s=poll_s,
+            )
     run_id = uuid.uuid4().hex[:12]
     owner = f"{worker_name()}:{run_id}"
     redo_before = utc_now() if retry_failed else None
@@ -493,14 +536,21 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
         if progress:
             from ..progress import bar as progress_bar  # plain lines when stderr is not a terminal
 
-            bar = progress_bar(total=len(distinct), initial=len(distinct) - n_todo, desc=spec.name, unit="task",
-                       file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+            bar = progress_bar(
+                total=len(distinct),
+                initial=len(distinct) - n_todo,
+                desc=spec.name,
+                unit="task",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                smoothing=0.1,
+            )
         # per chain: position of the next task and the warm start to give it
         pos = [0] * len(the_plan.chains)
         init: list[Mapping | None] = [None] * len(the_plan.chains)
         inflight: dict[Any, tuple[int, Task]] = {}
         ready = deque(range(len(the_plan.chains)))  # chains whose next task is to be looked at
-        parked: list[int] = []                     # chains whose next task another sweep is computing
+        parked: list[int] = []  # chains whose next task another sweep is computing
         slots = _slots(executor, len(the_plan.chains)) if executor is not None else 1
 
         def advance(ci: int) -> None:
@@ -548,12 +598,24 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
                     out = executor.outcome(handle)
                     if out["status"] == "ok" and out.get("version") not in (None, store.version):
                         # e.g. a Dask worker with another hdlora installed: its numbers are not this version's
-                        out = dict(out, status="failed", result=None,
-                                   error=f"the worker {out['worker']} runs hdlora {out['version']}, "
-                                         f"this sweep stores results of hdlora {store.version}")
-                    store.put(task.key, status=out["status"], result=out["result"], error=out["error"],
-                              warnings=out["warnings"], wall_s=out["wall_s"], run_id=run_id, worker=out["worker"],
-                              owner=owner)
+                        out = dict(
+                            out,
+                            status="failed",
+                            result=None,
+                            error=f"the worker {out['worker']} runs hdlora {out['version']}, "
+                            f"this sweep stores results of hdlora {store.version}",
+                        )
+                    store.put(
+                        task.key,
+                        status=out["status"],
+                        result=out["result"],
+                        error=out["error"],
+                        warnings=out["warnings"],
+                        wall_s=out["wall_s"],
+                        run_id=run_id,
+                        worker=out["worker"],
+                        owner=owner,
+                    )
                     n_computed += 1
                     if out["status"] != "ok":
                         n_failed += 1
@@ -580,11 +642,22 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: str | N
     n_missing = len(distinct) - len(after)
     errors, first = _summarise_errors(spec, the_plan, after)
     store.end_run(run_id, n_computed=n_computed, n_failed=n_failed, state="interrupted" if interrupted else "finished")
-    return SweepReport(run_id=run_id, n_tasks=len(distinct), n_present=n_present, n_computed=n_computed,
-                       n_failed=n_failed, n_not_converged=n_not_converged, n_failed_total=n_failed_total,
-                       n_missing=n_missing, wall_s=time.perf_counter() - t0, interrupted=interrupted,
-                       executor=executor.description if executor is not None else "none", n_by_others=n_by_others,
-                       errors=errors, first_error=first)
+    return SweepReport(
+        run_id=run_id,
+        n_tasks=len(distinct),
+        n_present=n_present,
+        n_computed=n_computed,
+        n_failed=n_failed,
+        n_not_converged=n_not_converged,
+        n_failed_total=n_failed_total,
+        n_missing=n_missing,
+        wall_s=time.perf_counter() - t0,
+        interrupted=interrupted,
+        executor=executor.description if executor is not None else "none",
+        n_by_others=n_by_others,
+        errors=errors,
+        first_error=first,
+    )
 
 
 # ----- exports ----------------------------------------------------------------------------------------------
@@ -622,8 +695,16 @@ def sweep_frame(spec: SweepSpec, store: Store | None = None):
             rec: dict[str, Any] = {"label": t.label, "kind": t.kind}
             rec.update(Params(**{**spec.fixed, **spec.coords(t.point)}).to_dict())
             rec.update(flatten(t.options))
-            rec.update({"status": row.status, "error": row.error, "wall_s": row.wall_s,
-                        "finished_at": row.finished_at, "run_id": row.run_id, "version": row.version})
+            rec.update(
+                {
+                    "status": row.status,
+                    "error": row.error,
+                    "wall_s": row.wall_s,
+                    "finished_at": row.finished_at,
+                    "run_id": row.run_id,
+                    "version": row.version,
+                }
+            )
             for k, v in flatten(_result_fields(row.result)).items():
                 rec[k if k not in rec else f"result.{k}"] = v
             records.append(rec)
@@ -679,10 +760,15 @@ def sweep_dataset(spec: SweepSpec, store: Store | None = None):
     data = {k: (dims, v) for k, v in sorted(values.items())}
     data["status"] = (dims, status.astype(str))
     data["wall_s"] = (dims, wall)
-    attrs = {"sweep": spec.name, "source": spec.source, "fixed_params": canonical_json(spec.fixed),
-             "runs": canonical_json({r.label: {"kind": r.kind, "options": r.options, "overrides": r.overrides}
-                                     for r in spec.runs}),
-             "version": store.version}
+    attrs = {
+        "sweep": spec.name,
+        "source": spec.source,
+        "fixed_params": canonical_json(spec.fixed),
+        "runs": canonical_json(
+            {r.label: {"kind": r.kind, "options": r.options, "overrides": r.overrides} for r in spec.runs}
+        ),
+        "version": store.version,
+    }
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 

@@ -21,6 +21,7 @@ to receive ``init``).
 Heavy modules (torch, the state evolutions) are imported inside the task
 functions, in the worker, never at import time of this module.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -76,8 +77,8 @@ REGISTRY: dict[str, Kind] = {}
 
 #: baseline name -> (kind, parameter overrides): the A.7 baselines are the theory at special parameters.
 BASELINES: dict[str, tuple[str, dict[str, float]]] = {
-    "frozen": ("theory", {"lam_ft": math.inf}),      # no LoRA update, w_hat = 0
-    "lora_only": ("theory", {"lam": math.inf}),      # no pre-training, W_hat = 0
+    "frozen": ("theory", {"lam_ft": math.inf}),  # no LoRA update, w_hat = 0
+    "lora_only": ("theory", {"lam": math.inf}),  # no pre-training, W_hat = 0
 }
 #: Other spellings of the baselines accepted on input (sweep files) only; stored kinds use the canonical one.
 BASELINE_ALIASES: dict[str, str] = {"lora-only": "lora_only"}
@@ -159,14 +160,19 @@ def _rule_tol() -> tuple[Callable[[Any], bool], str]:
 def _rule_device() -> tuple[Callable[[Any], bool], str]:
     import re
 
-    return ((lambda v: isinstance(v, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", v) is not None),
-            "'cpu' | 'auto' | 'cuda' | 'cuda:N'")
+    return (
+        (lambda v: isinstance(v, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", v) is not None),
+        "'cpu' | 'auto' | 'cuda' | 'cuda:N'",
+    )
 
 
 def _rule_effective() -> tuple[Callable[[Any], bool], str]:
     def ok(v: Any) -> bool:
-        return isinstance(v, dict) and set(v) == {"Q0", "Q", "M"} and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v.values())
+        return (
+            isinstance(v, dict)
+            and set(v) == {"Q0", "Q", "M"}
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v.values())
+        )
 
     return ok, "a table {Q0 = ..., Q = ..., M = ...} of finite numbers"
 
@@ -177,22 +183,46 @@ def _option_rules(kind: str) -> dict[str, tuple[Callable[[Any], bool], str] | No
         from hdlora.theory.pretrain import PRETRAIN_METHODS
         from hdlora.theory.solve import BASELINES as SOLVE_BASELINES
 
-        return {"n_mc": _rule_int(100), "seed": _rule_int(0), "baseline": _rule_choice(*SOLVE_BASELINES),
-                "tol": _rule_tol(), "max_iter": _rule_int(1), "method": _rule_choice(*PRETRAIN_METHODS),
-                "optimal_beta": _RULE_BOOL, "warn": _RULE_BOOL}
+        return {
+            "n_mc": _rule_int(100),
+            "seed": _rule_int(0),
+            "baseline": _rule_choice(*SOLVE_BASELINES),
+            "tol": _rule_tol(),
+            "max_iter": _rule_int(1),
+            "method": _rule_choice(*PRETRAIN_METHODS),
+            "optimal_beta": _RULE_BOOL,
+            "warn": _RULE_BOOL,
+        }
     if kind == "simulate":
         from hdlora.simulate.losses import LOSSES
         from hdlora.simulate.run import OPTIMAL_BETA
 
-        return {"dim": None, "seeds": None,  # checked by the sweep file loader (with the grid's sizes)
-                "device": _rule_device(), "loss": _rule_choice(*LOSSES), "effective": _rule_effective(),
-                "restarts": _rule_int(0), "progress": _RULE_BOOL, "informed_start": _RULE_BOOL,
-                "reduce_width": _RULE_BOOL, "pretrain_rtol": _RULE_POS, "pretrain_max_iter": _rule_int(1),
-                "finetune_rtol": _RULE_POS, "finetune_max_iter": _rule_int(1), "n_test": _rule_int(1),
-                "optimal_beta": _rule_choice(*OPTIMAL_BETA), "compare_uniform": _RULE_BOOL}
+        return {
+            "dim": None,
+            "seeds": None,  # checked by the sweep file loader (with the grid's sizes)
+            "device": _rule_device(),
+            "loss": _rule_choice(*LOSSES),
+            "effective": _rule_effective(),
+            "restarts": _rule_int(0),
+            "progress": _RULE_BOOL,
+            "informed_start": _RULE_BOOL,
+            "reduce_width": _RULE_BOOL,
+            "pretrain_rtol": _RULE_POS,
+            "pretrain_max_iter": _rule_int(1),
+            "finetune_rtol": _RULE_POS,
+            "finetune_max_iter": _rule_int(1),
+            "n_test": _rule_int(1),
+            "optimal_beta": _rule_choice(*OPTIMAL_BETA),
+            "compare_uniform": _RULE_BOOL,
+        }
     if kind == "bayes_optimal":
-        return {"n_mc": _rule_int(100), "n_nodes": _rule_int(1), "n_mc_error": _rule_int(100),
-                "seed": _rule_int(0), "tol": _RULE_POS}
+        return {
+            "n_mc": _rule_int(100),
+            "n_nodes": _rule_int(1),
+            "n_mc_error": _rule_int(100),
+            "seed": _rule_int(0),
+            "tol": _RULE_POS,
+        }
     return None
 
 
@@ -230,8 +260,7 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     try:
         lib = _import(kind.library)
     except (ImportError, AttributeError) as exc:
-        raise TaskKindError(f"task kind {name!r} is not available: {kind.library} cannot be imported ({exc})") \
-            from None
+        raise TaskKindError(f"task kind {name!r} is not available: {kind.library} cannot be imported ({exc})") from None
     rules = _option_rules(kind.name) if REGISTRY.get(kind.name) is kind else None
     if rules is not None:
         _check_values(name, options, rules)
@@ -242,12 +271,14 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
         return
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return
-    allowed = [n for n, p in sig.parameters.items()
-               if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in ("params", "init")]
+    allowed = [
+        n
+        for n, p in sig.parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in ("params", "init")
+    ]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TaskKindError(f"unknown option(s) {unknown} for task kind {name!r}; "
-                            f"{kind.library} accepts {allowed}")
+        raise TaskKindError(f"unknown option(s) {unknown} for task kind {name!r}; {kind.library} accepts {allowed}")
 
 
 def check_devices(name: str, options: Mapping[str, Any]) -> None:
@@ -258,8 +289,10 @@ def check_devices(name: str, options: Mapping[str, Any]) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise TaskKindError(f"device = {device!r}: no CUDA GPU on this machine; allowed here: 'cpu' | 'auto' "
-                                "(or run on GPU workers with --scheduler)")
+            raise TaskKindError(
+                f"device = {device!r}: no CUDA GPU on this machine; allowed here: 'cpu' | 'auto' "
+                "(or run on GPU workers with --scheduler)"
+            )
 
 
 def _result_dict(r: Any) -> dict:
@@ -294,13 +327,33 @@ def bayes_optimal_task(params: Params, options: Mapping[str, Any], init: Mapping
     return _result_dict(bayes.bayes_optimal(params, **dict(options)))
 
 
-register(Kind("theory", f"{__name__}:theory_task", "hdlora.theory:solve", warm_start=True,
-              description="state evolution of pre-training and fine-tuning (Results 3-5)"))
-register(Kind("simulate", f"{__name__}:simulate_task", "hdlora.simulate:run", required=("dim", "seeds"),
-              description="finite-D simulation; options dim, seeds"))
-register(Kind("bayes_optimal", f"{__name__}:bayes_optimal_task", "hdlora.theory.bayes:bayes_optimal",
-              description="Bayes-optimal pre-training and fine-tuning errors (Result 6, Appendix B)",
-              irrelevant=("lam", "lam_ft", "kappa", "beta", "active_pool")))  # documented in bayes_optimal
+register(
+    Kind(
+        "theory",
+        f"{__name__}:theory_task",
+        "hdlora.theory:solve",
+        warm_start=True,
+        description="state evolution of pre-training and fine-tuning (Results 3-5)",
+    )
+)
+register(
+    Kind(
+        "simulate",
+        f"{__name__}:simulate_task",
+        "hdlora.simulate:run",
+        required=("dim", "seeds"),
+        description="finite-D simulation; options dim, seeds",
+    )
+)
+register(
+    Kind(
+        "bayes_optimal",
+        f"{__name__}:bayes_optimal_task",
+        "hdlora.theory.bayes:bayes_optimal",
+        description="Bayes-optimal pre-training and fine-tuning errors (Result 6, Appendix B)",
+        irrelevant=("lam", "lam_ft", "kappa", "beta", "active_pool"),
+    )
+)  # documented in bayes_optimal
 
 
 # ----- execution of one task (in the worker) -------------------------------------------------------------
@@ -322,8 +375,13 @@ def limit_threads(n: int = 1) -> None:
         _THREADS_SET = True
 
 
-def run_task(kind: str, params: Mapping[str, Any], options: Mapping[str, Any],
-             init: Mapping[str, Any] | None = None, threads: int | None = 1) -> dict:
+def run_task(
+    kind: str,
+    params: Mapping[str, Any],
+    options: Mapping[str, Any],
+    init: Mapping[str, Any] | None = None,
+    threads: int | None = 1,
+) -> dict:
     """Run one task; never raises for a failure of the task itself.
 
     Returns a dict with ``status`` ('ok' or 'failed'), ``result`` (dict or None),
@@ -345,5 +403,12 @@ def run_task(kind: str, params: Mapping[str, Any], options: Mapping[str, Any],
     from hdlora import code_version
 
     msgs = [f"{w.category.__name__}: {w.message}" for w in caught]
-    return {"status": status, "result": result, "error": error, "warnings": msgs,
-            "wall_s": time.perf_counter() - t0, "worker": worker_name(), "version": code_version()}
+    return {
+        "status": status,
+        "result": result,
+        "error": error,
+        "warnings": msgs,
+        "wall_s": time.perf_counter() - t0,
+        "worker": worker_name(),
+        "version": code_version(),
+    }

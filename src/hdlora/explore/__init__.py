@@ -22,6 +22,7 @@ Modules: :mod:`.model` (the view, curves, markers, commands, PNG; no web code),
 :mod:`.app` (the Bokeh document), :mod:`.server` (binding and serving), :mod:`.cli`.
 Neither imports torch: the theory is numpy/scipy and the database is SQLite.
 """
+
 from __future__ import annotations
 
 from .model import View, solve_curve

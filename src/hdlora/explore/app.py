@@ -11,6 +11,7 @@ reads as a live update; slower points (softmax, large n_mc) fill in with the pro
 The data the page plots live in named ColumnDataSources (``theory``, ``nonconverged``,
 ``replicon``, ``simulation``), which the browser test reads through BokehJS.
 """
+
 from __future__ import annotations
 
 import base64
@@ -97,8 +98,9 @@ class Explorer:
         self._lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hdlora-explore")
 
-        self.sources = {name: ColumnDataSource(dict(_EMPTY_CURVE), name=name)
-                        for name in ("theory", "nonconverged", "replicon")}
+        self.sources = {
+            name: ColumnDataSource(dict(_EMPTY_CURVE), name=name) for name in ("theory", "nonconverged", "replicon")
+        }
         self.sources["simulation"] = ColumnDataSource(simulation_markers([], view), name="simulation")
         self.export_source = ColumnDataSource({"png": [], "name": []}, name="export")
 
@@ -107,48 +109,69 @@ class Explorer:
         self.sliders: dict[str, Slider] = {}
         for name, (label, start, end, step) in SLIDERS.items():
             value = getattr(p, name)
-            s = Slider(title=label, start=min(start, value), end=max(end, value), step=step, value=value,
-                       name=f"slider_{name}", css_classes=[f"hdl-slider-{name}"], width=300,
-                       format="0[.]000")
+            s = Slider(
+                title=label,
+                start=min(start, value),
+                end=max(end, value),
+                step=step,
+                value=value,
+                name=f"slider_{name}",
+                css_classes=[f"hdl-slider-{name}"],
+                width=300,
+                format="0[.]000",
+            )
             s.on_change("value_throttled", self._on_control)
             self.sliders[name] = s
-        self.reuse = Checkbox(label="e = 1 (fine-tune on reused pre-training sequences)", active=p.reuse,
-                              name="reuse")
+        self.reuse = Checkbox(label="e = 1 (fine-tune on reused pre-training sequences)", active=p.reuse, name="reuse")
         self.reuse.on_change("active", self._on_control)
-        self.activation = Select(title="σ (activation)", options=["linear", "softmax"], value=p.activation,
-                                 name="activation", width=145)
+        self.activation = Select(
+            title="σ (activation)", options=["linear", "softmax"], value=p.activation, name="activation", width=145
+        )
         self.activation.on_change("value", self._on_control)
-        self.axis = Select(title="x-axis", options=list(AXES), value=view.axis, name="axis", width=145,
-                           css_classes=["hdl-axis"])
+        self.axis = Select(
+            title="x-axis", options=list(AXES), value=view.axis, name="axis", width=145, css_classes=["hdl-axis"]
+        )
         self.axis.on_change("value", self._on_axis)
         self.start = NumericInput(title="from", value=view.start, mode="float", name="x_start", width=95)
         self.stop = NumericInput(title="to", value=view.stop, mode="float", name="x_stop", width=95)
         self.num = NumericInput(title="points", value=view.num, mode="int", name="x_num", width=95)
         self.log = Checkbox(label="log spacing", active=view.log, name="x_log")
-        self.n_mc = Select(title="n_mc (Monte-Carlo samples)", name="n_mc", width=145,
-                           options=[str(n) for n in sorted({500, 1000, 2000, 5000, 10000, 30000, view.n_mc})],
-                           value=str(view.n_mc))
+        self.n_mc = Select(
+            title="n_mc (Monte-Carlo samples)",
+            name="n_mc",
+            width=145,
+            options=[str(n) for n in sorted({500, 1000, 2000, 5000, 10000, 30000, view.n_mc})],
+            value=str(view.n_mc),
+        )
         for w in (self.start, self.stop, self.num, self.n_mc):
             w.on_change("value", self._on_control)
         self.log.on_change("active", self._on_control)
 
         self.status = Div(text="", name="status", width=900)
         self.progress = Div(text="", name="progress", width=900)
-        self.command = TextAreaInput(title="Command reproducing this view", value="", rows=9, cols=100,
-                                     name="command", width=900)
+        self.command = TextAreaInput(
+            title="Command reproducing this view", value="", rows=9, cols=100, name="command", width=900
+        )
         self.copy = Button(label="Copy command", name="copy", css_classes=["hdl-copy"], width=140)
         self.copy.js_on_click(CustomJS(args=dict(area=self.command, button=self.copy), code=_COPY_JS))
-        self.save = Button(label="Save figure (PNG)", name="save_png", button_type="primary",
-                           css_classes=["hdl-save"], width=160)
+        self.save = Button(
+            label="Save figure (PNG)", name="save_png", button_type="primary", css_classes=["hdl-save"], width=160
+        )
         self.save.on_click(self._on_save)
         self.export_source.js_on_change("data", CustomJS(args=dict(src=self.export_source), code=_DOWNLOAD_JS))
 
         self.plots = row(*self._figures(), name="plots")
         controls = column(
-            Div(text="<b>hdlora explore</b>: state-evolution curves (Results 3-5); drag a slider, release "
-                     "to recompute."),
-            *self.sliders.values(), self.reuse, row(self.activation, self.n_mc),
-            row(self.axis, self.log), row(self.start, self.stop, self.num), width=320)
+            Div(
+                text="<b>hdlora explore</b>: state-evolution curves (Results 3-5); drag a slider, release to recompute."
+            ),
+            *self.sliders.values(),
+            self.reuse,
+            row(self.activation, self.n_mc),
+            row(self.axis, self.log),
+            row(self.start, self.stop, self.num),
+            width=320,
+        )
         right = column(self.plots, self.progress, self.status, self.command, row(self.copy, self.save))
         self.layout = row(controls, right)
         self._sync_axis_controls()
@@ -165,25 +188,57 @@ class Explorer:
         for name, (_, label) in CURVES.items():
             # y-range at least 1e-3 wide: a flat curve (e.g. Delta_eff along alpha', which only the pre-training
             # sets) must not magnify the 1e-9 scatter of fixed points solved to tol 1e-7 into a trend
-            f = figure(width=340, height=340, x_axis_type=x_axis_type, x_axis_label=self.view.axis,
-                       y_range=DataRange1d(min_interval=1e-3),
-                       y_axis_label=label, title=label, tools="pan,wheel_zoom,box_zoom,reset,hover",
-                       tooltips=[(self.view.axis, "@x"), (name, f"@{name}")], name=f"plot_{name}")
+            f = figure(
+                width=340,
+                height=340,
+                x_axis_type=x_axis_type,
+                x_axis_label=self.view.axis,
+                y_range=DataRange1d(min_interval=1e-3),
+                y_axis_label=label,
+                title=label,
+                tools="pan,wheel_zoom,box_zoom,reset,hover",
+                tooltips=[(self.view.axis, "@x"), (name, f"@{name}")],
+                name=f"plot_{name}",
+            )
             line = f.line("x", name, source=self.sources["theory"], line_width=2, color="#1f77b4")
             dots = f.scatter("x", name, source=self.sources["theory"], size=4, color="#1f77b4")
-            bad = f.scatter("x", name, source=self.sources["nonconverged"], marker="x", size=11, line_width=2,
-                            color="#1f77b4")
-            unstable = f.scatter("x", name, source=self.sources["replicon"], marker="triangle", size=10,
-                                 fill_color=None, line_color="#1f77b4")
+            bad = f.scatter(
+                "x", name, source=self.sources["nonconverged"], marker="x", size=11, line_width=2, color="#1f77b4"
+            )
+            unstable = f.scatter(
+                "x",
+                name,
+                source=self.sources["replicon"],
+                marker="triangle",
+                size=10,
+                fill_color=None,
+                line_color="#1f77b4",
+            )
             sim = f.scatter("x", name, source=self.sources["simulation"], size=8, color="#d62728")
-            f.add_layout(Whisker(source=self.sources["simulation"], base="x", lower=f"{name}_lo",
-                                 upper=f"{name}_hi", line_color="#d62728"))
-            legend = Legend(items=[LegendItem(label="theory", renderers=[line, dots]),
-                                   LegendItem(label="not converged", renderers=[bad]),
-                                   LegendItem(label="replicon > 1", renderers=[unstable]),
-                                   LegendItem(label="simulation", renderers=[sim])],
-                            ncols=2, label_text_font_size="8pt", spacing=0, padding=2, margin=2,
-                            glyph_height=12, label_height=12)
+            f.add_layout(
+                Whisker(
+                    source=self.sources["simulation"],
+                    base="x",
+                    lower=f"{name}_lo",
+                    upper=f"{name}_hi",
+                    line_color="#d62728",
+                )
+            )
+            legend = Legend(
+                items=[
+                    LegendItem(label="theory", renderers=[line, dots]),
+                    LegendItem(label="not converged", renderers=[bad]),
+                    LegendItem(label="replicon > 1", renderers=[unstable]),
+                    LegendItem(label="simulation", renderers=[sim]),
+                ],
+                ncols=2,
+                label_text_font_size="8pt",
+                spacing=0,
+                padding=2,
+                margin=2,
+                glyph_height=12,
+                label_height=12,
+            )
             f.add_layout(legend, "below")
             figs.append(f)
         return figs
@@ -193,9 +248,16 @@ class Explorer:
         fixed = {name: s.value for name, s in self.sliders.items()}
         fixed["tokens"] = int(round(fixed["tokens"]))
         params = Params(**fixed, reuse=bool(self.reuse.active), activation=self.activation.value)
-        return View(params=params, axis=self.axis.value, start=float(self.start.value or 0),
-                    stop=float(self.stop.value or 0), num=int(self.num.value or 0), log=bool(self.log.active),
-                    n_mc=int(self.n_mc.value), seed=self.view.seed)
+        return View(
+            params=params,
+            axis=self.axis.value,
+            start=float(self.start.value or 0),
+            stop=float(self.stop.value or 0),
+            num=int(self.num.value or 0),
+            log=bool(self.log.active),
+            n_mc=int(self.n_mc.value),
+            seed=self.view.seed,
+        )
 
     def _sync_axis_controls(self) -> None:
         for name, s in self.sliders.items():
@@ -240,8 +302,9 @@ class Explorer:
         for name in ("theory", "nonconverged", "replicon"):
             self.sources[name].data = dict(_EMPTY_CURVE)
         self.sources["simulation"].data = simulation_markers(self.sim_rows, view)
-        self.command.value = f"# one point (middle of the axis):\n{theory_command(view)}\n\n" \
-                             f"# the whole view:\n{sweep_command(view)}"
+        self.command.value = (
+            f"# one point (middle of the axis):\n{theory_command(view)}\n\n# the whole view:\n{sweep_command(view)}"
+        )
         n = len(view.xs())
         self.progress.text = f"computing 0/{n} points ..."
         self.status.text = ""
@@ -270,8 +333,9 @@ class Explorer:
             self.sources[name].data = data
         per = elapsed / done
         if done < n:
-            self.progress.text = (f"computing {done}/{n} points ... ({per:.2f} s/point, warm-started from the "
-                                  f"neighbouring point)")
+            self.progress.text = (
+                f"computing {done}/{n} points ... ({per:.2f} s/point, warm-started from the neighbouring point)"
+            )
         else:
             self.progress.text = f"done: {n} points in {elapsed:.2f} s ({per:.2f} s/point)"
             bad = sum(not q.converged for q in self.points)

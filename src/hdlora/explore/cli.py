@@ -1,4 +1,5 @@
 """``hdlora explore``: the interactive explorer in the browser (a local Bokeh server)."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,14 +16,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_param_arguments(p)
     p.set_defaults(activation="linear")  # a linear point solves in ~0.2 s: a live explorer by default
     g = p.add_argument_group("explorer")
-    g.add_argument("--beta", type=_float, default=1.0, help="beta: recalibration W_hat -> sqrt(beta) W_hat "
-                   "(eq. 26) (default: 1)")
+    g.add_argument(
+        "--beta", type=_float, default=1.0, help="beta: recalibration W_hat -> sqrt(beta) W_hat (eq. 26) (default: 1)"
+    )
     g.add_argument("--x-axis", choices=_AXES, default="alpha_ft", help="swept parameter (default: alpha_ft)")
     g.add_argument("--points", type=int, default=15, help="points along the x-axis (default: 15)")
-    g.add_argument("--n-mc", type=int, default=2000,
-                   help="Monte-Carlo samples per expectation (default: 2000, small for speed; the paper uses 3e4)")
-    g.add_argument("--database", default=None, metavar="RESULTS.sqlite",
-                   help="results database of 'hdlora sweep': its simulation rows matching the view become markers")
+    g.add_argument(
+        "--n-mc",
+        type=int,
+        default=2000,
+        help="Monte-Carlo samples per expectation (default: 2000, small for speed; the paper uses 3e4)",
+    )
+    g.add_argument(
+        "--database",
+        default=None,
+        metavar="RESULTS.sqlite",
+        help="results database of 'hdlora sweep': its simulation rows matching the view become markers",
+    )
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     g.add_argument("--port", type=int, default=0, help="port (default: 0, a free one; the URL is printed)")
     g.add_argument("--no-browser", action="store_true", help="do not open a browser; only print the URL")

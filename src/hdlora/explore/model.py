@@ -15,6 +15,7 @@ parameter (the x-axis) with its range, and the Monte-Carlo size.  From it:
 
 Nothing here imports torch (the theory is numpy/scipy; the database is SQLite/JSON).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,8 +92,10 @@ class View:
             if not (isinstance(v, (int, float)) and math.isfinite(v)):
                 raise ParamError(f"x-axis {name} must be a finite number, got {v!r}")
         if self.log and (self.start <= 0 or self.stop <= 0):
-            raise ParamError(f"a log-spaced x-axis needs start > 0 and stop > 0, got {self.start}, {self.stop}; "
-                             "untick 'log spacing' or choose positive bounds")
+            raise ParamError(
+                f"a log-spaced x-axis needs start > 0 and stop > 0, got {self.start}, {self.stop}; "
+                "untick 'log spacing' or choose positive bounds"
+            )
         if self.start == self.stop:
             raise ParamError(f"x-axis start and stop must differ, got {self.start} twice")
         # every point of the axis must be a valid Params (e.g. kappa >= 1, T integer >= 2)
@@ -151,8 +154,9 @@ class CurvePoint:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "state"}
 
 
-def solve_point(params: Params, x: float, *, n_mc: int, seed: int = 0, init: Mapping[str, float] | None = None
-                ) -> CurvePoint:
+def solve_point(
+    params: Params, x: float, *, n_mc: int, seed: int = 0, init: Mapping[str, float] | None = None
+) -> CurvePoint:
     """:func:`hdlora.theory.solve` at one point; a failure becomes a NaN point with its message."""
     from ..theory.solve import solve
 
@@ -164,13 +168,25 @@ def solve_point(params: Params, x: float, *, n_mc: int, seed: int = 0, init: Map
     except (ParamError, ArithmeticError, ValueError, RuntimeError) as exc:
         nan = math.nan
         return CurvePoint(x, nan, nan, nan, False, False, time.perf_counter() - t0, error=str(exc))
-    return CurvePoint(x, r.finetune_test_error, r.overlap, r.delta_eff, bool(r.converged), bool(r.replicon_ok),
-                      r.wall_time, state=r.state)
+    return CurvePoint(
+        x,
+        r.finetune_test_error,
+        r.overlap,
+        r.delta_eff,
+        bool(r.converged),
+        bool(r.replicon_ok),
+        r.wall_time,
+        state=r.state,
+    )
 
 
-def solve_curve(view: View, *, init: Mapping[str, float] | None = None,
-                on_point: Callable[[int, CurvePoint], None] | None = None,
-                cancelled: Callable[[], bool] = lambda: False) -> list[CurvePoint]:
+def solve_curve(
+    view: View,
+    *,
+    init: Mapping[str, float] | None = None,
+    on_point: Callable[[int, CurvePoint], None] | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> list[CurvePoint]:
     """The theory curves along the view's axis, in order, each point warm-started from the previous
     converged one (the first from ``init``, e.g. the first point of the view before a slider moved).
     ``on_point(i, point)`` is called after each point; ``cancelled()`` stops early."""
@@ -189,6 +205,7 @@ def solve_curve(view: View, *, init: Mapping[str, float] | None = None,
 def curve_columns(points: Sequence[CurvePoint]) -> dict[str, dict[str, list]]:
     """Plot columns: the lines (non-converged points left out, NaN breaks the line, as the figures do),
     the non-converged points (x markers) and the replicon-violated ones (open triangles)."""
+
     def col(pts, key):
         return [float(getattr(p, key)) for p in pts]
 
@@ -222,11 +239,16 @@ def read_simulation_rows(path: str) -> list[dict]:
     from ..experiments.store import Store
 
     if not os.path.isfile(path):
-        raise ParamError(f"--database {path!r} does not exist; give a results database written by "
-                         "'hdlora sweep' (e.g. results/smoke.sqlite) or leave --database out")
+        raise ParamError(
+            f"--database {path!r} does not exist; give a results database written by "
+            "'hdlora sweep' (e.g. results/smoke.sqlite) or leave --database out"
+        )
     with Store(path, version="explore-reader") as st:
-        return [{"params": r.params, "result": r.result} for r in st.rows(all_versions=True)
-                if r.kind == "simulate" and r.ok and r.result]
+        return [
+            {"params": r.params, "result": r.result}
+            for r in st.rows(all_versions=True)
+            if r.kind == "simulate" and r.ok and r.result
+        ]
 
 
 def simulation_markers(rows: Iterable[Mapping[str, Any]], view: View) -> dict[str, list]:
@@ -261,8 +283,17 @@ def simulation_markers(rows: Iterable[Mapping[str, Any]], view: View) -> dict[st
 
 
 # ----- commands that reproduce the view ----------------------------------------------------------------------
-_FLAGS = {"alpha": "--alpha", "alpha_ft": "--alpha-ft", "tokens": "--tokens", "kappa0": "--kappa0",
-          "kappa": "--kappa", "noise": "--noise", "lam": "--lam", "lam_ft": "--lam-ft", "beta": "--beta"}
+_FLAGS = {
+    "alpha": "--alpha",
+    "alpha_ft": "--alpha-ft",
+    "tokens": "--tokens",
+    "kappa0": "--kappa0",
+    "kappa": "--kappa",
+    "noise": "--noise",
+    "lam": "--lam",
+    "lam_ft": "--lam-ft",
+    "beta": "--beta",
+}
 
 
 def _num(v: float) -> str:
@@ -291,21 +322,27 @@ def sweep_toml(view: View, name: str = "explore") -> str:
     from ..experiments.figures import toml_text
 
     fixed = {k: v for k, v in view.params.to_dict().items() if k != view.axis and v is not None}
-    doc = {"sweep": {"name": name, "database": f"{name}.sqlite", "continuation": view.axis},
-           "params": fixed, "axes": {view.axis: view.axis_spec()},
-           "run": {"theory": {"n_mc": view.n_mc, "seed": view.seed}}}
+    doc = {
+        "sweep": {"name": name, "database": f"{name}.sqlite", "continuation": view.axis},
+        "params": fixed,
+        "axes": {view.axis: view.axis_spec()},
+        "run": {"theory": {"n_mc": view.n_mc, "seed": view.seed}},
+    }
     return toml_text(doc)
 
 
 def sweep_command(view: View, name: str = "explore") -> str:
     """A shell snippet that writes the sweep file and runs it (theory along the axis, exported to CSV)."""
-    return (f"cat > {name}.toml <<'EOF'\n{sweep_toml(view, name).rstrip()}\nEOF\n"
-            f"hdlora sweep {name}.toml --export {name}.csv")
+    return (
+        f"cat > {name}.toml <<'EOF'\n{sweep_toml(view, name).rstrip()}\nEOF\n"
+        f"hdlora sweep {name}.toml --export {name}.csv"
+    )
 
 
 # ----- the figure as a PNG ------------------------------------------------------------------------------------
-def render_png(view: View, points: Sequence[CurvePoint], markers: Mapping[str, list] | None = None,
-               dpi: int = 110) -> bytes:
+def render_png(
+    view: View, points: Sequence[CurvePoint], markers: Mapping[str, list] | None = None, dpi: int = 110
+) -> bytes:
     """The three panels (E', o_w, Delta_eff against the axis) drawn with matplotlib, as PNG bytes."""
     import io
 
@@ -320,15 +357,31 @@ def render_png(view: View, points: Sequence[CurvePoint], markers: Mapping[str, l
     for ax, (name, (_, label)) in zip(axes, CURVES.items()):
         ax.plot(cols["theory"]["x"], cols["theory"][name], "-", color="tab:blue", label="theory")
         if cols["nonconverged"]["x"]:
-            ax.plot(cols["nonconverged"]["x"], cols["nonconverged"][name], "x", color="tab:blue", ms=9, mew=2,
-                    label="not converged")
+            ax.plot(
+                cols["nonconverged"]["x"],
+                cols["nonconverged"][name],
+                "x",
+                color="tab:blue",
+                ms=9,
+                mew=2,
+                label="not converged",
+            )
         if cols["replicon"]["x"]:
-            ax.plot(cols["replicon"]["x"], cols["replicon"][name], "^", color="tab:blue", ms=8, mfc="none",
-                    label="replicon > 1 (RS unstable)")
+            ax.plot(
+                cols["replicon"]["x"],
+                cols["replicon"][name],
+                "^",
+                color="tab:blue",
+                ms=8,
+                mfc="none",
+                label="replicon > 1 (RS unstable)",
+            )
         if markers and markers.get("x"):
             y = markers[name]
-            err = [[a - lo for a, lo in zip(y, markers[f"{name}_lo"])],
-                   [hi - a for a, hi in zip(y, markers[f"{name}_hi"])]]
+            err = [
+                [a - lo for a, lo in zip(y, markers[f"{name}_lo"])],
+                [hi - a for a, hi in zip(y, markers[f"{name}_hi"])],
+            ]
             ax.errorbar(markers["x"], y, yerr=err, fmt="o", color="tab:red", ms=5, capsize=2, label="simulation")
         finite = [y for y in cols["theory"][name] if math.isfinite(y)]
         if finite and max(finite) - min(finite) < 1e-3:  # as the page: no magnified solver-tolerance scatter

@@ -1,4 +1,5 @@
 """Serve the explorer: a Bokeh server bound to one address (127.0.0.1 by default) on a free or given port."""
+
 from __future__ import annotations
 
 import socket
@@ -16,8 +17,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def serve(view: View, sim_rows: Sequence[dict] = (), *, host: str = "127.0.0.1", port: int = 0,
-          open_browser: bool = True) -> int:
+def serve(
+    view: View, sim_rows: Sequence[dict] = (), *, host: str = "127.0.0.1", port: int = 0, open_browser: bool = True
+) -> int:
     """Start the server, print its URL on stdout (one line, flushed), serve until interrupted."""
     from bokeh.server.server import Server
 
@@ -27,11 +29,14 @@ def serve(view: View, sim_rows: Sequence[dict] = (), *, host: str = "127.0.0.1",
         port = free_port(host)
     origins = [f"{h}:{port}" for h in {host, "127.0.0.1", "localhost"}]
     try:
-        server = Server({"/": make_app(view, sim_rows)}, address=host, port=port, allow_websocket_origin=origins,
-                        num_procs=1)
+        server = Server(
+            {"/": make_app(view, sim_rows)}, address=host, port=port, allow_websocket_origin=origins, num_procs=1
+        )
     except OSError as exc:
-        raise ParamError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); "
-                         "choose another port or --port 0 for a free one") from None
+        raise ParamError(
+            f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); "
+            "choose another port or --port 0 for a free one"
+        ) from None
     server.start()
     url = f"http://{host}:{port}/"
     print(f"hdlora explore: serving {url}  (Ctrl-C to stop)", flush=True)

@@ -3,17 +3,28 @@
 ``run(params, dim, seeds)`` averages :func:`run_seed` over seeds; see
 :mod:`hdlora.simulate.run` for the keys.
 """
+
 import sys
 import types
 
-__all__ = ["run", "run_seed", "SimulationResult", "KEYS", "ACTIVE_KEYS", "EFFECTIVE_NAN_KEYS", "OPTIMAL_BETA",
-           "ConvergenceWarning", "resolve_device", "theory_beta_star"]
-
+__all__ = [
+    "run",
+    "run_seed",
+    "SimulationResult",
+    "KEYS",
+    "ACTIVE_KEYS",
+    "EFFECTIVE_NAN_KEYS",
+    "OPTIMAL_BETA",
+    "ConvergenceWarning",
+    "resolve_device",
+    "theory_beta_star",
+]
 
 
 def _load() -> None:
     """Import :mod:`.run` (torch) and bind its public names here."""
     import importlib
+
     mod = importlib.import_module(".run", __name__)
     for n in __all__:
         globals()[n] = getattr(mod, n)

@@ -23,6 +23,7 @@ get the *same* token draws (stream ``pool_tokens``, in label order): tokens are
 independent of the frozen fields, so each set has the right law, and the paired
 difference E'(uniform) - E'(active) has a smaller variance (common random numbers).
 """
+
 from __future__ import annotations
 
 import math
@@ -84,7 +85,7 @@ class _Running:
             payload = {k: torch.cat([self.payload[k], v]) for k, v in payload.items()}
         if scores.shape[0] > self.n_keep:
             # candidates are in pool order, so a stable sort breaks ties by pool index
-            keep = torch.sort(torch.sort(scores, stable=True).indices[:self.n_keep]).values
+            keep = torch.sort(torch.sort(scores, stable=True).indices[: self.n_keep]).values
             scores, idx = scores[keep], idx[keep]
             payload = {k: v[keep] for k, v in payload.items()}
         self.scores, self.index, self.payload = scores, idx, payload
@@ -140,9 +141,20 @@ def _check_sizes(n_pool: int, n_keep: int) -> None:
         raise ParamError(f"active fine-tuning needs 1 <= N' <= N_bar', got N' = {n_keep}, N_bar' = {n_pool}")
 
 
-def effective_pool(n_pool: int, n_keep: int, T: int, eff: Effective, Delta: float, beta: float, sigma: Callable[[torch.Tensor], torch.Tensor],
-                   teacher: Teacher, seed: int, device: str | torch.device = "cpu", chunk: int = 1 << 16,
-                   storage: str = "float64") -> PoolSelection:
+def effective_pool(
+    n_pool: int,
+    n_keep: int,
+    T: int,
+    eff: Effective,
+    Delta: float,
+    beta: float,
+    sigma: Callable[[torch.Tensor], torch.Tensor],
+    teacher: Teacher,
+    seed: int,
+    device: str | torch.device = "cpu",
+    chunk: int = 1 << 16,
+    storage: str = "float64",
+) -> PoolSelection:
     """Algorithm 1 on an effective pre-training: pool of (z*, z) ~ Q (eq. 13), scored on beta z.
 
     Only the fields of the pool are drawn (chunked, stream ``pool``); the tokens of the
@@ -168,20 +180,40 @@ def effective_pool(n_pool: int, n_keep: int, T: int, eff: Effective, Delta: floa
     index, scores, payload, n, total = select_lowest_stream(chunks(), n_keep)
     # _check_sizes gave n_keep >= 1, so the selection is set
     assert index is not None and scores is not None and payload is not None
-    X, G, chi_field = tokens_with_fields(n_keep, T, teacher.D, generator(seed, "pool_tokens", device), device,
-                                         storage, teacher.w_star)
+    X, G, chi_field = tokens_with_fields(
+        n_keep, T, teacher.D, generator(seed, "pool_tokens", device), device, storage, teacher.w_star
+    )
     zero = torch.zeros(n_keep, T, T, dtype=DTYPE, device=device)
 
     def dataset(z_star, z):
         return Dataset(X, zero, z_star + chi_field, G, z_frozen=z)
 
     u_star, u_z = torch.cat(first["z_star"]), torch.cat(first["z"])
-    return PoolSelection(dataset(payload["z_star"], payload["z"]), dataset(u_star, u_z), payload["z_star"], u_star,
-                         index, scores, total / n, n)
+    return PoolSelection(
+        dataset(payload["z_star"], payload["z"]),
+        dataset(u_star, u_z),
+        payload["z_star"],
+        u_star,
+        index,
+        scores,
+        total / n,
+        n,
+    )
 
 
-def full_pool(n_pool: int, n_keep: int, T: int, Delta: float, beta: float, sigma: Callable[[torch.Tensor], torch.Tensor], teacher: Teacher,
-              W_hat: torch.Tensor | None, seed: int, device: str | torch.device = "cpu", chunk: int = 4096) -> PoolSelection:
+def full_pool(
+    n_pool: int,
+    n_keep: int,
+    T: int,
+    Delta: float,
+    beta: float,
+    sigma: Callable[[torch.Tensor], torch.Tensor],
+    teacher: Teacher,
+    W_hat: torch.Tensor | None,
+    seed: int,
+    device: str | torch.device = "cpu",
+    chunk: int = 4096,
+) -> PoolSelection:
     """Algorithm 1 with a real pre-trained map: stream the pool (tokens X, noise xi) in chunks,
     score ``beta z_hat(X)`` (eqs. 11, 26) and keep only the X, xi of the selected and of the first N'.
     """

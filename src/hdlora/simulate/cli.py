@@ -1,4 +1,5 @@
 """``hdlora simulate``: the finite-D simulation (pre-training + rank-one LoRA) from the command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,38 @@ from ..params import ParamError
 #: imports torch, so that building the parser stays light)
 LOSSES = ("sequence", "attention")
 
-_TABLE_KEYS = ("pretrain_train_error", "pretrain_test_error", "finetune_train_error", "finetune_test_error",
-               "forgetting_error", "overlap", "Q0", "Q", "M", "q0", "q", "m",
-               "pretrain_iterations", "pretrain_converged", "finetune_iterations", "finetune_converged",
-               "finetune_informed_won", "beta", "delta_eff", "delta_eff_actft", "delta_eff_measured")
-_ACTIVE_TABLE_KEYS = ("uniform_finetune_test_error", "uniform_overlap", "delta_finetune_test_error", "delta_overlap",
-                      "uniform_delta_eff_measured", "selection_score_selected", "selection_score_pool")
+_TABLE_KEYS = (
+    "pretrain_train_error",
+    "pretrain_test_error",
+    "finetune_train_error",
+    "finetune_test_error",
+    "forgetting_error",
+    "overlap",
+    "Q0",
+    "Q",
+    "M",
+    "q0",
+    "q",
+    "m",
+    "pretrain_iterations",
+    "pretrain_converged",
+    "finetune_iterations",
+    "finetune_converged",
+    "finetune_informed_won",
+    "beta",
+    "delta_eff",
+    "delta_eff_actft",
+    "delta_eff_measured",
+)
+_ACTIVE_TABLE_KEYS = (
+    "uniform_finetune_test_error",
+    "uniform_overlap",
+    "delta_finetune_test_error",
+    "delta_overlap",
+    "uniform_delta_eff_measured",
+    "selection_score_selected",
+    "selection_score_pool",
+)
 _BETA_WORDS = {"optimal": "measured", "optimal-measured": "measured", "optimal-theory": "theory"}
 
 
@@ -37,29 +64,50 @@ def _beta(text: str):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_param_arguments(p)
     g = p.add_argument_group("simulation")
-    g.add_argument("--beta", type=_beta, default=1.0,
-                   help="recalibration W_hat -> sqrt(beta) W_hat (eq. 26): a number, 'optimal' (beta* = M/Q measured "
-                        "on each seed's pre-trained weights) or 'optimal-theory' (beta* = M/Q of the pre-training "
-                        "state evolution, the paper's App. E)")
-    g.add_argument("--active-pool", type=_float, default=None,
-                   help="active fine-tuning (Algorithm 1): label the alpha' D best of a pool of alpha_bar' D "
-                        "candidates; also reports the uniform choice from the same pool (uniform_*, delta_*)")
+    g.add_argument(
+        "--beta",
+        type=_beta,
+        default=1.0,
+        help="recalibration W_hat -> sqrt(beta) W_hat (eq. 26): a number, 'optimal' (beta* = M/Q measured "
+        "on each seed's pre-trained weights) or 'optimal-theory' (beta* = M/Q of the pre-training "
+        "state evolution, the paper's App. E)",
+    )
+    g.add_argument(
+        "--active-pool",
+        type=_float,
+        default=None,
+        help="active fine-tuning (Algorithm 1): label the alpha' D best of a pool of alpha_bar' D "
+        "candidates; also reports the uniform choice from the same pool (uniform_*, delta_*)",
+    )
     g.add_argument("--dim", type=integer, default=150, help="D, token dimension (>= 2)")
     g.add_argument("--seeds", type=integer, default=4, help="number of seeds (0..S-1) to average")
     g.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda when available)")
     g.add_argument("--loss", default="sequence", help=f"{' | '.join(LOSSES)} (eq. 2-3 or eq. 30)")
     g.add_argument("--restarts", type=integer, default=2, help="random fine-tuning starts besides w = w*")
-    g.add_argument("--reduce-width", action="store_true",
-                   help="kappa > 1: pre-train a width-D student with lam sqrt(kappa) (same S minimisers)")
+    g.add_argument(
+        "--reduce-width",
+        action="store_true",
+        help="kappa > 1: pre-train a width-D student with lam sqrt(kappa) (same S minimisers)",
+    )
     g.add_argument("--effective-Q0", type=_float, default=None, help="effective pre-training: Q0 (eq. 13)")
     g.add_argument("--effective-Q", type=_float, default=None, help="effective pre-training: Q")
     g.add_argument("--effective-M", type=_float, default=None, help="effective pre-training: M")
-    g.add_argument("--threads", type=integer, default=0,
-                   help="torch CPU threads (0: torch default; 1 is fastest on a shared, busy machine)")
-    g.add_argument("--json", action="store_true",
-                   help="print one JSON object (keys + <key>_se); progress and warnings still go to stderr")
-    g.add_argument("--dry-run", action="store_true",
-                   help="print the memory / time estimate (and whether it fits) and stop; nothing is allocated")
+    g.add_argument(
+        "--threads",
+        type=integer,
+        default=0,
+        help="torch CPU threads (0: torch default; 1 is fastest on a shared, busy machine)",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (keys + <key>_se); progress and warnings still go to stderr",
+    )
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory / time estimate (and whether it fits) and stop; nothing is allocated",
+    )
     add_common_arguments(p)
 
 
@@ -73,20 +121,20 @@ def _mean_se(mean, se, n_seeds: int) -> str:
 def _count(per_seed, key: str, word: str) -> str | None:
     """A boolean over seeds as a count ('4/4 converged'), never averaged."""
     vals = [s.get(key) for s in per_seed if isinstance(s, dict)]
-    vals = [v for v in vals if v is not None and v == v]       # NaN: not defined for this seed (effective mode)
+    vals = [v for v in vals if v is not None and v == v]  # NaN: not defined for this seed (effective mode)
     if not vals:
         return None
     return f"{sum(bool(v) for v in vals)}/{len(vals)} {word}"
 
 
 #: boolean keys of a seed: shown as counts (the word says what is counted)
-_BOOL_WORDS = {"pretrain_converged": "converged", "finetune_converged": "converged",
-               "finetune_informed_won": "seeds"}
+_BOOL_WORDS = {"pretrain_converged": "converged", "finetune_converged": "converged", "finetune_informed_won": "seeds"}
 
 
 def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of this command)
     from .run import ACTIVE_KEYS, KEYS
     from .run import run as simulate_run  # the library function, not this one
+
     optimal = _BETA_WORDS.get(args.beta) if isinstance(args.beta, str) else None
     params = params_from_args(args, beta=1.0 if optimal else args.beta, active_pool=args.active_pool)
     eff_vals = {"Q0": args.effective_Q0, "Q": args.effective_Q, "M": args.effective_M}
@@ -97,17 +145,28 @@ def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of 
     if args.threads < 0:
         raise ParamError(f"threads must be >= 0 (0: torch default), got {args.threads}")
     from ..resources import simulate_gate
+
     if (rc := simulate_gate(args, params, effective)) is not None:
         return rc
     if args.threads:
         import torch
+
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = simulate_run(params, args.dim, args.seeds, device=args.device, loss=args.loss, effective=effective,
-                           restarts=args.restarts, progress=not args.quiet, reduce_width=args.reduce_width,
-                           optimal_beta=optimal)
+        res = simulate_run(
+            params,
+            args.dim,
+            args.seeds,
+            device=args.device,
+            loss=args.loss,
+            effective=effective,
+            restarts=args.restarts,
+            progress=not args.quiet,
+            reduce_width=args.reduce_width,
+            optimal_beta=optimal,
+        )
     messages = [str(w.message) for w in caught]
     d = res.to_dict()
     d["wall_time_total"] = time.perf_counter() - t0
@@ -127,7 +186,12 @@ def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of 
                 rows[k] = _mean_se(d[k], d.get(k + "_se"), d["n_seeds"])
         rows["seeds"] = d["n_seeds"]
         rows["wall time [s]"] = f"{d['wall_time_total']:.1f}"
-        print(format_table(rows, title=f"hdlora simulate: D = {res.dim}, {res.loss} loss, {res.device}, "
-                                       f"{'effective' if effective else 'full'} pre-training ("
-                                       + ("mean ± s.e.)" if res.n_seeds > 1 else "one seed: no standard error)")))
+        print(
+            format_table(
+                rows,
+                title=f"hdlora simulate: D = {res.dim}, {res.loss} loss, {res.device}, "
+                f"{'effective' if effective else 'full'} pre-training ("
+                + ("mean ± s.e.)" if res.n_seeds > 1 else "one seed: no standard error)"),
+            )
+        )
     return 0

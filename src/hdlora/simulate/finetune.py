@@ -9,6 +9,7 @@ start at ``w = w*`` (as the paper's App. D) and ``restarts`` random starts
 ``w_i ~ N(0, init_scale^2)``, and keep the lowest objective.  The objective is
 even in w, so the sign of the minimiser is fixed to ``m = w.w*/D >= 0``.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,14 +29,23 @@ def _frozen(data: Dataset) -> torch.Tensor:
     return data.z_frozen
 
 
-def finetune_loss_sum(w: torch.Tensor, X: torch.Tensor, z_frozen: torch.Tensor, sigma_target: torch.Tensor,
-                      G: torch.Tensor | None, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str) -> torch.Tensor:
+def finetune_loss_sum(
+    w: torch.Tensor,
+    X: torch.Tensor,
+    z_frozen: torch.Tensor,
+    sigma_target: torch.Tensor,
+    G: torch.Tensor | None,
+    sigma: Callable[[torch.Tensor], torch.Tensor],
+    loss: str,
+) -> torch.Tensor:
     """``sum_mu loss(sigma(z_frozen + chi chi^T - q I) - sigma(z*'))`` for one chunk (eq. 3)."""
     _, field = rank_one_field(X, w)
     return per_sample(sigma(z_frozen + field) - sigma_target, G, loss).sum()
 
 
-def finetune_value_and_grad(data: Dataset, sigma: Callable[[torch.Tensor], torch.Tensor], lam_ft: float, loss: str, chunk: int) -> ValueAndGrad:
+def finetune_value_and_grad(
+    data: Dataset, sigma: Callable[[torch.Tensor], torch.Tensor], lam_ft: float, loss: str, chunk: int
+) -> ValueAndGrad:
     """``w -> ((sum_mu loss_mu + lam' ||w||^2)/N', gradient)``."""
     n = data.n
     sigma_target = sigma(data.z_star)
@@ -43,8 +53,9 @@ def finetune_value_and_grad(data: Dataset, sigma: Callable[[torch.Tensor], torch
     z_frozen = _frozen(data)
 
     def chunk_loss(w: torch.Tensor, sl: slice) -> torch.Tensor:
-        return finetune_loss_sum(w, data.X[sl], z_frozen[sl], sigma_target[sl],
-                                 None if G is None else G[sl], sigma, loss)
+        return finetune_loss_sum(
+            w, data.X[sl], z_frozen[sl], sigma_target[sl], None if G is None else G[sl], sigma, loss
+        )
 
     return chunked_ridge_objective(chunk_loss, n, lam_ft, _chunks(n, chunk))
 
@@ -61,7 +72,9 @@ class FineTuned:
     optim: OptimResult | None
 
 
-def train_error(w: torch.Tensor, data: Dataset, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str, chunk: int) -> float:
+def train_error(
+    w: torch.Tensor, data: Dataset, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str, chunk: int
+) -> float:
     total = 0.0
     z_frozen = _frozen(data)
     sigma_target = sigma(data.z_star)
@@ -72,9 +85,21 @@ def train_error(w: torch.Tensor, data: Dataset, sigma: Callable[[torch.Tensor], 
     return total / data.n
 
 
-def finetune(data: Dataset, w_star: torch.Tensor, *, lam_ft: float, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str, seed: int,
-             restarts: int = 2, init_scale: float = 0.5, rtol: float = 1e-6, max_iter: int = 1000,
-             chunk: int | None = None, informed: bool = True) -> FineTuned:
+def finetune(
+    data: Dataset,
+    w_star: torch.Tensor,
+    *,
+    lam_ft: float,
+    sigma: Callable[[torch.Tensor], torch.Tensor],
+    loss: str,
+    seed: int,
+    restarts: int = 2,
+    init_scale: float = 0.5,
+    rtol: float = 1e-6,
+    max_iter: int = 1000,
+    chunk: int | None = None,
+    informed: bool = True,
+) -> FineTuned:
     """Minimise eq. 3 + lam' ||w||^2 from several starts; keep the lowest objective.
 
     ``lam_ft = inf`` gives w_hat = 0 (frozen pre-training, A.7) without optimisation.
@@ -91,8 +116,10 @@ def finetune(data: Dataset, w_star: torch.Tensor, *, lam_ft: float, sigma: Calla
         return FineTuned(zero, train_error(zero, data, sigma, loss, chunk), "frozen", {}, None)
     g = generator(seed, "finetune_init", data.X.device)
     starts = [("informed", w_star.clone())] if informed else []
-    starts += [(f"random{k}", init_scale * torch.randn(D, generator=g, device=data.X.device, dtype=data.X.dtype))
-               for k in range(restarts)]
+    starts += [
+        (f"random{k}", init_scale * torch.randn(D, generator=g, device=data.X.device, dtype=data.X.dtype))
+        for k in range(restarts)
+    ]
     if not starts:
         raise ValueError("need at least one start: informed=True or restarts >= 1")
     vg = finetune_value_and_grad(data, sigma, lam_ft, loss, chunk)

@@ -5,6 +5,7 @@ With ``B = sigma(z) - sigma(z*)`` the sequence-to-sequence loss of one sample is
 ``y`` are never formed.  The attention-matrix loss (eq. 30) is ``||B||_F^2``; the
 two agree up to O(1/D) since ``G -> I_T``.
 """
+
 from __future__ import annotations
 
 import torch

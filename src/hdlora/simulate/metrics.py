@@ -3,6 +3,7 @@
 Test errors are averaged over ``n_test`` (= 10 D) fresh samples, generated and
 evaluated chunk by chunk (no test set is held in memory).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,10 +42,10 @@ def trace_S_S(W1: torch.Tensor, W2: torch.Tensor) -> float:
 def order_parameters(W_hat: torch.Tensor | None, teacher: Teacher) -> dict:
     """Q0, Q, M (eq. 8) of S_hat = W W^T/sqrt(P), S* = W* W*^T/sqrt(P0); W_hat None means 0."""
     D = teacher.D
-    Q0 = trace_S2(teacher.W_star) / D ** 2
+    Q0 = trace_S2(teacher.W_star) / D**2
     if W_hat is None:
         return {"Q0": Q0, "Q": 0.0, "M": 0.0}
-    return {"Q0": Q0, "Q": trace_S2(W_hat) / D ** 2, "M": trace_S_S(W_hat, teacher.W_star) / D ** 2}
+    return {"Q0": Q0, "Q": trace_S2(W_hat) / D**2, "M": trace_S_S(W_hat, teacher.W_star) / D**2}
 
 
 def rank_one_parameters(w: torch.Tensor, w_star: torch.Tensor) -> dict:
@@ -55,9 +56,21 @@ def rank_one_parameters(w: torch.Tensor, w_star: torch.Tensor) -> dict:
     return {"q": q, "m": m, "q0": q0, "overlap": overlap}
 
 
-def test_errors(*, teacher: Teacher, W_hat: torch.Tensor | None, w_hat: torch.Tensor, beta: float,
-                T: int, Delta: float, n_test: int, seed: int, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str,
-                effective: Effective | None = None, chunk: int = 4096) -> dict:
+def test_errors(
+    *,
+    teacher: Teacher,
+    W_hat: torch.Tensor | None,
+    w_hat: torch.Tensor,
+    beta: float,
+    T: int,
+    Delta: float,
+    n_test: int,
+    seed: int,
+    sigma: Callable[[torch.Tensor], torch.Tensor],
+    loss: str,
+    effective: Effective | None = None,
+    chunk: int = 4096,
+) -> dict:
     """Test errors on fresh samples (eqs. 4, 5, 83), mean per sample.
 
     Returns:
@@ -71,8 +84,12 @@ def test_errors(*, teacher: Teacher, W_hat: torch.Tensor | None, w_hat: torch.Te
     from X, S* and S_hat (z already is the pre-trained field; beta scales it).
     """
     device = w_hat.device
-    sums = {"pretrain_test_error": 0.0, "recalibrated_test_error": 0.0,
-            "finetune_test_error": 0.0, "forgetting_error": 0.0}
+    sums = {
+        "pretrain_test_error": 0.0,
+        "recalibrated_test_error": 0.0,
+        "finetune_test_error": 0.0,
+        "forgetting_error": 0.0,
+    }
     if effective is None:
         g_pre, g_ft = generator(seed, "pretrain_test", device), generator(seed, "finetune_test", device)
         tr_hat = None if W_hat is None else float((W_hat * W_hat).sum()) / math.sqrt(W_hat.shape[1])

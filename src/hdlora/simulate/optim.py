@@ -6,6 +6,7 @@ Convergence is judged on the sup-norm of the gradient relative to the one at
 the starting point (``max|g| <= rtol * max|g0|``, the test torch's L-BFGS itself
 uses); the result always carries iterations, final gradient norm and the flag.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -16,8 +17,9 @@ import torch
 ValueAndGrad = Callable[[torch.Tensor], tuple[float, torch.Tensor]]
 
 
-def chunked_ridge_objective(chunk_loss: Callable[[torch.Tensor, slice], torch.Tensor], n: int, lam: float,
-                            chunks: Iterable[slice]) -> ValueAndGrad:
+def chunked_ridge_objective(
+    chunk_loss: Callable[[torch.Tensor, slice], torch.Tensor], n: int, lam: float, chunks: Iterable[slice]
+) -> ValueAndGrad:
     """``x -> ((sum_mu loss_mu(x) + lam ||x||^2) / n, gradient)`` (eqs. 2-3 divided by n).
 
     ``chunk_loss(x, sl)`` is the differentiable sum of the per-sample losses over the samples
@@ -65,8 +67,15 @@ class OptimResult:
     reason: str
 
 
-def minimise(value_and_grad: ValueAndGrad, x0: torch.Tensor, *, rtol: float = 1e-6,
-             max_iter: int = 2000, history_size: int = 50, atol: float = 1e-300) -> OptimResult:
+def minimise(
+    value_and_grad: ValueAndGrad,
+    x0: torch.Tensor,
+    *,
+    rtol: float = 1e-6,
+    max_iter: int = 2000,
+    history_size: int = 50,
+    atol: float = 1e-300,
+) -> OptimResult:
     """Minimise with ``torch.optim.LBFGS(line_search_fn='strong_wolfe')``, full batch, float64."""
     x = x0.detach().clone().requires_grad_(True)
     f0, g0 = value_and_grad(x.detach())
@@ -82,9 +91,16 @@ def minimise(value_and_grad: ValueAndGrad, x0: torch.Tensor, *, rtol: float = 1e
         x.grad = g
         return torch.tensor(f, dtype=x.dtype)
 
-    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.5),
-                            tolerance_grad=tol, tolerance_change=1e-15,
-                            history_size=history_size, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [x],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=int(max_iter * 1.5),
+        tolerance_grad=tol,
+        tolerance_change=1e-15,
+        history_size=history_size,
+        line_search_fn="strong_wolfe",
+    )
     opt.step(closure)
     iters = int(opt.state[x].get("n_iter", 0))
     f, g = value_and_grad(x.detach())

@@ -10,6 +10,7 @@ For kappa >= 1 the minimisers depend on W only through S = W W^T / sqrt(P) and
 (THEORY-NOTES, "Cheaper but equivalent computations"); ``reduce_width=True``
 in :func:`hdlora.simulate.run` uses it (checked by a test).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,14 @@ def default_chunk(T: int, width: int, budget: int = 1 << 24) -> int:
     return max(1, budget // (T * max(width, 1)))
 
 
-def pretrain_loss_sum(W: torch.Tensor, X: torch.Tensor, sigma_target: torch.Tensor, G: torch.Tensor | None,
-                      sigma: Callable[[torch.Tensor], torch.Tensor], loss: str) -> torch.Tensor:
+def pretrain_loss_sum(
+    W: torch.Tensor,
+    X: torch.Tensor,
+    sigma_target: torch.Tensor,
+    G: torch.Tensor | None,
+    sigma: Callable[[torch.Tensor], torch.Tensor],
+    loss: str,
+) -> torch.Tensor:
     """``sum_mu loss(sigma(z_mu(W)) - sigma(z*_mu))`` for one chunk (eq. 2), differentiable in W.
 
     ``z(W) = X S X^T / D - delta_ab Tr(S)/D`` with ``S = W W^T / sqrt(P)`` (eqs. 34-35).
@@ -49,7 +56,9 @@ class Pretrained:
     optim: OptimResult | None
 
 
-def pretrain_value_and_grad(data: Dataset, sigma: Callable[[torch.Tensor], torch.Tensor], lam: float, loss: str, chunk: int) -> ValueAndGrad:
+def pretrain_value_and_grad(
+    data: Dataset, sigma: Callable[[torch.Tensor], torch.Tensor], lam: float, loss: str, chunk: int
+) -> ValueAndGrad:
     """``W -> ((sum_mu loss_mu + lam ||W||^2)/N, gradient)``, chunked."""
     N = data.n
     sigma_target = sigma(data.z_star)
@@ -61,7 +70,9 @@ def pretrain_value_and_grad(data: Dataset, sigma: Callable[[torch.Tensor], torch
     return chunked_ridge_objective(chunk_loss, N, lam, _chunks(N, chunk))
 
 
-def train_error(W: torch.Tensor | None, data: Dataset, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str, chunk: int) -> float:
+def train_error(
+    W: torch.Tensor | None, data: Dataset, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str, chunk: int
+) -> float:
     """Mean per-sample train loss (Result 3 convention); ``W = None`` means W_hat = 0."""
     sigma_target = sigma(data.z_star)
     total = 0.0
@@ -76,9 +87,19 @@ def train_error(W: torch.Tensor | None, data: Dataset, sigma: Callable[[torch.Te
     return total / data.n
 
 
-def pretrain(data: Dataset, *, width: int, lam: float, sigma: Callable[[torch.Tensor], torch.Tensor], loss: str, seed: int,
-             rtol: float = 1e-5, max_iter: int = 3000, init_scale: float = 1.0,
-             chunk: int | None = None) -> Pretrained:
+def pretrain(
+    data: Dataset,
+    *,
+    width: int,
+    lam: float,
+    sigma: Callable[[torch.Tensor], torch.Tensor],
+    loss: str,
+    seed: int,
+    rtol: float = 1e-5,
+    max_iter: int = 3000,
+    init_scale: float = 1.0,
+    chunk: int | None = None,
+) -> Pretrained:
     """Minimise eq. 2 + lam ||W||_F^2 from a random init ``W_ij ~ N(0, init_scale^2)``.
 
     ``lam = inf`` means W_hat = 0 (no optimisation; returned as ``W=None``).

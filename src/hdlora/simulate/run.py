@@ -1,4 +1,5 @@
 """The full finite-D pipeline (pre-training, then rank-one LoRA), per seed and over seeds."""
+
 from __future__ import annotations
 
 import math
@@ -39,12 +40,35 @@ class ConvergenceWarning(RuntimeWarning):
 
 #: Keys averaged over seeds (each also gets ``<key>_se``).
 KEYS = (
-    "pretrain_train_error", "pretrain_test_error", "recalibrated_test_error",
-    "finetune_train_error", "finetune_test_error", "forgetting_error",
-    "overlap", "Q", "M", "Q0", "q", "m", "q0", "Q_frozen", "M_frozen",
-    "pretrain_objective", "pretrain_iterations", "pretrain_grad_norm", "pretrain_converged",
-    "finetune_objective", "finetune_iterations", "finetune_grad_norm", "finetune_converged",
-    "finetune_informed_won", "beta", "delta_eff", "delta_eff_actft", "delta_eff_measured", "wall_time",
+    "pretrain_train_error",
+    "pretrain_test_error",
+    "recalibrated_test_error",
+    "finetune_train_error",
+    "finetune_test_error",
+    "forgetting_error",
+    "overlap",
+    "Q",
+    "M",
+    "Q0",
+    "q",
+    "m",
+    "q0",
+    "Q_frozen",
+    "M_frozen",
+    "pretrain_objective",
+    "pretrain_iterations",
+    "pretrain_grad_norm",
+    "pretrain_converged",
+    "finetune_objective",
+    "finetune_iterations",
+    "finetune_grad_norm",
+    "finetune_converged",
+    "finetune_informed_won",
+    "beta",
+    "delta_eff",
+    "delta_eff_actft",
+    "delta_eff_measured",
+    "wall_time",
 )
 #: Keys of active fine-tuning (``params.active_pool`` set), averaged by :func:`run` as well. The
 #: main keys describe the active run (w_hat_ActFT); ``uniform_*`` the run on the first N' of the
@@ -52,10 +76,21 @@ KEYS = (
 #: ``delta_overlap = o_w(active) - o_w(uniform)`` are paired differences (same pool, teacher, tokens,
 #: test sets), so their standard errors are the paired ones.
 ACTIVE_KEYS = (
-    "uniform_finetune_test_error", "uniform_forgetting_error", "uniform_finetune_train_error",
-    "uniform_overlap", "uniform_q", "uniform_m", "uniform_finetune_converged", "uniform_finetune_informed_won",
-    "uniform_delta_eff_measured", "delta_finetune_test_error", "delta_overlap",
-    "selection_score_selected", "selection_score_pool", "pool_size", "labelled_size",
+    "uniform_finetune_test_error",
+    "uniform_forgetting_error",
+    "uniform_finetune_train_error",
+    "uniform_overlap",
+    "uniform_q",
+    "uniform_m",
+    "uniform_finetune_converged",
+    "uniform_finetune_informed_won",
+    "uniform_delta_eff_measured",
+    "delta_finetune_test_error",
+    "delta_overlap",
+    "selection_score_selected",
+    "selection_score_pool",
+    "pool_size",
+    "labelled_size",
 )
 #: Values of ``optimal_beta``: recalibrate at beta* = M/Q (eq. 26) measured on the pre-trained
 #: weights of each seed, or taken from the pre-training state evolution (as the paper's App. E).
@@ -63,8 +98,13 @@ OPTIMAL_BETA = ("measured", "theory")
 #: Tensors added by ``return_weights=True`` (left out of :meth:`SimulationResult.to_dict`).
 WEIGHT_KEYS = ("W_hat", "w_hat", "W_star", "w_star")
 #: Keys that do not exist in the effective-pre-training mode (reported as NaN there).
-EFFECTIVE_NAN_KEYS = ("pretrain_train_error", "pretrain_objective", "pretrain_iterations",
-                      "pretrain_grad_norm", "pretrain_converged")
+EFFECTIVE_NAN_KEYS = (
+    "pretrain_train_error",
+    "pretrain_objective",
+    "pretrain_iterations",
+    "pretrain_grad_norm",
+    "pretrain_converged",
+)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -74,8 +114,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ParamError(f"device {name!r} requested but CUDA is not available here; "
-                             "use device='cpu' (or 'auto' to fall back)")
+            raise ParamError(
+                f"device {name!r} requested but CUDA is not available here; use device='cpu' (or 'auto' to fall back)"
+            )
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")
@@ -102,12 +143,16 @@ def _check(params: Params, dim: int, loss: str, effective, optimal_beta=None) ->
 def theory_beta_star(params: Params, n_mc: int = DEFAULT_N_MC, seed: int = 0) -> float:
     """beta* = M/Q from the pre-training state evolution (Result 4), as the paper's App. E does."""
     from ..theory.pretrain import solve_pretrain
+
     if params.lora_only:
         raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
     r = solve_pretrain(params, n_mc=n_mc, seed=seed)
     if not r.converged:
-        warnings.warn(f"optimal_beta='theory': pre-training state evolution not converged (residual {r.residual:.3g})",
-                      ConvergenceWarning, stacklevel=3)
+        warnings.warn(
+            f"optimal_beta='theory': pre-training state evolution not converged (residual {r.residual:.3g})",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
     return r.M / r.Q
 
 
@@ -118,17 +163,21 @@ def _delta_effs(params: Params, out: dict) -> dict:
 
     Q0, Q, M, b = out["Q0"], out["Q"], out["M"], out["beta"]
     A0 = _A0(Q0, params.noise)
-    return {"delta_eff": delta_eff_beta_of_A0(A0, Q, M, b),
-            "delta_eff_actft": delta_eff_min_of_A0(A0, Q, M) if Q > 0 else math.nan}
+    return {
+        "delta_eff": delta_eff_beta_of_A0(A0, Q, M, b),
+        "delta_eff_actft": delta_eff_min_of_A0(A0, Q, M) if Q > 0 else math.nan,
+    }
 
 
 def _optim_keys(stage: str, o, train_error: float) -> dict:
     """Optimiser record of a stage; no optimisation (o is None: lam = inf or lam' = inf, the
     weights are exactly 0) counts as converged, with the train error as objective."""
-    return {f"{stage}_objective": o.objective if o else train_error,
-            f"{stage}_iterations": o.iterations if o else 0,
-            f"{stage}_grad_norm": o.grad_norm if o else 0.0,
-            f"{stage}_converged": float(o.converged) if o else 1.0}
+    return {
+        f"{stage}_objective": o.objective if o else train_error,
+        f"{stage}_iterations": o.iterations if o else 0,
+        f"{stage}_grad_norm": o.grad_norm if o else 0.0,
+        f"{stage}_converged": float(o.converged) if o else 1.0,
+    }
 
 
 def _finetune_record(fr, teacher: Teacher, seed: int, rtol: float, what: str = "fine-tuning") -> dict:
@@ -136,16 +185,21 @@ def _finetune_record(fr, teacher: Teacher, seed: int, rtol: float, what: str = "
     rec["finetune_train_error"] = fr.train_error
     o = fr.optim
     rec.update(_optim_keys("finetune", o, fr.train_error))
-    rec.update({
-        "finetune_informed_won": float(fr.winner == "informed") if o else math.nan,
-        "finetune_winner": fr.winner,
-        "finetune_start_objectives": dict(fr.objectives),
-        "finetune_stop": o.reason if o else "lam_ft=inf",
-    })
+    rec.update(
+        {
+            "finetune_informed_won": float(fr.winner == "informed") if o else math.nan,
+            "finetune_winner": fr.winner,
+            "finetune_start_objectives": dict(fr.objectives),
+            "finetune_stop": o.reason if o else "lam_ft=inf",
+        }
+    )
     if o is not None and not o.converged:
-        warnings.warn(f"seed {seed}: {what} did not converge ({o.reason}): max|grad| = {o.grad_norm:.3g} "
-                      f"> {rtol:g} x {o.grad_norm_initial:.3g} after {o.iterations} iterations",
-                      ConvergenceWarning, stacklevel=3)
+        warnings.warn(
+            f"seed {seed}: {what} did not converge ({o.reason}): max|grad| = {o.grad_norm:.3g} "
+            f"> {rtol:g} x {o.grad_norm_initial:.3g} after {o.iterations} iterations",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
     return rec
 
 
@@ -156,14 +210,28 @@ def _rank_one(X, w: torch.Tensor) -> torch.Tensor:
     return torch.cat([rank_one_field(X[sl], w)[1] for sl in _chunks(X.shape[0], X.chunk)])
 
 
-def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device = "cpu",
-             loss: str = "sequence", effective: dict | None = None, restarts: int = 2,
-             informed_start: bool = True, reduce_width: bool = False,
-             pretrain_rtol: float = 1e-5, pretrain_max_iter: int = 3000,
-             finetune_rtol: float = 1e-6, finetune_max_iter: int = 1000,
-             n_test: int | None = None, return_weights: bool = False,
-             optimal_beta: str | None = None, compare_uniform: bool = True,
-             on_stage: Callable[[str], None] | None = None, token_storage: str = "auto") -> dict:
+def run_seed(
+    params: Params,
+    dim: int,
+    seed: int,
+    *,
+    device: str | torch.device = "cpu",
+    loss: str = "sequence",
+    effective: dict | None = None,
+    restarts: int = 2,
+    informed_start: bool = True,
+    reduce_width: bool = False,
+    pretrain_rtol: float = 1e-5,
+    pretrain_max_iter: int = 3000,
+    finetune_rtol: float = 1e-6,
+    finetune_max_iter: int = 1000,
+    n_test: int | None = None,
+    return_weights: bool = False,
+    optimal_beta: str | None = None,
+    compare_uniform: bool = True,
+    on_stage: Callable[[str], None] | None = None,
+    token_storage: str = "auto",
+) -> dict:
     """One seed of the pipeline; returns a dict with every key of :data:`KEYS` plus diagnostics.
 
     Errors are per sample (mean over samples, Result 3). Objectives are (sum of losses + ridge) / n,
@@ -218,6 +286,7 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
     storage = None
     if eff is not None:
         from ..resources import choose_token_storage
+
         storage = choose_token_storage(sizes["N_ft"], T, D, dev, token_storage)
         out["token_storage"] = storage
 
@@ -228,21 +297,27 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
         width, lam = sizes["P"], params.lam
         if reduce_width and width > D:
             width, lam = D, params.lam * math.sqrt(width / D)
-        pt = pretrain(pre, width=width, lam=lam, sigma=sigma, loss=loss, seed=seed,
-                      rtol=pretrain_rtol, max_iter=pretrain_max_iter)
+        pt = pretrain(
+            pre, width=width, lam=lam, sigma=sigma, loss=loss, seed=seed, rtol=pretrain_rtol, max_iter=pretrain_max_iter
+        )
         W_hat = pt.W
         out.update(order_parameters(W_hat, teacher))
         out["pretrain_train_error"] = pt.train_error
         o = pt.optim
         out.update(_optim_keys("pretrain", o, pt.train_error))
-        out.update({
-            "pretrain_stop": o.reason if o else "lam=inf",
-            "pretrain_width": width,
-        })
+        out.update(
+            {
+                "pretrain_stop": o.reason if o else "lam=inf",
+                "pretrain_width": width,
+            }
+        )
         if o is not None and not o.converged:
-            warnings.warn(f"seed {seed}: pre-training did not converge ({o.reason}): max|grad| = {o.grad_norm:.3g} "
-                          f"> {pretrain_rtol:g} x {o.grad_norm_initial:.3g} after {o.iterations} iterations",
-                          ConvergenceWarning, stacklevel=2)
+            warnings.warn(
+                f"seed {seed}: pre-training did not converge ({o.reason}): max|grad| = {o.grad_norm:.3g} "
+                f"> {pretrain_rtol:g} x {o.grad_norm_initial:.3g} after {o.iterations} iterations",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
     else:
         W_hat, pre = None, None
         out.update({"Q0": eff.Q0, "Q": eff.Q, "M": eff.M})
@@ -255,30 +330,43 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
         else:
             if not out["Q"] > 0:
                 raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
-            beta = out["M"] / out["Q"]                    # beta* = M/Q of this seed's weights
+            beta = out["M"] / out["Q"]  # beta* = M/Q of this seed's weights
         if not beta > 0:
             raise ParamError(f"optimal_beta: beta* = M/Q = {beta} is not > 0 (no alignment to recalibrate)")
         params = params.replace(beta=beta)
     out["beta"] = beta
-    out["Q_frozen"], out["M_frozen"] = beta ** 2 * out["Q"], beta * out["M"]
+    out["Q_frozen"], out["M_frozen"] = beta**2 * out["Q"], beta * out["M"]
     out.update(_delta_effs(params, out))
     stage("pretrain")
 
     # ---------------------------------------------------------------- stage 2
     sel = None
-    if params.active_pool is not None:             # Algorithm 1 (Section 4.3)
+    if params.active_pool is not None:  # Algorithm 1 (Section 4.3)
         if eff is None:
             width = D if W_hat is None else W_hat.shape[1]
-            sel = full_pool(sizes["N_pool"], sizes["N_ft"], T, params.noise, beta, sigma, teacher, W_hat, seed, dev,
-                            chunk=max(64, (1 << 22) // (T * max(D, width))))
+            sel = full_pool(
+                sizes["N_pool"],
+                sizes["N_ft"],
+                T,
+                params.noise,
+                beta,
+                sigma,
+                teacher,
+                W_hat,
+                seed,
+                dev,
+                chunk=max(64, (1 << 22) // (T * max(D, width))),
+            )
         else:
             assert storage is not None  # chosen above whenever eff is set
-            sel = effective_pool(sizes["N_pool"], sizes["N_ft"], T, eff, params.noise, beta, sigma, teacher, seed,
-                                 dev, storage=storage)
+            sel = effective_pool(
+                sizes["N_pool"], sizes["N_ft"], T, eff, params.noise, beta, sigma, teacher, seed, dev, storage=storage
+            )
         ft, ft_star = sel.active, sel.active_z_star
     elif eff is None:
-        ft = finetune_dataset(sizes["N_ft"], T, params.noise, teacher, seed, dev,
-                              reuse_from=pre if params.reuse else None)
+        ft = finetune_dataset(
+            sizes["N_ft"], T, params.noise, teacher, seed, dev, reuse_from=pre if params.reuse else None
+        )
         if W_hat is None:
             z_frozen = torch.zeros_like(ft.z_star)
         else:
@@ -286,43 +374,69 @@ def run_seed(params: Params, dim: int, seed: int, *, device: str | torch.device 
             z_frozen = torch.empty_like(ft.z_star)
             for sl in _chunks(ft.n, default_chunk(T, W_hat.shape[1])):
                 z_frozen[sl] = quadratic_field(ft.X[sl], W_hat, tr)
-        ft = ft.with_frozen(beta * z_frozen)     # recalibration: S_hat -> beta S_hat (eq. 26)
+        ft = ft.with_frozen(beta * z_frozen)  # recalibration: S_hat -> beta S_hat (eq. 26)
         ft_star = ft.z_star - rank_one_field(ft.X, teacher.w_star)[1]
     else:
         assert storage is not None  # chosen above whenever eff is set
-        ft = effective_finetune_dataset(sizes["N_ft"], T, params.noise, eff, teacher, seed, dev,
-                                        storage=storage)
+        ft = effective_finetune_dataset(sizes["N_ft"], T, params.noise, eff, teacher, seed, dev, storage=storage)
         assert ft.z_frozen is not None  # effective_finetune_dataset sets the frozen fields
         ft = ft.with_frozen(beta * ft.z_frozen)
         ft_star = ft.z_star - _rank_one(ft.X, teacher.w_star)
     del pre
     assert ft.z_frozen is not None  # every branch above sets the frozen fields
     out["delta_eff_measured"] = delta_eff_measured(ft_star, ft.z_frozen)
-    ft_kwargs: dict[str, Any] = dict(lam_ft=params.lam_ft, sigma=sigma, loss=loss, seed=seed, restarts=restarts,
-                     informed=informed_start, rtol=finetune_rtol, max_iter=finetune_max_iter)
+    ft_kwargs: dict[str, Any] = dict(
+        lam_ft=params.lam_ft,
+        sigma=sigma,
+        loss=loss,
+        seed=seed,
+        restarts=restarts,
+        informed=informed_start,
+        rtol=finetune_rtol,
+        max_iter=finetune_max_iter,
+    )
     fr = finetune(ft, teacher.w_star, **ft_kwargs)
     out.update(_finetune_record(fr, teacher, seed, finetune_rtol))
     fr_u = None
-    if sel is not None and compare_uniform:       # the same pool, uniformly: its first N'
+    if sel is not None and compare_uniform:  # the same pool, uniformly: its first N'
         fr_u = finetune(sel.uniform, teacher.w_star, **ft_kwargs)
         rec = _finetune_record(fr_u, teacher, seed, finetune_rtol, what="uniform fine-tuning")
-        out.update({f"uniform_{k}": rec[k] for k in ("finetune_train_error", "overlap", "q", "m",
-                                                      "finetune_converged", "finetune_informed_won")})
+        out.update(
+            {
+                f"uniform_{k}": rec[k]
+                for k in ("finetune_train_error", "overlap", "q", "m", "finetune_converged", "finetune_informed_won")
+            }
+        )
         assert sel.uniform.z_frozen is not None  # both pool sets carry their frozen fields
         out["uniform_delta_eff_measured"] = delta_eff_measured(sel.uniform_z_star, sel.uniform.z_frozen)
     if sel is not None:
-        out.update({"selection_score_selected": float(sel.scores.mean()), "selection_score_pool": sel.score_pool_mean,
-                    "pool_size": float(sel.n_pool), "labelled_size": float(ft.n)})
+        out.update(
+            {
+                "selection_score_selected": float(sel.scores.mean()),
+                "selection_score_pool": sel.score_pool_mean,
+                "pool_size": float(sel.n_pool),
+                "labelled_size": float(ft.n),
+            }
+        )
     stage("finetune")
 
     # ---------------------------------------------------------------- test errors
-    test_kwargs: dict[str, Any] = dict(teacher=teacher, W_hat=W_hat, beta=beta, T=T, Delta=params.noise,
-                       n_test=10 * D if n_test is None else int(n_test), seed=seed, sigma=sigma, loss=loss,
-                       effective=eff)
+    test_kwargs: dict[str, Any] = dict(
+        teacher=teacher,
+        W_hat=W_hat,
+        beta=beta,
+        T=T,
+        Delta=params.noise,
+        n_test=10 * D if n_test is None else int(n_test),
+        seed=seed,
+        sigma=sigma,
+        loss=loss,
+        effective=eff,
+    )
     out.update(test_errors(w_hat=fr.w, **test_kwargs))
     if sel is not None:
         nan = math.nan
-        if fr_u is not None:   # same test sets (same seed and streams): paired differences
+        if fr_u is not None:  # same test sets (same seed and streams): paired differences
             te = test_errors(w_hat=fr_u.w, **test_kwargs)
             out["uniform_finetune_test_error"] = te["finetune_test_error"]
             out["uniform_forgetting_error"] = te["forgetting_error"]
@@ -366,8 +480,11 @@ class SimulationResult:
 
     @property
     def converged(self) -> bool:
-        return all(r[k] in (1.0,) or math.isnan(r[k]) for r in self.per_seed
-                   for k in ("pretrain_converged", "finetune_converged"))
+        return all(
+            r[k] in (1.0,) or math.isnan(r[k])
+            for r in self.per_seed
+            for k in ("pretrain_converged", "finetune_converged")
+        )
 
     def __getitem__(self, key: str) -> float:
         return self.mean[key]
@@ -377,10 +494,20 @@ class SimulationResult:
         for k in self.mean:
             d[k] = self.mean[k]
             d[f"{k}_se"] = self.se[k]
-        d.update({"dim": self.dim, "seeds": list(self.seeds), "n_seeds": self.n_seeds, "loss": self.loss,
-                  "device": self.device, "mode": "effective" if self.effective else "full",
-                  "effective": self.effective, "converged": self.converged,
-                  "total_wall_time": self.wall_time, "params": self.params.to_dict()})
+        d.update(
+            {
+                "dim": self.dim,
+                "seeds": list(self.seeds),
+                "n_seeds": self.n_seeds,
+                "loss": self.loss,
+                "device": self.device,
+                "mode": "effective" if self.effective else "full",
+                "effective": self.effective,
+                "converged": self.converged,
+                "total_wall_time": self.wall_time,
+                "params": self.params.to_dict(),
+            }
+        )
         d.update(self.meta)
         if per_seed:
             d["per_seed"] = [{k: v for k, v in r.items() if k not in WEIGHT_KEYS} for r in self.per_seed]
@@ -403,9 +530,18 @@ def _seed_list(seeds) -> tuple:
     return out
 
 
-def run(params: Params, dim: int, seeds: int | Sequence[int] = 4, *, device: str = "cpu",
-        loss: str = "sequence", effective: dict | None = None, restarts: int = 2,
-        progress: bool = False, **kwargs: Any) -> SimulationResult:
+def run(
+    params: Params,
+    dim: int,
+    seeds: int | Sequence[int] = 4,
+    *,
+    device: str = "cpu",
+    loss: str = "sequence",
+    effective: dict | None = None,
+    restarts: int = 2,
+    progress: bool = False,
+    **kwargs: Any,
+) -> SimulationResult:
     """Run the pipeline for several seeds (``seeds=4`` means seeds 0..3) and average.
 
     Keyword arguments beyond those shown go to :func:`run_seed`.  ``optimal_beta='theory'``
@@ -426,22 +562,45 @@ def run(params: Params, dim: int, seeds: int | Sequence[int] = 4, *, device: str
         raise ParamError(f"restarts must be an integer >= 0, got {restarts!r}")
     dev = resolve_device(device)
     from ..resources import check_simulate  # refuse (one line) before allocating what cannot fit
-    check_simulate(params, dim, seeds=len(seed_list), device=str(dev), effective=effective is not None,
-                   restarts=int(restarts), reduce_width=bool(kwargs.get("reduce_width", False)),
-                   n_test=kwargs.get("n_test"), token_storage=kwargs.get("token_storage", "auto"))
+
+    check_simulate(
+        params,
+        dim,
+        seeds=len(seed_list),
+        device=str(dev),
+        effective=effective is not None,
+        restarts=int(restarts),
+        reduce_width=bool(kwargs.get("reduce_width", False)),
+        n_test=kwargs.get("n_test"),
+        token_storage=kwargs.get("token_storage", "auto"),
+    )
     bar = None
     if progress:
         from ..progress import bar as progress_bar  # plain lines when stderr is not a terminal
+
         bar = progress_bar(total=3 * len(seed_list), file=sys.stderr, desc="simulate", unit="stage")
     records = []
     try:
         for s in seed_list:
+
             def on_stage(name, s=s):
                 if bar is not None:
                     bar.set_postfix_str(f"seed {s}: {name} done")
                     bar.update(1)
-            records.append(run_seed(params, dim, s, device=dev, loss=loss, effective=effective,
-                                    restarts=restarts, on_stage=on_stage, **kwargs))
+
+            records.append(
+                run_seed(
+                    params,
+                    dim,
+                    s,
+                    device=dev,
+                    loss=loss,
+                    effective=effective,
+                    restarts=restarts,
+                    on_stage=on_stage,
+                    **kwargs,
+                )
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -451,5 +610,16 @@ def run(params: Params, dim: int, seeds: int | Sequence[int] = 4, *, device: str
         v = np.array([r[k] for r in records], dtype=float)
         mean[k] = float(np.mean(v))
         se[k] = float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-    return SimulationResult(params, dim, seed_list, loss, str(dev), dict(effective) if effective else None,
-                            mean, se, tuple(records), time.perf_counter() - t0, meta)
+    return SimulationResult(
+        params,
+        dim,
+        seed_list,
+        loss,
+        str(dev),
+        dict(effective) if effective else None,
+        mean,
+        se,
+        tuple(records),
+        time.perf_counter() - t0,
+        meta,
+    )

@@ -5,6 +5,7 @@ Bayes-optimal benchmarks and stability.  ``solve(params)`` is the entry point.
 The names below are imported on first use (PEP 562), so that ``import
 hdlora.theory.cli`` (the command line's parser) stays light.
 """
+
 import sys
 import types
 from typing import Any
@@ -14,6 +15,7 @@ __all__ = ["solve", "TheoryResult", "BASELINES"]
 
 def _load() -> None:
     import importlib
+
     mod = importlib.import_module(".solve", __name__)
     for n in __all__:
         globals()[n] = getattr(mod, n)

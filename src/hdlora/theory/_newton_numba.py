@@ -24,6 +24,7 @@ Potentials (``kind``):
         entries): non-concave, separable, with a known global prox per coordinate.
 ``consts`` = [T, softmax (1) or linear (0)] (T is unused by SEPARABLE_QUARTIC).
 """
+
 from __future__ import annotations
 
 import math
@@ -382,8 +383,25 @@ def _norm(v, kind):
 
 
 @njit(cache=True, error_model="numpy")
-def newton_prox(kind, x0, anchor, w, data, consts, opts, n_aux,
-                out_x, out_f, out_loss, out_g, out_H, out_aux, out_res, out_conv, out_it):
+def newton_prox(
+    kind,
+    x0,
+    anchor,
+    w,
+    data,
+    consts,
+    opts,
+    n_aux,
+    out_x,
+    out_f,
+    out_loss,
+    out_g,
+    out_H,
+    out_aux,
+    out_res,
+    out_conv,
+    out_it,
+):
     """Minimise f(x) = loss(x) + sum_i (x_i - a_i)^2 / (2 w_i) from x0, for every sample (rows).
 
     opts = [stop, tol, max_iter, pd_min, floor_rel, floor_abs, trust, scale0, norm_kind,
@@ -507,7 +525,7 @@ def newton_prox(kind, x0, anchor, w, data, consts, opts, n_aux,
                     break
                 t *= 0.5
             if not accepted and not take_last:
-                break          # no ascent found: stay (every further iteration would repeat this one)
+                break  # no ascent found: stay (every further iteration would repeat this one)
             for j in range(k):
                 x[j] = xt[j]
             if have_derivs:

@@ -7,6 +7,7 @@ of the frozen fields (z*, z): as in Appendix D we draw n_mc / rho samples of
 (z*, z) ~ Q (eq. 13) and keep the n_mc with the lowest score.  The rank-one
 fields (chi*, chi) are independent of (z*, z) (App. A.4) and are not affected.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ def select(z_star: np.ndarray, z: np.ndarray, n_keep: int, T: int, activation: s
     return z_star[order], z[order]
 
 
-def active_fields(params: Params, Q0: float, Q: float, M: float, n_mc: int, seed: int = 0,
-                  method: str = "mc") -> tuple[np.ndarray, np.ndarray]:
+def active_fields(
+    params: Params, Q0: float, Q: float, M: float, n_mc: int, seed: int = 0, method: str = "mc"
+) -> tuple[np.ndarray, np.ndarray]:
     """(z*, z) of the fine-tuning set chosen by Algorithm 1 from a pool of n_mc / rho draws of Q.
 
     The score uses the frozen map actually used for fine-tuning: with the
@@ -44,7 +46,7 @@ def active_fields(params: Params, Q0: float, Q: float, M: float, n_mc: int, seed
     """
     if params.active_pool is None:
         raise ParamError("active_fields needs params.active_pool (alpha_bar') to be set")
-    rho = cast(float, params.rho)   # active_pool is set (checked above), so rho is a float
+    rho = cast(float, params.rho)  # active_pool is set (checked above), so rho is a float
     n_pool = int(math.ceil(n_mc / rho))
     f = frozen_fields(n_pool, params.tokens, A0(Q0, params.noise), Q, M, seed, method)
     keep_zs, keep_z = select(f["z_star"], params.beta * f["z"], n_mc, params.tokens, params.activation)

@@ -13,6 +13,7 @@ Effective noises reported (App. C): Delta_eff(beta) (eqs. 25-26), Delta_eff,ActF
 the Monte-Carlo second moment of (beta z - z*)_ab / sqrt(1 + delta_ab) over the selected
 and the unconditioned fields (the quantity eq. 28 approximates by conditioning on z = 0).
 """
+
 from __future__ import annotations
 
 import math
@@ -76,12 +77,14 @@ class ActiveComparison:
         return d
 
 
-def _paired_test_difference(params: Params, Q0: float, Q: float, M: float, a: _Outcome, u: _Outcome, n_test: int, seed: int):
+def _paired_test_difference(
+    params: Params, Q0: float, Q: float, M: float, a: _Outcome, u: _Outcome, n_test: int, seed: int
+):
     """E'(uniform) - E'(active) on common test samples: (mean, s.e.) (eq. 73, fields from Q)."""
     b = params.beta
     if params.frozen:
         return 0.0, 0.0
-    if params.activation == "linear":     # closed forms (deterministic), see hdlora.theory.errors
+    if params.activation == "linear":  # closed forms (deterministic), see hdlora.theory.errors
         return float(u.finetune_test_error - a.finetune_test_error), 0.0
     f = frozen_fields(n_test, params.tokens, A0(Q0, params.noise), b * b * Q, b * M, seed=seed + 7919)
     la = finetune_losses(params.activation, f["z_star"], f["z"], a.q, a.m, seed=seed + 104729)["finetune"]
@@ -90,8 +93,17 @@ def _paired_test_difference(params: Params, Q0: float, Q: float, M: float, a: _O
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
 
 
-def active_comparison_effective(params: Params, Q0: float, Q: float, M: float, *, n_mc: int = DEFAULT_N_MC,
-                                seed: int = 0, n_test: int | None = None, **kwargs: Any) -> ActiveComparison:
+def active_comparison_effective(
+    params: Params,
+    Q0: float,
+    Q: float,
+    M: float,
+    *,
+    n_mc: int = DEFAULT_N_MC,
+    seed: int = 0,
+    n_test: int | None = None,
+    **kwargs: Any,
+) -> ActiveComparison:
     """Active vs uniform fine-tuning on an effective pre-training (Fig. 4), theory.
 
     Args:
@@ -123,6 +135,7 @@ def active_comparison(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0
     """Active vs uniform fine-tuning after a real pre-training: :func:`hdlora.theory.solve` with and
     without ``active_pool`` (same seeds, hence common rank-one and test samples)."""
     from .solve import solve
+
     if params.active_pool is None:
         raise ParamError("active_comparison needs params.active_pool (alpha_bar')")
     act = solve(params, n_mc=n_mc, seed=seed, **kwargs)
@@ -134,16 +147,36 @@ def active_comparison(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0
     return _compare(p, Q0, Q, M, act, uni, zs_a, z_a, f["z_star"], f["z"], n_mc, seed + 2)
 
 
-def _compare(params: Params, Q0: float, Q: float, M: float, act: _Outcome, uni: _Outcome, zs_a: np.ndarray, z_a: np.ndarray, zs_u: np.ndarray, z_u: np.ndarray, n_test: int, seed: int) -> ActiveComparison:
+def _compare(
+    params: Params,
+    Q0: float,
+    Q: float,
+    M: float,
+    act: _Outcome,
+    uni: _Outcome,
+    zs_a: np.ndarray,
+    z_a: np.ndarray,
+    zs_u: np.ndarray,
+    z_u: np.ndarray,
+    n_test: int,
+    seed: int,
+) -> ActiveComparison:
     b = params.beta
     d, d_se = _paired_test_difference(params, Q0, Q, M, act, uni, n_test, seed)
     return ActiveComparison(
-        finetune_test_error=act.finetune_test_error, uniform_finetune_test_error=uni.finetune_test_error,
-        delta_finetune_test_error=d, delta_finetune_test_error_se=d_se,
-        overlap=act.overlap, uniform_overlap=uni.overlap, delta_overlap=act.overlap - uni.overlap,
+        finetune_test_error=act.finetune_test_error,
+        uniform_finetune_test_error=uni.finetune_test_error,
+        delta_finetune_test_error=d,
+        delta_finetune_test_error_se=d_se,
+        overlap=act.overlap,
+        uniform_overlap=uni.overlap,
+        delta_overlap=act.overlap - uni.overlap,
         delta_eff=_eff.delta_eff_beta(Q0, Q, M, params.noise, b),
         delta_eff_actft=_eff.delta_eff_actft(Q0, Q, M, params.noise) if Q > 0 else math.nan,
         delta_eff_selected=_eff.delta_eff_from_fields(zs_a, z_a, b)[0],
         delta_eff_uniform=_eff.delta_eff_from_fields(zs_u, z_u, b)[0],
         rho=cast(float, params.rho),  # active_pool is set (both callers check), so rho is a float
-        converged=bool(act.converged and uni.converged), active=act, uniform=uni)
+        converged=bool(act.converged and uni.converged),
+        active=act,
+        uniform=uni,
+    )

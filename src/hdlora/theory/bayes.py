@@ -98,6 +98,7 @@ not derived here and a ParamError is raised.
 
 Everything is float64 numpy; no printing, no I/O.
 """
+
 from __future__ import annotations
 
 import math
@@ -116,11 +117,25 @@ from .fixed_point import iterate
 from .sampling import frozen_fields, s_ab, standard_normals, to_sym, upper_indices
 
 __all__ = [
-    "lost_directions", "output_coefficient", "pretrain_qhat", "matrix_denoising_mmse",
-    "pretrain_q_from_qhat", "pretrain_qhat_monte_carlo", "PretrainBO", "solve_pretrain_bo",
-    "pretrain_bo_test_error", "gauss_hermite_grid", "finetune_output_channel",
-    "finetune_channel_samples", "finetune_qhat", "finetune_free_entropy", "FinetuneBO",
-    "solve_finetune_bo", "finetune_bo_test_error", "BayesResult", "bayes_optimal",
+    "lost_directions",
+    "output_coefficient",
+    "pretrain_qhat",
+    "matrix_denoising_mmse",
+    "pretrain_q_from_qhat",
+    "pretrain_qhat_monte_carlo",
+    "PretrainBO",
+    "solve_pretrain_bo",
+    "pretrain_bo_test_error",
+    "gauss_hermite_grid",
+    "finetune_output_channel",
+    "finetune_channel_samples",
+    "finetune_qhat",
+    "finetune_free_entropy",
+    "FinetuneBO",
+    "solve_finetune_bo",
+    "finetune_bo_test_error",
+    "BayesResult",
+    "bayes_optimal",
 ]
 
 Q_FINETUNE0 = 1.0  # q0 = ||w*||^2 / D -> 1 (eq. 9)
@@ -161,11 +176,13 @@ def pretrain_qhat(Q: float, *, alpha: float, T: int, Q0: float, noise: float, ac
 
 def _default_cubic_integral() -> Callable[[float, float], SupportsFloat]:
     from .spectral import cubic_integral  # written concurrently; imported lazily
+
     return cubic_integral
 
 
-def matrix_denoising_mmse(Qhat: float, kappa0: float,
-                          cubic_integral: Callable[[float, float], SupportsFloat] | None = None) -> float:
+def matrix_denoising_mmse(
+    Qhat: float, kappa0: float, cubic_integral: Callable[[float, float], SupportsFloat] | None = None
+) -> float:
     """mmse(Qhat) = 1/Qhat - 4 pi^2/(3 Qhat^2) int mu_eta^3,  eta = Qhat^-1/2  (eqs. 87-88).
 
     MMSE per D^2-normalised squared Frobenius norm of estimating S*/sqrt(D) from
@@ -176,18 +193,21 @@ def matrix_denoising_mmse(Qhat: float, kappa0: float,
     if Qhat == 0.0:
         return 1.0
     ci = cubic_integral or _default_cubic_integral()
-    eta = Qhat ** -0.5
+    eta = Qhat**-0.5
     try:
         c = ci(eta, kappa0)
-    except ValueError as exc:   # e.g. eta below the spectral module's range (huge Qhat, i.e. huge alpha)
-        raise ParamError(f"Bayes-optimal input channel (eq. 87) at Qhat = {Qhat:.4g} (eta = {eta:.3g}) "
-                         f"is outside the range of the spectral quadrature: {exc}") from exc
-    c = float(getattr(c, "value", c))        # spectral.cubic_integral returns a QuadratureResult
-    return 1.0 / Qhat - 4.0 * math.pi ** 2 / (3.0 * Qhat ** 2) * c
+    except ValueError as exc:  # e.g. eta below the spectral module's range (huge Qhat, i.e. huge alpha)
+        raise ParamError(
+            f"Bayes-optimal input channel (eq. 87) at Qhat = {Qhat:.4g} (eta = {eta:.3g}) "
+            f"is outside the range of the spectral quadrature: {exc}"
+        ) from exc
+    c = float(getattr(c, "value", c))  # spectral.cubic_integral returns a QuadratureResult
+    return 1.0 / Qhat - 4.0 * math.pi**2 / (3.0 * Qhat**2) * c
 
 
-def pretrain_q_from_qhat(Qhat: float, kappa0: float,
-                         cubic_integral: Callable[[float, float], SupportsFloat] | None = None) -> float:
+def pretrain_q_from_qhat(
+    Qhat: float, kappa0: float, cubic_integral: Callable[[float, float], SupportsFloat] | None = None
+) -> float:
     """Q_BO = Q0 - mmse(Qhat)   (eq. 87), Q0 = 1 + kappa0."""
     return 1.0 + kappa0 - matrix_denoising_mmse(Qhat, kappa0, cubic_integral)
 
@@ -198,13 +218,14 @@ def _softmax_fibre_point(y: np.ndarray) -> np.ndarray:
     z = log y + c 1^T is symmetric iff c_a - c_b = log y_ba - log y_ab; we fix c_0 = 0.
     """
     ly = np.log(y)
-    c = ly[..., 0, :] - ly[..., :, 0]          # c_a = log y_0a - log y_a0
+    c = ly[..., 0, :] - ly[..., :, 0]  # c_a = log y_0a - log y_a0
     z0 = ly + c[..., :, None]
     return 0.5 * (z0 + np.swapaxes(z0, -1, -2))  # symmetric up to rounding; symmetrise
 
 
-def pretrain_qhat_monte_carlo(Q: float, *, alpha: float, T: int, Q0: float, noise: float,
-                              n_mc: int = 20000, seed: int = 0, n_s: int = 2001) -> tuple[float, float]:
+def pretrain_qhat_monte_carlo(
+    Q: float, *, alpha: float, T: int, Q0: float, noise: float, n_mc: int = 20000, seed: int = 0, n_s: int = 2001
+) -> tuple[float, float]:
     """Monte-Carlo evaluation of the softmax output update (*): Qhat = 2 alpha sum s_ab E g_ab^2.
 
     Independent of the closed form of eq. 89: for each sample, y = softmax(z*) is
@@ -216,31 +237,31 @@ def pretrain_qhat_monte_carlo(Q: float, *, alpha: float, T: int, Q0: float, nois
     """
     A0 = _A0(Q0, noise)
     V = A0 - Q
-    f = frozen_fields(n_mc, T, A0, Q, Q, seed=seed)        # (z*, omega) of eq. 90 (Nishimori M = Q)
+    f = frozen_fields(n_mc, T, A0, Q, Q, seed=seed)  # (z*, omega) of eq. 90 (Nishimori M = Q)
     z_star, omega = to_sym(f["z_star"], T), to_sym(f["z"], T)
     y = get_activation("softmax", "numpy")(z_star)
     z0 = _softmax_fibre_point(y)
     # along the fibre: -||z0 + sJ - omega||_F^2/(4V) is quadratic in s with curvature T^2/(2V)
     r0 = z0 - omega
-    s_mode = -r0.sum(axis=(-1, -2)) / T ** 2
+    s_mode = -r0.sum(axis=(-1, -2)) / T**2
     width = math.sqrt(2.0 * V) / T
     s = s_mode[:, None] + width * np.linspace(-12.0, 12.0, n_s)[None, :]
     J = np.ones((T, T))
     # ||r0 + s J||^2 = ||r0||^2 + 2 s sum(r0) + s^2 T^2, evaluated pointwise (no completion of the square)
-    logk = -(np.sum(r0 ** 2, axis=(-1, -2))[:, None] + 2 * s * r0.sum(axis=(-1, -2))[:, None]
-             + s ** 2 * T ** 2) / (4.0 * V)
+    logk = -(np.sum(r0**2, axis=(-1, -2))[:, None] + 2 * s * r0.sum(axis=(-1, -2))[:, None] + s**2 * T**2) / (4.0 * V)
     w = np.exp(logk - logk.max(axis=1, keepdims=True))
     s_mean = np.trapezoid(w * s, s, axis=1) / np.trapezoid(w, s, axis=1)
     z_mean = z0 + s_mean[:, None, None] * J
     a, b = upper_indices(T)
     sab = s_ab(T)
     g = (z_mean - omega)[:, a, b] / (sab * V)
-    per = 2.0 * alpha * np.sum(sab * g ** 2, axis=1)
+    per = 2.0 * alpha * np.sum(sab * g**2, axis=1)
     return float(per.mean()), float(per.std(ddof=1) / math.sqrt(n_mc))
 
 
-def pretrain_bo_test_error(Q_BO: float, *, T: int, Q0: float, noise: float, activation: str,
-                           n_mc: int = 20000, seed: int = 0) -> tuple[float, float]:
+def pretrain_bo_test_error(
+    Q_BO: float, *, T: int, Q0: float, noise: float, activation: str, n_mc: int = 20000, seed: int = 0
+) -> tuple[float, float]:
     """E_BO = E||sigma(z) - sigma(z*)||_F^2 with (z*, z) of eq. 90   (eq. 91).
 
     Linear: (T^2 + T)(Q0 + Delta/2 - Q_BO)/T^2 exactly (standard error 0).
@@ -248,7 +269,7 @@ def pretrain_bo_test_error(Q_BO: float, *, T: int, Q0: float, noise: float, acti
     """
     A0 = _A0(Q0, noise)
     if activation == "linear":
-        return (T * T + T) * (A0 - Q_BO) / T ** 2, 0.0
+        return (T * T + T) * (A0 - Q_BO) / T**2, 0.0
     f = frozen_fields(n_mc, T, A0, Q_BO, Q_BO, seed=seed)
     sig = get_activation(activation, "numpy")
     err = np.sum((sig(to_sym(f["z"], T)) - sig(to_sym(f["z_star"], T))) ** 2, axis=(-1, -2))
@@ -261,7 +282,7 @@ class PretrainBO:
 
     Q_BO: float
     Qhat_BO: float
-    V_BO: float                      # Q0 + Delta/2 - Q_BO, variance of the residual z* - z (off-diagonal)
+    V_BO: float  # Q0 + Delta/2 - Q_BO, variance of the residual z* - z (off-diagonal)
     bo_pretrain_test_error: float
     bo_pretrain_test_error_se: float  # Monte-Carlo standard error (0 for linear)
     converged: bool
@@ -269,10 +290,21 @@ class PretrainBO:
     iterations: int
 
 
-def solve_pretrain_bo(*, alpha: float, tokens: int, kappa0: float, noise: float, activation: str,
-                      n_mc: int = 20000, seed: int = 0, tol: float = 1e-9, max_iter: int = 2000,
-                      mixing: float = 1.0, Q_init: float | None = None,
-                      cubic_integral: Callable[[float, float], SupportsFloat] | None = None) -> PretrainBO:
+def solve_pretrain_bo(
+    *,
+    alpha: float,
+    tokens: int,
+    kappa0: float,
+    noise: float,
+    activation: str,
+    n_mc: int = 20000,
+    seed: int = 0,
+    tol: float = 1e-9,
+    max_iter: int = 2000,
+    mixing: float = 1.0,
+    Q_init: float | None = None,
+    cubic_integral: Callable[[float, float], SupportsFloat] | None = None,
+) -> PretrainBO:
     """Solve eqs. 87 + 89 for (Q_BO, Qhat_BO) with the shared fixed-point engine, then eq. 91.
 
     Starts from the no-data point Q = kappa0 unless ``Q_init`` is given.
@@ -293,15 +325,28 @@ def solve_pretrain_bo(*, alpha: float, tokens: int, kappa0: float, noise: float,
         return {"Q": pretrain_q_from_qhat(Qhat, kappa0, ci)}, {"Qhat": Qhat}
 
     hi = Q0 * (1.0 - 1e-12) if noise == 0 else Q0
-    res = iterate(update, {"Q": kappa0 if Q_init is None else Q_init}, mixing=mixing, tol=tol,
-                  max_iter=max_iter, bounds={"Q": (0.0, hi)}, name="Bayes-optimal pre-training (eqs. 87, 89)")
+    res = iterate(
+        update,
+        {"Q": kappa0 if Q_init is None else Q_init},
+        mixing=mixing,
+        tol=tol,
+        max_iter=max_iter,
+        bounds={"Q": (0.0, hi)},
+        name="Bayes-optimal pre-training (eqs. 87, 89)",
+    )
     Q = res.state["Q"]
     Qhat = pretrain_qhat(Q, alpha=alpha, T=tokens, Q0=Q0, noise=noise, activation=activation)
-    err, se = pretrain_bo_test_error(Q, T=tokens, Q0=Q0, noise=noise, activation=activation,
-                                     n_mc=n_mc, seed=seed)
-    return PretrainBO(Q_BO=Q, Qhat_BO=Qhat, V_BO=_A0(Q0, noise) - Q, bo_pretrain_test_error=err,
-                      bo_pretrain_test_error_se=se, converged=res.converged, residual=res.residual,
-                      iterations=res.iterations)
+    err, se = pretrain_bo_test_error(Q, T=tokens, Q0=Q0, noise=noise, activation=activation, n_mc=n_mc, seed=seed)
+    return PretrainBO(
+        Q_BO=Q,
+        Qhat_BO=Qhat,
+        V_BO=_A0(Q0, noise) - Q,
+        bo_pretrain_test_error=err,
+        bo_pretrain_test_error_se=se,
+        converged=res.converged,
+        residual=res.residual,
+        iterations=res.iterations,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -312,7 +357,7 @@ def gauss_hermite_grid(T: int, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
     """Tensor Gauss-Hermite rule for E_{x ~ N(0, I_T)}: nodes (n_nodes^T, T), log-weights (n_nodes^T,)."""
     if n_nodes < 1:
         raise ValueError(f"n_nodes must be >= 1, got {n_nodes}")
-    x, w = np.polynomial.hermite_e.hermegauss(n_nodes)   # weight exp(-x^2/2)
+    x, w = np.polynomial.hermite_e.hermegauss(n_nodes)  # weight exp(-x^2/2)
     logw1 = np.log(w / np.sqrt(2 * np.pi))
     grids = np.meshgrid(*([x] * T), indexing="ij")
     nodes = np.stack([gi.ravel() for gi in grids], axis=-1)
@@ -323,8 +368,16 @@ def gauss_hermite_grid(T: int, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
     return nodes, logw
 
 
-def finetune_output_channel(Y: np.ndarray, omega: np.ndarray, *, v: float, V: float, activation: str,
-                            n_nodes: int = 16, chunk_points: int = 2_000_000) -> tuple[np.ndarray, np.ndarray]:
+def finetune_output_channel(
+    Y: np.ndarray,
+    omega: np.ndarray,
+    *,
+    v: float,
+    V: float,
+    activation: str,
+    n_nodes: int = 16,
+    chunk_points: int = 2_000_000,
+) -> tuple[np.ndarray, np.ndarray]:
     """g_out' = grad_omega log Z_out' and log Z_out' of eq. 94/96 (see module docstring).
 
     Args:
@@ -350,12 +403,12 @@ def finetune_output_channel(Y: np.ndarray, omega: np.ndarray, *, v: float, V: fl
     SY = np.sum(Y, axis=(-1, -2))
     for i in range(0, n, step):
         sl = slice(i, min(n, i + step))
-        chi = omega[sl, None, :] + sv * nodes[None, :, :]                 # (m, K, T)
+        chi = omega[sl, None, :] + sv * nodes[None, :, :]  # (m, K, T)
         quad = np.einsum("mkt,mts,mks->mk", chi, Y[sl], chi, optimize=True)
         r2 = np.sum(chi * chi, axis=-1)
-        F = Y2[sl, None] - 2.0 * quad + r2 * r2                            # ||Y - chi chi^T||_F^2
+        F = Y2[sl, None] - 2.0 * quad + r2 * r2  # ||Y - chi chi^T||_F^2
         if lost:
-            F = F - (SY[sl, None] - np.sum(chi, axis=-1) ** 2) ** 2 / T ** 2
+            F = F - (SY[sl, None] - np.sum(chi, axis=-1) ** 2) ** 2 / T**2
         lk = logw[None, :] - F / (4.0 * V)
         lz = logsumexp(lk, axis=1)
         p = np.exp(lk - lz[:, None])
@@ -367,16 +420,16 @@ def finetune_output_channel(Y: np.ndarray, omega: np.ndarray, *, v: float, V: fl
 
 @dataclass(frozen=True)
 class _FtSamples:
-    zeta_omega: np.ndarray   # (n, T)
-    zeta_chi: np.ndarray     # (n, T)
-    zeta_h: np.ndarray       # (n, L)
+    zeta_omega: np.ndarray  # (n, T)
+    zeta_chi: np.ndarray  # (n, T)
+    zeta_h: np.ndarray  # (n, L)
 
 
 def finetune_channel_samples(n: int, T: int, seed: int = 0, method: str = "mc") -> _FtSamples:
     """Fixed standard normals for the outer expectation of eq. 95 (common random numbers)."""
     L = T * (T + 1) // 2
     x = standard_normals(n, 2 * T + L, seed=seed + 7919, method=method)
-    return _FtSamples(x[:, :T], x[:, T:2 * T], x[:, 2 * T:])
+    return _FtSamples(x[:, :T], x[:, T : 2 * T], x[:, 2 * T :])
 
 
 def _channel_draw(q: float, V: float, T: int, smp: _FtSamples, q0: float = Q_FINETUNE0):
@@ -388,8 +441,9 @@ def _channel_draw(q: float, V: float, T: int, smp: _FtSamples, q0: float = Q_FIN
     return omega, chi_star, Y
 
 
-def finetune_qhat(q: float, *, alpha_ft: float, V: float, activation: str, samples: _FtSamples,
-                  n_nodes: int = 16) -> tuple[float, dict[str, float]]:
+def finetune_qhat(
+    q: float, *, alpha_ft: float, V: float, activation: str, samples: _FtSamples, n_nodes: int = 16
+) -> tuple[float, dict[str, float]]:
     """qhat = alpha' E||g_out'||^2 (eq. 95) at overlap q; also returns diagnostics.
 
     Diagnostics: ``qhat_se`` (Monte-Carlo standard error), ``logZ`` (E log Z_out',
@@ -416,8 +470,18 @@ def finetune_free_entropy(q: float, qhat: float, logZ_mean: float, alpha_ft: flo
     return -q * qhat / 2.0 + qhat / 2.0 - 0.5 * math.log1p(qhat) + alpha_ft * logZ_mean
 
 
-def finetune_bo_test_error(q_BO: float, *, Q_BO: float, T: int, Q0: float, noise: float, activation: str,
-                           n_mc: int = 20000, seed: int = 0, shift: str = "q") -> tuple[float, float]:
+def finetune_bo_test_error(
+    q_BO: float,
+    *,
+    Q_BO: float,
+    T: int,
+    Q0: float,
+    noise: float,
+    activation: str,
+    n_mc: int = 20000,
+    seed: int = 0,
+    shift: str = "q",
+) -> tuple[float, float]:
     """E'_BO = E||sigma(z + chi chi^T - c I) - sigma(z* + chi* chi*^T - q0 I)||_F^2   (eq. 97).
 
     ``shift='q'``: c = q_BO (the BO posterior estimator, see module docstring);
@@ -431,9 +495,9 @@ def finetune_bo_test_error(q_BO: float, *, Q_BO: float, T: int, Q0: float, noise
     A0 = _A0(Q0, noise)
     V = A0 - Q_BO
     if activation == "linear":
-        val = (T * T + T) * (V + q0 ** 2 - q_BO ** 2) / T ** 2
+        val = (T * T + T) * (V + q0**2 - q_BO**2) / T**2
         if shift == "q0":
-            val += T * (q0 - q_BO) ** 2 / T ** 2
+            val += T * (q0 - q_BO) ** 2 / T**2
         return float(val), 0.0
     f = frozen_fields(n_mc, T, A0, Q_BO, Q_BO, seed=seed)
     x = standard_normals(n_mc, 2 * T, seed=seed + 104729)
@@ -454,22 +518,36 @@ class FinetuneBO:
 
     q_BO: float
     qhat_BO: float
-    bo_overlap: float                       # o_BO = sqrt(q_BO / q0)  (eq. 98)
-    bo_finetune_test_error: float           # eq. 97 with the -q_BO I shift (see module docstring)
+    bo_overlap: float  # o_BO = sqrt(q_BO / q0)  (eq. 98)
+    bo_finetune_test_error: float  # eq. 97 with the -q_BO I shift (see module docstring)
     bo_finetune_test_error_se: float
-    bo_finetune_test_error_eq97_printed: float   # eq. 97 with -q0 I as printed
+    bo_finetune_test_error_eq97_printed: float  # eq. 97 with -q0 I as printed
     converged: bool
     residual: float
     iterations: int
-    start: str                              # 'informed' | 'uninformed' | 'exact' (e = 1)
-    free_entropy: float                     # nan for e = 1
-    other_start_q: float                    # q of the discarded start (nan if none)
+    start: str  # 'informed' | 'uninformed' | 'exact' (e = 1)
+    free_entropy: float  # nan for e = 1
+    other_start_q: float  # q of the discarded start (nan if none)
 
 
-def solve_finetune_bo(*, alpha_ft: float, tokens: int, Q_BO: float, kappa0: float, noise: float,
-                      activation: str, reuse: bool = False, n_mc: int = 4000, n_nodes: int = 16,
-                      n_mc_error: int = 20000, seed: int = 0, tol: float = 1e-9, max_iter: int = 1000,
-                      mixing: float = 1.0, starts: tuple[str, ...] = ("informed", "uninformed")) -> FinetuneBO:
+def solve_finetune_bo(
+    *,
+    alpha_ft: float,
+    tokens: int,
+    Q_BO: float,
+    kappa0: float,
+    noise: float,
+    activation: str,
+    reuse: bool = False,
+    n_mc: int = 4000,
+    n_nodes: int = 16,
+    n_mc_error: int = 20000,
+    seed: int = 0,
+    tol: float = 1e-9,
+    max_iter: int = 1000,
+    mixing: float = 1.0,
+    starts: tuple[str, ...] = ("informed", "uninformed"),
+) -> FinetuneBO:
     """Solve eqs. 92 + 95 for q_BO (e = 0) or apply the e = 1 result; then eqs. 97-98.
 
     Args:
@@ -485,24 +563,36 @@ def solve_finetune_bo(*, alpha_ft: float, tokens: int, Q_BO: float, kappa0: floa
     q0 = Q_FINETUNE0
     Q0 = 1.0 + kappa0
     V = _A0(Q0, noise) - Q_BO
-    common: dict[str, Any] = dict(Q_BO=Q_BO, T=tokens, Q0=Q0, noise=noise, activation=activation, n_mc=n_mc_error, seed=seed)
+    common: dict[str, Any] = dict(
+        Q_BO=Q_BO, T=tokens, Q0=Q0, noise=noise, activation=activation, n_mc=n_mc_error, seed=seed
+    )
     if reuse:
         if alpha_ft < 1.0 / (tokens - 1):
             raise ParamError(
                 f"Bayes-optimal fine-tuning with reuse (e = 1) is derived for alpha_ft >= 1/(T-1) = "
-                f"{1.0 / (tokens - 1):.4g} only (exact recovery, q_BO = q0); got alpha_ft = {alpha_ft}")
+                f"{1.0 / (tokens - 1):.4g} only (exact recovery, q_BO = q0); got alpha_ft = {alpha_ft}"
+            )
         err, se = finetune_bo_test_error(q0, **common)
-        return FinetuneBO(q_BO=q0, qhat_BO=math.inf, bo_overlap=1.0, bo_finetune_test_error=err,
-                          bo_finetune_test_error_se=se, bo_finetune_test_error_eq97_printed=err,
-                          converged=True, residual=0.0, iterations=0, start="exact",
-                          free_entropy=math.nan, other_start_q=math.nan)
+        return FinetuneBO(
+            q_BO=q0,
+            qhat_BO=math.inf,
+            bo_overlap=1.0,
+            bo_finetune_test_error=err,
+            bo_finetune_test_error_se=se,
+            bo_finetune_test_error_eq97_printed=err,
+            converged=True,
+            residual=0.0,
+            iterations=0,
+            start="exact",
+            free_entropy=math.nan,
+            other_start_q=math.nan,
+        )
     if V <= 0:
         raise ValueError(f"V_BO = Q0 + Delta/2 - Q_BO must be > 0, got {V}")
     smp = finetune_channel_samples(n_mc, tokens, seed=seed)
 
     def update(x: dict[str, float]):
-        qhat, diag = finetune_qhat(x["q"], alpha_ft=alpha_ft, V=V, activation=activation, samples=smp,
-                                   n_nodes=n_nodes)
+        qhat, diag = finetune_qhat(x["q"], alpha_ft=alpha_ft, V=V, activation=activation, samples=smp, n_nodes=n_nodes)
         return {"q": qhat / (1.0 + qhat)}, dict(diag, qhat=qhat)
 
     init = {"informed": 0.9 * q0, "uninformed": 0.02 * q0}
@@ -510,20 +600,37 @@ def solve_finetune_bo(*, alpha_ft: float, tokens: int, Q_BO: float, kappa0: floa
     for s in starts:
         if s not in init:
             raise ValueError(f"unknown start {s!r}; use 'informed' or 'uninformed'")
-        r = iterate(update, {"q": init[s]}, mixing=mixing, tol=tol, max_iter=max_iter,
-                    bounds={"q": (1e-12, q0 * (1 - 1e-9))}, name=f"Bayes-optimal fine-tuning ({s} start)")
+        r = iterate(
+            update,
+            {"q": init[s]},
+            mixing=mixing,
+            tol=tol,
+            max_iter=max_iter,
+            bounds={"q": (1e-12, q0 * (1 - 1e-9))},
+            name=f"Bayes-optimal fine-tuning ({s} start)",
+        )
         q = r.state["q"]
         qhat, diag = finetune_qhat(q, alpha_ft=alpha_ft, V=V, activation=activation, samples=smp, n_nodes=n_nodes)
         runs.append((finetune_free_entropy(q, qhat, diag["logZ"], alpha_ft), s, r, qhat))
-    runs.sort(key=lambda t: (-t[0] if math.isfinite(t[0]) else math.inf))
+    runs.sort(key=lambda t: -t[0] if math.isfinite(t[0]) else math.inf)
     phi, start, r, qhat = runs[0]
     q = r.state["q"]
     err, se = finetune_bo_test_error(q, **common)
     err_printed, _ = finetune_bo_test_error(q, shift="q0", **common)
-    return FinetuneBO(q_BO=q, qhat_BO=qhat, bo_overlap=math.sqrt(q / q0), bo_finetune_test_error=err,
-                      bo_finetune_test_error_se=se, bo_finetune_test_error_eq97_printed=err_printed,
-                      converged=r.converged, residual=r.residual, iterations=r.iterations, start=start,
-                      free_entropy=phi, other_start_q=runs[1][2].state["q"] if len(runs) > 1 else math.nan)
+    return FinetuneBO(
+        q_BO=q,
+        qhat_BO=qhat,
+        bo_overlap=math.sqrt(q / q0),
+        bo_finetune_test_error=err,
+        bo_finetune_test_error_se=se,
+        bo_finetune_test_error_eq97_printed=err_printed,
+        converged=r.converged,
+        residual=r.residual,
+        iterations=r.iterations,
+        start=start,
+        free_entropy=phi,
+        other_start_q=runs[1][2].state["q"] if len(runs) > 1 else math.nan,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -569,8 +676,9 @@ class BayesResult:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
-def bayes_optimal(params: Params, *, n_mc: int = 4000, n_nodes: int = 12, n_mc_error: int = 20000,
-                  seed: int = 0, tol: float = 1e-9) -> BayesResult:
+def bayes_optimal(
+    params: Params, *, n_mc: int = 4000, n_nodes: int = 12, n_mc_error: int = 20000, seed: int = 0, tol: float = 1e-9
+) -> BayesResult:
     """BO benchmarks (Result 6, Appendix B) at the data parameters of ``params``.
 
     Uses alpha, alpha_ft, tokens, kappa0, noise, reuse and activation; the
@@ -578,10 +686,30 @@ def bayes_optimal(params: Params, *, n_mc: int = 4000, n_nodes: int = 12, n_mc_e
     """
     if not isinstance(params, Params):
         raise ParamError(f"params must be a hdlora.Params, got {type(params).__name__}")
-    pre = solve_pretrain_bo(alpha=params.alpha, tokens=params.tokens, kappa0=params.kappa0, noise=params.noise,
-                            activation=params.activation, n_mc=n_mc_error, seed=seed, tol=tol)
-    ft = solve_finetune_bo(alpha_ft=params.alpha_ft, tokens=params.tokens, Q_BO=pre.Q_BO, kappa0=params.kappa0,
-                           noise=params.noise, activation=params.activation, reuse=params.reuse, n_mc=n_mc,
-                           n_nodes=n_nodes, n_mc_error=n_mc_error, seed=seed, tol=tol)
-    return BayesResult(pretrain=pre, finetune=ft,
-                       settings={"n_mc": n_mc, "n_nodes": n_nodes, "n_mc_error": n_mc_error, "seed": seed})
+    pre = solve_pretrain_bo(
+        alpha=params.alpha,
+        tokens=params.tokens,
+        kappa0=params.kappa0,
+        noise=params.noise,
+        activation=params.activation,
+        n_mc=n_mc_error,
+        seed=seed,
+        tol=tol,
+    )
+    ft = solve_finetune_bo(
+        alpha_ft=params.alpha_ft,
+        tokens=params.tokens,
+        Q_BO=pre.Q_BO,
+        kappa0=params.kappa0,
+        noise=params.noise,
+        activation=params.activation,
+        reuse=params.reuse,
+        n_mc=n_mc,
+        n_nodes=n_nodes,
+        n_mc_error=n_mc_error,
+        seed=seed,
+        tol=tol,
+    )
+    return BayesResult(
+        pretrain=pre, finetune=ft, settings={"n_mc": n_mc, "n_nodes": n_nodes, "n_mc_error": n_mc_error, "seed": seed}
+    )

@@ -1,4 +1,5 @@
 """``hdlora theory``: one theoretical point (Results 3-5) from the command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,25 @@ from ..params import DEFAULT_N_MC, ParamError
 BASELINES = ("frozen", "lora_only")
 BASELINE_ALIASES = {"lora-only": "lora_only"}
 
-_TABLE_KEYS = ("Q", "M", "V", "q", "m", "v", "pretrain_train_error", "pretrain_test_error",
-               "finetune_train_error", "finetune_test_error", "forgetting_error", "overlap",
-               "delta_eff", "replicon_pretrain", "replicon_finetune", "converged", "iterations")
+_TABLE_KEYS = (
+    "Q",
+    "M",
+    "V",
+    "q",
+    "m",
+    "v",
+    "pretrain_train_error",
+    "pretrain_test_error",
+    "finetune_train_error",
+    "finetune_test_error",
+    "forgetting_error",
+    "overlap",
+    "delta_eff",
+    "replicon_pretrain",
+    "replicon_finetune",
+    "converged",
+    "iterations",
+)
 
 
 def _beta(text: str):
@@ -37,38 +54,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("theory")
     g.add_argument("--n-mc", type=integer, default=DEFAULT_N_MC, help="Monte-Carlo samples per expectation (>= 100)")
     g.add_argument("--seed", type=integer, default=0, help="seed of the fixed Monte-Carlo samples")
-    g.add_argument("--baseline", choices=BASELINES, default=None, type=lambda s: BASELINE_ALIASES.get(s, s),
-                   help="frozen: lambda' = inf (w_hat = 0); lora_only (or lora-only): lambda = inf (W_hat = 0)")
-    g.add_argument("--beta", type=_beta, default=1.0,
-                   help="recalibration W_hat -> sqrt(beta) W_hat (eq. 26); 'optimal' uses beta* = M/Q")
-    g.add_argument("--active-pool", type=_float, default=None,
-                   help="active fine-tuning (Algorithm 1) from a pool of alpha_bar' D candidates")
+    g.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        default=None,
+        type=lambda s: BASELINE_ALIASES.get(s, s),
+        help="frozen: lambda' = inf (w_hat = 0); lora_only (or lora-only): lambda = inf (W_hat = 0)",
+    )
+    g.add_argument(
+        "--beta",
+        type=_beta,
+        default=1.0,
+        help="recalibration W_hat -> sqrt(beta) W_hat (eq. 26); 'optimal' uses beta* = M/Q",
+    )
+    g.add_argument(
+        "--active-pool",
+        type=_float,
+        default=None,
+        help="active fine-tuning (Algorithm 1) from a pool of alpha_bar' D candidates",
+    )
     g.add_argument("--bayes-optimal", action="store_true", help="add the Bayes-optimal benchmarks (App. B)")
-    g.add_argument("--tol", type=tolerance, default=1e-7,
-                   help="fixed-point tolerance on the relative residual, in [1e-12, 1e-3]")
+    g.add_argument(
+        "--tol", type=tolerance, default=1e-7, help="fixed-point tolerance on the relative residual, in [1e-12, 1e-3]"
+    )
     g.add_argument("--json", action="store_true", help="print one JSON object (warnings also go to stderr)")
-    g.add_argument("--dry-run", action="store_true",
-                   help="print the memory / time estimate (and whether it fits) and stop; nothing is allocated")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory / time estimate (and whether it fits) and stop; nothing is allocated",
+    )
     add_common_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from .solve import solve
+
     optimal = args.beta == "optimal"
     params = params_from_args(args, beta=1.0 if optimal else args.beta, active_pool=args.active_pool)
     if args.n_mc < 100:
         raise ParamError(f"--n-mc must be >= 100, got {args.n_mc}")
     from ..resources import theory_gate
+
     if (rc := theory_gate(args, params)) is not None:
         return rc
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = solve(params, n_mc=args.n_mc, seed=args.seed, baseline=args.baseline, tol=args.tol,
-                    optimal_beta=optimal)
+        res = solve(params, n_mc=args.n_mc, seed=args.seed, baseline=args.baseline, tol=args.tol, optimal_beta=optimal)
         d = res.to_dict()
         if args.bayes_optimal:
             from .bayes import bayes_optimal
+
             d.update(bayes_optimal(params).to_dict())
     d["wall_time_total"] = time.perf_counter() - t0
     d["warnings"] = [str(w.message) for w in caught]

@@ -19,6 +19,7 @@ h = z - z*, whose entries are independent with Var h_ab = (1 + delta_ab) Delta_e
   Delta_eff,ActFT = Delta/2 + Q0 - M^2/Q, and
   Delta_eff - Delta_eff,ActFT = (M/sqrt(Q) - sqrt(Q))^2 >= 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,9 +28,18 @@ import numpy as np
 
 from ..params import A0, ParamError
 
-__all__ = ["delta_eff", "delta_eff_beta", "beta_min", "delta_eff_min", "delta_eff_reuse_linear",
-           "delta_eff_actft", "delta_eff_from_fields", "delta_eff_of_A0", "delta_eff_beta_of_A0",
-           "delta_eff_min_of_A0"]
+__all__ = [
+    "delta_eff",
+    "delta_eff_beta",
+    "beta_min",
+    "delta_eff_min",
+    "delta_eff_reuse_linear",
+    "delta_eff_actft",
+    "delta_eff_from_fields",
+    "delta_eff_of_A0",
+    "delta_eff_beta_of_A0",
+    "delta_eff_min_of_A0",
+]
 
 
 # ----- the formulas, in A0 = Q0 + Delta/2 (no checks: also used on measured order parameters) -----
@@ -91,8 +101,7 @@ def delta_eff_actft(Q0: float, Q: float, M: float, noise: float) -> float:
     return delta_eff_min(Q0, Q, M, noise)
 
 
-def delta_eff_reuse_linear(Q0: float, Q: float, M: float, noise: float, V: float, T: int,
-                           beta: float = 1.0) -> float:
+def delta_eff_reuse_linear(Q0: float, Q: float, M: float, noise: float, V: float, T: int, beta: float = 1.0) -> float:
     """Delta_eff(e = 1) for linear sigma (eq. 27 / 108), optionally with the recalibration beta.
 
     beta = 1 gives Delta_eff(e = 0) / (1 + 4 V / T^2)^2; general beta: see the module docstring.

@@ -28,6 +28,7 @@ silently), an honest status per branch and overall, and the warnings.
 Residuals are relative, max_i |F(x)_i - x_i| / max(1, |x_i|), as in
 :mod:`hdlora.theory.fixed_point`, and always measured at the returned point.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,9 +47,24 @@ if TYPE_CHECKING:
     from ..params import Params
 
 __all__ = [
-    "Stage", "Branch", "Comparison", "StageResult", "MCResolution", "solve_stage", "choose_branch",
-    "compare_branches", "check_carry_independence", "CarryDependenceError", "BranchChoiceWarning",
-    "CONVERGED", "CONVERGED_MC", "REPLICA_UNSTABLE", "NOT_CONVERGED", "STATUSES", "START_NAMES", "residual",
+    "Stage",
+    "Branch",
+    "Comparison",
+    "StageResult",
+    "MCResolution",
+    "solve_stage",
+    "choose_branch",
+    "compare_branches",
+    "check_carry_independence",
+    "CarryDependenceError",
+    "BranchChoiceWarning",
+    "CONVERGED",
+    "CONVERGED_MC",
+    "REPLICA_UNSTABLE",
+    "NOT_CONVERGED",
+    "STATUSES",
+    "START_NAMES",
+    "residual",
 ]
 
 CONVERGED = "converged"
@@ -270,15 +286,41 @@ def _anderson_step(X: list, G: list, mixing: float, reg: float, cond_max: float)
 
 
 # ------------------------------------------------------------------------------------ one branch
-def _solve_branch(stage: Stage, name: str, x0: ArrayLike, params: Params, samples: Any, samples_key: Any, *, tol: float, max_iter: int, mixing: float,
-                  anderson: int, reg: float, cond_max: float, stall: int, min_mixing: float, growth: float) -> Branch:
+def _solve_branch(
+    stage: Stage,
+    name: str,
+    x0: ArrayLike,
+    params: Params,
+    samples: Any,
+    samples_key: Any,
+    *,
+    tol: float,
+    max_iter: int,
+    mixing: float,
+    anderson: int,
+    reg: float,
+    cond_max: float,
+    stall: int,
+    min_mixing: float,
+    growth: float,
+) -> Branch:
     x = np.array(x0, dtype=np.float64).ravel()
     ctol = min(tol, CONVERGED_CAP)
     events: list[tuple[int, str]] = []
     history: list[float] = []
     if not (_finite(x) and stage.domain(x)):
-        return Branch(name, x, NOT_CONVERGED, math.nan, 0, (), ((0, "start outside the domain"),),
-                      samples_key=samples_key, mixing=mixing, reason="start outside the domain")
+        return Branch(
+            name,
+            x,
+            NOT_CONVERGED,
+            math.nan,
+            0,
+            (),
+            ((0, "start outside the domain"),),
+            samples_key=samples_key,
+            mixing=mixing,
+            reason="start outside the domain",
+        )
     carry = stage.init(params, samples)
     X: list[np.ndarray] = []
     G: list[np.ndarray] = []
@@ -287,12 +329,12 @@ def _solve_branch(stage: Stage, name: str, x0: ArrayLike, params: Params, sample
     best, best_abs, since_best, stall_restarts, progress = math.inf, math.inf, 0, 0, 0
     n_rejected = n_restarts = 0
     accelerated = False
-    prev = None              # (x, g, res) of the last in-domain evaluation (to undo an accelerated step)
+    prev = None  # (x, g, res) of the last in-domain evaluation (to undo an accelerated step)
     aux: Any = None
     res = math.nan
     last_res = 1.0
     converged, reason = False, ""
-    ev = None                # (x, res, aux) of the evaluation with the smallest finite residual
+    ev = None  # (x, res, aux) of the evaluation with the smallest finite residual
 
     def reset(it: int, why: str):
         nonlocal n_restarts
@@ -336,8 +378,8 @@ def _solve_branch(stage: Stage, name: str, x0: ArrayLike, params: Params, sample
             if changed:
                 reset(it, "verify changed the map: history reset")
                 best, best_abs, since_best, stall_restarts, progress = math.inf, math.inf, 0, 0, 0
-                accelerated, ev = False, None      # residuals of the old map no longer count
-                continue          # re-evaluate x with the new map
+                accelerated, ev = False, None  # residuals of the old map no longer count
+                continue  # re-evaluate x with the new map
             converged = True
             break
         g = fx - x
@@ -369,12 +411,12 @@ def _solve_branch(stage: Stage, name: str, x0: ArrayLike, params: Params, sample
                     events.append((it, f"stagnation: mixing reduced to {mix:.3g}"))
         X.append(x)
         G.append(g)
-        del X[:-(anderson + 1)], G[:-(anderson + 1)]
+        del X[: -(anderson + 1)], G[: -(anderson + 1)]
         x_new, accelerated = None, False
         if use_anderson and len(X) >= 2:
             x_acc, used = _anderson_step(X, G, mix, reg, cond_max)
             if used < len(X) - 1:
-                del X[:len(X) - 1 - used], G[:len(G) - 1 - used]
+                del X[: len(X) - 1 - used], G[: len(G) - 1 - used]
                 events.append((it, "ill-conditioned: oldest Anderson columns dropped"))
             if x_acc is not None:
                 if _finite(x_acc) and stage.domain(x_acc):
@@ -394,7 +436,7 @@ def _solve_branch(stage: Stage, name: str, x0: ArrayLike, params: Params, sample
         reason = f"not converged after {max_iter} iterations (residual {res:.3g} > {ctol:.3g})"
     if not converged and not reason:
         reason = f"not converged (residual {res:.3g} > {ctol:.3g})"
-    if not converged and ev is not None:     # the best point evaluated, its residual measured there
+    if not converged and ev is not None:  # the best point evaluated, its residual measured there
         x, res, aux = ev
 
     if converged:
@@ -414,9 +456,26 @@ def _solve_branch(stage: Stage, name: str, x0: ArrayLike, params: Params, sample
         status = REPLICA_UNSTABLE
     value, per = stage.objective(x, carry)
     per = None if per is None else np.asarray(per, dtype=np.float64).ravel()
-    return Branch(name, x, status, res, len(history), tuple(history), tuple(events), objective=float(value),
-                  per_sample=per, replicon=rep, mc=mc, aux=aux, carry=carry, samples_key=samples_key,
-                  n_rejected=n_rejected, n_restarts=n_restarts, mixing=mix, reason=reason)
+    return Branch(
+        name,
+        x,
+        status,
+        res,
+        len(history),
+        tuple(history),
+        tuple(events),
+        objective=float(value),
+        per_sample=per,
+        replicon=rep,
+        mc=mc,
+        aux=aux,
+        carry=carry,
+        samples_key=samples_key,
+        n_rejected=n_rejected,
+        n_restarts=n_restarts,
+        mixing=mix,
+        reason=reason,
+    )
 
 
 def _shorten(stage: Stage, x: np.ndarray, g: np.ndarray, mix: float, max_halvings: int = 30):
@@ -446,8 +505,10 @@ def compare_branches(a: Branch, b: Branch) -> tuple[float, float]:
     differences; otherwise the plain difference with s.e. 0 (deterministic objectives).
     """
     if a.samples_key != b.samples_key:
-        raise ValueError(f"branches {a.name!r} and {b.name!r} were solved on different samples "
-                         f"({a.samples_key!r} vs {b.samples_key!r}): their objectives cannot be compared")
+        raise ValueError(
+            f"branches {a.name!r} and {b.name!r} were solved on different samples "
+            f"({a.samples_key!r} vs {b.samples_key!r}): their objectives cannot be compared"
+        )
     if a.per_sample is not None and b.per_sample is not None:
         if a.per_sample.shape != b.per_sample.shape:
             raise ValueError(f"branches {a.name!r} and {b.name!r}: per-sample objectives of different lengths")
@@ -462,8 +523,9 @@ def _same_point(a: Branch, b: Branch, tol: float) -> bool:
     return a.x.shape == b.x.shape and (a.x.size == 0 or float(np.max(np.abs(a.x - b.x))) <= tol * scale)
 
 
-def choose_branch(branches: Sequence[Branch], *, same_point_tol: float = 1e-6
-                  ) -> tuple[str, str, tuple[Comparison, ...], tuple[str, ...]]:
+def choose_branch(
+    branches: Sequence[Branch], *, same_point_tol: float = 1e-6
+) -> tuple[str, str, tuple[Comparison, ...], tuple[str, ...]]:
     """The branch choice: (chosen name, status, comparisons, flags).
 
     Candidates are the solved branches with a finite objective.  The chosen one is the lowest objective
@@ -485,7 +547,7 @@ def choose_branch(branches: Sequence[Branch], *, same_point_tol: float = 1e-6
         best = min(branches, key=lambda b: b.residual if math.isfinite(b.residual) else math.inf)
         return best.name, NOT_CONVERGED, (), ("no branch converged",)
     flags += [f"not converged: branch {b.name!r} ({b.reason})" for b in branches if not b.solved]
-    if not cands:                   # solved but no objective: only one branch can be reported unambiguously
+    if not cands:  # solved but no objective: only one branch can be reported unambiguously
         stable = [b for b in solved if b.status != REPLICA_UNSTABLE]
         best = min(stable or solved, key=lambda b: b.residual)
         if any(not _same_point(b, best, same_point_tol) for b in solved):
@@ -508,21 +570,41 @@ def choose_branch(branches: Sequence[Branch], *, same_point_tol: float = 1e-6
             verdict = "higher" if diff > 0 else "lower"
         comps.append(Comparison(best.name, b.name, diff, se, verdict))
         if b.status == REPLICA_UNSTABLE and verdict in ("lower", "undecided"):
-            flags.append(f"branch {b.name!r} has a {'lower' if verdict == 'lower' else 'comparable'} objective "
-                         f"({b.objective:.6g} vs {best.objective:.6g}) but is replica-unstable "
-                         f"(replicon {b.replicon:.3g}): not chosen")
+            flags.append(
+                f"branch {b.name!r} has a {'lower' if verdict == 'lower' else 'comparable'} objective "
+                f"({b.objective:.6g} vs {best.objective:.6g}) but is replica-unstable "
+                f"(replicon {b.replicon:.3g}): not chosen"
+            )
     if any(c.verdict == "undecided" for c in comps):
-        flags.append("undecided: " + ", ".join(
-            f"{c.other!r} - {c.chosen!r} = {c.diff:.3g} +- {c.se:.2g}" for c in comps if c.verdict == "undecided"))
+        flags.append(
+            "undecided: "
+            + ", ".join(
+                f"{c.other!r} - {c.chosen!r} = {c.diff:.3g} +- {c.se:.2g}" for c in comps if c.verdict == "undecided"
+            )
+        )
     return best.name, best.status, tuple(comps), tuple(flags)
 
 
 # ----------------------------------------------------------------------------------- the solve
-def solve_stage(stage: Stage, starts: Mapping[str, Any], *, params: Any = None, samples: Any = None,
-                samples_key: Any = "default", tol: float = 1e-8, max_iter: int = 500, mixing: float = 1.0,
-                anderson: int = 5, regularization: float = 1e-10, cond_max: float = 1e12, stall: int = 8,
-                min_mixing: float = 0.02, growth: float = 1e3, same_point_tol: float = 1e-6,
-                warn: bool = True) -> StageResult:
+def solve_stage(
+    stage: Stage,
+    starts: Mapping[str, Any],
+    *,
+    params: Any = None,
+    samples: Any = None,
+    samples_key: Any = "default",
+    tol: float = 1e-8,
+    max_iter: int = 500,
+    mixing: float = 1.0,
+    anderson: int = 5,
+    regularization: float = 1e-10,
+    cond_max: float = 1e12,
+    stall: int = 8,
+    min_mixing: float = 0.02,
+    growth: float = 1e3,
+    same_point_tol: float = 1e-6,
+    warn: bool = True,
+) -> StageResult:
     """Solve a stage from every named start and choose among the branches.
 
     Args:
@@ -561,17 +643,34 @@ def solve_stage(stage: Stage, starts: Mapping[str, Any], *, params: Any = None, 
         raise ValueError("give at least one start")
     branches = {}
     for name, x0 in starts.items():
-        branches[name] = _solve_branch(stage, name, x0, params, samples, samples_key, tol=tol, max_iter=max_iter,
-                                       mixing=mixing, anderson=anderson, reg=regularization, cond_max=cond_max,
-                                       stall=stall, min_mixing=min_mixing, growth=growth)
+        branches[name] = _solve_branch(
+            stage,
+            name,
+            x0,
+            params,
+            samples,
+            samples_key,
+            tol=tol,
+            max_iter=max_iter,
+            mixing=mixing,
+            anderson=anderson,
+            reg=regularization,
+            cond_max=cond_max,
+            stall=stall,
+            min_mixing=min_mixing,
+            growth=growth,
+        )
     chosen, status, comps, flags = choose_branch(list(branches.values()), same_point_tol=same_point_tol)
     result = StageResult(branches, chosen, status, comps, flags, stage.names)
     if warn:
         b = result.branch
         if status == NOT_CONVERGED:
-            warnings.warn(f"{stage.name}: not converged from any start ({', '.join(branches)}); best "
-                          f"{chosen!r}: residual {b.residual:.3g} after {b.iterations} iterations ({b.reason})",
-                          NonConvergenceWarning, stacklevel=2)
+            warnings.warn(
+                f"{stage.name}: not converged from any start ({', '.join(branches)}); best "
+                f"{chosen!r}: residual {b.residual:.3g} after {b.iterations} iterations ({b.reason})",
+                NonConvergenceWarning,
+                stacklevel=2,
+            )
         for f in flags:
             if f != "no branch converged" and not f.startswith("not converged:"):
                 warnings.warn(f"{stage.name}: {f}", BranchChoiceWarning, stacklevel=2)
@@ -579,8 +678,9 @@ def solve_stage(stage: Stage, starts: Mapping[str, Any], *, params: Any = None, 
 
 
 # ------------------------------------------------------------------------------ the carry trap
-def check_carry_independence(stage: Stage, x: np.ndarray, carries: Sequence[Any], *, rtol: float = 1e-10,
-                             atol: float = 1e-12) -> float:
+def check_carry_independence(
+    stage: Stage, x: np.ndarray, carries: Sequence[Any], *, rtol: float = 1e-10, atol: float = 1e-12
+) -> float:
     """Check that ``update(x, carry)`` returns the same state for every carry (to rtol/atol).
 
     The carry (warm starts, tracked maxima) may change the cost of an update, never which maximum it
@@ -599,5 +699,6 @@ def check_carry_independence(stage: Stage, x: np.ndarray, carries: Sequence[Any]
         if not np.all(dev <= atol + rtol * np.abs(ref)):
             raise CarryDependenceError(
                 f"{stage.name}: update(x, carry) depends on the carry: carry 0 -> {ref.tolist()}, "
-                f"carry {i} -> {o.tolist()} (max deviation {float(np.max(dev)):.3g})")
+                f"carry {i} -> {o.tolist()} (max deviation {float(np.max(dev)):.3g})"
+            )
     return worst

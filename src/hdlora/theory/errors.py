@@ -24,6 +24,7 @@ of Delta_eff; counting entries gives (T^2 + T) (the same count that gives the co
 T^2 + T in eq. 80).  :func:`linear_frozen_test_error` implements the derived form and
 :func:`linear_frozen_test_error_printed` the printed one, for the comparison with simulations.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,11 +37,20 @@ from .effective import delta_eff_of_A0
 from .sampling import frozen_fields, standard_normals, to_sym
 
 __all__ = [
-    "mc_mean", "pretrain_losses", "finetune_loss", "finetune_losses",
-    "pretrain_test_error", "finetune_test_error", "forgetting_error", "frozen_test_error",
+    "mc_mean",
+    "pretrain_losses",
+    "finetune_loss",
+    "finetune_losses",
+    "pretrain_test_error",
+    "finetune_test_error",
+    "forgetting_error",
+    "frozen_test_error",
     "lora_only_test_error",
-    "linear_pretrain_test_error", "linear_finetune_test_error", "linear_forgetting_error",
-    "linear_frozen_test_error", "linear_frozen_test_error_printed",
+    "linear_pretrain_test_error",
+    "linear_finetune_test_error",
+    "linear_forgetting_error",
+    "linear_frozen_test_error",
+    "linear_frozen_test_error_printed",
 ]
 
 
@@ -74,8 +84,9 @@ def pretrain_losses(activation: str, z_star: np.ndarray, z: np.ndarray) -> np.nd
     return np.sum((sigma(Z) - sigma(Zs)) ** 2, axis=(1, 2))
 
 
-def finetune_loss(activation: str, z_star: np.ndarray, z: np.ndarray, chi_star: np.ndarray, chi: np.ndarray,
-                  q: float, q0: float = 1.0) -> np.ndarray:
+def finetune_loss(
+    activation: str, z_star: np.ndarray, z: np.ndarray, chi_star: np.ndarray, chi: np.ndarray, q: float, q0: float = 1.0
+) -> np.ndarray:
     """||sigma(z + chi chi^T - q I) - sigma(z* + chi* chi*^T - q0 I)||_F^2 per sample (eqs. 19-20, 73)."""
     sigma = get_activation(activation, "numpy")
     Zs, Z = _full(z_star), _full(z)
@@ -97,8 +108,9 @@ def _draw_rank_one(n: int, T: int, q: float, m: float, q0: float, seed: int):
     return chi_star, chi
 
 
-def finetune_losses(activation: str, z_star: np.ndarray, z: np.ndarray, q: float, m: float, *,
-                    q0: float = 1.0, seed: int = 0) -> dict[str, np.ndarray]:
+def finetune_losses(
+    activation: str, z_star: np.ndarray, z: np.ndarray, q: float, m: float, *, q0: float = 1.0, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Per-sample fine-tuning (eq. 73) and forgetting (eq. 84) losses on test fields (z*, z) ~ Q.
 
     One independent (chi*, chi) ~ Q' (eq. 14) is drawn per field sample.  Returns
@@ -111,8 +123,10 @@ def finetune_losses(activation: str, z_star: np.ndarray, z: np.ndarray, q: float
     eye = np.eye(T)
     pred = sigma(Z + chi[:, :, None] * chi[:, None, :] - q * eye)
     target = sigma(Zs + chi_star[:, :, None] * chi_star[:, None, :] - q0 * eye)
-    return {"finetune": np.sum((pred - target) ** 2, axis=(1, 2)),
-            "forgetting": np.sum((pred - sigma(Zs)) ** 2, axis=(1, 2))}
+    return {
+        "finetune": np.sum((pred - target) ** 2, axis=(1, 2)),
+        "forgetting": np.sum((pred - sigma(Zs)) ** 2, axis=(1, 2)),
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -123,8 +137,9 @@ def linear_pretrain_test_error(T: int, Q0: float, Q: float, M: float, noise: flo
     return (T * T + T) * delta_eff_of_A0(A0(Q0, noise), Q, M) / T**2
 
 
-def linear_finetune_test_error(T: int, Q0: float, Q: float, M: float, noise: float, q: float, m: float,
-                               q0: float = 1.0) -> float:
+def linear_finetune_test_error(
+    T: int, Q0: float, Q: float, M: float, noise: float, q: float, m: float, q0: float = 1.0
+) -> float:
     """E' = (T^2 + T)(Delta_eff + q0^2 + q^2 - 2 m^2) / T^2 for sigma(x) = x/T (eq. 73; module docstring)."""
     return (T * T + T) * (delta_eff_of_A0(A0(Q0, noise), Q, M) + q0 * q0 + q * q - 2 * m * m) / T**2
 
@@ -163,8 +178,9 @@ def _test_fields(T: int, Q0: float, Q: float, M: float, noise: float, n_mc: int,
     return f["z_star"], f["z"]
 
 
-def pretrain_test_error(activation: str, T: int, Q0: float, Q: float, M: float, noise: float, *,
-                        n_mc: int = DEFAULT_N_MC, seed: int = 0) -> tuple[float, float]:
+def pretrain_test_error(
+    activation: str, T: int, Q0: float, Q: float, M: float, noise: float, *, n_mc: int = DEFAULT_N_MC, seed: int = 0
+) -> tuple[float, float]:
     """E (eq. 19 / 55): (value, Monte-Carlo standard error; 0 for the linear closed form)."""
     T = _check_T(T)
     if activation == "linear":
@@ -173,8 +189,20 @@ def pretrain_test_error(activation: str, T: int, Q0: float, Q: float, M: float, 
     return mc_mean(pretrain_losses(activation, zs, z))
 
 
-def finetune_test_error(activation: str, T: int, Q0: float, Q: float, M: float, noise: float, q: float,
-                        m: float, *, q0: float = 1.0, n_mc: int = DEFAULT_N_MC, seed: int = 0) -> tuple[float, float]:
+def finetune_test_error(
+    activation: str,
+    T: int,
+    Q0: float,
+    Q: float,
+    M: float,
+    noise: float,
+    q: float,
+    m: float,
+    *,
+    q0: float = 1.0,
+    n_mc: int = DEFAULT_N_MC,
+    seed: int = 0,
+) -> tuple[float, float]:
     """E' (eqs. 19, 73) from the order parameters: (value, Monte-Carlo standard error)."""
     T = _check_T(T)
     if activation == "linear":
@@ -183,8 +211,20 @@ def finetune_test_error(activation: str, T: int, Q0: float, Q: float, M: float, 
     return mc_mean(finetune_losses(activation, zs, z, q, m, q0=q0, seed=seed + 1)["finetune"])
 
 
-def forgetting_error(activation: str, T: int, Q0: float, Q: float, M: float, noise: float, q: float,
-                     m: float, *, q0: float = 1.0, n_mc: int = DEFAULT_N_MC, seed: int = 0) -> tuple[float, float]:
+def forgetting_error(
+    activation: str,
+    T: int,
+    Q0: float,
+    Q: float,
+    M: float,
+    noise: float,
+    q: float,
+    m: float,
+    *,
+    q0: float = 1.0,
+    n_mc: int = DEFAULT_N_MC,
+    seed: int = 0,
+) -> tuple[float, float]:
     """E'' (eq. 84): the fine-tuned model on the pre-training task: (value, MC standard error)."""
     T = _check_T(T)
     if activation == "linear":
@@ -193,13 +233,15 @@ def forgetting_error(activation: str, T: int, Q0: float, Q: float, M: float, noi
     return mc_mean(finetune_losses(activation, zs, z, q, m, q0=q0, seed=seed + 1)["forgetting"])
 
 
-def frozen_test_error(activation: str, T: int, Q0: float, Q: float, M: float, noise: float, *,
-                      n_mc: int = DEFAULT_N_MC, seed: int = 0) -> tuple[float, float]:
+def frozen_test_error(
+    activation: str, T: int, Q0: float, Q: float, M: float, noise: float, *, n_mc: int = DEFAULT_N_MC, seed: int = 0
+) -> tuple[float, float]:
     """Frozen pre-training baseline E'_frozen (eq. 79; eq. 80 as derived for linear sigma)."""
     return finetune_test_error(activation, T, Q0, Q, M, noise, 0.0, 0.0, n_mc=n_mc, seed=seed)
 
 
-def lora_only_test_error(activation: str, T: int, Q0: float, noise: float, q: float, m: float, *,
-                         n_mc: int = DEFAULT_N_MC, seed: int = 0) -> tuple[float, float]:
+def lora_only_test_error(
+    activation: str, T: int, Q0: float, noise: float, q: float, m: float, *, n_mc: int = DEFAULT_N_MC, seed: int = 0
+) -> tuple[float, float]:
     """LoRA-only E' (eq. 82): W_hat = 0, so z = 0 and z* ~ eq. 81 (Q = M = 0 in Q)."""
     return finetune_test_error(activation, T, Q0, 0.0, 0.0, noise, q, m, n_mc=n_mc, seed=seed)

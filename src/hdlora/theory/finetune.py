@@ -32,6 +32,7 @@ conjugates are computed in the equivalent *direct* form (the derivatives of eq. 
 Stein's lemma), which is the exact stationary point of the sampled free entropy and has a much
 smaller Monte-Carlo variance; see :func:`solve_finetune` (``form``).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,10 +58,16 @@ from .sampling import frozen_fields, s_ab, standard_normals, to_sym
 from .stability import replicon_finetune_terms
 
 __all__ = [
-    "ProxResult", "FinetuneResult", "finetune_potential_derivatives", "prox_psi", "solve_finetune",
-    "solve_finetune_effective", "solve_lora_only", "frozen_baseline", "DEFAULT_N_MC",
+    "ProxResult",
+    "FinetuneResult",
+    "finetune_potential_derivatives",
+    "prox_psi",
+    "solve_finetune",
+    "solve_finetune_effective",
+    "solve_lora_only",
+    "frozen_baseline",
+    "DEFAULT_N_MC",
 ]
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -70,6 +77,7 @@ __all__ = [
 # (T, T, n), so that each elementary operation runs over a contiguous axis of n samples
 # (numpy is ~10x slower on (n, 3, 3) layouts, and batched 3x3 matmul/eigh are slower still).
 # The public functions take and return the usual (n, ...) layout.
+
 
 def _psi_t(chi, Zq, Y, ct, v, activation, order=2):
     """psi and derivatives, token-first layout: chi, ct (T, n); Zq, Y (T, T, n).
@@ -108,17 +116,16 @@ def _psi_t(chi, Zq, Y, ct, v, activation, order=2):
     c2 = chi * chi
     if activation == "linear":
         k = 2.0 / T**2
-        hc = k * np.broadcast_to(chi[None, :, :], (T, T, chi.shape[1]))      # hc[a] = h_a chi
-        quad = k * np.broadcast_to(c2.sum(axis=0), chi.shape)                # chi^T h_a chi
+        hc = k * np.broadcast_to(chi[None, :, :], (T, T, chi.shape[1]))  # hc[a] = h_a chi
+        quad = k * np.broadcast_to(c2.sum(axis=0), chi.shape)  # chi^T h_a chi
         S4 = np.zeros_like(X)
-        S4[d, d] = k * c2.sum(axis=0)                                          # sum_a chi_a^2 h_a
+        S4[d, d] = k * c2.sum(axis=0)  # sum_a chi_a^2 h_a
     else:
         W = P * P + U
         pp = (P * P).sum(axis=1)
         pchi = (P * chi[None, :, :]).sum(axis=1)
         wchi = (W * chi[None, :, :]).sum(axis=1)
-        hc = 2.0 * (W * chi[None, :, :] - W * pchi[:, None, :] - P * wchi[:, None, :]
-                    + (pp * pchi)[:, None, :] * P)
+        hc = 2.0 * (W * chi[None, :, :] - W * pchi[:, None, :] - P * wchi[:, None, :] + (pp * pchi)[:, None, :] * P)
         quad = (hc * chi[None, :, :]).sum(axis=1)
         cW = c2[:, None, :] * W
         cpP = (c2 * pp)[:, None, :] * P
@@ -129,7 +136,7 @@ def _psi_t(chi, Zq, Y, ct, v, activation, order=2):
             PP += cpP[a, :, None, :] * P[a, None, :, :]
         S4 = 2.0 * (PP - WP - WP.transpose(1, 0, 2))
         S4[d, d] += 2.0 * cW.sum(axis=0)
-    M2 = chi[:, None, :] * hc                                                  # chi_k (h_k chi)_l
+    M2 = chi[:, None, :] * hc  # chi_k (h_k chi)_l
     hess = -(gs + M2 + M2.transpose(1, 0, 2) + S4)
     hess[d, d] -= quad + 1.0 / v
     # psi = -l(z - qI + chi chi^T) - ...  =>  d psi / d q = + Tr g
@@ -147,8 +154,9 @@ def _n(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, 0))
 
 
-def finetune_potential_derivatives(chi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, chi_tilde: np.ndarray,
-                    v: float, activation: str, *, order: int = 2) -> np.ndarray | tuple[np.ndarray, ...]:
+def finetune_potential_derivatives(
+    chi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, chi_tilde: np.ndarray, v: float, activation: str, *, order: int = 2
+) -> np.ndarray | tuple[np.ndarray, ...]:
     """psi (eq. 63) and its derivatives in chi, for a batch of samples.
 
     Args:
@@ -198,7 +206,7 @@ def _chol_solve(L: np.ndarray, b: np.ndarray) -> np.ndarray:
         y[i] = (b[i] - (L[(i, slice(0, i)) + extra] * y[:i]).sum(axis=0)) / L[(i, i) + extra]
     x = np.empty_like(b)
     for i in reversed(range(T)):
-        x[i] = (y[i] - (L[(slice(i + 1, T), i) + extra] * x[i + 1:]).sum(axis=0)) / L[(i, i) + extra]
+        x[i] = (y[i] - (L[(slice(i + 1, T), i) + extra] * x[i + 1 :]).sum(axis=0)) / L[(i, i) + extra]
     return x
 
 
@@ -227,13 +235,21 @@ def _newton_ascent(chi0, rows, ct, v, activation, *, xtol, max_steps):
     Returns (chi, psi, hess, dpsi_dq, step_norm, converged), token-first.
     """
     T, n = chi0.shape
-    out = _newton.minimise(_newton.FINETUNE, chi0.T, ct.T, np.full(T, v), rows, T, activation == "softmax",
-                           _newton.NewtonRule.finetune(xtol, max_steps, v), n_aux=1)
+    out = _newton.minimise(
+        _newton.FINETUNE,
+        chi0.T,
+        ct.T,
+        np.full(T, v),
+        rows,
+        T,
+        activation == "softmax",
+        _newton.NewtonRule.finetune(xtol, max_steps, v),
+        n_aux=1,
+    )
     hess = -out.hess
     d = np.arange(T)
     hess[:, d, d] -= 1.0 / v
-    return (np.ascontiguousarray(out.x.T), -out.f, _t(hess), out.aux[:, 0].copy(), out.residual,
-            out.converged)
+    return (np.ascontiguousarray(out.x.T), -out.f, _t(hess), out.aux[:, 0].copy(), out.residual, out.converged)
 
 
 def _rank_one_starts(Zq, Y_arg, ct, n_random=6, scaled=()):
@@ -268,8 +284,22 @@ def _rank_one_starts(Zq, Y_arg, ct, n_random=6, scaled=()):
     return out
 
 
-def _prox_t(ct, Zq, Y, v, activation, *, starts=None, Y_arg=None, xtol=1e-9, max_steps=60, n_random=6,
-            scaled=(), alt=None, want_alt=False):
+def _prox_t(
+    ct,
+    Zq,
+    Y,
+    v,
+    activation,
+    *,
+    starts=None,
+    Y_arg=None,
+    xtol=1e-9,
+    max_steps=60,
+    n_random=6,
+    scaled=(),
+    alt=None,
+    want_alt=False,
+):
     """prox_psi in the token-first layout; returns (chi, C, dq, psi, hess, snorm, converged, n_not_max, n_changed)
     [+ (alt,) with ``want_alt``].
 
@@ -285,13 +315,12 @@ def _prox_t(ct, Zq, Y, v, activation, *, starts=None, Y_arg=None, xtol=1e-9, max
         starts += _rank_one_starts(Zq, Y_arg, ct, n_random=n_random, scaled=scaled)
     n = ct.shape[1]
     rows = _kernel_rows(Zq, Y)
-    runs = []          # (idx or None, (chi, psi, hess, dq, snorm, conv))
+    runs = []  # (idx or None, (chi, psi, hess, dq, snorm, conv))
     for s in starts:
         runs.append((None, _newton_ascent(s, rows, ct, v, activation, xtol=xtol, max_steps=max_steps)))
     if alt is not None and len(alt[0]):
         idx, ca = alt
-        runs.append((idx, _newton_ascent(ca, rows[idx], ct[:, idx], v, activation, xtol=xtol,
-                                         max_steps=max_steps)))
+        runs.append((idx, _newton_ascent(ca, rows[idx], ct[:, idx], v, activation, xtol=xtol, max_steps=max_steps)))
     best = None
     changed = np.zeros(n, dtype=bool)
     for idx, out in runs:
@@ -306,7 +335,7 @@ def _prox_t(ct, Zq, Y, v, activation, *, starts=None, Y_arg=None, xtol=1e-9, max
             for arr, new in zip(best, out):
                 arr[..., pos] = new[..., better]
     alt_out = None
-    if want_alt:       # the best local maximum distinct from the kept one, per sample
+    if want_alt:  # the best local maximum distinct from the kept one, per sample
         a_psi = np.full(n, -np.inf)
         a_chi = np.zeros_like(ct)
         for idx, (c, p, _h, _d, _s, cv) in runs:
@@ -322,17 +351,26 @@ def _prox_t(ct, Zq, Y, v, activation, *, starts=None, Y_arg=None, xtol=1e-9, max
     chi, psi, hess, dq, snorm, conv = best
     T = chi.shape[0]
     L, neg_def = _chol(-hess)
-    C = _chol_solve(L, np.broadcast_to(np.eye(T)[:, :, None], hess.shape).copy())   # C = (-H)^{-1}
+    C = _chol_solve(L, np.broadcast_to(np.eye(T)[:, :, None], hess.shape).copy())  # C = (-H)^{-1}
     bad = ~neg_def
-    if bad.any():      # not a strict local maximum (reported): modified-Newton curvature
+    if bad.any():  # not a strict local maximum (reported): modified-Newton curvature
         C[:, :, bad] = _modified_inverse(hess[:, :, bad], v)
     out = (chi, C, dq, psi, hess, snorm, conv, int(bad.sum()), int(changed.sum()))
     return out + (alt_out,) if want_alt else out
 
 
-def prox_psi(chi_tilde: np.ndarray, Zq: np.ndarray, Y: np.ndarray, v: float, activation: str, *,
-             starts: list[np.ndarray] | None = None, Y_arg: np.ndarray | None = None,
-             xtol: float = 1e-9, max_steps: int = 60) -> ProxResult:
+def prox_psi(
+    chi_tilde: np.ndarray,
+    Zq: np.ndarray,
+    Y: np.ndarray,
+    v: float,
+    activation: str,
+    *,
+    starts: list[np.ndarray] | None = None,
+    Y_arg: np.ndarray | None = None,
+    xtol: float = 1e-9,
+    max_steps: int = 60,
+) -> ProxResult:
     """Batched prox of psi (eq. 64) with C (eq. 66) and d psi / d q (eq. 72).
 
     Args:
@@ -354,12 +392,29 @@ def prox_psi(chi_tilde: np.ndarray, Zq: np.ndarray, Y: np.ndarray, v: float, act
         converged per sample, n_not_max, n_start_changed; ``extra``: ``C`` (n, T, T) =
         -[Hessian]^{-1} (eq. 66), ``dpsi_dq`` (n,) explicit d psi / d q (eq. 72).
     """
-    out = _prox_t(_t(chi_tilde), _t(Zq), _t(Y), v, activation,
-                  starts=None if not starts else [_t(s) for s in starts],
-                  Y_arg=None if Y_arg is None else _t(Y_arg), xtol=xtol, max_steps=max_steps)
+    out = _prox_t(
+        _t(chi_tilde),
+        _t(Zq),
+        _t(Y),
+        v,
+        activation,
+        starts=None if not starts else [_t(s) for s in starts],
+        Y_arg=None if Y_arg is None else _t(Y_arg),
+        xtol=xtol,
+        max_steps=max_steps,
+    )
     chi, C, dq, psi, hess, snorm, conv, nm, nc = out
-    return ProxResult(x=_n(chi), value=psi, hessian=_n(hess), residual=snorm, converged=conv, iterations=0,
-                      n_not_max=nm, n_start_changed=nc, extra={"C": _n(C), "dpsi_dq": dq})
+    return ProxResult(
+        x=_n(chi),
+        value=psi,
+        hessian=_n(hess),
+        residual=snorm,
+        converged=conv,
+        iterations=0,
+        n_not_max=nm,
+        n_start_changed=nc,
+        extra={"C": _n(C), "dpsi_dq": dq},
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -434,8 +489,7 @@ def _check_fields(z_star, z, T):
     z_star = np.asarray(z_star, dtype=np.float64)
     z = np.asarray(z, dtype=np.float64)
     if z_star.ndim != 2 or z_star.shape[1] != L or z.shape != z_star.shape:
-        raise ParamError(f"z_star and z must both have shape (n, L = T(T+1)/2 = {L}); "
-                         f"got {z_star.shape} and {z.shape}")
+        raise ParamError(f"z_star and z must both have shape (n, L = T(T+1)/2 = {L}); got {z_star.shape} and {z.shape}")
     if not (np.all(np.isfinite(z_star)) and np.all(np.isfinite(z))):
         raise ParamError("z_star and z must be finite")
     return z_star, z
@@ -469,13 +523,28 @@ def _default_init(params: Params) -> dict[str, float]:
     return {"m": 0.5, "q": 0.5, "v": v}
 
 
-def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
-                   Q0: float | None = None, Q: float | None = None, M: float | None = None,
-                   n_mc: int | None = None, seed: int = 0, tol: float = 1e-7, max_iter: int = 400,
-                   mixing: float = 0.8, init: FinetuneResult | Mapping[str, float] | None = None,
-                   n_test: int | None = None, restart_every: int = 0, form: str = "direct", antithetic: bool = False,
-                   rank_one_normals: np.ndarray | None = None, linear_prox: str = "exact",
-                   warn: bool = True) -> FinetuneResult:
+def solve_finetune(
+    params: Params,
+    z_star: np.ndarray,
+    z: np.ndarray,
+    *,
+    Q0: float | None = None,
+    Q: float | None = None,
+    M: float | None = None,
+    n_mc: int | None = None,
+    seed: int = 0,
+    tol: float = 1e-7,
+    max_iter: int = 400,
+    mixing: float = 0.8,
+    init: FinetuneResult | Mapping[str, float] | None = None,
+    n_test: int | None = None,
+    restart_every: int = 0,
+    form: str = "direct",
+    antithetic: bool = False,
+    rank_one_normals: np.ndarray | None = None,
+    linear_prox: str = "exact",
+    warn: bool = True,
+) -> FinetuneResult:
     """Fine-tuning state evolution (eqs. 67-72) on given frozen fields, and Result 3 at its fixed point.
 
     Args:
@@ -581,13 +650,13 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
         chi_star, zeta = x[:, :T], x[:, T:]
     Zs = to_sym(z_star, T)
     Zb = beta * to_sym(z, T)
-    Y_arg = Zs + chi_star[:, :, None] * chi_star[:, None, :] - eye     # q0 = 1
+    Y_arg = Zs + chi_star[:, :, None] * chi_star[:, None, :] - eye  # q0 = 1
     Y = sigma(Y_arg)
 
     # effective noise of the fine-tuning fields
     if law is not None and not params.reuse:
-        delta_eff = _effective.delta_eff_beta(law[0], law[1], law[2], params.noise, beta)    # eqs. 25-26
-    else:     # e = 1: Var(beta z - z*) over the train fields (eq. 27 for linear sigma)
+        delta_eff = _effective.delta_eff_beta(law[0], law[1], law[2], params.noise, beta)  # eqs. 25-26
+    else:  # e = 1: Var(beta z - z*) over the train fields (eq. 27 for linear sigma)
         delta_eff = _effective.delta_eff_from_fields(z_star, z, beta)[0]
 
     if params.frozen:
@@ -604,25 +673,32 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
     def update(state):
         m, q, v = state["m"], state["q"], state["v"]
         cache["calls"] += 1
-        full = (cache.pop("check", False)
-                or (restart_every > 0 and (cache["calls"] - 1) % restart_every == 0))
+        full = cache.pop("check", False) or (restart_every > 0 and (cache["calls"] - 1) % restart_every == 0)
         m = float(np.clip(m, -math.sqrt(q), math.sqrt(q)))
-        ct = m * cs_t + math.sqrt(max(q - m * m, 0.0)) * zeta_t                               # eq. 62
+        ct = m * cs_t + math.sqrt(max(q - m * m, 0.0)) * zeta_t  # eq. 62
         Zq = Zb_t.copy()
         Zq[d, d] -= q
         starts = [] if cache["chi"] is None else [cache["chi"]]
         if full or cache["chi"] is None:
             starts.append(ct)
         chi, C, dq, psi, hess, snorm, conv, nm, nc, alt = _prox_t(
-            ct, Zq, Y_t, v, act, starts=starts, Y_arg=Yarg_t if full else None, alt=cache["alt"], want_alt=True,
-            **_GLOBAL_SEARCH)
+            ct,
+            Zq,
+            Y_t,
+            v,
+            act,
+            starts=starts,
+            Y_arg=Yarg_t if full else None,
+            alt=cache["alt"],
+            want_alt=True,
+            **_GLOBAL_SEARCH,
+        )
         cache["chi"], cache["alt"] = chi, alt
-        new, hats = _state_update(chi, ct, cs_t, zeta_t, dq, lambda: C[d, d].sum(axis=0), m, q, v, ap, lam_ft, T,
-                                  form)
+        new, hats = _state_update(chi, ct, cs_t, zeta_t, dq, lambda: C[d, d].sum(axis=0), m, q, v, ap, lam_ft, T, form)
         return new, {**hats, "chi": chi, "C": C, "n_failed": int((~conv).sum()), "n_not_max": nm, "n_changed": nc}
 
     exact = act == "linear" and linear_prox == "exact"
-    if exact:     # exact global prox (secular equation), no multi-start search
+    if exact:  # exact global prox (secular equation), no multi-start search
         lin = LinearRankOneProx(Zb - Zs - chi_star[:, :, None] * chi_star[:, None, :], chi_star, zeta)
         update = _linear_update(lin, ap, lam_ft, T, form)
 
@@ -630,13 +706,21 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
     if init is not None:
         st = init.state if isinstance(init, FinetuneResult) else init
         state = {k: float(st[k]) for k in ("m", "q", "v")}
-        cache["check"] = True       # near the fixed point already: global search at the first call
+        cache["check"] = True  # near the fixed point already: global search at the first call
     bounds = {"q": (1e-12, 1e6), "v": (1e-12, 1e6), "m": (-1e3, 1e3)}
     iterations = 0
     history: tuple[float, ...] = ()
     for _round in range(3):
-        fp = iterate(update, state, mixing=mixing, tol=tol, max_iter=max_iter - iterations, bounds=bounds,
-                     name="fine-tuning state evolution", warn=False)
+        fp = iterate(
+            update,
+            state,
+            mixing=mixing,
+            tol=tol,
+            max_iter=max_iter - iterations,
+            bounds=bounds,
+            name="fine-tuning state evolution",
+            warn=False,
+        )
         iterations += fp.iterations
         history += fp.history
         state = fp.state
@@ -649,10 +733,10 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
         # (linear: the prox is the exact global maximiser, so there is no other basin to find)
         if not converged or res_final <= tol or iterations >= max_iter or exact:
             break
-        state = st_new        # a better prox basin was found: continue from there
-    converged = bool(converged and res_final <= tol)   # the residual at the returned point
+        state = st_new  # a better prox basin was found: continue from there
+    converged = bool(converged and res_final <= tol)  # the residual at the returned point
     m, q, v = state["m"], state["q"], state["v"]
-    if exact:      # chi and C at the last evaluation, back in the token basis
+    if exact:  # chi and C at the last evaluation, back in the token basis
         out = aux["prox"]
         chi = lin.to_original(out["y"])
         C = v * lin.matrix_to_original(lin.curvature(out))
@@ -661,29 +745,55 @@ def solve_finetune(params: Params, z_star: np.ndarray, z: np.ndarray, *,
 
     # Result 3 at the fixed point
     X_train = Zb - q * eye + chi[:, :, None] * chi[:, None, :]
-    train_losses = np.sum((sigma(X_train) - Y) ** 2, axis=(1, 2))                        # eq. 20
-    rep = replicon_finetune_terms(ap, C, v)                                             # eq. 78
+    train_losses = np.sum((sigma(X_train) - Y) ** 2, axis=(1, 2))  # eq. 20
+    rep = replicon_finetune_terms(ap, C, v)  # eq. 78
     test = _test_errors(params, q, m, law, Zs, Zb, seed, n_test, n)
     mc_se = {"finetune_train_error": _se(train_losses), "replicon_finetune": _se(rep), **test["se"]}
     result = FinetuneResult(
-        q=float(q), m=float(m), v=float(v), qhat=aux["qhat"], mhat=aux["mhat"], vhat=aux["vhat"],
+        q=float(q),
+        m=float(m),
+        v=float(v),
+        qhat=aux["qhat"],
+        mhat=aux["mhat"],
+        vhat=aux["vhat"],
         overlap=m / math.sqrt(q) if q > 0 else 0.0,
         finetune_train_error=float(train_losses.mean()),
-        finetune_test_error=test["finetune_test_error"], forgetting_error=test["forgetting_error"],
-        replicon_finetune=float(rep.mean()), replicon_unstable=bool(rep.mean() >= 1.0),
-        delta_eff=delta_eff, converged=converged, residual=float(res_final), iterations=iterations,
-        n_mc=n, prox_failed=aux["n_failed"], prox_not_max=aux["n_not_max"], mc_se=mc_se,
-        wall_time=time.perf_counter() - t0, baseline="lora_only" if params.lora_only else None,
-        history=history)
+        finetune_test_error=test["finetune_test_error"],
+        forgetting_error=test["forgetting_error"],
+        replicon_finetune=float(rep.mean()),
+        replicon_unstable=bool(rep.mean() >= 1.0),
+        delta_eff=delta_eff,
+        converged=converged,
+        residual=float(res_final),
+        iterations=iterations,
+        n_mc=n,
+        prox_failed=aux["n_failed"],
+        prox_not_max=aux["n_not_max"],
+        mc_se=mc_se,
+        wall_time=time.perf_counter() - t0,
+        baseline="lora_only" if params.lora_only else None,
+        history=history,
+    )
     if warn and not result.converged:
-        warnings.warn(f"fine-tuning state evolution not converged: residual {result.residual:.3g} after "
-                      f"{result.iterations} iterations (tol {tol:.3g})", NonConvergenceWarning, stacklevel=2)
+        warnings.warn(
+            f"fine-tuning state evolution not converged: residual {result.residual:.3g} after "
+            f"{result.iterations} iterations (tol {tol:.3g})",
+            NonConvergenceWarning,
+            stacklevel=2,
+        )
     if warn and (result.prox_failed or result.prox_not_max):
-        warnings.warn(f"fine-tuning prox: {result.prox_failed} samples not converged, {result.prox_not_max} not at a "
-                      f"local maximum (of {n})", NonConvergenceWarning, stacklevel=2)
+        warnings.warn(
+            f"fine-tuning prox: {result.prox_failed} samples not converged, {result.prox_not_max} not at a "
+            f"local maximum (of {n})",
+            NonConvergenceWarning,
+            stacklevel=2,
+        )
     if warn and result.replicon_unstable:
-        warnings.warn(f"fine-tuning replicon condition violated: {result.replicon_finetune:.3g} >= 1 (eq. 78)",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"fine-tuning replicon condition violated: {result.replicon_finetune:.3g} >= 1 (eq. 78)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return result
 
 
@@ -697,17 +807,17 @@ def _state_update(chi, ct, cs, zeta, dq, trace_C, m, q, v, ap, lam_ft, T, form):
     See :func:`solve_finetune` for the 'stein' and 'direct' forms.
     """
     diff = chi - ct
-    qhat = ap / v**2 * np.mean((diff * diff).sum(axis=0))                                     # eq. 71
+    qhat = ap / v**2 * np.mean((diff * diff).sum(axis=0))  # eq. 71
     if form == "stein":
         trC = trace_C()
-        mhat = ap / v * np.mean((cs * chi).sum(axis=0) - m / v * trC)                          # eq. 70
-        vhat = ap * T / v - ap / v**2 * np.mean(trC) - 2.0 * ap * np.mean(dq)                 # eq. 72
-    else:   # direct derivatives of E max psi (envelope theorem), before Stein's lemma
+        mhat = ap / v * np.mean((cs * chi).sum(axis=0) - m / v * trC)  # eq. 70
+        vhat = ap * T / v - ap / v**2 * np.mean(trC) - 2.0 * ap * np.mean(dq)  # eq. 72
+    else:  # direct derivatives of E max psi (envelope theorem), before Stein's lemma
         fz = np.mean((diff * zeta).sum(axis=0)) / v / math.sqrt(max(q - m * m, 1e-300))
         mhat = ap * (np.mean((diff * cs).sum(axis=0)) / v - m * fz)
         vhat = -ap * fz - 2.0 * ap * np.mean(dq)
-    v_new = 1.0 / (2.0 * lam_ft + vhat) if 2.0 * lam_ft + vhat > 0 else math.inf              # eq. 69
-    new = {"m": mhat * v_new, "q": (mhat**2 + qhat) * v_new**2, "v": v_new}                   # eqs. 67-68
+    v_new = 1.0 / (2.0 * lam_ft + vhat) if 2.0 * lam_ft + vhat > 0 else math.inf  # eq. 69
+    new = {"m": mhat * v_new, "q": (mhat**2 + qhat) * v_new**2, "v": v_new}  # eqs. 67-68
     return new, {"mhat": float(mhat), "qhat": float(qhat), "vhat": float(vhat)}
 
 
@@ -719,9 +829,21 @@ def _linear_update(lin: LinearRankOneProx, ap: float, lam_ft: float, T: int, for
         m, q, v = state["m"], state["q"], state["v"]
         m = float(np.clip(m, -math.sqrt(q), math.sqrt(q)))
         out = lin(m, q, v)
-        new, hats = _state_update(out["y"], out["yt"], lin.a_star, lin.a_zeta, out["dpsi_dq"],
-                                  lambda: v * np.trace(lin.curvature(out), axis1=1, axis2=2), m, q, v, ap, lam_ft, T,
-                                  form)
+        new, hats = _state_update(
+            out["y"],
+            out["yt"],
+            lin.a_star,
+            lin.a_zeta,
+            out["dpsi_dq"],
+            lambda: v * np.trace(lin.curvature(out), axis1=1, axis2=2),
+            m,
+            q,
+            v,
+            ap,
+            lam_ft,
+            T,
+            form,
+        )
         # a sample whose secular root is not a stationary point (never seen) counts as failed
         gscale = 1.0 + np.sqrt((out["yt"] ** 2).sum(axis=0)) / v
         n_failed = int(np.sum(~(out["grad_norm"] <= 1e-8 * gscale)))
@@ -741,20 +863,25 @@ def _test_errors(params, q, m, law, Zs, Zb, seed, n_test, n):
     if law is not None:
         Q0, Q, M = law
         if act == "linear":
-            return {"finetune_test_error": _errors.linear_finetune_test_error(T, Q0, beta**2 * Q, beta * M,
-                                                                             params.noise, q, m),
-                    "forgetting_error": _errors.linear_forgetting_error(T, Q0, beta**2 * Q, beta * M,
-                                                                       params.noise, q),
-                    "se": {"finetune_test_error": 0.0, "forgetting_error": 0.0}}
+            return {
+                "finetune_test_error": _errors.linear_finetune_test_error(
+                    T, Q0, beta**2 * Q, beta * M, params.noise, q, m
+                ),
+                "forgetting_error": _errors.linear_forgetting_error(T, Q0, beta**2 * Q, beta * M, params.noise, q),
+                "se": {"finetune_test_error": 0.0, "forgetting_error": 0.0},
+            }
         f = frozen_fields(n_test or n, T, _A0(Q0, params.noise), beta**2 * Q, beta * M, seed=seed + 7919)
         Zs_t, Zb_t = to_sym(f["z_star"], T), to_sym(f["z"], T)
-    else:      # e = 0: the given fields are test fields
+    else:  # e = 0: the given fields are test fields
         Zs_t, Zb_t = Zs, Zb
         if n_test is not None and n_test != n:
             raise ParamError("n_test needs the law (Q0, Q, M) to draw fresh test fields")
     ft = _errors.finetune_losses(act, Zs_t, Zb_t, q, m, seed=seed + 104729)
-    return {"finetune_test_error": float(ft["finetune"].mean()), "forgetting_error": float(ft["forgetting"].mean()),
-            "se": {"finetune_test_error": _se(ft["finetune"]), "forgetting_error": _se(ft["forgetting"])}}
+    return {
+        "finetune_test_error": float(ft["finetune"].mean()),
+        "forgetting_error": float(ft["forgetting"].mean()),
+        "se": {"finetune_test_error": _se(ft["finetune"]), "forgetting_error": _se(ft["forgetting"])},
+    }
 
 
 def _frozen_result(params, Zs, Zb, chi_star, Y, law, seed, n_test, delta_eff, t0):
@@ -764,16 +891,42 @@ def _frozen_result(params, Zs, Zb, chi_star, Y, law, seed, n_test, delta_eff, t0
     train = np.sum((sigma(Zb) - Y) ** 2, axis=(1, 2))
     test = _test_errors(params, 0.0, 0.0, law, Zs, Zb, seed, n_test, n)
     return FinetuneResult(
-        q=0.0, m=0.0, v=0.0, qhat=0.0, mhat=0.0, vhat=math.inf, overlap=0.0,
-        finetune_train_error=float(train.mean()), finetune_test_error=test["finetune_test_error"],
-        forgetting_error=test["forgetting_error"], replicon_finetune=0.0, replicon_unstable=False,
-        delta_eff=delta_eff, converged=True, residual=0.0, iterations=0, n_mc=n, prox_failed=0, prox_not_max=0,
-        mc_se={"finetune_train_error": _se(train), **test["se"]}, wall_time=time.perf_counter() - t0,
-        baseline="frozen")
+        q=0.0,
+        m=0.0,
+        v=0.0,
+        qhat=0.0,
+        mhat=0.0,
+        vhat=math.inf,
+        overlap=0.0,
+        finetune_train_error=float(train.mean()),
+        finetune_test_error=test["finetune_test_error"],
+        forgetting_error=test["forgetting_error"],
+        replicon_finetune=0.0,
+        replicon_unstable=False,
+        delta_eff=delta_eff,
+        converged=True,
+        residual=0.0,
+        iterations=0,
+        n_mc=n,
+        prox_failed=0,
+        prox_not_max=0,
+        mc_se={"finetune_train_error": _se(train), **test["se"]},
+        wall_time=time.perf_counter() - t0,
+        baseline="frozen",
+    )
 
 
-def solve_finetune_effective(params: Params, Q0: float, Q: float, M: float, *, n_mc: int = DEFAULT_N_MC,
-                             seed: int = 0, method: str = "mc", **kwargs: Any) -> FinetuneResult:
+def solve_finetune_effective(
+    params: Params,
+    Q0: float,
+    Q: float,
+    M: float,
+    *,
+    n_mc: int = DEFAULT_N_MC,
+    seed: int = 0,
+    method: str = "mc",
+    **kwargs: Any,
+) -> FinetuneResult:
     """Fine-tuning on an *effective pre-training* (Figs. 2, 4, 5): (z*, z) ~ Q with given Q0, Q, M.
 
     The fields are drawn from the test law Q (eq. 13) with A0 = Q0 + Delta/2 (e = 0
@@ -787,8 +940,10 @@ def solve_finetune_effective(params: Params, Q0: float, Q: float, M: float, *, n
     i.e. the variance of an mc solve with 2.4x more samples.
     """
     if params.reuse:
-        raise ParamError("reuse (e = 1) needs the train law R of a pre-training; the effective "
-                         "pre-training draws fresh fields from Q (e = 0): set reuse=False")
+        raise ParamError(
+            "reuse (e = 1) needs the train law R of a pre-training; the effective "
+            "pre-training draws fresh fields from Q (e = 0): set reuse=False"
+        )
     if method not in ("mc", "qmc"):
         raise ParamError(f"method must be 'mc' or 'qmc', got {method!r}")
     law = _law_args(params, Q0, Q, M, required=True)
@@ -801,13 +956,14 @@ def solve_finetune_effective(params: Params, Q0: float, Q: float, M: float, *, n
     T = params.tokens
     L = T * (T + 1) // 2
     x = standard_normals(n_mc, 2 * L + 2 * T, seed, method="qmc")
-    g, zeta = x[:, :L], x[:, L:2 * L]
+    g, zeta = x[:, :L], x[:, L : 2 * L]
     s_sqrt = np.sqrt(s_ab(T))
     B = max(law[1] - law[2] ** 2 / A0, 0.0)
-    z_star = s_sqrt * math.sqrt(A0) * g                                                   # eq. 47, as frozen_fields
+    z_star = s_sqrt * math.sqrt(A0) * g  # eq. 47, as frozen_fields
     z = s_sqrt * (law[2] / math.sqrt(A0) * g + math.sqrt(B) * zeta)
-    return solve_finetune(params, z_star, z, Q0=law[0], Q=law[1], M=law[2], seed=seed,
-                          rank_one_normals=x[:, 2 * L:], **kwargs)
+    return solve_finetune(
+        params, z_star, z, Q0=law[0], Q=law[1], M=law[2], seed=seed, rank_one_normals=x[:, 2 * L :], **kwargs
+    )
 
 
 def solve_lora_only(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, **kwargs: Any) -> FinetuneResult:
@@ -817,7 +973,8 @@ def solve_lora_only(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, 
     return r
 
 
-def frozen_baseline(params: Params, Q0: float, Q: float, M: float, *, n_mc: int = DEFAULT_N_MC,
-                    seed: int = 0) -> FinetuneResult:
+def frozen_baseline(
+    params: Params, Q0: float, Q: float, M: float, *, n_mc: int = DEFAULT_N_MC, seed: int = 0
+) -> FinetuneResult:
     """Frozen pre-training baseline (lam_ft = inf, eq. 79) on an effective pre-training."""
     return solve_finetune_effective(params.replace(lam_ft=math.inf), Q0, Q, M, n_mc=n_mc, seed=seed)

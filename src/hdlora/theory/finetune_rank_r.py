@@ -44,6 +44,7 @@ the update map is rotated to a canonical gauge (:func:`canonical_gauge`: the lea
 symmetric positive semidefinite, q diagonal on the complement of the range of m), and the damped
 iteration (:func:`hdlora.theory.fixed_point.iterate`) runs on the entries of the gauge-fixed matrices.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,9 +61,19 @@ from .fixed_point import iterate
 from .sampling import standard_normals, to_sym
 
 __all__ = [
-    "sqrtm_psd", "sqrtm_frechet", "ridge_channel", "canonical_gauge", "loss_derivatives", "compiled_potential",
+    "sqrtm_psd",
+    "sqrtm_frechet",
+    "ridge_channel",
+    "canonical_gauge",
+    "loss_derivatives",
+    "compiled_potential",
     "newton_prox",
-    "prox_rank_r", "output_channel", "replicon_map", "linear_test_error", "RankRResult", "solve_finetune_rank_r",
+    "prox_rank_r",
+    "output_channel",
+    "replicon_map",
+    "linear_test_error",
+    "RankRResult",
+    "solve_finetune_rank_r",
 ]
 
 
@@ -86,8 +97,9 @@ def sqrtm_frechet(S: np.ndarray, E: np.ndarray) -> np.ndarray:
     return U @ ((U.T @ E @ U) / denom) @ U.T
 
 
-def ridge_channel(mhat: np.ndarray, qhat: np.ndarray, vhat: np.ndarray, lam_ft: float,
-                  q0: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+def ridge_channel(
+    mhat: np.ndarray, qhat: np.ndarray, vhat: np.ndarray, lam_ft: float, q0: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """The input channel of the ridge penalty lam' ||w||_F^2 in closed form (docs/theory/rank_r.md, sec. 5):
     v = (2 lam' I + v_hat)^{-1}, m = v m_hat q0, q = v (m_hat q0 m_hat^T + q_hat) v.
 
@@ -103,8 +115,9 @@ def ridge_channel(mhat: np.ndarray, qhat: np.ndarray, vhat: np.ndarray, lam_ft: 
     return m, 0.5 * (q + q.T), v
 
 
-def canonical_gauge(m: np.ndarray, q: np.ndarray, v: np.ndarray,
-                    rel_tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def canonical_gauge(
+    m: np.ndarray, q: np.ndarray, v: np.ndarray, rel_tol: float = 1e-10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rotate (m, q, v) -> (O^T m, O^T q O, O^T v O), O orthogonal r x r, into the canonical gauge:
     A = m E^T (E = the r x r* matrix with ones on the diagonal: the first min(r, r*) columns of m) has
     O^T A symmetric positive semidefinite on its range; on the complement (dimension r - rank A: r > r*
@@ -127,8 +140,8 @@ def canonical_gauge(m: np.ndarray, q: np.ndarray, v: np.ndarray,
         lam, Z = np.linalg.eigh(N0.T @ q @ N0)
         Z = Z[:, ::-1]
         N = N0 @ Z
-        Rk = U[:, :k] @ V[:, :k].T       # the range part of O (invariant under the SVD's sign choices)
-        for j in range(N.shape[1]):      # sign: the largest coupling to the range, in canonical coordinates
+        Rk = U[:, :k] @ V[:, :k].T  # the range part of O (invariant under the SVD's sign choices)
+        for j in range(N.shape[1]):  # sign: the largest coupling to the range, in canonical coordinates
             for c in (Rk.T @ q @ N[:, j], Rk.T @ v @ N[:, j], N[:, j]):
                 if c.size and np.abs(c).max() > 1e-12 * (1.0 + np.abs(q).max()):
                     if c[np.argmax(np.abs(c))] < 0:
@@ -139,7 +152,7 @@ def canonical_gauge(m: np.ndarray, q: np.ndarray, v: np.ndarray,
         P = np.eye(r) - Vk @ Vk.T
         order = np.argsort(-np.linalg.norm(P, axis=0), kind="stable")[: r - k]
         Vc, _ = np.linalg.qr(P[:, np.sort(order)])
-        for j in range(Vc.shape[1]):        # keep e_j -> e_j where the complement is a standard basis vector
+        for j in range(Vc.shape[1]):  # keep e_j -> e_j where the complement is a standard basis vector
             if Vc[np.argmax(np.abs(Vc[:, j])), j] < 0:
                 Vc[:, j] = -Vc[:, j]
         Uf = np.concatenate([U[:, :k], N], axis=1)
@@ -179,16 +192,20 @@ def _row_terms(X: np.ndarray, Y: np.ndarray, T: int, activation: str, order: int
         d = np.arange(T)
         h[:, :, d, d] = 2.0 / T**2
     else:
-        W = P * P + 0.5 * G                                          # w = p o p + u
-        pp = (P * P).sum(axis=2)                                     # |p_a|^2
-        h = 2.0 * (W[:, :, :, None] * np.eye(T)[None, None] - W[:, :, :, None] * P[:, :, None, :]
-                   - P[:, :, :, None] * W[:, :, None, :]
-                   + pp[:, :, None, None] * P[:, :, :, None] * P[:, :, None, :])
+        W = P * P + 0.5 * G  # w = p o p + u
+        pp = (P * P).sum(axis=2)  # |p_a|^2
+        h = 2.0 * (
+            W[:, :, :, None] * np.eye(T)[None, None]
+            - W[:, :, :, None] * P[:, :, None, :]
+            - P[:, :, :, None] * W[:, :, None, :]
+            + pp[:, :, None, None] * P[:, :, :, None] * P[:, :, None, :]
+        )
     return R, G, h
 
 
-def loss_derivatives(xi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, activation: str,
-                     order: int = 2) -> np.ndarray | tuple[np.ndarray, ...]:
+def loss_derivatives(
+    xi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, activation: str, order: int = 2
+) -> np.ndarray | tuple[np.ndarray, ...]:
     """l(xi) = ||sigma(Zq + xi xi^T) - Y||_F^2 and its derivatives in vec(xi) (row-major, index a r + k).
 
     Args:
@@ -210,12 +227,12 @@ def loss_derivatives(xi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, activation: 
     grad = Gs @ xi
     if order == 1:
         return loss, grad
-    hx = np.einsum("naec,nck->naek", h, xi)                          # (h_a xi)_e, (n, a, e, r)
+    hx = np.einsum("naec,nck->naek", h, xi)  # (h_a xi)_e, (n, a, e, r)
     H = np.einsum("nab,kj->nakbj", Gs, np.eye(r))
-    quad = np.einsum("nck,nacj->nakj", xi, hx)                       # xi^T h_a xi
+    quad = np.einsum("nck,nacj->nakj", xi, hx)  # xi^T h_a xi
     d = np.arange(T)
     H[:, d, :, d, :] += np.moveaxis(quad, 1, 0)
-    cross = np.einsum("nabk,naj->nakbj", hx, xi)                     # (h_a xi)_bk xi_aj
+    cross = np.einsum("nabk,naj->nakbj", hx, xi)  # (h_a xi)_bk xi_aj
     H += cross + np.transpose(cross, (0, 3, 4, 1, 2))
     H += np.einsum("ncab,nckj->nakbj", h, xi[:, :, :, None] * xi[:, :, None, :])
     dq = np.trace(G, axis1=1, axis2=2)
@@ -319,13 +336,13 @@ def compiled_potential() -> tuple[Any, Any]:
                         X[b, e] = 2.0 / (T * T) if b == e else 0.0
             for b in range(T):
                 for kk in range(r):
-                    hx = 0.0                                   # (h_a xi)_{b kk}
+                    hx = 0.0  # (h_a xi)_{b kk}
                     for e in range(T):
                         hx += X[b, e] * x[e * r + kk]
                     for j in range(r):
                         val2 = hx * x[a * r + j]
-                        H[a * r + kk, b * r + j] += val2       # (h_a xi)_bk xi_aj
-                        H[b * r + j, a * r + kk] += val2       # and its transpose
+                        H[a * r + kk, b * r + j] += val2  # (h_a xi)_bk xi_aj
+                        H[b * r + j, a * r + kk] += val2  # and its transpose
                         # delta_ab (xi^T h_a xi)_{kk j}: sum over b of xi_{b kk} (h_a xi)_{b j} -- below
             for kk in range(r):
                 for j in range(r):
@@ -374,11 +391,11 @@ def compiled_potential() -> tuple[Any, Any]:
 # ----------------------------------------------------------------------------------------
 @dataclass
 class _NewtonOut:
-    x: np.ndarray          # (n, T, r)
-    f: np.ndarray          # (n,) loss + prior (minimised)
-    hess: np.ndarray       # (n, k, k) loss Hessian at the returned derivatives' point
-    dq: np.ndarray         # (n,) Tr G there
-    residual: np.ndarray   # (n,) last step norm
+    x: np.ndarray  # (n, T, r)
+    f: np.ndarray  # (n,) loss + prior (minimised)
+    hess: np.ndarray  # (n, k, k) loss Hessian at the returned derivatives' point
+    dq: np.ndarray  # (n,) Tr G there
+    residual: np.ndarray  # (n,) last step norm
     converged: np.ndarray  # (n,)
 
 
@@ -401,12 +418,21 @@ def _chol_step(A: np.ndarray, b: np.ndarray):
         y[:, i] = (b[:, i] - (Lc[:, i, :i] * y[:, :i]).sum(axis=1)) / Lc[:, i, i]
     x = np.empty_like(b)
     for i in reversed(range(k)):
-        x[:, i] = (y[:, i] - (Lc[:, i + 1:, i] * x[:, i + 1:]).sum(axis=1)) / Lc[:, i, i]
+        x[:, i] = (y[:, i] - (Lc[:, i + 1 :, i] * x[:, i + 1 :]).sum(axis=1)) / Lc[:, i, i]
     return -x, pd
 
 
-def newton_prox(x0: np.ndarray, Zq: np.ndarray, Y: np.ndarray, anchor: np.ndarray, w: np.ndarray, activation: str,
-                *, xtol: float = 1e-9, max_steps: int = 60) -> _NewtonOut:
+def newton_prox(
+    x0: np.ndarray,
+    Zq: np.ndarray,
+    Y: np.ndarray,
+    anchor: np.ndarray,
+    w: np.ndarray,
+    activation: str,
+    *,
+    xtol: float = 1e-9,
+    max_steps: int = 60,
+) -> _NewtonOut:
     """min_x l(x) + sum_{a,k} (x_ak - anchor_ak)^2 / (2 w_k) for every sample, x (n, T, r), w (r,) > 0.
 
     The rule of :meth:`hdlora.theory.newton.NewtonRule.finetune`: a sample stops when its Newton step
@@ -418,7 +444,7 @@ def newton_prox(x0: np.ndarray, Zq: np.ndarray, Y: np.ndarray, anchor: np.ndarra
     """
     n, T, r = x0.shape
     k = T * r
-    wv = np.tile(np.asarray(w, dtype=np.float64), T)                # weight of vec index a r + k
+    wv = np.tile(np.asarray(w, dtype=np.float64), T)  # weight of vec index a r + k
     x = x0.reshape(n, k).copy()
     a = anchor.reshape(n, k)
 
@@ -445,7 +471,7 @@ def newton_prox(x0: np.ndarray, Zq: np.ndarray, Y: np.ndarray, anchor: np.ndarra
         Hf = Hl[idx] + np.diag(1.0 / wv)
         step, pd = _chol_step(Hf, gf)
         bad = np.flatnonzero(~pd)
-        if bad.size:       # saddle-free direction where f is not convex
+        if bad.size:  # saddle-free direction where f is not convex
             lam, V = np.linalg.eigh(Hf[bad])
             lam_eff = np.maximum(np.abs(lam), floor)
             step[bad] = -np.einsum("nij,nj->ni", V, np.einsum("nji,nj->ni", V, gf[bad]) / lam_eff)
@@ -478,8 +504,9 @@ def newton_prox(x0: np.ndarray, Zq: np.ndarray, Y: np.ndarray, anchor: np.ndarra
                 ft, gt, Ht, dqt = ev(xt, idx[s_idx], 2)
             else:
                 ft = ev(xt, idx[s_idx], 0)
-            ok = (trusted[s_idx] & first) | (ft <= f0[s_idx] + 1e-4 * t[s_idx] * slope[s_idx]
-                                             + 1e-14 * np.abs(f0[s_idx]))
+            ok = (trusted[s_idx] & first) | (
+                ft <= f0[s_idx] + 1e-4 * t[s_idx] * slope[s_idx] + 1e-14 * np.abs(f0[s_idx])
+            )
             acc = s_idx[ok]
             gi = idx[acc]
             x[gi] = xt[ok]
@@ -531,7 +558,7 @@ def _starts(ct: np.ndarray, Zq: np.ndarray, Y_arg: np.ndarray | None, softmax: b
             F = np.zeros((n, T, r))
             kk = min(r, T)
             F[:, :, :kk] = U[:, :, ::-1][:, :, :kk] * np.sqrt(np.maximum(lam[:, ::-1][:, :kk], 0.0))[:, None, :]
-            O = _polar(np.swapaxes(F, 1, 2) @ ct)                     # argmin_O ||F O - ct||
+            O = _polar(np.swapaxes(F, 1, 2) @ ct)  # argmin_O ||F O - ct||
             FO = F @ O
             out += [FO * s for s in flips]
     rng = np.random.default_rng(12345)
@@ -546,9 +573,19 @@ def _starts(ct: np.ndarray, Zq: np.ndarray, Y_arg: np.ndarray | None, softmax: b
     return out
 
 
-def prox_rank_r(chi_tilde: np.ndarray, Zq: np.ndarray, Y: np.ndarray, v: np.ndarray, activation: str, *,
-                Y_arg: np.ndarray | None = None, warm: np.ndarray | None = None, n_random: int = 2,
-                xtol: float = 1e-9, max_steps: int = 60) -> dict[str, Any]:
+def prox_rank_r(
+    chi_tilde: np.ndarray,
+    Zq: np.ndarray,
+    Y: np.ndarray,
+    v: np.ndarray,
+    activation: str,
+    *,
+    Y_arg: np.ndarray | None = None,
+    warm: np.ndarray | None = None,
+    n_random: int = 2,
+    xtol: float = 1e-9,
+    max_steps: int = 60,
+) -> dict[str, Any]:
     """argmax_chi psi(chi) (eq. 64 at rank r) for every sample, by Newton from several starts.
 
     Args:
@@ -567,8 +604,11 @@ def prox_rank_r(chi_tilde: np.ndarray, Zq: np.ndarray, Y: np.ndarray, v: np.ndar
     starts = [ct]
     if warm is not None:
         starts.insert(0, warm @ U)
-    starts += _starts(ct, Zq, Y_arg, activation == "softmax", n_random) if Y_arg is not None else \
-        [ct * s for s in _sign_flips(ct.shape[2])[1:]]
+    starts += (
+        _starts(ct, Zq, Y_arg, activation == "softmax", n_random)
+        if Y_arg is not None
+        else [ct * s for s in _sign_flips(ct.shape[2])[1:]]
+    )
     best = None
     for s in starts:
         out = newton_prox(s, Zq, Y, ct, d, activation, xtol=xtol, max_steps=max_steps)
@@ -582,8 +622,17 @@ def prox_rank_r(chi_tilde: np.ndarray, Zq: np.ndarray, Y: np.ndarray, v: np.ndar
     n, T, r = ct.shape
     Hf = best.hess + np.diag(1.0 / np.tile(d, T))
     n_not_max = int(np.sum(np.linalg.eigvalsh(Hf).min(axis=1) <= 0))
-    return {"chi": best.x @ U.T, "xi": best.x, "psi": -best.f, "hess_f": Hf, "d": d, "U": U, "dq": best.dq,
-            "converged": best.converged, "n_not_max": n_not_max}
+    return {
+        "chi": best.x @ U.T,
+        "xi": best.x,
+        "psi": -best.f,
+        "hess_f": Hf,
+        "d": d,
+        "U": U,
+        "dq": best.dq,
+        "converged": best.converged,
+        "n_not_max": n_not_max,
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -634,10 +683,24 @@ def linear_test_error(T: int, delta_eff: float, q: np.ndarray, m: np.ndarray, q0
 # ----------------------------------------------------------------------------------------
 # output channel: the conjugates from the per-sample prox (docs/theory/rank_r.md, secs. 6-7)
 # ----------------------------------------------------------------------------------------
-def output_channel(m: np.ndarray, q: np.ndarray, v: np.ndarray, chi_star: np.ndarray, zeta: np.ndarray,
-                   Zb: np.ndarray, Y: np.ndarray, q0: np.ndarray, alpha_ft: float, activation: str, *,
-                   Y_arg: np.ndarray | None = None, warm: np.ndarray | None = None, form: str = "direct",
-                   n_random: int = 2, xtol: float = 1e-9) -> dict[str, Any]:
+def output_channel(
+    m: np.ndarray,
+    q: np.ndarray,
+    v: np.ndarray,
+    chi_star: np.ndarray,
+    zeta: np.ndarray,
+    Zb: np.ndarray,
+    Y: np.ndarray,
+    q0: np.ndarray,
+    alpha_ft: float,
+    activation: str,
+    *,
+    Y_arg: np.ndarray | None = None,
+    warm: np.ndarray | None = None,
+    form: str = "direct",
+    n_random: int = 2,
+    xtol: float = 1e-9,
+) -> dict[str, Any]:
     """The conjugates (m_hat, q_hat, v_hat) at (m, q, v) from the prox of every sample.
 
     chi_star (n, T, r*) rows ~ N(0, q0); zeta (n, T, r) rows ~ N(0, I); Zb (n, T, T) the frozen
@@ -651,27 +714,34 @@ def output_channel(m: np.ndarray, q: np.ndarray, v: np.ndarray, chi_star: np.nda
     q0i = np.linalg.inv(q0)
     S = q - m @ q0i @ m.T
     Sh = sqrtm_psd(S)
-    ct = chi_star @ q0i @ m.T + zeta @ Sh                                                   # chi_tilde
+    ct = chi_star @ q0i @ m.T + zeta @ Sh  # chi_tilde
     Zq = Zb - np.trace(q) * np.eye(T)
     p = prox_rank_r(ct, Zq, Y, v, activation, Y_arg=Y_arg, warm=warm, n_random=n_random, xtol=xtol)
     chi = p["chi"]
     vi = np.linalg.inv(v)
-    g = (chi - ct) @ vi                                                                     # g_out
+    g = (chi - ct) @ vi  # g_out
     Egg = np.einsum("nak,naj->kj", g, g) / n
-    Edq = float(p["dq"].mean())                                                             # E d psi / d tr q
-    F = np.einsum("nak,naj->kj", zeta, g) / n                                               # E[zeta^T g]
+    Edq = float(p["dq"].mean())  # E d psi / d tr q
+    F = np.einsum("nak,naj->kj", zeta, g) / n  # E[zeta^T g]
     Ys = sqrtm_frechet(S, 0.5 * (F + F.T))
     dphi_dm = (np.einsum("nak,naj->kj", g, chi_star) / n - 2.0 * Ys @ m) @ q0i
     dphi_dq = Ys + Edq * np.eye(r)
-    out = {"phi_out": float(p["psi"].mean()), "dphi_dm": dphi_dm, "dphi_dq": dphi_dq, "dphi_dv": 0.5 * Egg,
-           "qhat": alpha_ft * Egg, "prox": p, "chi_tilde": ct}
+    out = {
+        "phi_out": float(p["psi"].mean()),
+        "dphi_dm": dphi_dm,
+        "dphi_dq": dphi_dq,
+        "dphi_dv": 0.5 * Egg,
+        "qhat": alpha_ft * Egg,
+        "prox": p,
+        "chi_tilde": ct,
+    }
     if form == "direct":
         out["mhat"] = alpha_ft * dphi_dm
         out["vhat"] = -2.0 * alpha_ft * dphi_dq
-    else:       # Stein form: Gaussian integration by parts on zeta and chi*
+    else:  # Stein form: Gaussian integration by parts on zeta and chi*
         U = p["U"]
         Cx = np.linalg.inv(p["hess_f"]).reshape(n, T, r, T, r)
-        CT = U @ (np.einsum("nakaj->kj", Cx) / n) @ U.T                                     # E[C_T]
+        CT = U @ (np.einsum("nakaj->kj", Cx) / n) @ U.T  # E[C_T]
         out["mhat"] = alpha_ft * (vi @ np.einsum("nak,naj->kj", chi, chi_star) / n - vi @ CT @ vi @ m) @ q0i
         out["vhat"] = -alpha_ft * (vi @ CT @ vi - T * vi) - 2.0 * alpha_ft * Edq * np.eye(r)
     return out
@@ -743,11 +813,24 @@ def _unpack(st, r, rs):
     return m, q, v
 
 
-def solve_finetune_rank_r(params: Params, z_star: np.ndarray, z: np.ndarray, *, r: int = 1, r_star: int = 1,
-                          q0: np.ndarray | None = None, seed: int = 0, tol: float = 1e-7, max_iter: int = 400,
-                          mixing: float = 0.8, init: Mapping[str, np.ndarray] | None = None,
-                          form: str = "direct", n_random: int = 2, xtol: float = 1e-9,
-                          delta_eff: float | None = None) -> RankRResult:
+def solve_finetune_rank_r(
+    params: Params,
+    z_star: np.ndarray,
+    z: np.ndarray,
+    *,
+    r: int = 1,
+    r_star: int = 1,
+    q0: np.ndarray | None = None,
+    seed: int = 0,
+    tol: float = 1e-7,
+    max_iter: int = 400,
+    mixing: float = 0.8,
+    init: Mapping[str, np.ndarray] | None = None,
+    form: str = "direct",
+    n_random: int = 2,
+    xtol: float = 1e-9,
+    delta_eff: float | None = None,
+) -> RankRResult:
     """Rank-r fine-tuning state evolution on given frozen fields (z*, z) (upper triangles (n, L), as
     :func:`hdlora.theory.finetune.solve_finetune` takes them), e = 0.
 
@@ -784,8 +867,8 @@ def solve_finetune_rank_r(params: Params, z_star: np.ndarray, z: np.ndarray, *, 
         raise ParamError(f"z_star and z must both have shape (n, L = {L})")
     n = z_star.shape[0]
     x = standard_normals(n, T * (r_star + r), seed)
-    chi_star = x[:, :T * r_star].reshape(n, r_star, T).transpose(0, 2, 1) @ q0h       # rows ~ N(0, q0)
-    zeta = x[:, T * r_star:].reshape(n, r, T).transpose(0, 2, 1)                      # rows ~ N(0, I_r)
+    chi_star = x[:, : T * r_star].reshape(n, r_star, T).transpose(0, 2, 1) @ q0h  # rows ~ N(0, q0)
+    zeta = x[:, T * r_star :].reshape(n, r, T).transpose(0, 2, 1)  # rows ~ N(0, I_r)
     Zs = to_sym(z_star, T)
     Zb = params.beta * to_sym(z, T)
     eye = np.eye(T)
@@ -796,22 +879,41 @@ def solve_finetune_rank_r(params: Params, z_star: np.ndarray, z: np.ndarray, *, 
 
     def update(state):
         m, q, v = _unpack(state, r, r_star)
-        out = output_channel(m, q, v, chi_star, zeta, Zb, Y, q0, ap, act, Y_arg=Y_arg, warm=cache["chi"],
-                             form=form, n_random=n_random, xtol=xtol)
+        out = output_channel(
+            m,
+            q,
+            v,
+            chi_star,
+            zeta,
+            Zb,
+            Y,
+            q0,
+            ap,
+            act,
+            Y_arg=Y_arg,
+            warm=cache["chi"],
+            form=form,
+            n_random=n_random,
+            xtol=xtol,
+        )
         m_new, q_new, v_new = ridge_channel(out["mhat"], out["qhat"], out["vhat"], lam_ft, q0)
         if v_new is None:
             raise FloatingPointError("2 lam' I + v_hat is not positive definite")
         m_new, q_new, v_new, O = canonical_gauge(m_new, q_new, v_new)
         cache["chi"] = out["prox"]["chi"] @ O
-        return _pack(m_new, q_new, v_new), {"mhat": O.T @ out["mhat"], "qhat": O.T @ out["qhat"] @ O,
-                                            "vhat": O.T @ out["vhat"] @ O, "prox": out["prox"]}
+        return _pack(m_new, q_new, v_new), {
+            "mhat": O.T @ out["mhat"],
+            "qhat": O.T @ out["qhat"] @ O,
+            "vhat": O.T @ out["vhat"] @ O,
+            "prox": out["prox"],
+        }
 
     state0: tuple[np.ndarray, ...]
     if init is None:
         vv = 1.0 / (2.0 * lam_ft + ap * T)
         m0 = np.zeros((r, r_star))
         for i in range(min(r, r_star)):
-            m0[i, i] = 0.5 * math.sqrt(q0[i, i])        # S = q - m q0^-1 m^T = 0.25 I on the leading block
+            m0[i, i] = 0.5 * math.sqrt(q0[i, i])  # S = q - m q0^-1 m^T = 0.25 I on the leading block
         state0 = (m0, 0.5 * np.eye(r), vv * np.eye(r))
     else:
         state0 = tuple(np.asarray(init[k], dtype=np.float64) for k in ("m", "q", "v"))
@@ -822,8 +924,16 @@ def solve_finetune_rank_r(params: Params, z_star: np.ndarray, z: np.ndarray, *, 
         bounds[f"v_{i}_{i}"] = (1e-12, 1e6)
         for j in range(r_star):
             bounds[f"m_{i}_{j}"] = (-1e3, 1e3)
-    fp = iterate(update, _pack(*state0), mixing=mixing, tol=tol, max_iter=max_iter, bounds=bounds,
-                 name="rank-r fine-tuning state evolution", warn=False)
+    fp = iterate(
+        update,
+        _pack(*state0),
+        mixing=mixing,
+        tol=tol,
+        max_iter=max_iter,
+        bounds=bounds,
+        name="rank-r fine-tuning state evolution",
+        warn=False,
+    )
     m, q, v = _unpack(fp.state, r, r_star)
     aux = fp.aux
     p = aux["prox"]
@@ -833,8 +943,8 @@ def solve_finetune_rank_r(params: Params, z_star: np.ndarray, z: np.ndarray, *, 
         E_test, E_se = linear_test_error(T, delta_eff, q, m, q0), 0.0
     else:
         xt = standard_normals(n, T * (r_star + r), seed + 104729)
-        gs = xt[:, :T * r_star].reshape(n, r_star, T).transpose(0, 2, 1)
-        u = xt[:, T * r_star:].reshape(n, r, T).transpose(0, 2, 1)
+        gs = xt[:, : T * r_star].reshape(n, r_star, T).transpose(0, 2, 1)
+        u = xt[:, T * r_star :].reshape(n, r, T).transpose(0, 2, 1)
         cs = gs @ q0h
         ch = cs @ q0i @ m.T + u @ sqrtm_psd(q - m @ q0i @ m.T)
         pred = sigma(Zb + ch @ np.swapaxes(ch, 1, 2) - np.trace(q) * eye)
@@ -844,13 +954,29 @@ def solve_finetune_rank_r(params: Params, z_star: np.ndarray, z: np.ndarray, *, 
     mf = float(np.linalg.norm(m))
     qf = float(np.linalg.norm(q))
     return RankRResult(
-        r=r, r_star=r_star, q=q.tolist(), m=m.tolist(), v=v.tolist(), q0=q0.tolist(),
-        qhat=np.asarray(aux["qhat"]).tolist(), mhat=np.asarray(aux["mhat"]).tolist(),
+        r=r,
+        r_star=r_star,
+        q=q.tolist(),
+        m=m.tolist(),
+        v=v.tolist(),
+        q0=q0.tolist(),
+        qhat=np.asarray(aux["qhat"]).tolist(),
+        mhat=np.asarray(aux["mhat"]).tolist(),
         vhat=np.asarray(aux["vhat"]).tolist(),
-        tr_q=float(np.trace(q)), m_fro=mf,
+        tr_q=float(np.trace(q)),
+        m_fro=mf,
         overlap=mf / math.sqrt(qf * float(np.linalg.norm(q0))) if qf > 0 else 0.0,
-        eig_q=np.sort(np.linalg.eigvalsh(q))[::-1].tolist(), sv_m=np.linalg.svd(m, compute_uv=False).tolist(),
-        finetune_test_error=E_test, finetune_test_error_se=E_se, replicon_finetune=rep,
-        converged=bool(fp.converged), residual=float(fp.residual), iterations=fp.iterations, n_mc=n,
-        prox_failed=int((~p["converged"]).sum()), prox_not_max=p["n_not_max"],
-        wall_time=time.perf_counter() - t0, history=fp.history)
+        eig_q=np.sort(np.linalg.eigvalsh(q))[::-1].tolist(),
+        sv_m=np.linalg.svd(m, compute_uv=False).tolist(),
+        finetune_test_error=E_test,
+        finetune_test_error_se=E_se,
+        replicon_finetune=rep,
+        converged=bool(fp.converged),
+        residual=float(fp.residual),
+        iterations=fp.iterations,
+        n_mc=n,
+        prox_failed=int((~p["converged"]).sum()),
+        prox_not_max=p["n_not_max"],
+        wall_time=time.perf_counter() - t0,
+        history=fp.history,
+    )

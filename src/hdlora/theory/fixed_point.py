@@ -9,6 +9,7 @@ re-implements the loop.
 The map must be deterministic (fixed Monte-Carlo samples, drawn once per
 solve) so that a true fixed point exists and the residual can go to zero.
 """
+
 from __future__ import annotations
 
 import math
@@ -124,11 +125,18 @@ def iterate(
             rising = 0
         x = np.clip((1.0 - mixing) * x + mixing * fx, lo, hi)
     result = FixedPointResult(
-        state=dict(zip(names, x.tolist())), aux=aux, converged=converged, residual=res,
-        iterations=len(history), history=tuple(history), mixing=mixing,
+        state=dict(zip(names, x.tolist())),
+        aux=aux,
+        converged=converged,
+        residual=res,
+        iterations=len(history),
+        history=tuple(history),
+        mixing=mixing,
     )
     if warn and not converged:
         warnings.warn(
-            f"{name}: not converged after {result.iterations} iterations "
-            f"(residual {res:.3g} > tol {tol:.3g})", NonConvergenceWarning, stacklevel=2)
+            f"{name}: not converged after {result.iterations} iterations (residual {res:.3g} > tol {tol:.3g})",
+            NonConvergenceWarning,
+            stacklevel=2,
+        )
     return result

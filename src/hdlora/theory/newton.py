@@ -25,6 +25,7 @@ in Numba as in NumPy; the gain is in fusing the whole Newton iteration per sampl
 gathers, no temporaries, per-sample line search and fallback): softmax Fig. 1 point 5.12 s (old)
 -> 3.69 s (new), min of 3 in the same run, docs/benchmarks/bench_theory.json.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,7 +39,7 @@ __all__ = ["ProxResult", "NewtonRule", "PRETRAIN", "FINETUNE", "kernel", "warmup
 #: potential ids of the kernel (see :mod:`hdlora.theory._newton_numba`)
 PRETRAIN = 0
 FINETUNE = 1
-SEPARABLE_QUARTIC = 2      # a test potential of any k (see the kernel module)
+SEPARABLE_QUARTIC = 2  # a test potential of any k (see the kernel module)
 
 _KERNEL: Any = None
 _COMPILE_SECONDS: float | None = None
@@ -49,6 +50,7 @@ def kernel() -> Any:
     global _KERNEL
     if _KERNEL is None:
         from . import _newton_numba
+
         _KERNEL = _newton_numba
     return _KERNEL
 
@@ -63,8 +65,17 @@ def warmup() -> float:
     for kind, T, k in ((PRETRAIN, 2, 3), (FINETUNE, 2, 2)):
         for rule in (NewtonRule.pretrain(1e-10, 5, 1.0), NewtonRule.finetune(1e-9, 5, 1.0)):
             n_row = T * T + (k if kind == PRETRAIN else T * T)
-            minimise(kind, np.zeros((1, k)), np.zeros((1, k)), np.ones(k), np.zeros((1, n_row)),
-                     T, True, rule, n_aux=1 if kind == FINETUNE else 0)
+            minimise(
+                kind,
+                np.zeros((1, k)),
+                np.zeros((1, k)),
+                np.ones(k),
+                np.zeros((1, n_row)),
+                T,
+                True,
+                rule,
+                n_aux=1 if kind == FINETUNE else 0,
+            )
     _COMPILE_SECONDS = time.perf_counter() - t0
     return _COMPILE_SECONDS
 
@@ -82,18 +93,18 @@ class NewtonRule:
     :meth:`pretrain` stops on the stationarity residual, :meth:`finetune` on the Newton step size.
     """
 
-    stop: int                 # 0: residual max|w dloss + x - a| <= tol scale0; 1: step < tol (1 + |x|)
+    stop: int  # 0: residual max|w dloss + x - a| <= tol scale0; 1: step < tol (1 + |x|)
     tol: float
     max_iter: int
-    pd_min: float             # Cholesky pivots must exceed this
-    floor_rel: float          # saddle-free fallback: |lambda| >= floor_rel max|lambda| + floor_abs
+    pd_min: float  # Cholesky pivots must exceed this
+    floor_rel: float  # saddle-free fallback: |lambda| >= floor_rel max|lambda| + floor_abs
     floor_abs: float
-    trust: float              # full step without test when |step| (<=|<) trust (scale0 + |x|)
+    trust: float  # full step without test when |step| (<=|<) trust (scale0 + |x|)
     scale0: float
-    norm_kind: int            # 0: max-norm, '<=';  1: 2-norm, '<'
-    armijo_rel: float         # Armijo slack, relative to |f|
-    n_try: int                # step lengths 1, 1/2, ... tried
-    take_last: bool           # no Armijo step: take the last one (True) or stay and stop (False)
+    norm_kind: int  # 0: max-norm, '<=';  1: 2-norm, '<'
+    armijo_rel: float  # Armijo slack, relative to |f|
+    n_try: int  # step lengths 1, 1/2, ... tried
+    take_last: bool  # no Armijo step: take the last one (True) or stay and stop (False)
 
     @classmethod
     def pretrain(cls, tol: float, max_iter: int, V: float) -> NewtonRule:
@@ -107,28 +118,52 @@ class NewtonRule:
         return cls(1, xtol, max_steps, 1e-300, 0.0, 1e-3 / v, 1e-3, 1.0, 1, 1e-14, 40, False)
 
     def as_array(self) -> np.ndarray:
-        return np.array([self.stop, self.tol, self.max_iter, self.pd_min, self.floor_rel, self.floor_abs,
-                         self.trust, self.scale0, self.norm_kind, self.armijo_rel, self.n_try,
-                         float(self.take_last)], dtype=np.float64)
+        return np.array(
+            [
+                self.stop,
+                self.tol,
+                self.max_iter,
+                self.pd_min,
+                self.floor_rel,
+                self.floor_abs,
+                self.trust,
+                self.scale0,
+                self.norm_kind,
+                self.armijo_rel,
+                self.n_try,
+                float(self.take_last),
+            ],
+            dtype=np.float64,
+        )
 
 
 @dataclass(frozen=True)
 class NewtonOutput:
     """Raw per-sample output of :func:`minimise` (rows = samples)."""
 
-    x: np.ndarray              # (n, k) final iterate
-    f: np.ndarray              # (n,) objective loss + prior at the point of the derivatives below
-    loss: np.ndarray           # (n,)
-    grad: np.ndarray           # (n, k) d loss / dx
-    hess: np.ndarray           # (n, k, k) d2 loss / dx2
-    aux: np.ndarray            # (n, n_aux) potential-specific (fine-tuning: Tr dl/dX)
-    residual: np.ndarray       # (n,)
-    converged: np.ndarray      # (n,) bool
-    iterations: int            # max over samples
+    x: np.ndarray  # (n, k) final iterate
+    f: np.ndarray  # (n,) objective loss + prior at the point of the derivatives below
+    loss: np.ndarray  # (n,)
+    grad: np.ndarray  # (n, k) d loss / dx
+    hess: np.ndarray  # (n, k, k) d2 loss / dx2
+    aux: np.ndarray  # (n, n_aux) potential-specific (fine-tuning: Tr dl/dX)
+    residual: np.ndarray  # (n,)
+    converged: np.ndarray  # (n,) bool
+    iterations: int  # max over samples
 
 
-def minimise(kind: int, x0: np.ndarray, anchor: np.ndarray, w: np.ndarray, data: np.ndarray, T: int,
-             softmax: bool, rule: NewtonRule, *, n_aux: int = 0) -> NewtonOutput:
+def minimise(
+    kind: int,
+    x0: np.ndarray,
+    anchor: np.ndarray,
+    w: np.ndarray,
+    data: np.ndarray,
+    T: int,
+    softmax: bool,
+    rule: NewtonRule,
+    *,
+    n_aux: int = 0,
+) -> NewtonOutput:
     """Run the compiled Newton kernel on every row: min_x loss_kind(x; data) + sum (x - anchor)^2 / (2 w)."""
     K = kernel()
     x0 = np.ascontiguousarray(x0, dtype=np.float64)
@@ -143,10 +178,25 @@ def minimise(kind: int, x0: np.ndarray, anchor: np.ndarray, w: np.ndarray, data:
     out_conv = np.empty(n, dtype=np.bool_)
     out_it = np.empty(n, dtype=np.int64)
     consts = np.array([float(T), 1.0 if softmax else 0.0])
-    it = K.newton_prox(kind, x0, np.ascontiguousarray(anchor, dtype=np.float64),
-                       np.ascontiguousarray(w, dtype=np.float64), np.ascontiguousarray(data, dtype=np.float64),
-                       consts, rule.as_array(), n_aux, out_x, out_f, out_loss, out_g, out_H, out_aux, out_res,
-                       out_conv, out_it)
+    it = K.newton_prox(
+        kind,
+        x0,
+        np.ascontiguousarray(anchor, dtype=np.float64),
+        np.ascontiguousarray(w, dtype=np.float64),
+        np.ascontiguousarray(data, dtype=np.float64),
+        consts,
+        rule.as_array(),
+        n_aux,
+        out_x,
+        out_f,
+        out_loss,
+        out_g,
+        out_H,
+        out_aux,
+        out_res,
+        out_conv,
+        out_it,
+    )
     return NewtonOutput(out_x, out_f, out_loss, out_g, out_H, out_aux[:, :n_aux], out_res, out_conv, int(it))
 
 

@@ -4,6 +4,7 @@
 and :class:`hdlora.theory.solve.TheoryResult` extend these records, so each symbol is
 declared in one place and keeps its position (first) in the results and their dicts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

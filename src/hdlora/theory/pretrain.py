@@ -36,6 +36,7 @@ Delta_eff = A0 - 2M + Q (eq. 25),
 
 lam = inf gives W_hat = 0: Q = M = V = 0 (App. A.7).
 """
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,17 @@ from .prox import ProxResult, prox, prox_linear
 from .sampling import METHODS, frozen_fields, s_ab, to_sym
 from .stability import replicon_pretrain
 
-__all__ = ["PretrainResult", "solve_pretrain", "train_fields", "fields_test_law", "output_channel",
-           "output_channel_exact", "input_channel", "errors_exact", "A0_of"]
+__all__ = [
+    "PretrainResult",
+    "solve_pretrain",
+    "train_fields",
+    "fields_test_law",
+    "output_channel",
+    "output_channel_exact",
+    "input_channel",
+    "errors_exact",
+    "A0_of",
+]
 
 #: methods for the Gaussian expectations: Monte Carlo, quasi-Monte Carlo, closed form (linear only)
 PRETRAIN_METHODS = METHODS + ("exact",)
@@ -111,10 +121,22 @@ class PretrainResult(PretrainOrderParameters):
 
 
 # ---------------------------------------------------------------------------------- channels
-def output_channel(alpha: float, A0: float, Q: float, M: float, V: float, g: np.ndarray,
-                   zeta: np.ndarray, activation: str, *, prox_init: np.ndarray | None = None,
-                   prox_tol: float = 1e-10, stein: bool = True, full: bool = True,
-                   multi_start: bool | None = None) -> tuple[dict[str, float], ProxResult, np.ndarray, np.ndarray]:
+def output_channel(
+    alpha: float,
+    A0: float,
+    Q: float,
+    M: float,
+    V: float,
+    g: np.ndarray,
+    zeta: np.ndarray,
+    activation: str,
+    *,
+    prox_init: np.ndarray | None = None,
+    prox_tol: float = 1e-10,
+    stein: bool = True,
+    full: bool = True,
+    multi_start: bool | None = None,
+) -> tuple[dict[str, float], ProxResult, np.ndarray, np.ndarray]:
     """Monte-Carlo output channel, eqs. 47 and 49-51, on fixed standard normals g, zeta (n, L).
 
     Returns (hats, prox result, z*, z~).
@@ -123,11 +145,11 @@ def output_channel(alpha: float, A0: float, Q: float, M: float, V: float, g: np.
     s = s_ab(T).astype(float)
     rs = np.sqrt(s)
     B = max(Q - M * M / A0, 0.0)
-    z_star = rs * math.sqrt(A0) * g                                        # eq. 47
+    z_star = rs * math.sqrt(A0) * g  # eq. 47
     z_tilde = rs * (M / math.sqrt(A0) * g + math.sqrt(B) * zeta)
     px = prox(z_star, z_tilde, V, activation, init=prox_init, tol=prox_tol, full=full, multi_start=multi_start)
     f = px.delta / rs
-    Qhat = 2.0 * alpha / V**2 * float(np.mean(np.sum(f * f, axis=1)))      # eq. 50
+    Qhat = 2.0 * alpha / V**2 * float(np.mean(np.sum(f * f, axis=1)))  # eq. 50
     fg = float(np.mean(np.sum(f * g, axis=1))) / math.sqrt(A0)
     if stein:
         # E[f zeta]/sqrt(B) = E[dProx/dz~ - 1] (Stein's lemma, exact in expectation)
@@ -136,8 +158,8 @@ def output_channel(alpha: float, A0: float, Q: float, M: float, V: float, g: np.
         if B <= 0:
             raise ValueError("literal estimators of eqs. 49, 51 need B = Q - M^2/A0 > 0; use stein=True")
         fz_over_sqrtB = float(np.mean(np.sum(f * zeta, axis=1))) / math.sqrt(B)
-    Mhat = 2.0 * alpha / V * (fg - M / A0 * fz_over_sqrtB)                 # eq. 49
-    Vhat = -2.0 * alpha / V * fz_over_sqrtB                                 # eq. 51
+    Mhat = 2.0 * alpha / V * (fg - M / A0 * fz_over_sqrtB)  # eq. 49
+    Vhat = -2.0 * alpha / V * fz_over_sqrtB  # eq. 51
     return {"Mhat": Mhat, "Qhat": Qhat, "Vhat": Vhat}, px, z_star, z_tilde
 
 
@@ -149,31 +171,35 @@ def output_channel_exact(alpha: float, A0: float, T: int, Q: float, M: float, V:
     """
     L = T * (T + 1) // 2
     c = 4.0 * V / (T * T + 4.0 * V)
-    d_eff = delta_eff_of_A0(A0, Q, M)                                      # eq. 25
-    return {"Mhat": 2.0 * alpha * L * c / V, "Vhat": 2.0 * alpha * L * c / V,
-            "Qhat": 2.0 * alpha * L * c * c * d_eff / V**2}
+    d_eff = delta_eff_of_A0(A0, Q, M)  # eq. 25
+    return {
+        "Mhat": 2.0 * alpha * L * c / V,
+        "Vhat": 2.0 * alpha * L * c / V,
+        "Qhat": 2.0 * alpha * L * c * c * d_eff / V**2,
+    }
 
 
 def errors_exact(A0: float, T: int, Q: float, M: float, V: float) -> dict[str, float]:
     """Linear sigma: test error (eq. 55) (T+1)/T Delta_eff and train error (eq. 20) (T+1)/T Delta_eff (1-c)^2."""
     c = 4.0 * V / (T * T + 4.0 * V) if V > 0 else 0.0
-    d_eff = delta_eff_of_A0(A0, Q, M)                                      # eq. 25
+    d_eff = delta_eff_of_A0(A0, Q, M)  # eq. 25
     test = (T + 1) / T * d_eff
     return {"pretrain_test_error": test, "pretrain_train_error": test * (1.0 - c) ** 2}
 
 
-def input_channel(kappa0: float, kappa: float, lam: float, Mhat: float, Qhat: float,
-                  Vhat: float) -> tuple[dict[str, float], Any]:
+def input_channel(
+    kappa0: float, kappa: float, lam: float, Mhat: float, Qhat: float, Vhat: float
+) -> tuple[dict[str, float], Any]:
     """Spectral channel, eqs. 48 and 52-54.  Returns ({Q, M, V, eta, eps}, SpectralJ)."""
     if not (Mhat > 0 and Vhat > 0 and Qhat >= 0):
         raise FloatingPointError(f"conjugates out of domain: M_hat={Mhat}, Q_hat={Qhat}, V_hat={Vhat}")
     eta = max(math.sqrt(Qhat) / Mhat, spectral.ETA_MIN)
-    eps = 2.0 * math.sqrt(kappa) * lam / Mhat                               # eq. 48
+    eps = 2.0 * math.sqrt(kappa) * lam / Mhat  # eq. 48
     j = spectral.J(eta, eps, kappa0)
     r = Mhat / Vhat
-    Q = r * r * j.J                                                         # eq. 52
-    V = j.dJ_dt / Vhat                                                      # eq. 53: J1/(2 Vhat eta)
-    M = 0.5 * r * (2.0 * j.J - eta * j.J1 - eps * j.J2)                     # eq. 54
+    Q = r * r * j.J  # eq. 52
+    V = j.dJ_dt / Vhat  # eq. 53: J1/(2 Vhat eta)
+    M = 0.5 * r * (2.0 * j.J - eta * j.J1 - eps * j.J2)  # eq. 54
     return {"Q": Q, "M": M, "V": V, "eta": eta, "eps": eps}, j
 
 
@@ -207,7 +233,7 @@ def _init_state(params: Params, init) -> dict[str, float]:
         return {"Q": 0.5 * params.Q0, "M": 0.4 * params.Q0, "V": 1.0}
     if isinstance(init, PretrainResult):
         st = init.state
-        if not (st["V"] > 0 and st["Q"] > 0):          # W_hat = 0 solution (lam = inf): nothing to continue
+        if not (st["V"] > 0 and st["Q"] > 0):  # W_hat = 0 solution (lam = inf): nothing to continue
             return _init_state(params, None)
     elif isinstance(init, Mapping):
         try:
@@ -221,10 +247,18 @@ def _init_state(params: Params, init) -> dict[str, float]:
     return st
 
 
-def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, method: str | None = None,
-                   tol: float = 1e-7, max_iter: int = 500, mixing: float = 1.0,
-                   init: PretrainResult | Mapping[str, float] | None = None,
-                   warn: bool = True) -> PretrainResult:
+def solve_pretrain(
+    params: Params,
+    *,
+    n_mc: int = DEFAULT_N_MC,
+    seed: int = 0,
+    method: str | None = None,
+    tol: float = 1e-7,
+    max_iter: int = 500,
+    mixing: float = 1.0,
+    init: PretrainResult | Mapping[str, float] | None = None,
+    warn: bool = True,
+) -> PretrainResult:
     """Solve the pre-training state evolution (Result 4, eqs. 46-54) and evaluate eqs. 19-20, 75.
 
     Args:
@@ -253,21 +287,40 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
     L = T * (T + 1) // 2
     n_used = 0 if method == "exact" else int(n_mc)
 
-    if params.lora_only:                                   # lam = inf: W_hat = 0 (App. A.7)
+    if params.lora_only:  # lam = inf: W_hat = 0 (App. A.7)
         if method == "exact":
             err = errors_exact(A0, T, 0.0, 0.0, 0.0)
         else:
             zs = frozen_fields(n_used, T, A0, 0.0, 0.0, seed, method)["z_star"]
             e = _mean_error(np.zeros_like(zs), zs, T, act)
             err = {"pretrain_test_error": e, "pretrain_train_error": e}
-        return PretrainResult(0.0, 0.0, 0.0, math.nan, math.nan, math.nan, math.nan, math.inf,
-                              err["pretrain_train_error"], err["pretrain_test_error"], 0.0, True, True, 0.0, 0, 0,
-                              n_used, method, seed, time.perf_counter() - t0)
+        return PretrainResult(
+            0.0,
+            0.0,
+            0.0,
+            math.nan,
+            math.nan,
+            math.nan,
+            math.nan,
+            math.inf,
+            err["pretrain_train_error"],
+            err["pretrain_test_error"],
+            0.0,
+            True,
+            True,
+            0.0,
+            0,
+            0,
+            n_used,
+            method,
+            seed,
+            time.perf_counter() - t0,
+        )
 
     if method == "exact":
         fields = None
     else:
-        fields = frozen_fields(n_used, T, A0, 1.0, 0.0, seed, method)      # only g, zeta are used
+        fields = frozen_fields(n_used, T, A0, 1.0, 0.0, seed, method)  # only g, zeta are used
     g = None if fields is None else fields["g"]
     zeta = None if fields is None else fields["zeta"]
     # memo: warm start of the prox, last residual (sets the prox tolerance), multi-start mode
@@ -280,8 +333,20 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
         else:
             ptol = min(1e-6, max(1e-11, 1e-4 * memo["res"]))
             assert g is not None and zeta is not None  # the Monte-Carlo fields are drawn unless method == 'exact'
-            hats, px, _, _ = output_channel(alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"], prox_tol=ptol,
-                                            full=False, multi_start=memo["global"])
+            hats, px, _, _ = output_channel(
+                alpha,
+                A0,
+                Q,
+                M,
+                V,
+                g,
+                zeta,
+                act,
+                prox_init=memo["h"],
+                prox_tol=ptol,
+                full=False,
+                multi_start=memo["global"],
+            )
             memo["h"] = px.x
         try:
             new, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
@@ -294,8 +359,16 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
     bounds = {"Q": (1e-14, math.inf), "V": (1e-14, math.inf)}
     iterations, not_global = 0, False
     while True:
-        fp = iterate(update, x0, mixing=mixing, tol=tol, max_iter=max_iter - iterations, bounds=bounds,
-                     name="pre-training state evolution", warn=False)
+        fp = iterate(
+            update,
+            x0,
+            mixing=mixing,
+            tol=tol,
+            max_iter=max_iter - iterations,
+            bounds=bounds,
+            name="pre-training state evolution",
+            warn=False,
+        )
         iterations += fp.iterations
         Q, M, V = fp.state["Q"], fp.state["M"], fp.state["V"]
         converged = fp.converged
@@ -307,8 +380,9 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
             break
         # final evaluation at the fixed point with a tight prox tolerance
         assert g is not None and zeta is not None  # the Monte-Carlo fields are drawn unless method == 'exact'
-        hats, px, z_star, z_tilde = output_channel(alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"],
-                                                   prox_tol=1e-11, multi_start=memo["global"])
+        hats, px, z_star, z_tilde = output_channel(
+            alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"], prox_tol=1e-11, multi_start=memo["global"]
+        )
         # the warm-started prox must be the global maximiser: compare with a start at z* (interpolation)
         alt = prox(z_star, z_tilde, V, act, init=z_star, multi_start=False, tol=1e-11, full=False)
         not_global = bool(np.any(alt.value > px.value + 1e-9 * (1.0 + np.abs(px.value))))
@@ -320,8 +394,10 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
     if method != "exact":
         failures = px.n_failed
         converged = converged and failures == 0 and not not_global
-        err = {"pretrain_test_error": _mean_error(z_tilde, z_star, T, act),
-               "pretrain_train_error": _mean_error(px.x, z_star, T, act)}
+        err = {
+            "pretrain_test_error": _mean_error(z_tilde, z_star, T, act),
+            "pretrain_train_error": _mean_error(px.x, z_star, T, act),
+        }
         sample_term = float(np.mean(px.replicon))
     try:
         spec, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
@@ -330,40 +406,62 @@ def solve_pretrain(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, m
         converged = converged and residual <= tol
         r_int = float(spectral.replicon_integral(spec["eta"], spec["eps"], params.kappa0))
         rep = replicon_pretrain(alpha, V, hats["Vhat"], sample_term, r_int)
-    except FloatingPointError:        # conjugates left their domain (e.g. V_hat <= 0): no fixed point here
+    except FloatingPointError:  # conjugates left their domain (e.g. V_hat <= 0): no fixed point here
         spec, rep, converged, residual = {"eta": math.nan, "eps": math.nan}, math.nan, False, math.nan
     result = PretrainResult(
-        Q=Q, M=M, V=V, Mhat=hats["Mhat"], Qhat=hats["Qhat"], Vhat=hats["Vhat"], eta=spec["eta"], eps=spec["eps"],
-        pretrain_train_error=err["pretrain_train_error"], pretrain_test_error=err["pretrain_test_error"],
-        replicon_pretrain=rep, replicon_stable=bool(rep < 1.0), converged=bool(converged), residual=residual,
-        iterations=iterations, prox_failures=int(failures), n_mc=n_used, method=method, seed=seed,
-        wall_time=time.perf_counter() - t0)
+        Q=Q,
+        M=M,
+        V=V,
+        Mhat=hats["Mhat"],
+        Qhat=hats["Qhat"],
+        Vhat=hats["Vhat"],
+        eta=spec["eta"],
+        eps=spec["eps"],
+        pretrain_train_error=err["pretrain_train_error"],
+        pretrain_test_error=err["pretrain_test_error"],
+        replicon_pretrain=rep,
+        replicon_stable=bool(rep < 1.0),
+        converged=bool(converged),
+        residual=residual,
+        iterations=iterations,
+        prox_failures=int(failures),
+        n_mc=n_used,
+        method=method,
+        seed=seed,
+        wall_time=time.perf_counter() - t0,
+    )
     if warn and not result.converged:
-        warnings.warn(f"pre-training state evolution not converged: residual {residual:.3g} after "
-                      f"{iterations} iterations, {failures} prox failures"
-                      + (", prox not global" if not_global else ""), NonConvergenceWarning, stacklevel=2)
+        warnings.warn(
+            f"pre-training state evolution not converged: residual {residual:.3g} after "
+            f"{iterations} iterations, {failures} prox failures" + (", prox not global" if not_global else ""),
+            NonConvergenceWarning,
+            stacklevel=2,
+        )
     if warn and not result.replicon_stable:
-        warnings.warn(f"pre-training replicon condition violated: eq. 75 LHS = {rep:.4g} >= 1",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"pre-training replicon condition violated: eq. 75 LHS = {rep:.4g} >= 1", RuntimeWarning, stacklevel=2
+        )
     return result
 
 
 # -------------------------------------------------------------------------------------- laws
-def fields_test_law(params: Params, result: PretrainResult, n: int, seed: int = 0,
-                method: str = "mc") -> tuple[np.ndarray, np.ndarray]:
+def fields_test_law(
+    params: Params, result: PretrainResult, n: int, seed: int = 0, method: str = "mc"
+) -> tuple[np.ndarray, np.ndarray]:
     """n samples (z*, z) of the test law Q (eq. 13) at the fixed point, arrays (n, L)."""
     f = frozen_fields(n, params.tokens, A0_of(params), result.Q, result.M, seed, method)
     return f["z_star"], f["z"]
 
 
-def train_fields(params: Params, result: PretrainResult, n: int, seed: int = 0,
-                 method: str = "mc") -> tuple[np.ndarray, np.ndarray]:
+def train_fields(
+    params: Params, result: PretrainResult, n: int, seed: int = 0, method: str = "mc"
+) -> tuple[np.ndarray, np.ndarray]:
     """n samples (z*, z) of the train law R (eq. 17): (z*, z~) ~ Q, z = Prox(z*, z~), arrays (n, L).
 
     Raises RuntimeError if the prox fails to converge on some sample.
     """
     z_star, z_tilde = fields_test_law(params, result, n, seed, method)
-    if result.V == 0.0:                        # lam = inf or V -> 0: Prox is the identity on z~
+    if result.V == 0.0:  # lam = inf or V -> 0: Prox is the identity on z~
         return z_star, z_tilde
     if params.activation == "linear":
         return z_star, prox_linear(z_star, z_tilde, result.V)

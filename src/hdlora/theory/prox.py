@@ -26,6 +26,7 @@ eq. 107; the exponent is -1 there, -2 only for the variance, eq. 107.)
 
 Everything is float64 numpy; no printing, no I/O.
 """
+
 from __future__ import annotations
 
 from functools import cache
@@ -38,7 +39,12 @@ from .newton import ProxResult
 from .sampling import s_ab, upper_indices
 
 __all__ = [
-    "ProxResult", "tokens_from_L", "pretrain_potential", "pretrain_potential_derivatives", "prox", "prox_linear",
+    "ProxResult",
+    "tokens_from_L",
+    "pretrain_potential",
+    "pretrain_potential_derivatives",
+    "prox",
+    "prox_linear",
     "normalized_hessian",
 ]
 
@@ -128,12 +134,12 @@ def _loss_t(h_t: np.ndarray, y_t: np.ndarray, T: int, activation: str, order: in
     if order == 0:
         return loss, None, None
     pr = p * r
-    w = np.sum(pr, axis=1)                                       # (T, n): r . p per row
+    w = np.sum(pr, axis=1)  # (T, n): r . p per row
     grad = Et @ (2.0 * (pr - p * w[:, None])).reshape(T * T, n)
     if order < 2:
         return loss, grad, None
     q = p * p + pr
-    c = np.sum(p * p, axis=1) + 2.0 * w                          # (T, n)
+    c = np.sum(p * p, axis=1) + 2.0 * w  # (T, n)
     P1 = p[:, :, None, :]
     P2 = p[:, None, :, :]
     rowH = c[:, None, None, :] * P1 * P2 - P1 * q[:, None, :, :] - q[:, :, None, :] * P2
@@ -158,7 +164,7 @@ def _cholesky_t(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cjj = np.sqrt(np.where(good, d, 1.0))
         C[j, j] = cjj
         if j + 1 < L:
-            C[j + 1:, j] = (A[j + 1:, j] - np.einsum("ikn,kn->in", C[j + 1:, :j], C[j, :j])) / cjj
+            C[j + 1 :, j] = (A[j + 1 :, j] - np.einsum("ikn,kn->in", C[j + 1 :, :j], C[j, :j])) / cjj
     return C, ok
 
 
@@ -171,7 +177,7 @@ def _chol_solve_t(C: np.ndarray, b: np.ndarray) -> np.ndarray:
         y[j] = acc / C[j, j]
     x = np.empty_like(b)
     for j in reversed(range(L)):
-        acc = y[j] - (np.einsum("k...n,kn->...n", x[j + 1:], C[j + 1:, j]) if j + 1 < L else 0.0)
+        acc = y[j] - (np.einsum("k...n,kn->...n", x[j + 1 :], C[j + 1 :, j]) if j + 1 < L else 0.0)
         x[j] = acc / C[j, j]
     return x
 
@@ -194,8 +200,9 @@ def _newton_direction_t(Hf: np.ndarray, grad: np.ndarray) -> tuple[np.ndarray, n
 
 
 # ---------------------------------------------------------------- public scalar-potential helpers
-def pretrain_potential(h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V: float,
-              activation: str = "softmax") -> np.ndarray:
+def pretrain_potential(
+    h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "softmax"
+) -> np.ndarray:
     """Psi(h; z*, z~) of eq. 15/42 for each sample; all arguments (n, L) upper triangles."""
     _check_activation(activation)
     T = tokens_from_L(np.shape(h)[-1])
@@ -205,8 +212,9 @@ def pretrain_potential(h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V
     return -loss - np.sum((zt_t - h_t) ** 2 / (2.0 * V * s[:, None]), axis=0)
 
 
-def pretrain_potential_derivatives(h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V: float,
-                    activation: str = "softmax") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pretrain_potential_derivatives(
+    h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "softmax"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(Psi, grad Psi, Hessian of Psi) with respect to the L free entries of h (eq. 42).
 
     Arguments (n, L); returns arrays of shapes (n,), (n, L), (n, L, L).
@@ -245,7 +253,7 @@ def prox_linear(z_star: np.ndarray, z_tilde: np.ndarray, V: float) -> np.ndarray
 def _inv_diag_t(C: np.ndarray) -> np.ndarray:
     """Diagonal of (C C^T)^-1 from a batched lower Cholesky factor (L, L, n): sum_k (C^-1)_ki^2."""
     L = C.shape[0]
-    Ci = np.zeros_like(C)                      # lower-triangular inverse, column by column
+    Ci = np.zeros_like(C)  # lower-triangular inverse, column by column
     for j in range(L):
         Ci[j, j] = 1.0 / C[j, j]
         for i in range(j + 1, L):
@@ -267,16 +275,38 @@ def _newton_t(d_t, y_t, zt_t, V, activation, T, tol, max_iter):
     L, n = d_t.shape
     s = _embedding(T)[2]
     data = np.concatenate([zt_t.T, y_t.reshape(T * T, n).T], axis=1)
-    out = _newton.minimise(_newton.PRETRAIN, d_t.T, np.zeros((n, L)), V * s, data, T, activation == "softmax",
-                           _newton.NewtonRule.pretrain(tol, max_iter, V))
-    return (np.ascontiguousarray(out.x.T), out.loss, np.ascontiguousarray(out.grad.T),
-            np.ascontiguousarray(np.moveaxis(out.hess, 0, -1)), out.iterations)
+    out = _newton.minimise(
+        _newton.PRETRAIN,
+        d_t.T,
+        np.zeros((n, L)),
+        V * s,
+        data,
+        T,
+        activation == "softmax",
+        _newton.NewtonRule.pretrain(tol, max_iter, V),
+    )
+    return (
+        np.ascontiguousarray(out.x.T),
+        out.loss,
+        np.ascontiguousarray(out.grad.T),
+        np.ascontiguousarray(np.moveaxis(out.hess, 0, -1)),
+        out.iterations,
+    )
 
 
-def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "softmax", *,
-         init: np.ndarray | None = None, multi_start: bool | None = None,
-         tol: float = 1e-10, max_iter: int = 100, full: bool = True,
-         closed_form: bool = True) -> ProxResult:
+def prox(
+    z_star: np.ndarray,
+    z_tilde: np.ndarray,
+    V: float,
+    activation: str = "softmax",
+    *,
+    init: np.ndarray | None = None,
+    multi_start: bool | None = None,
+    tol: float = 1e-10,
+    max_iter: int = 100,
+    full: bool = True,
+    closed_form: bool = True,
+) -> ProxResult:
     """Prox(z*, z~) = argmax_h Psi(h; z*, z~) (eq. 16/41) for all samples at once.
 
     Args:
@@ -320,7 +350,7 @@ def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "s
     iters = 0
     if activation == "linear" and closed_form:
         k = 4.0 * V / T**2
-        d_t = (k / (1.0 + k)) * (zs_t - zt_t)                 # Prox - z~ (eq. 106)
+        d_t = (k / (1.0 + k)) * (zs_t - zt_t)  # Prox - z~ (eq. 106)
         loss, g, Hl = _loss_t(zt_t + d_t, y_t, T, activation)
     else:
         if multi_start is None:
@@ -357,12 +387,19 @@ def prox(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "s
     hess = rep = None
     if full:
         eye = np.broadcast_to(np.eye(L)[:, :, None], A.shape).copy()
-        R = eye - _chol_solve_t(C, eye)           # (V Hess_u)^-1 + I = I - A^-1
+        R = eye - _chol_solve_t(C, eye)  # (V Hess_u)^-1 + I = I - A^-1
         rep = np.sum((R * R).reshape(L * L, -1), axis=0)
         hess = -Hl
         hess[idx, idx] -= 1.0 / (V * s)
         hess = np.moveaxis(hess, -1, 0)
     converged = (stat <= tol) & pd & np.all(np.isfinite(h_t), axis=0)
-    return ProxResult(x=h_t.T.copy(), value=psi, hessian=hess, residual=stat, converged=converged,
-                      iterations=iters, n_not_max=int(np.count_nonzero(~pd)),
-                      extra={"delta": d_t.T.copy(), "jacobian_diag": jac.T.copy(), "replicon": rep})
+    return ProxResult(
+        x=h_t.T.copy(),
+        value=psi,
+        hessian=hess,
+        residual=stat,
+        converged=converged,
+        iterations=iters,
+        n_not_max=int(np.count_nonzero(~pd)),
+        extra={"delta": d_t.T.copy(), "jacobian_diag": jac.T.copy(), "replicon": rep},
+    )

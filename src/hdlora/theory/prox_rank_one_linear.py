@@ -25,6 +25,7 @@ solve (:class:`LinearRankOneProx`); every iteration of the state evolution is th
 This replaces the multi-start Newton search of :func:`hdlora.theory.finetune.prox_psi` (which
 is kept for softmax and as an independent check of this module in the tests).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,15 @@ import numpy as np
 __all__ = ["LinearRankOneProx", "solve_secular"]
 
 
-def solve_secular(b: np.ndarray, yt: np.ndarray, c: float, *, r0: np.ndarray | None = None, max_iter: int = 100,
-                  step_tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def solve_secular(
+    b: np.ndarray,
+    yt: np.ndarray,
+    c: float,
+    *,
+    r0: np.ndarray | None = None,
+    max_iter: int = 100,
+    step_tol: float = 1e-9,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Global maximiser of psi in the eigenbasis: returns (y, r, d, iterations).
 
     Args:
@@ -49,23 +57,25 @@ def solve_secular(b: np.ndarray, yt: np.ndarray, c: float, *, r0: np.ndarray | N
             H(s) = phi^{-1/2} - (r_lo + s)^{-1/2} (nearly linear at the pole) when r_lo > 0, with
             s = r - r_lo, both increasing in s; a step leaving the bracket is replaced by bisection.
     """
-    bt, yt_t = np.ascontiguousarray(b.T), np.ascontiguousarray(yt.T)      # token-first (T, n): fast sums
+    bt, yt_t = np.ascontiguousarray(b.T), np.ascontiguousarray(yt.T)  # token-first (T, n): fast sums
     y, d, it = _solve_secular_t(bt, yt_t, c, r0, max_iter, step_tol)
     y, d = y.T.copy(), d.T.copy()
     return y, (y * y).sum(axis=1), d, it
 
 
-def _solve_secular_t(b: np.ndarray, yt: np.ndarray, c: float, r0: np.ndarray | None = None, max_iter: int = 100, step_tol: float = 1e-9):
+def _solve_secular_t(
+    b: np.ndarray, yt: np.ndarray, c: float, r0: np.ndarray | None = None, max_iter: int = 100, step_tol: float = 1e-9
+):
     """:func:`solve_secular` in the token-first layout b, yt (T, n); returns y, d (T, n), iterations."""
     T, n = b.shape
     bmin = b.min(axis=0)
     r_lo = np.maximum(0.0, -(1.0 / c + bmin))
-    e = np.maximum(1.0 + c * (b + r_lo), 0.0)      # d at s = 0: >= 0, = 0 at the minimum where r_lo > 0
+    e = np.maximum(1.0 + c * (b + r_lo), 0.0)  # d at s = 0: >= 0, = 0 at the minimum where r_lo > 0
     a2 = yt * yt
     pole = r_lo > 0
     ynorm = np.sqrt(a2.sum(axis=0))
     lo = np.zeros(n)
-    hi = (ynorm / c) ** (2.0 / 3.0) * (1.0 + 1e-12) + 1e-300      # F(hi) >= 0 (phi(hi) <= |y~|^2/(c hi)^2 <= hi)
+    hi = (ynorm / c) ** (2.0 / 3.0) * (1.0 + 1e-12) + 1e-300  # F(hi) >= 0 (phi(hi) <= |y~|^2/(c hi)^2 <= hi)
     s = np.where(pole, np.minimum(1e-12 * (1.0 + r_lo), hi), 0.0)
     if r0 is not None:
         s = np.where(np.isfinite(r0), np.clip(np.asarray(r0, dtype=np.float64) - r_lo, s, hi), s)
@@ -87,8 +97,11 @@ def _solve_secular_t(b: np.ndarray, yt: np.ndarray, c: float, r0: np.ndarray | N
         new = np.where(h == 0, si, np.where(bad, 0.5 * (loi + hii), cand))
         # a Newton step below step_tol is taken and ends the iteration (quadratic convergence:
         # the error left is ~ step^2); bisection steps end it only when the bracket is exhausted
-        done = (~bad & (np.abs(cand - si) <= step_tol * (rli + si + 1e-300))) | (h == 0) | \
-               (hii - loi <= 1e-15 * (rli + hii))
+        done = (
+            (~bad & (np.abs(cand - si) <= step_tol * (rli + si + 1e-300)))
+            | (h == 0)
+            | (hii - loi <= 1e-15 * (rli + hii))
+        )
         s[idx] = new
         keep = ~done
         if not keep.all():
@@ -154,7 +167,7 @@ class LinearRankOneProx:
         self.a_star = np.ascontiguousarray(np.einsum("nij,ni->jn", self.U, chi_star))
         self.a_zeta = np.ascontiguousarray(np.einsum("nij,ni->jn", self.U, zeta))
         self.newton_iterations = 0
-        self._r_last = None        # warm start of the secular root (the previous call's r)
+        self._r_last = None  # warm start of the secular root (the previous call's r)
 
     def __call__(self, m: float, q: float, v: float) -> dict:
         """prox at (m, q, v): chi_tilde = m chi* + sqrt(q - m^2) zeta (eq. 62).
@@ -175,12 +188,22 @@ class LinearRankOneProx:
         self._r_last = r
         self.newton_iterations = it
         diff = y - yt
-        psi = -((b * b).sum(axis=0) + 2.0 * (b * y * y).sum(axis=0) + r * r) / T**2 \
-            - (diff * diff).sum(axis=0) / (2.0 * v)
+        psi = -((b * b).sum(axis=0) + 2.0 * (b * y * y).sum(axis=0) + r * r) / T**2 - (diff * diff).sum(axis=0) / (
+            2.0 * v
+        )
         grad = -4.0 * (b + r) * y / T**2 - diff / v
         dq = 2.0 * (b.sum(axis=0) + r) / T**2
-        return {"y": y, "yt": yt, "b": b, "d": d, "r": r, "psi": psi, "dpsi_dq": dq,
-                "grad_norm": np.sqrt((grad * grad).sum(axis=0)), "c": c}
+        return {
+            "y": y,
+            "yt": yt,
+            "b": b,
+            "d": d,
+            "r": r,
+            "psi": psi,
+            "dpsi_dq": dq,
+            "grad_norm": np.sqrt((grad * grad).sum(axis=0)),
+            "c": c,
+        }
 
     def curvature(self, out: dict) -> np.ndarray:
         """C / v = (D + 2 c y y^T)^{-1} in the eigenbasis (C of eq. 66), shape (n, T, T)."""

@@ -10,6 +10,7 @@ their upper triangles (..., L) with L = T (T + 1) / 2 in the order of
 (a, b) of a field of "variance v" has variance (1 + delta_ab) v: off-diagonal
 v, diagonal 2 v.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,13 +58,15 @@ def standard_normals(n: int, k: int, seed: int = 0, method: str = "mc") -> np.nd
     if method == "qmc":
         from scipy.special import ndtri  # imported here: scipy.stats takes seconds to import
         from scipy.stats import qmc
+
         u = qmc.Sobol(d=k, scramble=True, seed=seed).random(n)
         return ndtri(np.clip(u, 1e-16, 1 - 1e-16))
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def frozen_fields(n: int, T: int, A0: float, Q: float, M: float, seed: int = 0,
-                  method: str = "mc") -> dict[str, np.ndarray]:
+def frozen_fields(
+    n: int, T: int, A0: float, Q: float, M: float, seed: int = 0, method: str = "mc"
+) -> dict[str, np.ndarray]:
     """Draw (z*, z) ~ Q (eq. 13) on the upper triangle, with the latents of eq. 47.
 
     z*_ab = sqrt(s_ab A0) g_ab,  z_ab = sqrt(s_ab) (M / sqrt(A0) g_ab + sqrt(B) zeta_ab),

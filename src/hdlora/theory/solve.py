@@ -13,6 +13,7 @@
 4. errors, overlap and forgetting (eqs. 19-20, 84), effective noises
    (eqs. 25-28) and replicon conditions (eqs. 75, 78).
 """
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,9 @@ class TheoryResult(FinetuneOrderParameters, PretrainOrderParameters):
         return {k: getattr(self, k) for k in ("Q", "M", "V", "q", "m", "v")}
 
 
-def _warm_state(init: Mapping[str, float] | None, keys: tuple[str, str, str], positive: tuple[str, str]
-                ) -> dict[str, float] | None:
+def _warm_state(
+    init: Mapping[str, float] | None, keys: tuple[str, str, str], positive: tuple[str, str]
+) -> dict[str, float] | None:
     """The stage's part of a warm start (``keys``), or None when absent, non-finite or not positive
     where it must be (a baseline's zeros are not a valid starting point)."""
     if not init:
@@ -130,10 +132,19 @@ def apply_baseline(params: Params, baseline: str | None) -> Params:
     return params.replace(lam=math.inf)
 
 
-def solve(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, baseline: str | None = None,
-          init: TheoryResult | Mapping[str, float] | None = None, tol: float = 1e-7,
-          max_iter: int = 500, method: str | None = None, optimal_beta: bool = False,
-          warn: bool = True) -> TheoryResult:
+def solve(
+    params: Params,
+    *,
+    n_mc: int = DEFAULT_N_MC,
+    seed: int = 0,
+    baseline: str | None = None,
+    init: TheoryResult | Mapping[str, float] | None = None,
+    tol: float = 1e-7,
+    max_iter: int = 500,
+    method: str | None = None,
+    optimal_beta: bool = False,
+    warn: bool = True,
+) -> TheoryResult:
     """Solve the pre-training and fine-tuning state evolutions at ``params``.
 
     Args:
@@ -164,8 +175,16 @@ def solve(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, baseline: 
     with warnings.catch_warnings():
         if not warn:
             warnings.simplefilter("ignore", NonConvergenceWarning)
-        pre: PretrainResult = solve_pretrain(params, n_mc=n_mc, seed=seed, method=method, tol=tol,
-                                             max_iter=max_iter, init=_pretrain_init(init), warn=warn)
+        pre: PretrainResult = solve_pretrain(
+            params,
+            n_mc=n_mc,
+            seed=seed,
+            method=method,
+            tol=tol,
+            max_iter=max_iter,
+            init=_pretrain_init(init),
+            warn=warn,
+        )
         Q0, Q, M = params.Q0, pre.Q, pre.M
         if optimal_beta:
             if not Q > 0:
@@ -180,28 +199,63 @@ def solve(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, baseline: 
             f = frozen_fields(n_mc, params.tokens, params.A0, Q, M, seed=seed + 1)
             z_star, z = f["z_star"], f["z"]
         ft_params = params.replace(reuse=False) if params.lora_only else params
-        ft: FinetuneResult = solve_finetune(ft_params, z_star, z, Q0=Q0, Q=Q, M=M, seed=seed + 2, tol=tol,
-                                            max_iter=max_iter, init=_finetune_init(init), warn=warn)
+        ft: FinetuneResult = solve_finetune(
+            ft_params,
+            z_star,
+            z,
+            Q0=Q0,
+            Q=Q,
+            M=M,
+            seed=seed + 2,
+            tol=tol,
+            max_iter=max_iter,
+            init=_finetune_init(init),
+            warn=warn,
+        )
     noise = params.noise
     d_eff = _eff.delta_eff_beta(Q0, Q, M, noise, params.beta)
     has_q = Q > 0
     result = TheoryResult(
-        Q=Q, M=M, V=pre.V, Mhat=pre.Mhat, Qhat=pre.Qhat, Vhat=pre.Vhat,
-        q=ft.q, m=ft.m, v=ft.v, qhat=ft.qhat, mhat=ft.mhat, vhat=ft.vhat, Q0=Q0,
-        pretrain_train_error=pre.pretrain_train_error, pretrain_test_error=pre.pretrain_test_error,
-        finetune_train_error=ft.finetune_train_error, finetune_test_error=ft.finetune_test_error,
-        forgetting_error=ft.forgetting_error, overlap=ft.overlap,
-        delta_eff=d_eff, delta_eff_finetune=ft.delta_eff,
+        Q=Q,
+        M=M,
+        V=pre.V,
+        Mhat=pre.Mhat,
+        Qhat=pre.Qhat,
+        Vhat=pre.Vhat,
+        q=ft.q,
+        m=ft.m,
+        v=ft.v,
+        qhat=ft.qhat,
+        mhat=ft.mhat,
+        vhat=ft.vhat,
+        Q0=Q0,
+        pretrain_train_error=pre.pretrain_train_error,
+        pretrain_test_error=pre.pretrain_test_error,
+        finetune_train_error=ft.finetune_train_error,
+        finetune_test_error=ft.finetune_test_error,
+        forgetting_error=ft.forgetting_error,
+        overlap=ft.overlap,
+        delta_eff=d_eff,
+        delta_eff_finetune=ft.delta_eff,
         delta_eff_actft=_eff.delta_eff_actft(Q0, Q, M, noise) if has_q else d_eff,
         beta_min=_eff.beta_min(Q, M) if has_q else math.nan,
         delta_eff_min=_eff.delta_eff_min(Q0, Q, M, noise) if has_q else d_eff,
-        replicon_pretrain=pre.replicon_pretrain, replicon_finetune=ft.replicon_finetune,
+        replicon_pretrain=pre.replicon_pretrain,
+        replicon_finetune=ft.replicon_finetune,
         replicon_ok=bool(pre.replicon_pretrain < 1 and ft.replicon_finetune < 1),
         converged=bool(pre.converged and ft.converged),
-        pretrain_converged=pre.converged, finetune_converged=ft.converged,
-        iterations=pre.iterations + ft.iterations, pretrain_iterations=pre.iterations,
-        finetune_iterations=ft.iterations, pretrain_residual=pre.residual, finetune_residual=ft.residual,
-        n_mc=n_mc, seed=seed, wall_time=time.perf_counter() - t0,
-        baseline=baseline, params=params.to_dict(), mc_se=dict(ft.mc_se),
+        pretrain_converged=pre.converged,
+        finetune_converged=ft.converged,
+        iterations=pre.iterations + ft.iterations,
+        pretrain_iterations=pre.iterations,
+        finetune_iterations=ft.iterations,
+        pretrain_residual=pre.residual,
+        finetune_residual=ft.residual,
+        n_mc=n_mc,
+        seed=seed,
+        wall_time=time.perf_counter() - t0,
+        baseline=baseline,
+        params=params.to_dict(),
+        mc_se=dict(ft.mc_se),
     )
     return result

@@ -48,6 +48,7 @@ kappa0 = 0.1 is no longer resolved to 1e-11; ``eta -> 0`` is ``mu0`` itself, J(e
 O(eta^2) since dJ/d(eta^2) lies in [0, 1]).
 For ``V`` (eq. 53) use ``dJ_dt = J1 / (2 eta)`` which stays finite as ``eta -> 0``.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,23 +65,33 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
 __all__ = [
-    "ETA_MIN", "SpectralJ", "QuadratureResult", "AccuracyWarning",
-    "density", "support", "cdf", "expectation", "J", "heat_flow_integral",
-    "replicon_integral", "cubic_integral", "mmse",
+    "ETA_MIN",
+    "SpectralJ",
+    "QuadratureResult",
+    "AccuracyWarning",
+    "density",
+    "support",
+    "cdf",
+    "expectation",
+    "J",
+    "heat_flow_integral",
+    "replicon_integral",
+    "cubic_integral",
+    "mmse",
 ]
 
 #: Smallest semicircle scale accepted (documented limit, see module docstring).
 ETA_MIN = 1e-6
 
 # Gauss-Legendre rules on [-1, 1] used by the adaptive doubling (constants, read-only).
-_LEVELS = (6, 12, 24, 48, 96, 192)   # Gauss nodes per panel, doubled until two levels agree
+_LEVELS = (6, 12, 24, 48, 96, 192)  # Gauss nodes per panel, doubled until two levels agree
 # panel breakpoints in theta (x = m - h cos(theta)), graded geometrically (ratio 1/4) toward the
 # two edges of an interval, where mu_eta has its sharpest features (hard edge of mu0 at
 # kappa0 = 1, smoothed atom, nearly closed gap with |x|^(1/3) behaviour above the gap scale)
 _GRADING = 0.25 ** np.arange(1, 13)
 _EDGE_BREAKS = np.pi * np.concatenate([0.5 * _GRADING[::-1], [0.5], 1 - 0.5 * _GRADING])
 _EDGE_BREAKS.setflags(write=False)
-_GRADE_LEVELS = 24      # panels halving toward the corner of the 2-D divided-difference integrals
+_GRADE_LEVELS = 24  # panels halving toward the corner of the 2-D divided-difference integrals
 _GL = {}
 for _n in _LEVELS + (8, 12):
     _xg, _wg = np.polynomial.legendre.leggauss(_n)
@@ -164,7 +175,7 @@ def _discriminant(t: float, k: float) -> np.ndarray:
     Disc = 18 c2 c1 c0 - 4 c2^3 c0 + c2^2 c1^2 - 4 c1^3 - 27 c0^2; the support is where it is < 0.
     """
     r = math.sqrt(k)
-    c2 = np.array([(k - 1.0) / r, -1.0])          # lowest degree first
+    c2 = np.array([(k - 1.0) / r, -1.0])  # lowest degree first
     c1 = np.array([t, 1.0 / r])
     c0 = -t / r
     conv = np.convolve
@@ -206,7 +217,7 @@ def _edges(t: float, k: float):
     for a, b in zip(real[:-1], real[1:]):
         if b > a and _polyval(disc, 0.5 * (a + b)) < 0:
             if intervals and abs(intervals[-1][1] - a) <= 1e-12 * (1 + abs(a)):
-                intervals[-1] = (intervals[-1][0], float(b))     # double root inside the support
+                intervals[-1] = (intervals[-1][0], float(b))  # double root inside the support
             else:
                 intervals.append((float(a), float(b)))
     # near-cusps: a complex pair of edges close to the real axis inside an interval (a gap that
@@ -228,7 +239,7 @@ def _roots_on_support(x: np.ndarray, t: float, k: float, roots: np.ndarray, lead
     """
     c2, c1, c0 = _coeffs(x, t, k)
     p = c1 - c2 * c2 / 3.0
-    q = 2.0 * c2 ** 3 / 27.0 - c2 * c1 / 3.0 + c0
+    q = 2.0 * c2**3 / 27.0 - c2 * c1 / 3.0 + c0
     dc = -(lead / 108.0) * np.prod(x[..., None] - roots, axis=-1).real
     dc = np.maximum(dc, 0.0)
     sq = np.sqrt(dc)
@@ -252,8 +263,16 @@ def _theta(m: float, h: float, x: float) -> float:
     return math.acos(min(1.0, max(-1.0, (m - x) / h)))
 
 
-def _rule(intervals: list[tuple[float, float]], lower: float, upper: float, n: int, grade: str = "", panel: int = 0,
-          panels: int = 16, cusps: tuple[float, ...] = ()):
+def _rule(
+    intervals: list[tuple[float, float]],
+    lower: float,
+    upper: float,
+    n: int,
+    grade: str = "",
+    panel: int = 0,
+    panels: int = 16,
+    cusps: tuple[float, ...] = (),
+):
     """Nodes x, weights w (Jacobian h sin(theta) included) and distances on support ∩ (lower, upper).
 
     Plain Gauss-Legendre with n nodes in theta on each interval.  With grade="lower" (or
@@ -272,8 +291,7 @@ def _rule(intervals: list[tuple[float, float]], lower: float, upper: float, n: i
             continue
         if grade:
             # `panels` equal panels, the one at the corner end refined geometrically
-            frac = np.concatenate([0.5 ** np.arange(_GRADE_LEVELS, 0, -1),
-                                   np.arange(1, panels + 1)]) / panels
+            frac = np.concatenate([0.5 ** np.arange(_GRADE_LEVELS, 0, -1), np.arange(1, panels + 1)]) / panels
             if grade == "lower":
                 br = np.concatenate([[th0], th0 + (th1 - th0) * frac])
             else:
@@ -301,16 +319,27 @@ def _rule(intervals: list[tuple[float, float]], lower: float, upper: float, n: i
             wt = (half_w * gw).ravel()
         xs.append(m - h * np.cos(th))
         ws.append(wt * h * np.sin(th))
-        if grade == "lower":     # x - lower = (lo - lower) + h (cos th0 - cos th)
+        if grade == "lower":  # x - lower = (lo - lower) + h (cos th0 - cos th)
             ds.append((lo - lower) + 2 * h * np.sin(0.5 * (th + th0)) * np.sin(0.5 * (th - th0)))
-        elif grade == "upper":   # upper - x = (upper - hi) + h (cos th - cos th1)
+        elif grade == "upper":  # upper - x = (upper - hi) + h (cos th - cos th1)
             ds.append((upper - hi) + 2 * h * np.sin(0.5 * (th1 + th)) * np.sin(0.5 * (th1 - th)))
     if not xs:
         return np.zeros(0), np.zeros(0), np.zeros(0)
     return np.concatenate(xs), np.concatenate(ws), (np.concatenate(ds) if ds else None)
 
 
-def _measure(intervals: list[tuple[float, float]], lower: float, upper: float, n: int, t: float, k: float, roots: np.ndarray, lead: float, cusps: tuple[float, ...] = (), **grading: Any):
+def _measure(
+    intervals: list[tuple[float, float]],
+    lower: float,
+    upper: float,
+    n: int,
+    t: float,
+    k: float,
+    roots: np.ndarray,
+    lead: float,
+    cusps: tuple[float, ...] = (),
+    **grading: Any,
+):
     """Nodes x, weights w*rho(x) (so sum(f(x) w) = ∫ f dmu), and Re G(x)."""
     x, w, d = _rule(intervals, lower, upper, n, cusps=cusps, **grading)
     if x.size == 0:
@@ -365,8 +394,16 @@ def density(x: ArrayLike, eta: float, kappa0: float) -> np.ndarray:
     return rho.reshape(xa.shape)
 
 
-def expectation(f: Callable[[np.ndarray], np.ndarray], eta: float, kappa0: float, lower: float = -math.inf,
-                upper: float = math.inf, *, rtol: float = 1e-12, atol: float = 1e-14) -> QuadratureResult:
+def expectation(
+    f: Callable[[np.ndarray], np.ndarray],
+    eta: float,
+    kappa0: float,
+    lower: float = -math.inf,
+    upper: float = math.inf,
+    *,
+    rtol: float = 1e-12,
+    atol: float = 1e-14,
+) -> QuadratureResult:
     """E_{mu_eta}[f(x) 1{lower < x < upper}] for f smooth on (lower, upper) (vectorised f)."""
     eta, kappa0 = _check_eta_kappa0(eta, kappa0)
     t = eta * eta
@@ -403,13 +440,16 @@ def _J_scalar(eta: float, eps: float, kappa0: float, rtol: float, atol: float) -
         wz = w * z
         return np.array([np.sum(wz * z), np.sum(wz), np.sum(wz * re_g)])
 
-    scale = 1.0 + t + (r - eps) ** 2            # J over the whole support: natural scale of J, J1
+    scale = 1.0 + t + (r - eps) ** 2  # J over the whole support: natural scale of J, J1
     (j, e1, hz), err, n, ok = _adaptive(compute, rtol, atol, scale=scale)
     dj_dt = 2.0 * hz
     err = max(err, 2.0 * err)
     if not ok:
-        warnings.warn(f"spectral J(eta={eta}, eps={eps}, kappa0={kappa0}) did not reach "
-                      f"rtol={rtol} (abserr {err:.2e})", AccuracyWarning, stacklevel=3)
+        warnings.warn(
+            f"spectral J(eta={eta}, eps={eps}, kappa0={kappa0}) did not reach rtol={rtol} (abserr {err:.2e})",
+            AccuracyWarning,
+            stacklevel=3,
+        )
     return SpectralJ(float(j), float(2.0 * eta * dj_dt), float(-2.0 * e1), float(dj_dt), err, n, ok)
 
 
@@ -429,15 +469,24 @@ def J(eta: ArrayLike, eps: ArrayLike, kappa0: ArrayLike, *, rtol: float = 1e-11,
         eps_ = _number("eps", eps, allow_pos_inf=True)
         return _J_scalar(eta_, eps_, kappa0_, rtol, atol)
     b = np.broadcast_arrays(np.asarray(eta, float), np.asarray(eps, float), np.asarray(kappa0, float))
-    res = [J(float(a), float(e), float(k), rtol=rtol, atol=atol)
-           for a, e, k in zip(b[0].ravel(), b[1].ravel(), b[2].ravel())]
+    res = [
+        J(float(a), float(e), float(k), rtol=rtol, atol=atol)
+        for a, e, k in zip(b[0].ravel(), b[1].ravel(), b[2].ravel())
+    ]
     shape = b[0].shape
 
     def field(name: str, dtype: type = float):
         return np.array([getattr(s, name) for s in res], dtype=dtype).reshape(shape)
 
-    return SpectralJ(field("J"), field("J1"), field("J2"), field("dJ_dt"), field("abserr"),
-                     field("nodes", int), field("converged", bool))
+    return SpectralJ(
+        field("J"),
+        field("J1"),
+        field("J2"),
+        field("dJ_dt"),
+        field("abserr"),
+        field("nodes", int),
+        field("converged", bool),
+    )
 
 
 def _divided_difference_integral(eta: float, eps: float, kappa0: float, power: int, panel: int, panels: int):
@@ -452,17 +501,19 @@ def _divided_difference_integral(eta: float, eps: float, kappa0: float, power: i
         return 0.0
     if eps <= intervals[0][0]:
         return 1.0
-    _, wr, _, sr = _measure(intervals, eps, math.inf, 0, t, kappa0, roots, lead,
-                            grade="lower", panel=panel, panels=panels)
-    _, wl, _, ul = _measure(intervals, -math.inf, eps, 0, t, kappa0, roots, lead,
-                            grade="upper", panel=panel, panels=panels)
+    _, wr, _, sr = _measure(
+        intervals, eps, math.inf, 0, t, kappa0, roots, lead, grade="lower", panel=panel, panels=panels
+    )
+    _, wl, _, ul = _measure(
+        intervals, -math.inf, eps, 0, t, kappa0, roots, lead, grade="upper", panel=panel, panels=panels
+    )
     p_right = float(np.sum(wr))
     if wl.size == 0:
-        return p_right ** 2
+        return p_right**2
     s = sr[:, None]
-    ratio = s / (s + ul[None, :])        # (x - eps)/(x - y) in [0, 1], x > eps > y
-    mixed = float(wr @ (ratio ** power) @ wl)
-    return p_right ** 2 + 2.0 * mixed
+    ratio = s / (s + ul[None, :])  # (x - eps)/(x - y) in [0, 1], x > eps > y
+    mixed = float(wr @ (ratio**power) @ wl)
+    return p_right**2 + 2.0 * mixed
 
 
 def _dd_result(eta: float, eps: float, kappa0: float, power: int, rtol: float = 1e-9) -> QuadratureResult:
@@ -476,8 +527,11 @@ def _dd_result(eta: float, eps: float, kappa0: float, power: int, rtol: float = 
         if ok:
             break
     if not ok:
-        warnings.warn(f"divided-difference integral (eta={eta}, eps={eps}, kappa0={kappa0}) "
-                      f"abserr {err:.2e}", AccuracyWarning, stacklevel=3)
+        warnings.warn(
+            f"divided-difference integral (eta={eta}, eps={eps}, kappa0={kappa0}) abserr {err:.2e}",
+            AccuracyWarning,
+            stacklevel=3,
+        )
     return QuadratureResult(b, err, 12 * panels, ok)
 
 
@@ -514,8 +568,7 @@ def cubic_integral(eta: float, kappa0: float, *, rtol: float = 1e-10, atol: floa
 
     val, err, n, ok = _adaptive(compute, rtol, atol)
     if not ok:
-        warnings.warn(f"cubic_integral(eta={eta}, kappa0={kappa0}) abserr {err:.2e}",
-                      AccuracyWarning, stacklevel=2)
+        warnings.warn(f"cubic_integral(eta={eta}, kappa0={kappa0}) abserr {err:.2e}", AccuracyWarning, stacklevel=2)
     return QuadratureResult(float(val[0]), err, n, ok)
 
 

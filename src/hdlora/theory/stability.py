@@ -32,6 +32,7 @@ Hessian of psi (eq. 63) at the prox chi; the fine-tuning state evolution keeps
 C = -(Hess psi)^-1 (eq. 66), so (v Hess psi)^-1 = -C / v and the per-sample term is
 alpha' ||I_T - C / v||_F^2 (:func:`replicon_finetune_terms`; its mean is the left-hand side).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,7 @@ import numpy as np
 __all__ = ["replicon_pretrain", "replicon_finetune_terms"]
 
 
-def replicon_pretrain(alpha: float, V: float, V_hat: float, sample_term: float,
-                      spectral_integral: float) -> float:
+def replicon_pretrain(alpha: float, V: float, V_hat: float, sample_term: float, spectral_integral: float) -> float:
     """Left-hand side of the pre-training replicon condition (eq. 75, with the 1/V^2 factor).
 
     Args:

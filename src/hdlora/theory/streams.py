@@ -12,6 +12,7 @@ torch streams in :func:`hdlora.data.generator`).
 Not wired into the state evolutions yet: doing so changes every Monte-Carlo draw (and every
 stored number that depends on one).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,16 +21,16 @@ __all__ = ["PURPOSES", "seed_sequence", "stream"]
 
 #: purpose -> spawn key.  Fixed forever: changing a key changes every draw of that purpose.
 PURPOSES: dict[str, int] = {
-    "pretrain": 1,            # pre-training state evolution samples (g, zeta of eq. 47)
-    "finetune_fields": 2,     # fine-tuning side fields (z*, z) from the law Q or R (eqs. 13, 17)
-    "finetune": 3,            # fine-tuning rank-one normals (chi*, zeta of eq. 62)
-    "test": 4,                # test-error fields (eqs. 55, 73)
-    "test_rank_one": 5,       # rank-one normals of the test errors
-    "bayes": 6,               # Bayes-optimal state evolution samples (App. B)
-    "bayes_rank_one": 7,      # Bayes-optimal fine-tuning rank-one normals
-    "active": 8,              # active-learning pool fields
-    "effective": 9,           # effective pre-training fields
-    "figures": 10,            # figure-level draws (e.g. the effective solve of the figures)
+    "pretrain": 1,  # pre-training state evolution samples (g, zeta of eq. 47)
+    "finetune_fields": 2,  # fine-tuning side fields (z*, z) from the law Q or R (eqs. 13, 17)
+    "finetune": 3,  # fine-tuning rank-one normals (chi*, zeta of eq. 62)
+    "test": 4,  # test-error fields (eqs. 55, 73)
+    "test_rank_one": 5,  # rank-one normals of the test errors
+    "bayes": 6,  # Bayes-optimal state evolution samples (App. B)
+    "bayes_rank_one": 7,  # Bayes-optimal fine-tuning rank-one normals
+    "active": 8,  # active-learning pool fields
+    "effective": 9,  # effective pre-training fields
+    "figures": 10,  # figure-level draws (e.g. the effective solve of the figures)
 }
 
 
