@@ -441,6 +441,9 @@ def simulate_estimate(
 #: interpreter's base, measured with os.wait4 on a subprocess): softmax 61 x T^2 at T = 3 (n_mc = 2e5)
 #: and 78 x T^2 at T = 5 (n_mc = 5e4); linear 22 x T^2 at T = 3 and 19 x T^2 at T = 5 (n_mc = 1e5).
 THEORY_SOFTMAX_T2, THEORY_SOFTMAX_T3 = 40, 10
+#: the compiled prox kernel's runtime (Numba + LLVM + the cached kernel, hdlora.theory.newton):
+#: VmHWM grew by 162 MiB when newton.warmup() ran in a process that had imported the theory CLI
+NUMBA_RUNTIME_BYTES = 170 * 2**20
 THEORY_LINEAR_T2 = 25
 THEORY_SECONDS_PER_SAMPLE_ENTRY = 2.0e-7  # per fixed-point iteration, softmax
 THEORY_ITERATIONS = 60
@@ -465,6 +468,8 @@ def theory_estimate(
     linear = params.activation == "linear"
     per_sample = THEORY_LINEAR_T2 * T2 if linear else THEORY_SOFTMAX_T2 * T2 + THEORY_SOFTMAX_T3 * T2 * T
     parts = {"Monte-Carlo samples": F64 * per_sample * n}
+    if not linear:
+        parts["compiled prox kernel (Numba runtime)"] = NUMBA_RUNTIME_BYTES
     if bayes_optimal:
         parts["Bayes-optimal samples"] = F64 * per_sample * 20000
     per_iter = n * T2 * THEORY_SECONDS_PER_SAMPLE_ENTRY * (0.1 if linear else 1.0)
