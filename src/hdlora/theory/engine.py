@@ -611,7 +611,8 @@ def solve_stage(
         stage: the Stage.
         starts: name -> starting state (1-D array-like), e.g. {'uninformed': ..., 'informed': ..., 'warm': ...}.
             Each start gets its own carry from ``stage.init(params, samples)``, on the same samples.
-        params, samples: passed to ``stage.init``.
+        params: passed to ``stage.init``.
+        samples: passed to ``stage.init``.
         samples_key: identifies the samples (only branches with equal keys are compared).
         tol: residual tolerance; ``converged`` requires residual <= min(tol, 1e-3) at the returned point.
         max_iter: evaluations of ``update`` per start.

@@ -835,10 +835,14 @@ def solve_finetune_rank_r(
     :func:`hdlora.theory.finetune.solve_finetune` takes them), e = 0.
 
     Args:
-        r, r_star: LoRA rank and task rank.  q0: (r*, r*) teacher overlap (default I).
+        r: LoRA rank.
+        r_star: task (teacher) rank.
+        q0: (r*, r*) teacher overlap (default I).
         seed: seed of chi*, zeta (standard_normals(n, T (r* + r), seed): at r = r* = 1 the rank-one draw)
             and of the test samples (seed + 104729, as the rank-one code).
-        tol, max_iter, mixing: :func:`hdlora.theory.fixed_point.iterate`, on the gauge-fixed entries.
+        tol: tolerance of :func:`hdlora.theory.fixed_point.iterate`, on the gauge-fixed entries.
+        max_iter: iteration budget of :func:`hdlora.theory.fixed_point.iterate`.
+        mixing: damping of :func:`hdlora.theory.fixed_point.iterate`.
         init: {'m', 'q', 'v'} matrices (default m = 0.5 E diag(q0)^{1/2}, q = 0.5 I, v = I / (2 lam' + alpha' T), the
             rank-one cold start at r = r* = 1).
         form: 'direct' (default) or 'stein' (docs/theory/rank_r.md, sec. 4).
