@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-from hdlora import Params, resources
+from hdlora import Params, resources, resources_cli
 from hdlora.cli import main
 from hdlora.resources import (
     ResourceError,
@@ -155,14 +155,14 @@ def test_figure_default_refuses_or_says_what_it_will_take(monkeypatch, capsys, t
 
     fig = build_figure(2, out=tmp_path)
     args = types.SimpleNamespace(dry_run=False)
-    assert resources.figure_gate(args, fig, "paper") is None  # runs within memory ...
+    assert resources_cli.figure_gate(args, fig, "paper") is None  # runs within memory ...
     err = capsys.readouterr().err
     assert err.startswith("figure 2: 90 tasks, largest ~") and "expected ~" in err  # ... and says so
     # 512 MiB: the figure's softmax theory tasks fit (samples + the compiled kernel's runtime,
     # ~330 MiB) but its D = 1e4 simulations (~721 MiB) do not, so a smaller --dim is a way out
     monkeypatch.setenv("HDLORA_MEMORY_LIMIT", "512MiB")
     with pytest.raises(ResourceError) as e:
-        resources.figure_gate(args, fig, "paper")
+        resources_cli.figure_gate(args, fig, "paper")
     msg = str(e.value)
     assert "\n" not in msg and "--quick" in msg and "a smaller --dim (<= " in msg
 

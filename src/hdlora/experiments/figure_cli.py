@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         print(dumps(summary))
         return 0
     if not args.plot_only:
-        from hdlora.resources import figure_gate
+        from hdlora.resources_cli import figure_gate
 
         if (rc := figure_gate(args, fig, mode)) is not None:
             return rc

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     over = _over(args.over)
     bounds = parse_bounds(args.bounds)
     params = params_from_args(args, beta=args.beta, active_pool=args.active_pool)
-    from ..resources import optimize_gate
+    from ..resources_cli import optimize_gate
 
     if (rc := optimize_gate(args, params)) is not None:
         return rc

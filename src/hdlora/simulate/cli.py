@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of 
     effective = eff_vals if given else None
     if args.threads < 0:
         raise ParamError(f"threads must be >= 0 (0: torch default), got {args.threads}")
-    from ..resources import simulate_gate
+    from ..resources_cli import simulate_gate
 
     if (rc := simulate_gate(args, params, effective)) is not None:
         return rc

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     params = params_from_args(args, beta=1.0 if optimal else args.beta, active_pool=args.active_pool)
     if args.n_mc < 100:
         raise ParamError(f"--n-mc must be >= 100, got {args.n_mc}")
-    from ..resources import theory_gate
+    from ..resources_cli import theory_gate
 
     if (rc := theory_gate(args, params)) is not None:
         return rc
