@@ -234,6 +234,11 @@ def test_explorer_in_chromium(playwright_api, server, tmp_path):
         # another x-axis: the curve is recomputed along lambda over its default range, the lambda slider is disabled
         page.locator(".hdl-axis select").select_option("lam")
         page.wait_for_function("Bokeh.documents[0].get_model_by_name('slider_lam').disabled", timeout=10_000)
+        # the old curve (along alpha') is also complete and "done" until the recompute replaces it:
+        # wait for the new axis's points, not just for a full curve (a race under load)
+        page.wait_for_function(
+            "Math.abs(Bokeh.documents[0].get_model_by_name('theory').data.x[0] - 0.001) < 1e-12", timeout=90_000
+        )
         _wait_full_curve(page)
         along_lam = _data(page, "theory")
         assert along_lam["x"][0] == pytest.approx(0.001) and along_lam["x"][-1] == pytest.approx(5.0)
