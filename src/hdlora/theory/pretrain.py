@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ..activations import get as get_activation
 from ..params import DEFAULT_N_MC, ParamError, Params, check_tol
 from . import spectral
 from .effective import delta_eff_of_A0
@@ -203,16 +204,9 @@ def input_channel(
     return {"Q": Q, "M": M, "V": V, "eta": eta, "eps": eps}, j
 
 
-def _sigma_np(x: np.ndarray, activation: str) -> np.ndarray:
-    if activation == "softmax":
-        m = np.max(x, axis=-1, keepdims=True)
-        e = np.exp(x - m)
-        return e / np.sum(e, axis=-1, keepdims=True)
-    return x / x.shape[-1]
-
-
 def _mean_error(z: np.ndarray, z_star: np.ndarray, T: int, activation: str) -> float:
-    d = _sigma_np(to_sym(z, T), activation) - _sigma_np(to_sym(z_star, T), activation)
+    sigma = get_activation(activation, "numpy")
+    d = sigma(to_sym(z, T)) - sigma(to_sym(z_star, T))
     return float(np.mean(np.sum(d * d, axis=(-2, -1))))
 
 
