@@ -57,3 +57,26 @@ def test_active_pool_checked():
     with pytest.raises(ParamError, match="active_pool"):
         Params(alpha_ft=3, active_pool=2)
     assert Params(alpha_ft=3, active_pool=30).rho == pytest.approx(0.1)
+
+
+def test_ranks_and_teacher_strengths():
+    from hdlora.params import MAX_RANK
+
+    p = Params(lora_rank=2, teacher_rank=2, teacher_strengths="1,0.5")
+    assert (p.lora_rank, p.teacher_rank, p.teacher_strengths, p.q0) == (2, 2, (1.0, 0.5), (1.0, 0.25))
+    assert not p.rank_one and Params().rank_one and Params(lora_rank=3.0).lora_rank == 3
+    assert Params.from_dict(p.to_dict()) == p
+    for bad in (
+        {"lora_rank": 0},
+        {"lora_rank": 1.5},
+        {"lora_rank": MAX_RANK + 1},
+        {"teacher_rank": True},
+        {"teacher_rank": "x"},
+        {"teacher_rank": 2, "teacher_strengths": (1.0,)},
+        {"teacher_strengths": (0.0,)},
+        {"teacher_strengths": (math.inf,)},
+        {"teacher_strengths": 3},
+    ):
+        with pytest.raises(ParamError) as e:
+            Params(**bad)
+        assert ("rank" in str(e.value) or "strengths" in str(e.value)) and "\n" not in str(e.value)

@@ -35,6 +35,37 @@ class ParamError(ValueError):
     """A parameter is outside its allowed range; the message names it and the range."""
 
 
+#: largest LoRA rank r and teacher rank r* a Params accepts (the theory may allow less: its
+#: per-sample unknown has T r entries).
+MAX_RANK = 64
+
+
+def _rank(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ParamError(f"{name} must be an integer in [1, {MAX_RANK}], got {value!r}")
+    if float(value) != int(value) or not 1 <= int(value) <= MAX_RANK:
+        raise ParamError(f"{name} must be an integer in [1, {MAX_RANK}], got {value!r}")
+    return int(value)
+
+
+def _strengths(value: Any, r_star: int) -> tuple[float, ...]:
+    if isinstance(value, str):
+        value = [x for x in value.replace(",", " ").split() if x]
+    try:
+        items = list(value)
+    except TypeError:
+        raise ParamError(
+            f"teacher_strengths must be {r_star} numbers > 0 (one per teacher column), got {value!r}"
+        ) from None
+    out = tuple(real_number("teacher_strengths", x) for x in items)
+    if len(out) != r_star or not all(math.isfinite(x) and x > 0 for x in out):
+        raise ParamError(
+            f"teacher_strengths must be {r_star} finite numbers > 0 (one per teacher column, teacher_rank = {r_star}), "
+            f"got {value!r}"
+        )
+    return out
+
+
 def real_number(name: str, value: Any) -> float:
     """``float(value)``, or a ParamError naming ``name`` when it is not a number or is NaN (+-inf pass)."""
     try:
@@ -77,6 +108,12 @@ class Params:
         active_pool: alpha_bar', size of the candidate pool of active fine-tuning
             (Algorithm 1), N_bar' = alpha_bar' D; None means uniform fine-tuning
             data. Must be >= alpha_ft.
+        lora_rank: r, rank of the LoRA update w in R^{D x r} (beyond the paper; the paper's
+            model is r = 1). Integer in [1, MAX_RANK].
+        teacher_rank: r*, rank of the fine-tuning teacher w* in R^{D x r*} (the paper: 1).
+            Integer in [1, MAX_RANK].
+        teacher_strengths: s_k, the teacher's column strengths (w*_k = s_k g_k, q0 -> diag(s_k^2));
+            None means all 1. A tuple of r* finite numbers > 0.
     """
 
     alpha: float = 0.1
@@ -91,6 +128,9 @@ class Params:
     activation: str = "softmax"
     beta: float = 1.0
     active_pool: float | None = field(default=None)
+    lora_rank: int = 1
+    teacher_rank: int = 1
+    teacher_strengths: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -137,6 +177,10 @@ class Params:
             if self.reuse:
                 raise ParamError("active_pool (active fine-tuning) is defined for e = 0 only; set reuse=False")
             set_("active_pool", pool)
+        for name in ("lora_rank", "teacher_rank"):
+            set_(name, _rank(name, getattr(self, name)))
+        if self.teacher_strengths is not None:
+            set_("teacher_strengths", _strengths(self.teacher_strengths, self.teacher_rank))
 
     # ----- derived quantities -------------------------------------------------
     @property
@@ -153,6 +197,17 @@ class Params:
     def A0(self) -> float:
         """A0 = Q0 + Delta/2 (eq. 46), see :func:`A0`."""
         return A0(self.Q0, self.noise)
+
+    @property
+    def q0(self) -> tuple[float, ...]:
+        """The diagonal of q0 = w*^T w* / D -> diag(s_k^2) (the paper: q0 = 1)."""
+        s = self.teacher_strengths or (1.0,) * self.teacher_rank
+        return tuple(x * x for x in s)
+
+    @property
+    def rank_one(self) -> bool:
+        """The paper's model: r = r* = 1 with unit strength."""
+        return self.lora_rank == 1 and self.teacher_rank == 1 and self.q0 == (1.0,)
 
     @property
     def frozen(self) -> bool:
