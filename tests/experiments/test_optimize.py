@@ -110,8 +110,9 @@ def test_1d_pretrain_error_uses_the_pretraining_alone_and_flags_bounds():
     vals = np.array([solve_pretrain(LIN.replace(lam=10**t)).pretrain_test_error for t in x])
     r = optimize(LIN, "pretrain_test_error", "lam", n_mc=N)
     assert r.value <= vals.min() + VALUE_TOL and r.converged and r.value_se == 0.0
-    # the chained solve's pre-training at the optimum (cold start there: agrees to the fixed-point roughness)
-    assert solve(LIN.replace(lam=r.optimum["lam"]), n_mc=N).pretrain_test_error == pytest.approx(r.value, abs=1e-7)
+    # the chained solve's pre-training at the optimum (cold start there): two solves converged to the
+    # fixed-point tol = 1e-7 from different starts agree to 10 x tol (the criterion of docs/VALIDATION.md)
+    assert solve(LIN.replace(lam=r.optimum["lam"]), n_mc=N).pretrain_test_error == pytest.approx(r.value, rel=1e-6)
     # an interval that excludes the minimiser: the optimum sits at the bound and says so
     hi = 10 ** (x[vals.argmin()] - 0.5)
     rb = optimize(LIN, "pretrain_test_error", "lam", bounds={"lam": (1e-3, hi)})

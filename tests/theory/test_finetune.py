@@ -242,8 +242,8 @@ def test_frozen_baseline_and_large_lam_ft_limit():
         r = solve_finetune_effective(p.replace(lam_ft=lam_ft), 2.0, 2.0, 1.0, n_mc=3000, seed=0)
         gap = abs(r.finetune_test_error - fr.finetune_test_error)
         assert r.q < 1.0 / lam_ft
-        if prev is not None:
-            assert gap < prev
+        if prev is not None:  # monotone, until the frozen limit is reached to rounding (q -> 0 at large lam')
+            assert gap < prev or gap < 1e-12
         prev = gap
     assert prev < 1e-3
 

@@ -26,9 +26,9 @@ def test_damping_converges_an_oscillating_map_plain_iteration_cannot():
     f = lambda s: ({"x": 1.0 - 1.5 * (s["x"] - 1.0)}, None)  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonConvergenceWarning)
-        plain = iterate(f, {"x": 2.0}, mixing=1.0, tol=1e-10, max_iter=40, min_mixing=1.0)
+        plain = iterate(f, {"x": 2.0}, mixing=1.0, tol=1e-10, max_iter=40, min_mixing=1.0, anderson=0)
     assert not plain.converged
-    damped = iterate(f, {"x": 2.0}, mixing=0.5, tol=1e-10)
+    damped = iterate(f, {"x": 2.0}, mixing=0.5, tol=1e-10, anderson=0)
     assert damped.converged and damped.state["x"] == pytest.approx(1.0, abs=1e-9)
 
 
@@ -46,7 +46,16 @@ def test_nan_stops_and_is_not_converged():
     assert not r.converged and math.isnan(r.residual) and r.iterations == 1
 
 
-def test_bounds_clip_the_iterates_and_aux_is_the_last_call():
+def test_anderson_default_is_faster_than_damped_iteration_on_a_slow_contraction():
+    # F(x) = 0.95 x + 0.05: fixed point 1, contraction 0.95 (damped iteration needs ~500 steps for 1e-12)
+    f = lambda s: ({"x": 0.95 * s["x"] + 0.05}, None)  # noqa: E731
+    plain = iterate(f, {"x": 0.0}, mixing=1.0, tol=1e-12, anderson=0)
+    fast = iterate(f, {"x": 0.0}, mixing=1.0, tol=1e-12)
+    assert plain.converged and fast.converged and fast.state["x"] == pytest.approx(1.0, abs=1e-11)
+    assert fast.iterations <= 5 < 400 < plain.iterations
+
+
+def test_bounds_are_a_domain_and_aux_is_the_last_call():
     calls = []
 
     def f(s):
@@ -54,7 +63,7 @@ def test_bounds_clip_the_iterates_and_aux_is_the_last_call():
         return {"v": 0.5 * s["v"] + 1.0}, len(calls)
 
     r = iterate(f, {"v": -5.0}, bounds={"v": (0.1, np.inf)}, tol=1e-12, mixing=1.0)
-    assert calls[0] == 0.1  # the start was clipped into the box
+    assert calls[0] == 0.1  # the start was clipped into the box (later steps that leave it are shortened)
     assert r.converged and r.state["v"] == pytest.approx(2.0, abs=1e-11)
     assert r.aux == len(calls)
 

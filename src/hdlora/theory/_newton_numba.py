@@ -401,6 +401,8 @@ def newton_prox(
     out_res,
     out_conv,
     out_it,
+    ref,
+    out_merged,
 ):
     """Minimise f(x) = loss(x) + sum_i (x_i - a_i)^2 / (2 w_i) from x0, for every sample (rows).
 
@@ -414,7 +416,11 @@ def newton_prox(
       full step without test when the Hessian is positive definite and |step| <= trust (scale0 + |x|)
           (norm_kind 0: max-norm and '<=', 1: 2-norm and '<');
       else Armijo f(x + t s) <= f(x) + 1e-4 t g.s + armijo_rel |f(x)| for t = 1, 1/2, ... (n_try
-          values); if none passes, the last is taken (take_last) or the sample stays and stops.
+          values); if none passes, the last is taken (take_last) or the sample stays and stops;
+      merge radius opts[12] = rho > 0 (a global search start): a sample stops as *merged* (out_merged,
+          not converged) when, at a positive-definite Hessian of f, both x and its Newton step x + s lie
+          within rho (1 + |ref|_2) of ``ref`` (rows: a local minimiser already found): it is on its way
+          to that minimiser, and solving it again would only repeat it.  rho = 0: no merging (ref unused).
     Outputs at the point of the returned derivatives: f, loss, dloss/dx, d2loss/dx2 and aux.
     """
     n, k = x0.shape
@@ -430,6 +436,7 @@ def newton_prox(
     armijo_rel = opts[9]
     n_try = int(opts[10])
     take_last = opts[11] != 0.0
+    merge = opts[12] if opts.shape[0] > 12 else 0.0
     T = max(int(consts[0]), 1)
     X = np.empty((T, T))
     P = np.empty((T, T))
@@ -463,8 +470,15 @@ def newton_prox(
             dx = x[j] - a[j]
             f += dx * dx / (2.0 * w[j])
         conv = False
+        merged = False
         res = np.inf
         it = 0
+        rad = 0.0
+        if merge > 0.0:
+            rn = 0.0
+            for j in range(k):
+                rn += ref[s, j] * ref[s, j]
+            rad = merge * (1.0 + math.sqrt(rn))
         while True:
             if stop == 0:
                 res = 0.0
@@ -492,6 +506,17 @@ def newton_prox(
                     for j in range(k):
                         x[j] += step[j]
                     conv = True
+                    break
+            if merge > 0.0 and pd:
+                d0 = 0.0
+                d1 = 0.0
+                for j in range(k):
+                    e0 = x[j] - ref[s, j]
+                    e1 = e0 + step[j]
+                    d0 += e0 * e0
+                    d1 += e1 * e1
+                if math.sqrt(d0) <= rad and math.sqrt(d1) <= rad:
+                    merged = True
                     break
             if norm_kind == 0:
                 trusted = pd and snorm <= trust * (scale0 + xnorm)
@@ -556,6 +581,7 @@ def newton_prox(
         out_loss[s] = loss
         out_res[s] = res
         out_conv[s] = conv
+        out_merged[s] = merged
         out_it[s] = it
     return it_max
 
@@ -582,3 +608,88 @@ def evaluate_batch(kind, x, data, consts, order, out_g, out_H, out_aux):
         for j in range(out_aux.shape[1]):
             out_aux[s, j] = aux[j]
     return out
+
+
+@njit(cache=True, error_model="numpy")
+def pretrain_post(d, g, Hl, loss, V, s, full, out_psi, out_stat, out_jac, out_pd, out_rep, out_hess):
+    """What the pre-training prox (eq. 42) reports at h = z~ + d, per sample (rows), fused.
+
+    d (n, L) = h - z~; the gradient g (n, L), Hessian Hl (n, L, L) and value (n,) of the loss
+    l(h) = ||sigma(h) - sigma(z*)||^2 in the free entries.
+    In the normalised entries u = h / sqrt(s): A = V (-Hess_u Psi) = I + V S^1/2 Hl S^1/2, with
+    Cholesky factor C (a non-positive pivot marks the sample not positive definite and is replaced
+    by 1, as :func:`hdlora.theory.prox._cholesky_t` does):
+        psi = -loss - sum d^2 / (2 V s)      (Psi of eq. 42 at the prox),
+        jac = diag(A^-1) = sum_k (C^-1)_ki^2  (d Prox_ab / d z~_ab, for V_hat of eq. 51),
+        rep = ||I - A^-1||_F^2               (the sample term of eq. 75, when ``full``),
+        hess = -Hl - diag(1 / (V s))          (Hessian of Psi in h, when ``full``),
+        stat = max_ab |V s_ab g_ab + d_ab| / min(1, V)  (the stationarity residual of h = z~ - V s grad l).
+    """
+    n, L = d.shape
+    r = np.sqrt(s)
+    A = np.empty((L, L))
+    C = np.zeros((L, L))
+    Ci = np.zeros((L, L))
+    vmin = min(1.0, V)
+    for j in range(n):
+        acc = 0.0
+        st = 0.0
+        for a in range(L):
+            acc += d[j, a] * d[j, a] / (2.0 * V * s[a])
+            e = abs(V * s[a] * g[j, a] + d[j, a])
+            if e > st:
+                st = e
+        out_psi[j] = -loss[j] - acc
+        out_stat[j] = st / vmin
+        for a in range(L):
+            for b in range(L):
+                A[a, b] = V * Hl[j, a, b] * r[a] * r[b]
+            A[a, a] += 1.0
+        ok = True
+        for c in range(L):
+            for a in range(L):
+                C[a, c] = 0.0
+        for c in range(L):
+            dd = A[c, c]
+            for k in range(c):
+                dd -= C[c, k] * C[c, k]
+            if dd > 0:
+                cjj = math.sqrt(dd)
+            else:
+                ok = False
+                cjj = 1.0
+            C[c, c] = cjj
+            for i in range(c + 1, L):
+                acc = A[i, c]
+                for k in range(c):
+                    acc -= C[i, k] * C[c, k]
+                C[i, c] = acc / cjj
+        out_pd[j] = ok
+        # lower-triangular inverse, column by column
+        for c in range(L):
+            for a in range(L):
+                Ci[a, c] = 0.0
+        for c in range(L):
+            Ci[c, c] = 1.0 / C[c, c]
+            for i in range(c + 1, L):
+                acc = C[i, c] * Ci[c, c]
+                for k in range(c + 1, i):
+                    acc = acc + C[i, k] * Ci[k, c]
+                Ci[i, c] = -acc / C[i, i]
+        for a in range(L):
+            acc = 0.0
+            for k in range(L):
+                acc += Ci[k, a] * Ci[k, a]
+            out_jac[j, a] = acc
+        if full:
+            rep = 0.0
+            for a in range(L):
+                for b in range(L):
+                    inv = 0.0  # (A^-1)_ab = sum_k Ci_ka Ci_kb
+                    for k in range(L):
+                        inv += Ci[k, a] * Ci[k, b]
+                    e = (1.0 if a == b else 0.0) - inv
+                    rep += e * e
+                    out_hess[j, a, b] = -Hl[j, a, b]
+                out_hess[j, a, a] -= 1.0 / (V * s[a])
+            out_rep[j] = rep

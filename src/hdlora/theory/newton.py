@@ -150,6 +150,7 @@ class NewtonOutput:
     residual: np.ndarray  # (n,)
     converged: np.ndarray  # (n,) bool
     iterations: int  # max over samples
+    merged: np.ndarray  # (n,) bool: stopped on the way to ``ref`` (see :func:`minimise`)
 
 
 def minimise(
@@ -163,8 +164,15 @@ def minimise(
     rule: NewtonRule,
     *,
     n_aux: int = 0,
+    ref: np.ndarray | None = None,
+    merge_radius: float = 1e-2,
 ) -> NewtonOutput:
-    """Run the compiled Newton kernel on every row: min_x loss_kind(x; data) + sum (x - anchor)^2 / (2 w)."""
+    """Run the compiled Newton kernel on every row: min_x loss_kind(x; data) + sum (x - anchor)^2 / (2 w).
+
+    ``ref`` (n, k): a minimiser already found per sample (a global search's first start); a row whose
+    iterate, at a positive-definite Hessian, comes with its Newton step within ``merge_radius`` (1 + |ref|)
+    of it stops there as ``merged`` (not converged, its f not a minimum): it would end at ``ref``.
+    """
     K = kernel()
     x0 = np.ascontiguousarray(x0, dtype=np.float64)
     n, k = x0.shape
@@ -177,7 +185,16 @@ def minimise(
     out_res = np.empty(n)
     out_conv = np.empty(n, dtype=np.bool_)
     out_it = np.empty(n, dtype=np.int64)
+    out_merged = np.zeros(n, dtype=np.bool_)
     consts = np.array([float(T), 1.0 if softmax else 0.0])
+    opts = rule.as_array()
+    if ref is None:
+        ref = np.zeros((1, 1))
+    else:
+        ref = np.ascontiguousarray(ref, dtype=np.float64)
+        if ref.shape != (n, k) or not merge_radius > 0:
+            raise ValueError(f"ref must have shape {(n, k)} and merge_radius be > 0")
+        opts = np.append(opts, merge_radius)
     it = K.newton_prox(
         kind,
         x0,
@@ -185,7 +202,7 @@ def minimise(
         np.ascontiguousarray(w, dtype=np.float64),
         np.ascontiguousarray(data, dtype=np.float64),
         consts,
-        rule.as_array(),
+        opts,
         n_aux,
         out_x,
         out_f,
@@ -196,8 +213,12 @@ def minimise(
         out_res,
         out_conv,
         out_it,
+        ref,
+        out_merged,
     )
-    return NewtonOutput(out_x, out_f, out_loss, out_g, out_H, out_aux[:, :n_aux], out_res, out_conv, int(it))
+    return NewtonOutput(
+        out_x, out_f, out_loss, out_g, out_H, out_aux[:, :n_aux], out_res, out_conv, int(it), out_merged
+    )
 
 
 @dataclass(frozen=True)

@@ -378,7 +378,7 @@ def solve_pretrain(
             alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"], prox_tol=1e-11, multi_start=memo["global"]
         )
         # the warm-started prox must be the global maximiser: compare with a start at z* (interpolation)
-        alt = prox(z_star, z_tilde, V, act, init=z_star, multi_start=False, tol=1e-11, full=False)
+        alt = prox(z_star, z_tilde, V, act, init=z_star, multi_start=False, tol=1e-11, full=False, merge_ref=px.x)
         not_global = bool(np.any(alt.value > px.value + 1e-9 * (1.0 + np.abs(px.value))))
         if not_global and not memo["global"] and converged and iterations < max_iter:
             # the continuation followed a non-global branch: iterate again with multi-start proxes

@@ -264,33 +264,24 @@ def _inv_diag_t(C: np.ndarray) -> np.ndarray:
     return np.sum(Ci * Ci, axis=0)
 
 
-def _newton_t(d_t, y_t, zt_t, V, activation, T, tol, max_iter):
-    """Safeguarded Newton for min_delta f = -Psi(z~ + delta), all samples; arrays (L, n) token-first.
+def _newton_solve(d0, data, V, s, activation, T, tol, max_iter, ref=None):
+    """Safeguarded Newton for min_delta f = -Psi(z~ + delta), all samples; arrays sample-first (n, L).
 
     The unknown is the displacement delta = h - z~ (so that it keeps its relative precision
     when V -> 0).  Runs the one compiled prox kernel (:mod:`hdlora.theory.newton`, potential
-    PRETRAIN, rule :meth:`NewtonRule.pretrain`).  Returns (delta, loss, loss gradient, loss Hessian
-    at h = z~ + delta, iterations), token-first.
+    PRETRAIN, rule :meth:`NewtonRule.pretrain`); ``data`` rows are [z~ (L), sigma(z*) (T*T)].
     """
-    L, n = d_t.shape
-    s = _embedding(T)[2]
-    data = np.concatenate([zt_t.T, y_t.reshape(T * T, n).T], axis=1)
-    out = _newton.minimise(
+    n, L = d0.shape
+    return _newton.minimise(
         _newton.PRETRAIN,
-        d_t.T,
+        d0,
         np.zeros((n, L)),
         V * s,
         data,
         T,
         activation == "softmax",
         _newton.NewtonRule.pretrain(tol, max_iter, V),
-    )
-    return (
-        np.ascontiguousarray(out.x.T),
-        out.loss,
-        np.ascontiguousarray(out.grad.T),
-        np.ascontiguousarray(np.moveaxis(out.hess, 0, -1)),
-        out.iterations,
+        ref=ref,
     )
 
 
@@ -306,6 +297,7 @@ def prox(
     max_iter: int = 100,
     full: bool = True,
     closed_form: bool = True,
+    merge_ref: np.ndarray | None = None,
 ) -> ProxResult:
     """Prox(z*, z~) = argmax_h Psi(h; z*, z~) (eq. 16/41) for all samples at once.
 
@@ -325,6 +317,9 @@ def prox(
             the state-evolution iterations only need h and the Jacobian diagonal).
         closed_form: for the linear activation use the closed form of App. C (False runs the
             generic Newton path, for testing).
+        merge_ref: (n, L) a maximiser h already known per sample (a check from another start): a
+            sample whose Newton iterate comes close to it stops there (``merged`` in ``extra``, its
+            value -inf: it would end at merge_ref; see :func:`hdlora.theory.newton.minimise`).
 
     Returns:
         ProxResult: x (n, L) the maximiser h (upper triangle), value = max_h Psi, the Hessian of
@@ -345,35 +340,14 @@ def prox(
     T = tokens_from_L(z_star.shape[1])
     L = z_star.shape[1]
     s = _embedding(T)[2][:, None]
-    zs_t, zt_t = z_star.T.copy(), z_tilde.T.copy()
+    zs_t = z_star.T.copy()
+    if not (activation == "linear" and closed_form):
+        return _prox_newton(z_star, z_tilde, zs_t, V, activation, T, init, multi_start, tol, max_iter, full, merge_ref)
+    zt_t = z_tilde.T.copy()
     y_t = _sigma_t(_full_t(zs_t, T), activation)
-    iters = 0
-    if activation == "linear" and closed_form:
-        k = 4.0 * V / T**2
-        d_t = (k / (1.0 + k)) * (zs_t - zt_t)  # Prox - z~ (eq. 106)
-        loss, g, Hl = _loss_t(zt_t + d_t, y_t, T, activation)
-    else:
-        if multi_start is None:
-            multi_start = init is None
-        if init is not None:
-            init = np.asarray(init, dtype=float)
-            if init.shape != z_star.shape:
-                raise ValueError(f"init must have shape {z_star.shape}, got {init.shape}")
-        zero = np.zeros_like(zt_t)
-        starts = [init.T - zt_t] if init is not None else [zero]
-        if multi_start:
-            starts += [zs_t - zt_t] + ([zero] if init is not None else [])
-        best = None
-        for d0 in starts:
-            dc, lc, gc, Hc, it = _newton_t(d0, y_t, zt_t, V, activation, T, tol, max_iter)
-            iters += it
-            val = -lc - np.sum(dc * dc / (2.0 * V * s), axis=0)
-            if best is None:
-                d_t, loss, g, Hl, best = dc, lc, gc, Hc, val
-            else:
-                b = val > best + 1e-13 * np.abs(best)
-                if np.any(b):
-                    d_t[:, b], loss[b], g[:, b], Hl[:, :, b], best[b] = dc[:, b], lc[b], gc[:, b], Hc[:, :, b], val[b]
+    k = 4.0 * V / T**2
+    d_t = (k / (1.0 + k)) * (zs_t - zt_t)  # Prox - z~ (eq. 106)
+    loss, g, Hl = _loss_t(zt_t + d_t, y_t, T, activation)
     h_t = zt_t + d_t
     stat = np.max(np.abs(V * s * g + d_t), axis=0) / min(1.0, V)
     psi = -loss - np.sum(d_t * d_t / (2.0 * V * s), axis=0)
@@ -399,7 +373,65 @@ def prox(
         hessian=hess,
         residual=stat,
         converged=converged,
-        iterations=iters,
+        iterations=0,
         n_not_max=int(np.count_nonzero(~pd)),
         extra={"delta": d_t.T.copy(), "jacobian_diag": jac.T.copy(), "replicon": rep},
+    )
+
+
+def _prox_newton(
+    z_star, z_tilde, zs_t, V, activation, T, init, multi_start, tol, max_iter, full, merge_ref=None
+) -> ProxResult:
+    """:func:`prox` by the compiled Newton kernel, sample-first (n, L), with the fused report
+    (:func:`hdlora.theory._newton_numba.pretrain_post`): Psi, the stationarity residual, the Jacobian
+    diagonal, positive definiteness and, with ``full``, the replicon term and the Hessian."""
+    n, L = z_star.shape
+    s = _embedding(T)[2]
+    y = _sigma_t(_full_t(zs_t, T), activation).reshape(T * T, n).T
+    data = np.ascontiguousarray(np.concatenate([z_tilde, y], axis=1))
+    if multi_start is None:
+        multi_start = init is None
+    if init is not None:
+        init = np.asarray(init, dtype=float)
+        if init.shape != z_star.shape:
+            raise ValueError(f"init must have shape {z_star.shape}, got {init.shape}")
+    zero = np.zeros((n, L))
+    starts = [init - z_tilde] if init is not None else [zero]
+    if multi_start:
+        starts += [z_star - z_tilde] + ([zero] if init is not None else [])
+    K = _newton.kernel()
+    ref = None if merge_ref is None else np.asarray(merge_ref, dtype=float) - z_tilde
+    iters = 0
+    best = None
+    merged = np.zeros(n, dtype=bool)
+    for d0 in starts:
+        out = _newton_solve(d0, data, V, s, activation, T, tol, max_iter, ref)
+        iters += out.iterations
+        rep = np.empty(n)
+        hess = np.empty((n, L, L)) if full else np.empty((1, 1, 1))
+        cur = (out.x, np.empty(n), np.empty(n), np.empty((n, L)), np.empty(n, dtype=np.bool_), rep, hess)
+        K.pretrain_post(out.x, out.grad, out.hess, out.loss, float(V), s, full, *cur[1:])
+        if ref is not None:
+            cur[1][out.merged] = -np.inf
+            merged |= out.merged
+        if best is None:
+            best = cur
+        else:
+            b = cur[1] > best[1] + 1e-13 * np.abs(best[1])
+            if np.any(b):
+                for arr, new in zip(best, cur):
+                    if arr.shape[0] == n:
+                        arr[b] = new[b]
+    d, psi, stat, jac, pd, rep, hess = best
+    h = z_tilde + d
+    converged = (stat <= tol) & pd & np.all(np.isfinite(h), axis=1)
+    return ProxResult(
+        x=h,
+        value=psi,
+        hessian=hess if full else None,
+        residual=stat,
+        converged=converged,
+        iterations=iters,
+        n_not_max=int(np.count_nonzero(~pd)),
+        extra={"delta": d, "jacobian_diag": jac, "replicon": rep if full else None, "merged": merged},
     )

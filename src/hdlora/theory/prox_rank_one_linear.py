@@ -74,23 +74,22 @@ def _solve_secular_t(
     a2 = yt * yt
     pole = r_lo > 0
     ynorm = np.sqrt(a2.sum(axis=0))
-    lo = np.zeros(n)
     hi = (ynorm / c) ** (2.0 / 3.0) * (1.0 + 1e-12) + 1e-300  # F(hi) >= 0 (phi(hi) <= |y~|^2/(c hi)^2 <= hi)
     s = np.where(pole, np.minimum(1e-12 * (1.0 + r_lo), hi), 0.0)
     if r0 is not None:
         s = np.where(np.isfinite(r0), np.clip(np.asarray(r0, dtype=np.float64) - r_lo, s, hi), s)
 
+    # the unfinished samples are kept compacted (their s, bracket and data), written back when done
     idx = np.arange(n)
     it = 0
-    ei, a2i, rli, pi = e, a2, r_lo, pole
+    si, loi, hii, ei, a2i, rli, pi = s, np.zeros(n), hi, e, a2, r_lo, pole
+    s = s.copy()
     while idx.size and it < max_iter:
         it += 1
-        si = s[idx]
         h, dh = _secular_function(si, ei, a2i, c, rli, pi)
         neg = h < 0
-        loi = np.where(neg, np.maximum(lo[idx], si), lo[idx])
-        hii = np.where(neg, hi[idx], np.minimum(hi[idx], si))
-        lo[idx], hi[idx] = loi, hii
+        loi = np.where(neg, np.maximum(loi, si), loi)
+        hii = np.where(neg, hii, np.minimum(hii, si))
         with np.errstate(divide="ignore", invalid="ignore"):
             cand = si - h / dh
         bad = ~np.isfinite(cand) | (cand < loi) | (cand > hii)
@@ -102,11 +101,18 @@ def _solve_secular_t(
             | (h == 0)
             | (hii - loi <= 1e-15 * (rli + hii))
         )
-        s[idx] = new
-        keep = ~done
-        if not keep.all():
-            idx = idx[keep]
+        if done.all():
+            s[idx] = new
+            break
+        if done.any():
+            s[idx[done]] = new[done]
+            keep = ~done
+            idx, si, loi, hii = idx[keep], new[keep], loi[keep], hii[keep]
             ei, a2i, rli, pi = ei[:, keep], a2i[:, keep], rli[keep], pi[keep]
+        else:
+            si = new
+    else:
+        s[idx] = si
     r = r_lo + s
     d = e + c * s
     with np.errstate(divide="ignore", invalid="ignore"):
