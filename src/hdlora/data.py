@@ -160,7 +160,7 @@ def draw_teacher(
         frame = w_star.reshape(D, -1)
         Q, R = torch.linalg.qr(frame)
         Q = Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)
-        w_star = (math.sqrt(D) * Q).reshape(w_star.shape)
+        w_star = (math.sqrt(D) * Q).reshape(w_star.shape).contiguous()  # QR's Q is column-major
     if strengths is not None and any(s != 1.0 for s in strengths):
         if len(strengths) != rank:
             raise ParamError(f"teacher_strengths must have {rank} entries (teacher_rank), got {strengths!r}")

@@ -157,7 +157,7 @@ def starts(
                 w0 = torch.cat([w0, pad], dim=1)
             if rank == 1:
                 w0 = w0[:, 0].contiguous()
-        out.append(("informed", w0))
+        out.append(("informed", w0.contiguous()))  # L-BFGS views its gradient flat
     shape = (D,) if rank == 1 else (D, rank)
     out += [
         (f"random{k}", init_scale * torch.randn(*shape, generator=g, device=dev, dtype=dt)) for k in range(restarts)
