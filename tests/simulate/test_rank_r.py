@@ -272,16 +272,15 @@ def test_r_equal_r_star_recovers_the_teacher_without_noise(informed, restarts):
         # the informed start is already near the minimiser: its gradient is tiny at the start, and a
         # relative tolerance of 1e-6 of it may stall in rounding; judge the end gradient absolutely
         warnings.simplefilter("ignore")
-        out = run_seed(
-            p, 40, 0, effective=PERFECT, teacher="orthonormal", informed_start=informed, restarts=restarts
-        )
+        out = run_seed(p, 40, 0, effective=PERFECT, teacher="orthonormal", informed_start=informed, restarts=restarts)
     assert out["finetune_grad_norm"] < 1e-7, out["finetune_grad_norm"]
     assert out["overlap"] > 0.99, out["overlap"]
     assert min(out["principal_cosines"]) > 0.99, out["principal_cosines"]
     assert torch.allclose(torch.tensor(out["m_singular_values"]), torch.tensor([1.0, 0.36]), atol=0.05)
-    assert out["finetune_test_error"] < 0.05 * run_seed(p.replace(lam_ft=math.inf), 40, 0, effective=PERFECT)[
-        "finetune_test_error"
-    ]
+    assert (
+        out["finetune_test_error"]
+        < 0.05 * run_seed(p.replace(lam_ft=math.inf), 40, 0, effective=PERFECT)["finetune_test_error"]
+    )
 
 
 def test_extra_directions_vanish_under_a_large_ridge():

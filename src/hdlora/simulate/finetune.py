@@ -199,9 +199,7 @@ def finetune(
     if math.isinf(lam_ft):
         return FineTuned(zero, train_error(zero, data, sigma, loss, chunk), "frozen", {}, None)
     g = generator(seed, "finetune_init", data.X.device)
-    todo = starts(
-        w_star, rank, g, restarts=restarts, init_scale=init_scale, informed=informed, pad_scale=pad_scale
-    )
+    todo = starts(w_star, rank, g, restarts=restarts, init_scale=init_scale, informed=informed, pad_scale=pad_scale)
     if not todo:
         raise ValueError("need at least one start: informed=True or restarts >= 1")
     vg = finetune_value_and_grad(data, sigma, lam_ft, loss, chunk)

@@ -318,7 +318,7 @@ def run_seed(
 
     # ---------------------------------------------------------------- stage 1
     out["teacher"] = teacher
-    teacher = draw_teacher(
+    target_model = draw_teacher(  # the Teacher (``teacher`` is its kind)
         D,
         0 if eff else sizes["P0"],
         seed,
@@ -328,7 +328,7 @@ def run_seed(
         kind=teacher,
     )
     if eff is None:
-        pre = pretrain_dataset(sizes["N"], T, params.noise, teacher, seed, dev)
+        pre = pretrain_dataset(sizes["N"], T, params.noise, target_model, seed, dev)
         width, lam = sizes["P"], params.lam
         if reduce_width and width > D:
             width, lam = D, params.lam * math.sqrt(width / D)
@@ -336,7 +336,7 @@ def run_seed(
             pre, width=width, lam=lam, sigma=sigma, loss=loss, seed=seed, rtol=pretrain_rtol, max_iter=pretrain_max_iter
         )
         W_hat = pt.W
-        out.update(order_parameters(W_hat, teacher))
+        out.update(order_parameters(W_hat, target_model))
         out["pretrain_train_error"] = pt.train_error
         o = pt.optim
         out.update(_optim_keys("pretrain", o, pt.train_error))
@@ -386,7 +386,7 @@ def run_seed(
                 params.noise,
                 beta,
                 sigma,
-                teacher,
+                target_model,
                 W_hat,
                 seed,
                 dev,
@@ -395,12 +395,22 @@ def run_seed(
         else:
             assert storage is not None  # chosen above whenever eff is set
             sel = effective_pool(
-                sizes["N_pool"], sizes["N_ft"], T, eff, params.noise, beta, sigma, teacher, seed, dev, storage=storage
+                sizes["N_pool"],
+                sizes["N_ft"],
+                T,
+                eff,
+                params.noise,
+                beta,
+                sigma,
+                target_model,
+                seed,
+                dev,
+                storage=storage,
             )
         ft, ft_star = sel.active, sel.active_z_star
     elif eff is None:
         ft = finetune_dataset(
-            sizes["N_ft"], T, params.noise, teacher, seed, dev, reuse_from=pre if params.reuse else None
+            sizes["N_ft"], T, params.noise, target_model, seed, dev, reuse_from=pre if params.reuse else None
         )
         if W_hat is None:
             z_frozen = torch.zeros_like(ft.z_star)
@@ -410,13 +420,13 @@ def run_seed(
             for sl in _chunks(ft.n, default_chunk(T, W_hat.shape[1])):
                 z_frozen[sl] = quadratic_field(ft.X[sl], W_hat, tr)
         ft = ft.with_frozen(beta * z_frozen)  # recalibration: S_hat -> beta S_hat (eq. 26)
-        ft_star = ft.z_star - lora_field(ft.X, teacher.w_star)[1]
+        ft_star = ft.z_star - lora_field(ft.X, target_model.w_star)[1]
     else:
         assert storage is not None  # chosen above whenever eff is set
-        ft = effective_finetune_dataset(sizes["N_ft"], T, params.noise, eff, teacher, seed, dev, storage=storage)
+        ft = effective_finetune_dataset(sizes["N_ft"], T, params.noise, eff, target_model, seed, dev, storage=storage)
         assert ft.z_frozen is not None  # effective_finetune_dataset sets the frozen fields
         ft = ft.with_frozen(beta * ft.z_frozen)
-        ft_star = ft.z_star - _lora_field(ft.X, teacher.w_star)
+        ft_star = ft.z_star - _lora_field(ft.X, target_model.w_star)
     del pre
     assert ft.z_frozen is not None  # every branch above sets the frozen fields
     out["delta_eff_measured"] = delta_eff_measured(ft_star, ft.z_frozen)
@@ -431,12 +441,12 @@ def run_seed(
         max_iter=finetune_max_iter,
         rank=params.lora_rank,
     )
-    fr = finetune(ft, teacher.w_star, **ft_kwargs)
-    out.update(_finetune_record(fr, teacher, seed, finetune_rtol))
+    fr = finetune(ft, target_model.w_star, **ft_kwargs)
+    out.update(_finetune_record(fr, target_model, seed, finetune_rtol))
     fr_u = None
     if sel is not None and compare_uniform:  # the same pool, uniformly: its first N'
-        fr_u = finetune(sel.uniform, teacher.w_star, **ft_kwargs)
-        rec = _finetune_record(fr_u, teacher, seed, finetune_rtol, what="uniform fine-tuning")
+        fr_u = finetune(sel.uniform, target_model.w_star, **ft_kwargs)
+        rec = _finetune_record(fr_u, target_model, seed, finetune_rtol, what="uniform fine-tuning")
         out.update(
             {
                 f"uniform_{k}": rec[k]
@@ -458,7 +468,7 @@ def run_seed(
 
     # ---------------------------------------------------------------- test errors
     test_kwargs: dict[str, Any] = dict(
-        teacher=teacher,
+        teacher=target_model,
         W_hat=W_hat,
         beta=beta,
         T=T,
@@ -482,7 +492,7 @@ def run_seed(
             out.setdefault(k, nan)
     stage("test")
     if return_weights:
-        out.update({"W_hat": W_hat, "w_hat": fr.w, "W_star": teacher.W_star, "w_star": teacher.w_star})
+        out.update({"W_hat": W_hat, "w_hat": fr.w, "W_star": target_model.W_star, "w_star": target_model.w_star})
     out["wall_time"] = time.perf_counter() - t0
     return out
 
@@ -640,7 +650,8 @@ def run(
     finally:
         if bar is not None:
             bar.close()
-    mean, se = {}, {}
+    mean: dict[str, Any] = {}  # floats; lists for VECTOR_KEYS
+    se: dict[str, Any] = {}
     n = len(records)
     for k in KEYS + (ACTIVE_KEYS if params.active_pool is not None else ()):
         v = np.array([r[k] for r in records], dtype=float)
@@ -648,7 +659,7 @@ def run(
         se[k] = float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
     for k in VECTOR_KEYS:  # entry by entry, when every seed has a list of the same length
         lists = [r.get(k) for r in records]
-        if lists and all(isinstance(x, list) for x in lists) and len({len(x) for x in lists}) == 1:
+        if all(isinstance(x, list) for x in lists) and len({len(x) for x in lists if isinstance(x, list)}) == 1:
             a = np.array(lists, dtype=float).reshape(n, -1)
             mean[k] = a.mean(axis=0).tolist()
             se[k] = (a.std(axis=0, ddof=1) / math.sqrt(n)).tolist() if n > 1 else [math.nan] * a.shape[1]

@@ -3,6 +3,7 @@
 Run once on commit dfcdafa (before the rank-r simulator): .venv/bin/python tests/simulate/data/make_rank_one_reference.py tests/simulate/data/rank_one_reference.json
 The rank-r code must reproduce these numbers bit for bit at r = r* = 1.
 """
+
 import json
 import math
 import sys
@@ -13,7 +14,6 @@ import torch
 from hdlora import Params
 from hdlora.data import draw_teacher
 from hdlora.simulate import run_seed
-
 
 SMALL = dict(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5, lam=0.1, lam_ft=0.5)
 CASES = {
