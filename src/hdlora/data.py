@@ -19,6 +19,11 @@ Conventions (paper eqs. 1, 6, 31-36):
   ``z* = X S* X^T / D - delta_ab Tr(S*)/D + xi``;
 * fine-tuning target pre-activation (eq. 6, right)
   ``z*' = z* + chi* chi*^T - (||w*||^2 / D) I``, ``chi* = X w* / sqrt(D)`` (eq. 12);
+* rank r* (beyond the paper, issue 11): ``w*`` (D x r*) with columns ``s_k g_k``, ``g_k`` i.i.d.
+  N(0, I_D), and ``z*' = z* + chi* chi*^T - tr(q0) I`` with ``chi* = X w*/sqrt(D)`` (T x r*) and
+  ``q0 = w*^T w*/D`` of the drawn teacher (the finite-D convention of rank one); the same formula
+  gives the student's field ``chi chi^T - tr(q) I`` of a LoRA ``w`` (D x r).  Rank one keeps
+  vectors (D,), so its numbers are those of the paper's code path bit for bit;
 * the outputs ``y = sigma(z*) X`` are never materialised: the sequence loss
   only needs ``sigma(z*)`` and the token Gram matrix ``G = X X^T / D`` (eq. 29).
 
@@ -58,6 +63,7 @@ _STREAMS = {
     "effective_finetune_test": 10,
     "pool": 11,
     "pool_tokens": 12,
+    "teacher_columns": 13,
 }
 
 
@@ -74,9 +80,15 @@ def generator(seed: int, stream: str, device: torch.device | str = "cpu") -> tor
 
 
 # --------------------------------------------------------------------------- teacher
+#: How the fine-tuning teacher w* is drawn: i.i.d. Gaussian columns (eq. 6), or sqrt(D) times an
+#: orthonormal frame (q0 = diag(s_k^2) exactly at any D, for low-noise validation; issue 11).
+TEACHERS = ("gaussian", "orthonormal")
+
+
 @dataclass(frozen=True)
 class Teacher:
-    """Target weights (eq. 6): ``W*`` (D x P0) and ``w*`` (D,), i.i.d. N(0, 1)."""
+    """Target weights (eq. 6): ``W*`` (D x P0), i.i.d. N(0, 1), and the fine-tuning teacher ``w*``:
+    a vector (D,) at rank r* = 1 (the paper), a matrix (D, r*) at rank r* >= 2."""
 
     W_star: torch.Tensor
     w_star: torch.Tensor
@@ -90,25 +102,70 @@ class Teacher:
         return self.W_star.shape[1]
 
     @property
+    def rank(self) -> int:
+        """r*, the number of columns of w*."""
+        return 1 if self.w_star.dim() == 1 else self.w_star.shape[1]
+
+    @property
     def trace_S_star(self) -> float:
         """Tr S* = ||W*||_F^2 / sqrt(P0) (eq. 31, 34)."""
         return float((self.W_star**2).sum()) / math.sqrt(self.P0)
 
     @property
     def q0(self) -> float:
-        """q0 = ||w*||^2 / D (eq. 9); -> 1 as D -> inf."""
-        return float(self.w_star @ self.w_star) / self.D
+        """q0 = ||w*||^2 / D (eq. 9), tr(w*^T w*)/D at rank r*; -> sum_k s_k^2 as D -> inf."""
+        if self.w_star.dim() == 1:
+            return float(self.w_star @ self.w_star) / self.D
+        return float((self.w_star * self.w_star).sum()) / self.D
 
 
-def draw_teacher(D: int, P0: int, seed: int, device="cpu") -> Teacher:
-    """W* (D x P0) and w* (D,) with i.i.d. N(0, 1) entries (eq. 6).
+def check_teacher(teacher: str) -> str:
+    if teacher not in TEACHERS:
+        raise ParamError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
+    return teacher
+
+
+def draw_teacher(
+    D: int,
+    P0: int,
+    seed: int,
+    device="cpu",
+    *,
+    rank: int = 1,
+    strengths: tuple[float, ...] | None = None,
+    kind: str = "gaussian",
+) -> Teacher:
+    """W* (D x P0) with i.i.d. N(0, 1) entries and w* (eq. 6; rank r* beyond the paper).
 
     w* is drawn first, so it does not depend on P0 (``P0 = 0`` is used by the
-    effective mode, which needs only w*).
+    effective mode, which needs only w*).  At rank r* >= 2 the columns g_2, ..., g_r* are drawn
+    from their own stream ``teacher_columns`` (rows of one (r* - 1) x D draw), so neither W* nor
+    g_1 depends on r*: g_1 is the rank-one w*, and the pre-training does not depend on r*.
+    ``strengths`` (s_k, default all 1) scale the columns: w*_k = s_k g_k.  ``kind='orthonormal'``
+    replaces (g_1, ..., g_r*) by sqrt(D) times the Q of their QR decomposition (signs such that
+    Q_k . g_k > 0), so that q0 = w*^T w*/D = diag(s_k^2) up to rounding.  At r* = 1, s = 1,
+    Gaussian the draws and the returned tensors are exactly those of the paper's model.
     """
+    check_teacher(kind)
+    if rank > D:
+        raise ParamError(f"teacher_rank (r*) must be <= dim (D) = {D}, got {rank}; lower it or raise dim")
     g = generator(seed, "teacher", device)
     w_star = torch.randn(D, generator=g, device=device, dtype=DTYPE)
     W_star = torch.randn(D, P0, generator=g, device=device, dtype=DTYPE)
+    if rank > 1:
+        g_cols = generator(seed, "teacher_columns", device)
+        rest = torch.randn(rank - 1, D, generator=g_cols, device=device, dtype=DTYPE)
+        w_star = torch.cat([w_star.unsqueeze(0), rest]).T.contiguous()  # (D, r*)
+    if kind == "orthonormal":
+        frame = w_star.reshape(D, -1)
+        Q, R = torch.linalg.qr(frame)
+        Q = Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)
+        w_star = (math.sqrt(D) * Q).reshape(w_star.shape).contiguous()  # QR's Q is column-major
+    if strengths is not None and any(s != 1.0 for s in strengths):
+        if len(strengths) != rank:
+            raise ParamError(f"teacher_strengths must have {rank} entries (teacher_rank), got {strengths!r}")
+        s = torch.tensor(strengths, dtype=DTYPE, device=device)
+        w_star = w_star * (s[0] if rank == 1 else s)
     return Teacher(W_star, w_star)
 
 
@@ -134,6 +191,18 @@ def rank_one_field(X: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torc
     D = w.shape[0]
     chi = X @ w / math.sqrt(D)
     field = chi.unsqueeze(-1) * chi.unsqueeze(-2) - eye(X.shape[-2], X.device) * (w @ w / D)
+    return chi, field
+
+
+def lora_field(X: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LoRA field of a vector w (D,) (:func:`rank_one_field`, the paper's rank one) or of a
+    matrix w (D, r): ``chi = X w / sqrt(D)`` (T x r) and ``chi chi^T - tr(q) I`` with
+    ``q = w^T w / D`` of this w (issue 11; differentiable in w, centering included)."""
+    if w.dim() == 1:
+        return rank_one_field(X, w)
+    D = w.shape[0]
+    chi = X @ w / math.sqrt(D)
+    field = chi @ chi.transpose(-1, -2) - eye(X.shape[-2], X.device) * ((w * w).sum() / D)
     return chi, field
 
 
@@ -205,8 +274,9 @@ def pretrain_target(X: torch.Tensor, xi: torch.Tensor, teacher: Teacher, chunk: 
 
 
 def finetune_target(X: torch.Tensor, z_star_pre: torch.Tensor, teacher: Teacher) -> torch.Tensor:
-    """``z*' = z* + chi* chi*^T - (||w*||^2/D) I`` (eq. 6, population centering eq. 34)."""
-    return z_star_pre + rank_one_field(X, teacher.w_star)[1]
+    """``z*' = z* + chi* chi*^T - (||w*||^2/D) I`` (eq. 6, population centering eq. 34);
+    ``- tr(q0) I`` at rank r*."""
+    return z_star_pre + lora_field(X, teacher.w_star)[1]
 
 
 def pretrain_dataset(
@@ -427,7 +497,8 @@ class Tokens:
 
 
 def tokens_with_fields(n: int, T: int, D: int, g: torch.Generator, device, storage: str, w_star: torch.Tensor):
-    """Draw tokens X (n, T, D) from ``g`` and return ``(X, G, chi* chi*^T - (||w*||^2/D) I)``.
+    """Draw tokens X (n, T, D) from ``g`` and return ``(X, G, chi* chi*^T - (||w*||^2/D) I)``
+    (``- tr(q0) I`` for a teacher of rank r*, :func:`lora_field`).
 
     ``storage='float64'``: one draw, exactly as :func:`draw_tokens` (X a tensor).  Otherwise the
     draw is made chunk by chunk of :func:`token_chunk` sequences (on CPU the same numbers as one
@@ -439,7 +510,7 @@ def tokens_with_fields(n: int, T: int, D: int, g: torch.Generator, device, stora
         raise ParamError(f"token storage must be one of {TOKEN_STORAGE}, got {storage!r}")
     if storage == "float64":
         X = draw_tokens(n, T, D, g, device)
-        return X, gram(X), rank_one_field(X, w_star)[1]
+        return X, gram(X), lora_field(X, w_star)[1]
     chunk = token_chunk(T, D)
     G = torch.empty(n, T, T, dtype=DTYPE, device=device)
     field = torch.empty(n, T, T, dtype=DTYPE, device=device)
@@ -450,7 +521,7 @@ def tokens_with_fields(n: int, T: int, D: int, g: torch.Generator, device, stora
             states.append(g.get_state())
         Xc = draw_tokens(sl.stop - sl.start, T, D, g, device)
         G[sl] = gram(Xc)
-        field[sl] = rank_one_field(Xc, w_star)[1]
+        field[sl] = lora_field(Xc, w_star)[1]
         if data is not None:
             data[sl] = Xc.to(torch.float32)
     return Tokens(n, T, D, device, storage, chunk, data, states), G, field

@@ -18,7 +18,8 @@ the arrays a run holds at its peak, beyond the interpreter and its imported modu
   (N x T x D tokens plus N x T x T fields), the L-BFGS state (``history_size`` = 50 pairs of
   vectors of the size of W), the fine-tuning set (N' x T x D tokens unless reused, as float64,
   float32 or regenerated, see :data:`hdlora.data.TOKEN_STORAGE`), the chunk temporaries and the
-  streamed test set;
+  streamed test set; at LoRA rank r (teacher rank r*) the fine-tuning weights are D x r, their
+  L-BFGS state 2 x 50 vectors of D r numbers, the starts D r each, the token passes T x r;
 * state evolution: O(n_mc T^2) Monte-Carlo samples (with the active pool n_mc / rho).
 
 The byte counts are a model of the code, checked by tests that run small cases in a
@@ -362,7 +363,11 @@ def simulate_estimate(
         width = D
     pretrained = not effective and not math.isinf(lam)
     n_test = 10 * D if n_test is None else int(n_test)
-    parts: dict[str, float] = {"torch runtime": 0 if _is_cuda(device) else TORCH_RUNTIME, "teacher": F64 * (D * P0 + D)}
+    r, r_star = params.lora_rank, params.teacher_rank
+    parts: dict[str, float] = {
+        "torch runtime": 0 if _is_cuda(device) else TORCH_RUNTIME,
+        "teacher": F64 * (D * P0 + D * r_star),
+    }
     choices: dict[str, Any] = {}
     flops = 0.0
     rng = 0.0
@@ -419,15 +424,21 @@ def simulate_estimate(
     parts["fine-tuning chunks"] = (
         F64 * (3 * min(Nf, cf) * T * D + 12 * min(Nf, cf) * T2) if storage != "float64" else F64 * 12 * min(Nf, cf) * T2
     )
-    parts["fine-tuning L-BFGS state"] = F64 * (2 * HISTORY + 8) * D
+    # the LoRA w (D x r): L-BFGS history and work vectors, and the starts held at once
+    parts["fine-tuning L-BFGS state"] = F64 * (2 * HISTORY + 8) * D * r
+    parts["LoRA starts"] = F64 * D * r * (int(restarts) + (1 if informed_start else 0))
+    if r + r_star > 2:  # chi (T x r) and chi* (T x r*) of a chunk, with their gradients
+        parts["fine-tuning chunks"] += F64 * 3 * min(Nf, cf) * T * (r + r_star)
     sub = token_chunk(T, max(D, width))
     parts["test chunks"] = F64 * (min(n_test, sub) * T * (D + 2 * width) + 16 * min(4096, n_test) * T2)
     # time: token passes of the fine-tuning evaluations (+ redraws), dense products, draws
     passes = ft_evals * sets * Nf * T * D
+    if r > 1:  # X w (T x D times D x r) forward and backward: dense products beyond the token pass
+        flops += ft_evals * sets * 4.0 * Nf * T * D * r
     token_s = passes / TOKEN_PASS_PER_S * (FLOAT32_PASS_COST if storage == "float32" else 1.0)
     if storage == "regenerate":
         rng += passes
-    flops += 2 * n_test * 2.0 * T * D * (P0 + width + 4) * sets
+    flops += 2 * n_test * 2.0 * T * D * (P0 + width + 2 + r + r_star) * sets
     rng += 2 * n_test * T * D + (N + Nf) * T * D
     speed = GPU_SPEEDUP if _is_cuda(device) else 1.0
     seconds = n_seeds * (flops / CPU_FLOPS + token_s + rng / RNG_PER_S) / speed

@@ -194,6 +194,7 @@ def _option_rules(kind: str) -> dict[str, tuple[Callable[[Any], bool], str] | No
             "warn": _RULE_BOOL,
         }
     if kind == "simulate":
+        from hdlora.data import TEACHERS
         from hdlora.simulate.losses import LOSSES
         from hdlora.simulate.run import OPTIMAL_BETA
 
@@ -214,6 +215,7 @@ def _option_rules(kind: str) -> dict[str, tuple[Callable[[Any], bool], str] | No
             "n_test": _rule_int(1),
             "optimal_beta": _rule_choice(*OPTIMAL_BETA),
             "compare_uniform": _RULE_BOOL,
+            "teacher": _rule_choice(*TEACHERS),
         }
     if kind == "bayes_optimal":
         return {

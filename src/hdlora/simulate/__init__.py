@@ -1,4 +1,4 @@
-"""Finite-dimension simulator: pre-training (eq. 2) + rank-one LoRA (eq. 3) by L-BFGS.
+"""Finite-dimension simulator: pre-training (eq. 2) + LoRA (eq. 3; rank one, or rank r beyond the paper) by L-BFGS.
 
 ``run(params, dim, seeds)`` averages :func:`run_seed` over seeds; see
 :mod:`hdlora.simulate.run` for the keys.
@@ -13,6 +13,7 @@ __all__ = [
     "SimulationResult",
     "KEYS",
     "ACTIVE_KEYS",
+    "VECTOR_KEYS",
     "EFFECTIVE_NAN_KEYS",
     "OPTIMAL_BETA",
     "ConvergenceWarning",

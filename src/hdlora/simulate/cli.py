@@ -1,4 +1,8 @@
-"""``hdlora simulate``: the finite-D simulation (pre-training + rank-one LoRA) from the command line."""
+"""``hdlora simulate``: the finite-D simulation (pre-training + LoRA) from the command line.
+
+Rank r (beyond the paper, issue 11): ``--lora-rank R --teacher-rank RS [--teacher-strengths 1,0.5]
+[--teacher gaussian|orthonormal]``; the defaults are the paper's rank-one model.
+"""
 
 from __future__ import annotations
 
@@ -55,14 +59,43 @@ _ACTIVE_TABLE_KEYS = (
     "selection_score_pool",
 )
 _BETA_WORDS = {"optimal": "measured", "optimal-measured": "measured", "optimal-theory": "theory"}
+#: how the fine-tuning teacher is drawn (the same as :data:`hdlora.data.TEACHERS`, not imported: torch)
+TEACHERS = ("gaussian", "orthonormal")
+#: lists of the rank-r LoRA shown in the table when r or r* > 1 (seed means, entry by entry)
+_RANK_TABLE_KEYS = ("q_eigenvalues", "m_singular_values", "principal_cosines")
 
 
 def _beta(text: str):
     return text if text in _BETA_WORDS else _float(text)
 
 
+def _strengths(text: str) -> str:
+    """``--teacher-strengths 1,0.5``: passed on as text, checked (count, > 0) by :class:`hdlora.Params`."""
+    return text
+
+
+def add_rank_arguments(p: argparse.ArgumentParser) -> None:
+    """The rank-r LoRA flags (issue 11, beyond the paper): fields of :class:`hdlora.Params`."""
+    g = p.add_argument_group("rank-r LoRA (beyond the paper; defaults: the paper's rank one)")
+    g.add_argument("--lora-rank", type=integer, default=1, help="r: rank of the LoRA update w (D x r)")
+    g.add_argument("--teacher-rank", type=integer, default=1, help="r*: rank of the fine-tuning teacher w* (D x r*)")
+    g.add_argument(
+        "--teacher-strengths",
+        type=_strengths,
+        default=None,
+        help="s_1,...,s_r*: column strengths of w* (w*_k = s_k g_k, q0 -> diag(s_k^2)); default all 1",
+    )
+    g.add_argument(
+        "--teacher",
+        choices=TEACHERS,
+        default="gaussian",
+        help="w*: i.i.d. Gaussian columns (eq. 6) or sqrt(D) x an orthonormal frame (q0 = diag(s_k^2) exactly)",
+    )
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_param_arguments(p)
+    add_rank_arguments(p)
     g = p.add_argument_group("simulation")
     g.add_argument(
         "--beta",
@@ -136,7 +169,14 @@ def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of 
     from .run import run as simulate_run  # the library function, not this one
 
     optimal = _BETA_WORDS.get(args.beta) if isinstance(args.beta, str) else None
-    params = params_from_args(args, beta=1.0 if optimal else args.beta, active_pool=args.active_pool)
+    params = params_from_args(
+        args,
+        beta=1.0 if optimal else args.beta,
+        active_pool=args.active_pool,
+        lora_rank=args.lora_rank,
+        teacher_rank=args.teacher_rank,
+        teacher_strengths=args.teacher_strengths,
+    )
     eff_vals = {"Q0": args.effective_Q0, "Q": args.effective_Q, "M": args.effective_M}
     given = [k for k, v in eff_vals.items() if v is not None]
     if given and len(given) != 3:
@@ -166,6 +206,7 @@ def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of 
             progress=not args.quiet,
             reduce_width=args.reduce_width,
             optimal_beta=optimal,
+            teacher=args.teacher,
         )
     messages = [str(w.message) for w in caught]
     d = res.to_dict()
@@ -184,6 +225,11 @@ def run(args: argparse.Namespace) -> int:  # noqa: F811 (the CLI entry point of 
                 rows[k] = _count(d.get("per_seed", ()), k, _BOOL_WORDS[k]) or "n/a"
             else:
                 rows[k] = _mean_se(d[k], d.get(k + "_se"), d["n_seeds"])
+        if not params.rank_one or args.teacher != "gaussian":
+            rows["lora_rank, teacher_rank"] = f"{params.lora_rank}, {params.teacher_rank} ({args.teacher} teacher)"
+            for k in _RANK_TABLE_KEYS:
+                if isinstance(d.get(k), list):
+                    rows[k] = "[" + ", ".join(f"{x:.4g}" for x in d[k]) + "]"
         rows["seeds"] = d["n_seeds"]
         rows["wall time [s]"] = f"{d['wall_time_total']:.1f}"
         print(

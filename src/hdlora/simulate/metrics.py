@@ -20,8 +20,8 @@ from ..data import (
     draw_tokens,
     effective_fields,
     generator,
+    lora_field,
     quadratic_field,
-    rank_one_field,
     token_chunk,
 )
 from .losses import per_sample
@@ -54,6 +54,68 @@ def rank_one_parameters(w: torch.Tensor, w_star: torch.Tensor) -> dict:
     q, m, q0 = float(w @ w) / D, float(w @ w_star) / D, float(w_star @ w_star) / D
     overlap = abs(m) / math.sqrt(q * q0) if q > 0 and q0 > 0 else 0.0
     return {"q": q, "m": m, "q0": q0, "overlap": overlap}
+
+
+#: numerical rank of a LoRA w: singular values of w/sqrt(D) below this fraction of the largest are dropped
+RANK_RTOL = 1e-3
+
+
+def _matrix(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
+def numerical_basis(w: torch.Tensor, rtol: float = RANK_RTOL) -> torch.Tensor:
+    """Orthonormal basis (D x k) of span(w): left singular vectors of w/sqrt(D) whose singular
+    values are at least ``rtol`` times the largest (k = 0 when w = 0)."""
+    D = w.shape[0]
+    U, S, _ = torch.linalg.svd(_matrix(w) / math.sqrt(D), full_matrices=False)
+    if S.numel() == 0 or not float(S[0]) > 0:
+        return U[:, :0]
+    return U[:, S >= rtol * S[0]]
+
+
+def rank_r_parameters(w: torch.Tensor, w_star: torch.Tensor) -> dict:
+    """Invariants of a rank-r LoRA w (D x r, or a vector) against a rank-r* teacher (issue 11).
+
+    q = w^T w/D (r x r), m = w^T w*/D (r x r*), q0 = w*^T w*/D (r* x r*).  Returns the scalars
+    ``q`` = tr q, ``m`` = ||m||_F, ``q0`` = tr q0, ``overlap`` = ||m||_F / sqrt(||q||_F ||q0||_F)
+    (the paper's o_w at rank one; 0 when w = 0), the lists ``q_eigenvalues`` (descending),
+    ``m_singular_values`` (descending, min(r, r*)), ``principal_cosines`` (cosines of the principal
+    angles between span(w), numerical rank by :data:`RANK_RTOL`, and span(w*); descending;
+    empty when w = 0), ``w_singular_values`` (of w/sqrt(D)), ``numerical_rank`` and the matrices
+    ``q_matrix``, ``m_matrix``, ``q0_matrix`` as nested lists.  All invariant under w -> w O.
+    """
+    D = w.shape[0]
+    W, Ws = _matrix(w), _matrix(w_star)
+    q, m, q0 = W.T @ W / D, W.T @ Ws / D, Ws.T @ Ws / D
+    nq, nm, nq0 = (float(torch.linalg.matrix_norm(a)) for a in (q, m, q0))
+    overlap = nm / math.sqrt(nq * nq0) if nq > 0 and nq0 > 0 else 0.0
+    basis = numerical_basis(W)
+    star = numerical_basis(Ws)
+    cos = torch.linalg.svdvals(basis.T @ star) if basis.shape[1] and star.shape[1] else W.new_zeros(0)
+    return {
+        "q": float(torch.trace(q)),
+        "m": nm,
+        "q0": float(torch.trace(q0)),
+        "overlap": overlap,
+        "q_eigenvalues": torch.linalg.eigvalsh(q).flip(0).tolist(),
+        "m_singular_values": torch.linalg.svdvals(m).tolist(),
+        "principal_cosines": cos.clamp(max=1.0).tolist(),
+        "w_singular_values": torch.linalg.svdvals(W / math.sqrt(D)).tolist(),
+        "numerical_rank": int(basis.shape[1]),
+        "q_matrix": q.tolist(),
+        "m_matrix": m.tolist(),
+        "q0_matrix": q0.tolist(),
+    }
+
+
+def lora_parameters(w: torch.Tensor, w_star: torch.Tensor) -> dict:
+    """The order parameters reported for a LoRA: at r = r* = 1 exactly :func:`rank_one_parameters`
+    (q, signed m, q0, o_w) plus the rank-r lists; otherwise :func:`rank_r_parameters`."""
+    out = rank_r_parameters(w, w_star)
+    if w.dim() == 1 and w_star.dim() == 1:
+        out.update(rank_one_parameters(w, w_star))
+    return out
 
 
 def test_errors(
@@ -112,7 +174,7 @@ def test_errors(
             X = draw_tokens(b.stop - b.start, T, D, g, device)
             G[b] = X @ X.transpose(-1, -2) / D
             for r, w in zip(ranks, w_list):
-                r[b] = rank_one_field(X, w)[1]
+                r[b] = lora_field(X, w)[1]
             if quad:
                 q_star[b] = quadratic_field(X, teacher.W_star, teacher.trace_S_star)
                 if W_hat is not None:

@@ -1,4 +1,5 @@
-"""The full finite-D pipeline (pre-training, then rank-one LoRA), per seed and over seeds."""
+"""The full finite-D pipeline (pre-training, then LoRA: rank one as the paper, rank r beyond it),
+per seed and over seeds."""
 
 from __future__ import annotations
 
@@ -18,19 +19,20 @@ from ..data import (
     Effective,
     Teacher,
     _chunks,
+    check_teacher,
     draw_teacher,
     effective_finetune_dataset,
     finetune_dataset,
+    lora_field,
     pretrain_dataset,
     quadratic_field,
-    rank_one_field,
 )
 from ..params import A0 as _A0
 from ..params import DEFAULT_N_MC, ParamError, Params
 from .active import delta_eff_measured, effective_pool, full_pool
 from .finetune import finetune
 from .losses import check_loss
-from .metrics import order_parameters, rank_one_parameters, test_errors
+from .metrics import lora_parameters, order_parameters, test_errors
 from .pretrain import default_chunk, pretrain
 
 
@@ -92,6 +94,13 @@ ACTIVE_KEYS = (
     "pool_size",
     "labelled_size",
 )
+#: Lists per seed describing the rank-r LoRA (issue 11; at rank one too), averaged by :func:`run`
+#: entry by entry when every seed has the same length (``<key>_se`` likewise), else left out:
+#: eigenvalues of q, singular values of m and of w/sqrt(D), principal-angle cosines between
+#: span(w_hat) and span(w*).  Per seed there are also ``numerical_rank`` and the matrices
+#: ``q_matrix``, ``m_matrix``, ``q0_matrix`` (w_hat in the gauge of
+#: :func:`hdlora.simulate.finetune.canonical_gauge`).
+VECTOR_KEYS = ("q_eigenvalues", "m_singular_values", "w_singular_values", "principal_cosines")
 #: Values of ``optimal_beta``: recalibrate at beta* = M/Q (eq. 26) measured on the pre-trained
 #: weights of each seed, or taken from the pre-training state evolution (as the paper's App. E).
 OPTIMAL_BETA = ("measured", "theory")
@@ -123,15 +132,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
     raise ParamError(f"device must be 'cpu', 'cuda' or 'auto', got {name!r}")
 
 
-def _check(params: Params, dim: int, loss: str, effective, optimal_beta=None) -> tuple[dict, Effective | None]:
+def _check(
+    params: Params, dim: int, loss: str, effective, optimal_beta=None, teacher: str = "gaussian"
+) -> tuple[dict, Effective | None]:
     if not isinstance(params, Params):
         raise ParamError(f"params must be a hdlora.Params, got {type(params).__name__}")
+    check_teacher(teacher)
     if optimal_beta is not None and optimal_beta not in OPTIMAL_BETA:
         raise ParamError(f"optimal_beta must be None or one of {OPTIMAL_BETA}, got {optimal_beta!r}")
     if optimal_beta is not None and params.lora_only:
         raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
     check_loss(loss)
     sizes = params.sizes(dim)
+    for name, r in (("lora_rank (r)", params.lora_rank), ("teacher_rank (r*)", params.teacher_rank)):
+        if r > sizes["D"]:
+            raise ParamError(f"{name} must be <= dim (D) = {sizes['D']}, got {r}; lower the rank or raise dim")
     eff = None
     if effective is not None:
         eff = Effective.from_mapping(effective, params.noise)
@@ -181,7 +196,7 @@ def _optim_keys(stage: str, o, train_error: float) -> dict:
 
 
 def _finetune_record(fr, teacher: Teacher, seed: int, rtol: float, what: str = "fine-tuning") -> dict:
-    rec = dict(rank_one_parameters(fr.w, teacher.w_star))
+    rec = lora_parameters(fr.w, teacher.w_star)
     rec["finetune_train_error"] = fr.train_error
     o = fr.optim
     rec.update(_optim_keys("finetune", o, fr.train_error))
@@ -203,11 +218,11 @@ def _finetune_record(fr, teacher: Teacher, seed: int, rtol: float, what: str = "
     return rec
 
 
-def _rank_one(X, w: torch.Tensor) -> torch.Tensor:
-    """``chi chi^T - (||w||^2/D) I`` for tokens X (a tensor, or :class:`hdlora.data.Tokens` chunk by chunk)."""
+def _lora_field(X, w: torch.Tensor) -> torch.Tensor:
+    """``chi chi^T - tr(q) I`` for tokens X (a tensor, or :class:`hdlora.data.Tokens` chunk by chunk)."""
     if isinstance(X, torch.Tensor):
-        return rank_one_field(X, w)[1]
-    return torch.cat([rank_one_field(X[sl], w)[1] for sl in _chunks(X.shape[0], X.chunk)])
+        return lora_field(X, w)[1]
+    return torch.cat([lora_field(X[sl], w)[1] for sl in _chunks(X.shape[0], X.chunk)])
 
 
 def run_seed(
@@ -231,6 +246,7 @@ def run_seed(
     compare_uniform: bool = True,
     on_stage: Callable[[str], None] | None = None,
     token_storage: str = "auto",
+    teacher: str = "gaussian",
 ) -> dict:
     """One seed of the pipeline; returns a dict with every key of :data:`KEYS` plus diagnostics.
 
@@ -266,6 +282,16 @@ def run_seed(
             (:data:`hdlora.data.TOKEN_STORAGE`); 'auto' (default) takes float64 when it fits the
             memory available, else float32, else regenerate (:func:`hdlora.resources.choose_token_storage`).
             The choice is reported as ``token_storage``.
+        teacher: how the fine-tuning teacher w* is drawn (:data:`hdlora.data.TEACHERS`):
+            'gaussian' (eq. 6) or 'orthonormal' (sqrt(D) x an orthonormal frame, q0 = diag(s_k^2)
+            exactly; issue 11).
+
+    Rank r (``params.lora_rank``, ``params.teacher_rank``, ``params.teacher_strengths``; beyond the
+    paper, issue 11): w* is D x r* (:func:`hdlora.data.draw_teacher`), w_hat is D x r, fine-tuned
+    from the informed start (w* truncated or padded) and the random ones; ``q``, ``m``, ``q0`` are
+    tr q, ||m||_F, tr q0 and ``overlap`` is ||m||_F / sqrt(||q||_F ||q0||_F), plus the lists of
+    :data:`VECTOR_KEYS` and the matrices (:func:`hdlora.simulate.metrics.rank_r_parameters`).
+    At r = r* = 1, s = 1, Gaussian every number is that of the paper's rank-one code path.
 
     Active fine-tuning (``params.active_pool = alpha_bar'``, Section 4.3): a pool of
     N_bar' = alpha_bar' D candidates is streamed (see :mod:`hdlora.simulate.active`), the N'
@@ -277,7 +303,7 @@ def run_seed(
     eqs. 25 and 28 describe; the selected set for active runs).
     """
     t0 = time.perf_counter()
-    sizes, eff = _check(params, dim, loss, effective, optimal_beta)
+    sizes, eff = _check(params, dim, loss, effective, optimal_beta, teacher)
     dev = resolve_device(device)
     sigma = activations.get(params.activation, "torch")
     T, D, beta = params.tokens, sizes["D"], params.beta
@@ -291,9 +317,18 @@ def run_seed(
         out["token_storage"] = storage
 
     # ---------------------------------------------------------------- stage 1
-    teacher = draw_teacher(D, 0 if eff else sizes["P0"], seed, dev)
+    out["teacher"] = teacher
+    target_model = draw_teacher(  # the Teacher (``teacher`` is its kind)
+        D,
+        0 if eff else sizes["P0"],
+        seed,
+        dev,
+        rank=params.teacher_rank,
+        strengths=params.teacher_strengths,
+        kind=teacher,
+    )
     if eff is None:
-        pre = pretrain_dataset(sizes["N"], T, params.noise, teacher, seed, dev)
+        pre = pretrain_dataset(sizes["N"], T, params.noise, target_model, seed, dev)
         width, lam = sizes["P"], params.lam
         if reduce_width and width > D:
             width, lam = D, params.lam * math.sqrt(width / D)
@@ -301,7 +336,7 @@ def run_seed(
             pre, width=width, lam=lam, sigma=sigma, loss=loss, seed=seed, rtol=pretrain_rtol, max_iter=pretrain_max_iter
         )
         W_hat = pt.W
-        out.update(order_parameters(W_hat, teacher))
+        out.update(order_parameters(W_hat, target_model))
         out["pretrain_train_error"] = pt.train_error
         o = pt.optim
         out.update(_optim_keys("pretrain", o, pt.train_error))
@@ -351,7 +386,7 @@ def run_seed(
                 params.noise,
                 beta,
                 sigma,
-                teacher,
+                target_model,
                 W_hat,
                 seed,
                 dev,
@@ -360,12 +395,22 @@ def run_seed(
         else:
             assert storage is not None  # chosen above whenever eff is set
             sel = effective_pool(
-                sizes["N_pool"], sizes["N_ft"], T, eff, params.noise, beta, sigma, teacher, seed, dev, storage=storage
+                sizes["N_pool"],
+                sizes["N_ft"],
+                T,
+                eff,
+                params.noise,
+                beta,
+                sigma,
+                target_model,
+                seed,
+                dev,
+                storage=storage,
             )
         ft, ft_star = sel.active, sel.active_z_star
     elif eff is None:
         ft = finetune_dataset(
-            sizes["N_ft"], T, params.noise, teacher, seed, dev, reuse_from=pre if params.reuse else None
+            sizes["N_ft"], T, params.noise, target_model, seed, dev, reuse_from=pre if params.reuse else None
         )
         if W_hat is None:
             z_frozen = torch.zeros_like(ft.z_star)
@@ -375,13 +420,13 @@ def run_seed(
             for sl in _chunks(ft.n, default_chunk(T, W_hat.shape[1])):
                 z_frozen[sl] = quadratic_field(ft.X[sl], W_hat, tr)
         ft = ft.with_frozen(beta * z_frozen)  # recalibration: S_hat -> beta S_hat (eq. 26)
-        ft_star = ft.z_star - rank_one_field(ft.X, teacher.w_star)[1]
+        ft_star = ft.z_star - lora_field(ft.X, target_model.w_star)[1]
     else:
         assert storage is not None  # chosen above whenever eff is set
-        ft = effective_finetune_dataset(sizes["N_ft"], T, params.noise, eff, teacher, seed, dev, storage=storage)
+        ft = effective_finetune_dataset(sizes["N_ft"], T, params.noise, eff, target_model, seed, dev, storage=storage)
         assert ft.z_frozen is not None  # effective_finetune_dataset sets the frozen fields
         ft = ft.with_frozen(beta * ft.z_frozen)
-        ft_star = ft.z_star - _rank_one(ft.X, teacher.w_star)
+        ft_star = ft.z_star - _lora_field(ft.X, target_model.w_star)
     del pre
     assert ft.z_frozen is not None  # every branch above sets the frozen fields
     out["delta_eff_measured"] = delta_eff_measured(ft_star, ft.z_frozen)
@@ -394,13 +439,14 @@ def run_seed(
         informed=informed_start,
         rtol=finetune_rtol,
         max_iter=finetune_max_iter,
+        rank=params.lora_rank,
     )
-    fr = finetune(ft, teacher.w_star, **ft_kwargs)
-    out.update(_finetune_record(fr, teacher, seed, finetune_rtol))
+    fr = finetune(ft, target_model.w_star, **ft_kwargs)
+    out.update(_finetune_record(fr, target_model, seed, finetune_rtol))
     fr_u = None
     if sel is not None and compare_uniform:  # the same pool, uniformly: its first N'
-        fr_u = finetune(sel.uniform, teacher.w_star, **ft_kwargs)
-        rec = _finetune_record(fr_u, teacher, seed, finetune_rtol, what="uniform fine-tuning")
+        fr_u = finetune(sel.uniform, target_model.w_star, **ft_kwargs)
+        rec = _finetune_record(fr_u, target_model, seed, finetune_rtol, what="uniform fine-tuning")
         out.update(
             {
                 f"uniform_{k}": rec[k]
@@ -422,7 +468,7 @@ def run_seed(
 
     # ---------------------------------------------------------------- test errors
     test_kwargs: dict[str, Any] = dict(
-        teacher=teacher,
+        teacher=target_model,
         W_hat=W_hat,
         beta=beta,
         T=T,
@@ -446,7 +492,7 @@ def run_seed(
             out.setdefault(k, nan)
     stage("test")
     if return_weights:
-        out.update({"W_hat": W_hat, "w_hat": fr.w, "W_star": teacher.W_star, "w_star": teacher.w_star})
+        out.update({"W_hat": W_hat, "w_hat": fr.w, "W_star": target_model.W_star, "w_star": target_model.w_star})
     out["wall_time"] = time.perf_counter() - t0
     return out
 
@@ -550,8 +596,8 @@ def run(
     """
     t0 = time.perf_counter()
     seed_list = _seed_list(seeds)
-    _check(params, dim, loss, effective, kwargs.get("optimal_beta"))
-    meta: dict[str, Any] = {}
+    _check(params, dim, loss, effective, kwargs.get("optimal_beta"), kwargs.get("teacher", "gaussian"))
+    meta: dict[str, Any] = {"teacher": kwargs.get("teacher", "gaussian")}
     if kwargs.get("optimal_beta") is not None:
         meta["optimal_beta"] = kwargs["optimal_beta"]
     if kwargs.get("optimal_beta") == "theory" and effective is None:
@@ -604,12 +650,19 @@ def run(
     finally:
         if bar is not None:
             bar.close()
-    mean, se = {}, {}
+    mean: dict[str, Any] = {}  # floats; lists for VECTOR_KEYS
+    se: dict[str, Any] = {}
     n = len(records)
     for k in KEYS + (ACTIVE_KEYS if params.active_pool is not None else ()):
         v = np.array([r[k] for r in records], dtype=float)
         mean[k] = float(np.mean(v))
         se[k] = float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    for k in VECTOR_KEYS:  # entry by entry, when every seed has a list of the same length
+        lists = [r.get(k) for r in records]
+        if all(isinstance(x, list) for x in lists) and len({len(x) for x in lists if isinstance(x, list)}) == 1:
+            a = np.array(lists, dtype=float).reshape(n, -1)
+            mean[k] = a.mean(axis=0).tolist()
+            se[k] = (a.std(axis=0, ddof=1) / math.sqrt(n)).tolist() if n > 1 else [math.nan] * a.shape[1]
     return SimulationResult(
         params,
         dim,
