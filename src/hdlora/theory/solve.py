@@ -132,6 +132,19 @@ def apply_baseline(params: Params, baseline: str | None) -> Params:
     return params.replace(lam=math.inf)
 
 
+def finetune_fields(params: Params, pre: PretrainResult, n_mc: int, seed: int) -> tuple[Any, Any]:
+    """The frozen fields (z*, z) of the fine-tuning sequences (eq. 61), before recalibration: the train law R
+    (eq. 17) for e = 1, the test law Q (eq. 13) for e = 0, conditioned by Algorithm 1 when
+    ``params.active_pool`` is set; drawn with seed + 1."""
+    Q0, Q, M = params.Q0, pre.Q, pre.M
+    if params.reuse and not params.lora_only:
+        return train_fields(params, pre, n_mc, seed=seed + 1)
+    if params.active_pool is not None:
+        return active_fields(params, Q0, Q, M, n_mc, seed=seed + 1)
+    f = frozen_fields(n_mc, params.tokens, params.A0, Q, M, seed=seed + 1)
+    return f["z_star"], f["z"]
+
+
 def solve(
     params: Params,
     *,
@@ -169,6 +182,13 @@ def solve(
     baseline = canonical_baseline(baseline)
     tol = check_tol(tol)
     params = apply_baseline(params, baseline)
+    if not params.rank_one:  # a rank-r LoRA or a rank-r* task (beyond the paper): docs/theory/rank_r.md
+        from .solve_rank_r import solve_rank_r
+
+        return solve_rank_r(
+            params, n_mc=n_mc, seed=seed, baseline=baseline, tol=tol, max_iter=max_iter, method=method,
+            optimal_beta=optimal_beta, warn=warn, init=init,
+        )
     if isinstance(init, TheoryResult):
         init = init.state
     t0 = time.perf_counter()
@@ -190,14 +210,7 @@ def solve(
             if not Q > 0:
                 raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
             params = params.replace(beta=_eff.beta_min(Q, M))
-        # frozen fields of the fine-tuning sequences (eq. 61), before recalibration
-        if params.reuse and not params.lora_only:
-            z_star, z = train_fields(params, pre, n_mc, seed=seed + 1)
-        elif params.active_pool is not None:
-            z_star, z = active_fields(params, Q0, Q, M, n_mc, seed=seed + 1)
-        else:
-            f = frozen_fields(n_mc, params.tokens, params.A0, Q, M, seed=seed + 1)
-            z_star, z = f["z_star"], f["z"]
+        z_star, z = finetune_fields(params, pre, n_mc, seed)
         ft_params = params.replace(reuse=False) if params.lora_only else params
         ft: FinetuneResult = solve_finetune(
             ft_params,
