@@ -162,12 +162,14 @@ def solve_branches(
     return results, errors
 
 
-def check_rank_params(params: Params, baseline: str | None) -> None:
+def check_rank_params(params: Params, baseline: str | None, *, bayes_optimal: bool = False) -> None:
     """ParamError (one line) for what the rank-r theory does not cover."""
+    if bayes_optimal:
+        raise ParamError("--bayes-optimal is the rank-one benchmark (App. B): drop it, or use lora_rank = teacher_rank = 1")
     if params.tokens * params.lora_rank > MAX_PROX_DIM:
         raise ParamError(
             f"lora_rank * tokens must be <= {MAX_PROX_DIM} (the per-sample dimension of the rank-r prox), got "
-            f"{params.lora_rank} * {params.tokens}; lower --lora-rank"
+            f"{params.lora_rank} * {params.tokens} = {params.lora_rank * params.tokens}; lower --lora-rank"
         )
     if params.frozen or baseline == "frozen":
         raise ParamError("the frozen baseline (lam_ft = inf) has no LoRA: use lora_rank = teacher_rank = 1 for it")
