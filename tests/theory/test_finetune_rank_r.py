@@ -386,7 +386,7 @@ def test_linear_certificate():
         v = np.eye(r) * 0.5 if r == 1 else np.array([[0.6, 0.2], [0.2, 0.4]])
         p = pr.prox_rank_r(ct, Zq, Y, v, act, Y_arg=Ya)
         cert = p["certified"]
-        assert cert is not None and cert.sum() >= n // 2, cert.sum()
+        assert cert is not None and cert.sum() >= 0.9 * n, cert.sum()
         if r == 1:
             assert cert.all()
         for i in np.flatnonzero(cert)[:5]:
@@ -404,4 +404,4 @@ def test_linear_certificate():
     loc = pr.prox_rank_r(ct, Zq, Y, v, act, Y_arg=Ya, warm=-g["chi"], global_search=False)
     worse = loc["psi"] < g["psi"] - 1e-8
     assert worse.any()
-    assert not loc["certified"][worse].any()
+    assert not pr.linear_certificate(loc["xi"], Ya - Zq, loc["d"])[worse].any()

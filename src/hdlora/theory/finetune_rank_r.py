@@ -474,9 +474,9 @@ def solve_finetune_rank_r(
         xtol: Newton step tolerance of the prox.
         n_test: Monte-Carlo samples of the softmax test errors (default n).
 
-    The prox is warm-started from the previous one during the iteration; the global search
-    (:func:`hdlora.theory.prox_rank_r.search_starts`) runs at the first call and at the fixed point, where a change
-    of basin restarts the iteration (up to 3 rounds), as the rank-one solver does.
+    The prox starts from chi_tilde at the first call and from the previous prox after; the global search
+    (:func:`hdlora.theory.prox_rank_r.search_starts`) runs at the fixed point, where a change of basin restarts the
+    iteration (up to 3 rounds), as the rank-one solver does (``restart_every = 0``).
     """
     t0 = time.perf_counter()
     if form not in ("direct", "stein"):
@@ -512,7 +512,7 @@ def solve_finetune_rank_r(
     Y_arg = Zs + chi_star @ np.swapaxes(chi_star, 1, 2) - np.trace(q0) * eye
     Y = sigma(Y_arg)
     ap, lam_ft = params.alpha_ft, params.lam_ft
-    cache: dict[str, Any] = {"chi": None, "check": True}
+    cache: dict[str, Any] = {"chi": None, "check": False}
 
     def update(state):
         m, q, v = _unpack(state, r, r_star)
@@ -531,7 +531,7 @@ def solve_finetune_rank_r(
             Y_arg=Y_arg,
             warm=cache["chi"],
             form=form,
-            global_search=full or cache["chi"] is None,
+            global_search=full,
             n_random=n_random,
             xtol=xtol,
         )

@@ -114,10 +114,14 @@ def _sign_flips(r: int):
     return [np.array([1.0 if (f >> j) & 1 == 0 else -1.0 for j in range(r)]) for f in range(2**r)]
 
 
-def search_starts(ct: np.ndarray, Zq: np.ndarray, Y_arg: np.ndarray | None, softmax: bool, n_random: int):
+def search_starts(
+    ct: np.ndarray, Zq: np.ndarray, Y_arg: np.ndarray | None, softmax: bool, n_random: int, fits_signs: str = "pm"
+):
     """Starting points (n, T, r) of the global search, for chi_tilde ct (n, T, r):
     ct with every pattern of column signs; the fits xi xi^T ~ K = Y_arg - Zq (top-r eigenpairs of K, and
-    of J K J for softmax), rotated onto ct by orthogonal Procrustes, with every pattern of column signs;
+    of J K J for softmax), rotated onto ct by orthogonal Procrustes (the nearest to ct of the family F O, O in O(r)),
+    and their negation (at rank r > 1 the other column-sign patterns of the fits are further from ct and were
+    measured to add no better maximum: docs/theory/rank_r.md, sec. 8);
     fixed random points of the scale of ct; for softmax, ct with one row scaled by 1.5.
     At r = 1 these include the rank-one search starts (-ct, +-sqrt(lambda_1) u_1 of K and J K J)."""
     n, T, r = ct.shape
@@ -137,7 +141,7 @@ def search_starts(ct: np.ndarray, Zq: np.ndarray, Y_arg: np.ndarray | None, soft
             F[:, :, :kk] = U[:, :, ::-1][:, :, :kk] * np.sqrt(np.maximum(lam[:, ::-1][:, :kk], 0.0))[:, None, :]
             O = _polar(np.swapaxes(F, 1, 2) @ ct)  # argmin_O ||F O - ct||
             FO = F @ O
-            out += [FO * s for s in flips]
+            out += [FO, -FO] if fits_signs == "pm" else [FO * s for s in flips]
     rng = np.random.default_rng(12345)
     scale = 1.0 + np.linalg.norm(ct.reshape(n, -1), axis=1)
     for _ in range(n_random):
@@ -161,18 +165,44 @@ def _kernel_rows(Zq: np.ndarray, Y: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([Zq.reshape(n, -1), Y.reshape(n, -1)], axis=1))
 
 
-def linear_certificate(xi: np.ndarray, K: np.ndarray, d: np.ndarray, rel_tol: float = 1e-9) -> np.ndarray:
+def linear_certificate(
+    xi: np.ndarray, K: np.ndarray, d: np.ndarray, n_theta: int = 21, rel_tol: float = 1e-9
+) -> np.ndarray:
     """Certificate of global optimality of a stationary point xi (n, T, r) of the linear-sigma prox
-    (docs/theory/rank_r.md, R.16): f(xi) = ||xi xi^T - K||_F^2 / T^2 + sum (xi - xi~)^2 / (2 d) is bounded below by
-    the quadratic g(xi) = f(xi) - ||xi^T xi - G||_F^2 / T^2 (G = xi_0^T xi_0 at the candidate), tangent to f there;
-    g is convex iff lambda_min(4 G / T^2 + diag(1/d)) >= 4 lambda_max(K) / T^2, and then the stationary xi_0 is the
-    global minimiser of g, hence of f.  Returns (n,) bool: certified (within rel_tol of the scale of the terms)."""
-    T = xi.shape[1]
+    (docs/theory/rank_r.md, R.16).  With Z = xi xi^T, G = xi^T xi (||Z||_F = ||G||_F),
+
+        f(xi) = ||Z - K||_F^2 / T^2 + sum_{a,k} (xi_ak - a_ak)^2 / (2 d_k)
+              = [theta ||Z - K||^2 + (1 - theta)(||G||^2 - 2 <K, Z> + ||K||^2)] / T^2 + prior,
+
+    and the convex terms ||Z - K||^2, ||G||^2 are bounded below by their tangents at the candidate (Z0 - K, G0).
+    For every theta in [0, 1] this gives a quadratic minorant of f, tangent to f at xi_0, with the constant Hessian
+
+        H_theta = (4 / T^2) [theta Z0 (x) I_r - K (x) I_r + (1 - theta) I_T (x) G0] + I_T (x) diag(1/d).
+
+    If H_theta is positive semidefinite for one theta, the stationary xi_0 minimises the minorant, hence f, globally.
+    theta = 0 at r = 1 is the trust-region condition (always met by the global minimiser there).  Tried: theta on a
+    grid of ``n_theta`` points (the ends first).  Returns (n,) bool: certified (lambda_min(H_theta) >= -rel_tol scale)."""
+    n, T, r = xi.shape
     G = np.swapaxes(xi, 1, 2) @ xi
-    A = (4.0 / T**2) * G + np.diag(1.0 / d)
-    lhs = np.linalg.eigvalsh(A)[:, 0]
-    rhs = (4.0 / T**2) * np.linalg.eigvalsh(0.5 * (K + np.swapaxes(K, 1, 2)))[:, -1]
-    return lhs >= rhs - rel_tol * (np.abs(lhs) + np.abs(rhs) + 1.0 / d.max())
+    Z = xi @ np.swapaxes(xi, 1, 2)
+    Ks = 0.5 * (K + np.swapaxes(K, 1, 2))
+    I_r, I_T = np.eye(r), np.eye(T)
+    c = 4.0 / T**2
+    base = (-c * np.einsum("nab,ij->naibj", Ks, I_r) + np.einsum("ab,ij->aibj", I_T, np.diag(1.0 / d))[None]).reshape(
+        n, T * r, T * r
+    )
+    Zr = c * np.einsum("nab,ij->naibj", Z, I_r).reshape(n, T * r, T * r)
+    Gr = c * np.einsum("ab,nij->naibj", I_T, G).reshape(n, T * r, T * r)
+    scale = np.abs(base).max(axis=(1, 2)) + np.abs(Zr).max(axis=(1, 2)) + np.abs(Gr).max(axis=(1, 2))
+    ok = np.zeros(n, dtype=bool)
+    thetas = np.linspace(0.0, 1.0, max(n_theta, 2))
+    for th in np.concatenate([thetas[[0, -1]], thetas[1:-1]]):
+        idx = np.flatnonzero(~ok)
+        if idx.size == 0:
+            break
+        H = base[idx] + th * Zr[idx] + (1.0 - th) * Gr[idx]
+        ok[idx] = np.linalg.eigvalsh(H)[:, 0] >= -rel_tol * scale[idx]
+    return ok
 
 
 def prox_rank_r(
@@ -200,7 +230,8 @@ def prox_rank_r(
 
     Returns a dict: chi (n, T, r), xi = chi U, psi (n,), hess_f (n, Tr, Tr) the Hessian of -psi in the xi
     coordinates (v = U diag(d) U^T), d, U, dq (n,) d psi / d tr q, converged, n_not_max, n_changed (samples where
-    a start other than the first gave the kept maximum), certified (linear sigma: (n,) bool, R.16; else None).
+    a start other than the first gave the kept maximum), certified (linear sigma after a global search: (n,) bool,
+    R.16; else None).
     """
     v = 0.5 * (v + v.T)
     d, U = np.linalg.eigh(v)
@@ -239,7 +270,7 @@ def prox_rank_r(
     n_not_max = int(np.sum(np.linalg.eigvalsh(Hf)[:, 0] <= 0))
     xi = best["x"].reshape(n, T, r)
     certified = None
-    if activation == "linear" and Y_arg is not None:
+    if activation == "linear" and Y_arg is not None and global_search:
         certified = linear_certificate(xi, Y_arg - Zq, d)
     return {
         "chi": xi @ U.T,

@@ -13,7 +13,9 @@ seeded random matrix of size 1e-2):
     ``rank{k}`` (1 <= k < min(r, r*)): m = 0.5 diag(q0)^{1/2} on the k strongest teacher directions only;
     ``full``: m = q0 padded (w = w* truncated to r columns, or padded with zero columns), q = q0 padded + 0.05 I.
 
-Every branch is reported (objective alpha' L' + lam' tr q, replicon, status, rank(m)).  The winner is the lowest
+The branches are solved coarse to fine (:func:`solve_branches`): each on n_mc / 16 samples, the coarse fixed points
+that coincide merged, the distinct ones refined on all samples.  Every branch is reported (objective
+alpha' L' + lam' tr q, replicon, status, rank(m), its coarse fixed point, and what it was merged into).  The winner is the lowest
 objective among the branches that converged *and* are replica stable (replicon < 1); when there is none, the lowest
 objective among the converged ones, else among all, and the result says so (``winner_status``,
 ``converged`` False for an unconverged winner, ``replicon_ok`` False for an unstable one).
@@ -100,11 +102,18 @@ def branch_starts(r: int, q0: np.ndarray, lam_ft: float, alpha_ft: float, T: int
     return out
 
 
-def _branch_summary(name: str, b: RankRResult | None, error: str | None = None) -> dict[str, Any]:
+def _branch_summary(
+    name: str, b: RankRResult | None, error: str | None = None, coarse: dict | None = None
+) -> dict[str, Any]:
+    head: dict[str, Any] = {"name": name}
+    if coarse:
+        head["coarse"] = coarse
     if b is None:
-        return {"name": name, "status": "failed", "error": error, "converged": False, "replica_stable": False}
+        merged = (coarse or {}).get("merged_into")
+        status = f"merged into {merged}" if merged else "failed"
+        return {**head, "status": status, "error": error, "converged": False, "replica_stable": False}
     return {
-        "name": name,
+        **head,
         "status": "converged" if b.converged else "not converged",
         "converged": b.converged,
         "replica_stable": b.replica_stable,
@@ -144,22 +153,83 @@ def pick_winner(results: Mapping[str, RankRResult | None]) -> tuple[str, str]:
     raise AssertionError("unreachable")
 
 
+#: the coarse stage of :func:`solve_branches` uses n_mc // COARSE_FACTOR samples (when that is >= COARSE_MIN)
+COARSE_FACTOR = 16
+COARSE_MIN = 1000
+
+
+def same_branch(a: RankRResult, b: RankRResult, tol: float = 0.05) -> bool:
+    """Two coarse fixed points are the same branch: same rank(m), and eigenvalues of q and singular values of m
+    within tol x (1 + the largest eigenvalue of q) (the coarse Monte-Carlo noise is ~2e-2 at n = 1875)."""
+    if a.rank_m != b.rank_m:
+        return False
+    scale = tol * (1.0 + max(a.eig_q[0], b.eig_q[0]))
+    da = np.abs(np.subtract(a.eig_q, b.eig_q)).max()
+    dm = np.abs(np.subtract(a.sv_m, b.sv_m)).max() if a.sv_m else 0.0
+    return bool(da <= scale and dm <= scale)
+
+
 def solve_branches(
     params: Params, z_star, z, *, Q0, Q, M, seed: int, tol: float, max_iter: int
-) -> tuple[dict[str, RankRResult | None], dict[str, str]]:
-    """Solve the fine-tuning state evolution from every branch start; {name: result or None}, {name: error}."""
+) -> tuple[dict[str, RankRResult | None], dict[str, str], dict[str, dict]]:
+    """Solve the fine-tuning state evolution from every branch start, coarse to fine.
+
+    Coarse stage (when n // COARSE_FACTOR >= COARSE_MIN): every branch on the first n // COARSE_FACTOR samples.
+    Branches whose coarse fixed points are the same (:func:`same_branch`) are merged into the first of them; the
+    distinct ones are solved on all n samples, warm-started from their coarse fixed point.  Without a coarse stage
+    every branch is solved on all samples from its start.
+
+    Returns ({name: full-n result, or None (failed, or merged)}, {name: error}, {name: coarse summary with
+    'merged_into'}).
+    """
     q0 = np.diag(np.asarray(params.q0, dtype=np.float64))
     starts = branch_starts(params.lora_rank, q0, params.lam_ft, params.alpha_ft, params.tokens, seed)
+    n = np.shape(z_star)[0]
+    n_c = n // COARSE_FACTOR
+    law = {"Q0": Q0, "Q": Q, "M": M}
     results: dict[str, RankRResult | None] = {}
     errors: dict[str, str] = {}
-    for name, st in starts.items():
+    coarse: dict[str, dict] = {}
+
+    def run(name, st, zs, zz):
         try:
-            results[name] = solve_finetune_rank_r(
-                params, z_star, z, Q0=Q0, Q=Q, M=M, seed=seed, tol=tol, max_iter=max_iter, init=st
-            )
+            return solve_finetune_rank_r(params, zs, zz, seed=seed, tol=tol, max_iter=max_iter, init=st, **law)
         except (FloatingPointError, np.linalg.LinAlgError) as exc:
-            results[name], errors[name] = None, f"{type(exc).__name__}: {exc}"
-    return results, errors
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            return None
+
+    if n_c < COARSE_MIN:
+        for name, st in starts.items():
+            results[name] = run(name, st, z_star, z)
+        return results, errors, coarse
+    reps: list[tuple[str, RankRResult]] = []
+    for name, st in starts.items():
+        c = run(name, st, z_star[:n_c], z[:n_c])
+        merged = None
+        if c is not None:
+            merged = next((k for k, b in reps if same_branch(b, c)), None)
+            if merged is None:
+                reps.append((name, c))
+        coarse[name] = {"n_mc": n_c, "merged_into": merged, **({} if c is None else _coarse_summary(c))}
+        if c is None:
+            results[name] = run(name, st, z_star, z)  # no coarse fixed point: the full solve from the start
+        elif merged is not None:
+            results[name] = None
+    for name, c in reps:
+        results[name] = run(name, {"m": np.asarray(c.m), "q": np.asarray(c.q), "v": np.asarray(c.v)}, z_star, z)
+    return {k: results[k] for k in starts}, errors, coarse
+
+
+def _coarse_summary(c: RankRResult) -> dict[str, Any]:
+    return {
+        "converged": c.converged,
+        "objective": c.objective,
+        "replicon": c.replicon_finetune,
+        "rank_m": c.rank_m,
+        "q_eigenvalues": c.eig_q,
+        "m_singular_values": c.sv_m,
+        "iterations": c.iterations,
+    }
 
 
 def check_rank_params(params: Params, baseline: str | None, *, bayes_optimal: bool = False) -> None:
@@ -205,11 +275,13 @@ def solve_rank_r(
         params = params.replace(beta=_eff.beta_min(Q, M))
     z_star, z = finetune_fields(params, pre, n_mc, seed)
     ft_params = params.replace(reuse=False) if params.lora_only else params
-    results, errors = solve_branches(ft_params, z_star, z, Q0=Q0, Q=Q, M=M, seed=seed + 2, tol=tol, max_iter=max_iter)
+    results, errors, coarse = solve_branches(
+        ft_params, z_star, z, Q0=Q0, Q=Q, M=M, seed=seed + 2, tol=tol, max_iter=max_iter
+    )
     name, status = pick_winner(results)
     ft = results[name]
     assert ft is not None
-    branches = [_branch_summary(k, b, errors.get(k)) for k, b in results.items()]
+    branches = [_branch_summary(k, b, errors.get(k), coarse.get(k)) for k, b in results.items()]
     if warn and status != "converged_stable":
         warnings.warn(
             f"rank-r fine-tuning: no converged replica-stable branch; the winner '{name}' is {status}",
