@@ -481,7 +481,9 @@ def theory_estimate(
         r = params.lora_rank
         k = T * r
         n_starts = (2**r - 1) + (2 if not linear else 1) * 2**r + 2 + (T if not linear else 0) + 2
-        parts["rank-r prox (Hessians (T r)^2, search starts)"] = F64 * n_mc * (THEORY_RANK_R_K2 * k * k + (n_starts + 10) * k)
+        parts["rank-r prox (Hessians (T r)^2, search starts)"] = (
+            F64 * n_mc * (THEORY_RANK_R_K2 * k * k + (n_starts + 10) * k)
+        )
         parts.setdefault("compiled prox kernel (Numba runtime)", NUMBA_RUNTIME_BYTES)
         n_branches = min(r, params.teacher_rank) + 1  # hdlora.theory.solve_rank_r.branch_starts
         seconds *= n_branches * r * r * (10.0 if linear else 1.0)

@@ -182,15 +182,23 @@ def solve(
     baseline = canonical_baseline(baseline)
     tol = check_tol(tol)
     params = apply_baseline(params, baseline)
+    if isinstance(init, TheoryResult):
+        init = init.state
     if not params.rank_one:  # a rank-r LoRA or a rank-r* task (beyond the paper): docs/theory/rank_r.md
         from .solve_rank_r import solve_rank_r
 
         return solve_rank_r(
-            params, n_mc=n_mc, seed=seed, baseline=baseline, tol=tol, max_iter=max_iter, method=method,
-            optimal_beta=optimal_beta, warn=warn, init=init,
+            params,
+            n_mc=n_mc,
+            seed=seed,
+            baseline=baseline,
+            tol=tol,
+            max_iter=max_iter,
+            method=method,
+            optimal_beta=optimal_beta,
+            warn=warn,
+            init=init,
         )
-    if isinstance(init, TheoryResult):
-        init = init.state
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         if not warn:
@@ -225,10 +233,20 @@ def solve(
             init=_finetune_init(init),
             warn=warn,
         )
+    return point_result(TheoryResult, params, pre, ft, n_mc=n_mc, seed=seed, t0=t0, baseline=baseline)
+
+
+def point_result(
+    cls: type, params: Params, pre: PretrainResult, ft: Any, *, n_mc: int, seed: int, t0: float, baseline, **extra
+) -> Any:
+    """The point's result (``cls``: TheoryResult or a subclass with ``extra`` fields) from the two stages: ``ft``
+    has the fine-tuning scalars of a :class:`hdlora.theory.finetune.FinetuneResult` (q, m, v, conjugates, errors,
+    overlap, delta_eff, replicon_finetune, converged, iterations, residual, mc_se)."""
+    Q0, Q, M = params.Q0, pre.Q, pre.M
     noise = params.noise
     d_eff = _eff.delta_eff_beta(Q0, Q, M, noise, params.beta)
     has_q = Q > 0
-    result = TheoryResult(
+    return cls(
         Q=Q,
         M=M,
         V=pre.V,
@@ -270,5 +288,5 @@ def solve(
         baseline=baseline,
         params=params.to_dict(),
         mc_se=dict(ft.mc_se),
+        **extra,
     )
-    return result

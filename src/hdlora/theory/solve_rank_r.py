@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,9 @@ from ..params import DEFAULT_N_MC, ParamError, Params
 from . import effective as _eff
 from .finetune_rank_r import RankRResult, solve_finetune_rank_r
 from .fixed_point import NonConvergenceWarning
-from .prox_rank_r import MAX_PROX_DIM
 from .pretrain import solve_pretrain
-from .solve import TheoryResult, _pretrain_init, finetune_fields
+from .prox_rank_r import MAX_PROX_DIM
+from .solve import TheoryResult, _pretrain_init, finetune_fields, point_result
 
 __all__ = ["RankRTheoryResult", "branch_starts", "solve_rank_r", "WINNER_STATUSES"]
 
@@ -235,7 +236,9 @@ def _coarse_summary(c: RankRResult) -> dict[str, Any]:
 def check_rank_params(params: Params, baseline: str | None, *, bayes_optimal: bool = False) -> None:
     """ParamError (one line) for what the rank-r theory does not cover."""
     if bayes_optimal:
-        raise ParamError("--bayes-optimal is the rank-one benchmark (App. B): drop it, or use lora_rank = teacher_rank = 1")
+        raise ParamError(
+            "--bayes-optimal is the rank-one benchmark (App. B): drop it, or use lora_rank = teacher_rank = 1"
+        )
     if params.tokens * params.lora_rank > MAX_PROX_DIM:
         raise ParamError(
             f"lora_rank * tokens must be <= {MAX_PROX_DIM} (the per-sample dimension of the rank-r prox), got "
@@ -266,7 +269,14 @@ def solve_rank_r(
         if not warn:
             warnings.simplefilter("ignore", NonConvergenceWarning)
         pre = solve_pretrain(
-            params, n_mc=n_mc, seed=seed, method=method, tol=tol, max_iter=max_iter, init=_pretrain_init(init), warn=warn
+            params,
+            n_mc=n_mc,
+            seed=seed,
+            method=method,
+            tol=tol,
+            max_iter=max_iter,
+            init=_pretrain_init(init),
+            warn=warn,
         )
     Q0, Q, M = params.Q0, pre.Q, pre.M
     if optimal_beta:
@@ -288,52 +298,34 @@ def solve_rank_r(
             NonConvergenceWarning,
             stacklevel=3,
         )
-    noise = params.noise
-    d_eff = _eff.delta_eff_beta(Q0, Q, M, noise, params.beta)
-    has_q = Q > 0
     mhat = np.asarray(ft.mhat)
-    return RankRTheoryResult(
-        Q=Q,
-        M=M,
-        V=pre.V,
-        Mhat=pre.Mhat,
-        Qhat=pre.Qhat,
-        Vhat=pre.Vhat,
+    scalars = SimpleNamespace(
         q=ft.tr_q,
         m=ft.m_fro,
         v=float(np.trace(np.asarray(ft.v))),
         qhat=float(np.trace(np.asarray(ft.qhat))),
         mhat=float(np.linalg.norm(mhat)) if mhat.size else math.nan,
         vhat=float(np.trace(np.asarray(ft.vhat))),
-        Q0=Q0,
-        pretrain_train_error=pre.pretrain_train_error,
-        pretrain_test_error=pre.pretrain_test_error,
         finetune_train_error=ft.finetune_train_error,
         finetune_test_error=ft.finetune_test_error,
         forgetting_error=ft.forgetting_error,
         overlap=ft.overlap,
-        delta_eff=d_eff,
-        delta_eff_finetune=ft.delta_eff,
-        delta_eff_actft=_eff.delta_eff_actft(Q0, Q, M, noise) if has_q else d_eff,
-        beta_min=_eff.beta_min(Q, M) if has_q else math.nan,
-        delta_eff_min=_eff.delta_eff_min(Q0, Q, M, noise) if has_q else d_eff,
-        replicon_pretrain=pre.replicon_pretrain,
+        delta_eff=ft.delta_eff,
         replicon_finetune=ft.replicon_finetune,
-        replicon_ok=bool(pre.replicon_pretrain < 1 and ft.replicon_finetune < 1),
-        converged=bool(pre.converged and ft.converged),
-        pretrain_converged=pre.converged,
-        finetune_converged=ft.converged,
-        iterations=pre.iterations + ft.iterations,
-        pretrain_iterations=pre.iterations,
-        finetune_iterations=ft.iterations,
-        pretrain_residual=pre.residual,
-        finetune_residual=ft.residual,
+        converged=ft.converged,
+        iterations=ft.iterations,
+        residual=ft.residual,
+        mc_se=ft.mc_se,
+    )
+    return point_result(
+        RankRTheoryResult,
+        params,
+        pre,
+        scalars,
         n_mc=n_mc,
         seed=seed,
-        wall_time=time.perf_counter() - t0,
+        t0=t0,
         baseline=baseline,
-        params=params.to_dict(),
-        mc_se=dict(ft.mc_se),
         lora_rank=params.lora_rank,
         teacher_rank=params.teacher_rank,
         q_eigenvalues=ft.eig_q,
