@@ -72,6 +72,28 @@ def _fake(objective, converged=True, replicon=0.5) -> RankRResult:
     )  # fmt: skip
 
 
+def test_same_branch():
+    a = _fake(1.0)
+    assert sr.same_branch(a, _fake(1.2))  # same invariants, other objective: the same fixed point
+    b = RankRResult(**{**a.__dict__, "eig_q": [1.2], "history": ()})
+    assert not sr.same_branch(a, b)
+    c = RankRResult(**{**a.__dict__, "rank_m": 0, "history": ()})
+    assert not sr.same_branch(a, c)
+
+
+@pytest.mark.slow
+def test_coarse_to_fine_branches():
+    """n_mc = 16000 (coarse stage on 1000 samples): the coinciding branches are merged into the first, which is
+    refined on all samples, and the winner is a refined branch."""
+    p = Params(activation="linear", lora_rank=2, teacher_rank=2)
+    r = solve(p, n_mc=16000, warn=False)
+    merged = [b for b in r.branches if b["status"].startswith("merged into")]
+    refined = [b for b in r.branches if "objective" in b]
+    assert refined and all(b["coarse"]["n_mc"] == 1000 for b in r.branches)
+    assert {b["coarse"]["merged_into"] for b in merged} <= {b["name"] for b in refined}
+    assert r.winner in {b["name"] for b in refined} and r.converged
+
+
 def test_pick_winner_never_lets_an_unconverged_or_unstable_branch_win_silently():
     assert sr.pick_winner({"a": _fake(2.0), "b": _fake(1.0, converged=False), "c": _fake(1.5)}) == (
         "c",
