@@ -157,6 +157,20 @@ def test_sweep_accepts_rank_parameters_and_stores_the_rank_r_keys(tmp_path):
         assert np.shape(res["m_matrix"]) == (r, 2) and len(res["q_eigenvalues"]) == r and res["branches"]
 
 
+def test_cli_json_has_the_rank_r_keys(capsys):
+    import json
+
+    argv = ["theory", "--activation", "linear", "--lora-rank", "2", "--teacher-rank", "2"]
+    assert cli.main([*argv, "--teacher-strengths", "1,0.5", "--n-mc", "300", "--json", "-q"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    for k in ("q_eigenvalues", "m_singular_values", "principal_cosines", "q_matrix", "m_matrix", "v_matrix"):
+        assert k in d, k
+    assert d["q"] == pytest.approx(sum(d["q_eigenvalues"])) and d["m"] == pytest.approx(np.linalg.norm(d["m_matrix"]))
+    assert d["params"]["teacher_strengths"] == [1.0, 0.5] and d["q0_matrix"] == [[1.0, 0.0], [0.0, 0.25]]
+    for k in ("converged", "finetune_residual", "finetune_iterations", "replicon_finetune", "branches", "winner"):
+        assert k in d, k
+
+
 @pytest.mark.parametrize(
     "args,words",
     [
