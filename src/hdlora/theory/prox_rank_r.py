@@ -114,7 +114,7 @@ def _sign_flips(r: int):
 
 def search_starts(
     ct: np.ndarray, Zq: np.ndarray, Y_arg: np.ndarray | None, softmax: bool, n_random: int, fits_signs: str = "pm"
-):
+) -> list[np.ndarray]:
     """Starting points (n, T, r) of the global search, for chi_tilde ct (n, T, r):
     ct with every pattern of column signs; the fits xi xi^T ~ K = Y_arg - Zq (top-r eigenpairs of K, and
     of J K J for softmax), rotated onto ct by orthogonal Procrustes (the nearest to ct of the family F O, O in O(r)),

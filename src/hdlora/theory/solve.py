@@ -237,7 +237,16 @@ def solve(
 
 
 def point_result(
-    cls: type, params: Params, pre: PretrainResult, ft: Any, *, n_mc: int, seed: int, t0: float, baseline, **extra
+    cls: type,
+    params: Params,
+    pre: PretrainResult,
+    ft: Any,
+    *,
+    n_mc: int,
+    seed: int,
+    t0: float,
+    baseline: str | None,
+    **extra: Any,
 ) -> Any:
     """The point's result (``cls``: TheoryResult or a subclass with ``extra`` fields) from the two stages: ``ft``
     has the fine-tuning scalars of a :class:`hdlora.theory.finetune.FinetuneResult` (q, m, v, conjugates, errors,

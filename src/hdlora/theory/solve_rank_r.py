@@ -171,7 +171,16 @@ def same_branch(a: RankRResult, b: RankRResult, tol: float = 0.05) -> bool:
 
 
 def solve_branches(
-    params: Params, z_star, z, *, Q0, Q, M, seed: int, tol: float, max_iter: int
+    params: Params,
+    z_star: np.ndarray,
+    z: np.ndarray,
+    *,
+    Q0: float,
+    Q: float,
+    M: float,
+    seed: int,
+    tol: float,
+    max_iter: int,
 ) -> tuple[dict[str, RankRResult | None], dict[str, str], dict[str, dict]]:
     """Solve the fine-tuning state evolution from every branch start, coarse to fine.
 
