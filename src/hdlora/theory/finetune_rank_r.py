@@ -461,8 +461,11 @@ def solve_finetune_rank_r(
     Args:
         params: r = ``params.lora_rank``, r* = ``params.teacher_rank``, q0 = diag(``params.q0``) unless ``q0``.
         q0: (r*, r*) symmetric positive definite teacher overlap (overrides the strengths; a general q0).
-        Q0, Q, M: the pre-training test law Q (eq. 13): needed for e = 1 (the test errors use Q, not R); for e = 0
-            the given fields are the test fields when omitted.  As :func:`hdlora.theory.finetune.solve_finetune`.
+        Q0: the pre-training test law Q (eq. 13): Q0.  Q0, Q, M are needed for e = 1 (the test errors use Q, not
+            R); for e = 0 the given fields are the test fields when omitted (as
+            :func:`hdlora.theory.finetune.solve_finetune`).
+        Q: the same law's Q.
+        M: the same law's M.
         seed: seed of chi*, zeta (standard_normals(n, T (r* + r), seed): at r = r* = 1 the rank-one draw) and of the
             test samples (seed + 104729, seed + 7919 for the test fields, as the rank-one code).
         tol: tolerance of :func:`hdlora.theory.fixed_point.iterate`, on the gauge-fixed entries.
