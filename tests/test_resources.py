@@ -331,6 +331,11 @@ CASES = {
         lambda: theory_estimate(Params(activation="linear"), 200000),
     ),
     "theory softmax": (THEORY_MODS, ["theory", "--n-mc", "40000"], lambda: theory_estimate(Params(), 40000)),
+    "theory rank-3 linear": (
+        THEORY_MODS,
+        ["theory", "--activation", "linear", "--lora-rank", "3", "--teacher-rank", "3", "--n-mc", "40000"],
+        lambda: theory_estimate(Params(activation="linear", lora_rank=3, teacher_rank=3), 40000),
+    ),
     "simulate full": (
         SIM_MODS,
         ["simulate", "--dim", "50", "--seeds", "1", "--alpha", "0.5", "--threads", "1"],
@@ -362,7 +367,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if "rank-3" in c else c for c in CASES])
 def test_peak_memory_within_estimate(case):
     mods, argv, make = CASES[case]
     base = _peak_rss(mods, None)

@@ -456,6 +456,9 @@ THEORY_SOFTMAX_T2, THEORY_SOFTMAX_T3 = 40, 10
 #: VmHWM grew by 162 MiB when newton.warmup() ran in a process that had imported the theory CLI
 NUMBA_RUNTIME_BYTES = 170 * 2**20
 THEORY_LINEAR_T2 = 25
+#: (T r)^2 arrays per sample the rank-r prox holds at once: the kernel's Hessians, the kept ones, Hess f, its
+#: eigenvalues' copy, and the replicon's C and Gamma (hdlora.theory.prox_rank_r, finetune_rank_r.replicon_map)
+THEORY_RANK_R_K2 = 6
 THEORY_SECONDS_PER_SAMPLE_ENTRY = 2.0e-7  # per fixed-point iteration, softmax
 THEORY_ITERATIONS = 60
 
@@ -485,6 +488,16 @@ def theory_estimate(
         parts["Bayes-optimal samples"] = F64 * per_sample * 20000
     per_iter = n * T2 * THEORY_SECONDS_PER_SAMPLE_ENTRY * (0.1 if linear else 1.0)
     seconds = solves * THEORY_ITERATIONS * per_iter
+    if not params.rank_one:  # the rank-r prox (hdlora.theory.prox_rank_r): k = T r unknowns per sample
+        r = params.lora_rank
+        k = T * r
+        n_starts = (2**r - 1) + (2 if not linear else 1) * 2**r + 2 + (T if not linear else 0) + 2
+        parts["rank-r prox (Hessians (T r)^2, search starts)"] = (
+            F64 * n_mc * (THEORY_RANK_R_K2 * k * k + (n_starts + 10) * k)
+        )
+        parts.setdefault("compiled prox kernel (Numba runtime)", NUMBA_RUNTIME_BYTES)
+        n_branches = min(r, params.teacher_rank) + 1  # hdlora.theory.solve_rank_r.branch_starts
+        seconds *= n_branches * r * r * (10.0 if linear else 1.0)
     return Estimate(f"{what} n_mc = {n_mc}, T = {T}", parts, "cpu", seconds)
 
 

@@ -1,4 +1,4 @@
-"""Rank-r fine-tuning state evolution (prototype, src/hdlora/theory/finetune_rank_r.py; docs/theory/rank_r.md)."""
+"""Rank-r fine-tuning state evolution (src/hdlora/theory/finetune_rank_r.py, prox_rank_r.py; docs/theory/rank_r.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from scipy.optimize import minimize
 
 from hdlora.params import Params
 from hdlora.theory import finetune_rank_r as fr
+from hdlora.theory import newton as nw
+from hdlora.theory import prox_rank_r as pr
 from hdlora.theory.finetune import solve_finetune
 from hdlora.theory.sampling import frozen_fields
 
@@ -59,7 +61,7 @@ def test_rank_one_reduction(act, n, form):
     p = Params(activation=act, tokens=3, alpha_ft=3.0, lam_ft=0.5, noise=0.5)
     f = frozen_fields(n, 3, 2.25, 2.0, 1.0, seed=1)
     a = solve_finetune(p, f["z_star"], f["z"], tol=1e-11, seed=0, max_iter=2000, form=form, warn=False)
-    b = fr.solve_finetune_rank_r(p, f["z_star"], f["z"], r=1, r_star=1, tol=1e-11, seed=0, max_iter=2000, form=form)
+    b = fr.solve_finetune_rank_r(p, f["z_star"], f["z"], tol=1e-11, seed=0, max_iter=2000, form=form)
     assert a.converged and b.converged
     assert b.prox_failed == 0 and b.prox_not_max == 0
     diffs = {
@@ -83,19 +85,19 @@ def test_loss_derivatives_finite_differences(act, T, r):
     n = 4
     xi = rng.standard_normal((n, T, r))
     _ct, Zq, Y, _ = _channel_data(rng, n, T, r, act)
-    loss, g, H, dq = fr.loss_derivatives(xi, Zq, Y, act)
+    loss, g, H, dq = pr.loss_derivatives(xi, Zq, Y, act)
     eps = 1e-6
     for i in range(T * r):
         e = np.zeros(T * r)
         e[i] = eps
         e = e.reshape(T, r)
-        lp, gp = fr.loss_derivatives(xi + e, Zq, Y, act, 1)
-        lm, gm = fr.loss_derivatives(xi - e, Zq, Y, act, 1)
+        lp, gp = pr.loss_derivatives(xi + e, Zq, Y, act, 1)
+        lm, gm = pr.loss_derivatives(xi - e, Zq, Y, act, 1)
         np.testing.assert_allclose((lp - lm) / (2 * eps), g.reshape(n, -1)[:, i], atol=1e-7)
         np.testing.assert_allclose(((gp - gm) / (2 * eps)).reshape(n, -1), H[:, :, i], atol=1e-7)
     # d psi / d tr q = Tr G: psi = -l(Zq + xi xi^T) with Zq = z - tr(q) I
-    lp = fr.loss_derivatives(xi, Zq - eps * np.eye(T), Y, act, 0)
-    lm = fr.loss_derivatives(xi, Zq + eps * np.eye(T), Y, act, 0)
+    lp = pr.loss_derivatives(xi, Zq - eps * np.eye(T), Y, act, 0)
+    lm = pr.loss_derivatives(xi, Zq + eps * np.eye(T), Y, act, 0)
     np.testing.assert_allclose(-(lp - lm) / (2 * eps), dq, atol=1e-7)
 
 
@@ -105,11 +107,11 @@ def test_prox_optimality_and_multistart(act):
     n, T, r = 60, 3, 2
     ct, Zq, Y, Ya = _channel_data(rng, n, T, r, act)
     v = np.array([[0.6, 0.2], [0.2, 0.4]])
-    p = fr.prox_rank_r(ct, Zq, Y, v, act, Y_arg=Ya)
+    p = pr.prox_rank_r(ct, Zq, Y, v, act, Y_arg=Ya)
     assert p["converged"].all() and p["n_not_max"] == 0
     chi = p["chi"]
     # stationarity of psi at the returned chi (in the original coordinates)
-    _l, gl = fr.loss_derivatives(chi, Zq, Y, act, 1)
+    _l, gl = pr.loss_derivatives(chi, Zq, Y, act, 1)
     grad_psi = -gl - (chi - ct) @ np.linalg.inv(v)
     scale = 1.0 + np.abs(ct).max(axis=(1, 2)) / v.min()
     assert np.max(np.abs(grad_psi).max(axis=(1, 2)) / scale) < 1e-7
@@ -137,8 +139,8 @@ def test_prox_rotates_with_chi_tilde(act):
     th = 0.7
     O = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
     for v in (0.5 * np.eye(r), np.array([[0.6, 0.2], [0.2, 0.4]])):
-        p1 = fr.prox_rank_r(ct, Zq, Y, v, act, Y_arg=Ya)
-        p2 = fr.prox_rank_r(ct @ O, Zq, Y, O.T @ v @ O, act, Y_arg=Ya)
+        p1 = pr.prox_rank_r(ct, Zq, Y, v, act, Y_arg=Ya)
+        p2 = pr.prox_rank_r(ct @ O, Zq, Y, O.T @ v @ O, act, Y_arg=Ya)
         np.testing.assert_allclose(p2["psi"], p1["psi"], rtol=1e-10, atol=1e-10)
         # the maximiser is unique up to ties between global maxima: compare where psi has one basin
         np.testing.assert_allclose(p2["chi"], p1["chi"] @ O, atol=1e-6)
@@ -329,39 +331,77 @@ def test_stein_form_equals_direct_form_in_expectation(act):
     np.testing.assert_allclose(out["mhat"] - st["mhat"], (-vi @ ctcs - 2.0 * Ld @ m) @ np.linalg.inv(q0), atol=1e-10)
 
 
-def test_compiled_potential_matches_numpy():
-    """The hand-over form of the potential (kernel signature, Numba) equals the batched NumPy one; at r = 1
-    both equal the kernel's FINETUNE potential."""
-    pytest.importorskip("numba")
-    from hdlora.theory import newton as nw
+def _kernel_eval(xi, Zq, Y, act, order=2):
+    n, T, r = xi.shape
+    rows = np.concatenate([Zq.reshape(n, -1), Y.reshape(n, -1)], axis=1)
+    og, oH, oa = np.empty((n, T * r)), np.empty((n, T * r, T * r)), np.empty((n, 1))
+    consts = np.array([float(T), 1.0 if act == "softmax" else 0.0])
+    lc = nw.kernel().evaluate_batch(nw.FINETUNE_RANK_R, xi.reshape(n, -1).copy(), rows, consts, order, og, oH, oa)
+    return lc, og, oH, oa[:, 0], rows, consts
 
-    _loss, evaluate = fr.compiled_potential()
+
+def test_kernel_rank_r_potential_matches_numpy_and_finite_differences():
+    """The kernel's FINETUNE_RANK_R potential equals the batched NumPy reference (R.11) and finite differences of
+    its own loss; at r = 1 it equals the kernel's FINETUNE potential."""
     rng = np.random.default_rng(11)
     for act in ("linear", "softmax"):
         for T, r in ((3, 1), (3, 2), (2, 3), (4, 2)):
             n = 6
             xi = rng.standard_normal((n, T, r))
             _ct, Zq, Y, _ = _channel_data(rng, n, T, r, act)
-            rows = np.concatenate([Zq.reshape(n, -1), Y.reshape(n, -1)], axis=1)
-            og, oH, oa = np.empty((n, T * r)), np.empty((n, T * r, T * r)), np.empty((n, 1))
-            lc = evaluate(xi.reshape(n, -1), rows, T, act == "softmax", 2, og, oH, oa)
-            ln, gn, Hn, dqn = fr.loss_derivatives(xi, Zq, Y, act)
+            lc, og, oH, oa, rows, consts = _kernel_eval(xi, Zq, Y, act)
+            ln, gn, Hn, dqn = pr.loss_derivatives(xi, Zq, Y, act)
             np.testing.assert_allclose(lc, ln, rtol=1e-13, atol=1e-14)
             np.testing.assert_allclose(og, gn.reshape(n, -1), rtol=1e-12, atol=1e-13)
             np.testing.assert_allclose(oH, Hn, rtol=1e-12, atol=1e-13)
-            np.testing.assert_allclose(oa[:, 0], dqn, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(oa, dqn, rtol=1e-12, atol=1e-14)
+            eps = 1e-6
+            for i in range(T * r):  # finite differences of the kernel's own value and gradient
+                e = np.zeros(T * r)
+                e[i] = eps
+                e = e.reshape(T, r)
+                lp, gp = _kernel_eval(xi + e, Zq, Y, act, 1)[:2]
+                lm, gm = _kernel_eval(xi - e, Zq, Y, act, 1)[:2]
+                np.testing.assert_allclose((lp - lm) / (2 * eps), og[:, i], atol=1e-7)
+                np.testing.assert_allclose((gp - gm) / (2 * eps), oH[:, :, i], atol=1e-7)
+            lp = _kernel_eval(xi, Zq - eps * np.eye(T), Y, act, 0)[0]
+            lm = _kernel_eval(xi, Zq + eps * np.eye(T), Y, act, 0)[0]
+            np.testing.assert_allclose(-(lp - lm) / (2 * eps), oa, atol=1e-7)
             if r == 1:
-                K = nw.kernel()
                 kg, kH, ka = np.empty((n, T)), np.empty((n, T, T)), np.empty((n, 1))
-                lk = K.evaluate_batch(
-                    nw.FINETUNE,
-                    xi[:, :, 0].copy(),
-                    rows,
-                    np.array([float(T), 1.0 if act == "softmax" else 0.0]),
-                    2,
-                    kg,
-                    kH,
-                    ka,
-                )
+                lk = nw.kernel().evaluate_batch(nw.FINETUNE, xi[:, :, 0].copy(), rows, consts, 2, kg, kH, ka)
                 np.testing.assert_allclose(lc, lk, rtol=1e-13, atol=1e-14)
                 np.testing.assert_allclose(oH, kH, rtol=1e-12, atol=1e-13)
+
+
+def test_linear_certificate():
+    """R.16: at r = 1 the certificate holds at the exact global prox (the secular-equation solution); at r = 2 every
+    certified sample is not beaten by an independent multi-start BFGS, and a non-global stationary point (a
+    sign-flipped start kept by Newton) is not certified."""
+    rng = np.random.default_rng(12)
+    T, act = 3, "linear"
+    for r in (1, 2):
+        n = 40
+        ct, Zq, Y, Ya = _channel_data(rng, n, T, r, act)
+        v = np.eye(r) * 0.5 if r == 1 else np.array([[0.6, 0.2], [0.2, 0.4]])
+        p = pr.prox_rank_r(ct, Zq, Y, v, act, Y_arg=Ya)
+        cert = p["certified"]
+        assert cert is not None and cert.sum() >= 0.9 * n, cert.sum()
+        if r == 1:
+            assert cert.all()
+        for i in np.flatnonzero(cert)[:5]:
+
+            def negpsi(x, i=i):
+                return -_psi(x.reshape(T, r), ct[i], Zq[i], Y[i], v, act)
+
+            for _s in range(8):
+                x0 = rng.standard_normal(T * r) * (1 + np.abs(ct[i]).max())
+                assert p["psi"][i] >= -minimize(negpsi, x0, method="BFGS").fun - 1e-8
+    # a local, non-global maximum is not certified: one start only, far from the global maximiser
+    ct, Zq, Y, Ya = _channel_data(rng, 200, T, 1, act)
+    v = np.eye(1) * 2.0
+    g = pr.prox_rank_r(ct, Zq, Y, v, act, Y_arg=Ya)
+    loc = pr.prox_rank_r(ct, Zq, Y, v, act, Y_arg=Ya, warm=-g["chi"], global_search=False)
+    worse = loc["psi"] < g["psi"] - 1e-8
+    assert worse.any()
+    assert not pr.linear_certificate(loc["xi"], Ya - Zq, loc["d"])[worse].any()

@@ -22,6 +22,9 @@ Potentials (``kind``):
         aux[0] = d loss / d(-q) = Tr dl/dX (eq. 72).
     SEPARABLE_QUARTIC (2): a test potential of any k, loss = sum_i c_i (x_i^2 - 1)^2 (row = c, k
         entries): non-concave, separable, with a known global prox per coordinate.
+    FINETUNE_RANK_R (3): the rank-r fine-tuning channel (docs/theory/rank_r.md, R.3) in x = vec(chi),
+        chi in R^{T x r} row-major (k = T r, r = k // T); row = [z - tr(q) I (T*T), Y (T*T)] as FINETUNE;
+        loss = ||sigma(z - tr(q) I + chi chi^T) - Y||_F^2; aux[0] = Tr dl/dX = d psi / d tr q.
 ``consts`` = [T, softmax (1) or linear (0)] (T is unused by SEPARABLE_QUARTIC).
 """
 
@@ -35,6 +38,7 @@ from numba import njit
 PRETRAIN = 0
 FINETUNE = 1
 SEPARABLE_QUARTIC = 2
+FINETUNE_RANK_R = 3
 
 
 @njit(cache=True, error_model="numpy")
@@ -232,6 +236,112 @@ def _finetune_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
 
 
 @njit(cache=True, error_model="numpy")
+def _finetune_rank_r_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
+    """psi at rank r (docs/theory/rank_r.md, R.3, R.11) at vec(chi) = x (row-major, index a r + c; r = k // T):
+    X = (z - tr(q) I) + chi chi^T, loss = ||sigma(X) - Y||_F^2; aux[0] = Tr dl/dX = d psi / d tr q.
+    X is reused as the scratch of the row Hessians h_a once sigma(X) is known.  At r = 1 it equals FINETUNE."""
+    k = x.shape[0]
+    r = k // T
+    TT = T * T
+    for a in range(T):
+        for b in range(T):
+            acc = row[a * T + b]
+            for c in range(r):
+                acc += x[a * r + c] * x[b * r + c]
+            X[a, b] = acc
+    if softmax:
+        _softmax_rows(X, P, T)
+    else:
+        for a in range(T):
+            for b in range(T):
+                P[a, b] = X[a, b] / T
+    val = 0.0
+    for a in range(T):
+        for b in range(T):
+            rr = P[a, b] - row[TT + a * T + b]
+            R[a, b] = rr
+            val += rr * rr
+    if order == 0:
+        return val
+    if softmax:
+        for a in range(T):
+            s = 0.0
+            for b in range(T):
+                s += P[a, b] * R[a, b]
+            for b in range(T):
+                G[a, b] = 2.0 * (P[a, b] * (R[a, b] - s))
+    else:
+        for a in range(T):
+            for b in range(T):
+                G[a, b] = (2.0 / T) * R[a, b]
+    dq = 0.0
+    for a in range(T):
+        dq += G[a, a]
+    aux[0] = dq
+    for a in range(T):
+        for c in range(r):
+            acc = 0.0
+            for b in range(T):
+                acc += (G[a, b] + G[b, a]) * x[b * r + c]
+            g[a * r + c] = acc
+    if order < 2:
+        return val
+    for i in range(k):
+        for j in range(k):
+            H[i, j] = 0.0
+    for a in range(T):
+        for b in range(T):
+            gs = G[a, b] + G[b, a]
+            for c in range(r):
+                H[a * r + c, b * r + c] += gs
+    for a in range(T):
+        # row Hessian h_a into X (X is no longer needed)
+        if softmax:
+            pp = 0.0
+            for b in range(T):
+                pp += P[a, b] * P[a, b]
+            for b in range(T):
+                wb = P[a, b] * P[a, b] + 0.5 * G[a, b]
+                for e in range(T):
+                    we = P[a, e] * P[a, e] + 0.5 * G[a, e]
+                    hv = pp * P[a, b] * P[a, e] - wb * P[a, e] - P[a, b] * we
+                    if b == e:
+                        hv += wb
+                    X[b, e] = 2.0 * hv
+        else:
+            for b in range(T):
+                for e in range(T):
+                    X[b, e] = 2.0 / (T * T) if b == e else 0.0
+        for b in range(T):
+            for kk in range(r):
+                hx = 0.0  # (h_a xi)_{b kk}
+                for e in range(T):
+                    hx += X[b, e] * x[e * r + kk]
+                for j in range(r):
+                    val2 = hx * x[a * r + j]
+                    H[a * r + kk, b * r + j] += val2  # (h_a xi)_bk xi_aj
+                    H[b * r + j, a * r + kk] += val2  # and its transpose
+                    # delta_ab (xi^T h_a xi)_{kk j}: sum over b of xi_{b kk} (h_a xi)_{b j} -- below
+        for kk in range(r):
+            for j in range(r):
+                qd = 0.0
+                for b in range(T):
+                    for e in range(T):
+                        qd += x[b * r + kk] * X[b, e] * x[e * r + j]
+                H[a * r + kk, a * r + j] += qd
+        # sum_c (h_c)_{b e} xi_ck xi_cj with c = a
+        for b in range(T):
+            for e in range(T):
+                hbe = X[b, e]
+                if hbe == 0.0:
+                    continue
+                for kk in range(r):
+                    for j in range(r):
+                        H[b * r + kk, e * r + j] += hbe * x[a * r + kk] * x[a * r + j]
+    return val
+
+
+@njit(cache=True, error_model="numpy")
 def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
     """The loss of potential ``kind`` at x (and, for order >= 1, 2, its gradient g and Hessian H)."""
     T = int(consts[0])
@@ -240,6 +350,8 @@ def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
         return _pretrain_loss(x, row, T, softmax, order, g, H, X, P, R, G)
     if kind == FINETUNE:
         return _finetune_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G)
+    if kind == FINETUNE_RANK_R:
+        return _finetune_rank_r_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G)
     return _separable_quartic_loss(x, row, order, g, H)
 
 

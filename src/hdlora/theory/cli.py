@@ -44,13 +44,51 @@ _TABLE_KEYS = (
     "iterations",
 )
 
+#: extra rows of the table at rank r (q = tr q, m = ||m||_F there)
+_RANK_R_KEYS = (
+    "lora_rank",
+    "teacher_rank",
+    "q_eigenvalues",
+    "m_singular_values",
+    "principal_cosines",
+    "rank_m",
+    "objective",
+    "winner",
+    "winner_status",
+)
+
 
 def _beta(text: str):
     return "optimal" if text == "optimal" else _float(text)
 
 
+def _strengths(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,0.5, got {text!r}") from None
+
+
+def add_rank_arguments(p: argparse.ArgumentParser) -> None:
+    """The rank-r LoRA / rank-r* task flags (beyond the paper; docs/theory/rank_r.md)."""
+    g = p.add_argument_group("rank-r LoRA on a rank-r* task (beyond the paper)")
+    g.add_argument("--lora-rank", type=integer, default=1, help="r: rank of the LoRA update (integer >= 1)")
+    g.add_argument("--teacher-rank", type=integer, default=1, help="r*: rank of the fine-tuning task (integer >= 1)")
+    g.add_argument(
+        "--teacher-strengths",
+        type=_strengths,
+        default=None,
+        help="s_1,...,s_r*: the teacher's column strengths (q0 = diag(s^2)); default all 1",
+    )
+
+
+def rank_params(args: argparse.Namespace) -> dict:
+    return {"lora_rank": args.lora_rank, "teacher_rank": args.teacher_rank, "teacher_strengths": args.teacher_strengths}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_param_arguments(p)
+    add_rank_arguments(p)
     g = p.add_argument_group("theory")
     g.add_argument("--n-mc", type=integer, default=DEFAULT_N_MC, help="Monte-Carlo samples per expectation (>= 100)")
     g.add_argument("--seed", type=integer, default=0, help="seed of the fixed Monte-Carlo samples")
@@ -90,9 +128,15 @@ def run(args: argparse.Namespace) -> int:
     from .solve import solve
 
     optimal = args.beta == "optimal"
-    params = params_from_args(args, beta=1.0 if optimal else args.beta, active_pool=args.active_pool)
+    params = params_from_args(
+        args, beta=1.0 if optimal else args.beta, active_pool=args.active_pool, **rank_params(args)
+    )
     if args.n_mc < 100:
         raise ParamError(f"--n-mc must be >= 100, got {args.n_mc}")
+    if not params.rank_one:
+        from .solve_rank_r import check_rank_params
+
+        check_rank_params(params, args.baseline, bayes_optimal=args.bayes_optimal)
     from ..resources_cli import theory_gate
 
     if (rc := theory_gate(args, params)) is not None:
@@ -113,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
         print(dumps(d))
     else:
         rows = {k: d[k] for k in _TABLE_KEYS}
+        for k in _RANK_R_KEYS:
+            if k in d:
+                rows[k] = ", ".join(f"{x:.6g}" for x in d[k]) if isinstance(d[k], list) else d[k]
         for k in ("bo_pretrain_test_error", "bo_finetune_test_error", "bo_overlap"):
             if k in d:
                 rows[k] = d[k]

@@ -1,4 +1,4 @@
-"""Rank-r LoRA on a rank-r* task: the fine-tuning state evolution (PROTOTYPE, beyond the paper).
+"""Rank-r LoRA on a rank-r* task: the fine-tuning state evolution (beyond the paper).
 
 Derivation: ``docs/theory/rank_r.md`` (the matrix generalisation of App. A.5, eqs. 61-72, and of the
 replicon, eq. 78).  Student w in R^{D x r}, teacher w* in R^{D x r*}; order parameters
@@ -14,15 +14,9 @@ through chi chi^T, so in the eigenbasis of v = U diag(d) U^T (xi = chi U) the pr
 *diagonal* metric (weight d_k on column k): the form of the generic kernel,
 min_x loss(x) + sum_i (x_i - a_i)^2 / (2 w_i), x = vec(xi) in R^{T r}.
 
-Status of the prox solver: the compiled kernel (:mod:`hdlora.theory.newton`) has no rank-r potential
-yet (its potentials are fixed ids inside the compiled dispatch, which this file may not edit).  This
-prototype supplies the rank-r loss, gradient and Hessian (:func:`loss_derivatives`, batched NumPy) and
-runs them through :func:`newton_prox`, a NumPy transcription of the kernel's Newton loop with the
-fine-tuning rule (:meth:`hdlora.theory.newton.NewtonRule.finetune`: step stop, Cholesky /
-saddle-free direction, Armijo, derivatives of the last evaluation before the final step returned).
-At r = 1 :func:`loss_derivatives` is the kernel's FINETUNE potential.  Wiring: a kernel kind
-FINETUNE_RANK_R with row = [z - tr(q) I (T*T), Y (T*T)], r = k // T; the per-sample function in the
-kernel's potential signature is :func:`compiled_potential` (hand-over form, tested equal).
+The per-sample prox is :func:`hdlora.theory.prox_rank_r.prox_rank_r` (the compiled Newton kernel, potential
+FINETUNE_RANK_R, from several starts).  The branches by rank(m) and the wiring into ``hdlora.theory.solve``
+are in :mod:`hdlora.theory.solve_rank_r`.
 
 The update (direct form, the default of the rank-one code): with g = (chi_prox - chi_tilde) v^{-1},
 F = E[zeta^T g], Y_S the solution of S^{1/2} Y_S + Y_S S^{1/2} = sym(F) (Frechet derivative of the
@@ -56,23 +50,25 @@ from typing import Any
 import numpy as np
 
 from ..activations import get as get_activation
-from ..params import ParamError, Params
+from ..params import A0 as _A0
+from ..params import ParamError, Params, check_tol
+from . import effective as _effective
+from .finetune import _check_fields, _law_args, _se
 from .fixed_point import iterate
-from .sampling import standard_normals, to_sym
+from .prox_rank_r import MAX_PROX_DIM, prox_rank_r
+from .sampling import frozen_fields, standard_normals, to_sym
 
 __all__ = [
     "sqrtm_psd",
     "sqrtm_frechet",
     "ridge_channel",
     "canonical_gauge",
-    "loss_derivatives",
-    "compiled_potential",
-    "newton_prox",
-    "prox_rank_r",
     "output_channel",
     "replicon_map",
     "linear_test_error",
     "RankRResult",
+    "invariants",
+    "default_init",
     "solve_finetune_rank_r",
 ]
 
@@ -167,475 +163,6 @@ def canonical_gauge(
 
 
 # ----------------------------------------------------------------------------------------
-# the rank-r potential (loss part of psi), batched, samples first
-# ----------------------------------------------------------------------------------------
-def _row_terms(X: np.ndarray, Y: np.ndarray, T: int, activation: str, order: int):
-    """sigma(X) rows, residual R, G = dl/dX and the row Hessians h (n, T, T, T) (h[:, a] = d2 l / dX_a dX_a)."""
-    if activation == "linear":
-        P = X / T
-    else:
-        P = np.exp(X - X.max(axis=2, keepdims=True))
-        P /= P.sum(axis=2, keepdims=True)
-    R = P - Y
-    if order == 0:
-        return R, None, None
-    if activation == "linear":
-        G = (2.0 / T) * R
-    else:
-        Uu = P * (R - (P * R).sum(axis=2, keepdims=True))
-        G = 2.0 * Uu
-    if order < 2:
-        return R, G, None
-    n = X.shape[0]
-    if activation == "linear":
-        h = np.zeros((n, T, T, T))
-        d = np.arange(T)
-        h[:, :, d, d] = 2.0 / T**2
-    else:
-        W = P * P + 0.5 * G  # w = p o p + u
-        pp = (P * P).sum(axis=2)  # |p_a|^2
-        h = 2.0 * (
-            W[:, :, :, None] * np.eye(T)[None, None]
-            - W[:, :, :, None] * P[:, :, None, :]
-            - P[:, :, :, None] * W[:, :, None, :]
-            + pp[:, :, None, None] * P[:, :, :, None] * P[:, :, None, :]
-        )
-    return R, G, h
-
-
-def loss_derivatives(
-    xi: np.ndarray, Zq: np.ndarray, Y: np.ndarray, activation: str, order: int = 2
-) -> np.ndarray | tuple[np.ndarray, ...]:
-    """l(xi) = ||sigma(Zq + xi xi^T) - Y||_F^2 and its derivatives in vec(xi) (row-major, index a r + k).
-
-    Args:
-        xi: (n, T, r).  Zq: (n, T, T) the frozen argument z - tr(q) I.  Y: (n, T, T) the target.
-        order: 0 (value), 1 (+ gradient (n, T, r)), 2 (+ Hessian (n, T r, T r) and Tr G = d psi / d tr q).
-
-    Gradient (G + G^T) xi; Hessian (docs/theory/rank_r.md, sec. 8, R.11)
-        H[(a,k),(b,j)] = (G + G^T)_ab delta_kj + delta_ab (xi^T h_a xi)_kj
-                         + (h_a xi)_bk xi_aj + (h_b xi)_aj xi_bk + sum_c (h_c)_ab xi_ck xi_cj.
-    At r = 1 this is the kernel's FINETUNE potential.
-    """
-    n, T, r = xi.shape
-    X = Zq + xi @ np.swapaxes(xi, 1, 2)
-    R, G, h = _row_terms(X, Y, T, activation, order)
-    loss = (R * R).sum(axis=(1, 2))
-    if order == 0:
-        return loss
-    Gs = G + np.swapaxes(G, 1, 2)
-    grad = Gs @ xi
-    if order == 1:
-        return loss, grad
-    hx = np.einsum("naec,nck->naek", h, xi)  # (h_a xi)_e, (n, a, e, r)
-    H = np.einsum("nab,kj->nakbj", Gs, np.eye(r))
-    quad = np.einsum("nck,nacj->nakj", xi, hx)  # xi^T h_a xi
-    d = np.arange(T)
-    H[:, d, :, d, :] += np.moveaxis(quad, 1, 0)
-    cross = np.einsum("nabk,naj->nakbj", hx, xi)  # (h_a xi)_bk xi_aj
-    H += cross + np.transpose(cross, (0, 3, 4, 1, 2))
-    H += np.einsum("ncab,nckj->nakbj", h, xi[:, :, :, None] * xi[:, :, None, :])
-    dq = np.trace(G, axis1=1, axis2=2)
-    return loss, grad, H.reshape(n, T * r, T * r), dq
-
-
-# ----------------------------------------------------------------------------------------
-# the same potential per sample, compiled, in the kernel's potential signature (for wiring)
-# ----------------------------------------------------------------------------------------
-_COMPILED: Any = None
-
-
-def compiled_potential() -> tuple[Any, Any]:
-    """(loss, evaluate): the rank-r loss as a Numba function with the signature of the kernel's
-    potentials, ``loss(x, row, T, softmax, order, g, H, aux, X, P, R, G)`` (x = vec(xi), k = T r, r = k // T;
-    row = [Zq (T*T), Y (T*T)]; aux[0] = Tr G; X is reused as the row-Hessian scratch), ready to be added to
-    :func:`hdlora.theory._newton_numba.loss_derivatives` as a kind FINETUNE_RANK_R; and ``evaluate(xs,
-    data, T, softmax, order, out_g, out_H, out_aux)`` over rows (tests).  Compiled on first call (numba
-    imported lazily, not cached on disk: this is the hand-over form, the kernel will own the cached one).
-    """
-    global _COMPILED
-    if _COMPILED is not None:
-        return _COMPILED
-    from numba import njit
-
-    from ._newton_numba import _softmax_rows
-
-    @njit(cache=False)
-    def loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
-        k = x.shape[0]
-        r = k // T
-        TT = T * T
-        for a in range(T):
-            for b in range(T):
-                acc = row[a * T + b]
-                for c in range(r):
-                    acc += x[a * r + c] * x[b * r + c]
-                X[a, b] = acc
-        if softmax:
-            _softmax_rows(X, P, T)
-        else:
-            for a in range(T):
-                for b in range(T):
-                    P[a, b] = X[a, b] / T
-        val = 0.0
-        for a in range(T):
-            for b in range(T):
-                rr = P[a, b] - row[TT + a * T + b]
-                R[a, b] = rr
-                val += rr * rr
-        if order == 0:
-            return val
-        if softmax:
-            for a in range(T):
-                s = 0.0
-                for b in range(T):
-                    s += P[a, b] * R[a, b]
-                for b in range(T):
-                    G[a, b] = 2.0 * (P[a, b] * (R[a, b] - s))
-        else:
-            for a in range(T):
-                for b in range(T):
-                    G[a, b] = (2.0 / T) * R[a, b]
-        dq = 0.0
-        for a in range(T):
-            dq += G[a, a]
-        aux[0] = dq
-        for a in range(T):
-            for c in range(r):
-                acc = 0.0
-                for b in range(T):
-                    acc += (G[a, b] + G[b, a]) * x[b * r + c]
-                g[a * r + c] = acc
-        if order < 2:
-            return val
-        for i in range(k):
-            for j in range(k):
-                H[i, j] = 0.0
-        for a in range(T):
-            for b in range(T):
-                gs = G[a, b] + G[b, a]
-                for c in range(r):
-                    H[a * r + c, b * r + c] += gs
-        for a in range(T):
-            # row Hessian h_a into X (X is no longer needed)
-            if softmax:
-                pp = 0.0
-                for b in range(T):
-                    pp += P[a, b] * P[a, b]
-                for b in range(T):
-                    wb = P[a, b] * P[a, b] + 0.5 * G[a, b]
-                    for e in range(T):
-                        we = P[a, e] * P[a, e] + 0.5 * G[a, e]
-                        hv = pp * P[a, b] * P[a, e] - wb * P[a, e] - P[a, b] * we
-                        if b == e:
-                            hv += wb
-                        X[b, e] = 2.0 * hv
-            else:
-                for b in range(T):
-                    for e in range(T):
-                        X[b, e] = 2.0 / (T * T) if b == e else 0.0
-            for b in range(T):
-                for kk in range(r):
-                    hx = 0.0  # (h_a xi)_{b kk}
-                    for e in range(T):
-                        hx += X[b, e] * x[e * r + kk]
-                    for j in range(r):
-                        val2 = hx * x[a * r + j]
-                        H[a * r + kk, b * r + j] += val2  # (h_a xi)_bk xi_aj
-                        H[b * r + j, a * r + kk] += val2  # and its transpose
-                        # delta_ab (xi^T h_a xi)_{kk j}: sum over b of xi_{b kk} (h_a xi)_{b j} -- below
-            for kk in range(r):
-                for j in range(r):
-                    qd = 0.0
-                    for b in range(T):
-                        for e in range(T):
-                            qd += x[b * r + kk] * X[b, e] * x[e * r + j]
-                    H[a * r + kk, a * r + j] += qd
-            # sum_c (h_c)_{b e} xi_ck xi_cj with c = a
-            for b in range(T):
-                for e in range(T):
-                    hbe = X[b, e]
-                    if hbe == 0.0:
-                        continue
-                    for kk in range(r):
-                        for j in range(r):
-                            H[b * r + kk, e * r + j] += hbe * x[a * r + kk] * x[a * r + j]
-        return val
-
-    @njit(cache=False)
-    def evaluate(xs, data, T, softmax, order, out_g, out_H, out_aux):
-        n, k = xs.shape
-        X = np.empty((T, T))
-        P = np.empty((T, T))
-        R = np.empty((T, T))
-        G = np.empty((T, T))
-        g = np.empty(k)
-        H = np.empty((k, k))
-        aux = np.zeros(1)
-        out = np.empty(n)
-        for s_ in range(n):
-            out[s_] = loss(xs[s_], data[s_], T, softmax, order, g, H, aux, X, P, R, G)
-            for i in range(k):
-                out_g[s_, i] = g[i]
-                for j in range(k):
-                    out_H[s_, i, j] = H[i, j]
-            out_aux[s_, 0] = aux[0]
-        return out
-
-    _COMPILED = (loss, evaluate)
-    return _COMPILED
-
-
-# ----------------------------------------------------------------------------------------
-# Newton prox (NumPy transcription of the kernel's loop, NewtonRule.finetune)
-# ----------------------------------------------------------------------------------------
-@dataclass
-class _NewtonOut:
-    x: np.ndarray  # (n, T, r)
-    f: np.ndarray  # (n,) loss + prior (minimised)
-    hess: np.ndarray  # (n, k, k) loss Hessian at the returned derivatives' point
-    dq: np.ndarray  # (n,) Tr G there
-    residual: np.ndarray  # (n,) last step norm
-    converged: np.ndarray  # (n,)
-
-
-def _chol_step(A: np.ndarray, b: np.ndarray):
-    """-A^{-1} b by a batched Cholesky (loops over the k x k entries, vectorised over samples);
-    pd[i] False where a pivot is not > 1e-300 (the kernel's pd_min); the step there is garbage."""
-    n, k, _ = A.shape
-    Lc = np.zeros_like(A)
-    pd = np.ones(n, dtype=bool)
-    for j in range(k):
-        dj = A[:, j, j] - (Lc[:, j, :j] ** 2).sum(axis=1)
-        good = dj > 1e-300
-        pd &= good
-        ljj = np.sqrt(np.where(good, dj, 1.0))
-        Lc[:, j, j] = ljj
-        for i in range(j + 1, k):
-            Lc[:, i, j] = (A[:, i, j] - (Lc[:, i, :j] * Lc[:, j, :j]).sum(axis=1)) / ljj
-    y = np.empty_like(b)
-    for i in range(k):
-        y[:, i] = (b[:, i] - (Lc[:, i, :i] * y[:, :i]).sum(axis=1)) / Lc[:, i, i]
-    x = np.empty_like(b)
-    for i in reversed(range(k)):
-        x[:, i] = (y[:, i] - (Lc[:, i + 1 :, i] * x[:, i + 1 :]).sum(axis=1)) / Lc[:, i, i]
-    return -x, pd
-
-
-def newton_prox(
-    x0: np.ndarray,
-    Zq: np.ndarray,
-    Y: np.ndarray,
-    anchor: np.ndarray,
-    w: np.ndarray,
-    activation: str,
-    *,
-    xtol: float = 1e-9,
-    max_steps: int = 60,
-) -> _NewtonOut:
-    """min_x l(x) + sum_{a,k} (x_ak - anchor_ak)^2 / (2 w_k) for every sample, x (n, T, r), w (r,) > 0.
-
-    The rule of :meth:`hdlora.theory.newton.NewtonRule.finetune`: a sample stops when its Newton step
-    is below xtol (1 + |x|) at a positive-definite Hessian of f (the step is taken, the derivatives of
-    the point before it are returned, as the kernel does); otherwise the direction is Newton (positive
-    definite) or saddle-free (|eigenvalues| floored at 1e-3 / max w), the full step is trusted when
-    shorter than 1e-3 (1 + |x|), else Armijo backtracking (40 halvings, slack 1e-14 |f|), and a sample
-    with no acceptable step stops unconverged.
-    """
-    n, T, r = x0.shape
-    k = T * r
-    wv = np.tile(np.asarray(w, dtype=np.float64), T)  # weight of vec index a r + k
-    x = x0.reshape(n, k).copy()
-    a = anchor.reshape(n, k)
-
-    def ev(xs, idx, order):
-        out = loss_derivatives(xs.reshape(-1, T, r), Zq[idx], Y[idx], activation, order)
-        prior = (((xs - a[idx]) ** 2) / (2.0 * wv)).sum(axis=1)
-        if order == 0:
-            return out + prior
-        loss, g, H, dq = out
-        return loss + prior, g.reshape(-1, k), H, dq
-
-    all_idx = np.arange(n)
-    f, gl, Hl, dq = ev(x, all_idx, 2)
-    res = np.full(n, np.inf)
-    conv = np.zeros(n, dtype=bool)
-    active = np.ones(n, dtype=bool)
-    floor = 1e-3 / wv.max()
-    for _ in range(max_steps):
-        idx = np.flatnonzero(active)
-        if idx.size == 0:
-            break
-        xa = x[idx]
-        gf = gl[idx] + (xa - a[idx]) / wv
-        Hf = Hl[idx] + np.diag(1.0 / wv)
-        step, pd = _chol_step(Hf, gf)
-        bad = np.flatnonzero(~pd)
-        if bad.size:  # saddle-free direction where f is not convex
-            lam, V = np.linalg.eigh(Hf[bad])
-            lam_eff = np.maximum(np.abs(lam), floor)
-            step[bad] = -np.einsum("nij,nj->ni", V, np.einsum("nji,nj->ni", V, gf[bad]) / lam_eff)
-        snorm = np.linalg.norm(step, axis=1)
-        xnorm = np.linalg.norm(xa, axis=1)
-        res[idx] = snorm
-        done = pd & (snorm < xtol * (1.0 + xnorm))
-        if done.any():
-            di = idx[done]
-            x[di] += step[done]
-            conv[di] = True
-            active[di] = False
-        go = ~done
-        idx, step, xa, gf, pd, snorm, xnorm = idx[go], step[go], xa[go], gf[go], pd[go], snorm[go], xnorm[go]
-        if idx.size == 0:
-            continue
-        trusted = pd & (snorm < 1e-3 * (1.0 + xnorm))
-        slope = (gf * step).sum(axis=1)
-        f0 = f[idx]
-        t = np.ones(idx.size)
-        accepted = np.zeros(idx.size, dtype=bool)
-        searching = np.ones(idx.size, dtype=bool)
-        first = True
-        for _try in range(40):
-            s_idx = np.flatnonzero(searching)
-            if s_idx.size == 0:
-                break
-            xt = xa[s_idx] + t[s_idx, None] * step[s_idx]
-            if first:
-                ft, gt, Ht, dqt = ev(xt, idx[s_idx], 2)
-            else:
-                ft = ev(xt, idx[s_idx], 0)
-            ok = (trusted[s_idx] & first) | (
-                ft <= f0[s_idx] + 1e-4 * t[s_idx] * slope[s_idx] + 1e-14 * np.abs(f0[s_idx])
-            )
-            acc = s_idx[ok]
-            gi = idx[acc]
-            x[gi] = xt[ok]
-            if first:
-                f[gi], gl[gi], Hl[gi], dq[gi] = ft[ok], gt[ok], Ht[ok], dqt[ok]
-            else:
-                fa, ga, Ha, dqa = ev(x[gi], gi, 2)
-                f[gi], gl[gi], Hl[gi], dq[gi] = fa, ga, Ha, dqa
-            accepted[acc] = True
-            searching[acc] = False
-            t[searching] *= 0.5
-            first = False
-        stuck = idx[~accepted]
-        active[stuck] = False
-    return _NewtonOut(x.reshape(n, T, r), f, Hl, dq, res, conv)
-
-
-# ----------------------------------------------------------------------------------------
-# the prox of psi with a global multi-start search
-# ----------------------------------------------------------------------------------------
-def _polar(A: np.ndarray) -> np.ndarray:
-    """Orthogonal polar factor of a batch of square matrices (n, r, r)."""
-    U, _s, Vt = np.linalg.svd(A)
-    return U @ Vt
-
-
-def _sign_flips(r: int):
-    return [np.array([1.0 if (f >> j) & 1 == 0 else -1.0 for j in range(r)]) for f in range(2**r)]
-
-
-def _starts(ct: np.ndarray, Zq: np.ndarray, Y_arg: np.ndarray | None, softmax: bool, n_random: int):
-    """Starting points (n, T, r) of the global search, for chi_tilde ct (n, T, r):
-    ct with every pattern of column signs; the fits xi xi^T ~ K = Y_arg - Zq (top-r eigenpairs of K, and
-    of J K J for softmax), rotated onto ct by orthogonal Procrustes, with every pattern of column signs;
-    fixed random points of the scale of ct; for softmax, ct with one row scaled by 1.5.
-    At r = 1 these include the rank-one search starts (-ct, +-sqrt(lambda_1) u_1 of K and J K J)."""
-    n, T, r = ct.shape
-    flips = _sign_flips(r)
-    out = [ct * s for s in flips[1:]]
-    if Y_arg is not None:
-        K = Y_arg - Zq
-        K = 0.5 * (K + np.swapaxes(K, 1, 2))
-        mats = [K]
-        if softmax:
-            J = np.eye(T) - 1.0 / T
-            mats.append(J @ K @ J)
-        for A in mats:
-            lam, U = np.linalg.eigh(A)
-            F = np.zeros((n, T, r))
-            kk = min(r, T)
-            F[:, :, :kk] = U[:, :, ::-1][:, :, :kk] * np.sqrt(np.maximum(lam[:, ::-1][:, :kk], 0.0))[:, None, :]
-            O = _polar(np.swapaxes(F, 1, 2) @ ct)  # argmin_O ||F O - ct||
-            FO = F @ O
-            out += [FO * s for s in flips]
-    rng = np.random.default_rng(12345)
-    scale = 1.0 + np.linalg.norm(ct.reshape(n, -1), axis=1)
-    for _ in range(n_random):
-        out.append(rng.standard_normal((n, T, r)) * scale[:, None, None] * rng.uniform(0.3, 1.5))
-    if softmax:
-        for a in range(T):
-            c = ct.copy()
-            c[:, a, :] *= 1.5
-            out.append(c)
-    return out
-
-
-def prox_rank_r(
-    chi_tilde: np.ndarray,
-    Zq: np.ndarray,
-    Y: np.ndarray,
-    v: np.ndarray,
-    activation: str,
-    *,
-    Y_arg: np.ndarray | None = None,
-    warm: np.ndarray | None = None,
-    n_random: int = 2,
-    xtol: float = 1e-9,
-    max_steps: int = 60,
-) -> dict[str, Any]:
-    """argmax_chi psi(chi) (eq. 64 at rank r) for every sample, by Newton from several starts.
-
-    Args:
-        chi_tilde: (n, T, r).  Zq: (n, T, T) z - tr(q) I.  Y: (n, T, T) target sigma(Y_arg).
-        v: (r, r) symmetric positive definite.  Y_arg: target argument (adds the global-search starts).
-        warm: (n, T, r) an extra start (the previous prox).
-
-    Returns a dict: chi (n, T, r), psi (n,), hess_f (n, Tr, Tr) Hessian of -psi in the rotated
-    coordinates xi = chi U (v = U diag(d) U^T), d, U, dq (n,) d psi / d tr q, converged, n_not_max.
-    """
-    v = 0.5 * (v + v.T)
-    d, U = np.linalg.eigh(v)
-    if d.min() <= 0 or not np.all(np.isfinite(d)):
-        raise ValueError(f"v must be symmetric positive definite, eigenvalues {d}")
-    ct = chi_tilde @ U
-    starts = [ct]
-    if warm is not None:
-        starts.insert(0, warm @ U)
-    starts += (
-        _starts(ct, Zq, Y_arg, activation == "softmax", n_random)
-        if Y_arg is not None
-        else [ct * s for s in _sign_flips(ct.shape[2])[1:]]
-    )
-    best = None
-    for s in starts:
-        out = newton_prox(s, Zq, Y, ct, d, activation, xtol=xtol, max_steps=max_steps)
-        if best is None:
-            best = out
-            continue
-        better = out.f < best.f - 1e-12 * np.maximum(1.0, np.abs(best.f))
-        for name in ("x", "f", "hess", "dq", "residual", "converged"):
-            getattr(best, name)[better] = getattr(out, name)[better]
-    assert best is not None  # starts holds at least chi_tilde
-    n, T, r = ct.shape
-    Hf = best.hess + np.diag(1.0 / np.tile(d, T))
-    n_not_max = int(np.sum(np.linalg.eigvalsh(Hf).min(axis=1) <= 0))
-    return {
-        "chi": best.x @ U.T,
-        "xi": best.x,
-        "psi": -best.f,
-        "hess_f": Hf,
-        "d": d,
-        "U": U,
-        "dq": best.dq,
-        "converged": best.converged,
-        "n_not_max": n_not_max,
-    }
-
-
-# ----------------------------------------------------------------------------------------
 # replicon (docs/theory/rank_r.md, sec. 10)
 # ----------------------------------------------------------------------------------------
 def _sym_basis(r: int) -> np.ndarray:
@@ -698,6 +225,7 @@ def output_channel(
     Y_arg: np.ndarray | None = None,
     warm: np.ndarray | None = None,
     form: str = "direct",
+    global_search: bool = True,
     n_random: int = 2,
     xtol: float = 1e-9,
 ) -> dict[str, Any]:
@@ -716,7 +244,9 @@ def output_channel(
     Sh = sqrtm_psd(S)
     ct = chi_star @ q0i @ m.T + zeta @ Sh  # chi_tilde
     Zq = Zb - np.trace(q) * np.eye(T)
-    p = prox_rank_r(ct, Zq, Y, v, activation, Y_arg=Y_arg, warm=warm, n_random=n_random, xtol=xtol)
+    p = prox_rank_r(
+        ct, Zq, Y, v, activation, Y_arg=Y_arg, warm=warm, global_search=global_search, n_random=n_random, xtol=xtol
+    )
     chi = p["chi"]
     vi = np.linalg.inv(v)
     g = (chi - ct) @ vi  # g_out
@@ -752,10 +282,17 @@ def output_channel(
 # ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RankRResult:
-    """Fixed point of the rank-r fine-tuning state evolution (prototype).
+    """Fixed point of the rank-r fine-tuning state evolution, and the errors there.
 
     Matrices as nested lists: q (r x r), m (r x r*), v (r x r), q0 (r* x r*), conjugates.  Invariants:
-    tr_q, m_fro (||m||_F), overlap = ||m||_F / sqrt(||q||_F ||q0||_F), eig_q (descending), sv_m.
+    tr_q, m_fro (||m||_F), overlap = ||m||_F / sqrt(||q||_F ||q0||_F), eig_q (descending), sv_m (descending),
+    principal_cosines (cosines of the principal angles between span(w) and span(w*), on the numerical range of
+    w: eigenvalues of q below 1e-6 x the largest, i.e. singular values of w / sqrt(D) below 1e-3 x the largest,
+    dropped), rank_m (singular values of m above 1e-3 sqrt(||q||_F ||q0||_F)).
+    Errors: E' (R.12), L' (eq. 20 at rank r), E'' (eq. 84 at rank r); objective = alpha' L' + lam' tr q (the
+    training objective per D at the fixed point, which ranks the branches).
+    Prox diagnostics: prox_failed (Newton not converged), prox_not_max (not a local maximum), prox_uncertified
+    (linear sigma: no certificate of global optimality, R.16; None for softmax).
     """
 
     r: int
@@ -772,21 +309,33 @@ class RankRResult:
     overlap: float
     eig_q: list
     sv_m: list
+    principal_cosines: list
+    rank_m: int
     finetune_test_error: float
-    finetune_test_error_se: float
+    finetune_train_error: float
+    forgetting_error: float
+    objective: float
     replicon_finetune: float
+    delta_eff: float
     converged: bool
     residual: float
     iterations: int
     n_mc: int
     prox_failed: int
     prox_not_max: int
+    prox_uncertified: int | None
+    mc_se: dict = field(default_factory=dict)
     wall_time: float = 0.0
     history: tuple = field(default=(), repr=False)
+
+    @property
+    def replica_stable(self) -> bool:
+        return bool(self.replicon_finetune < 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("history")
+        d["replica_stable"] = self.replica_stable
         return d
 
 
@@ -813,14 +362,89 @@ def _unpack(st, r, rs):
     return m, q, v
 
 
+def invariants(q: np.ndarray, m: np.ndarray, q0: np.ndarray) -> dict[str, Any]:
+    """tr q, ||m||_F, the overlap ||m||_F / sqrt(||q||_F ||q0||_F), eig q, sv m, the principal-angle cosines and
+    rank(m) (see :class:`RankRResult`)."""
+    lam, U = np.linalg.eigh(0.5 * (q + q.T))
+    lam, U = lam[::-1], U[:, ::-1]
+    sv = np.linalg.svd(m, compute_uv=False)
+    qf, q0f, mf = float(np.linalg.norm(q)), float(np.linalg.norm(q0)), float(np.linalg.norm(m))
+    keep = lam > 1e-6 * max(lam[0], 1e-300)
+    cos: list = []
+    if keep.any() and lam[0] > 0:
+        B = (U[:, keep] / np.sqrt(lam[keep])).T @ m @ np.linalg.inv(sqrtm_psd(q0))
+        cos = np.clip(np.linalg.svd(B, compute_uv=False), 0.0, 1.0).tolist()
+    scale = math.sqrt(qf * q0f)
+    return {
+        "tr_q": float(np.trace(q)),
+        "m_fro": mf,
+        "overlap": mf / scale if qf > 0 else 0.0,
+        "eig_q": lam.tolist(),
+        "sv_m": sv.tolist(),
+        "principal_cosines": cos,
+        "rank_m": int(np.sum(sv > 1e-3 * scale)) if qf > 0 else 0,
+    }
+
+
+def _draw_rank_r(n: int, T: int, q: np.ndarray, m: np.ndarray, q0: np.ndarray, seed: int):
+    """(chi*, chi) with rows ~ N(0, [[q0, m^T], [m, q]]) i.i.d. over tokens (R.12); at r = r* = 1 the rank-one draw
+    of :func:`hdlora.theory.errors.finetune_losses`."""
+    r, rs = m.shape
+    x = standard_normals(n, T * (rs + r), seed)
+    g = x[:, : T * rs].reshape(n, rs, T).transpose(0, 2, 1)
+    u = x[:, T * rs :].reshape(n, r, T).transpose(0, 2, 1)
+    cs = g @ sqrtm_psd(q0)
+    q0i = np.linalg.inv(q0)
+    return cs, cs @ q0i @ m.T + u @ sqrtm_psd(q - m @ q0i @ m.T)
+
+
+def _test_errors(params: Params, q, m, q0, law, Zs, Zb, seed: int, n_test: int | None, n: int) -> dict[str, Any]:
+    """E' (R.12) and E'' (eq. 84 at rank r) at (q, m): closed forms for sigma(x) = x/T when the law (Q0, Q, M) is
+    known (R.13, R.13b), else Monte Carlo on fresh test fields of the law (or on the given fields, e = 0 without it)."""
+    T, act, beta = params.tokens, params.activation, params.beta
+    if law is not None:
+        Q0, Q, M = law
+        if act == "linear":
+            d_eff = _effective.delta_eff_of_A0(_A0(Q0, params.noise), beta**2 * Q, beta * M)
+            return {
+                "finetune_test_error": linear_test_error(T, d_eff, q, m, q0),
+                "forgetting_error": (T * T + T) * (d_eff + float(np.sum(q * q))) / T**2,
+                "se": {"finetune_test_error": 0.0, "forgetting_error": 0.0},
+            }
+        f = frozen_fields(n_test or n, T, _A0(Q0, params.noise), beta**2 * Q, beta * M, seed=seed + 7919)
+        Zs, Zb = to_sym(f["z_star"], T), to_sym(f["z"], T)
+    sigma = get_activation(act, "numpy")
+    cs, ch = _draw_rank_r(Zs.shape[0], T, q, m, q0, seed + 104729)
+    eye = np.eye(T)
+    pred = sigma(Zb + ch @ np.swapaxes(ch, 1, 2) - np.trace(q) * eye)
+    ft = np.sum((pred - sigma(Zs + cs @ np.swapaxes(cs, 1, 2) - np.trace(q0) * eye)) ** 2, axis=(1, 2))
+    fg = np.sum((pred - sigma(Zs)) ** 2, axis=(1, 2))
+    return {
+        "finetune_test_error": float(ft.mean()),
+        "forgetting_error": float(fg.mean()),
+        "se": {"finetune_test_error": _se(ft), "forgetting_error": _se(fg)},
+    }
+
+
+def default_init(params: Params, q0: np.ndarray) -> dict[str, np.ndarray]:
+    """Cold start: m = 0.5 E diag(q0)^{1/2} (S = q - m q0^{-1} m^T = 0.25 on the leading block), q = 0.5 I,
+    v = I / (2 lam' + alpha' T) (the rank-one cold start of :func:`hdlora.theory.finetune.solve_finetune` at r = 1)."""
+    r, rs = params.lora_rank, q0.shape[0]
+    m0 = np.zeros((r, rs))
+    for i in range(min(r, rs)):
+        m0[i, i] = 0.5 * math.sqrt(q0[i, i])
+    return {"m": m0, "q": 0.5 * np.eye(r), "v": np.eye(r) / (2.0 * params.lam_ft + params.alpha_ft * params.tokens)}
+
+
 def solve_finetune_rank_r(
     params: Params,
     z_star: np.ndarray,
     z: np.ndarray,
     *,
-    r: int = 1,
-    r_star: int = 1,
     q0: np.ndarray | None = None,
+    Q0: float | None = None,
+    Q: float | None = None,
+    M: float | None = None,
     seed: int = 0,
     tol: float = 1e-7,
     max_iter: int = 400,
@@ -829,60 +453,73 @@ def solve_finetune_rank_r(
     form: str = "direct",
     n_random: int = 2,
     xtol: float = 1e-9,
-    delta_eff: float | None = None,
+    n_test: int | None = None,
 ) -> RankRResult:
-    """Rank-r fine-tuning state evolution on given frozen fields (z*, z) (upper triangles (n, L), as
-    :func:`hdlora.theory.finetune.solve_finetune` takes them), e = 0.
+    """Rank-r fine-tuning state evolution (docs/theory/rank_r.md) on given frozen fields (z*, z) (upper triangles
+    (n, L), before recalibration, as :func:`hdlora.theory.finetune.solve_finetune` takes them), and the errors.
 
     Args:
-        r: LoRA rank.
-        r_star: task (teacher) rank.
-        q0: (r*, r*) teacher overlap (default I).
-        seed: seed of chi*, zeta (standard_normals(n, T (r* + r), seed): at r = r* = 1 the rank-one draw)
-            and of the test samples (seed + 104729, as the rank-one code).
+        params: r = ``params.lora_rank``, r* = ``params.teacher_rank``, q0 = diag(``params.q0``) unless ``q0``.
+        q0: (r*, r*) symmetric positive definite teacher overlap (overrides the strengths; a general q0).
+        Q0: the pre-training test law Q (eq. 13): Q0.  Q0, Q, M are needed for e = 1 (the test errors use Q, not
+            R); for e = 0 the given fields are the test fields when omitted (as
+            :func:`hdlora.theory.finetune.solve_finetune`).
+        Q: the same law's Q.
+        M: the same law's M.
+        seed: seed of chi*, zeta (standard_normals(n, T (r* + r), seed): at r = r* = 1 the rank-one draw) and of the
+            test samples (seed + 104729, seed + 7919 for the test fields, as the rank-one code).
         tol: tolerance of :func:`hdlora.theory.fixed_point.iterate`, on the gauge-fixed entries.
-        max_iter: iteration budget of :func:`hdlora.theory.fixed_point.iterate`.
+        max_iter: iteration budget (all rounds together).
         mixing: damping of :func:`hdlora.theory.fixed_point.iterate`.
-        init: {'m', 'q', 'v'} matrices (default m = 0.5 E diag(q0)^{1/2}, q = 0.5 I, v = I / (2 lam' + alpha' T), the
-            rank-one cold start at r = r* = 1).
-        form: 'direct' (default) or 'stein' (docs/theory/rank_r.md, sec. 4).
-        delta_eff: effective noise for the linear closed-form E' (default: E' by Monte Carlo on the fields).
+        init: {'m', 'q', 'v'} matrices (default :func:`default_init`).
+        form: 'direct' (default) or 'stein' (docs/theory/rank_r.md, sec. 7).
+        n_random: random starts of the global search of the prox.
+        xtol: Newton step tolerance of the prox.
+        n_test: Monte-Carlo samples of the softmax test errors (default n).
+
+    The prox starts from chi_tilde at the first call and from the previous prox after; the global search
+    (:func:`hdlora.theory.prox_rank_r.search_starts`) runs at the fixed point, where a change of basin restarts the
+    iteration (up to 3 rounds), as the rank-one solver does (``restart_every = 0``).
     """
     t0 = time.perf_counter()
-    for name, val in (("r", r), ("r_star", r_star)):
-        if not isinstance(val, (int, np.integer)) or val < 1:
-            raise ParamError(f"{name} must be an integer >= 1, got {val!r}")
     if form not in ("direct", "stein"):
         raise ParamError(f"form must be 'direct' or 'stein', got {form!r}")
-    if params.reuse:
-        raise ParamError("the rank-r prototype covers e = 0 only (reuse=False)")
+    tol = check_tol(tol)
     T = params.tokens
+    r, r_star = params.lora_rank, params.teacher_rank
+    if T * r > MAX_PROX_DIM:
+        raise ParamError(
+            f"lora_rank * tokens must be <= {MAX_PROX_DIM} (the rank-r prox's per-sample dimension), got "
+            f"{r} * {T} = {T * r}; lower --lora-rank"
+        )
     act = params.activation
     sigma = get_activation(act, "numpy")
-    q0 = np.eye(r_star) if q0 is None else np.asarray(q0, dtype=np.float64)
+    q0 = np.diag(np.asarray(params.q0, dtype=np.float64)) if q0 is None else np.asarray(q0, dtype=np.float64)
     if q0.shape != (r_star, r_star) or np.linalg.eigvalsh(0.5 * (q0 + q0.T)).min() <= 0:
         raise ParamError(f"q0 must be a symmetric positive definite (r*, r*) = ({r_star}, {r_star}) matrix")
-    q0i = np.linalg.inv(q0)
     q0h = sqrtm_psd(q0)
-    L = T * (T + 1) // 2
-    z_star = np.asarray(z_star, dtype=np.float64)
-    z = np.asarray(z, dtype=np.float64)
-    if z_star.ndim != 2 or z_star.shape[1] != L or z.shape != z_star.shape:
-        raise ParamError(f"z_star and z must both have shape (n, L = {L})")
+    z_star, z = _check_fields(z_star, z, T)
     n = z_star.shape[0]
+    law = _law_args(params, Q0, Q, M, required=params.reuse)
+    beta = params.beta
+    if law is not None and not params.reuse:
+        delta_eff = _effective.delta_eff_beta(law[0], law[1], law[2], params.noise, beta)  # eqs. 25-26
+    else:  # e = 1: Var(beta z - z*) over the train fields (eq. 27 for linear sigma)
+        delta_eff = _effective.delta_eff_from_fields(z_star, z, beta)[0]
     x = standard_normals(n, T * (r_star + r), seed)
     chi_star = x[:, : T * r_star].reshape(n, r_star, T).transpose(0, 2, 1) @ q0h  # rows ~ N(0, q0)
     zeta = x[:, T * r_star :].reshape(n, r, T).transpose(0, 2, 1)  # rows ~ N(0, I_r)
     Zs = to_sym(z_star, T)
-    Zb = params.beta * to_sym(z, T)
+    Zb = beta * to_sym(z, T)
     eye = np.eye(T)
     Y_arg = Zs + chi_star @ np.swapaxes(chi_star, 1, 2) - np.trace(q0) * eye
     Y = sigma(Y_arg)
     ap, lam_ft = params.alpha_ft, params.lam_ft
-    cache: dict[str, Any] = {"chi": None}
+    cache: dict[str, Any] = {"chi": None, "check": False}
 
     def update(state):
         m, q, v = _unpack(state, r, r_star)
+        full = cache.pop("check", False)
         out = output_channel(
             m,
             q,
@@ -897,6 +534,7 @@ def solve_finetune_rank_r(
             Y_arg=Y_arg,
             warm=cache["chi"],
             form=form,
+            global_search=full,
             n_random=n_random,
             xtol=xtol,
         )
@@ -910,53 +548,73 @@ def solve_finetune_rank_r(
             "qhat": O.T @ out["qhat"] @ O,
             "vhat": O.T @ out["vhat"] @ O,
             "prox": out["prox"],
+            "chi_prox": out["prox"]["chi"],
         }
 
-    state0: tuple[np.ndarray, ...]
-    if init is None:
-        vv = 1.0 / (2.0 * lam_ft + ap * T)
-        m0 = np.zeros((r, r_star))
-        for i in range(min(r, r_star)):
-            m0[i, i] = 0.5 * math.sqrt(q0[i, i])  # S = q - m q0^-1 m^T = 0.25 I on the leading block
-        state0 = (m0, 0.5 * np.eye(r), vv * np.eye(r))
-    else:
-        state0 = tuple(np.asarray(init[k], dtype=np.float64) for k in ("m", "q", "v"))
-    state0 = canonical_gauge(*state0)[:3]
+    st0 = default_init(params, q0) if init is None else {k: np.asarray(init[k], dtype=np.float64) for k in "mqv"}
+    state = _pack(*canonical_gauge(st0["m"], st0["q"], st0["v"])[:3])
     bounds = {}
     for i in range(r):
         bounds[f"q_{i}_{i}"] = (1e-12, 1e6)
         bounds[f"v_{i}_{i}"] = (1e-12, 1e6)
         for j in range(r_star):
             bounds[f"m_{i}_{j}"] = (-1e3, 1e3)
-    fp = iterate(
-        update,
-        _pack(*state0),
-        mixing=mixing,
-        tol=tol,
-        max_iter=max_iter,
-        bounds=bounds,
-        name="rank-r fine-tuning state evolution",
-        warn=False,
-    )
-    m, q, v = _unpack(fp.state, r, r_star)
-    aux = fp.aux
-    p = aux["prox"]
-    rep, _ = replicon_map(p["hess_f"], p["d"], ap)
-    # E' (eq. 73 at rank r): rows (chi*_a, chi_a) ~ N(0, [[q0, m^T], [m, q]]), fresh samples
-    if act == "linear" and delta_eff is not None:
-        E_test, E_se = linear_test_error(T, delta_eff, q, m, q0), 0.0
+    iterations = 0
+    history: tuple = ()
+    converged = False
+    res_final = math.inf
+    aux: dict[str, Any] = {}
+    for _round in range(3):
+        try:
+            fp = iterate(
+                update,
+                state,
+                mixing=mixing,
+                tol=tol,
+                max_iter=max(max_iter - iterations, 1),
+                bounds=bounds,
+                name="rank-r fine-tuning state evolution",
+                warn=False,
+            )
+        except FloatingPointError:
+            converged = False
+            break
+        iterations += fp.iterations
+        history += fp.history
+        state = fp.state
+        converged = bool(fp.converged)
+        cache["check"] = True  # global search at the fixed point
+        st_new, aux = update(state)
+        iterations += 1
+        if aux["prox"]["n_changed"] == 0:  # the global search kept every warm-started maximum: same map
+            res_final = float(fp.residual)
+            break
+        res_final = max(abs(st_new[k] - state[k]) / max(1.0, abs(state[k])) for k in state)
+        if not converged or res_final <= tol or iterations >= max_iter:
+            break
+        state = st_new  # a better prox basin was found: continue from there
+    converged = bool(converged and res_final <= tol)
+    m, q, v = _unpack(state, r, r_star)
+    if not aux:  # the iteration stopped at its first step: evaluate at the start for the diagnostics
+        cache["check"] = True
+        try:
+            _st, aux = update(state)
+        except FloatingPointError:
+            aux = {}
+    nan = math.nan
+    if aux:
+        p = aux["prox"]
+        rep, _ = replicon_map(p["hess_f"], p["d"], ap)
+        chi = aux["chi_prox"]
+        train = np.sum((sigma(Zb - np.trace(q) * eye + chi @ np.swapaxes(chi, 1, 2)) - Y) ** 2, axis=(1, 2))
+        L_train, L_se = float(train.mean()), _se(train)
+        hats = [np.asarray(aux[k]).tolist() for k in ("qhat", "mhat", "vhat")]
+        diag = (int((~p["converged"]).sum()), int(p["n_not_max"]))
+        unc = None if p["certified"] is None else int((~p["certified"]).sum())
     else:
-        xt = standard_normals(n, T * (r_star + r), seed + 104729)
-        gs = xt[:, : T * r_star].reshape(n, r_star, T).transpose(0, 2, 1)
-        u = xt[:, T * r_star :].reshape(n, r, T).transpose(0, 2, 1)
-        cs = gs @ q0h
-        ch = cs @ q0i @ m.T + u @ sqrtm_psd(q - m @ q0i @ m.T)
-        pred = sigma(Zb + ch @ np.swapaxes(ch, 1, 2) - np.trace(q) * eye)
-        target = sigma(Zs + cs @ np.swapaxes(cs, 1, 2) - np.trace(q0) * eye)
-        losses = np.sum((pred - target) ** 2, axis=(1, 2))
-        E_test, E_se = float(losses.mean()), float(losses.std(ddof=1) / math.sqrt(n))
-    mf = float(np.linalg.norm(m))
-    qf = float(np.linalg.norm(q))
+        rep, L_train, L_se, hats, diag, unc = nan, nan, nan, [[], [], []], (n, n), None
+    test = _test_errors(params, q, m, q0, law, Zs, Zb, seed, n_test, n)
+    inv = invariants(q, m, q0)
     return RankRResult(
         r=r,
         r_star=r_star,
@@ -964,23 +622,24 @@ def solve_finetune_rank_r(
         m=m.tolist(),
         v=v.tolist(),
         q0=q0.tolist(),
-        qhat=np.asarray(aux["qhat"]).tolist(),
-        mhat=np.asarray(aux["mhat"]).tolist(),
-        vhat=np.asarray(aux["vhat"]).tolist(),
-        tr_q=float(np.trace(q)),
-        m_fro=mf,
-        overlap=mf / math.sqrt(qf * float(np.linalg.norm(q0))) if qf > 0 else 0.0,
-        eig_q=np.sort(np.linalg.eigvalsh(q))[::-1].tolist(),
-        sv_m=np.linalg.svd(m, compute_uv=False).tolist(),
-        finetune_test_error=E_test,
-        finetune_test_error_se=E_se,
-        replicon_finetune=rep,
-        converged=bool(fp.converged),
-        residual=float(fp.residual),
-        iterations=fp.iterations,
+        qhat=hats[0],
+        mhat=hats[1],
+        vhat=hats[2],
+        **inv,
+        finetune_test_error=test["finetune_test_error"],
+        finetune_train_error=L_train,
+        forgetting_error=test["forgetting_error"],
+        objective=ap * L_train + lam_ft * inv["tr_q"],
+        replicon_finetune=float(rep),
+        delta_eff=float(delta_eff),
+        converged=converged,
+        residual=float(res_final),
+        iterations=iterations,
         n_mc=n,
-        prox_failed=int((~p["converged"]).sum()),
-        prox_not_max=p["n_not_max"],
+        prox_failed=diag[0],
+        prox_not_max=diag[1],
+        prox_uncertified=unc,
+        mc_se={"finetune_train_error": L_se, **test["se"]},
         wall_time=time.perf_counter() - t0,
-        history=fp.history,
+        history=history,
     )

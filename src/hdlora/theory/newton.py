@@ -34,12 +34,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ProxResult", "NewtonRule", "PRETRAIN", "FINETUNE", "kernel", "warmup", "compile_seconds", "minimise"]
+__all__ = [
+    "ProxResult",
+    "NewtonRule",
+    "PRETRAIN",
+    "FINETUNE",
+    "FINETUNE_RANK_R",
+    "kernel",
+    "warmup",
+    "compile_seconds",
+    "minimise",
+]
 
 #: potential ids of the kernel (see :mod:`hdlora.theory._newton_numba`)
 PRETRAIN = 0
 FINETUNE = 1
 SEPARABLE_QUARTIC = 2  # a test potential of any k (see the kernel module)
+FINETUNE_RANK_R = 3  # the rank-r fine-tuning channel, k = T r (docs/theory/rank_r.md)
 
 _KERNEL: Any = None
 _COMPILE_SECONDS: float | None = None

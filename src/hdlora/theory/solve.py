@@ -156,6 +156,19 @@ def apply_baseline(params: Params, baseline: str | None) -> Params:
     return params.replace(lam=math.inf)
 
 
+def finetune_fields(params: Params, pre: PretrainResult, n_mc: int, seed: int) -> tuple[Any, Any]:
+    """The frozen fields (z*, z) of the fine-tuning sequences (eq. 61), before recalibration: the train law R
+    (eq. 17) for e = 1, the test law Q (eq. 13) for e = 0, conditioned by Algorithm 1 when
+    ``params.active_pool`` is set; drawn with seed + 1."""
+    Q0, Q, M = params.Q0, pre.Q, pre.M
+    if params.reuse and not params.lora_only:
+        return train_fields(params, pre, n_mc, seed=seed + 1)
+    if params.active_pool is not None:
+        return active_fields(params, Q0, Q, M, n_mc, seed=seed + 1)
+    f = frozen_fields(n_mc, params.tokens, params.A0, Q, M, seed=seed + 1)
+    return f["z_star"], f["z"]
+
+
 def solve(
     params: Params,
     *,
@@ -200,6 +213,21 @@ def solve(
     params = apply_baseline(params, baseline)
     if isinstance(init, TheoryResult):
         init = init.state
+    if not params.rank_one:  # a rank-r LoRA or a rank-r* task (beyond the paper): docs/theory/rank_r.md
+        from .solve_rank_r import solve_rank_r
+
+        return solve_rank_r(
+            params,
+            n_mc=n_mc,
+            seed=seed,
+            baseline=baseline,
+            tol=tol,
+            max_iter=max_iter,
+            method=method,
+            optimal_beta=optimal_beta,
+            warn=warn,
+            init=init,
+        )
     t0 = time.perf_counter()
     if coarse and init is None and n_mc >= COARSE_DIVISOR * COARSE_MIN_N and params.rank_one:
         init = _coarse_state(params, n_mc // COARSE_DIVISOR, seed, baseline, method, max_iter, optimal_beta)
@@ -221,14 +249,7 @@ def solve(
             if not Q > 0:
                 raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
             params = params.replace(beta=_eff.beta_min(Q, M))
-        # frozen fields of the fine-tuning sequences (eq. 61), before recalibration
-        if params.reuse and not params.lora_only:
-            z_star, z = train_fields(params, pre, n_mc, seed=seed + 1)
-        elif params.active_pool is not None:
-            z_star, z = active_fields(params, Q0, Q, M, n_mc, seed=seed + 1)
-        else:
-            f = frozen_fields(n_mc, params.tokens, params.A0, Q, M, seed=seed + 1)
-            z_star, z = f["z_star"], f["z"]
+        z_star, z = finetune_fields(params, pre, n_mc, seed)
         ft_params = params.replace(reuse=False) if params.lora_only else params
         ft: FinetuneResult = solve_finetune(
             ft_params,
@@ -243,10 +264,29 @@ def solve(
             init=_finetune_init(init),
             warn=warn,
         )
+    return point_result(TheoryResult, params, pre, ft, n_mc=n_mc, seed=seed, t0=t0, baseline=baseline)
+
+
+def point_result(
+    cls: type,
+    params: Params,
+    pre: PretrainResult,
+    ft: Any,
+    *,
+    n_mc: int,
+    seed: int,
+    t0: float,
+    baseline: str | None,
+    **extra: Any,
+) -> Any:
+    """The point's result (``cls``: TheoryResult or a subclass with ``extra`` fields) from the two stages: ``ft``
+    has the fine-tuning scalars of a :class:`hdlora.theory.finetune.FinetuneResult` (q, m, v, conjugates, errors,
+    overlap, delta_eff, replicon_finetune, converged, iterations, residual, mc_se)."""
+    Q0, Q, M = params.Q0, pre.Q, pre.M
     noise = params.noise
     d_eff = _eff.delta_eff_beta(Q0, Q, M, noise, params.beta)
     has_q = Q > 0
-    result = TheoryResult(
+    return cls(
         Q=Q,
         M=M,
         V=pre.V,
@@ -288,5 +328,5 @@ def solve(
         baseline=baseline,
         params=params.to_dict(),
         mc_se=dict(ft.mc_se),
+        **extra,
     )
-    return result
