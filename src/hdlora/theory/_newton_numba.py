@@ -729,8 +729,8 @@ def pretrain_post(d, g, Hl, loss, V, s, full, out_psi, out_stat, out_jac, out_pd
     d (n, L) = h - z~; the gradient g (n, L), Hessian Hl (n, L, L) and value (n,) of the loss
     l(h) = ||sigma(h) - sigma(z*)||^2 in the free entries.
     In the normalised entries u = h / sqrt(s): A = V (-Hess_u Psi) = I + V S^1/2 Hl S^1/2, with
-    Cholesky factor C (a non-positive pivot marks the sample not positive definite and is replaced
-    by 1, as :func:`hdlora.theory.prox._cholesky_t` does):
+    Cholesky factor C (a non-positive pivot is replaced by 1 and marks the sample not positive
+    definite):
         psi = -loss - sum d^2 / (2 V s)      (Psi of eq. 42 at the prox),
         jac = diag(A^-1) = sum_k (C^-1)_ki^2  (d Prox_ab / d z~_ab, for V_hat of eq. 51),
         rep = ||I - A^-1||_F^2               (the sample term of eq. 75, when ``full``),

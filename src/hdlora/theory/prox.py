@@ -151,54 +151,6 @@ def _loss_t(h_t: np.ndarray, y_t: np.ndarray, T: int, activation: str, order: in
     return loss, grad, hess
 
 
-# ---------------------------------------------------------------- batched linear algebra (n last)
-def _cholesky_t(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Batched Cholesky of (L, L, n) matrices; returns (lower factor, positive-definite flag)."""
-    L, _, n = A.shape
-    C = np.zeros_like(A)
-    ok = np.ones(n, dtype=bool)
-    for j in range(L):
-        d = A[j, j] - np.sum(C[j, :j] ** 2, axis=0)
-        good = d > 0
-        ok &= good
-        cjj = np.sqrt(np.where(good, d, 1.0))
-        C[j, j] = cjj
-        if j + 1 < L:
-            C[j + 1 :, j] = (A[j + 1 :, j] - np.einsum("ikn,kn->in", C[j + 1 :, :j], C[j, :j])) / cjj
-    return C, ok
-
-
-def _chol_solve_t(C: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve C C^T x = b for (L, L, n) factors and (L, n) or (L, m, n) right-hand sides."""
-    L = C.shape[0]
-    y = np.empty_like(b)
-    for j in range(L):
-        acc = b[j] - (np.einsum("k...n,kn->...n", y[:j], C[j, :j]) if j else 0.0)
-        y[j] = acc / C[j, j]
-    x = np.empty_like(b)
-    for j in reversed(range(L)):
-        acc = y[j] - (np.einsum("k...n,kn->...n", x[j + 1 :], C[j + 1 :, j]) if j + 1 < L else 0.0)
-        x[j] = acc / C[j, j]
-    return x
-
-
-def _newton_direction_t(Hf: np.ndarray, grad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """-Hf^-1 grad where Hf is positive definite; saddle-free |eigenvalue| Newton elsewhere.
-
-    Returns the direction (L, n) and the positive-definiteness flag (n,)."""
-    C, ok = _cholesky_t(Hf)
-    d = -_chol_solve_t(C, grad)
-    bad = np.flatnonzero(~ok)
-    if bad.size:
-        Hb = np.moveaxis(Hf[:, :, bad], -1, 0)
-        lam, U = np.linalg.eigh(Hb)
-        floor = 1e-8 * np.max(np.abs(lam), axis=-1, keepdims=True) + 1e-300
-        lam = np.maximum(np.abs(lam), floor)
-        gb = grad[:, bad].T
-        d[:, bad] = -np.einsum("nij,nj->ni", U, np.einsum("nji,nj->ni", U, gb) / lam).T
-    return d, ok
-
-
 # ---------------------------------------------------------------- public scalar-potential helpers
 def pretrain_potential(
     h: np.ndarray, z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str = "softmax"
@@ -248,20 +200,6 @@ def prox_linear(z_star: np.ndarray, z_tilde: np.ndarray, V: float) -> np.ndarray
     T = tokens_from_L(np.shape(z_star)[-1])
     k = 4.0 * V / T**2
     return (np.asarray(z_tilde) + k * np.asarray(z_star)) / (1.0 + k)
-
-
-def _inv_diag_t(C: np.ndarray) -> np.ndarray:
-    """Diagonal of (C C^T)^-1 from a batched lower Cholesky factor (L, L, n): sum_k (C^-1)_ki^2."""
-    L = C.shape[0]
-    Ci = np.zeros_like(C)  # lower-triangular inverse, column by column
-    for j in range(L):
-        Ci[j, j] = 1.0 / C[j, j]
-        for i in range(j + 1, L):
-            acc = C[i, j] * Ci[j, j]
-            for k in range(j + 1, i):
-                acc = acc + C[i, k] * Ci[k, j]
-            Ci[i, j] = -acc / C[i, i]
-    return np.sum(Ci * Ci, axis=0)
 
 
 def _newton_solve(d0, data, V, s, activation, T, tol, max_iter, ref=None):
@@ -338,53 +276,19 @@ def prox(
     if not (np.isfinite(V) and V > 0):
         raise ParamError(f"V must be finite and > 0, got {V}")
     T = tokens_from_L(z_star.shape[1])
-    L = z_star.shape[1]
-    s = _embedding(T)[2][:, None]
-    zs_t = z_star.T.copy()
-    if not (activation == "linear" and closed_form):
-        return _prox_newton(z_star, z_tilde, zs_t, V, activation, T, init, multi_start, tol, max_iter, full, merge_ref)
-    zt_t = z_tilde.T.copy()
-    y_t = _sigma_t(_full_t(zs_t, T), activation)
-    k = 4.0 * V / T**2
-    d_t = (k / (1.0 + k)) * (zs_t - zt_t)  # Prox - z~ (eq. 106)
-    loss, g, Hl = _loss_t(zt_t + d_t, y_t, T, activation)
-    h_t = zt_t + d_t
-    stat = np.max(np.abs(V * s * g + d_t), axis=0) / min(1.0, V)
-    psi = -loss - np.sum(d_t * d_t / (2.0 * V * s), axis=0)
-    # normalised coordinates u = h / sqrt(s):  V (-Hess_u) = I + V S^1/2 Hl S^1/2 =: A;  du/du~ = A^-1
-    r = np.sqrt(s)
-    A = V * Hl * r[:, None] * r[None, :]
-    idx = np.arange(L)
-    A[idx, idx] += 1.0
-    C, pd = _cholesky_t(A)
-    jac = _inv_diag_t(C)
-    hess = rep = None
-    if full:
-        eye = np.broadcast_to(np.eye(L)[:, :, None], A.shape).copy()
-        R = eye - _chol_solve_t(C, eye)  # (V Hess_u)^-1 + I = I - A^-1
-        rep = np.sum((R * R).reshape(L * L, -1), axis=0)
-        hess = -Hl
-        hess[idx, idx] -= 1.0 / (V * s)
-        hess = np.moveaxis(hess, -1, 0)
-    converged = (stat <= tol) & pd & np.all(np.isfinite(h_t), axis=0)
-    return ProxResult(
-        x=h_t.T.copy(),
-        value=psi,
-        hessian=hess,
-        residual=stat,
-        converged=converged,
-        iterations=0,
-        n_not_max=int(np.count_nonzero(~pd)),
-        extra={"delta": d_t.T.copy(), "jacobian_diag": jac.T.copy(), "replicon": rep},
+    closed = activation == "linear" and closed_form
+    return _prox_newton(
+        z_star, z_tilde, z_star.T.copy(), V, activation, T, init, multi_start, tol, max_iter, full, merge_ref, closed
     )
 
 
 def _prox_newton(
-    z_star, z_tilde, zs_t, V, activation, T, init, multi_start, tol, max_iter, full, merge_ref=None
+    z_star, z_tilde, zs_t, V, activation, T, init, multi_start, tol, max_iter, full, merge_ref=None, closed=False
 ) -> ProxResult:
     """:func:`prox` by the compiled Newton kernel, sample-first (n, L), with the fused report
     (:func:`hdlora.theory._newton_numba.pretrain_post`): Psi, the stationarity residual, the Jacobian
-    diagonal, positive definiteness and, with ``full``, the replicon term and the Hessian."""
+    diagonal, positive definiteness and, with ``full``, the replicon term and the Hessian.
+    ``closed``: the linear closed form of eq. 106 instead of Newton (the same report at it)."""
     n, L = z_star.shape
     s = _embedding(T)[2]
     y = _sigma_t(_full_t(zs_t, T), activation).reshape(T * T, n).T
@@ -404,8 +308,16 @@ def _prox_newton(
     iters = 0
     best = None
     merged = np.zeros(n, dtype=bool)
+    if closed:  # Prox - z~ = c (z* - z~), c = 4V / (T^2 + 4V) (eq. 106): one "start", no Newton
+        k = 4.0 * V / T**2
+        starts = [(k / (1.0 + k)) * (z_star - z_tilde)]
     for d0 in starts:
-        out = _newton_solve(d0, data, V, s, activation, T, tol, max_iter, ref)
+        if closed:
+            g, H, aux = np.empty((n, L)), np.empty((n, L, L)), np.empty((n, 1))
+            loss = K.evaluate_batch(_newton.PRETRAIN, d0, data, np.array([float(T), 0.0]), 2, g, H, aux)
+            out = _newton.NewtonOutput(d0, loss, loss, g, H, aux[:, :0], np.zeros(n), np.ones(n, bool), 0, merged)
+        else:
+            out = _newton_solve(d0, data, V, s, activation, T, tol, max_iter, ref)
         iters += out.iterations
         rep = np.empty(n)
         hess = np.empty((n, L, L)) if full else np.empty((1, 1, 1))
