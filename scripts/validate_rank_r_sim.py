@@ -46,6 +46,7 @@ from hdlora.simulate import run as simulate_run  # noqa: E402  (the function)
 ROOT = Path(__file__).resolve().parents[1]
 FIG1 = dict(alpha=0.1, alpha_ft=3.0, tokens=3, kappa0=1.0, kappa=1.0, noise=0.5, lam=0.1, lam_ft=0.5)
 SEEDS = (0, 1, 2, 3)
+LOSS = {"loss": "sequence"}  # set by --loss
 RANKS = ((2, 1, None), (1, 2, (1.0, 0.5)), (2, 2, None), (3, 3, None))
 SCALARS = {
     "E_ft": "finetune_test_error",
@@ -119,7 +120,9 @@ def run_point(params: Params, dim: int, seeds) -> dict:
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = simulate_run(params, dim, list(seeds), teacher="orthonormal", restarts=2, informed_start=True)
+        res = simulate_run(
+            params, dim, list(seeds), teacher="orthonormal", restarts=2, informed_start=True, loss=LOSS["loss"]
+        )
     out = {
         "params": params.to_dict(),
         "mean": {k: res.mean[v] for k, v in SCALARS.items()},
@@ -175,7 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     ap.add_argument("--out", default=str(ROOT / "docs" / "validation" / "rank_r_sim.json"))
     ap.add_argument("--check-cache", action="store_true", help="verify the shared pre-training on a small D")
+    ap.add_argument("--loss", default="sequence", choices=("sequence", "attention"), help="eqs. 2-3 or eq. 30")
     args = ap.parse_args(argv)
+    LOSS["loss"] = args.loss
     torch.set_num_threads(1)
     if args.check_cache:
         return check_cache(args.dim)
@@ -192,7 +197,7 @@ def main(argv=None) -> int:
         "seeds": list(args.seeds),
         "teacher": "orthonormal",
         "starts": "informed (w* truncated / padded with 0.05 x N(0,1) columns) + 2 random (0.5 x N(0,1)); lowest objective",
-        "pipeline": "full (pre-training + fine-tuning), sequence loss, one pre-training per (seed, activation) shared by the rank points",
+        "pipeline": f"full (pre-training + fine-tuning), {args.loss} loss, one pre-training per (seed, activation) shared by the rank points",
         "se": "std over seeds (ddof = 1) / sqrt(n_seeds)",
         "torch": torch.__version__,
         "points": {},
