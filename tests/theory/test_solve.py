@@ -1,5 +1,6 @@
 """hdlora.theory.solve / `hdlora theory`: the chained pre-training + fine-tuning point."""
 
+import dataclasses
 import json
 import math
 
@@ -99,3 +100,13 @@ def test_cli_bad_input_is_one_line_error(argv, word, capsys):
     assert main(["theory", *argv]) == 2
     err = capsys.readouterr().err
     assert word in err and "Traceback" not in err
+
+
+def test_status_names_the_engine_status():
+    from hdlora.theory.engine import CONVERGED, NOT_CONVERGED, REPLICA_UNSTABLE
+
+    p = Params(activation="linear", alpha=0.1, alpha_ft=3, tokens=3, noise=0.5, lam=0.1, lam_ft=0.5)
+    r = solve(p, n_mc=2000)
+    assert r.status == CONVERGED and r.to_dict()["status"] == CONVERGED
+    assert dataclasses.replace(r, replicon_ok=False).status == REPLICA_UNSTABLE
+    assert dataclasses.replace(r, converged=False).status == NOT_CONVERGED

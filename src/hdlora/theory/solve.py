@@ -26,6 +26,7 @@ from typing import Any
 from ..params import DEFAULT_N_MC, ParamError, Params, check_tol
 from . import effective as _eff
 from .active import active_fields
+from .engine import CONVERGED, NOT_CONVERGED, REPLICA_UNSTABLE
 from .finetune import FinetuneResult, solve_finetune
 from .fixed_point import NonConvergenceWarning
 from .order_parameters import FinetuneOrderParameters, PretrainOrderParameters
@@ -88,8 +89,17 @@ class TheoryResult(FinetuneOrderParameters, PretrainOrderParameters):
     params: dict = field(default_factory=dict)
     mc_se: dict = field(default_factory=dict)
 
+    @property
+    def status(self) -> str:
+        """'converged', 'replica-unstable' (converged, a replicon >= 1: eqs. 75, 78) or 'not converged'
+        (the engine's statuses, :mod:`hdlora.theory.engine`)."""
+        if not self.converged:
+            return NOT_CONVERGED
+        return CONVERGED if self.replicon_ok else REPLICA_UNSTABLE
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["status"] = self.status
         d["wall_time_s"] = d["wall_time"]
         return d
 
