@@ -244,22 +244,18 @@ def solve(
     with warnings.catch_warnings():
         if not warn:
             warnings.simplefilter("ignore", NonConvergenceWarning)
-        pre: PretrainResult = solve_pretrain(
+        params, pre, z_star, z = pretrain_stage(
             params,
             n_mc=n_mc,
             seed=seed,
             method=method,
             tol=tol,
             max_iter=max_iter,
-            init=_pretrain_init(init),
+            init=init,
             warn=warn,
+            optimal_beta=optimal_beta,
         )
         Q0, Q, M = params.Q0, pre.Q, pre.M
-        if optimal_beta:
-            if not Q > 0:
-                raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
-            params = params.replace(beta=_eff.beta_min(Q, M))
-        z_star, z = finetune_fields(params, pre, n_mc, seed)
         ft_params = params.replace(reuse=False) if params.lora_only else params
         ft: FinetuneResult = solve_finetune(
             ft_params,
@@ -275,6 +271,38 @@ def solve(
             warn=warn,
         )
     return point_result(TheoryResult, params, pre, ft, n_mc=n_mc, seed=seed, t0=t0, baseline=baseline)
+
+
+def pretrain_stage(
+    params: Params,
+    *,
+    n_mc: int,
+    seed: int,
+    method: str | None,
+    tol: float,
+    max_iter: int,
+    init: Mapping[str, float] | None,
+    warn: bool,
+    optimal_beta: bool,
+) -> tuple[Params, PretrainResult, Any, Any]:
+    """The pre-training state evolution (Result 4) and the frozen fields of the fine-tuning sequences:
+    (params, with beta = beta* = M/Q when ``optimal_beta``; the PretrainResult; z*; z)."""
+    pre: PretrainResult = solve_pretrain(
+        params,
+        n_mc=n_mc,
+        seed=seed,
+        method=method,
+        tol=tol,
+        max_iter=max_iter,
+        init=_pretrain_init(init),
+        warn=warn,
+    )
+    if optimal_beta:
+        if not pre.Q > 0:
+            raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
+        params = params.replace(beta=_eff.beta_min(pre.Q, pre.M))
+    z_star, z = finetune_fields(params, pre, n_mc, seed)
+    return params, pre, z_star, z
 
 
 def point_result(

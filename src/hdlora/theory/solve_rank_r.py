@@ -34,12 +34,10 @@ from typing import Any
 import numpy as np
 
 from ..params import DEFAULT_N_MC, ParamError, Params
-from . import effective as _eff
 from .finetune_rank_r import RankRResult, solve_finetune_rank_r
 from .fixed_point import NonConvergenceWarning
-from .pretrain import solve_pretrain
 from .prox_rank_r import MAX_PROX_DIM
-from .solve import TheoryResult, _pretrain_init, finetune_fields, point_result
+from .solve import TheoryResult, point_result, pretrain_stage
 
 __all__ = ["RankRTheoryResult", "branch_starts", "solve_rank_r", "WINNER_STATUSES"]
 
@@ -277,22 +275,18 @@ def solve_rank_r(
     with warnings.catch_warnings():
         if not warn:
             warnings.simplefilter("ignore", NonConvergenceWarning)
-        pre = solve_pretrain(
+        params, pre, z_star, z = pretrain_stage(
             params,
             n_mc=n_mc,
             seed=seed,
             method=method,
             tol=tol,
             max_iter=max_iter,
-            init=_pretrain_init(init),
+            init=init,
             warn=warn,
+            optimal_beta=optimal_beta,
         )
     Q0, Q, M = params.Q0, pre.Q, pre.M
-    if optimal_beta:
-        if not Q > 0:
-            raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
-        params = params.replace(beta=_eff.beta_min(Q, M))
-    z_star, z = finetune_fields(params, pre, n_mc, seed)
     ft_params = params.replace(reuse=False) if params.lora_only else params
     results, errors, coarse = solve_branches(
         ft_params, z_star, z, Q0=Q0, Q=Q, M=M, seed=seed + 2, tol=tol, max_iter=max_iter
