@@ -334,6 +334,7 @@ def _prox_newton(
                 for arr, new in zip(best, cur):
                     if arr.shape[0] == n:
                         arr[b] = new[b]
+    assert best is not None  # at least one start
     d, psi, stat, jac, pd, rep, hess = best
     h = z_tilde + d
     converged = (stat <= tol) & pd & np.all(np.isfinite(h), axis=1)
