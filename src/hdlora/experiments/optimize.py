@@ -302,6 +302,10 @@ class _Evaluator:
             res = self._solve(self.params.replace(**point), init)
         except FloatingPointError:  # a stage left its domain: no fixed point here
             res = None
+        except ValueError as exc:  # the rank-r prox refuses a non-positive-definite v (a branch left its domain)
+            if isinstance(exc, ParamError):
+                raise
+            res = None
         if res is None:
             val, conv, its = math.nan, False, 0
         else:
