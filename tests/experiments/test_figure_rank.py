@@ -51,12 +51,29 @@ def test_rank_is_a_figure_name_and_others_are_refused(capsys):
 
 @pytest.mark.slow
 def test_rank_optimal_task_is_the_optimiser():
-    p = Params(alpha=0.1, alpha_ft=1.0, tokens=3, activation="linear", lam_ft=2.0, lora_rank=2, teacher_rank=2,
-               teacher_strengths=(1.0, 0.5))
+    p = Params(
+        alpha=0.1,
+        alpha_ft=1.0,
+        tokens=3,
+        activation="linear",
+        lam_ft=2.0,
+        lora_rank=2,
+        teacher_rank=2,
+        teacher_strengths=(1.0, 0.5),
+    )
     opts = {"n_mc": 300, "n_grid": 3, "tol": 0.3, "lam_ft_low": 0.5, "lam_ft_high": 4.0}
     got = rank_optimal_theory_task(p, opts, None)
-    ref = optimize(p, "finetune_test_error", "lam_ft", bounds={"lam_ft": (0.5, 4.0)}, n_mc=300, n_grid=3, tol=0.3,
-                   max_solves=40, warn=False)
+    ref = optimize(
+        p,
+        "finetune_test_error",
+        "lam_ft",
+        bounds={"lam_ft": (0.5, 4.0)},
+        n_mc=300,
+        n_grid=3,
+        tol=0.3,
+        max_solves=40,
+        warn=False,
+    )
     assert got["finetune_test_error"] == ref.value and got["lam_ft_opt"] == ref.optimum["lam_ft"]
     assert got["converged"] == ref.converged and got["n_solves"] == ref.n_solves
     with pytest.raises(ValueError, match="unknown option"):
@@ -68,16 +85,58 @@ def test_rank_plot_marks_nonconverged_and_unstable_points(tmp_path):
     rows = []
     for r in (1, 2):
         for a, conv, rep in ((1.0, True, True), (3.0, r == 1, r == 1)):
-            rows.append(dict(sweep="figrank-theory", label="theory", status="ok", lora_rank=r, alpha_ft=a,
-                             finetune_test_error=1.0 / a + 0.1 * r, overlap=0.5, converged=conv, replicon_ok=rep))
-        rows.append(dict(sweep="figrank-simulate", label="simulate", status="ok", lora_rank=r, alpha_ft=1.0,
-                         finetune_test_error=1.1, finetune_test_error_se=0.02, overlap=0.5, overlap_se=0.01,
-                         n_seeds=1))
-        rows.append(dict(sweep="figrank-small", label="theory", status="ok", lora_rank=r, alpha_ft=1.0,
-                         finetune_test_error=1.0 + 0.1 * r, converged=True, replicon_ok=True))
-        rows.append(dict(sweep="figrank-optimal", label=RANK_OPTIMAL, status="ok", lora_rank=r,
-                         alpha_ft=1.0, finetune_test_error=0.9, lam_ft_opt=0.3 * r, converged=r == 1,
-                         replicon_ok=True))
+            rows.append(
+                dict(
+                    sweep="figrank-theory",
+                    label="theory",
+                    status="ok",
+                    lora_rank=r,
+                    alpha_ft=a,
+                    finetune_test_error=1.0 / a + 0.1 * r,
+                    overlap=0.5,
+                    converged=conv,
+                    replicon_ok=rep,
+                )
+            )
+        rows.append(
+            dict(
+                sweep="figrank-simulate",
+                label="simulate",
+                status="ok",
+                lora_rank=r,
+                alpha_ft=1.0,
+                finetune_test_error=1.1,
+                finetune_test_error_se=0.02,
+                overlap=0.5,
+                overlap_se=0.01,
+                n_seeds=1,
+            )
+        )
+        rows.append(
+            dict(
+                sweep="figrank-small",
+                label="theory",
+                status="ok",
+                lora_rank=r,
+                alpha_ft=1.0,
+                finetune_test_error=1.0 + 0.1 * r,
+                converged=True,
+                replicon_ok=True,
+            )
+        )
+        rows.append(
+            dict(
+                sweep="figrank-optimal",
+                label=RANK_OPTIMAL,
+                status="ok",
+                lora_rank=r,
+                alpha_ft=1.0,
+                finetune_test_error=0.9,
+                lam_ft_opt=0.3 * r,
+                converged=r == 1,
+                replicon_ok=True,
+            )
+        )
     paths = figures.plot_figure(fig, pd.DataFrame(rows))
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert math.isfinite(pd.read_csv(paths["csv"])["lam_ft_opt"].dropna().iloc[0])

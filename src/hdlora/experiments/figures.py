@@ -229,7 +229,14 @@ def _doc(fig: int | str, name: str, db: Path, params: dict, axes: dict, run: dic
 FIG1 = dict(alpha=0.1, alpha_ft=3.0, tokens=3, kappa0=1.0, kappa=1.0, activation="softmax")
 #: figure "rank": Fig. 1's setting (Delta = 0.5, lam = 0.1) on a rank-2 task with strengths 1 and 0.5
 RANK_FIG = dict(
-    alpha=0.1, tokens=3, kappa0=1.0, kappa=1.0, noise=0.5, lam=0.1, activation="softmax", teacher_rank=2,
+    alpha=0.1,
+    tokens=3,
+    kappa0=1.0,
+    kappa=1.0,
+    noise=0.5,
+    lam=0.1,
+    activation="softmax",
+    teacher_rank=2,
     teacher_strengths=[1.0, 0.5],
 )
 #: the small lam' of panels (a)-(c) and the alpha' of panel (c)
@@ -241,11 +248,20 @@ RANK_ALPHA_C = 1.0
 #: the simulated alpha' (RANK_ALPHA_C among them: panel (c)'s markers)
 RANK_GRIDS: dict[str, dict[str, Any]] = {
     "paper": dict(
-        alpha_ft=[0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0], ranks=[1, 2, 3, 4], ranks_c=[1, 2, 3, 4, 5, 6],
-        n_grid=5, tol=0.05, sim_alpha_ft=[1.0, 2.0, 4.0, 8.0],
+        alpha_ft=[0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+        ranks=[1, 2, 3, 4],
+        ranks_c=[1, 2, 3, 4, 5, 6],
+        n_grid=5,
+        tol=0.05,
+        sim_alpha_ft=[1.0, 2.0, 4.0, 8.0],
     ),
     "quick": dict(
-        alpha_ft=[1.0, 2.0, 4.0, 8.0], ranks=[1, 2, 3, 4], ranks_c=[1, 2, 3, 4], n_grid=3, tol=0.3, max_iter=150,
+        alpha_ft=[1.0, 2.0, 4.0, 8.0],
+        ranks=[1, 2, 3, 4],
+        ranks_c=[1, 2, 3, 4],
+        n_grid=3,
+        tol=0.3,
+        max_iter=150,
         sim_alpha_ft=[1.0, 4.0],
     ),
     "tiny": dict(alpha_ft=[1.0, 3.0], ranks=[1, 2], ranks_c=[1, 2], n_grid=3, tol=0.3, sim_alpha_ft=[1.0]),
@@ -431,8 +447,15 @@ def _docs(number: int | str, s: Settings, db: Path) -> tuple[str, list[dict]]:
             opt["max_iter"] = g["max_iter"]
         sim_rank = dict(sim, teacher="orthonormal")
         docs = [
-            _doc("rank", "theory", db, small, {"lora_rank": g["ranks"], "alpha_ft": g["alpha_ft"]}, {"theory": th},
-                 "alpha_ft"),
+            _doc(
+                "rank",
+                "theory",
+                db,
+                small,
+                {"lora_rank": g["ranks"], "alpha_ft": g["alpha_ft"]},
+                {"theory": th},
+                "alpha_ft",
+            ),
             _doc("rank", "small", db, at_c, {"lora_rank": g["ranks_c"]}, {"theory": th}, ""),
             _doc("rank", "optimal", db, at_c, {"lora_rank": g["ranks_c"]}, {RANK_OPTIMAL: opt}, ""),
             _doc(
@@ -1017,7 +1040,9 @@ def _plot_rank(fig: Figure, df, plt):
         ax.set_xscale("log")
         ax.set_xlabel(r"$\alpha'$ (fine-tuning samples / D)")
         ax.set_ylabel(lab)
-        ax.set_title(f"({'a' if key != 'overlap' else 'b'}) $r^*$=2, $\\lambda'$={RANK_LAM_SMALL:g} (dots: simulations)")
+        ax.set_title(
+            f"({'a' if key != 'overlap' else 'b'}) $r^*$=2, $\\lambda'$={RANK_LAM_SMALL:g} (dots: simulations)"
+        )
         _legend(ax)
     ax = axes[2]
     small, opt = _ok(df, "figrank-small", "theory"), _ok(df, "figrank-optimal")
@@ -1030,12 +1055,27 @@ def _plot_rank(fig: Figure, df, plt):
         if "lam_ft_opt" in d and d is not small:
             for _, row in d.iterrows():
                 if row["lam_ft_opt"] == row["lam_ft_opt"]:
-                    ax.annotate(f"{row['lam_ft_opt']:.2g}", (row["lora_rank"], row["finetune_test_error"]),
-                                textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
+                    ax.annotate(
+                        f"{row['lam_ft_opt']:.2g}",
+                        (row["lora_rank"], row["finetune_test_error"]),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=7,
+                        color=c,
+                    )
     sc = sm[sm["alpha_ft"] == RANK_ALPHA_C].sort_values("lora_rank") if len(sm) else sm
     if len(sc):
-        ax.errorbar(sc["lora_rank"], sc["finetune_test_error"], yerr=_std(sc, "finetune_test_error"), fmt="s",
-                    color="tab:blue", ms=5, capsize=2, mfc="none", label=f"simulation $\\lambda'$={RANK_LAM_SMALL:g}")
+        ax.errorbar(
+            sc["lora_rank"],
+            sc["finetune_test_error"],
+            yerr=_std(sc, "finetune_test_error"),
+            fmt="s",
+            color="tab:blue",
+            ms=5,
+            capsize=2,
+            mfc="none",
+            label=f"simulation $\\lambda'$={RANK_LAM_SMALL:g}",
+        )
     ax.axvline(2, color="0.5", ls=":", lw=1)
     ax.set_xlabel("LoRA rank r (dotted: r = r* = 2)")
     ax.set_ylabel(r"$\mathcal{E}'$")

@@ -748,9 +748,7 @@ def _single(
 ) -> OptimizeResult:
     """One solve at ``params`` (nothing searched), as an OptimizeResult (no search, no warnings)."""
     t0 = time.perf_counter()
-    ev = _Evaluator(
-        params, target, (), maximize, n_mc=n_mc, seed=seed, tol=solver_tol, max_iter=max_iter, max_solves=1
-    )
+    ev = _Evaluator(params, target, (), maximize, n_mc=n_mc, seed=seed, tol=solver_tol, max_iter=max_iter, max_solves=1)
     ev.value(np.zeros(0))
     _, res, rec = ev.best()
     se = math.nan
