@@ -1038,6 +1038,10 @@ def _plot_rank(fig: Figure, df, plt):
             if len(sr):
                 ax.errorbar(sr["alpha_ft"], sr[key], yerr=_std(sr, key), fmt="o", color=c, ms=5, capsize=2, mfc="none")
         ax.set_xscale("log")
+        xs = sorted(set(th["alpha_ft"].dropna()) | set(sm["alpha_ft"].dropna()))
+        if xs:
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.set_xticks([], minor=True)
         ax.set_xlabel(r"$\alpha'$ (fine-tuning samples / D)")
         ax.set_ylabel(lab)
         ax.set_title(
@@ -1055,8 +1059,9 @@ def _plot_rank(fig: Figure, df, plt):
         if "lam_ft_opt" in d and d is not small:
             for _, row in d.iterrows():
                 if row["lam_ft_opt"] == row["lam_ft_opt"]:
+                    bound = row.get("lam_ft_at_bound") is True or row.get("lam_ft_at_bound") == 1
                     ax.annotate(
-                        f"{row['lam_ft_opt']:.2g}",
+                        f"{row['lam_ft_opt']:.2g}" + (" (bound)" if bound else ""),
                         (row["lora_rank"], row["finetune_test_error"]),
                         textcoords="offset points",
                         xytext=(4, 4),
@@ -1077,9 +1082,12 @@ def _plot_rank(fig: Figure, df, plt):
             label=f"simulation $\\lambda'$={RANK_LAM_SMALL:g}",
         )
     ax.axvline(2, color="0.5", ls=":", lw=1)
+    rc = sorted({int(r) for d in (small, opt) for r in d["lora_rank"].dropna()})
+    if rc:
+        ax.set_xticks(rc)
     ax.set_xlabel("LoRA rank r (dotted: r = r* = 2)")
     ax.set_ylabel(r"$\mathcal{E}'$")
-    ax.set_title(f"(c) $\\alpha'$={RANK_ALPHA_C:g} (numbers: the optimal $\\lambda'$)")
+    ax.set_title(f"(c) $\\alpha'$={RANK_ALPHA_C:g} (numbers: the optimal $\\lambda'$ in [0.05, 3])")
     _legend(ax)
     return mfig
 
@@ -1088,6 +1096,7 @@ _PLOTTED = (
     "sweep",
     "lora_rank",
     "lam_ft_opt",
+    "lam_ft_at_bound",
     "label",
     "status",
     "lam",
