@@ -89,7 +89,7 @@ class Settings:
 
 
 #: Default settings per figure and mode (paper: the paper's D and seeds; quick: a few minutes on 2 cores).
-_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
+_DEFAULTS: dict[int | str, dict[str, dict[str, Any]]] = {
     1: {
         "paper": dict(dim=150, seeds=4, n_mc=DEFAULT_N_MC, points=16, sim_points=8),
         "quick": dict(dim=80, seeds=2, n_mc=2000, points=7, sim_points=4),

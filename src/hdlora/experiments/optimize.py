@@ -657,6 +657,10 @@ def _optimize_over_rank(
 
         if cont:
             got: list[SolveRecord] = []
+
+            def collect(rec: SolveRecord, got: list[SolveRecord] = got) -> None:
+                got.append(tag(rec))
+
             sub = optimize(
                 p,
                 target,
@@ -672,7 +676,7 @@ def _optimize_over_rank(
                 solver_tol=solver_tol,
                 max_iter=max_iter,
                 warn=False,
-                on_solve=lambda rec, got=got: got.append(tag(rec)),
+                on_solve=collect,
             )
             records += got
         else:
