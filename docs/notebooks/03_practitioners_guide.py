@@ -211,9 +211,34 @@ for name, params in (("defaults", p), ("optimum (lam, lam')", p.replace(**r_2d.o
 pd.DataFrame(rows).set_index("choice").round(4)
 
 # %% [markdown]
-# ## Choosing the LoRA rank (after the rank-r LoRA issue lands)
+# ## Choosing the LoRA rank
 #
-# **Not available yet.** hdlora implements the paper's rank-one LoRA update (eq. 3): there is no
-# rank parameter in `Params`, in the theory or in the simulator, and `optimize` searches λ, λ'
-# and β only. Choosing the rank r from the theory needs the rank-r extension of the state
-# evolution, which is a separate issue of the project; this section will show it when that lands.
+# Beyond the paper, hdlora solves a rank-r LoRA update ŵ ∈ R^{D×r} on a rank-r* task (teacher
+# columns of strengths s_k; `Params(lora_rank=r, teacher_rank=r_star, teacher_strengths=...)`,
+# docs/theory/rank_r.md). `optimize` treats `lora_rank` as an integer axis: every rank of the
+# interval is solved and, when λ' is searched too, λ' is tuned per rank. The result names the best
+# rank and how flat the optimum is (`flat_ranks`: the ranks whose E' is within 1 % of the best).
+# The command line: `hdlora optimize --over lora_rank,lam_ft --bounds lora_rank=1:4 --teacher-rank 2
+# --teacher-strengths 1,0.5`. Here a rank-2 task with strengths 1 and 0.5, linear σ (fast).
+# The picture for the softmax Fig. 1 setting, with simulations, is `hdlora figure rank` (README,
+# "Choosing the LoRA rank").
+
+# %%
+pr = Params(alpha=0.1, alpha_ft=1.0, tokens=3, noise=0.5, lam=0.1, lam_ft=2.0, activation="linear",
+            teacher_rank=2, teacher_strengths=(1.0, 0.5))
+R_HI = 2 if SMALL else 3
+N_MC_RANK = 300 if SMALL else 1000
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    r_rank = optimize(pr, "finetune_test_error", "lora_rank", bounds={"lora_rank": (1, R_HI)}, n_mc=N_MC_RANK)
+print(f"best rank {r_rank.optimum['lora_rank']}: E' = {r_rank.value:.4f} "
+      f"({r_rank.n_solves} solves, {r_rank.wall_time:.1f} s)")
+print("ranks within 1 % of the best:", [(e["lora_rank"], round(e["value"], 4)) for e in r_rank.flat_ranks])
+pd.DataFrame([{"r": e["lora_rank"], "E'": e["value"], "overlap": e["overlap"], "converged": e["converged"],
+               "branch": e["winner"], "status": e["winner_status"]} for e in r_rank.per_rank]).set_index("r").round(4)
+
+# %% [markdown]
+# Each row is one rank-r state evolution; `status` says whether the winning branch converged and
+# is replica stable (`converged_stable`), and a solve that did not converge is never chosen. To
+# tune λ' per rank as well, search both: `optimize(pr, "finetune_test_error", "lora_rank,lam_ft")`
+# (minutes at these sizes; each rank gets its own coarse grid and Brent search in λ').

@@ -1,4 +1,7 @@
-"""``hdlora figure N``: reproduce figure N (1-6) of the paper: run its sweeps (resumable), plot, save.
+"""``hdlora figure N``: reproduce figure N (1-6) of the paper, or ``rank``: run its sweeps (resumable), plot, save.
+
+``hdlora figure rank`` (beyond the paper): choosing the LoRA rank on a rank-2 task (E' and the overlap vs
+alpha' per rank, E' vs the rank at lam' small and at lam' optimised per rank).
 
 Writes ``<out>/figN.png``, ``figN.pdf``, ``figN.csv`` (every stored result of the figure,
 one row per task), ``figN.sqlite`` (the results database; rerunning the command computes
@@ -21,8 +24,18 @@ from ..cli import integer as _int
 from .cli import add_executor_arguments, executor_arguments_error, scheduler_argument
 
 
+def figure_number(text: str) -> int | str:
+    """'rank' or an integer (checked against the figures by build_figure)."""
+    if text.strip().lower() == "rank":
+        return "rank"
+    try:
+        return _int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a figure number 1-6 or 'rank', got {text!r}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("number", type=_int, help="figure number of the paper, 1-6")
+    p.add_argument("number", type=figure_number, help="figure number of the paper, 1-6, or 'rank' (choosing the rank)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--quick",

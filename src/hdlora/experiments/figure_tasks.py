@@ -29,6 +29,8 @@ __all__ = [
     "RECAL_THEORY",
     "RECAL_SIM",
     "RECAL_PRETRAIN",
+    "rank_optimal_theory_task",
+    "RANK_OPTIMAL",
 ]
 
 _MOD = __name__
@@ -38,6 +40,7 @@ ACTIVE_THEORY = f"{_MOD}:active_theory_task"
 RECAL_THEORY = f"{_MOD}:recalibrated_theory_task"
 RECAL_SIM = f"{_MOD}:recalibrated_simulate_task"
 RECAL_PRETRAIN = f"{_MOD}:recalibrated_pretrain_task"
+RANK_OPTIMAL = f"{_MOD}:rank_optimal_theory_task"
 
 
 def _effective_law(params: Params, options: Mapping[str, Any]) -> tuple[float, float, float]:
@@ -191,3 +194,56 @@ def recalibrated_pretrain_task(params: Params, options: Mapping[str, Any], init:
         "residual": pre.residual,
         "iterations": pre.iterations,
     }
+
+
+def rank_optimal_theory_task(params: Params, options: Mapping[str, Any], init: Mapping[str, Any] | None) -> dict:
+    """E' at the rank-r theory's optimal lam' (figure "rank", panel c): :func:`hdlora.experiments.optimize.optimize`
+    over lam_ft at the given lora_rank (the lam_ft of ``params`` is replaced by the search).
+
+    Options: n_mc, seed, n_grid (coarse grid of the search), tol (on log10 lam'), lam_ft_low, lam_ft_high (bounds),
+    max_solves, max_iter (fixed-point iterations per solve: a non-converged solve is never chosen, so a lower cap
+    only stops hopeless solves earlier; the converged rank-r solves measured took <= 60 iterations).
+    The result: the optimised ``finetune_test_error`` and the solution there (overlap, converged, replicon_ok,
+    winner, winner_status), ``lam_ft_opt``, ``lam_ft_at_bound``, ``n_solves``, ``n_not_converged``.
+    """
+    import warnings
+
+    from hdlora.experiments.optimize import optimize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = optimize(
+            params,
+            "finetune_test_error",
+            ("lam_ft",),
+            bounds={"lam_ft": (float(options.get("lam_ft_low", 1e-2)), float(options.get("lam_ft_high", 3.0)))},
+            n_mc=int(options.get("n_mc", DEFAULT_N_MC)),
+            seed=int(options.get("seed", 0)),
+            tol=float(options.get("tol", 0.05)),
+            n_grid=int(options.get("n_grid", 4)),
+            max_solves=int(options.get("max_solves", 40)),
+            max_iter=int(options.get("max_iter", 500)),
+            warn=False,
+        )
+    sol = res.solution or {}
+    out = {k: sol.get(k) for k in ("overlap", "replicon_ok", "winner", "winner_status", "finetune_train_error")}
+    out.update(
+        finetune_test_error=res.value,
+        finetune_test_error_mc_se=res.value_se,
+        converged=res.converged,
+        lam_ft_opt=res.optimum.get("lam_ft"),
+        lam_ft_at_bound=res.at_bound.get("lam_ft", False),
+        n_solves=res.n_solves,
+        n_not_converged=res.n_not_converged,
+    )
+    return out
+
+
+def _check_rank_optimal(options: Mapping[str, Any]) -> None:
+    allowed = {"n_mc", "seed", "n_grid", "tol", "lam_ft_low", "lam_ft_high", "max_solves", "max_iter"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for the rank-optimal task; allowed: {sorted(allowed)}")
+
+
+rank_optimal_theory_task.check_options = _check_rank_optimal  # type: ignore[attr-defined]

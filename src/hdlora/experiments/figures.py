@@ -19,6 +19,12 @@ Figures (paper parameters; Sections 4-4.3, Appendix E):
 5. Linear activation: E' vs Delta_eff and the excess over Delta_eff = 0.
 6. Recalibration (App. E): E(beta) vs beta/beta*, E' vs lam' for beta = 1 and 0.8 beta*.
 
+Beyond the paper, figure ``rank`` ("which LoRA rank should I use?", issue 14): a rank-r LoRA on a rank-2
+task (teacher strengths 1 and 0.5, orthonormal teacher columns in the simulations), Fig. 1 setting otherwise
+(alpha = 0.1, T = 3, kappa0 = kappa = 1, Delta = 0.5, lam = 0.1, softmax): (a) E' and (b) the overlap against
+alpha' for r in {1, 2, 3, 4} at a small lam' = 0.2; (c) E' against r at alpha' = 1, for lam' = 0.2 and for
+lam' minimised per rank (:func:`hdlora.experiments.optimize.optimize`, task ``rank_optimal_theory_task``).
+
 Effective pre-training (Figs. 2, 4, 5) is parameterised through ``kappa0``: Q0 = 1 + kappa0
 and Q = Q0, M = 1, so Delta_eff = Delta/2 + Q0 - 2M + Q = Delta/2 + 2 kappa0 (eq. 25).
 
@@ -38,10 +44,19 @@ from typing import Any
 
 from hdlora.params import DEFAULT_N_MC
 
-from .figure_tasks import ACTIVE_THEORY, EFF_SIM, EFF_THEORY, RECAL_PRETRAIN, RECAL_SIM, RECAL_THEORY
+from .figure_tasks import (
+    ACTIVE_THEORY,
+    EFF_SIM,
+    EFF_THEORY,
+    RANK_OPTIMAL,
+    RECAL_PRETRAIN,
+    RECAL_SIM,
+    RECAL_THEORY,
+)
 from .sweep import SweepSpec, parse_sweep
 
-FIGURES = (1, 2, 3, 4, 5, 6)
+#: the paper's figures 1-6, and "rank" (beyond the paper: choosing the LoRA rank, issue 14)
+FIGURES: tuple[int | str, ...] = (1, 2, 3, 4, 5, 6, "rank")
 
 
 class FigureError(ValueError):
@@ -74,7 +89,7 @@ class Settings:
 
 
 #: Default settings per figure and mode (paper: the paper's D and seeds; quick: a few minutes on 2 cores).
-_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
+_DEFAULTS: dict[int | str, dict[str, dict[str, Any]]] = {
     1: {
         "paper": dict(dim=150, seeds=4, n_mc=DEFAULT_N_MC, points=16, sim_points=8),
         "quick": dict(dim=80, seeds=2, n_mc=2000, points=7, sim_points=4),
@@ -99,6 +114,12 @@ _DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
         "paper": dict(dim=800, seeds=10, n_mc=DEFAULT_N_MC, points=10, sim_points=5),
         "quick": dict(dim=80, seeds=2, n_mc=2000, points=6, sim_points=3),
     },
+    # quick: D = 60 (a rank-4 softmax simulation at alpha' = 1 took 37-61 s per seed at D = 60-100 on this shared
+    # 2-core machine)
+    "rank": {
+        "paper": dict(dim=150, seeds=4, n_mc=DEFAULT_N_MC, points=9, sim_points=5),
+        "quick": dict(dim=60, seeds=2, n_mc=1000, points=4, sim_points=2),
+    },
 }
 _TINY = dict(dim=12, seeds=1, n_mc=500, points=2, sim_points=2)
 _BO = {
@@ -109,7 +130,7 @@ _BO = {
 
 
 def settings_for(
-    number: int, mode: str = "paper", *, dim: int | None = None, seeds: int | None = None, n_mc: int | None = None
+    number: int | str, mode: str = "paper", *, dim: int | None = None, seeds: int | None = None, n_mc: int | None = None
 ) -> Settings:
     check_number(number)
     if mode not in ("paper", "quick", "tiny"):
@@ -125,8 +146,8 @@ def settings_for(
     return Settings(mode=mode, bo=dict(_BO[mode]), **base)
 
 
-def check_number(number: Any) -> int:
-    if isinstance(number, bool) or not isinstance(number, int) or number not in FIGURES:
+def check_number(number: Any) -> int | str:
+    if isinstance(number, bool) or not isinstance(number, (int, str)) or number not in FIGURES:
         raise FigureError(f"figure number must be one of {list(FIGURES)}, got {number!r}")
     return number
 
@@ -135,7 +156,7 @@ def check_number(number: Any) -> int:
 class Figure:
     """A figure: its sweeps (sharing one database), settings and output paths."""
 
-    number: int
+    number: int | str
     title: str
     settings: Settings
     sweeps: tuple[SweepSpec, ...]
@@ -196,7 +217,7 @@ def _lin(start: float, stop: float, num: int) -> list[float]:
     return [start + (stop - start) * i / (num - 1) for i in range(num)]
 
 
-def _doc(fig: int, name: str, db: Path, params: dict, axes: dict, run: dict, continuation: str = "") -> dict:
+def _doc(fig: int | str, name: str, db: Path, params: dict, axes: dict, run: dict, continuation: str = "") -> dict:
     return {
         "sweep": {"name": f"fig{fig}-{name}", "database": str(db), "continuation": continuation},
         "params": params,
@@ -206,10 +227,49 @@ def _doc(fig: int, name: str, db: Path, params: dict, axes: dict, run: dict, con
 
 
 FIG1 = dict(alpha=0.1, alpha_ft=3.0, tokens=3, kappa0=1.0, kappa=1.0, activation="softmax")
+#: figure "rank": Fig. 1's setting (Delta = 0.5, lam = 0.1) on a rank-2 task with strengths 1 and 0.5
+RANK_FIG = dict(
+    alpha=0.1,
+    tokens=3,
+    kappa0=1.0,
+    kappa=1.0,
+    noise=0.5,
+    lam=0.1,
+    activation="softmax",
+    teacher_rank=2,
+    teacher_strengths=[1.0, 0.5],
+)
+#: the small lam' of panels (a)-(c) and the alpha' of panel (c)
+#: (lam' = 0.05, Fig. 1's smallest, left every rank-r branch unconverged, measured at r = 1-4, alpha' = 0.5 and r = 1,
+#: alpha' = 1, softmax, n_mc = 1000 and 4000; lam' = 0.1 too at r = 1, alpha' = 1; lam' = 0.2 converged there)
+RANK_LAM_SMALL = 0.2
+RANK_ALPHA_C = 1.0
+#: per mode: alpha' grid, ranks of panels (a)-(b), ranks of panel (c), the lam' search (coarse grid, tol on log10),
+#: the simulated alpha' (RANK_ALPHA_C among them: panel (c)'s markers)
+RANK_GRIDS: dict[str, dict[str, Any]] = {
+    "paper": dict(
+        alpha_ft=[0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+        ranks=[1, 2, 3, 4],
+        ranks_c=[1, 2, 3, 4, 5, 6],
+        n_grid=5,
+        tol=0.05,
+        sim_alpha_ft=[1.0, 2.0, 4.0, 8.0],
+    ),
+    "quick": dict(
+        alpha_ft=[1.0, 2.0, 4.0, 8.0],
+        ranks=[1, 2, 3, 4],
+        ranks_c=[1, 2, 3, 4],
+        n_grid=3,
+        tol=0.3,
+        max_iter=150,
+        sim_alpha_ft=[1.0, 4.0],
+    ),
+    "tiny": dict(alpha_ft=[1.0, 3.0], ranks=[1, 2], ranks_c=[1, 2], n_grid=3, tol=0.3, sim_alpha_ft=[1.0]),
+}
 FIG3 = dict(alpha=0.2, alpha_ft=3.0, tokens=2, kappa0=0.5, kappa=1.0, noise=0.5, activation="softmax", reuse=True)
 
 
-def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
+def _docs(number: int | str, s: Settings, db: Path) -> tuple[str, list[dict]]:
     th = {"n_mc": s.n_mc}
     sim = {"dim": s.dim, "seeds": s.seeds}
     if number == 1:
@@ -376,6 +436,41 @@ def _docs(number: int, s: Settings, db: Path) -> tuple[str, list[dict]]:
             ),
         ]
         return "recalibration of the frozen map, beta = 0.8 beta* vs 1", docs
+    if number == "rank":
+        g = RANK_GRIDS[s.mode]
+        # tiny (tests): linear sigma (closed-form pre-training)
+        base = dict(RANK_FIG, activation="linear") if s.mode == "tiny" else dict(RANK_FIG)
+        small = dict(base, lam_ft=RANK_LAM_SMALL)
+        at_c = dict(small, alpha_ft=RANK_ALPHA_C)
+        opt = dict(th, n_grid=g["n_grid"], tol=g["tol"], lam_ft_low=0.05, lam_ft_high=3.0)
+        if "max_iter" in g:
+            opt["max_iter"] = g["max_iter"]
+        sim_rank = dict(sim, teacher="orthonormal")
+        docs = [
+            _doc(
+                "rank",
+                "theory",
+                db,
+                small,
+                {"lora_rank": g["ranks"], "alpha_ft": g["alpha_ft"]},
+                {"theory": th},
+                "alpha_ft",
+            ),
+            _doc("rank", "small", db, at_c, {"lora_rank": g["ranks_c"]}, {"theory": th}, ""),
+            _doc("rank", "optimal", db, at_c, {"lora_rank": g["ranks_c"]}, {RANK_OPTIMAL: opt}, ""),
+            _doc(
+                "rank",
+                "simulate",
+                db,
+                small,
+                {"lora_rank": g["ranks"], "alpha_ft": g["sim_alpha_ft"]},
+                {"simulate": sim_rank},
+                "",
+            ),
+        ]
+        return "choosing the LoRA rank r on a rank-2 task (strengths 1, 0.5; simulations: orthonormal w*)" + (
+            " (tiny: linear sigma)" if s.mode == "tiny" else ""
+        ), docs
     raise FigureError(f"figure number must be one of {list(FIGURES)}, got {number!r}")  # pragma: no cover
 
 
@@ -405,7 +500,7 @@ def _fig1_inset(fig: Figure, frame) -> list[dict]:
 
 
 def build_figure(
-    number: int,
+    number: int | str,
     *,
     mode: str = "paper",
     out: str | os.PathLike = "results/figures",
@@ -926,8 +1021,82 @@ def _plot6(fig: Figure, df, plt):
     return mfig
 
 
+def _plot_rank(fig: Figure, df, plt):
+    """(a) E' and (b) the overlap vs alpha' per rank at lam' small; (c) E' vs r at alpha' = RANK_ALPHA_C for lam'
+    small and lam' optimised per rank (the optimal lam' written next to each point)."""
+    th, sm = _ok(df, "figrank-theory", "theory"), _ok(df, "figrank-simulate", "simulate")
+    mfig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    ranks = sorted({int(r) for r in th["lora_rank"].dropna()} | {int(r) for r in sm["lora_rank"].dropna()})
+    for ax, key, lab in ((axes[0], "finetune_test_error", r"$\mathcal{E}'$"), (axes[1], "overlap", r"overlap $o_w$")):
+        for i, r in enumerate(ranks):
+            c = _COLORS[i % len(_COLORS)]
+            t = th[th["lora_rank"] == r].sort_values("alpha_ft")
+            if len(t):
+                ax.plot(t["alpha_ft"], _line(t, key), "-", color=c, label=f"theory r={r}")
+                _mark_nonconverged(ax, t, "alpha_ft", key, c)
+            sr = sm[sm["lora_rank"] == r].sort_values("alpha_ft")
+            if len(sr):
+                ax.errorbar(sr["alpha_ft"], sr[key], yerr=_std(sr, key), fmt="o", color=c, ms=5, capsize=2, mfc="none")
+        ax.set_xscale("log")
+        xs = sorted(set(th["alpha_ft"].dropna()) | set(sm["alpha_ft"].dropna()))
+        if xs:
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.set_xticks([], minor=True)
+        ax.set_xlabel(r"$\alpha'$ (fine-tuning samples / D)")
+        ax.set_ylabel(lab)
+        ax.set_title(
+            f"({'a' if key != 'overlap' else 'b'}) $r^*$=2, $\\lambda'$={RANK_LAM_SMALL:g} (dots: simulations)"
+        )
+        _legend(ax)
+    ax = axes[2]
+    small, opt = _ok(df, "figrank-small", "theory"), _ok(df, "figrank-optimal")
+    for d, c, name in ((small, "tab:blue", f"$\\lambda'$={RANK_LAM_SMALL:g}"), (opt, "tab:red", r"$\lambda'$ optimal")):
+        d = d.sort_values("lora_rank")
+        if not len(d):
+            continue
+        ax.plot(d["lora_rank"], _line(d, "finetune_test_error"), "o-", color=c, label=f"theory {name}")
+        _mark_nonconverged(ax, d, "lora_rank", "finetune_test_error", c)
+        if "lam_ft_opt" in d and d is not small:
+            for _, row in d.iterrows():
+                if row["lam_ft_opt"] == row["lam_ft_opt"]:
+                    bound = row.get("lam_ft_at_bound") is True or row.get("lam_ft_at_bound") == 1
+                    ax.annotate(
+                        f"{row['lam_ft_opt']:.2g}" + (" (bound)" if bound else ""),
+                        (row["lora_rank"], row["finetune_test_error"]),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=7,
+                        color=c,
+                    )
+    sc = sm[sm["alpha_ft"] == RANK_ALPHA_C].sort_values("lora_rank") if len(sm) else sm
+    if len(sc):
+        ax.errorbar(
+            sc["lora_rank"],
+            sc["finetune_test_error"],
+            yerr=_std(sc, "finetune_test_error"),
+            fmt="s",
+            color="tab:blue",
+            ms=5,
+            capsize=2,
+            mfc="none",
+            label=f"simulation $\\lambda'$={RANK_LAM_SMALL:g}",
+        )
+    ax.axvline(2, color="0.5", ls=":", lw=1)
+    rc = sorted({int(r) for d in (small, opt) for r in d["lora_rank"].dropna()})
+    if rc:
+        ax.set_xticks(rc)
+    ax.set_xlabel("LoRA rank r (dotted: r = r* = 2)")
+    ax.set_ylabel(r"$\mathcal{E}'$")
+    ax.set_title(f"(c) $\\alpha'$={RANK_ALPHA_C:g} (numbers: the optimal $\\lambda'$ in [0.05, 3])")
+    _legend(ax)
+    return mfig
+
+
 _PLOTTED = (
     "sweep",
+    "lora_rank",
+    "lam_ft_opt",
+    "lam_ft_at_bound",
     "label",
     "status",
     "lam",
@@ -1076,6 +1245,8 @@ def plot_figure(fig: Figure, df=None) -> dict[str, Any]:
         mfig = _plot4(fig, df, plt)
     elif n == 5:
         mfig = _plot_effective(fig, df, plt, [(r"linear $\sigma$, $\Delta=0$", 0.0)], excess=True)
+    elif n == "rank":
+        mfig = _plot_rank(fig, df, plt)
     else:
         mfig = _plot6(fig, df, plt)
     paths: dict[str, Any] = _finish(fig, mfig, cov)

@@ -52,6 +52,14 @@ A solve that did not converge (``converged=False``), or that returned a non-fini
 is recorded but never chosen as the optimum; in the search it counts as worse than every
 converged solve. If no solve converged, the best non-converged one is returned with
 ``converged=False`` and a :class:`NonConvergenceWarning`.
+
+The LoRA rank (beyond the paper; docs/theory/rank_r.md) is an integer axis: ``over`` may name
+``lora_rank`` (with bounds ``(low, high)``, integers, default 1..8 cut at the theory's limit
+``lora_rank * tokens <= MAX_PROX_DIM``). Every rank of the interval is solved
+(:func:`hdlora.theory.solve`, rank-r branches); when continuous hyperparameters are searched too,
+they are tuned per rank by the search above. The result says which rank is best, the value it
+reaches, and how flat the optimum is: ``per_rank`` (each rank's optimum) and ``flat_ranks`` (the
+ranks whose converged target lies within ``FLAT_REL`` = 1 % of the best value).
 """
 
 from __future__ import annotations
@@ -72,8 +80,17 @@ from ..theory.fixed_point import NonConvergenceWarning
 
 #: target -> maximise? (errors are minimised, the overlap is maximised)
 TARGETS: dict[str, bool] = {"finetune_test_error": False, "overlap": True, "pretrain_test_error": False}
-#: hyperparameters that can be searched (Params field names: lam = lambda, lam_ft = lambda', beta of eq. 26)
-HYPERPARAMETERS = ("lam", "lam_ft", "beta")
+#: hyperparameters that can be searched (Params field names: lam = lambda, lam_ft = lambda', beta of eq. 26;
+#: lora_rank = r, an integer axis)
+HYPERPARAMETERS = ("lam", "lam_ft", "beta", "lora_rank")
+#: the continuous (log-scale) hyperparameters
+CONTINUOUS = ("lam", "lam_ft", "beta")
+#: the integer axis
+RANK = "lora_rank"
+#: default rank interval (cut at the theory's limit :func:`max_lora_rank`)
+DEFAULT_RANK_BOUNDS = (1, 8)
+#: a rank is "as good as the best" when its target is within this relative distance of the best value
+FLAT_REL = 0.01
 #: default search intervals (the search is on log10 of the parameter)
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {"lam": (1e-3, 10.0), "lam_ft": (1e-3, 10.0), "beta": (0.3, 3.0)}
 #: default tolerance on log10 of each hyperparameter (see the module docstring)
@@ -152,11 +169,15 @@ class OptimizeResult:
     params: dict[str, Any]
     solution: dict[str, Any] = field(repr=False)
     wall_time: float
+    per_rank: tuple[dict[str, Any], ...] = ()
+    flat_ranks: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["over"] = list(self.over)
         d["bounds"] = {k: list(v) for k, v in self.bounds.items()}
+        d["per_rank"] = [dict(r) for r in self.per_rank]
+        d["flat_ranks"] = [dict(r) for r in self.flat_ranks]
         return d
 
 
@@ -187,6 +208,8 @@ def _check_bounds(
             raise ParamError(f"bounds given for {n!r}, which is not searched (over = {list(over)})")
     out = {}
     for n in over:
+        if n == RANK:
+            continue
         b = bounds.get(n, DEFAULT_BOUNDS[n])
         try:
             lo, hi = (float(x) for x in b)
@@ -278,6 +301,10 @@ class _Evaluator:
         try:
             res = self._solve(self.params.replace(**point), init)
         except FloatingPointError:  # a stage left its domain: no fixed point here
+            res = None
+        except ValueError as exc:  # the rank-r prox refuses a non-positive-definite v (a branch left its domain)
+            if isinstance(exc, ParamError):
+                raise
             res = None
         if res is None:
             val, conv, its = math.nan, False, 0
@@ -392,11 +419,13 @@ def optimize(
         over: hyperparameters to search, a tuple (or comma-separated string) of 1-3 names
             from ('lam', 'lam_ft', 'beta').
         bounds: {name: (low, high)} with 0 < low < high < inf; defaults :data:`DEFAULT_BOUNDS`
-            (lam, lam_ft in [1e-3, 10], beta in [0.3, 3]).
+            (lam, lam_ft in [1e-3, 10], beta in [0.3, 3]); for lora_rank integers
+            1 <= low <= high <= :func:`max_lora_rank` (default 1..8, cut at that limit).
         n_mc: Monte-Carlo samples, the same for every solve.
         seed: their seed, the same for every solve.
         tol: absolute tolerance on log10 of each hyperparameter (default 0.01, see module doc).
-        max_solves: budget of state-evolution solves; the search stops there (flagged).
+        max_solves: budget of state-evolution solves; the search stops there (flagged). With
+            lora_rank searched, the budget of each rank's continuous search.
         maximize: override the direction (default: maximise the overlap, minimise errors).
         n_grid: coarse-grid points per dimension (default 7, 5, 4 for 1-, 2-, 3-D).
         max_cycles: coordinate-descent cycles (2-D, 3-D).
@@ -414,6 +443,24 @@ def optimize(
     if target not in TARGETS:
         raise ParamError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     over = _check_over(over)
+    if RANK in over and target != "pretrain_test_error":
+        return _optimize_over_rank(
+            params,
+            target,
+            over,
+            bounds=bounds,
+            n_mc=n_mc,
+            seed=seed,
+            tol=tol,
+            max_solves=max_solves,
+            maximize=maximize,
+            n_grid=n_grid,
+            max_cycles=max_cycles,
+            solver_tol=solver_tol,
+            max_iter=max_iter,
+            warn=warn,
+            on_solve=on_solve,
+        )
     if target == "pretrain_test_error" and over != ("lam",):
         raise ParamError(
             "target pretrain_test_error depends on lam only (pre-training, Result 4, does not see "
@@ -504,5 +551,233 @@ def optimize(
         seed=seed,
         params=params.replace(**rec.point).to_dict(),
         solution=solution,
+        wall_time=time.perf_counter() - t0,
+    )
+
+
+# ------------------------------------------------------------------------------ the rank axis
+def max_lora_rank(params: Params) -> int:
+    """The largest LoRA rank the rank-r theory solves at these parameters: lora_rank * tokens <= MAX_PROX_DIM
+    (the per-sample dimension of the rank-r prox, :data:`hdlora.theory.prox_rank_r.MAX_PROX_DIM`), and
+    lora_rank <= :data:`hdlora.params.MAX_RANK`."""
+    from ..params import MAX_RANK
+    from ..theory.prox_rank_r import MAX_PROX_DIM
+
+    return int(min(MAX_RANK, MAX_PROX_DIM // params.tokens))
+
+
+def rank_bounds(params: Params, b: Sequence[float] | None) -> tuple[int, int]:
+    """Validated integer interval (low, high) of the LoRA rank; ParamError (one line) otherwise."""
+    from ..theory.prox_rank_r import MAX_PROX_DIM
+
+    limit = max_lora_rank(params)
+    if b is None:
+        return DEFAULT_RANK_BOUNDS[0], min(DEFAULT_RANK_BOUNDS[1], limit)
+    hint = (
+        f"lora_rank bounds must be integers 1 <= low <= high <= {limit} (the rank-r theory needs lora_rank * tokens "
+        f"<= {MAX_PROX_DIM}, tokens = {params.tokens}), e.g. --bounds lora_rank=1:{min(DEFAULT_RANK_BOUNDS[1], limit)}"
+    )
+    try:
+        lo, hi = (float(x) for x in b)
+    except (TypeError, ValueError):
+        raise ParamError(f"{hint}; got {b!r}") from None
+    if not all(math.isfinite(x) and x == int(x) for x in (lo, hi)) or not 1 <= lo <= hi <= limit:
+        raise ParamError(f"{hint}; got ({lo:g}, {hi:g})")
+    return int(lo), int(hi)
+
+
+def _rank_entry(r: int, sub: OptimizeResult) -> dict[str, Any]:
+    sol = sub.solution or {}
+    return {
+        RANK: r,
+        "value": sub.value,
+        "value_se": sub.value_se,
+        "converged": sub.converged,
+        "optimum": {k: v for k, v in sub.optimum.items()},
+        "winner": sol.get("winner", ""),
+        "winner_status": sol.get("winner_status", ""),
+        "replicon_ok": sol.get("replicon_ok"),
+        "overlap": sol.get("overlap", math.nan),
+        "finetune_test_error": sol.get("finetune_test_error", math.nan),
+        "n_solves": sub.n_solves,
+    }
+
+
+def _optimize_over_rank(
+    params: Params,
+    target: str,
+    over: tuple[str, ...],
+    *,
+    bounds: Mapping[str, Sequence[float]] | None,
+    n_mc: int,
+    seed: int,
+    tol: float,
+    max_solves: int,
+    maximize: bool | None,
+    n_grid: int | None,
+    max_cycles: int,
+    solver_tol: float,
+    max_iter: int,
+    warn: bool,
+    on_solve: Callable[[SolveRecord], None] | None,
+) -> OptimizeResult:
+    """Every LoRA rank of the interval solved; the continuous hyperparameters (if any) tuned per rank."""
+    t0 = time.perf_counter()
+    bounds = dict(bounds or {})
+    lo, hi = rank_bounds(params, bounds.pop(RANK, None))
+    cont = tuple(n for n in over if n != RANK)
+    bnd = _check_bounds(over, bounds)  # the continuous ones (and unknown names refused)
+    if maximize is None:
+        maximize = TARGETS[target]
+    elif not isinstance(maximize, bool):
+        raise ParamError(f"maximize must be True, False or None, got {maximize!r}")
+    if isinstance(n_mc, bool) or not isinstance(n_mc, int) or n_mc < 100:
+        raise ParamError(f"n_mc must be an integer >= 100, got {n_mc!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ParamError(f"tol (on log10 of the hyperparameters) must be > 0, got {tol!r}")
+    sign = -1.0 if maximize else 1.0
+    per: list[dict[str, Any]] = []
+    subs: dict[int, OptimizeResult] = {}
+    records: list[SolveRecord] = []
+    for r in range(lo, hi + 1):
+        p = params.replace(lora_rank=r)
+
+        def tag(rec: SolveRecord, r: int = r) -> SolveRecord:
+            out = SolveRecord(
+                point={**rec.point, RANK: r},
+                value=rec.value,
+                converged=rec.converged,
+                iterations=rec.iterations,
+                wall_time=rec.wall_time,
+                phase=rec.phase,
+            )
+            if on_solve is not None:
+                on_solve(out)
+            return out
+
+        if cont:
+            got: list[SolveRecord] = []
+
+            def collect(rec: SolveRecord, got: list[SolveRecord] = got) -> None:
+                got.append(tag(rec))
+
+            sub = optimize(
+                p,
+                target,
+                cont,
+                bounds={n: bnd[n] for n in cont},
+                n_mc=n_mc,
+                seed=seed,
+                tol=tol,
+                max_solves=max_solves,
+                maximize=maximize,
+                n_grid=n_grid,
+                max_cycles=max_cycles,
+                solver_tol=solver_tol,
+                max_iter=max_iter,
+                warn=False,
+                on_solve=collect,
+            )
+            records += got
+        else:
+            sub = _single(p, target, maximize, n_mc=n_mc, seed=seed, solver_tol=solver_tol, max_iter=max_iter)
+            records += [tag(rec) for rec in sub.records]
+        subs[r] = sub
+        per.append(_rank_entry(r, sub))
+
+    def good(e: dict[str, Any]) -> bool:
+        return bool(e["converged"]) and math.isfinite(e["value"])
+
+    pool = [e for e in per if good(e)] or [e for e in per if math.isfinite(e["value"])] or per[:1]
+    best = min(pool, key=lambda e: sign * e["value"] if math.isfinite(e["value"]) else math.inf)
+    r_best = int(best[RANK])
+    sub = subs[r_best]
+    converged = good(best)
+    flat = tuple(
+        {RANK: e[RANK], "value": e["value"]}
+        for e in per
+        if converged and good(e) and abs(e["value"] - best["value"]) <= FLAT_REL * abs(best["value"])
+    )
+    n_bad = sum(not (r.converged and math.isfinite(r.value)) for r in records)
+    if warn and not converged:
+        warnings.warn(
+            f"optimize: no rank's state-evolution solve converged ({len(records)} solves); the returned "
+            f"{target} = {best['value']:.6g} is not a converged prediction",
+            NonConvergenceWarning,
+            stacklevel=3,
+        )
+    elif warn and n_bad:
+        warnings.warn(
+            f"optimize: {n_bad} of {len(records)} solves did not converge (excluded from the optimum)",
+            NonConvergenceWarning,
+            stacklevel=3,
+        )
+    if warn and any(s.budget_exhausted for s in subs.values()):
+        warnings.warn(
+            f"optimize: some rank's search stopped at max_solves = {max_solves} before reaching tol = {tol}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    optimum: dict[str, Any] = {RANK: r_best, **sub.optimum}
+    at_bound = {RANK: bool(lo < hi and r_best in (lo, hi)), **{n: sub.at_bound.get(n, False) for n in cont}}
+    return OptimizeResult(
+        target=target,
+        maximize=maximize,
+        over=over,
+        optimum=optimum,
+        value=best["value"],
+        value_se=sub.value_se,
+        converged=converged,
+        all_converged=n_bad == 0,
+        n_solves=len(records),
+        n_not_converged=n_bad,
+        at_bound=at_bound,
+        budget_exhausted=any(s.budget_exhausted for s in subs.values()),
+        records=tuple(records),
+        bounds={RANK: (lo, hi), **bnd},
+        xtol=float(tol),
+        n_grid=sub.n_grid,
+        n_mc=n_mc,
+        seed=seed,
+        params=params.replace(**optimum).to_dict(),
+        solution=sub.solution,
+        wall_time=time.perf_counter() - t0,
+        per_rank=tuple(per),
+        flat_ranks=flat,
+    )
+
+
+def _single(
+    params: Params, target: str, maximize: bool, *, n_mc: int, seed: int, solver_tol: float, max_iter: int
+) -> OptimizeResult:
+    """One solve at ``params`` (nothing searched), as an OptimizeResult (no search, no warnings)."""
+    t0 = time.perf_counter()
+    ev = _Evaluator(params, target, (), maximize, n_mc=n_mc, seed=seed, tol=solver_tol, max_iter=max_iter, max_solves=1)
+    ev.value(np.zeros(0))
+    _, res, rec = ev.best()
+    se = math.nan
+    if res is not None and hasattr(res, "mc_se"):
+        se = float(res.mc_se.get(target, math.nan))
+    return OptimizeResult(
+        target=target,
+        maximize=maximize,
+        over=(),
+        optimum={},
+        value=rec.value,
+        value_se=se,
+        converged=ev._ok(rec),
+        all_converged=ev._ok(rec),
+        n_solves=1,
+        n_not_converged=0 if ev._ok(rec) else 1,
+        at_bound={},
+        budget_exhausted=False,
+        records=(rec,),
+        bounds={},
+        xtol=0.0,
+        n_grid=0,
+        n_mc=n_mc,
+        seed=seed,
+        params=params.to_dict(),
+        solution={} if res is None else res.to_dict(),
         wall_time=time.perf_counter() - t0,
     )

@@ -21,7 +21,7 @@ from ..params import DEFAULT_N_MC, ParamError
 # The same as hdlora.experiments.optimize's (a test checks it); not imported from there, which
 # imports scipy, so that building the parser stays light.
 TARGETS = ("finetune_test_error", "overlap", "pretrain_test_error")
-HYPERPARAMETERS = ("lam", "lam_ft", "beta")
+HYPERPARAMETERS = ("lam", "lam_ft", "beta", "lora_rank")
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {"lam": (1e-3, 10.0), "lam_ft": (1e-3, 10.0), "beta": (0.3, 3.0)}
 DEFAULT_XTOL = 0.01
 
@@ -58,7 +58,10 @@ def _over(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..theory.cli import add_rank_arguments
+
     add_param_arguments(p)
+    add_rank_arguments(p)
     g = p.add_argument_group("optimize")
     g.add_argument(
         "--target",
@@ -66,9 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"quantity to optimise: {' | '.join(TARGETS)} (errors minimised, overlap maximised)",
     )
     g.add_argument(
-        "--over", required=True, help="comma-separated hyperparameters to search: lam, lam_ft, beta (e.g. lam,lam_ft)"
+        "--over",
+        required=True,
+        help="comma-separated hyperparameters to search: lam, lam_ft, beta (e.g. lam,lam_ft), and lora_rank "
+        "(an integer axis: every rank solved, the others tuned per rank; e.g. lora_rank,lam_ft)",
     )
-    defaults = ",".join(f"{k}={lo:g}:{hi:g}" for k, (lo, hi) in DEFAULT_BOUNDS.items())
+    defaults = ",".join(f"{k}={lo:g}:{hi:g}" for k, (lo, hi) in DEFAULT_BOUNDS.items()) + ",lora_rank=1:8"
     g.add_argument("--bounds", default=None, help=f"search intervals (log scale), default {defaults}")
     g.add_argument("--beta", type=_float, default=1.0, help="recalibration beta (eq. 26) when beta is not searched")
     g.add_argument("--active-pool", type=_float, default=None, help="active fine-tuning pool alpha_bar' (Algorithm 1)")
@@ -101,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
         raise ParamError(f"--target must be one of {', '.join(TARGETS)}, got {args.target!r}")
     over = _over(args.over)
     bounds = parse_bounds(args.bounds)
-    params = params_from_args(args, beta=args.beta, active_pool=args.active_pool)
+    from ..theory.cli import rank_params
+
+    params = params_from_args(args, beta=args.beta, active_pool=args.active_pool, **rank_params(args))
     from ..resources_cli import optimize_gate
 
     if (rc := optimize_gate(args, params)) is not None:
@@ -146,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rows: dict = {f"optimal {n}": v for n, v in res.optimum.items()}
     rows[f"{res.target} ({'max' if res.maximize else 'min'})"] = res.value
+    if res.per_rank:
+        rows["ranks within 1 % of the best"] = (
+            ", ".join(f"r={e['lora_rank']}: {e['value']:.6g}" for e in res.flat_ranks) or "none converged"
+        )
     if math.isfinite(res.value_se) and res.value_se > 0:
         rows["MC standard error"] = res.value_se
     for n, b in res.at_bound.items():
@@ -160,6 +172,15 @@ def run(args: argparse.Namespace) -> int:
     rows["n_mc, seed"] = f"{res.n_mc}, {res.seed}"
     rows["wall time [s]"] = f"{res.wall_time:.2f}"
     print(format_table(rows, title="hdlora optimize (theory-driven tuning, state evolution)"))
+    if res.per_rank:
+        cont = [n for n in res.over if n != "lora_rank"]
+        print("\n  " + f"{'r':>3}" + "".join(f"  {n:>10}" for n in cont) + f"  {res.target:>20}  converged  winner")
+        for e in res.per_rank:
+            print(
+                f"  {e['lora_rank']:3d}"
+                + "".join(f"  {e['optimum'].get(n, math.nan):10.4g}" for n in cont)
+                + f"  {e['value']:20.8g}  {str(e['converged']):>9}  {e['winner'] or '-'} {e['winner_status']}"
+            )
     if args.records:
         names = list(res.over)
         print("\n  " + "  ".join(f"{n:>10}" for n in names) + f"  {res.target:>20}  converged  phase")

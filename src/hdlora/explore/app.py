@@ -44,6 +44,7 @@ from ..params import ParamError, Params
 from .model import (
     AXES,
     CURVES,
+    INTEGER_FIELDS,
     SLIDERS,
     CurvePoint,
     View,
@@ -246,7 +247,8 @@ class Explorer:
     # ----- controls -> view ---------------------------------------------------------------------------------
     def _read_view(self) -> View:
         fixed = {name: s.value for name, s in self.sliders.items()}
-        fixed["tokens"] = int(round(fixed["tokens"]))
+        for name in INTEGER_FIELDS:
+            fixed[name] = int(round(fixed[name]))
         params = Params(**fixed, reuse=bool(self.reuse.active), activation=self.activation.value)
         return View(
             params=params,

@@ -41,7 +41,14 @@ SLIDERS: dict[str, tuple[str, float, float, float]] = {
     "lam": ("λ (pre-training ridge)", 0.001, 5.0, 0.001),
     "lam_ft": ("λ' (fine-tuning ridge)", 0.001, 5.0, 0.001),
     "beta": ("β (recalibration, eq. 26)", 0.05, 2.0, 0.01),
+    # beyond the paper (docs/theory/rank_r.md): a rank-r LoRA on a rank-r* task (teacher strengths all 1);
+    # the rank-r theory needs r T <= 64 (a point beyond it is shown as failed, with the message)
+    "lora_rank": ("r (LoRA rank)", 1, 8, 1),
+    "teacher_rank": ("r* (teacher rank)", 1, 4, 1),
 }
+
+#: integer parameters (sliders and axes round to integers)
+INTEGER_FIELDS = ("tokens", "lora_rank", "teacher_rank")
 
 # x-axis choices: Params field -> (default start, stop, log spacing)
 AXES: dict[str, tuple[float, float, bool]] = {
@@ -54,6 +61,7 @@ AXES: dict[str, tuple[float, float, bool]] = {
     "lam": (0.001, 5.0, True),
     "lam_ft": (0.001, 5.0, True),
     "beta": (0.05, 2.0, False),
+    "lora_rank": (1, 8, False),
 }
 
 # curve name -> (TheoryResult / simulation result key, axis label)
@@ -121,18 +129,18 @@ class View:
 
         spec = {"start": float(self.start), "stop": float(self.stop), "num": self.num, "log": self.log}
         vals = list(_axis_values("explore", self.axis, spec))
-        if self.axis == "tokens":  # integer axis: distinct rounded values
+        if self.axis in INTEGER_FIELDS:  # integer axis: distinct rounded values
             vals = sorted({int(round(v)) for v in vals})
         return vals
 
     def axis_spec(self) -> dict[str, Any] | list:
-        """The [axes] entry of the sweep file: a range, or the list of integers for T."""
-        if self.axis == "tokens":
+        """The [axes] entry of the sweep file: a range, or the list of integers for T and r."""
+        if self.axis in INTEGER_FIELDS:
             return self.xs()
         return {"start": float(self.start), "stop": float(self.stop), "num": self.num, "log": self.log}
 
     def point(self, x: float) -> Params:
-        return self.params.replace(**{self.axis: int(x) if self.axis == "tokens" else float(x)})
+        return self.params.replace(**{self.axis: int(x) if self.axis in INTEGER_FIELDS else float(x)})
 
 
 # ----- theory curves ------------------------------------------------------------------------------------------
@@ -309,6 +317,9 @@ def theory_command(view: View, x: float | None = None) -> str:
     for name, flag in _FLAGS.items():
         v = getattr(p, name)
         words += [flag, str(int(v)) if name == "tokens" else _num(v)]
+    for name, flag in (("lora_rank", "--lora-rank"), ("teacher_rank", "--teacher-rank")):
+        if getattr(p, name) != 1:  # the rank-r theory (beyond the paper)
+            words += [flag, str(int(getattr(p, name)))]
     if p.reuse:
         words.append("--reuse")
     words += ["--activation", p.activation, "--n-mc", str(view.n_mc)]
