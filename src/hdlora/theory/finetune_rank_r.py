@@ -362,6 +362,19 @@ def _unpack(st, r, rs):
     return m, q, v
 
 
+def _in_domain(st: Mapping[str, float], r: int, rs: int, q0: np.ndarray) -> bool:
+    """The domain of the rank-r state evolution: v positive definite and S = q - m q0^-1 m^T positive
+    semidefinite (chi_tilde has a real noise part).  An accelerated step of the fixed-point engine that
+    leaves it is rejected (the prox needs v > 0), a damped one shortened."""
+    m, q, v = _unpack(st, r, rs)
+    if not (np.all(np.isfinite(m)) and np.all(np.isfinite(q)) and np.all(np.isfinite(v))):
+        return False
+    S = q - m @ np.linalg.solve(q0, m.T)
+    return bool(
+        np.linalg.eigvalsh(v).min() > 0 and np.linalg.eigvalsh(0.5 * (S + S.T)).min() >= -1e-12 * (1 + abs(np.trace(q)))
+    )
+
+
 def invariants(q: np.ndarray, m: np.ndarray, q0: np.ndarray) -> dict[str, Any]:
     """tr q, ||m||_F, the overlap ||m||_F / sqrt(||q||_F ||q0||_F), eig q, sv m, the principal-angle cosines and
     rank(m) (see :class:`RankRResult`)."""
@@ -575,6 +588,7 @@ def solve_finetune_rank_r(
                 bounds=bounds,
                 name="rank-r fine-tuning state evolution",
                 warn=False,
+                domain=lambda st: _in_domain(st, r, r_star, q0),
             )
         except FloatingPointError:
             converged = False

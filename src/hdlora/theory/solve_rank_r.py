@@ -202,7 +202,7 @@ def solve_branches(
     def run(name, st, zs, zz):
         try:
             return solve_finetune_rank_r(params, zs, zz, seed=seed, tol=tol, max_iter=max_iter, init=st, **law)
-        except (FloatingPointError, np.linalg.LinAlgError) as exc:
+        except (FloatingPointError, np.linalg.LinAlgError, ValueError) as exc:  # e.g. v not positive definite
             errors[name] = f"{type(exc).__name__}: {exc}"
             return None
 
