@@ -198,6 +198,7 @@ def summarise(rows: list[dict], reach_rtol: float) -> list[dict]:
         tol = reach_rtol * abs(best)
         for x in g:
             x["gap"] = x["objective"] - best
+            x["rel_gap"] = x["gap"] / abs(best)
             x["reached"] = x["gap"] <= tol
             x["best_minus_best_r1"] = best - best_r1.get((s, D, seed), math.nan)
         per.setdefault((s, D, r), []).append(g)
@@ -240,12 +241,14 @@ def summarise(rows: list[dict], reach_rtol: float) -> list[dict]:
                 "sv2_best": float(arr(winners, "sv2").mean()),
                 "best_minus_best_r1": float(np.mean([w["best_minus_best_r1"] for w in winners])),
                 "objective_best": float(arr(winners, "objective").mean()),
-                "gap_miss_median": float(np.median(arr(miss, "gap"))) if miss else math.nan,
-                "gap_miss_min": float(arr(miss, "gap").min()) if miss else math.nan,
-                "gap_miss_max": float(arr(miss, "gap").max()) if miss else math.nan,
+                "gap_miss_median": float(np.median(arr(miss, "rel_gap"))) if miss else math.nan,
+                "gap_miss_min": float(arr(miss, "rel_gap").min()) if miss else math.nan,
+                "gap_miss_max": float(arr(miss, "rel_gap").max()) if miss else math.nan,
                 "E_ft_miss_mean": float(arr(miss, "E_ft").mean()) if miss else math.nan,
                 "overlap_miss_mean": float(arr(miss, "overlap").mean()) if miss else math.nan,
-                "gap_reach_max": float(arr(hit, "gap").max()) if hit else math.nan,
+                "gap_reach_max": float(arr(hit, "rel_gap").max()) if hit else math.nan,
+                "E_ft_zero": float(np.mean([g[0].get("E_ft_zero", math.nan) for g in gs])),
+                "E_ft_wstar": float(np.mean([g[0].get("E_ft_wstar", math.nan) for g in gs])),
                 "polish_drop_max": float(max(g[0]["polish_drop"] for g in gs)),
                 "converged_frac": float(arr(rand + inf, "converged").mean()),
                 "wall_per_start": float(arr(rand, "wall_time").mean()),
@@ -259,8 +262,8 @@ def print_summary(summary: list[dict], reach_rtol: float) -> None:
     print(f"reach: objective - best <= {reach_rtol:g} |best| (best per setting, D, r, seed, informed included)")
     head = (
         f"{'setting':7s} {'D':>4s} {'r':>3s} {'n':>4s} {'reach':>6s} {'E_reach':>16s} {'o_reach':>16s} "
-        f"{'<1e-3':>5s} {'<1e-2':>5s} {'E_miss':>7s} {'o_miss':>6s} {'gap_miss(med,min)':>19s} {'E_best':>7s} {'E_trunc':>7s} "
-        f"{'sv2':>6s} {'sv_ext':>6s} {'dObj_r1':>9s} {'conv':>5s} {'s/start':>7s}"
+        f"{'<1e-3':>5s} {'<1e-2':>5s} {'E_miss':>7s} {'o_miss':>6s} {'relgap_miss(med,min)':>19s} {'E_best':>7s} {'E_trunc':>7s} "
+        f"{'sv2':>6s} {'sv_ext':>6s} {'dObj_r1':>9s} {'conv':>5s} {'s/start':>7s} {'E(w=0)':>7s} {'E(w*)':>7s}"
     )
     print(head)
     for s in summary:
@@ -272,8 +275,32 @@ def print_summary(summary: list[dict], reach_rtol: float) -> None:
             f"{s['frac_near_0.001']:5.2f} {s['frac_near_0.01']:5.2f} {f(s['E_ft_miss_mean']):>7s} {f(s['overlap_miss_mean'], '.3f'):>6s} "
             f"{f(s['gap_miss_median'], '.2e'):>9s},{f(s['gap_miss_min'], '.1e'):>9s} "
             f"{s['E_ft_best']:7.4f} {s['E_ft_trunc_best']:7.4f} {s['sv2_best']:6.3f} {s['sv_extra_best']:6.3f} "
-            f"{s['best_minus_best_r1']:9.2e} {s['converged_frac']:5.2f} {s['wall_per_start']:7.2f}"
+            f"{s['best_minus_best_r1']:9.2e} {s['converged_frac']:5.2f} {s['wall_per_start']:7.2f} "
+            f"{s['E_ft_zero']:7.4f} {s['E_ft_wstar']:7.4f}"
         )
+
+
+def references(rows: list[dict]) -> None:
+    """E' of w = 0 (no fine-tuning) and of w = w* (the teacher, not fitted) per (setting, D, seed),
+    on the same test sets as the starts; stored in the rows as ``E_ft_zero``, ``E_ft_wstar``."""
+    got: dict = {}
+    for row in rows:
+        key = (row["setting"], int(row["D"]), int(row["seed"]))
+        if key not in got:
+            p = Params(**(HARD if row["setting"] == "hard" else EASY))
+            eff = Effective(Q0=row["Q0"], Q=row["Q"], M=row["M"])
+            D, seed = key[1], key[2]
+            teacher = draw_teacher(D, 0, seed, "cpu", rank=1, kind="orthonormal")
+            kw = dict(
+                teacher=teacher, W_hat=None, beta=1.0, T=p.tokens, Delta=p.noise, n_test=10 * D, seed=seed,
+                sigma=activations.get(p.activation, "torch"), loss="sequence", effective=eff,
+            )  # fmt: skip
+            zero = torch.zeros(D, dtype=teacher.w_star.dtype)
+            got[key] = (
+                test_errors(w_hat=zero, **kw)["finetune_test_error"],
+                test_errors(w_hat=teacher.w_star, **kw)["finetune_test_error"],
+            )
+        row["E_ft_zero"], row["E_ft_wstar"] = got[key]
 
 
 def plot(summary: list[dict], rows: list[dict], out: Path, reach_rtol: float) -> None:
@@ -282,61 +309,85 @@ def plot(summary: list[dict], rows: list[dict], out: Path, reach_rtol: float) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig, ((a_frac, a_ov), (a_eh, a_ee)) = plt.subplots(2, 2, figsize=(12, 8.5))
     colors = {"hard": "C3", "easy": "C0"}
-    Ds = sorted({s["D"] for s in summary})
+    e_axes = {"hard": a_eh, "easy": a_ee}
+    Dmain = max(s["D"] for s in summary)
+    for setting in ("hard", "easy"):  # smaller D: only their fractions, thin lines
+        for D in sorted({s["D"] for s in summary} - {Dmain}):
+            ss = [s for s in summary if s["setting"] == setting and s["D"] == D]
+            if ss:
+                a_frac.plot(
+                    [s["r"] for s in ss], [s["frac_reach"] for s in ss], "x-.", color=colors[setting], lw=0.8, alpha=0.6,
+                    label=f"{setting}, D = {D} (N' = {ss[0]['N_ft']}, {max(s['seeds'] for s in ss)} seeds): same minimum",
+                )  # fmt: skip
+                a_frac.axvline(math.sqrt(ss[0]["N_ft"]), color=colors[setting], ls="-.", lw=0.6, alpha=0.5)
     for setting in ("hard", "easy"):
-        for D in Ds:
+        for D in (Dmain,):
             ss = [s for s in summary if s["setting"] == setting and s["D"] == D]
             if not ss:
                 continue
             rs = [s["r"] for s in ss]
             c = colors[setting]
-            lab = f"{setting} (D = {D}, N' = {ss[0]['N_ft']})"
-            axes[0].plot(rs, [s["frac_reach"] for s in ss], "o-", color=c, label=lab)
-            axes[0].plot(rs, [s["frac_near_0.01"] for s in ss], "s--", color=c, mfc="none", lw=1, label=f"{setting}: within 1 %")
+            nseeds = max(s["seeds"] for s in ss)
+            lab = f"{setting} (D = {D}, N' = {ss[0]['N_ft']}, {nseeds} seeds)"
+            a_frac.plot(rs, [s["frac_reach"] for s in ss], "o-", color=c, label=f"{lab}: same minimum")
+            a_frac.plot(rs, [s["frac_near_0.001"] for s in ss], "s--", color=c, mfc="none", lw=1, label=f"{setting}: within 0.1 %")
+            a_frac.plot(rs, [s["frac_near_0.01"] for s in ss], "^:", color=c, mfc="none", lw=1, label=f"{setting}: within 1 %")
             for s in ss:  # per-seed fractions
-                axes[0].plot([s["r"]] * len(s["frac_reach_per_seed"]), s["frac_reach_per_seed"], "_", color=c, ms=9)
+                a_frac.plot([s["r"]] * len(s["frac_reach_per_seed"]), s["frac_reach_per_seed"], "_", color=c, ms=10)
             sel = [x for x in rows if x["setting"] == setting and int(x["D"]) == D and x["start"] != "informed"]
-            jit = {r: np.linspace(-0.12, 0.12, 1 + sum(1 for x in sel if int(x["r"]) == r)) for r in rs}
-            cnt = dict.fromkeys(rs, 0)
             xs, e, o, reached = [], [], [], []
+            cnt = dict.fromkeys(rs, 0)
+            n_r = {r: sum(1 for x in sel if int(x["r"]) == r) for r in rs}
             for x in sel:
                 r = int(x["r"])
-                xs.append(r * 2 ** jit[r][cnt[r]])
+                xs.append(r * 2 ** (0.25 * (cnt[r] / max(1, n_r[r] - 1) - 0.5)))
                 cnt[r] += 1
                 e.append(x["E_ft"])
                 o.append(x["overlap"])
                 reached.append(x["reached"])
             reached = np.array(reached, dtype=bool)
             xs, e, o = map(np.array, (xs, e, o))
-            for ax, y in ((axes[1], e), (axes[2], o)):
-                ax.scatter(xs[reached], y[reached], s=10, color=c, alpha=0.6)
-                ax.scatter(xs[~reached], y[~reached], s=14, facecolors="none", edgecolors=c, alpha=0.6)
-            axes[1].plot(rs, [s["E_ft_trunc_best"] for s in ss], "--", color=c, lw=1)
+            ae = e_axes[setting]
+            for ax, y in ((ae, e), (a_ov, o)):
+                ax.scatter(xs[reached], y[reached], s=14, color=c, alpha=0.8)
+                ax.scatter(xs[~reached], y[~reached], s=12, facecolors="none", edgecolors=c, alpha=0.5)
+            ae.plot(rs, [s["E_ft_best"] for s in ss], "-", color=c, lw=1, label="E' of the lowest objective (seed mean)")
+            ae.plot(rs, [s["E_ft_trunc_best"] for s in ss], "--", color="k", lw=1, label="same, rank-one truncation")
+            if ss[0]["E_ft_zero"] == ss[0]["E_ft_zero"]:
+                ae.axhline(ss[0]["E_ft_zero"], color="gray", ls="-.", lw=1, label="w = 0 (no fine-tuning)")
+                ae.axhline(ss[0]["E_ft_wstar"], color="gray", ls=":", lw=1, label="w = w* (teacher)")
+            ae.set_title(f"{setting}: E' of each random start (D = {D})", fontsize=9)
+            ae.legend(fontsize=7)
             sqrt_n = math.sqrt(ss[0]["N_ft"])
-            for ax in axes:
+            for ax in (a_frac, a_ov, ae):
                 ax.axvline(sqrt_n, color=c, ls=":", lw=1)
-    axes[0].set_ylabel("fraction of random starts reaching the best")
-    axes[0].set_ylim(-0.05, 1.05)
-    axes[1].set_ylabel("E' (fine-tuning test error) of each random start")
-    axes[2].set_ylabel("overlap ||m||_F / sqrt(||q||_F q0)")
-    for ax in axes:
+    a_frac.set_ylabel("fraction of random starts")
+    a_frac.set_ylim(-0.05, 1.05)
+    a_frac.set_title(
+        f"reaching the lowest objective found (same minimum: within {reach_rtol:g} |best|)\n"
+        "dotted verticals: r = sqrt(N')", fontsize=9,
+    )  # fmt: skip
+    a_ov.set_ylabel("overlap ||m||_F / sqrt(||q||_F q0)")
+    a_ov.set_title("overlap of each random start (filled: reached the lowest objective)", fontsize=9)
+    for ax in (a_eh, a_ee):
+        ax.set_ylabel("E' (fine-tuning test error)")
+    for ax in (a_frac, a_ov, a_eh, a_ee):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("LoRA rank r (teacher rank r* = 1)")
-        ax.set_xticks(RANKS)
-        ax.set_xticklabels([str(r) for r in RANKS])
-    axes[0].legend(fontsize=8, loc="lower right")
-    axes[1].set_title("filled: reached the best; open: stopped elsewhere\ndashed: E' of the rank-one truncation of the best", fontsize=8)
-    axes[2].set_title("dotted verticals: r = sqrt(N')", fontsize=8)
+        ticks = sorted({s["r"] for s in summary})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(r) for r in ticks])
+    a_frac.legend(fontsize=7, loc="best")
     fig.suptitle(
-        f"Landscape against the LoRA rank: random starts (0.5 N(0,1)), L-BFGS; reach = objective within "
-        f"{reach_rtol:g} |best|",
-        fontsize=10,
+        "Landscape against the LoRA rank: random starts 0.5 N(0, 1), L-BFGS to 1e-6 of the initial gradient\n"
+        "hard: Q0 = Q = 4, M = 1, Delta = 0, alpha' = 1.5; easy: Fig. 1 point (softmax, T = 3, lam' = 0.5)",
+        fontsize=9,
     )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
+    fig.savefig(out, dpi=120)
     print(f"wrote {out}")
 
 
@@ -356,6 +407,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reach-rtol", type=float, default=REACH_RTOL)
     ap.add_argument("--report", action="store_true", help="only summarise the CSV and draw the plot")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-references", action="store_true", help="skip E'(w = 0), E'(w = w*) in the report")
     args = ap.parse_args(argv)
     for name, v, lo in (("--dim", args.dim, 2), ("--starts", args.starts, 1), ("--max-iter", args.max_iter, 1)):
         if v < lo:
@@ -408,6 +460,8 @@ def main(argv=None) -> int:
         print(f"no data in {path}")
         return 1
     rows = load(path)
+    if not args.no_references:
+        references(rows)
     summary = summarise(rows, args.reach_rtol)
     print_summary(summary, args.reach_rtol)
     if not args.no_plot:
