@@ -252,6 +252,8 @@ def summarise(rows: list[dict], reach_rtol: float) -> list[dict]:
                 "polish_drop_max": float(max(g[0]["polish_drop"] for g in gs)),
                 "converged_frac": float(arr(rand + inf, "converged").mean()),
                 "wall_per_start": float(arr(rand, "wall_time").mean()),
+                "numerical_rank_median": float(np.median(arr(rand + inf, "numerical_rank"))),
+                "numerical_rank_max": float(arr(rand + inf, "numerical_rank").max()),
                 "iterations_mean": float(arr(rand, "iterations").mean()),
             }
         )  # fmt: skip
@@ -263,9 +265,18 @@ def print_summary(summary: list[dict], reach_rtol: float) -> None:
     head = (
         f"{'setting':7s} {'D':>4s} {'r':>3s} {'n':>4s} {'reach':>6s} {'E_reach':>16s} {'o_reach':>16s} "
         f"{'<1e-3':>5s} {'<1e-2':>5s} {'E_miss':>7s} {'o_miss':>6s} {'relgap_miss(med,min)':>19s} {'E_best':>7s} {'E_trunc':>7s} "
-        f"{'sv2':>6s} {'sv_ext':>6s} {'dObj_r1':>9s} {'conv':>5s} {'s/start':>7s} {'E(w=0)':>7s} {'E(w*)':>7s}"
+        f"{'sv2':>6s} {'sv_ext':>6s} {'dObj_r1':>9s} {'conv':>5s} {'s/start':>7s} {'E(w=0)':>7s} {'E(w*)':>7s} {'rank':>7s} {'E_worst':>7s} {'o_worst':>7s} {'E_all':>7s} {'o_all':>6s}"
     )
     print(head)
+    print(
+        "  n: random starts (all seeds); reach: fraction in the same minimum as the best; E_reach, o_reach: E' and "
+        "overlap of those (mean +- std), E_worst, o_worst: their worst; <1e-3, <1e-2: fractions within 0.1 %, 1 % "
+        "of the best objective; E_miss, o_miss: means of the others; relgap_miss: their objective gap / |best| "
+        "(median, min); E_best, E_trunc: E' of the lowest objective and of its rank-one truncation (seed mean); "
+        "sv2, sv_ext: second singular value of w/sqrt(D) and the norm of all beyond the first, at the best; "
+        "dObj_r1: best objective minus that at r = 1; conv: converged fraction; E(w=0), E(w*): references; "
+        "rank: numerical rank of the end points (median/max); E_all, o_all: means over all random starts"
+    )
     for s in summary:
         f = lambda v, fmt=".4f": "nan" if v != v else format(v, fmt)  # noqa: E731
         print(
@@ -276,7 +287,8 @@ def print_summary(summary: list[dict], reach_rtol: float) -> None:
             f"{f(s['gap_miss_median'], '.2e'):>9s},{f(s['gap_miss_min'], '.1e'):>9s} "
             f"{s['E_ft_best']:7.4f} {s['E_ft_trunc_best']:7.4f} {s['sv2_best']:6.3f} {s['sv_extra_best']:6.3f} "
             f"{s['best_minus_best_r1']:9.2e} {s['converged_frac']:5.2f} {s['wall_per_start']:7.2f} "
-            f"{s['E_ft_zero']:7.4f} {s['E_ft_wstar']:7.4f}"
+            f"{s['E_ft_zero']:7.4f} {s['E_ft_wstar']:7.4f} {s['numerical_rank_median']:3.0f}/{s['numerical_rank_max']:<3.0f} "
+            f"{f(s['E_ft_reach_worst']):>7s} {f(s['overlap_reach_worst']):>7s} {s['E_ft_all_mean']:7.4f} {s['overlap_all_mean']:6.3f}"
         )
 
 
@@ -309,7 +321,7 @@ def plot(summary: list[dict], rows: list[dict], out: Path, reach_rtol: float) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ((a_frac, a_ov), (a_eh, a_ee)) = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig, ((a_frac, a_ov), (a_eh, a_ee)) = plt.subplots(2, 2, figsize=(12, 10))
     colors = {"hard": "C3", "easy": "C0"}
     e_axes = {"hard": a_eh, "easy": a_ee}
     Dmain = max(s["D"] for s in summary)
@@ -379,7 +391,7 @@ def plot(summary: list[dict], rows: list[dict], out: Path, reach_rtol: float) ->
         ticks = sorted({s["r"] for s in summary})
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(r) for r in ticks])
-    a_frac.legend(fontsize=7, loc="best")
+    a_frac.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     fig.suptitle(
         "Landscape against the LoRA rank: random starts 0.5 N(0, 1), L-BFGS to 1e-6 of the initial gradient\n"
         "hard: Q0 = Q = 4, M = 1, Delta = 0, alpha' = 1.5; easy: Fig. 1 point (softmax, T = 3, lam' = 0.5)",
