@@ -57,7 +57,9 @@ CSV_DEFAULT = ROOT / "docs" / "validation" / "landscape_rank.csv"
 PLOT_DEFAULT = ROOT / "docs" / "figures" / "landscape_rank.png"
 RANKS = (1, 2, 4, 8, 16, 32)
 HARD = dict(alpha=0.1, alpha_ft=1.5, tokens=3, noise=0.0, lam_ft=0.5, activation="softmax")
-EASY = dict(alpha=0.1, alpha_ft=3.0, tokens=3, kappa0=1.0, kappa=1.0, noise=0.5, lam=0.1, lam_ft=0.5, activation="softmax")
+EASY = dict(
+    alpha=0.1, alpha_ft=3.0, tokens=3, kappa0=1.0, kappa=1.0, noise=0.5, lam=0.1, lam_ft=0.5, activation="softmax"
+)
 N_SV = 4  # singular values of w/sqrt(D) kept in their own columns (the rest summed in sv_rest)
 INIT_SCALE, PAD_SCALE = 0.5, 0.05  # those of hdlora.simulate.finetune.finetune
 #: Default "reach" tolerance on the final objective, relative to |best| (see docs/landscape_rank.md).
@@ -109,9 +111,7 @@ def run_group(setting, params, eff, data, teacher, sigma, r, seed, args, dev) ->
     chunk = token_chunk(params.tokens, D)
     vg = finetune_value_and_grad(data, sigma, params.lam_ft, "sequence", chunk)
     g = generator(seed, "finetune_init", dev)
-    todo = starts(
-        teacher.w_star, r, g, restarts=args.starts, init_scale=INIT_SCALE, informed=True, pad_scale=PAD_SCALE
-    )
+    todo = starts(teacher.w_star, r, g, restarts=args.starts, init_scale=INIT_SCALE, informed=True, pad_scale=PAD_SCALE)
     test_kw = dict(
         teacher=teacher, W_hat=None, beta=1.0, T=params.tokens, Delta=params.noise, n_test=10 * D,
         seed=seed, sigma=sigma, loss="sequence", effective=eff,
@@ -344,8 +344,18 @@ def plot(summary: list[dict], rows: list[dict], out: Path, reach_rtol: float) ->
             nseeds = max(s["seeds"] for s in ss)
             lab = f"{setting} (D = {D}, N' = {ss[0]['N_ft']}, {nseeds} seeds)"
             a_frac.plot(rs, [s["frac_reach"] for s in ss], "o-", color=c, label=f"{lab}: same minimum")
-            a_frac.plot(rs, [s["frac_near_0.001"] for s in ss], "s--", color=c, mfc="none", lw=1, label=f"{setting}: within 0.1 %")
-            a_frac.plot(rs, [s["frac_near_0.01"] for s in ss], "^:", color=c, mfc="none", lw=1, label=f"{setting}: within 1 %")
+            a_frac.plot(
+                rs,
+                [s["frac_near_0.001"] for s in ss],
+                "s--",
+                color=c,
+                mfc="none",
+                lw=1,
+                label=f"{setting}: within 0.1 %",
+            )
+            a_frac.plot(
+                rs, [s["frac_near_0.01"] for s in ss], "^:", color=c, mfc="none", lw=1, label=f"{setting}: within 1 %"
+            )
             for s in ss:  # per-seed fractions
                 a_frac.plot([s["r"]] * len(s["frac_reach_per_seed"]), s["frac_reach_per_seed"], "_", color=c, ms=10)
             sel = [x for x in rows if x["setting"] == setting and int(x["D"]) == D and x["start"] != "informed"]
@@ -365,7 +375,9 @@ def plot(summary: list[dict], rows: list[dict], out: Path, reach_rtol: float) ->
             for ax, y in ((ae, e), (a_ov, o)):
                 ax.scatter(xs[reached], y[reached], s=14, color=c, alpha=0.8)
                 ax.scatter(xs[~reached], y[~reached], s=12, facecolors="none", edgecolors=c, alpha=0.5)
-            ae.plot(rs, [s["E_ft_best"] for s in ss], "-", color=c, lw=1, label="E' of the lowest objective (seed mean)")
+            ae.plot(
+                rs, [s["E_ft_best"] for s in ss], "-", color=c, lw=1, label="E' of the lowest objective (seed mean)"
+            )
             ae.plot(rs, [s["E_ft_trunc_best"] for s in ss], "--", color="k", lw=1, label="same, rank-one truncation")
             if ss[0]["E_ft_zero"] == ss[0]["E_ft_zero"]:
                 ae.axhline(ss[0]["E_ft_zero"], color="gray", ls="-.", lw=1, label="w = 0 (no fine-tuning)")
@@ -409,7 +421,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     ap.add_argument("--settings", nargs="+", default=["hard", "easy"], choices=["hard", "easy"])
-    ap.add_argument("--starts", type=int, default=20, help="random starts per (setting, r, seed), besides the informed one")
+    ap.add_argument(
+        "--starts", type=int, default=20, help="random starts per (setting, r, seed), besides the informed one"
+    )
     ap.add_argument("--rtol", type=float, default=1e-6, help="L-BFGS: max|grad| <= rtol x initial")
     ap.add_argument("--max-iter", type=int, default=1000)
     ap.add_argument("--n-mc", type=int, default=30000, help="Monte-Carlo samples of the easy setting's state evolution")
@@ -440,7 +454,9 @@ def main(argv=None) -> int:
             for r in args.ranks
             if (s, args.dim, seed, r) not in done
         ]
-        print(f"{len(todo)} (setting, r, seed) groups to run at D = {args.dim}, {len(done)} already in {path}", flush=True)
+        print(
+            f"{len(todo)} (setting, r, seed) groups to run at D = {args.dim}, {len(done)} already in {path}", flush=True
+        )
         sets = settings(sorted({s for s, _, _ in todo}), args.n_mc) if todo else {}
         t_all = time.perf_counter()
         cache: dict = {}
