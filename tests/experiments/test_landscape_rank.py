@@ -61,7 +61,7 @@ def test_reach_fraction_counts_starts_within_tolerance(script):
         return dict(
             setting="hard", D=24.0, seed=0.0, r=1.0, start=start, N_ft=36.0, objective=obj, E_ft=1.0, overlap=0.5,
             E_ft_trunc=1.0, sv1=1.0, sv2=0.0, sv3=0.0, sv4=0.0, sv_rest=0.0, polish_drop=0.0, converged=1.0,
-            wall_time=0.1, iterations=3.0,
+            wall_time=0.1, iterations=3.0, numerical_rank=1.0,
         )  # fmt: skip
 
     rows = [row("informed", 1.0), row("random0", 1.0 + 1e-10), row("random1", 1.0 + 5e-4), row("random2", 1.2)]
