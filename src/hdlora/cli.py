@@ -110,6 +110,35 @@ def add_param_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation", default=d.activation, help="softmax | linear (sigma(x) = x/T)")
 
 
+def _strengths(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"teacher_strengths must be comma-separated numbers > 0 such as 1,0.5, got {text!r}"
+        ) from None
+
+
+def add_rank_arguments(p: argparse.ArgumentParser) -> None:
+    """The rank-r LoRA / rank-r* task flags (beyond the paper; docs/theory/rank_r.md): fields of Params."""
+    g = p.add_argument_group("rank-r LoRA on a rank-r* task (beyond the paper; defaults: the paper's rank one)")
+    g.add_argument("--lora-rank", type=integer, default=1, help="r: rank of the LoRA update w (D x r), integer >= 1")
+    g.add_argument(
+        "--teacher-rank", type=integer, default=1, help="r*: rank of the fine-tuning teacher w* (D x r*), integer >= 1"
+    )
+    g.add_argument(
+        "--teacher-strengths",
+        type=_strengths,
+        default=None,
+        help="s_1,...,s_r*: column strengths of w* (w*_k = s_k g_k, q0 = diag(s_k^2)); default all 1",
+    )
+
+
+def rank_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The rank fields of Params from :func:`add_rank_arguments`'s flags."""
+    return {"lora_rank": args.lora_rank, "teacher_rank": args.teacher_rank, "teacher_strengths": args.teacher_strengths}
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """--quiet (no progress, no warnings on stderr; errors are still printed)."""
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no warnings on stderr")

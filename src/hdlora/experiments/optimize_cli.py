@@ -10,11 +10,13 @@ from ..cli import (
     _float,
     add_common_arguments,
     add_param_arguments,
+    add_rank_arguments,
     dumps,
     format_table,
     integer,
     params_from_args,
     print_warnings,
+    rank_params,
 )
 from ..params import DEFAULT_N_MC, ParamError
 
@@ -58,8 +60,6 @@ def _over(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..theory.cli import add_rank_arguments
-
     add_param_arguments(p)
     add_rank_arguments(p)
     g = p.add_argument_group("optimize")
@@ -107,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
         raise ParamError(f"--target must be one of {', '.join(TARGETS)}, got {args.target!r}")
     over = _over(args.over)
     bounds = parse_bounds(args.bounds)
-    from ..theory.cli import rank_params
-
     params = params_from_args(args, beta=args.beta, active_pool=args.active_pool, **rank_params(args))
     from ..resources_cli import optimize_gate
 

@@ -14,6 +14,7 @@ from ..cli import (
     _float,
     add_common_arguments,
     add_param_arguments,
+    add_rank_arguments,
     dumps,
     format_table,
     integer,
@@ -69,23 +70,9 @@ def _beta(text: str):
     return text if text in _BETA_WORDS else _float(text)
 
 
-def _strengths(text: str) -> str:
-    """``--teacher-strengths 1,0.5``: passed on as text, checked (count, > 0) by :class:`hdlora.Params`."""
-    return text
-
-
-def add_rank_arguments(p: argparse.ArgumentParser) -> None:
-    """The rank-r LoRA flags (issue 11, beyond the paper): fields of :class:`hdlora.Params`."""
-    g = p.add_argument_group("rank-r LoRA (beyond the paper; defaults: the paper's rank one)")
-    g.add_argument("--lora-rank", type=integer, default=1, help="r: rank of the LoRA update w (D x r)")
-    g.add_argument("--teacher-rank", type=integer, default=1, help="r*: rank of the fine-tuning teacher w* (D x r*)")
-    g.add_argument(
-        "--teacher-strengths",
-        type=_strengths,
-        default=None,
-        help="s_1,...,s_r*: column strengths of w* (w*_k = s_k g_k, q0 -> diag(s_k^2)); default all 1",
-    )
-    g.add_argument(
+def add_teacher_argument(p: argparse.ArgumentParser) -> None:
+    """How the simulator draws w* (with the rank flags of :func:`hdlora.cli.add_rank_arguments`)."""
+    p.add_argument(
         "--teacher",
         choices=TEACHERS,
         default="gaussian",
@@ -96,6 +83,7 @@ def add_rank_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_param_arguments(p)
     add_rank_arguments(p)
+    add_teacher_argument(p)
     g = p.add_argument_group("simulation")
     g.add_argument(
         "--beta",

@@ -10,11 +10,13 @@ from ..cli import (
     _float,
     add_common_arguments,
     add_param_arguments,
+    add_rank_arguments,
     dumps,
     format_table,
     integer,
     params_from_args,
     print_warnings,
+    rank_params,
     tolerance,
 )
 from ..params import DEFAULT_N_MC, ParamError
@@ -60,30 +62,6 @@ _RANK_R_KEYS = (
 
 def _beta(text: str):
     return "optimal" if text == "optimal" else _float(text)
-
-
-def _strengths(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,0.5, got {text!r}") from None
-
-
-def add_rank_arguments(p: argparse.ArgumentParser) -> None:
-    """The rank-r LoRA / rank-r* task flags (beyond the paper; docs/theory/rank_r.md)."""
-    g = p.add_argument_group("rank-r LoRA on a rank-r* task (beyond the paper)")
-    g.add_argument("--lora-rank", type=integer, default=1, help="r: rank of the LoRA update (integer >= 1)")
-    g.add_argument("--teacher-rank", type=integer, default=1, help="r*: rank of the fine-tuning task (integer >= 1)")
-    g.add_argument(
-        "--teacher-strengths",
-        type=_strengths,
-        default=None,
-        help="s_1,...,s_r*: the teacher's column strengths (q0 = diag(s^2)); default all 1",
-    )
-
-
-def rank_params(args: argparse.Namespace) -> dict:
-    return {"lora_rank": args.lora_rank, "teacher_rank": args.teacher_rank, "teacher_strengths": args.teacher_strengths}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
