@@ -252,7 +252,7 @@ class StageResult:
 
 
 def residual(new: np.ndarray, old: np.ndarray) -> float:
-    """max_i |new_i - old_i| / max(1, |old_i|); nan if either is not finite (as fixed_point._residual)."""
+    """max_i |new_i - old_i| / max(1, |old_i|); nan if either is not finite."""
     new, old = np.asarray(new, dtype=float), np.asarray(old, dtype=float)
     if not (np.all(np.isfinite(new)) and np.all(np.isfinite(old))):
         return math.nan

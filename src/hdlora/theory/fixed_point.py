@@ -13,7 +13,6 @@ solve) so that a true fixed point exists and the residual can go to zero.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -52,12 +51,6 @@ class FixedPointResult:
 
 
 UpdateMap = Callable[[dict[str, float]], "tuple[Mapping[str, float], Any]"]
-
-
-def _residual(new: np.ndarray, old: np.ndarray) -> float:
-    if not (np.all(np.isfinite(new)) and np.all(np.isfinite(old))):
-        return math.nan
-    return float(np.max(np.abs(new - old) / np.maximum(1.0, np.abs(old)))) if new.size else 0.0
 
 
 def iterate(

@@ -276,41 +276,30 @@ def prox(
     if not (np.isfinite(V) and V > 0):
         raise ParamError(f"V must be finite and > 0, got {V}")
     T = tokens_from_L(z_star.shape[1])
-    closed = activation == "linear" and closed_form
-    return _prox_newton(
-        z_star, z_tilde, z_star.T.copy(), V, activation, T, init, multi_start, tol, max_iter, full, merge_ref, closed
-    )
-
-
-def _prox_newton(
-    z_star, z_tilde, zs_t, V, activation, T, init, multi_start, tol, max_iter, full, merge_ref=None, closed=False
-) -> ProxResult:
-    """:func:`prox` by the compiled Newton kernel, sample-first (n, L), with the fused report
-    (:func:`hdlora.theory._newton_numba.pretrain_post`): Psi, the stationarity residual, the Jacobian
-    diagonal, positive definiteness and, with ``full``, the replicon term and the Hessian.
-    ``closed``: the linear closed form of eq. 106 instead of Newton (the same report at it)."""
     n, L = z_star.shape
     s = _embedding(T)[2]
-    y = _sigma_t(_full_t(zs_t, T), activation).reshape(T * T, n).T
+    y = _sigma_t(_full_t(z_star.T.copy(), T), activation).reshape(T * T, n).T
     data = np.ascontiguousarray(np.concatenate([z_tilde, y], axis=1))
-    if multi_start is None:
-        multi_start = init is None
-    if init is not None:
-        init = np.asarray(init, dtype=float)
-        if init.shape != z_star.shape:
-            raise ValueError(f"init must have shape {z_star.shape}, got {init.shape}")
-    zero = np.zeros((n, L))
-    starts = [init - z_tilde] if init is not None else [zero]
-    if multi_start:
-        starts += [z_star - z_tilde] + ([zero] if init is not None else [])
+    closed = activation == "linear" and closed_form
+    if closed:  # Prox - z~ = c (z* - z~), c = 4V / (T^2 + 4V) (eq. 106): one "start", no Newton
+        k = 4.0 * V / T**2
+        starts = [(k / (1.0 + k)) * (z_star - z_tilde)]
+    else:
+        if multi_start is None:
+            multi_start = init is None
+        if init is not None:
+            init = np.asarray(init, dtype=float)
+            if init.shape != z_star.shape:
+                raise ValueError(f"init must have shape {z_star.shape}, got {init.shape}")
+        zero = np.zeros((n, L))
+        starts = [init - z_tilde] if init is not None else [zero]
+        if multi_start:
+            starts += [z_star - z_tilde] + ([zero] if init is not None else [])
     K = _newton.kernel()
     ref = None if merge_ref is None else np.asarray(merge_ref, dtype=float) - z_tilde
     iters = 0
     best = None
     merged = np.zeros(n, dtype=bool)
-    if closed:  # Prox - z~ = c (z* - z~), c = 4V / (T^2 + 4V) (eq. 106): one "start", no Newton
-        k = 4.0 * V / T**2
-        starts = [(k / (1.0 + k)) * (z_star - z_tilde)]
     for d0 in starts:
         if closed:
             g, H, aux = np.empty((n, L)), np.empty((n, L, L)), np.empty((n, 1))

@@ -239,7 +239,7 @@ def solve(
             init=init,
         )
     t0 = time.perf_counter()
-    if coarse and init is None and n_mc >= COARSE_DIVISOR * COARSE_MIN_N and params.rank_one:
+    if coarse and init is None and n_mc >= COARSE_DIVISOR * COARSE_MIN_N:  # (rank one: rank r returned above)
         init = _coarse_state(params, n_mc // COARSE_DIVISOR, seed, baseline, method, max_iter, optimal_beta)
     with warnings.catch_warnings():
         if not warn:
