@@ -113,6 +113,7 @@ from scipy.special import logsumexp
 from ..activations import get as get_activation
 from ..params import A0 as _A0
 from ..params import ACTIVATIONS, ParamError, Params
+from . import engine as _engine
 from .fixed_point import iterate
 from .sampling import frozen_fields, s_ab, standard_normals, to_sym, upper_indices
 
@@ -307,7 +308,10 @@ def solve_pretrain_bo(
 ) -> PretrainBO:
     """Solve eqs. 87 + 89 for (Q_BO, Qhat_BO) with the shared fixed-point engine, then eq. 91.
 
-    Starts from the no-data point Q = kappa0 unless ``Q_init`` is given.
+    Starts from the no-data point Q = kappa0 unless ``Q_init`` is given.  One start only: comparing branches needs
+    the free entropy, whose input part I_in of the rotationally invariant (Wishart-type) prior is not implemented
+    here; a single start from the no-data point follows the branch continuous in alpha from alpha = 0, which is
+    the one the paper's Fig. 2 reports (tested against the published values).
     """
     _check_tokens(tokens)
     _check_activation(activation)
@@ -591,30 +595,47 @@ def solve_finetune_bo(
         raise ValueError(f"V_BO = Q0 + Delta/2 - Q_BO must be > 0, got {V}")
     smp = finetune_channel_samples(n_mc, tokens, seed=seed)
 
-    def update(x: dict[str, float]):
-        qhat, diag = finetune_qhat(x["q"], alpha_ft=alpha_ft, V=V, activation=activation, samples=smp, n_nodes=n_nodes)
-        return {"q": qhat / (1.0 + qhat)}, dict(diag, qhat=qhat)
+    lo, hi = 1e-12, q0 * (1 - 1e-9)
+
+    def update(x: np.ndarray, carry: Any):
+        qhat, diag = finetune_qhat(
+            float(x[0]), alpha_ft=alpha_ft, V=V, activation=activation, samples=smp, n_nodes=n_nodes
+        )
+        return np.clip([qhat / (1.0 + qhat)], lo, hi), carry, dict(diag, qhat=qhat)
+
+    def objective(x: np.ndarray, carry: Any):
+        """minus the free entropy (eq. 92) at q: the engine keeps the lowest, i.e. the largest free entropy."""
+        q = float(x[0])
+        qhat, diag = finetune_qhat(q, alpha_ft=alpha_ft, V=V, activation=activation, samples=smp, n_nodes=n_nodes)
+        return -finetune_free_entropy(q, qhat, diag["logZ"], alpha_ft), None
 
     init = {"informed": 0.9 * q0, "uninformed": 0.02 * q0}
-    runs = []
     for s in starts:
         if s not in init:
             raise ValueError(f"unknown start {s!r}; use 'informed' or 'uninformed'")
-        r = iterate(
-            update,
-            {"q": init[s]},
-            mixing=mixing,
-            tol=tol,
-            max_iter=max_iter,
-            bounds={"q": (1e-12, q0 * (1 - 1e-9))},
-            name=f"Bayes-optimal fine-tuning ({s} start)",
-        )
-        q = r.state["q"]
-        qhat, diag = finetune_qhat(q, alpha_ft=alpha_ft, V=V, activation=activation, samples=smp, n_nodes=n_nodes)
-        runs.append((finetune_free_entropy(q, qhat, diag["logZ"], alpha_ft), s, r, qhat))
-    runs.sort(key=lambda t: -t[0] if math.isfinite(t[0]) else math.inf)
-    phi, start, r, qhat = runs[0]
-    q = r.state["q"]
+    stage = _engine.Stage(
+        init=lambda _p, _s: None,
+        update=update,
+        objective=objective,
+        domain=lambda x: bool(np.all(np.isfinite(x)) and lo <= x[0] <= hi),
+        names=("q",),
+        name="Bayes-optimal fine-tuning (eqs. 92, 95)",
+    )
+    sol = _engine.solve_stage(
+        stage,
+        {s: np.array([init[s]]) for s in starts},
+        tol=tol,
+        max_iter=max_iter,
+        mixing=mixing,
+        anderson=3,
+        min_mixing=min(0.02, mixing),
+        samples_key=("bo-finetune", n_mc, seed),
+    )
+    start, r = sol.chosen, sol.branch
+    phi = -r.objective
+    qhat = float(r.aux["qhat"])
+    others = [b for name, b in sol.branches.items() if name != start]
+    q = float(r.x[0])
     err, se = finetune_bo_test_error(q, **common)
     err_printed, _ = finetune_bo_test_error(q, shift="q0", **common)
     return FinetuneBO(
@@ -624,12 +645,12 @@ def solve_finetune_bo(
         bo_finetune_test_error=err,
         bo_finetune_test_error_se=se,
         bo_finetune_test_error_eq97_printed=err_printed,
-        converged=r.converged,
+        converged=sol.converged,
         residual=r.residual,
         iterations=r.iterations,
         start=start,
         free_entropy=phi,
-        other_start_q=runs[1][2].state["q"] if len(runs) > 1 else math.nan,
+        other_start_q=float(others[0].x[0]) if others else math.nan,
     )
 
 

@@ -48,9 +48,10 @@ from ..activations import get as get_activation
 from ..params import A0 as _A0
 from ..params import DEFAULT_N_MC, ParamError, Params, check_tol
 from . import effective as _effective
+from . import engine as _engine
 from . import errors as _errors
 from . import newton as _newton
-from .fixed_point import NonConvergenceWarning, iterate
+from .fixed_point import NonConvergenceWarning
 from .newton import ProxResult
 from .order_parameters import FinetuneOrderParameters
 from .prox_rank_one_linear import LinearRankOneProx
@@ -445,7 +446,17 @@ class FinetuneResult(FinetuneOrderParameters):
         delta_eff: effective noise of the fine-tuning fields: eq. 25 (with the recalibration
             beta, eq. 26) for e = 0; for e = 1 the per-entry variance of beta z - z* over the
             train fields (eq. 27 for linear sigma).
-        converged, residual, iterations: from the fixed-point engine.
+        converged, residual, iterations: from the fixed-point engine (:mod:`hdlora.theory.engine`).
+        objective: alpha' L'_train + lam' q, the training objective per D at the fixed point (= -alpha' phi*,
+            eq. 65): the lowest among branches on the same samples is the global minimiser.
+        status: the engine's status: 'converged', 'converged to Monte-Carlo resolution' (the residual floor is
+            explained by samples switching between near-degenerate prox maxima; ``converged`` stays False),
+            'replica-unstable' (converged, replicon >= 1) or 'not converged'; '' for the baselines.
+        mc_resolution: the evidence when status is 'converged to Monte-Carlo resolution' (number of
+            near-degenerate samples, the jump of the map when they switch), else None.
+        replicon_upper: replicon_finetune + 2 s.e. (its Monte-Carlo upper bound).
+        replicon_tail: share of the ten largest per-sample replicon terms in their sum (a heavy tail makes
+            the mean and its s.e. unreliable: the terms are heavy-tailed where prox maxima are near-degenerate).
         n_mc: Monte-Carlo samples of the state evolution.
         prox_failed: samples whose prox Newton did not converge at the last evaluation.
         prox_not_max: samples whose returned prox is not a strict local maximum.
@@ -471,6 +482,11 @@ class FinetuneResult(FinetuneOrderParameters):
     wall_time: float = 0.0
     baseline: str | None = None
     history: tuple = field(default=(), repr=False)
+    objective: float = math.nan
+    status: str = ""
+    mc_resolution: dict | None = None
+    replicon_upper: float = math.nan
+    replicon_tail: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -496,6 +512,11 @@ _GLOBAL_SEARCH = {"n_random": 2, "scaled": (1.5,)}
 #: Measured at the Fig. 1 point (softmax, 3e4 samples): Newton steps of the fine-tuning stage 3.17e6 -> 1.87e6
 #: (with Anderson mixing), the kept maxima unchanged (tests/theory/test_finetune.py).
 MERGE_RADIUS = 1e-2
+#: the box the fine-tuning map is projected onto (a fixed point on a face is reached exactly)
+_BOUNDS = {"m": (-1e3, 1e3), "q": (1e-12, 1e6), "v": (1e-12, 1e6)}
+#: converged to Monte-Carlo resolution: a tracked second prox maximum within this factor x residual x (1 + |psi|)
+#: of the kept one counts as near-degenerate (it can switch within the residual of the returned point)
+MC_SWITCH_FACTOR = 10.0
 
 
 def _check_fields(z_star, z, T):
@@ -682,78 +703,160 @@ def solve_finetune(
     cs_t, zeta_t = _t(chi_star), _t(zeta)
     Zb_t, Y_t, Yarg_t = _t(Zb), _t(Y), _t(Y_arg)
     d = np.arange(T)
-    cache: dict[str, Any] = {"chi": None, "alt": None, "calls": 0}
+    exact = act == "linear" and linear_prox == "exact"  # exact global prox (secular equation), no search
+    names = ("m", "q", "v")
+    lo = np.array([_BOUNDS[k][0] for k in names])
+    hi = np.array([_BOUNDS[k][1] for k in names])
 
-    def update(state):
-        m, q, v = state["m"], state["q"], state["v"]
-        cache["calls"] += 1
-        full = cache.pop("check", False) or (restart_every > 0 and (cache["calls"] - 1) % restart_every == 0)
+    def evaluate(x: np.ndarray, carry: Mapping[str, Any], full: bool):
+        """F(x) (projected onto the box), the next carry and aux; ``full``: with the global prox search."""
+        m, q, v = (float(t) for t in x)
         m = float(np.clip(m, -math.sqrt(q), math.sqrt(q)))
-        ct = m * cs_t + math.sqrt(max(q - m * m, 0.0)) * zeta_t  # eq. 62
+        if exact:
+            new, aux = update_linear({"m": m, "q": q, "v": v})
+            nxt: dict[str, Any] = {**carry, "lin_out": aux["prox"]}
+        else:
+            ct = m * cs_t + math.sqrt(max(q - m * m, 0.0)) * zeta_t  # eq. 62
+            Zq = Zb_t.copy()
+            Zq[d, d] -= q
+            starts = [] if carry["chi"] is None else [carry["chi"]]
+            if full or carry["chi"] is None:
+                starts.append(ct)
+            chi, C, dq, psi, hess, snorm, conv, nm, nc, alt = _prox_t(
+                ct,
+                Zq,
+                Y_t,
+                v,
+                act,
+                starts=starts,
+                Y_arg=Yarg_t if full else None,
+                alt=carry["alt"],
+                want_alt=True,
+                **_GLOBAL_SEARCH,
+            )
+            new, hats = _state_update(
+                chi, ct, cs_t, zeta_t, dq, lambda: C[d, d].sum(axis=0), m, q, v, ap, lam_ft, T, form
+            )
+            aux = {**hats, "chi": chi, "C": C, "n_failed": int((~conv).sum()), "n_not_max": nm, "n_changed": nc}
+            nxt = {**carry, "chi": chi, "alt": alt}
+        fx = np.clip(np.array([float(new[k]) for k in names]), lo, hi)
+        return fx, nxt, aux
+
+    def update(x: np.ndarray, carry: Mapping[str, Any]):
+        calls = carry["calls"] + 1
+        full = carry["check"] or (restart_every > 0 and (calls - 1) % restart_every == 0)
+        fx, nxt, aux = evaluate(x, carry, full and not exact)
+        return fx, {**nxt, "calls": calls, "check": False}, aux
+
+    def verify(x: np.ndarray, carry: Mapping[str, Any]):
+        """The global prox search at a candidate fixed point; the map changed if it moves F(x) beyond tol."""
+        if exact:  # the exact prox is the global maximiser: no other basin to find
+            return carry, False
+        fx, nxt, aux = evaluate(x, {**carry, "calls": 0}, True)
+        res = _engine.residual(fx, x)
+        nxt = {**nxt, "calls": 1, "check": False, "verified": (x.copy(), res, aux), "n_verify": carry["n_verify"] + 1}
+        return nxt, not res <= tol
+
+    def objective(x: np.ndarray, carry: Mapping[str, Any]):
+        """alpha' L'_train + lam' q per D (the training objective at the fixed point: -alpha' phi*), per sample."""
+        if exact:
+            out = carry.get("lin_out")
+            chi = None if out is None else lin.to_original(out["y"])
+        else:
+            chi = None if carry["chi"] is None else _n(carry["chi"])
+        if chi is None:
+            return math.nan, None
+        per = ap * _train_losses(chi, x[1]) + lam_ft * x[1]
+        return float(per.mean()), per
+
+    def _train_losses(chi: np.ndarray, q: float) -> np.ndarray:
+        X_train = Zb - q * eye + chi[:, :, None] * chi[:, None, :]
+        return np.sum((sigma(X_train) - Y) ** 2, axis=(1, 2))  # eq. 20
+
+    def mc_resolution(x: np.ndarray, carry: Mapping[str, Any], aux: Any, res: float):
+        """The residual floor explained by samples with two nearly equal prox maxima: at x, every tracked second
+        maximum whose psi is within MC_SWITCH_FACTOR x res x (1 + |psi|) of the kept one could be the kept one at a
+        point within the residual of x; the floor is the jump of F when all of them switch."""
+        if exact or carry["alt"] is None or not len(carry["alt"][0]) or carry["chi"] is None:
+            return None
+        m, q, v = (float(t) for t in x)
+        m = float(np.clip(m, -math.sqrt(q), math.sqrt(q)))
+        ct = m * cs_t + math.sqrt(max(q - m * m, 0.0)) * zeta_t
         Zq = Zb_t.copy()
         Zq[d, d] -= q
-        starts = [] if cache["chi"] is None else [cache["chi"]]
-        if full or cache["chi"] is None:
-            starts.append(ct)
-        chi, C, dq, psi, hess, snorm, conv, nm, nc, alt = _prox_t(
-            ct,
-            Zq,
-            Y_t,
-            v,
-            act,
-            starts=starts,
-            Y_arg=Yarg_t if full else None,
-            alt=cache["alt"],
-            want_alt=True,
-            **_GLOBAL_SEARCH,
+        chi, _C, dq, psi, *_ = _prox_t(ct, Zq, Y_t, v, act, starts=[carry["chi"]])
+        aidx, achi = carry["alt"]
+        rows = _kernel_rows(Zq[:, :, aidx], Y_t[:, :, aidx])
+        c2, p2, _h2, d2, _s2, cv2 = _newton_ascent(achi, rows, ct[:, aidx], v, act, xtol=1e-9, max_steps=60)
+        gap = psi[aidx] - p2
+        dist = np.sqrt(((c2 - chi[:, aidx]) ** 2).sum(axis=0))
+        distinct = dist > 1e-5 * (1.0 + np.sqrt((chi[:, aidx] ** 2).sum(axis=0)))
+        near = cv2 & distinct & (np.abs(gap) <= MC_SWITCH_FACTOR * res * (1.0 + np.abs(psi[aidx])))
+        f0, _ = _state_update(chi, ct, cs_t, zeta_t, dq, None, m, q, v, ap, lam_ft, T, form)
+        chi_s, dq_s = chi.copy(), dq.copy()
+        chi_s[:, aidx[near]], dq_s[aidx[near]] = c2[:, near], d2[near]
+        f1, _ = _state_update(chi_s, ct, cs_t, zeta_t, dq_s, None, m, q, v, ap, lam_ft, T, form)
+        floor = _engine.residual(np.array([f1[k] for k in names]), np.array([f0[k] for k in names]))
+        return _engine.MCResolution(
+            floor,
+            {
+                "n_near_degenerate": int(near.sum()),
+                "n_tracked_second_maxima": int(len(aidx)),
+                "jump": floor,
+                "max_psi_gap": float(np.max(np.abs(gap[near]))) if near.any() else 0.0,
+                "n": int(ct.shape[1]),
+            },
         )
-        cache["chi"], cache["alt"] = chi, alt
-        new, hats = _state_update(chi, ct, cs_t, zeta_t, dq, lambda: C[d, d].sum(axis=0), m, q, v, ap, lam_ft, T, form)
-        return new, {**hats, "chi": chi, "C": C, "n_failed": int((~conv).sum()), "n_not_max": nm, "n_changed": nc}
 
-    exact = act == "linear" and linear_prox == "exact"
-    if exact:  # exact global prox (secular equation), no multi-start search
+    if exact:
         lin = LinearRankOneProx(Zb - Zs - chi_star[:, :, None] * chi_star[:, None, :], chi_star, zeta)
-        update = _linear_update(lin, ap, lam_ft, T, form)
+        update_linear = _linear_update(lin, ap, lam_ft, T, form)
 
-    state = _default_init(params)
+    x0 = _default_init(params)
     if init is not None:
         st = init.state if isinstance(init, FinetuneResult) else init
-        state = {k: float(st[k]) for k in ("m", "q", "v")}
-        # near the fixed point already: global search at the first call.  (Skipping it was measured: at three
-        # warm-started Fig. 1 points the same fixed point with 37 % fewer Newton steps, but at a replica-unstable
-        # point, tests/theory/test_finetune.py, a second round of 16 iterations instead of <= 10.)
-        cache["check"] = True
-    bounds = {"q": (1e-12, 1e6), "v": (1e-12, 1e6), "m": (-1e3, 1e3)}
-    iterations = 0
-    history: tuple[float, ...] = ()
-    for _round in range(3):
-        fp = iterate(
-            update,
-            state,
-            mixing=mixing,
-            tol=tol,
-            max_iter=max_iter - iterations,
-            bounds=bounds,
-            name="fine-tuning state evolution",
-            warn=False,
-            domain=_in_domain,
-        )
-        iterations += fp.iterations
-        history += fp.history
-        state = fp.state
-        converged = fp.converged
-        # global check at the fixed point: prox restarted from chi_tilde and the rank-one start
-        cache["calls"], cache["check"] = 0, True
-        st_new, aux = update(state)
-        iterations += 1
-        res_final = max(abs(st_new[k] - state[k]) / max(1.0, abs(state[k])) for k in state)
-        # (linear: the prox is the exact global maximiser, so there is no other basin to find)
-        if not converged or res_final <= tol or iterations >= max_iter or exact:
-            break
-        state = st_new  # a better prox basin was found: continue from there
-    converged = bool(converged and res_final <= tol)  # the residual at the returned point
-    m, q, v = state["m"], state["q"], state["v"]
+        x0 = {k: float(st[k]) for k in names}
+    x0 = np.clip(np.array([x0[k] for k in names], dtype=np.float64), lo, hi)
+    stage = _engine.Stage(
+        # near the fixed point already (warm start): global search at the first call.  (Skipping it was measured:
+        # at three warm-started Fig. 1 points the same fixed point with 37 % fewer Newton steps, but at a
+        # replica-unstable point, tests/theory/test_finetune.py, a second round of 16 iterations instead of <= 10.)
+        init=lambda _p, _s: {"chi": None, "alt": None, "calls": 0, "check": init is not None, "n_verify": 0},
+        update=update,
+        verify=verify,
+        objective=objective,
+        domain=lambda x: bool(np.all(np.isfinite(x)) and np.all(x >= lo) and np.all(x <= hi)) and _in_domain(x),
+        mc_resolution=None if form != "direct" else mc_resolution,
+        names=names,
+        name="fine-tuning state evolution",
+    )
+    br = _engine.solve_stage(
+        stage,
+        {"start": x0},
+        tol=tol,
+        max_iter=max_iter,
+        mixing=mixing,
+        anderson=3,
+        min_mixing=min(0.02, mixing),
+        warn=False,
+    ).branch
+    x, carry = br.x, br.carry
+    verified = carry.get("verified")
+    if exact:
+        aux, res_final = br.aux, br.residual
+    elif verified is not None and np.array_equal(verified[0], x):
+        _, res_final, aux = verified
+    else:  # not converged: the global search at the returned point, as at a fixed point
+        fx, carry, aux = evaluate(x, {**carry, "calls": 0}, True)
+        res_final = _engine.residual(fx, x)
+        carry = {**carry, "n_verify": carry["n_verify"] + 1}
+    converged = br.status != _engine.NOT_CONVERGED and res_final <= tol
+    status = (
+        br.status if br.status == _engine.CONVERGED_MC else (_engine.CONVERGED if converged else _engine.NOT_CONVERGED)
+    )
+    iterations = br.iterations + carry.get("n_verify", 0)
+    history = br.history
+    m, q, v = (float(t) for t in x)
     if exact:  # chi and C at the last evaluation, back in the token basis
         out = aux["prox"]
         chi = lin.to_original(out["y"])
@@ -791,6 +894,13 @@ def solve_finetune(
         wall_time=time.perf_counter() - t0,
         baseline="lora_only" if params.lora_only else None,
         history=history,
+        objective=float(ap * train_losses.mean() + lam_ft * q),
+        status=_engine.REPLICA_UNSTABLE if status == _engine.CONVERGED and rep.mean() >= 1.0 else status,
+        mc_resolution=None
+        if br.mc is None or status != _engine.CONVERGED_MC
+        else {"floor": br.mc.floor, **br.mc.evidence},
+        replicon_upper=float(rep.mean() + 2.0 * mc_se["replicon_finetune"]),
+        replicon_tail=_top_share(rep),
     )
     if warn and not result.converged:
         warnings.warn(
@@ -815,11 +925,12 @@ def solve_finetune(
     return result
 
 
-def _in_domain(state: Mapping[str, float]) -> bool:
+def _in_domain(x: np.ndarray) -> bool:
     """The domain of eqs. 62-72: q > m^2 (chi_tilde has a noise part) and v > 0 (a step of the fixed-point
     engine that leaves it is shortened or rejected, never clipped into it: at q = m^2 the update's
     clip of m makes a spurious fixed point)."""
-    return state["q"] > state["m"] ** 2 and state["v"] > 0
+    m, q, v = x
+    return bool(q > m * m and v > 0)
 
 
 def _state_update(chi, ct, cs, zeta, dq, trace_C, m, q, v, ap, lam_ft, T, form):
@@ -876,6 +987,15 @@ def _linear_update(lin: LinearRankOneProx, ap: float, lam_ft: float, T: int, for
         return new, {**hats, "prox": out, "n_failed": n_failed, "n_not_max": n_not_max, "n_changed": 0}
 
     return update
+
+
+def _top_share(terms: np.ndarray, k: int = 10) -> float:
+    """Share of the k largest (non-negative) terms in their sum: ~k/n for a light tail, O(1) for a heavy one."""
+    t = np.asarray(terms, dtype=np.float64)
+    tot = float(t.sum())
+    if t.size == 0 or not tot > 0:
+        return math.nan
+    return float(np.sort(t)[-k:].sum() / tot)
 
 
 def _se(x: np.ndarray) -> float:
