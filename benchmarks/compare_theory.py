@@ -8,7 +8,14 @@ quantity the maximum relative difference |new - old| / max(|old|, 1e-300) over t
 points where it moved more than ``--flag`` (default 10 x the fixed-point tolerance 1e-7), and
 the iteration counts that changed.
 
+With ``--replicas K`` (K >= 2) the new code is also solved at seeds 0..K-1 (independent Monte-Carlo
+replicas: the named random streams share no draws between seeds), and every old value (seed 0) must lie
+within max(2 se, 10 tol max(1, |value|)) of the new replicas' mean, se = sd_K sqrt(1 + 1/K) the combined
+standard error of (one old replica - the mean of K new ones), sd_K the new replicas' standard deviation:
+the check of a change that redraws the samples (e.g. the switch to named streams).
+
 Usage: python benchmarks/compare_theory.py [--base-src DIR | --base-rev REV] [--points a,b] [--n-mc 30000]
+       [--replicas 5]
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ def _points() -> dict[str, dict]:
     return pts
 
 
-def child(names: list[str], n_mc: int) -> dict:
+def child(names: list[str], n_mc: int, seeds: list[int]) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import warnings
 
@@ -58,12 +65,14 @@ def child(names: list[str], n_mc: int) -> dict:
 
     warnings.simplefilter("ignore")
     pts = _points()
-    out = {}
+    out: dict = {}
     for name in names:
-        kw = dict(pts[name])
-        warm = kw.pop("_warm_lam", None)
-        init = solve(Params(**dict(kw, lam=warm)), n_mc=n_mc, warn=False) if warm is not None else None
-        out[name] = solve(Params(**kw), n_mc=n_mc, init=init, warn=False).to_dict()
+        for seed in seeds:
+            kw = dict(pts[name])
+            warm = kw.pop("_warm_lam", None)
+            init = solve(Params(**dict(kw, lam=warm)), n_mc=n_mc, seed=seed, warn=False) if warm is not None else None
+            r = solve(Params(**kw), n_mc=n_mc, seed=seed, init=init, warn=False).to_dict()
+            out[name if seed == 0 else f"{name} @seed {seed}"] = r
     return out
 
 
@@ -86,10 +95,13 @@ def main() -> None:
     ap.add_argument("--points", default=None, help="comma-separated substrings selecting points")
     ap.add_argument("--n-mc", type=int, default=30000)
     ap.add_argument("--flag", type=float, default=1e-6)
+    ap.add_argument("--replicas", type=int, default=1, help="new-code replicas (seeds 0..K-1)")
+    ap.add_argument("--tol", type=float, default=1e-7, help="the fixed-point tolerance of the replica check")
+    ap.add_argument("--seeds", default="0", help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child is not None:
-        print(json.dumps(child(json.loads(a.child), a.n_mc)))
+        print(json.dumps(child(json.loads(a.child), a.n_mc, [int(x) for x in a.seeds.split(",")])))
         return
     names = list(_points())
     if a.points:
@@ -107,10 +119,11 @@ def main() -> None:
         base = tmp / "wt" / "src"
     res = {}
     try:
-        for which, src in (("new", ROOT / "src"), ("old", base)):
+        for which, src, seeds in (("new", ROOT / "src", range(max(1, a.replicas))), ("old", base, [0])):
             env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
             r = subprocess.run(
-                [sys.executable, __file__, "--child", json.dumps(names), "--n-mc", str(a.n_mc)],
+                [sys.executable, __file__, "--child", json.dumps(names), "--n-mc", str(a.n_mc)]
+                + ["--seeds", ",".join(map(str, seeds))],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -144,9 +157,11 @@ def main() -> None:
             per_q[k] = max(per_q.get(k, 0.0), rel)
             if rel > a.flag and not k.startswith("mc_se"):
                 moved.append(f"{name}: {k} {o!r} -> {n_!r} (rel {rel:.2g})")
+    replica = _replica_check(names, res, a.replicas, a.tol) if a.replicas >= 2 else None
     print(
         json.dumps(
             {
+                **({"replica_check": replica} if replica else {}),
                 "points": len(names),
                 "values_compared": total,
                 "bit_identical": identical,
@@ -157,6 +172,37 @@ def main() -> None:
             indent=1,
         )
     )
+
+
+def _replica_check(names: list[str], res: dict, K: int, tol: float) -> dict:
+    """Every old value against the mean of K new replicas: |old - mean| <= max(2 se, 10 tol max(1, |mean|))."""
+    import numpy as np
+
+    outside, checked, worst = [], 0, 0.0
+    for name in names:
+        old = _flat(res["old"][name])
+        reps = [_flat(res["new"][name if s == 0 else f"{name} @seed {s}"]) for s in range(K)]
+        for k in sorted(old):
+            if "iterations" in k or "residual" in k or k.startswith("mc_se") or any(k not in r for r in reps):
+                continue
+            x = np.array([r[k] for r in reps], dtype=float)
+            o = old[k]
+            if not (np.all(np.isfinite(x)) and math.isfinite(o)):
+                continue
+            checked += 1
+            mean, sd = float(x.mean()), float(x.std(ddof=1))
+            se = sd * math.sqrt(1.0 + 1.0 / K)
+            bound = max(2.0 * se, 10.0 * tol * max(1.0, abs(mean)))
+            z = abs(o - mean) / bound if bound > 0 else (0.0 if o == mean else math.inf)
+            worst = max(worst, z)
+            if abs(o - mean) > bound:
+                outside.append(f"{name}: {k} old {o:.6g}, new {mean:.6g} +- {se:.2g} (se, {K} replicas)")
+    return {
+        "replicas": K,
+        "values_checked": checked,
+        "outside_bound": outside,
+        "max_ratio_to_bound": worst,
+    }
 
 
 if __name__ == "__main__":

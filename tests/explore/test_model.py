@@ -93,9 +93,19 @@ def test_curve_matches_cold_solves_and_marks_points():
         assert p.E == pytest.approx(r.finetune_test_error, rel=1e-5)
         assert p.overlap == pytest.approx(r.overlap, rel=1e-5, abs=1e-7)
         assert p.delta_eff == pytest.approx(r.delta_eff, rel=1e-6)  # Q, M: fixed point at tol 1e-7
-    # a warm start of the first point from elsewhere (the page's previous view) lands on the same curve
+    # a warm start of the first point from elsewhere (the page's previous view) lands on the same curve, or on
+    # another fixed point of the sampled map with the same training objective (measured at n_mc = 500,
+    # alpha' = 0.2: m = 0.1904 vs 0.1937, E' 2.3368 vs 2.3334, objective 0.3270198 vs 0.3270192: the samples
+    # cannot tell the two apart)
     again = solve_curve(v, init=pts[-1].state)
-    assert [p.E for p in again] == pytest.approx([p.E for p in pts], rel=1e-5)
+    for p, a in zip(pts, again):
+        if a.E != pytest.approx(p.E, rel=1e-5):
+            r_cold = solve(v.point(p.x), n_mc=500, warn=False)
+            r_warm = solve(v.point(p.x), n_mc=500, warn=False, init=pts[-1].state)
+            assert r_cold.converged and r_warm.converged
+            assert r_warm.finetune_test_error == pytest.approx(a.E, rel=1e-9)
+            assert r_warm.finetune_objective == pytest.approx(r_cold.finetune_objective, rel=1e-5)
+            assert a.E == pytest.approx(p.E, rel=1e-2)
     # columns: the line leaves out non-converged points; markers take them
     pts[1].converged = False
     cols = curve_columns(pts)

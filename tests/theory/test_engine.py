@@ -394,15 +394,16 @@ def test_real_stage_pretrain_linear_reaches_solve_pretrain_fixed_point(alpha, la
         assert r.state[k] == pytest.approx(ref.state[k], abs=1e-9)
 
 
-def finetune_linear_stage(params, z_star, z, seed, n):
+def finetune_linear_stage(params, z_star, z, seed, n, purpose="finetune"):
     """Fine-tuning state evolution (eqs. 67-72) for sigma(x) = x/T as solve_finetune builds it (exact prox,
-    'direct' form), on the same samples; objective alpha' L'_train + lam' q per sample."""
+    'direct' form), on the same samples (purpose None: numpy.random.default_rng(seed) draws instead of the named
+    stream); objective alpha' L'_train + lam' q per sample."""
     from hdlora.theory.finetune import _linear_update  # read-only use of the stage's update map
     from hdlora.theory.prox_rank_one_linear import LinearRankOneProx
     from hdlora.theory.sampling import standard_normals, to_sym
 
     T, ap, lft = params.tokens, params.alpha_ft, params.lam_ft
-    xn = standard_normals(n, 2 * T, seed)
+    xn = standard_normals(n, 2 * T, seed, purpose=purpose)
     cs, zeta = xn[:, :T], xn[:, T:]
     Zs, Zb = to_sym(z_star, T), params.beta * to_sym(z, T)
     outer = cs[:, :, None] * cs[:, None, :]
@@ -476,7 +477,8 @@ def test_a_failed_start_is_recorded_and_flagged_but_does_not_stop_the_solve():
 
 def test_real_stage_finetune_from_m0_recovers_acceleration_after_a_transient_stagnation():
     # measured: from m = 0 (n = 2000) the iteration stagnates while m leaves 0, falls back to damped iteration at
-    # mixing 0.02, and without re-enabling Anderson stopped at residual 2.4e-5 after 500 iterations
+    # mixing 0.02, and without re-enabling Anderson stopped at residual 2.4e-5 after 500 iterations (on the
+    # default_rng(2) rank-one normals of that measurement, not the named stream solve_finetune draws now)
     from hdlora import Params
     from hdlora.theory.finetune import _default_init
     from hdlora.theory.sampling import frozen_fields
@@ -484,7 +486,7 @@ def test_real_stage_finetune_from_m0_recovers_acceleration_after_a_transient_sta
     T, n, Q0, M, Q = 3, 2000, 1.0, 0.8, 2.0
     p = Params(tokens=T, noise=0.5, alpha_ft=3.0, lam_ft=0.5, activation="linear")
     f = frozen_fields(n, T, Q0 + p.noise / 2, Q, M, seed=1)
-    st = finetune_linear_stage(p, f["z_star"], f["z"], 2, n)
+    st = finetune_linear_stage(p, f["z_star"], f["z"], 2, n, purpose=None)
     r = solve_stage(st, {"m0": [0.0, 0.5, _default_init(p)["v"]]}, tol=1e-10, max_iter=500)
     ev = [e for _, e in r.branch.events]
     assert r.status == CONVERGED and r.residual <= 1e-10

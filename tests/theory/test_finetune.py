@@ -136,7 +136,7 @@ def test_fixed_point_is_stationary_point_of_free_entropy(act, small_solutions):
     p, zs, z, r = small_solutions[act]
     assert r.converged
     n = zs.shape[0]
-    x = standard_normals(n, 2 * T, 3)
+    x = standard_normals(n, 2 * T, 3, purpose="finetune")  # solve_finetune(seed=3)'s rank-one normals
     cs, ze = _t(x[:, :T]), _t(x[:, T:])
     eye = np.eye(T)
     Zs, Zb = to_sym(zs, T), to_sym(z, T)
@@ -173,7 +173,7 @@ def test_stein_and_direct_forms_agree_within_mc_error(act):
     zs, z = _fields(20000)
     r = solve_finetune(p, zs, z, Q0=2.0, Q=2.0, M=1.0, seed=4)
     n = zs.shape[0]
-    x = standard_normals(n, 2 * T, 4)
+    x = standard_normals(n, 2 * T, 4, purpose="finetune")  # solve_finetune(seed=4)'s rank-one normals
     cs, ze = _t(x[:, :T]), _t(x[:, T:])
     eye = np.eye(T)
     Zs, Zb = to_sym(zs, T), to_sym(z, T)

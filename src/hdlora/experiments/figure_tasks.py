@@ -174,10 +174,10 @@ def recalibrated_pretrain_task(params: Params, options: Mapping[str, Any], init:
     bstar, pre = _beta_star(params, n_mc, seed)
     b = params.beta * bstar
     e, se = pretrain_test_error(
-        params.activation, params.tokens, params.Q0, b * b * pre.Q, b * pre.M, params.noise, n_mc=n_mc, seed=seed + 11
+        params.activation, params.tokens, params.Q0, b * b * pre.Q, b * pre.M, params.noise, n_mc=n_mc, seed=seed
     )
     e1, se1 = pretrain_test_error(
-        params.activation, params.tokens, params.Q0, pre.Q, pre.M, params.noise, n_mc=n_mc, seed=seed + 11
+        params.activation, params.tokens, params.Q0, pre.Q, pre.M, params.noise, n_mc=n_mc, seed=seed
     )
     return {
         "recalibrated_test_error": e,

@@ -36,7 +36,14 @@ def select(z_star: np.ndarray, z: np.ndarray, n_keep: int, T: int, activation: s
 
 
 def active_fields(
-    params: Params, Q0: float, Q: float, M: float, n_mc: int, seed: int = 0, method: str = "mc"
+    params: Params,
+    Q0: float,
+    Q: float,
+    M: float,
+    n_mc: int,
+    seed: int = 0,
+    method: str = "mc",
+    purpose: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(z*, z) of the fine-tuning set chosen by Algorithm 1 from a pool of n_mc / rho draws of Q.
 
@@ -48,6 +55,6 @@ def active_fields(
         raise ParamError("active_fields needs params.active_pool (alpha_bar') to be set")
     rho = cast(float, params.rho)  # active_pool is set (checked above), so rho is a float
     n_pool = int(math.ceil(n_mc / rho))
-    f = frozen_fields(n_pool, params.tokens, A0(Q0, params.noise), Q, M, seed, method)
+    f = frozen_fields(n_pool, params.tokens, A0(Q0, params.noise), Q, M, seed, method, purpose)
     keep_zs, keep_z = select(f["z_star"], params.beta * f["z"], n_mc, params.tokens, params.activation)
     return keep_zs, keep_z / params.beta

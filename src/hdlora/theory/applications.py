@@ -86,9 +86,9 @@ def _paired_test_difference(
         return 0.0, 0.0
     if params.activation == "linear":  # closed forms (deterministic), see hdlora.theory.errors
         return float(u.finetune_test_error - a.finetune_test_error), 0.0
-    f = frozen_fields(n_test, params.tokens, A0(Q0, params.noise), b * b * Q, b * M, seed=seed + 7919)
-    la = finetune_losses(params.activation, f["z_star"], f["z"], a.q, a.m, seed=seed + 104729)["finetune"]
-    lu = finetune_losses(params.activation, f["z_star"], f["z"], u.q, u.m, seed=seed + 104729)["finetune"]
+    f = frozen_fields(n_test, params.tokens, A0(Q0, params.noise), b * b * Q, b * M, seed=seed, purpose="test")
+    la = finetune_losses(params.activation, f["z_star"], f["z"], a.q, a.m, seed=seed)["finetune"]
+    lu = finetune_losses(params.activation, f["z_star"], f["z"], u.q, u.m, seed=seed)["finetune"]
     d = lu - la
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
 
@@ -113,8 +113,9 @@ def active_comparison_effective(
         Q: the same law's Q.
         M: the same law's M.
         n_mc: Monte-Carlo samples of the fine-tuning state evolution (the pool has n_mc / rho).
-        seed: seed of the fields (seed + 1, as :func:`hdlora.theory.solve`) and of the rank-one
-            and test samples (seed + 2), shared by both solves.
+        seed: seed of the named random streams of the fields ('active' for the pool, 'finetune_fields' for the
+            uniform draw, as :func:`hdlora.theory.solve`), of the rank-one normals and of the test samples, shared
+            by both solves.
         n_test: test samples of E' (default n_mc).
         kwargs (Any): passed to :func:`hdlora.theory.finetune.solve_finetune` (tol, max_iter, ...).
     """
@@ -122,13 +123,13 @@ def active_comparison_effective(
         raise ParamError("active_comparison_effective needs params.active_pool (alpha_bar')")
     if params.reuse:
         raise ParamError("active fine-tuning is defined for e = 0 only; set reuse=False")
-    zs_a, z_a = active_fields(params, Q0, Q, M, n_mc, seed=seed + 1)
-    f = frozen_fields(n_mc, params.tokens, A0(Q0, params.noise), Q, M, seed=seed + 1)
+    zs_a, z_a = active_fields(params, Q0, Q, M, n_mc, seed=seed, purpose="active")
+    f = frozen_fields(n_mc, params.tokens, A0(Q0, params.noise), Q, M, seed=seed, purpose="finetune_fields")
     zs_u, z_u = f["z_star"], f["z"]
-    kw = dict(Q0=Q0, Q=Q, M=M, seed=seed + 2, n_test=n_test, **kwargs)
+    kw = dict(Q0=Q0, Q=Q, M=M, seed=seed, n_test=n_test, **kwargs)
     act: FinetuneResult = solve_finetune(params, zs_a, z_a, **kw)
     uni: FinetuneResult = solve_finetune(params.replace(active_pool=None), zs_u, z_u, **kw)
-    return _compare(params, Q0, Q, M, act, uni, zs_a, z_a, zs_u, z_u, n_test or n_mc, seed + 2)
+    return _compare(params, Q0, Q, M, act, uni, zs_a, z_a, zs_u, z_u, n_test or n_mc, seed)
 
 
 def active_comparison(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0, **kwargs: Any) -> ActiveComparison:
@@ -142,9 +143,9 @@ def active_comparison(params: Params, *, n_mc: int = DEFAULT_N_MC, seed: int = 0
     uni = solve(params.replace(active_pool=None), n_mc=n_mc, seed=seed, init=act, **kwargs)
     p = params.replace(beta=act.params["beta"])
     Q0, Q, M = act.Q0, act.Q, act.M
-    zs_a, z_a = active_fields(p, Q0, Q, M, n_mc, seed=seed + 1)
-    f = frozen_fields(n_mc, p.tokens, A0(Q0, p.noise), Q, M, seed=seed + 1)
-    return _compare(p, Q0, Q, M, act, uni, zs_a, z_a, f["z_star"], f["z"], n_mc, seed + 2)
+    zs_a, z_a = active_fields(p, Q0, Q, M, n_mc, seed=seed, purpose="active")
+    f = frozen_fields(n_mc, p.tokens, A0(Q0, p.noise), Q, M, seed=seed, purpose="finetune_fields")
+    return _compare(p, Q0, Q, M, act, uni, zs_a, z_a, f["z_star"], f["z"], n_mc, seed)
 
 
 def _compare(

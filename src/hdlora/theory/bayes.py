@@ -238,7 +238,7 @@ def pretrain_qhat_monte_carlo(
     """
     A0 = _A0(Q0, noise)
     V = A0 - Q
-    f = frozen_fields(n_mc, T, A0, Q, Q, seed=seed)  # (z*, omega) of eq. 90 (Nishimori M = Q)
+    f = frozen_fields(n_mc, T, A0, Q, Q, seed=seed, purpose="bayes")  # (z*, omega) of eq. 90 (Nishimori M = Q)
     z_star, omega = to_sym(f["z_star"], T), to_sym(f["z"], T)
     y = get_activation("softmax", "numpy")(z_star)
     z0 = _softmax_fibre_point(y)
@@ -271,7 +271,7 @@ def pretrain_bo_test_error(
     A0 = _A0(Q0, noise)
     if activation == "linear":
         return (T * T + T) * (A0 - Q_BO) / T**2, 0.0
-    f = frozen_fields(n_mc, T, A0, Q_BO, Q_BO, seed=seed)
+    f = frozen_fields(n_mc, T, A0, Q_BO, Q_BO, seed=seed, purpose="test")
     sig = get_activation(activation, "numpy")
     err = np.sum((sig(to_sym(f["z"], T)) - sig(to_sym(f["z_star"], T))) ** 2, axis=(-1, -2))
     return float(err.mean()), float(err.std(ddof=1) / math.sqrt(n_mc))
@@ -432,7 +432,7 @@ class _FtSamples:
 def finetune_channel_samples(n: int, T: int, seed: int = 0, method: str = "mc") -> _FtSamples:
     """Fixed standard normals for the outer expectation of eq. 95 (common random numbers)."""
     L = T * (T + 1) // 2
-    x = standard_normals(n, 2 * T + L, seed=seed + 7919, method=method)
+    x = standard_normals(n, 2 * T + L, seed=seed, method=method, purpose="bayes_rank_one")
     return _FtSamples(x[:, :T], x[:, T : 2 * T], x[:, 2 * T :])
 
 
@@ -503,8 +503,8 @@ def finetune_bo_test_error(
         if shift == "q0":
             val += T * (q0 - q_BO) ** 2 / T**2
         return float(val), 0.0
-    f = frozen_fields(n_mc, T, A0, Q_BO, Q_BO, seed=seed)
-    x = standard_normals(n_mc, 2 * T, seed=seed + 104729)
+    f = frozen_fields(n_mc, T, A0, Q_BO, Q_BO, seed=seed, purpose="test")
+    x = standard_normals(n_mc, 2 * T, seed=seed, purpose="test_rank_one")
     chi = math.sqrt(q_BO) * x[:, :T]
     chi_star = chi + math.sqrt(q0 - q_BO) * x[:, T:]
     eye = np.eye(T)

@@ -101,7 +101,7 @@ def _draw_rank_one(n: int, T: int, q: float, m: float, q0: float, seed: int):
     """(chi*, chi) ~ Q' (eq. 14), i.i.d. over tokens."""
     if q < 0 or q0 <= 0 or m * m > q * q0 * (1 + 1e-12) + 1e-15:
         raise ParamError(f"need q >= 0, q0 > 0, m^2 <= q q0 (a covariance), got q={q}, m={m}, q0={q0}")
-    x = standard_normals(n, 2 * T, seed)
+    x = standard_normals(n, 2 * T, seed, purpose="test_rank_one")
     g, u = x[:, :T], x[:, T:]
     chi_star = math.sqrt(q0) * g
     chi = (m / math.sqrt(q0)) * g + math.sqrt(max(q - m * m / q0, 0.0)) * u
@@ -174,7 +174,7 @@ def _check_T(T: float):
 def _test_fields(T: int, Q0: float, Q: float, M: float, noise: float, n_mc: int, seed: int):
     if n_mc < 2:
         raise ParamError(f"n_mc must be >= 2, got {n_mc}")
-    f = frozen_fields(n_mc, T, A0(Q0, noise), Q, M, seed=seed)
+    f = frozen_fields(n_mc, T, A0(Q0, noise), Q, M, seed=seed, purpose="test")
     return f["z_star"], f["z"]
 
 
@@ -208,7 +208,7 @@ def finetune_test_error(
     if activation == "linear":
         return linear_finetune_test_error(T, Q0, Q, M, noise, q, m, q0), 0.0
     zs, z = _test_fields(T, Q0, Q, M, noise, n_mc, seed)
-    return mc_mean(finetune_losses(activation, zs, z, q, m, q0=q0, seed=seed + 1)["finetune"])
+    return mc_mean(finetune_losses(activation, zs, z, q, m, q0=q0, seed=seed)["finetune"])
 
 
 def forgetting_error(
@@ -230,7 +230,7 @@ def forgetting_error(
     if activation == "linear":
         return linear_forgetting_error(T, Q0, Q, M, noise, q), 0.0
     zs, z = _test_fields(T, Q0, Q, M, noise, n_mc, seed)
-    return mc_mean(finetune_losses(activation, zs, z, q, m, q0=q0, seed=seed + 1)["forgetting"])
+    return mc_mean(finetune_losses(activation, zs, z, q, m, q0=q0, seed=seed)["forgetting"])
 
 
 def frozen_test_error(

@@ -669,14 +669,14 @@ def solve_finetune(
         # pairs (chi*, zeta, z*, z) and (chi*, -zeta, z*, z): the zeroth-order part of
         # f(zeta) . zeta cancels within a pair (variance reduction of E[f . zeta] / sqrt(q - m^2))
         h = (n + 1) // 2
-        x = standard_normals(h, 2 * T, seed)
+        x = standard_normals(h, 2 * T, seed, purpose="finetune")
         chi_star = np.concatenate([x[:, :T], x[:, :T]])[:n]
         zeta = np.concatenate([x[:, T:], -x[:, T:]])[:n]
         z_star = np.concatenate([z_star[:h], z_star[:h]])[:n]
         z = np.concatenate([z[:h], z[:h]])[:n]
     else:
         if rank_one_normals is None:
-            x = standard_normals(n, 2 * T, seed)
+            x = standard_normals(n, 2 * T, seed, purpose="finetune")
         else:
             x = np.asarray(rank_one_normals, dtype=np.float64)
             if x.shape[0] < n or x.shape[1:] != (2 * T,):
@@ -1015,13 +1015,13 @@ def _test_errors(params, q, m, law, Zs, Zb, seed, n_test, n):
                 "forgetting_error": _errors.linear_forgetting_error(T, Q0, beta**2 * Q, beta * M, params.noise, q),
                 "se": {"finetune_test_error": 0.0, "forgetting_error": 0.0},
             }
-        f = frozen_fields(n_test or n, T, _A0(Q0, params.noise), beta**2 * Q, beta * M, seed=seed + 7919)
+        f = frozen_fields(n_test or n, T, _A0(Q0, params.noise), beta**2 * Q, beta * M, seed=seed, purpose="test")
         Zs_t, Zb_t = to_sym(f["z_star"], T), to_sym(f["z"], T)
     else:  # e = 0: the given fields are test fields
         Zs_t, Zb_t = Zs, Zb
         if n_test is not None and n_test != n:
             raise ParamError("n_test needs the law (Q0, Q, M) to draw fresh test fields")
-    ft = _errors.finetune_losses(act, Zs_t, Zb_t, q, m, seed=seed + 104729)
+    ft = _errors.finetune_losses(act, Zs_t, Zb_t, q, m, seed=seed)
     return {
         "finetune_test_error": float(ft["finetune"].mean()),
         "forgetting_error": float(ft["forgetting"].mean()),
@@ -1094,13 +1094,13 @@ def solve_finetune_effective(
     law = _law_args(params, Q0, Q, M, required=True)
     A0 = _A0(law[0], params.noise)
     if method == "mc":
-        f = frozen_fields(n_mc, params.tokens, A0, law[1], law[2], seed=seed + 1)
+        f = frozen_fields(n_mc, params.tokens, A0, law[1], law[2], seed=seed, purpose="finetune_fields")
         return solve_finetune(params, f["z_star"], f["z"], Q0=law[0], Q=law[1], M=law[2], seed=seed, **kwargs)
     if kwargs.get("antithetic"):
         raise ParamError("method='qmc' cannot be combined with antithetic")
     T = params.tokens
     L = T * (T + 1) // 2
-    x = standard_normals(n_mc, 2 * L + 2 * T, seed, method="qmc")
+    x = standard_normals(n_mc, 2 * L + 2 * T, seed, method="qmc", purpose="effective")
     g, zeta = x[:, :L], x[:, L : 2 * L]
     s_sqrt = np.sqrt(s_ab(T))
     B = max(law[1] - law[2] ** 2 / A0, 0.0)

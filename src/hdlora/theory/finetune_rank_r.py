@@ -403,7 +403,7 @@ def _draw_rank_r(n: int, T: int, q: np.ndarray, m: np.ndarray, q0: np.ndarray, s
     """(chi*, chi) with rows ~ N(0, [[q0, m^T], [m, q]]) i.i.d. over tokens (R.12); at r = r* = 1 the rank-one draw
     of :func:`hdlora.theory.errors.finetune_losses`."""
     r, rs = m.shape
-    x = standard_normals(n, T * (rs + r), seed)
+    x = standard_normals(n, T * (rs + r), seed, purpose="test_rank_one")
     g = x[:, : T * rs].reshape(n, rs, T).transpose(0, 2, 1)
     u = x[:, T * rs :].reshape(n, r, T).transpose(0, 2, 1)
     cs = g @ sqrtm_psd(q0)
@@ -424,10 +424,10 @@ def _test_errors(params: Params, q, m, q0, law, Zs, Zb, seed: int, n_test: int |
                 "forgetting_error": (T * T + T) * (d_eff + float(np.sum(q * q))) / T**2,
                 "se": {"finetune_test_error": 0.0, "forgetting_error": 0.0},
             }
-        f = frozen_fields(n_test or n, T, _A0(Q0, params.noise), beta**2 * Q, beta * M, seed=seed + 7919)
+        f = frozen_fields(n_test or n, T, _A0(Q0, params.noise), beta**2 * Q, beta * M, seed=seed, purpose="test")
         Zs, Zb = to_sym(f["z_star"], T), to_sym(f["z"], T)
     sigma = get_activation(act, "numpy")
-    cs, ch = _draw_rank_r(Zs.shape[0], T, q, m, q0, seed + 104729)
+    cs, ch = _draw_rank_r(Zs.shape[0], T, q, m, q0, seed)
     eye = np.eye(T)
     pred = sigma(Zb + ch @ np.swapaxes(ch, 1, 2) - np.trace(q) * eye)
     ft = np.sum((pred - sigma(Zs + cs @ np.swapaxes(cs, 1, 2) - np.trace(q0) * eye)) ** 2, axis=(1, 2))
@@ -480,7 +480,7 @@ def solve_finetune_rank_r(
         Q: the same law's Q.
         M: the same law's M.
         seed: seed of chi*, zeta (standard_normals(n, T (r* + r), seed): at r = r* = 1 the rank-one draw) and of the
-            test samples (seed + 104729, seed + 7919 for the test fields, as the rank-one code).
+            test samples (named streams 'finetune', 'test_rank_one', 'test', as the rank-one code).
         tol: tolerance of :func:`hdlora.theory.fixed_point.iterate`, on the gauge-fixed entries.
         max_iter: iteration budget (all rounds together).
         mixing: damping of :func:`hdlora.theory.fixed_point.iterate`.
@@ -519,7 +519,7 @@ def solve_finetune_rank_r(
         delta_eff = _effective.delta_eff_beta(law[0], law[1], law[2], params.noise, beta)  # eqs. 25-26
     else:  # e = 1: Var(beta z - z*) over the train fields (eq. 27 for linear sigma)
         delta_eff = _effective.delta_eff_from_fields(z_star, z, beta)[0]
-    x = standard_normals(n, T * (r_star + r), seed)
+    x = standard_normals(n, T * (r_star + r), seed, purpose="finetune")
     chi_star = x[:, : T * r_star].reshape(n, r_star, T).transpose(0, 2, 1) @ q0h  # rows ~ N(0, q0)
     zeta = x[:, T * r_star :].reshape(n, r, T).transpose(0, 2, 1)  # rows ~ N(0, I_r)
     Zs = to_sym(z_star, T)

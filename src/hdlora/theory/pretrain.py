@@ -285,7 +285,7 @@ def solve_pretrain(
         if method == "exact":
             err = errors_exact(A0, T, 0.0, 0.0, 0.0)
         else:
-            zs = frozen_fields(n_used, T, A0, 0.0, 0.0, seed, method)["z_star"]
+            zs = frozen_fields(n_used, T, A0, 0.0, 0.0, seed, method, "pretrain")["z_star"]
             e = _mean_error(np.zeros_like(zs), zs, T, act)
             err = {"pretrain_test_error": e, "pretrain_train_error": e}
         return PretrainResult(
@@ -314,7 +314,7 @@ def solve_pretrain(
     if method == "exact":
         fields = None
     else:
-        fields = frozen_fields(n_used, T, A0, 1.0, 0.0, seed, method)  # only g, zeta are used
+        fields = frozen_fields(n_used, T, A0, 1.0, 0.0, seed, method, "pretrain")  # only g, zeta are used
     g = None if fields is None else fields["g"]
     zeta = None if fields is None else fields["zeta"]
     # memo: warm start of the prox, last residual (sets the prox tolerance), multi-start mode
@@ -440,21 +440,22 @@ def solve_pretrain(
 
 # -------------------------------------------------------------------------------------- laws
 def fields_test_law(
-    params: Params, result: PretrainResult, n: int, seed: int = 0, method: str = "mc"
+    params: Params, result: PretrainResult, n: int, seed: int = 0, method: str = "mc", purpose: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """n samples (z*, z) of the test law Q (eq. 13) at the fixed point, arrays (n, L)."""
-    f = frozen_fields(n, params.tokens, A0_of(params), result.Q, result.M, seed, method)
+    """n samples (z*, z) of the test law Q (eq. 13) at the fixed point, arrays (n, L) (``purpose``: the named
+    random stream, see :func:`hdlora.theory.sampling.standard_normals`)."""
+    f = frozen_fields(n, params.tokens, A0_of(params), result.Q, result.M, seed, method, purpose)
     return f["z_star"], f["z"]
 
 
 def train_fields(
-    params: Params, result: PretrainResult, n: int, seed: int = 0, method: str = "mc"
+    params: Params, result: PretrainResult, n: int, seed: int = 0, method: str = "mc", purpose: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """n samples (z*, z) of the train law R (eq. 17): (z*, z~) ~ Q, z = Prox(z*, z~), arrays (n, L).
 
     Raises RuntimeError if the prox fails to converge on some sample.
     """
-    z_star, z_tilde = fields_test_law(params, result, n, seed, method)
+    z_star, z_tilde = fields_test_law(params, result, n, seed, method, purpose)
     if result.V == 0.0:  # lam = inf or V -> 0: Prox is the identity on z~
         return z_star, z_tilde
     if params.activation == "linear":

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .streams import stream
+
 METHODS = ("mc", "qmc")
 
 
@@ -44,8 +46,12 @@ def from_sym(m: np.ndarray) -> np.ndarray:
     return m[..., a, b]
 
 
-def standard_normals(n: int, k: int, seed: int = 0, method: str = "mc") -> np.ndarray:
-    """An (n, k) array of standard normals, fixed by ``seed``.
+def standard_normals(n: int, k: int, seed: int = 0, method: str = "mc", purpose: str | None = None) -> np.ndarray:
+    """An (n, k) array of standard normals, fixed by ``seed`` and ``purpose``.
+
+    With a ``purpose`` the draws come from the named stream (seed, purpose) of
+    :mod:`hdlora.theory.streams` (the theory's solves always name one, so that no two seeds or purposes
+    share draws); without one, from ``numpy.random.default_rng(seed)``.
 
     ``method='qmc'`` uses a scrambled Sobol sequence mapped through the normal
     quantile (lower variance for smooth integrands); ``'mc'`` plain
@@ -53,19 +59,20 @@ def standard_normals(n: int, k: int, seed: int = 0, method: str = "mc") -> np.nd
     """
     if n < 1 or k < 1:
         raise ValueError(f"need n >= 1 and k >= 1, got n={n}, k={k}")
+    rng = np.random.default_rng(seed) if purpose is None else stream(seed, purpose)
     if method == "mc":
-        return np.random.default_rng(seed).standard_normal((n, k))
+        return rng.standard_normal((n, k))
     if method == "qmc":
         from scipy.special import ndtri  # imported here: scipy.stats takes seconds to import
         from scipy.stats import qmc
 
-        u = qmc.Sobol(d=k, scramble=True, seed=seed).random(n)
+        u = qmc.Sobol(d=k, scramble=True, seed=seed if purpose is None else rng).random(n)
         return ndtri(np.clip(u, 1e-16, 1 - 1e-16))
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
 def frozen_fields(
-    n: int, T: int, A0: float, Q: float, M: float, seed: int = 0, method: str = "mc"
+    n: int, T: int, A0: float, Q: float, M: float, seed: int = 0, method: str = "mc", purpose: str | None = None
 ) -> dict[str, np.ndarray]:
     """Draw (z*, z) ~ Q (eq. 13) on the upper triangle, with the latents of eq. 47.
 
@@ -82,7 +89,7 @@ def frozen_fields(
         raise ValueError(f"(z*, z) covariance not positive: Q - M^2/A0 = {B} < 0 (Q={Q}, M={M}, A0={A0})")
     B = max(B, 0.0)
     L = T * (T + 1) // 2
-    x = standard_normals(n, 2 * L, seed, method)
+    x = standard_normals(n, 2 * L, seed, method, purpose)
     g, zeta = x[:, :L], x[:, L:]
     s = np.sqrt(s_ab(T))
     z_star = s * np.sqrt(A0) * g

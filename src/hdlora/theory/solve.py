@@ -26,7 +26,7 @@ from typing import Any
 from ..params import DEFAULT_N_MC, ParamError, Params, check_tol
 from . import effective as _eff
 from .active import active_fields
-from .engine import CONVERGED, NOT_CONVERGED, REPLICA_UNSTABLE
+from .engine import CONVERGED, CONVERGED_MC, NOT_CONVERGED, REPLICA_UNSTABLE
 from .finetune import FinetuneResult, solve_finetune
 from .fixed_point import NonConvergenceWarning
 from .order_parameters import FinetuneOrderParameters, PretrainOrderParameters
@@ -88,11 +88,19 @@ class TheoryResult(FinetuneOrderParameters, PretrainOrderParameters):
     baseline: str | None
     params: dict = field(default_factory=dict)
     mc_se: dict = field(default_factory=dict)
+    finetune_objective: float = math.nan
+    finetune_status: str = ""
+    finetune_mc_resolution: dict | None = None
+    replicon_finetune_upper: float = math.nan
+    replicon_finetune_tail: float = math.nan
 
     @property
     def status(self) -> str:
-        """'converged', 'replica-unstable' (converged, a replicon >= 1: eqs. 75, 78) or 'not converged'
-        (the engine's statuses, :mod:`hdlora.theory.engine`)."""
+        """'converged', 'converged to Monte-Carlo resolution' (fine-tuning's residual floor explained by samples
+        switching between near-degenerate prox maxima, ``finetune_mc_resolution``), 'replica-unstable' (converged,
+        a replicon >= 1: eqs. 75, 78) or 'not converged' (the engine's statuses, :mod:`hdlora.theory.engine`)."""
+        if self.pretrain_converged and self.finetune_status == CONVERGED_MC:
+            return CONVERGED_MC if self.replicon_ok else REPLICA_UNSTABLE
         if not self.converged:
             return NOT_CONVERGED
         return CONVERGED if self.replicon_ok else REPLICA_UNSTABLE
@@ -169,13 +177,13 @@ def apply_baseline(params: Params, baseline: str | None) -> Params:
 def finetune_fields(params: Params, pre: PretrainResult, n_mc: int, seed: int) -> tuple[Any, Any]:
     """The frozen fields (z*, z) of the fine-tuning sequences (eq. 61), before recalibration: the train law R
     (eq. 17) for e = 1, the test law Q (eq. 13) for e = 0, conditioned by Algorithm 1 when
-    ``params.active_pool`` is set; drawn with seed + 1."""
+    ``params.active_pool`` is set; drawn from the named streams 'finetune_fields' ('active' for the pool)."""
     Q0, Q, M = params.Q0, pre.Q, pre.M
     if params.reuse and not params.lora_only:
-        return train_fields(params, pre, n_mc, seed=seed + 1)
+        return train_fields(params, pre, n_mc, seed=seed, purpose="finetune_fields")
     if params.active_pool is not None:
-        return active_fields(params, Q0, Q, M, n_mc, seed=seed + 1)
-    f = frozen_fields(n_mc, params.tokens, params.A0, Q, M, seed=seed + 1)
+        return active_fields(params, Q0, Q, M, n_mc, seed=seed, purpose="active")
+    f = frozen_fields(n_mc, params.tokens, params.A0, Q, M, seed=seed, purpose="finetune_fields")
     return f["z_star"], f["z"]
 
 
@@ -264,7 +272,7 @@ def solve(
             Q0=Q0,
             Q=Q,
             M=M,
-            seed=seed + 2,
+            seed=seed,
             tol=tol,
             max_iter=max_iter,
             init=_finetune_init(init),
@@ -366,5 +374,10 @@ def point_result(
         baseline=baseline,
         params=params.to_dict(),
         mc_se=dict(ft.mc_se),
+        finetune_objective=float(getattr(ft, "objective", math.nan)),
+        finetune_status=str(getattr(ft, "status", "")),
+        finetune_mc_resolution=getattr(ft, "mc_resolution", None),
+        replicon_finetune_upper=float(getattr(ft, "replicon_upper", math.nan)),
+        replicon_finetune_tail=float(getattr(ft, "replicon_tail", math.nan)),
         **extra,
     )

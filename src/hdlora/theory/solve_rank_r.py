@@ -38,6 +38,7 @@ from .finetune_rank_r import RankRResult, solve_finetune_rank_r
 from .fixed_point import NonConvergenceWarning
 from .prox_rank_r import MAX_PROX_DIM
 from .solve import TheoryResult, point_result, pretrain_stage
+from .streams import stream
 
 __all__ = ["RankRTheoryResult", "branch_starts", "solve_rank_r", "WINNER_STATUSES"]
 
@@ -79,7 +80,7 @@ class RankRTheoryResult(TheoryResult):
 def branch_starts(r: int, q0: np.ndarray, lam_ft: float, alpha_ft: float, T: int, seed: int) -> dict[str, dict]:
     """The starting points {name: {'m', 'q', 'v'}} of the branches (module docstring)."""
     rs = q0.shape[0]
-    rng = np.random.default_rng(seed + 7)
+    rng = stream(seed, "branch_starts")
     v0 = np.eye(r) / (2.0 * lam_ft + alpha_ft * T)
     order = np.argsort(-np.diag(q0), kind="stable")  # strongest teacher directions first
     kmax = min(r, rs)
@@ -289,7 +290,7 @@ def solve_rank_r(
     Q0, Q, M = params.Q0, pre.Q, pre.M
     ft_params = params.replace(reuse=False) if params.lora_only else params
     results, errors, coarse = solve_branches(
-        ft_params, z_star, z, Q0=Q0, Q=Q, M=M, seed=seed + 2, tol=tol, max_iter=max_iter
+        ft_params, z_star, z, Q0=Q0, Q=Q, M=M, seed=seed, tol=tol, max_iter=max_iter
     )
     name, status = pick_winner(results)
     ft = results[name]

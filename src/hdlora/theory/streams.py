@@ -1,16 +1,19 @@
 """Named random streams for the theory: one generator per (seed, purpose), never seed offsets.
 
-Today the theory derives its Monte-Carlo samples from seed offsets (``seed + 1`` for the
+The theory used to derive its Monte-Carlo samples from seed offsets (``seed + 1`` for the
 fine-tuning fields, ``seed + 2`` for the rank-one normals, ``seed + 7919`` / ``seed + 104729``
-for the test samples, ...), so ``solve(seed=s)`` draws its fine-tuning fields from the normals
-``solve(seed=s + 1)`` uses for pre-training and "independent" seeds share random numbers.
+for the test samples, ...), so ``solve(seed=s)`` drew its fine-tuning fields from the normals
+``solve(seed=s + 1)`` used for pre-training and "independent" seeds shared random numbers.
 Here a purpose is a fixed spawn key of :class:`numpy.random.SeedSequence`:
 ``SeedSequence(seed, spawn_key=(KEY[purpose],))`` hashes (seed, key) together, so two streams
 coincide only if both the seed and the purpose do (the same construction as the simulator's
 torch streams in :func:`hdlora.data.generator`).
 
-Not wired into the state evolutions yet: doing so changes every Monte-Carlo draw (and every
-stored number that depends on one).
+Every Monte-Carlo draw of the theory goes through a stream (``purpose=`` of
+:func:`hdlora.theory.sampling.standard_normals` / ``frozen_fields``): ``solve(seed=s)`` draws its
+pre-training samples from (s, 'pretrain'), its fine-tuning fields from (s, 'finetune_fields'), the
+rank-one normals of eq. 62 from (s, 'finetune') and its test samples from (s, 'test') and
+(s, 'test_rank_one'); replicas at different seeds share no draws.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ PURPOSES: dict[str, int] = {
     "active": 8,  # active-learning pool fields
     "effective": 9,  # effective pre-training fields
     "figures": 10,  # figure-level draws (e.g. the effective solve of the figures)
+    "branch_starts": 11,  # random parts of the rank-r branch starts
 }
 
 
