@@ -578,6 +578,7 @@ def solve_finetune(
     antithetic: bool = False,
     rank_one_normals: np.ndarray | None = None,
     linear_prox: str = "exact",
+    fix_m: float | None = None,
     warn: bool = True,
 ) -> FinetuneResult:
     """Fine-tuning state evolution (eqs. 67-72) on given frozen fields, and Result 3 at its fixed point.
@@ -622,6 +623,9 @@ def solve_finetune(
         linear_prox: for sigma(x) = x/T, 'exact' (default): the global maximiser from the secular
             equation (:mod:`hdlora.theory.prox_rank_one_linear`, one eigendecomposition per solve);
             'search': the multi-start Newton search used for softmax (an independent check, ~5x slower).
+        fix_m: solve only the (q, v) part of eqs. 67-72 at this fixed m (the m component of the map is replaced by
+            m; the continuation in m of :func:`hdlora.theory.branches.finetune_m_scan`): a fixed point of the full
+            map is a root of g(m) = mhat v - m of the returned result.
         warn: warn on non-convergence.
 
     The two forms of m_hat and v_hat (eq. 71 is common):
@@ -740,6 +744,8 @@ def solve_finetune(
             aux = {**hats, "chi": chi, "C": C, "n_failed": int((~conv).sum()), "n_not_max": nm, "n_changed": nc}
             nxt = {**carry, "chi": chi, "alt": alt}
         fx = np.clip(np.array([float(new[k]) for k in names]), lo, hi)
+        if fix_m is not None:  # the (q, v) part only (continuation in m)
+            fx[0] = fix_m
         return fx, nxt, aux
 
     def update(x: np.ndarray, carry: Mapping[str, Any]):
@@ -816,6 +822,11 @@ def solve_finetune(
     if init is not None:
         st = init.state if isinstance(init, FinetuneResult) else init
         x0 = {k: float(st[k]) for k in names}
+    if fix_m is not None:
+        if isinstance(fix_m, bool) or not math.isfinite(fix_m):
+            raise ParamError(f"fix_m must be a finite number, got {fix_m!r}")
+        x0["q"] = max(x0["q"], 1.5 * fix_m * fix_m + 1e-3)  # inside the domain q > m^2
+        x0["m"] = float(fix_m)
     x0 = np.clip(np.array([x0[k] for k in names], dtype=np.float64), lo, hi)
     stage = _engine.Stage(
         # near the fixed point already (warm start): global search at the first call.  (Skipping it was measured:
