@@ -65,7 +65,11 @@ def test_hashed_set_covers_the_task_modules_and_their_numerics():
 @pytest.mark.parametrize(
     "rel, old, new",
     [
-        ("experiments/figure_tasks.py", "b * b * pre.Q, b * pre.M", "b * b * pre.Q, b * b * pre.M"),  # a figure task function
+        (
+            "experiments/figure_tasks.py",
+            "b * b * pre.Q, b * pre.M",
+            "b * b * pre.Q, b * b * pre.M",
+        ),  # a figure task function
         ("experiments/figure_tasks.py", 'val("M", 1.0)', 'val("M", 1.5)'),  # the M = 1 default
         ("experiments/optimize.py", "def _brent(", "def _brent_renamed("),
         ("experiments/tasks.py", '"lam_ft": math.inf', '"lam_ft": 1e300'),

@@ -491,3 +491,25 @@ def test_real_stage_finetune_from_m0_recovers_acceleration_after_a_transient_sta
     ev = [e for _, e in r.branch.events]
     assert r.status == CONVERGED and r.residual <= 1e-10
     assert any("fallback" in e for e in ev) and any("Anderson re-enabled" in e for e in ev)
+
+
+def test_stagnation_calls_verify_and_a_changed_map_resets_the_history():
+    """A map the iteration cannot settle on (here: steps of +-0.1 that never shrink, as when samples are tracked in
+    non-global prox maxima) is a candidate too: on stagnation the engine calls verify, whose change of the map
+    (here: to the contraction 0.5 x + 1) resets the history; without it the start is not converged."""
+
+    def update(x, c):
+        if c["good"]:
+            return 0.5 * x + 1.0, c, None
+        step = 0.1 if int(math.floor(10.0 * x[0])) % 2 == 0 else -0.1
+        return x + step, c, None
+
+    def verify(x, c):
+        return ({"good": True}, True) if not c["good"] else (c, False)
+
+    st = Stage(init=lambda p, s: {"good": False}, update=update, verify=verify, names=("x",))
+    r = solve_stage(st, {"s": [0.05]}, tol=1e-10, max_iter=200, warn=False)
+    assert r.status == CONVERGED and r.x[0] == pytest.approx(2.0, abs=1e-9)
+    assert any("stagnation: verify changed the map" in e for _, e in r.branch.events)
+    r0 = solve_stage(st, {"s": [0.05]}, tol=1e-10, max_iter=200, stall_verify=0, warn=False)
+    assert r0.status == NOT_CONVERGED

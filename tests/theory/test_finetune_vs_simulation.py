@@ -46,6 +46,10 @@ def test_linear_theory_vs_simulation_small_D():
         ["overlap", "finetune_test_error", "finetune_train_error"],
         theory_sd={"overlap": 8e-4, "finetune_test_error": 3e-3, "finetune_train_error": 1e-2},
     )
+    # the branch's objective alpha' L' + lam' q (per D) against the simulator's final objective of the kept start,
+    # (sum_mu loss_mu + lam' ||w||^2) / N' = L'_train + lam' q / alpha' (N' = alpha' D, ||w||^2 = q D)
+    t, sm, se = r.objective / p.alpha_ft, s.mean["finetune_objective"], s.se["finetune_objective"]
+    assert abs(t - sm) < 3.0 * math.hypot(se, 1e-2), (t, sm, se)
 
 
 @pytest.mark.slow

@@ -303,6 +303,7 @@ def _solve_branch(
     stall: int,
     min_mixing: float,
     growth: float,
+    stall_verify: int = 0,
 ) -> Branch:
     x = np.array(x0, dtype=np.float64).ravel()
     ctol = min(tol, CONVERGED_CAP)
@@ -327,7 +328,7 @@ def _solve_branch(
     mix = mixing
     use_anderson = anderson > 0
     best, best_abs, since_best, stall_restarts, progress = math.inf, math.inf, 0, 0, 0
-    n_rejected = n_restarts = 0
+    n_rejected = n_restarts = n_stall_verify = 0
     accelerated = False
     prev = None  # (x, g, res) of the last in-domain evaluation (to undo an accelerated step)
     aux: Any = None
@@ -399,6 +400,16 @@ def _solve_branch(
             reset(it, "sustained progress: Anderson re-enabled")
         if since_best >= stall:
             since_best = 0
+            if n_stall_verify < stall_verify:
+                # a stagnating point is a candidate too: the samples' tracked maxima may have drifted away from the
+                # global ones (a map the iteration cannot settle on); the global search resets the map if so
+                n_stall_verify += 1
+                carry, changed = stage.verify(x, carry)
+                if changed:
+                    reset(it, "stagnation: verify changed the map: history reset")
+                    best, best_abs, stall_restarts, progress = math.inf, math.inf, 0, 0
+                    accelerated, ev = False, None
+                    continue  # re-evaluate x with the new map
             if use_anderson and stall_restarts < 2:
                 stall_restarts += 1
                 reset(it, "stagnation: Anderson history reset")
@@ -603,6 +614,7 @@ def solve_stage(
     min_mixing: float = 0.02,
     growth: float = 1e3,
     same_point_tol: float = 1e-6,
+    stall_verify: int = 4,
     warn: bool = True,
 ) -> StageResult:
     """Solve a stage from every named start and choose among the branches.
@@ -624,6 +636,9 @@ def solve_stage(
             then fallback to damped iteration and halving of the mixing, down to ``min_mixing``); after
             2 x stall evaluations that each set a new minimum, a fallen-back Anderson is switched on again.
         growth: an accelerated step whose residual exceeds ``growth`` x the previous one is undone.
+        stall_verify: on stagnation, ``verify`` is also called (up to this many times per start): a point the
+            iteration cannot settle on is a candidate too, and the map may have drifted (e.g. samples tracked in
+            non-global prox maxima); a change resets the history.
         same_point_tol: branches whose states differ by less than this (relative) are the same point.
         warn: emit NonConvergenceWarning / BranchChoiceWarning.
 
@@ -660,6 +675,7 @@ def solve_stage(
             stall=stall,
             min_mixing=min_mixing,
             growth=growth,
+            stall_verify=stall_verify,
         )
     chosen, status, comps, flags = choose_branch(list(branches.values()), same_point_tol=same_point_tol)
     result = StageResult(branches, chosen, status, comps, flags, stage.names)

@@ -862,9 +862,9 @@ def solve_finetune(
         res_final = _engine.residual(fx, x)
         carry = {**carry, "n_verify": carry["n_verify"] + 1}
     converged = br.status != _engine.NOT_CONVERGED and res_final <= tol
-    status = (
-        br.status if br.status == _engine.CONVERGED_MC else (_engine.CONVERGED if converged else _engine.NOT_CONVERGED)
-    )
+    # converged to Monte-Carlo resolution: the residual of the global search at the returned point explained too
+    mc_ok = br.status == _engine.CONVERGED_MC and br.mc is not None and res_final <= br.mc.floor
+    status = _engine.CONVERGED_MC if mc_ok else (_engine.CONVERGED if converged else _engine.NOT_CONVERGED)
     iterations = br.iterations + carry.get("n_verify", 0)
     history = br.history
     m, q, v = (float(t) for t in x)
