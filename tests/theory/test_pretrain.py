@@ -275,3 +275,30 @@ def test_theory_matches_simulation_small_D(point):
 )
 def test_theory_matches_simulation_D150(point):
     _compare(Params(**point), dim=150, seeds=4, bias=0.04)
+
+
+@pytest.mark.parametrize("act, n", [("linear", 20000), ("softmax", 3000)])
+def test_fixed_point_is_stationary_point_of_the_free_entropy_eq21(act, n):
+    """Phi of eq. 21 (pretrain_free_entropy) on the solver's samples: its six partial derivatives vanish at the fixed
+    point of the literal (stein=False) state evolution (central differences; measured |d| <= 2e-10)."""
+    from hdlora.theory.pretrain import pretrain_free_entropy
+
+    p = Params(alpha=0.3, tokens=3, kappa0=1.0, kappa=1.0, noise=0.5, lam=0.1, activation=act)
+    r = solve_pretrain(p, n_mc=n, method="mc", tol=1e-12, max_iter=2000, stein=False)
+    assert r.converged
+    x0 = {k: getattr(r, k) for k in ("Q", "M", "V", "Mhat", "Qhat", "Vhat")}
+    for k in x0:
+        h = 1e-5 * max(1.0, abs(x0[k]))
+        xp, xm = dict(x0), dict(x0)
+        xp[k] += h
+        xm[k] -= h
+        d = (pretrain_free_entropy(p, xp, n_mc=n) - pretrain_free_entropy(p, xm, n_mc=n)) / (2 * h)
+        assert abs(d) < 1e-8, (k, d)
+    # and it is not stationary away from it (the test can fail)
+    off = dict(x0, Q=1.1 * x0["Q"])
+    h = 1e-5 * x0["Q"]
+    d = (
+        pretrain_free_entropy(p, dict(off, Q=off["Q"] + h), n_mc=n)
+        - pretrain_free_entropy(p, dict(off, Q=off["Q"] - h), n_mc=n)
+    ) / (2 * h)
+    assert abs(d) > 1e-4

@@ -54,7 +54,7 @@ from . import spectral
 from .effective import delta_eff_of_A0
 from .fixed_point import NonConvergenceWarning, iterate
 from .order_parameters import PretrainOrderParameters
-from .prox import ProxResult, prox, prox_linear
+from .prox import ProxResult, pretrain_potential, prox, prox_linear
 from .sampling import METHODS, frozen_fields, s_ab, to_sym
 from .stability import replicon_pretrain
 
@@ -252,6 +252,7 @@ def solve_pretrain(
     mixing: float = 1.0,
     init: PretrainResult | Mapping[str, float] | None = None,
     warn: bool = True,
+    stein: bool = True,
 ) -> PretrainResult:
     """Solve the pre-training state evolution (Result 4, eqs. 46-54) and evaluate eqs. 19-20, 75.
 
@@ -266,6 +267,8 @@ def solve_pretrain(
         mixing: passed to :func:`hdlora.theory.fixed_point.iterate`.
         init: warm start (a previous PretrainResult or a mapping with Q, M, V).
         warn: warn (NonConvergenceWarning) when not converged.
+        stein: the zeta-weighted averages of eqs. 49, 51 by Stein's lemma (default, lower variance) or literally
+            (``False``: the fixed point is then the exact stationary point of the sampled free entropy, eq. 21).
 
     Returns:
         PretrainResult (frozen).  A non-converged solve is flagged (converged=False) and warned about.
@@ -340,6 +343,7 @@ def solve_pretrain(
                 prox_tol=ptol,
                 full=False,
                 multi_start=memo["global"],
+                stein=stein,
             )
             memo["h"] = px.x
         try:
@@ -375,7 +379,18 @@ def solve_pretrain(
         # final evaluation at the fixed point with a tight prox tolerance
         assert g is not None and zeta is not None  # the Monte-Carlo fields are drawn unless method == 'exact'
         hats, px, z_star, z_tilde = output_channel(
-            alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"], prox_tol=1e-11, multi_start=memo["global"]
+            alpha,
+            A0,
+            Q,
+            M,
+            V,
+            g,
+            zeta,
+            act,
+            prox_init=memo["h"],
+            prox_tol=1e-11,
+            multi_start=memo["global"],
+            stein=stein,
         )
         # the warm-started prox must be the global maximiser: compare with a start at z* (interpolation)
         alt = prox(z_star, z_tilde, V, act, init=z_star, multi_start=False, tol=1e-11, full=False, merge_ref=px.x)
@@ -464,3 +479,47 @@ def train_fields(
     if not px.all_converged:
         raise RuntimeError(f"train law R: prox did not converge on {px.n_failed} of {n} samples")
     return z_star, px.x
+
+
+def pretrain_free_entropy(
+    params: Params,
+    state: Mapping[str, float],
+    *,
+    n_mc: int = DEFAULT_N_MC,
+    seed: int = 0,
+    method: str = "mc",
+) -> float:
+    """The replica-symmetric free entropy Phi of pre-training (eq. 21) at (Q, M, V; M_hat, Q_hat, V_hat):
+
+        Phi = -M M_hat / (2 alpha) + (Q V_hat - V Q_hat) / (4 alpha)
+              + M_hat^2 / (4 alpha V_hat) J(Q_hat^(1/2) / M_hat, 2 sqrt(kappa) lam / M_hat)
+              + E_{z*, z~} max_h Psi(h; z*, z~)                                             (eqs. 21, 42)
+
+    on the samples of :func:`solve_pretrain` with the same ``n_mc``, ``seed`` and ``method`` (the named stream
+    'pretrain'), so that its six partial derivatives vanish at the solver's fixed point (tested).  At zero
+    temperature the largest Phi among fixed points on the same samples is the global minimiser of the training
+    objective: the number that ranks pre-training branches.  ``state`` holds Q, M, V, Mhat, Qhat, Vhat (e.g.
+    :attr:`PretrainResult.to_dict`).
+    """
+    Q, M, V = (float(state[k]) for k in ("Q", "M", "V"))
+    Mh, Qh, Vh = (float(state[k]) for k in ("Mhat", "Qhat", "Vhat"))
+    alpha, T = params.alpha, params.tokens
+    if not (Mh > 0 and Vh > 0 and Qh >= 0 and V > 0):
+        raise ParamError(f"the free entropy needs M_hat > 0, V_hat > 0, Q_hat >= 0, V > 0; got {state}")
+    eta = max(math.sqrt(Qh) / Mh, spectral.ETA_MIN)
+    eps = 2.0 * math.sqrt(params.kappa) * params.lam / Mh
+    j = spectral.J(eta, eps, params.kappa0).J
+    A0 = A0_of(params)
+    f = frozen_fields(int(n_mc), T, A0, 1.0, 0.0, seed, method, "pretrain")
+    s = s_ab(T).astype(float)
+    rs = np.sqrt(s)
+    B = max(Q - M * M / A0, 0.0)
+    z_star = rs * math.sqrt(A0) * f["g"]  # eq. 47
+    z_tilde = rs * (M / math.sqrt(A0) * f["g"] + math.sqrt(B) * f["zeta"])
+    if params.activation == "linear":
+        psi = pretrain_potential(prox_linear(z_star, z_tilde, V), z_star, z_tilde, V, "linear")
+    else:
+        psi = prox(z_star, z_tilde, V, params.activation, multi_start=True, tol=1e-12, full=False).value
+    return float(
+        -M * Mh / (2 * alpha) + (Q * Vh - V * Qh) / (4 * alpha) + Mh * Mh / (4 * alpha * Vh) * j + np.mean(psi)
+    )
