@@ -52,9 +52,10 @@ from ..activations import get as get_activation
 from ..params import DEFAULT_N_MC, ParamError, Params, check_tol
 from . import spectral
 from .effective import delta_eff_of_A0
+from .engine import CONVERGED, CONVERGED_MC, NOT_CONVERGED
 from .fixed_point import NonConvergenceWarning, iterate
 from .order_parameters import PretrainOrderParameters
-from .prox import ProxResult, prox, prox_linear
+from .prox import ProxResult, prox, prox_interpolating, prox_linear
 from .sampling import METHODS, frozen_fields, s_ab, to_sym
 from .stability import replicon_pretrain
 
@@ -65,6 +66,7 @@ __all__ = [
     "fields_test_law",
     "output_channel",
     "output_channel_exact",
+    "output_channel_interpolating",
     "input_channel",
     "errors_exact",
     "A0_of",
@@ -72,6 +74,36 @@ __all__ = [
 
 #: methods for the Gaussian expectations: Monte Carlo, quasi-Monte Carlo, closed form (linear only)
 PRETRAIN_METHODS = METHODS + ("exact",)
+#: below this lam, V is iterated in units of LAM_V_SCALE / lam (V ~ 1/lam when the data are interpolated),
+#: so that Q, M and the iterated V stay O(1) for the fixed-point engine; above it, V itself
+LAM_V_SCALE = 1e-2
+#: lam = 0+: a fixed point with lam V below this is the face v = 0 (no interpolation), refused
+LAMV_MIN = 1e-6
+#: a final global search that finds better maxima moves those samples and re-solves, at most this often
+MAX_BASIN_ROUNDS = 4
+
+
+def _v_scale(lam: float) -> float:
+    """The unit in which V is iterated: max(1, LAM_V_SCALE / lam)."""
+    return max(1.0, LAM_V_SCALE / lam)
+
+
+def _switch_jump(px: ProxResult, alt: ProxResult, which: np.ndarray, g: np.ndarray, A0: float, M: float, T: int) -> float:
+    """Largest change of M_hat, Q_hat, V_hat (eqs. 49-51) when the samples ``which`` take the maximum of
+    ``alt`` instead of that of ``px``, in units of each conjugate's Monte-Carlo standard error."""
+    rs = np.sqrt(s_ab(T).astype(float))
+
+    def terms(delta: np.ndarray, jac: np.ndarray) -> np.ndarray:
+        f = delta / rs
+        z = np.sum(jac - 1.0, axis=1)
+        return np.stack([np.sum(f * g, axis=1) / math.sqrt(A0) - M / A0 * z, np.sum(f * f, axis=1), z])
+
+    a = terms(px.delta, px.jacobian_diag)
+    b = terms(alt.delta, alt.jacobian_diag)
+    n = a.shape[1]
+    jump = np.abs(np.sum((b - a)[:, which], axis=1)) / n
+    se = np.std(a, axis=1) / math.sqrt(n)
+    return float(np.max(jump / np.maximum(se, 1e-300)))
 
 
 def A0_of(params: Params) -> float:
@@ -94,6 +126,18 @@ class PretrainResult(PretrainOrderParameters):
         converged, residual, iterations: from the fixed-point engine (and the prox:
             converged is False when prox samples failed at the fixed point).
         prox_failures: number of Monte-Carlo samples whose prox did not converge at the end.
+        status: ``'converged'``, ``'converged to Monte-Carlo resolution'`` (n_not_global samples are
+            left at a maximum that is not their global one, because they have two near-equal maxima and
+            the sampled map jumps between them; moving them changes each conjugate by mc_jump < 1 of its
+            Monte-Carlo standard error) or ``'not converged'`` (see :mod:`hdlora.theory.engine`).
+            converged is True for the first two.  Replica stability is ``replicon_stable``.
+        n_not_global: samples whose prox is not the best maximum the final global search found.
+        mc_jump: the largest change of M_hat, Q_hat, V_hat when those samples are moved, in units of
+            the Monte-Carlo standard error of that conjugate (0 when n_not_global = 0).
+        lamV: lam V, finite as lam -> 0+ in the interpolation regime (V ~ 1/lam); at lam = 0 (the
+            lam -> 0+ limit, the min-norm interpolator) V = inf, the conjugates are 0 and lamV is the limit.
+        scaled_hats: (M_hat / lam, Q_hat / lam^2, V_hat / lam), the conjugates in the units in which they stay
+            finite as lam -> 0+ (at lam = 0 their limits).
         n_mc, method, seed: the expectation rule (n_mc = 0 for method 'exact').
         wall_time: seconds.
     """
@@ -112,6 +156,11 @@ class PretrainResult(PretrainOrderParameters):
     method: str
     seed: int
     wall_time: float
+    status: str = CONVERGED
+    n_not_global: int = 0
+    mc_jump: float = 0.0
+    lamV: float = math.nan
+    scaled_hats: tuple[float, float, float] = (math.nan, math.nan, math.nan)
 
     @property
     def state(self) -> dict[str, float]:
@@ -180,6 +229,50 @@ def output_channel_exact(alpha: float, A0: float, T: int, Q: float, M: float, V:
     }
 
 
+def output_channel_interpolating(
+    alpha: float,
+    A0: float,
+    T: int,
+    Q: float,
+    M: float,
+    v: float,
+    g: np.ndarray | None,
+    zeta: np.ndarray | None,
+    activation: str,
+) -> tuple[dict[str, float], np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The output channel at lam -> 0+ in the interpolation regime (eqs. 49-51 with V = v / lam):
+    the rescaled conjugates m_hat = M_hat / lam, q_hat = Q_hat / lam^2, v_hat = V_hat / lam, finite.
+
+    The prox is the projection of z~ onto {sigma(h) = sigma(z*)} (:func:`hdlora.theory.prox.prox_interpolating`),
+    f = (h - z~) / sqrt(s) and J = d Prox / d z~ (diagonal):
+
+        m_hat = (2 alpha / v) E sum_ab [f g / sqrt(A0) - (M / A0) (J - 1)],
+        q_hat = (2 alpha / v^2) E sum_ab f^2,      v_hat = -(2 alpha / v) E sum_ab (J - 1),
+
+    with sum_ab (J - 1) = 1 - L for softmax (J = (1/s) / sum 1/s) and -L for linear (J = 0).  ``g`` None:
+    linear sigma in closed form (h = z*: E sum f^2 = L Delta_eff, eq. 25).
+    Returns (hats, h, z*, z~) (the arrays None in closed form).
+    """
+    L = T * (T + 1) // 2
+    if g is None or zeta is None:
+        c = 2.0 * alpha * L / v
+        return {"Mhat": c, "Vhat": c, "Qhat": c * delta_eff_of_A0(A0, Q, M) / v}, None, None, None
+    rs = np.sqrt(s_ab(T).astype(float))
+    B = max(Q - M * M / A0, 0.0)
+    z_star = rs * math.sqrt(A0) * g  # eq. 47
+    z_tilde = rs * (M / math.sqrt(A0) * g + math.sqrt(B) * zeta)
+    h, jac = prox_interpolating(z_star, z_tilde, activation)
+    f = (h - z_tilde) / rs
+    j1 = float(np.mean(np.sum(jac - 1.0, axis=1)))
+    fg = float(np.mean(np.sum(f * g, axis=1))) / math.sqrt(A0)
+    hats = {
+        "Mhat": 2.0 * alpha / v * (fg - M / A0 * j1),
+        "Qhat": 2.0 * alpha / v**2 * float(np.mean(np.sum(f * f, axis=1))),
+        "Vhat": -2.0 * alpha / v * j1,
+    }
+    return hats, h, z_star, z_tilde
+
+
 def errors_exact(A0: float, T: int, Q: float, M: float, V: float) -> dict[str, float]:
     """Linear sigma: test error (eq. 55) (T+1)/T Delta_eff and train error (eq. 20) (T+1)/T Delta_eff (1-c)^2."""
     c = 4.0 * V / (T * T + 4.0 * V) if V > 0 else 0.0
@@ -224,7 +317,7 @@ def _check_method(params: Params, method: str | None) -> str:
 def _init_state(params: Params, init) -> dict[str, float]:
     if init is None:
         # a mildly informative start, inside the domain Q >= M^2/A0 (0.16 Q0^2 / A0 <= 0.5 Q0)
-        return {"Q": 0.5 * params.Q0, "M": 0.4 * params.Q0, "V": 1.0}
+        return {"Q": 0.5 * params.Q0, "M": 0.4 * params.Q0, "V": _v_scale(params.lam)}
     if isinstance(init, PretrainResult):
         st = init.state
         if not (st["V"] > 0 and st["Q"] > 0):  # W_hat = 0 solution (lam = inf): nothing to continue
@@ -317,41 +410,40 @@ def solve_pretrain(
         fields = frozen_fields(n_used, T, A0, 1.0, 0.0, seed, method)  # only g, zeta are used
     g = None if fields is None else fields["g"]
     zeta = None if fields is None else fields["zeta"]
-    # memo: warm start of the prox, last residual (sets the prox tolerance), multi-start mode
-    memo: dict[str, Any] = {"h": None, "res": 1.0, "global": False}
+    if params.lam == 0:
+        return _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mixing, init, warn, t0)
+    # V is iterated in units of v_scale (V ~ 1/lam in the interpolation regime): all three O(1)
+    v_scale = _v_scale(params.lam)
+    # memo: warm start of the prox (each sample follows its maximum: the basins are frozen between
+    # verifications), last residual (sets the prox tolerance)
+    memo: dict[str, Any] = {"h": None, "res": 1.0}
 
     def update(state: dict[str, float]):
-        Q, M, V = state["Q"], state["M"], state["V"]
+        Q, M, V = state["Q"], state["M"], state["V"] * v_scale
         if method == "exact":
             hats = output_channel_exact(alpha, A0, T, Q, M, V)
         else:
             ptol = min(1e-6, max(1e-11, 1e-4 * memo["res"]))
             assert g is not None and zeta is not None  # the Monte-Carlo fields are drawn unless method == 'exact'
             hats, px, _, _ = output_channel(
-                alpha,
-                A0,
-                Q,
-                M,
-                V,
-                g,
-                zeta,
-                act,
-                prox_init=memo["h"],
-                prox_tol=ptol,
-                full=False,
-                multi_start=memo["global"],
+                alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"], prox_tol=ptol, full=False, multi_start=False
             )
             memo["h"] = px.x
         try:
             new, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
         except FloatingPointError:
             return {"Q": math.nan, "M": math.nan, "V": math.nan}, hats
+        new = {"Q": new["Q"], "M": new["M"], "V": new["V"] / v_scale}
         memo["res"] = max(abs(new[k] - state[k]) / max(1.0, abs(state[k])) for k in ("Q", "M", "V"))
-        return {k: new[k] for k in ("Q", "M", "V")}, hats
+        return new, hats
 
     x0 = _init_state(params, init)
+    x0["V"] /= v_scale
     bounds = {"Q": (1e-14, math.inf), "V": (1e-14, math.inf)}
-    iterations, not_global = 0, False
+    iterations, rounds, failures = 0, 0, 0
+    moved = np.zeros(n_used, dtype=bool)  # samples a verification moved to a better maximum
+    better = moved
+    mc_jump = 0.0
     while True:
         fp = iterate(
             update,
@@ -364,7 +456,7 @@ def solve_pretrain(
             warn=False,
         )
         iterations += fp.iterations
-        Q, M, V = fp.state["Q"], fp.state["M"], fp.state["V"]
+        Q, M, V = fp.state["Q"], fp.state["M"], fp.state["V"] * v_scale
         converged = fp.converged
         if method == "exact":
             hats = output_channel_exact(alpha, A0, T, Q, M, V)
@@ -372,27 +464,39 @@ def solve_pretrain(
             c = 4.0 * V / (T * T + 4.0 * V)
             sample_term, failures = L * c * c, 0
             break
-        # final evaluation at the fixed point with a tight prox tolerance
+        # final evaluation at the fixed point with a tight prox tolerance, each sample in its basin
         assert g is not None and zeta is not None  # the Monte-Carlo fields are drawn unless method == 'exact'
         hats, px, z_star, z_tilde = output_channel(
-            alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"], prox_tol=1e-11, multi_start=memo["global"]
+            alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"], prox_tol=1e-11, multi_start=False
         )
-        # the warm-started prox must be the global maximiser: compare with a start at z* (interpolation)
-        alt = prox(z_star, z_tilde, V, act, init=z_star, multi_start=False, tol=1e-11, full=False, merge_ref=px.x)
-        not_global = bool(np.any(alt.value > px.value + 1e-9 * (1.0 + np.abs(px.value))))
-        if not_global and not memo["global"] and converged and iterations < max_iter:
-            # the continuation followed a non-global branch: iterate again with multi-start proxes
-            memo["global"], x0 = True, fp.state
+        memo["h"] = px.x.copy()
+        # verification: the followed maximum must be the global one; search from z~ and from z* (interpolation)
+        alt = prox(z_star, z_tilde, V, act, multi_start=True, tol=1e-11, full=False)
+        better = alt.value > px.value + 1e-9 * (1.0 + np.abs(px.value))
+        fresh = better & ~moved
+        if converged and np.any(fresh) and rounds < MAX_BASIN_ROUNDS and iterations < max_iter:
+            # move those samples to their better maximum: a new (continuous) map, solved again from here
+            memo["h"][fresh] = alt.x[fresh]
+            moved |= fresh
+            rounds += 1
+            x0 = fp.state
             continue
         break
+    n_not_global = int(np.count_nonzero(better))
     if method != "exact":
         failures = px.n_failed
-        converged = converged and failures == 0 and not not_global
+        if n_not_global:
+            # samples left at a maximum that is not the global one: they were moved before and prefer
+            # their old maximum again (two near-equal maxima, the sampled map jumps between them).  The
+            # fixed point is then defined to Monte-Carlo resolution: accepted when moving them changes
+            # each conjugate by less than its Monte-Carlo standard error.
+            mc_jump = _switch_jump(px, alt, better, g, A0, M, T)
         err = {
             "pretrain_test_error": _mean_error(z_tilde, z_star, T, act),
             "pretrain_train_error": _mean_error(px.x, z_star, T, act),
         }
         sample_term = float(np.mean(px.replicon))
+    converged = converged and failures == 0 and mc_jump <= 1.0
     try:
         spec, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
         # converged: the residual measured at the returned point (not at the previous iterate) meets tol
@@ -402,6 +506,7 @@ def solve_pretrain(
         rep = replicon_pretrain(alpha, V, hats["Vhat"], sample_term, r_int)
     except FloatingPointError:  # conjugates left their domain (e.g. V_hat <= 0): no fixed point here
         spec, rep, converged, residual = {"eta": math.nan, "eps": math.nan}, math.nan, False, math.nan
+    status = (CONVERGED if n_not_global == 0 else CONVERGED_MC) if converged else NOT_CONVERGED
     result = PretrainResult(
         Q=Q,
         M=M,
@@ -423,17 +528,120 @@ def solve_pretrain(
         method=method,
         seed=seed,
         wall_time=time.perf_counter() - t0,
+        status=status,
+        n_not_global=n_not_global,
+        mc_jump=mc_jump,
+        lamV=params.lam * V,
+        scaled_hats=(hats["Mhat"] / params.lam, hats["Qhat"] / params.lam**2, hats["Vhat"] / params.lam),
     )
     if warn and not result.converged:
         warnings.warn(
             f"pre-training state evolution not converged: residual {residual:.3g} after "
-            f"{iterations} iterations, {failures} prox failures" + (", prox not global" if not_global else ""),
+            f"{iterations} iterations, {failures} prox failures"
+            + (f", {n_not_global} samples not at their global maximum (jump {mc_jump:.3g} s.e.)" if n_not_global else ""),
             NonConvergenceWarning,
             stacklevel=2,
         )
     if warn and not result.replicon_stable:
         warnings.warn(
             f"pre-training replicon condition violated: eq. 75 LHS = {rep:.4g} >= 1", RuntimeWarning, stacklevel=2
+        )
+    return result
+
+
+def _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mixing, init, warn, t0):
+    """lam = 0+: the state evolution of the min-norm interpolator (V = inf, lam V = v finite).
+
+    The fixed point of (Q, M, v) under :func:`output_channel_interpolating` and the spectral channel
+    (eqs. 52-54) with the rescaled conjugates (eps = 2 sqrt(kappa) / m_hat, V -> v).  It exists only while
+    the data can be interpolated; beyond that (alpha above the interpolation threshold) V stays finite as
+    lam -> 0, v = lam V -> 0 along the iteration, and a ParamError says so.
+    """
+    T, A0, act, alpha = params.tokens, A0_of(params), params.activation, params.alpha
+    L = T * (T + 1) // 2
+    keys = ("Q", "M", "V")
+
+    def update(state: dict[str, float]):
+        hats = output_channel_interpolating(alpha, A0, T, state["Q"], state["M"], state["V"], g, zeta, act)[0]
+        try:
+            new, _ = input_channel(params.kappa0, params.kappa, 1.0, hats["Mhat"], hats["Qhat"], hats["Vhat"])
+        except FloatingPointError:
+            return {k: math.nan for k in keys}, hats
+        return {k: new[k] for k in keys}, hats
+
+    if isinstance(init, PretrainResult) and init.lamV > 0 and math.isfinite(init.lamV):
+        x0 = {"Q": init.Q, "M": init.M, "V": init.lamV}
+    else:
+        x0 = {"Q": 0.5 * params.Q0, "M": 0.4 * params.Q0, "V": 0.1}
+    fp = iterate(
+        update,
+        x0,
+        mixing=mixing,
+        tol=tol,
+        max_iter=max_iter,
+        bounds={"Q": (1e-14, math.inf), "V": (1e-14, math.inf)},
+        name="pre-training state evolution at lam = 0+",
+        warn=False,
+    )
+    Q, M, v = fp.state["Q"], fp.state["M"], fp.state["V"]
+    if not v > LAMV_MIN:  # the iteration went to the v = 0 face: V stays finite as lam -> 0
+        raise ParamError(
+            f"lam = 0+ (min-norm interpolator) has no fixed point at alpha = {alpha:g}: the data are not "
+            f"interpolated (lam V -> 0 along the iteration, {v:.2g}); use lam > 0 or a smaller alpha"
+        )
+    hats, h, z_star, z_tilde = output_channel_interpolating(alpha, A0, T, Q, M, v, g, zeta, act)
+    if h is None:
+        err = errors_exact(A0, T, Q, M, math.inf)
+    else:
+        err = {
+            "pretrain_test_error": _mean_error(z_tilde, z_star, T, act),
+            "pretrain_train_error": _mean_error(h, z_star, T, act),
+        }
+    try:
+        spec, _ = input_channel(params.kappa0, params.kappa, 1.0, hats["Mhat"], hats["Qhat"], hats["Vhat"])
+        residual = max(abs(spec[k] - x) / max(1.0, abs(x)) for k, x in (("Q", Q), ("M", M), ("V", v)))
+        r_int = float(spectral.replicon_integral(spec["eta"], spec["eps"], params.kappa0))
+        # eq. 75 is invariant under V -> V / lam, V_hat -> lam V_hat; the sample term ||I - A^-1||^2 -> L - 1
+        # (softmax, A^-1 the projector on 11^T) or L (linear, A^-1 = 0)
+        rep = replicon_pretrain(alpha, v, hats["Vhat"], L - 1.0 if act == "softmax" else float(L), r_int)
+    except FloatingPointError:
+        spec, rep, residual = {"eta": math.nan, "eps": math.nan}, math.nan, math.nan
+    converged = bool(fp.converged and residual <= tol)
+    result = PretrainResult(
+        Q=Q,
+        M=M,
+        V=math.inf,
+        Mhat=0.0,
+        Qhat=0.0,
+        Vhat=0.0,
+        eta=spec["eta"],
+        eps=spec["eps"],
+        pretrain_train_error=err["pretrain_train_error"],
+        pretrain_test_error=err["pretrain_test_error"],
+        replicon_pretrain=rep,
+        replicon_stable=bool(rep < 1.0),
+        converged=converged,
+        residual=residual,
+        iterations=fp.iterations,
+        prox_failures=0,
+        n_mc=n_used,
+        method=method,
+        seed=seed,
+        wall_time=time.perf_counter() - t0,
+        status=CONVERGED if converged else NOT_CONVERGED,
+        lamV=v,
+        scaled_hats=(hats["Mhat"], hats["Qhat"], hats["Vhat"]),
+    )
+    if warn and not converged:
+        warnings.warn(
+            f"pre-training state evolution at lam = 0+ not converged: residual {residual:.3g} after "
+            f"{fp.iterations} iterations",
+            NonConvergenceWarning,
+            stacklevel=3,
+        )
+    if warn and not result.replicon_stable:
+        warnings.warn(
+            f"pre-training replicon condition violated: eq. 75 LHS = {rep:.4g} >= 1", RuntimeWarning, stacklevel=3
         )
     return result
 
@@ -457,6 +665,8 @@ def train_fields(
     z_star, z_tilde = fields_test_law(params, result, n, seed, method)
     if result.V == 0.0:  # lam = inf or V -> 0: Prox is the identity on z~
         return z_star, z_tilde
+    if math.isinf(result.V):  # lam = 0+: the projection onto sigma(h) = sigma(z*)
+        return z_star, prox_interpolating(z_star, z_tilde, params.activation)[0]
     if params.activation == "linear":
         return z_star, prox_linear(z_star, z_tilde, result.V)
     px = prox(z_star, z_tilde, result.V, params.activation, multi_start=True, tol=1e-11)

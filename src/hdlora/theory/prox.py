@@ -45,6 +45,7 @@ __all__ = [
     "pretrain_potential_derivatives",
     "prox",
     "prox_linear",
+    "prox_interpolating",
     "normalized_hessian",
 ]
 
@@ -202,6 +203,26 @@ def prox_linear(z_star: np.ndarray, z_tilde: np.ndarray, V: float) -> np.ndarray
     return (np.asarray(z_tilde) + k * np.asarray(z_star)) / (1.0 + k)
 
 
+def prox_interpolating(z_star: np.ndarray, z_tilde: np.ndarray, activation: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
+    """The prox at V = inf (lam -> 0+), arrays (n, L): the projection of z~ onto {h : sigma(h) = sigma(z*)}
+    in the metric of eq. 42, and its Jacobian diagonal d Prox_ab / d z~_ab.
+
+    Softmax (row-wise, h symmetric): that set is the line {z* + c 11^T}, and the point nearest z~ in
+    sum (.)^2 / s_ab has c = sum_ab (z~ - z*)_ab / s_ab / sum_ab 1 / s_ab, so that
+    d Prox_ab / d z~_ab = (1 / s_ab) / sum_cd 1 / s_cd.  Linear: the set is {z*}, the Jacobian 0.
+    (The V -> inf limit of :func:`prox`: the quadratic term of Psi vanishes, the loss must be 0.)
+    """
+    _check_activation(activation)
+    z_star = np.asarray(z_star, dtype=float)
+    z_tilde = np.asarray(z_tilde, dtype=float)
+    T = tokens_from_L(z_star.shape[-1])
+    if activation == "linear":
+        return z_star.copy(), np.zeros_like(z_star)
+    w = 1.0 / _embedding(T)[2]
+    c = (z_tilde - z_star) @ w / np.sum(w)
+    return z_star + c[:, None], np.broadcast_to(w / np.sum(w), z_star.shape).copy()
+
+
 def _newton_solve(d0, data, V, s, activation, T, tol, max_iter, ref=None):
     """Safeguarded Newton for min_delta f = -Psi(z~ + delta), all samples; arrays sample-first (n, L).
 
@@ -218,7 +239,7 @@ def _newton_solve(d0, data, V, s, activation, T, tol, max_iter, ref=None):
         data,
         T,
         activation == "softmax",
-        _newton.NewtonRule.pretrain(tol, max_iter, V),
+        _newton.NewtonRule.pretrain(tol, max_iter, V, shift_invariant=activation == "softmax"),
         ref=ref,
     )
 
@@ -311,7 +332,7 @@ def prox(
         rep = np.empty(n)
         hess = np.empty((n, L, L)) if full else np.empty((1, 1, 1))
         cur = (out.x, np.empty(n), np.empty(n), np.empty((n, L)), np.empty(n, dtype=np.bool_), rep, hess)
-        K.pretrain_post(out.x, out.grad, out.hess, out.loss, float(V), s, full, *cur[1:])
+        K.pretrain_post(out.x, out.grad, out.hess, out.loss, float(V), s, full, activation == "softmax", *cur[1:])
         if ref is not None:
             cur[1][out.merged] = -np.inf
             merged |= out.merged
