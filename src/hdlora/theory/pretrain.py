@@ -412,6 +412,14 @@ def solve_pretrain(
     zeta = None if fields is None else fields["zeta"]
     if params.lam == 0:
         return _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mixing, init, warn, t0)
+    if init is None and params.lam < LAM_V_SCALE:
+        # small lam: start from the lam = 0+ fixed point (V = v / lam) when the data are interpolated there
+        try:
+            z = _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mixing, None, False, t0)
+            if z.converged:
+                init = {"Q": z.Q, "M": z.M, "V": z.lamV / params.lam}
+        except ParamError:  # not interpolated at lam = 0+: V stays finite, the default start
+            pass
     # V is iterated in units of v_scale (V ~ 1/lam in the interpolation regime): all three O(1)
     v_scale = _v_scale(params.lam)
     # memo: warm start of the prox (each sample follows its maximum: the basins are frozen between
@@ -573,16 +581,21 @@ def _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mi
         x0 = {"Q": init.Q, "M": init.M, "V": init.lamV}
     else:
         x0 = {"Q": 0.5 * params.Q0, "M": 0.4 * params.Q0, "V": 0.1}
-    fp = iterate(
-        update,
-        x0,
-        mixing=mixing,
-        tol=tol,
-        max_iter=max_iter,
-        bounds={"Q": (1e-14, math.inf), "V": (1e-14, math.inf)},
-        name="pre-training state evolution at lam = 0+",
-        warn=False,
-    )
+    iterations = 0
+    for mix in (mixing, mixing / 2, mixing / 4):  # the undamped map can circle (e.g. alpha = 0.01): damp it
+        fp = iterate(
+            update,
+            x0,
+            mixing=mix,
+            tol=tol,
+            max_iter=max(1, max_iter - iterations),
+            bounds={"Q": (1e-14, math.inf), "V": (1e-14, math.inf)},
+            name="pre-training state evolution at lam = 0+",
+            warn=False,
+        )
+        iterations += fp.iterations
+        if fp.converged or iterations >= max_iter:
+            break
     Q, M, v = fp.state["Q"], fp.state["M"], fp.state["V"]
     if not v > LAMV_MIN:  # the iteration went to the v = 0 face: V stays finite as lam -> 0
         raise ParamError(
@@ -622,7 +635,7 @@ def _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mi
         replicon_stable=bool(rep < 1.0),
         converged=converged,
         residual=residual,
-        iterations=fp.iterations,
+        iterations=iterations,
         prox_failures=0,
         n_mc=n_used,
         method=method,
@@ -635,7 +648,7 @@ def _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mi
     if warn and not converged:
         warnings.warn(
             f"pre-training state evolution at lam = 0+ not converged: residual {residual:.3g} after "
-            f"{fp.iterations} iterations",
+            f"{iterations} iterations",
             NonConvergenceWarning,
             stacklevel=3,
         )
