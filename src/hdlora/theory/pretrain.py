@@ -84,8 +84,8 @@ MAX_BASIN_ROUNDS = 4
 
 
 def _v_scale(lam: float) -> float:
-    """The unit in which V is iterated: max(1, LAM_V_SCALE / lam)."""
-    return max(1.0, LAM_V_SCALE / lam)
+    """The unit in which V is iterated: max(1, LAM_V_SCALE / lam) (1 at lam = 0: V finite there)."""
+    return max(1.0, LAM_V_SCALE / lam) if lam > 0 else 1.0
 
 
 def _switch_jump(px: ProxResult, alt: ProxResult, which: np.ndarray, g: np.ndarray, A0: float, M: float, T: int) -> float:
@@ -411,8 +411,13 @@ def solve_pretrain(
     g = None if fields is None else fields["g"]
     zeta = None if fields is None else fields["zeta"]
     if params.lam == 0:
-        return _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mixing, init, warn, t0)
-    if init is None and params.lam < LAM_V_SCALE:
+        # lam -> 0+: the min-norm interpolator while the data are interpolated (V = inf, lam V finite);
+        # beyond the interpolation threshold V stays finite and lam = 0 is solved as it stands below
+        try:
+            return _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mixing, init, warn, t0)
+        except ParamError:
+            pass
+    elif init is None and params.lam < LAM_V_SCALE:
         # small lam: start from the lam = 0+ fixed point (V = v / lam) when the data are interpolated there
         try:
             z = _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mixing, None, False, t0)
@@ -540,7 +545,9 @@ def solve_pretrain(
         n_not_global=n_not_global,
         mc_jump=mc_jump,
         lamV=params.lam * V,
-        scaled_hats=(hats["Mhat"] / params.lam, hats["Qhat"] / params.lam**2, hats["Vhat"] / params.lam),
+        scaled_hats=tuple(
+            hats[k] / params.lam**p if params.lam > 0 else math.nan for k, p in (("Mhat", 1), ("Qhat", 2), ("Vhat", 1))
+        ),
     )
     if warn and not result.converged:
         warnings.warn(
