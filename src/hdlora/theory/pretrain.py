@@ -35,6 +35,21 @@ Delta_eff = A0 - 2M + Q (eq. 25),
     E (test, eq. 55) = (T+1)/T Delta_eff,   L (train, eq. 20) = (T+1)/T Delta_eff (1 - c)^2.
 
 lam = inf gives W_hat = 0: Q = M = V = 0 (App. A.7).
+
+Small lam.  Below the interpolation threshold V grows like 1/lam (V_hat ~ M_hat ~ lam, Q_hat ~ lam^2;
+eta and eps stay finite).  V is iterated in units of LAM_V_SCALE / lam, the softmax prox removes its
+shift along 11^T analytically (:mod:`hdlora.theory.prox`), and a cold solve at lam < LAM_V_SCALE starts
+from the lam = 0+ fixed point when there is one.  lam = 0 means lam -> 0+: while the data are
+interpolated, the min-norm interpolator (:func:`output_channel_interpolating`: the prox is the projection
+of z~ onto {sigma(h) = sigma(z*)}, the conjugates rescaled, V = inf, lam V finite); beyond the threshold
+(lam V -> 0) V stays finite and lam = 0 is solved as it stands.
+
+Basins.  Between verifications each sample follows its prox maximum (warm start: a continuous map);
+at a fixed point a global search (starts z~ and z*) moves samples that have a better maximum, and the
+map is solved again (at most MAX_BASIN_ROUNDS times).  Samples that then prefer their old maximum again
+have two near-equal maxima: the sampled map jumps between them and has no exact fixed point; the result
+is "converged to Monte-Carlo resolution" when moving them changes every conjugate by less than its
+Monte-Carlo standard error (``mc_jump`` < 1), else not converged.
 """
 
 from __future__ import annotations

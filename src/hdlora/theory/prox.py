@@ -17,6 +17,13 @@ eigenvalue fallback, Armijo backtracking, per sample), warm-startable from a pre
 solution.  The NumPy formulas below (sample axis last) are the reference the kernel is tested
 against and serve the public value/derivative functions and the post-processing.
 
+Softmax is invariant under h -> h + c 11^T (the only symmetric row-wise shift), so along 11^T only the
+quadratic term acts, with curvature 1/(V s) ~ lam when V ~ 1/lam: the maximiser has sum_ab (h - z~)_ab / s_ab
+= 0 exactly.  The kernel keeps h on that hyperplane and lifts the Newton matrix along it (shift_invariant
+rule), the reported Jacobian uses the exact inverse along 11^T, and the residual is also measured as the
+Newton step (the distance to the maximiser), so the prox converges at any V (tested up to 1e12).
+At V = inf (lam -> 0+) it is the projection :func:`prox_interpolating`.
+
 For the linear activation sigma(x) = x / T the prox is closed form (App. C, eq. 106):
 
     Prox = (z~ + (4V/T^2) z*) / (1 + 4V/T^2),   Prox - z* = (z~ - z*) / (1 + 4V/T^2).
@@ -270,7 +277,9 @@ def prox(
             keep the larger Psi per sample.  Default: True without ``init``, False with it.
         tol: tolerance on the stationarity residual (ProxResult.residual)
             max_ab |delta_ab + V s_ab d l/dh_ab| / min(1, V): the residual of the fixed-point form
-            h = z~ - V s grad l(h), in units of h for V >= 1 and relative to V (gradient units) for V < 1.
+            h = z~ - V s grad l(h), in units of h for V >= 1 and relative to V (gradient units) for V < 1;
+            softmax: or, where smaller, the Newton step that removes it (same units), since the residual
+            carries V x the rounding of grad l.
         max_iter: maximum number of Newton iterations per starting point.
         full: also return the Hessian and the replicon sample term (else those fields are None;
             the state-evolution iterations only need h and the Jacobian diagonal).
