@@ -210,7 +210,9 @@ def prox_linear(z_star: np.ndarray, z_tilde: np.ndarray, V: float) -> np.ndarray
     return (np.asarray(z_tilde) + k * np.asarray(z_star)) / (1.0 + k)
 
 
-def prox_interpolating(z_star: np.ndarray, z_tilde: np.ndarray, activation: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
+def prox_interpolating(
+    z_star: np.ndarray, z_tilde: np.ndarray, activation: str = "softmax"
+) -> tuple[np.ndarray, np.ndarray]:
     """The prox at V = inf (lam -> 0+), arrays (n, L): the projection of z~ onto {h : sigma(h) = sigma(z*)}
     in the metric of eq. 42, and its Jacobian diagonal d Prox_ab / d z~_ab.
 
