@@ -402,6 +402,8 @@ def solve_pretrain(
 
     Args:
         params: model parameters (alpha, tokens, kappa0, kappa, noise, lam, activation are used).
+            lam = 0 is the lam -> 0+ limit: the min-norm interpolator (V = inf, ``lamV`` finite) while the
+            data are interpolated, else lam = 0 with V finite (see the module docstring).
         n_mc: Monte-Carlo sample count (ignored for method 'exact').
         seed: seed of the fixed samples.
         method: 'mc', 'qmc' or 'exact' (linear sigma only; closed-form Gaussian expectations).
@@ -409,11 +411,15 @@ def solve_pretrain(
         tol: passed to :func:`hdlora.theory.fixed_point.iterate`.
         max_iter: passed to :func:`hdlora.theory.fixed_point.iterate`.
         mixing: passed to :func:`hdlora.theory.fixed_point.iterate`.
-        init: warm start (a previous PretrainResult or a mapping with Q, M, V).
+        init: warm start (a previous PretrainResult or a mapping with Q, M, V).  None: the default start,
+            or below lam = LAM_V_SCALE the lam = 0+ fixed point (V = lamV / lam) when there is one.
+            At lam = 0+ only a PretrainResult (its Q, M, lamV) is used.
         warn: warn (NonConvergenceWarning) when not converged.
 
     Returns:
-        PretrainResult (frozen).  A non-converged solve is flagged (converged=False) and warned about.
+        PretrainResult (frozen).  A non-converged solve is flagged (converged=False, status 'not
+        converged') and warned about; ``status`` tells 'converged' from 'converged to Monte-Carlo
+        resolution' (near-degenerate prox maxima, counted in ``n_not_global``, ``mc_jump``).
     """
     if not isinstance(params, Params):
         raise ParamError(f"params must be a hdlora.Params, got {type(params).__name__}")
