@@ -45,8 +45,9 @@ of z~ onto {sigma(h) = sigma(z*)}, the conjugates rescaled, V = inf, lam V finit
 (lam V -> 0) V stays finite and lam = 0 is solved as it stands.
 
 Basins.  Between verifications each sample follows its prox maximum (warm start: a continuous map);
-at a fixed point a global search (starts z~ and z*) moves samples that have a better maximum, and the
-map is solved again (at most MAX_BASIN_ROUNDS times).  Samples that then prefer their old maximum again
+at a fixed point a global search (from z*; for T = 2 at V > 1 also from the entrywise mixes of z~ and
+z*) moves samples that have a better maximum, and the map is solved again (at most MAX_BASIN_ROUNDS
+times).  Samples that then prefer their old maximum again
 have two near-equal maxima: the sampled map jumps between them and has no exact fixed point; the result
 is "converged to Monte-Carlo resolution" when moving them changes every conjugate by less than its
 Monte-Carlo standard error (``mc_jump`` < 1), else not converged.
@@ -104,16 +105,20 @@ def _v_scale(lam: float) -> float:
 
 
 def _global_search(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str) -> ProxResult:
-    """The verification's prox: the best maximum per sample over the starts z~ and z* and, for T = 2
-    (L = 3), every entrywise mix of the two (2^L starts): at alpha = 0.301575, lam = 1e-3 (V = 14) the
-    mixes find a better maximum than z~ and z* on 1 sample of 3e4, and 40 random starts none beyond them.
-    (For T = 3 the 64 mixes cost ~7 s at 3e4 samples and found nothing at the Fig. 1 point: z~ and z* only.)
+    """The verification's prox: the maximum reached from z* (an interpolating point) and, for T = 2 (L = 3)
+    at V > 1, the best over every entrywise mix of z~ and z* (2^L starts; h = z~, the start of the first
+    iteration, found nothing beyond the followed maxima at lam = 1e-3).  Measured (3e4 samples, T = 2): at
+    alpha = 0.301575, V = 14 (lam = 1e-3) and 17.5 (lam = 1e-5) the mixes find a better maximum than z~
+    and z* on 1 and 2 samples, and 40 random starts none beyond them (lam = 1e-3); at V = 0.28 (Fig. 3,
+    alpha = 0.2, lam = 0.3) the z~ and z* starts agree on every sample and the mixes find nothing (there
+    they would cost half of the pre-training solve).  For T = 3 the 64 mixes cost ~7 s and found nothing at
+    the Fig. 1 point (V = 1.7): z~ and z* only.
     """
-    best = prox(z_star, z_tilde, V, activation, multi_start=True, tol=1e-11, full=False)
+    best = prox(z_star, z_tilde, V, activation, init=z_star, multi_start=False, tol=1e-11, full=False)
     L = z_star.shape[1]
-    if activation != "softmax" or L > 3:
+    if activation != "softmax" or L > 3 or V <= 1.0:
         return best
-    for k in range(1, 2**L - 1):  # 0 (z~) and 2^L - 1 (z*) are done
+    for k in range(0, 2**L - 1):  # 2^L - 1 (z*) is done
         mask = np.array([(k >> i) & 1 for i in range(L)], dtype=bool)
         r = prox(
             z_star,
@@ -541,7 +546,7 @@ def solve_pretrain(
             alpha, A0, Q, M, V, g, zeta, act, prox_init=memo["h"], prox_tol=1e-11, multi_start=False
         )
         memo["h"] = px.x.copy()
-        # verification: the followed maximum must be the global one; search from z~ and from z* (interpolation)
+        # verification: the followed maximum must be the global one (search: :func:`_global_search`)
         alt = _global_search(z_star, z_tilde, V, act)
         better = alt.value > px.value + 1e-9 * (1.0 + np.abs(px.value))
         fresh = better & ~moved
