@@ -244,3 +244,14 @@ def test_simulate_one_seed_no_plus_minus_nan_and_booleans_as_counts(capsys):
     assert cli.main(base + ["--seeds", "2"]) == 0
     out = capsys.readouterr().out
     assert "±" in out and "2/2 converged" in out and "converged  1 ±" not in out, out
+
+
+# ----------------------------------------------------------------------------- --lam 0+
+@pytest.mark.parametrize("command", sorted(DRY))
+def test_lam_0_plus_is_accepted_and_a_bad_lam_is_one_line(command, capsys):
+    """--lam 0+ is lam = 0, the lam -> 0+ limit (the theory's min-norm interpolator while the data are
+    interpolated); anything else that is not a number is one line naming --lam and 0+, exit 2."""
+    assert cli.main(DRY[command] + ["--lam", "0+"]) == 0
+    capsys.readouterr()
+    assert cli.main(DRY[command] + ["--lam", "0++"]) == 2
+    one_error_line(capsys, "--lam", "0+", "0++")

@@ -56,6 +56,19 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number (or inf), got {text!r}") from None
 
 
+def _lam(text: str) -> float:
+    """--lam: a number >= 0, inf, or 0+ (= 0: the lam -> 0+ limit; in the theory the min-norm interpolator
+    while the data are interpolated, see :mod:`hdlora.theory.pretrain`)."""
+    if text.strip() == "0+":
+        return 0.0
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number >= 0, inf, or 0+ (the lam -> 0+ limit), got {text!r}"
+        ) from None
+
+
 def integer(text: str) -> int:
     """An integer flag: ``3e4`` and ``30000.0`` are accepted (integral), ``1000.5``, ``nan``, ``inf`` refused."""
     try:
@@ -104,7 +117,12 @@ def add_param_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kappa0", type=_float, default=d.kappa0, help="kappa0: target rank P0 = kappa0 D")
     g.add_argument("--kappa", type=_float, default=d.kappa, help="kappa: student width P = kappa D (>= 1)")
     g.add_argument("--noise", type=_float, default=d.noise, help="Delta: label noise")
-    g.add_argument("--lam", type=_float, default=d.lam, help="lambda: pre-training ridge (inf: LoRA only)")
+    g.add_argument(
+        "--lam",
+        type=_lam,
+        default=d.lam,
+        help="lambda: pre-training ridge (inf: LoRA only; 0 or 0+: the lam -> 0+ limit)",
+    )
     g.add_argument("--lam-ft", type=_float, default=d.lam_ft, help="lambda': fine-tuning ridge (inf: frozen)")
     g.add_argument("--reuse", action="store_true", help="e = 1: fine-tune on reused pre-training sequences")
     g.add_argument("--activation", default=d.activation, help="softmax | linear (sigma(x) = x/T)")

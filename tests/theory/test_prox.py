@@ -128,3 +128,27 @@ def test_bad_input():
         P.prox(zs, zt[:, :2], 1.0)
     with pytest.raises(ValueError, match="T\\(T\\+1\\)/2"):
         P.tokens_from_L(4)
+
+
+@pytest.mark.parametrize("T", [2, 3])
+def test_softmax_prox_at_large_V_converges_to_the_interpolating_projection(T):
+    """V ~ 1/lam up to 1e12: the shift along 11^T is fixed analytically (sum (h - z~)/s = 0, the loss is
+    invariant along it) and the Newton step is the stopping measure, so every sample converges (the
+    residual |V s grad l + d| carries V x rounding); the prox tends to the projection onto sigma(h) = sigma(z*)
+    like 1/V, and so does its Jacobian diagonal."""
+    from hdlora.theory.sampling import s_ab
+
+    rng = np.random.default_rng(0)
+    L = T * (T + 1) // 2
+    zs, zt = rng.standard_normal((2000, L)), rng.standard_normal((2000, L))
+    s = s_ab(T).astype(float)
+    h_inf, jac_inf = P.prox_interpolating(zs, zt)
+    errs = []
+    for V in (1e4, 1e8, 1e12):
+        px = P.prox(zs, zt, V, tol=1e-11)
+        assert px.n_failed == 0 and px.n_not_max == 0
+        assert np.max(np.abs(np.sum((px.x - zt) / s, axis=1))) < 1e-9 * (1 + np.abs(zt).max())
+        errs.append((np.abs(px.x - h_inf).max(), np.abs(px.jacobian_diag - jac_inf).max()))
+    for (e0, j0), (e1, j1) in zip(errs, errs[1:]):
+        assert e1 < 2e-3 * e0 and j1 < 2e-3 * j0
+    assert errs[-1][0] < 1e-6

@@ -495,6 +495,17 @@ def _norm(v, kind):
 
 
 @njit(cache=True, error_model="numpy")
+def _to_hyperplane(x, a, w, csum):
+    """x -= t 1 with t = sum_i (x_i - a_i) / w_i / sum_i 1/w_i: the minimiser of the quadratic term along 1."""
+    t = 0.0
+    for j in range(x.shape[0]):
+        t += (x[j] - a[j]) / w[j]
+    t /= csum
+    for j in range(x.shape[0]):
+        x[j] -= t
+
+
+@njit(cache=True, error_model="numpy")
 def newton_prox(
     kind,
     x0,
@@ -533,6 +544,15 @@ def newton_prox(
           not converged) when, at a positive-definite Hessian of f, both x and its Newton step x + s lie
           within rho (1 + |ref|_2) of ``ref`` (rows: a local minimiser already found): it is on its way
           to that minimiser, and solving it again would only repeat it.  rho = 0: no merging (ref unused).
+      shift-invariant loss, opts[13] != 0 (the softmax pre-training channel: loss(x + c 1) = loss(x)):
+          the minimiser has sum_i (x_i - a_i) / w_i = 0 exactly (the quadratic term alone fixes the
+          component along 1), so x is put on that hyperplane at the start and after every step, the
+          Newton matrix gets + tau c c^T (c = 1/w, tau = sum_i |d2loss_ii| / (sum_i c_i)^2), which
+          lifts its eigenvalue along 1 from ~1/w (ill-conditioned when w is large) to the scale of
+          the loss Hessian without changing the step on the hyperplane, and a sample also stops as
+          converged when that Newton step is below tol * scale0 in max-norm (taken first): its
+          distance to the minimiser, whereas the residual of stop 0 carries w x the rounding of
+          dloss and cannot reach tol when w ~ 1/lam is large.
     Outputs at the point of the returned derivatives: f, loss, dloss/dx, d2loss/dx2 and aux.
     """
     n, k = x0.shape
@@ -549,6 +569,10 @@ def newton_prox(
     n_try = int(opts[10])
     take_last = opts[11] != 0.0
     merge = opts[12] if opts.shape[0] > 12 else 0.0
+    shift = opts.shape[0] > 13 and opts[13] != 0.0
+    csum = 0.0
+    for j in range(k):
+        csum += 1.0 / w[j]
     T = max(int(consts[0]), 1)
     X = np.empty((T, T))
     P = np.empty((T, T))
@@ -576,6 +600,8 @@ def newton_prox(
         a = anchor[s]
         for j in range(k):
             x[j] = x0[s, j]
+        if shift:
+            _to_hyperplane(x, a, w, csum)
         loss = loss_derivatives(kind, x, row, consts, 2, gl, Hl, aux, X, P, R, G)
         f = loss
         for j in range(k):
@@ -609,9 +635,30 @@ def newton_prox(
                 for m in range(k):
                     Hf[j, m] = Hl[j, m]
                 Hf[j, j] += 1.0 / w[j]
+            if shift:
+                tau = 0.0
+                for j in range(k):
+                    tau += abs(Hl[j, j])
+                tau /= csum * csum
+                for j in range(k):
+                    for m in range(k):
+                        Hf[j, m] += tau / (w[j] * w[m])
             pd = _direction(Hf, gf, pd_min, floor_rel, floor_abs, C, step, tmp, lam, U, B)
             snorm = _norm(step, norm_kind)
             xnorm = _norm(x, norm_kind)
+            if shift and pd and _norm(step, 0) <= tol * scale0:
+                # converged on the Newton step (the distance to the minimiser): take it and stop
+                for j in range(k):
+                    x[j] += step[j]
+                _to_hyperplane(x, a, w, csum)
+                res = _norm(step, 0)
+                loss = loss_derivatives(kind, x, row, consts, 2, gl, Hl, aux, X, P, R, G)
+                f = loss
+                for j in range(k):
+                    dx = x[j] - a[j]
+                    f += dx * dx / (2.0 * w[j])
+                conv = True
+                break
             if stop == 1:
                 res = snorm
                 if pd and snorm < tol * (1.0 + xnorm):
@@ -665,6 +712,8 @@ def newton_prox(
                 break  # no ascent found: stay (every further iteration would repeat this one)
             for j in range(k):
                 x[j] = xt[j]
+            if shift:
+                _to_hyperplane(x, a, w, csum)  # the loss is unchanged: gl, Hl stay valid
             if have_derivs:
                 loss = lt
                 f = ft
@@ -674,6 +723,11 @@ def newton_prox(
                         Hl[j, m] = Hdum[j, m]
                 for j in range(n_aux):
                     aux[j] = auxd[j]
+                if shift:
+                    f = loss
+                    for j in range(k):
+                        dx = x[j] - a[j]
+                        f += dx * dx / (2.0 * w[j])
             else:
                 loss = loss_derivatives(kind, x, row, consts, 2, gl, Hl, aux, X, P, R, G)
                 f = loss
@@ -723,7 +777,7 @@ def evaluate_batch(kind, x, data, consts, order, out_g, out_H, out_aux):
 
 
 @njit(cache=True, error_model="numpy")
-def pretrain_post(d, g, Hl, loss, V, s, full, out_psi, out_stat, out_jac, out_pd, out_rep, out_hess):
+def pretrain_post(d, g, Hl, loss, V, s, full, shift, out_psi, out_stat, out_jac, out_pd, out_rep, out_hess):
     """What the pre-training prox (eq. 42) reports at h = z~ + d, per sample (rows), fused.
 
     d (n, L) = h - z~; the gradient g (n, L), Hessian Hl (n, L, L) and value (n,) of the loss
@@ -736,12 +790,29 @@ def pretrain_post(d, g, Hl, loss, V, s, full, out_psi, out_stat, out_jac, out_pd
         rep = ||I - A^-1||_F^2               (the sample term of eq. 75, when ``full``),
         hess = -Hl - diag(1 / (V s))          (Hessian of Psi in h, when ``full``),
         stat = max_ab |V s_ab g_ab + d_ab| / min(1, V)  (the stationarity residual of h = z~ - V s grad l).
+    ``shift`` (softmax, whose loss is invariant along 11^T, i.e. along the unit vector n = s^-1/2 / |s^-1/2|
+    in u): A n = n exactly, while A ~ V on the complement, so A is ill-conditioned when V ~ 1/lam is large.
+    Then V S^1/2 Hl S^1/2 is projected on the complement of n (removing its rounding along n), the
+    Cholesky factor is that of A' = A + beta n n^T, beta = tr(V S^1/2 Hl S^1/2) / L (well conditioned),
+    and A^-1 = A'^-1 + beta / (1 + beta) n n^T exactly; stat is also measured as the Newton step
+    A^-1 r_u (r_u the residual in u, whose component along n is d.n exactly: the loss gradient has none)
+    and the smaller of the two is reported: the step is the distance to the maximiser, while the
+    residual carries V x the rounding of grad l.
     """
     n, L = d.shape
     r = np.sqrt(s)
     A = np.empty((L, L))
     C = np.zeros((L, L))
     Ci = np.zeros((L, L))
+    nv = np.empty(L)
+    Kn = np.empty(L)
+    ru = np.empty(L)
+    tmp = np.empty(L)
+    ssum = 0.0
+    for a in range(L):
+        ssum += 1.0 / s[a]
+    for a in range(L):
+        nv[a] = 1.0 / (r[a] * math.sqrt(ssum))
     vmin = min(1.0, V)
     for j in range(n):
         acc = 0.0
@@ -752,10 +823,25 @@ def pretrain_post(d, g, Hl, loss, V, s, full, out_psi, out_stat, out_jac, out_pd
             if e > st:
                 st = e
         out_psi[j] = -loss[j] - acc
-        out_stat[j] = st / vmin
         for a in range(L):
             for b in range(L):
                 A[a, b] = V * Hl[j, a, b] * r[a] * r[b]
+        beta = 0.0
+        if shift:
+            nKn = 0.0
+            for a in range(L):
+                acc = 0.0
+                for b in range(L):
+                    acc += A[a, b] * nv[b]
+                Kn[a] = acc
+                nKn += nv[a] * acc
+            for a in range(L):
+                beta += abs(A[a, a])
+            beta /= L
+            for a in range(L):
+                for b in range(L):
+                    A[a, b] += (nKn + beta) * nv[a] * nv[b] - Kn[a] * nv[b] - nv[a] * Kn[b]
+        for a in range(L):
             A[a, a] += 1.0
         ok = True
         for c in range(L):
@@ -788,16 +874,43 @@ def pretrain_post(d, g, Hl, loss, V, s, full, out_psi, out_stat, out_jac, out_pd
                 for k in range(c + 1, i):
                     acc = acc + C[i, k] * Ci[k, c]
                 Ci[i, c] = -acc / C[i, i]
+        bn = beta / (1.0 + beta)
         for a in range(L):
             acc = 0.0
             for k in range(L):
                 acc += Ci[k, a] * Ci[k, a]
-            out_jac[j, a] = acc
+            out_jac[j, a] = acc + bn * nv[a] * nv[a]
+        if shift:
+            # the Newton step A^-1 r_u, with r_u . n replaced by its exact value d/sqrt(s) . n
+            rn = 0.0
+            dn = 0.0
+            for a in range(L):
+                ru[a] = (V * s[a] * g[j, a] + d[j, a]) / r[a]
+                rn += ru[a] * nv[a]
+                dn += d[j, a] / r[a] * nv[a]
+            for a in range(L):
+                ru[a] += (dn - rn) * nv[a]
+            for k in range(L):
+                acc = 0.0
+                for a in range(L):
+                    acc += Ci[k, a] * ru[a]
+                tmp[k] = acc
+            sn = 0.0
+            for a in range(L):
+                acc = bn * nv[a] * dn
+                for k in range(L):
+                    acc += Ci[k, a] * tmp[k]
+                e = abs(acc * r[a])
+                if e > sn:
+                    sn = e
+            if sn < st:
+                st = sn
+        out_stat[j] = st / vmin
         if full:
             rep = 0.0
             for a in range(L):
                 for b in range(L):
-                    inv = 0.0  # (A^-1)_ab = sum_k Ci_ka Ci_kb
+                    inv = bn * nv[a] * nv[b]  # (A^-1)_ab = sum_k Ci_ka Ci_kb + beta/(1+beta) n_a n_b
                     for k in range(L):
                         inv += Ci[k, a] * Ci[k, b]
                     e = (1.0 if a == b else 0.0) - inv

@@ -116,12 +116,18 @@ class NewtonRule:
     armijo_rel: float  # Armijo slack, relative to |f|
     n_try: int  # step lengths 1, 1/2, ... tried
     take_last: bool  # no Armijo step: take the last one (True) or stay and stop (False)
+    shift_invariant: bool = False  # loss(x + c 1) = loss(x): Newton on the hyperplane (see the kernel)
 
     @classmethod
-    def pretrain(cls, tol: float, max_iter: int, V: float) -> NewtonRule:
-        """Pre-training (eq. 42): residual of h = z~ - V s grad l(h) below tol min(1, V)."""
+    def pretrain(cls, tol: float, max_iter: int, V: float, shift_invariant: bool = False) -> NewtonRule:
+        """Pre-training (eq. 42): residual of h = z~ - V s grad l(h) below tol min(1, V).
+
+        ``shift_invariant`` (softmax: sigma(h + c 11^T) = sigma(h)): the component of h - z~ along
+        11^T is removed analytically and a sample also stops when its Newton step is below
+        tol min(1, V) (the residual above carries V x rounding and cannot reach tol when V ~ 1/lam).
+        """
         scale = min(1.0, V)
-        return cls(0, tol, max_iter, 0.0, 1e-8, 1e-300, 1e-6, scale, 0, 4e-16, 35, True)
+        return cls(0, tol, max_iter, 0.0, 1e-8, 1e-300, 1e-6, scale, 0, 4e-16, 35, True, shift_invariant)
 
     @classmethod
     def finetune(cls, xtol: float, max_steps: int, v: float) -> NewtonRule:
@@ -201,11 +207,12 @@ def minimise(
     opts = rule.as_array()
     if ref is None:
         ref = np.zeros((1, 1))
+        opts = np.append(opts, [0.0, float(rule.shift_invariant)])
     else:
         ref = np.ascontiguousarray(ref, dtype=np.float64)
         if ref.shape != (n, k) or not merge_radius > 0:
             raise ValueError(f"ref must have shape {(n, k)} and merge_radius be > 0")
-        opts = np.append(opts, merge_radius)
+        opts = np.append(opts, [merge_radius, float(rule.shift_invariant)])
     it = K.newton_prox(
         kind,
         x0,

@@ -35,6 +35,22 @@ Delta_eff = A0 - 2M + Q (eq. 25),
     E (test, eq. 55) = (T+1)/T Delta_eff,   L (train, eq. 20) = (T+1)/T Delta_eff (1 - c)^2.
 
 lam = inf gives W_hat = 0: Q = M = V = 0 (App. A.7).
+
+Small lam.  Below the interpolation threshold V grows like 1/lam (V_hat ~ M_hat ~ lam, Q_hat ~ lam^2;
+eta and eps stay finite).  V is iterated in units of LAM_V_SCALE / lam, the softmax prox removes its
+shift along 11^T analytically (:mod:`hdlora.theory.prox`), and a cold solve at lam < LAM_V_SCALE starts
+from the lam = 0+ fixed point when there is one.  lam = 0 means lam -> 0+: while the data are
+interpolated, the min-norm interpolator (:func:`output_channel_interpolating`: the prox is the projection
+of z~ onto {sigma(h) = sigma(z*)}, the conjugates rescaled, V = inf, lam V finite); beyond the threshold
+(lam V -> 0) V stays finite and lam = 0 is solved as it stands.
+
+Basins.  Between verifications each sample follows its prox maximum (warm start: a continuous map);
+at a fixed point a global search (from z*; for T = 2 at V > 1 also from the entrywise mixes of z~ and
+z*) moves samples that have a better maximum, and the map is solved again (at most MAX_BASIN_ROUNDS
+times).  Samples that then prefer their old maximum again
+have two near-equal maxima: the sampled map jumps between them and has no exact fixed point; the result
+is "converged to Monte-Carlo resolution" when moving them changes every conjugate by less than its
+Monte-Carlo standard error (``mc_jump`` < 1), else not converged.
 """
 
 from __future__ import annotations
@@ -52,9 +68,10 @@ from ..activations import get as get_activation
 from ..params import DEFAULT_N_MC, ParamError, Params, check_tol
 from . import spectral
 from .effective import delta_eff_of_A0
+from .engine import CONVERGED, CONVERGED_MC, NOT_CONVERGED
 from .fixed_point import NonConvergenceWarning, iterate
 from .order_parameters import PretrainOrderParameters
-from .prox import ProxResult, pretrain_potential, prox, prox_linear
+from .prox import ProxResult, pretrain_potential, prox, prox_interpolating, prox_linear
 from .sampling import METHODS, frozen_fields, s_ab, to_sym
 from .stability import replicon_pretrain
 
@@ -65,6 +82,7 @@ __all__ = [
     "fields_test_law",
     "output_channel",
     "output_channel_exact",
+    "output_channel_interpolating",
     "input_channel",
     "errors_exact",
     "A0_of",
@@ -72,6 +90,77 @@ __all__ = [
 
 #: methods for the Gaussian expectations: Monte Carlo, quasi-Monte Carlo, closed form (linear only)
 PRETRAIN_METHODS = METHODS + ("exact",)
+#: below this lam, V is iterated in units of LAM_V_SCALE / lam (V ~ 1/lam when the data are interpolated),
+#: so that Q, M and the iterated V stay O(1) for the fixed-point engine; above it, V itself
+LAM_V_SCALE = 1e-2
+#: lam = 0+: a fixed point with lam V below this is the face v = 0 (no interpolation), refused
+LAMV_MIN = 1e-6
+#: a final global search that finds better maxima moves those samples and re-solves, at most this often
+MAX_BASIN_ROUNDS = 4
+
+
+def _v_scale(lam: float) -> float:
+    """The unit in which V is iterated: max(1, LAM_V_SCALE / lam) (1 at lam = 0: V finite there)."""
+    return max(1.0, LAM_V_SCALE / lam) if lam > 0 else 1.0
+
+
+def _global_search(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str) -> ProxResult:
+    """The verification's prox: the maximum reached from z* (an interpolating point) and, for T = 2 (L = 3)
+    at V > 1, the best over every entrywise mix of z~ and z* (2^L starts; h = z~, the start of the first
+    iteration, found nothing beyond the followed maxima at lam = 1e-3).  Measured (3e4 samples, T = 2): at
+    alpha = 0.301575, V = 14 (lam = 1e-3) and 17.5 (lam = 1e-5) the mixes find a better maximum than z~
+    and z* on 1 and 2 samples, and 40 random starts none beyond them (lam = 1e-3); at V = 0.28 (Fig. 3,
+    alpha = 0.2, lam = 0.3) the z~ and z* starts agree on every sample and the mixes find nothing (there
+    they would cost half of the pre-training solve).  For T = 3 the 64 mixes cost ~7 s and found nothing at
+    the Fig. 1 point (V = 1.7): z~ and z* only.
+    """
+    best = prox(z_star, z_tilde, V, activation, init=z_star, multi_start=False, tol=1e-11, full=False)
+    L = z_star.shape[1]
+    if activation != "softmax" or L > 3 or V <= 1.0:
+        return best
+    for k in range(0, 2**L - 1):  # 2^L - 1 (z*) is done
+        mask = np.array([(k >> i) & 1 for i in range(L)], dtype=bool)
+        r = prox(
+            z_star,
+            z_tilde,
+            V,
+            activation,
+            init=np.where(mask, z_star, z_tilde),
+            multi_start=False,
+            tol=1e-11,
+            full=False,
+        )
+        b = r.converged & (r.value > best.value + 1e-13 * np.abs(best.value))
+        for arr, new in (
+            (best.x, r.x),
+            (best.value, r.value),
+            (best.residual, r.residual),
+            (best.converged, r.converged),
+            (best.delta, r.delta),
+            (best.jacobian_diag, r.jacobian_diag),
+        ):
+            arr[b] = new[b]
+    return best
+
+
+def _switch_jump(
+    px: ProxResult, alt: ProxResult, which: np.ndarray, g: np.ndarray, A0: float, M: float, T: int
+) -> float:
+    """Largest change of M_hat, Q_hat, V_hat (eqs. 49-51) when the samples ``which`` take the maximum of
+    ``alt`` instead of that of ``px``, in units of each conjugate's Monte-Carlo standard error."""
+    rs = np.sqrt(s_ab(T).astype(float))
+
+    def terms(delta: np.ndarray, jac: np.ndarray) -> np.ndarray:
+        f = delta / rs
+        z = np.sum(jac - 1.0, axis=1)
+        return np.stack([np.sum(f * g, axis=1) / math.sqrt(A0) - M / A0 * z, np.sum(f * f, axis=1), z])
+
+    a = terms(px.delta, px.jacobian_diag)
+    b = terms(alt.delta, alt.jacobian_diag)
+    n = a.shape[1]
+    jump = np.abs(np.sum((b - a)[:, which], axis=1)) / n
+    se = np.std(a, axis=1) / math.sqrt(n)
+    return float(np.max(jump / np.maximum(se, 1e-300)))
 
 
 def A0_of(params: Params) -> float:
@@ -94,6 +183,18 @@ class PretrainResult(PretrainOrderParameters):
         converged, residual, iterations: from the fixed-point engine (and the prox:
             converged is False when prox samples failed at the fixed point).
         prox_failures: number of Monte-Carlo samples whose prox did not converge at the end.
+        status: ``'converged'``, ``'converged to Monte-Carlo resolution'`` (n_not_global samples are
+            left at a maximum that is not their global one, because they have two near-equal maxima and
+            the sampled map jumps between them; moving them changes each conjugate by mc_jump < 1 of its
+            Monte-Carlo standard error) or ``'not converged'`` (see :mod:`hdlora.theory.engine`).
+            converged is True for the first two.  Replica stability is ``replicon_stable``.
+        n_not_global: samples whose prox is not the best maximum the final global search found.
+        mc_jump: the largest change of M_hat, Q_hat, V_hat when those samples are moved, in units of
+            the Monte-Carlo standard error of that conjugate (0 when n_not_global = 0).
+        lamV: lam V, finite as lam -> 0+ in the interpolation regime (V ~ 1/lam); at lam = 0 (the
+            lam -> 0+ limit, the min-norm interpolator) V = inf, the conjugates are 0 and lamV is the limit.
+        scaled_hats: (M_hat / lam, Q_hat / lam^2, V_hat / lam), the conjugates in the units in which they stay
+            finite as lam -> 0+ (at lam = 0 their limits).
         n_mc, method, seed: the expectation rule (n_mc = 0 for method 'exact').
         wall_time: seconds.
     """
@@ -112,6 +213,11 @@ class PretrainResult(PretrainOrderParameters):
     method: str
     seed: int
     wall_time: float
+    status: str = CONVERGED
+    n_not_global: int = 0
+    mc_jump: float = 0.0
+    lamV: float = math.nan
+    scaled_hats: tuple[float, float, float] = (math.nan, math.nan, math.nan)
 
     @property
     def state(self) -> dict[str, float]:
@@ -180,6 +286,50 @@ def output_channel_exact(alpha: float, A0: float, T: int, Q: float, M: float, V:
     }
 
 
+def output_channel_interpolating(
+    alpha: float,
+    A0: float,
+    T: int,
+    Q: float,
+    M: float,
+    v: float,
+    g: np.ndarray | None,
+    zeta: np.ndarray | None,
+    activation: str,
+) -> tuple[dict[str, float], np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The output channel at lam -> 0+ in the interpolation regime (eqs. 49-51 with V = v / lam):
+    the rescaled conjugates m_hat = M_hat / lam, q_hat = Q_hat / lam^2, v_hat = V_hat / lam, finite.
+
+    The prox is the projection of z~ onto {sigma(h) = sigma(z*)} (:func:`hdlora.theory.prox.prox_interpolating`),
+    f = (h - z~) / sqrt(s) and J = d Prox / d z~ (diagonal):
+
+        m_hat = (2 alpha / v) E sum_ab [f g / sqrt(A0) - (M / A0) (J - 1)],
+        q_hat = (2 alpha / v^2) E sum_ab f^2,      v_hat = -(2 alpha / v) E sum_ab (J - 1),
+
+    with sum_ab (J - 1) = 1 - L for softmax (J = (1/s) / sum 1/s) and -L for linear (J = 0).  ``g`` None:
+    linear sigma in closed form (h = z*: E sum f^2 = L Delta_eff, eq. 25).
+    Returns (hats, h, z*, z~) (the arrays None in closed form).
+    """
+    L = T * (T + 1) // 2
+    if g is None or zeta is None:
+        c = 2.0 * alpha * L / v
+        return {"Mhat": c, "Vhat": c, "Qhat": c * delta_eff_of_A0(A0, Q, M) / v}, None, None, None
+    rs = np.sqrt(s_ab(T).astype(float))
+    B = max(Q - M * M / A0, 0.0)
+    z_star = rs * math.sqrt(A0) * g  # eq. 47
+    z_tilde = rs * (M / math.sqrt(A0) * g + math.sqrt(B) * zeta)
+    h, jac = prox_interpolating(z_star, z_tilde, activation)
+    f = (h - z_tilde) / rs
+    j1 = float(np.mean(np.sum(jac - 1.0, axis=1)))
+    fg = float(np.mean(np.sum(f * g, axis=1))) / math.sqrt(A0)
+    hats = {
+        "Mhat": 2.0 * alpha / v * (fg - M / A0 * j1),
+        "Qhat": 2.0 * alpha / v**2 * float(np.mean(np.sum(f * f, axis=1))),
+        "Vhat": -2.0 * alpha / v * j1,
+    }
+    return hats, h, z_star, z_tilde
+
+
 def errors_exact(A0: float, T: int, Q: float, M: float, V: float) -> dict[str, float]:
     """Linear sigma: test error (eq. 55) (T+1)/T Delta_eff and train error (eq. 20) (T+1)/T Delta_eff (1-c)^2."""
     c = 4.0 * V / (T * T + 4.0 * V) if V > 0 else 0.0
@@ -224,7 +374,7 @@ def _check_method(params: Params, method: str | None) -> str:
 def _init_state(params: Params, init) -> dict[str, float]:
     if init is None:
         # a mildly informative start, inside the domain Q >= M^2/A0 (0.16 Q0^2 / A0 <= 0.5 Q0)
-        return {"Q": 0.5 * params.Q0, "M": 0.4 * params.Q0, "V": 1.0}
+        return {"Q": 0.5 * params.Q0, "M": 0.4 * params.Q0, "V": _v_scale(params.lam)}
     if isinstance(init, PretrainResult):
         st = init.state
         if not (st["V"] > 0 and st["Q"] > 0):  # W_hat = 0 solution (lam = inf): nothing to continue
@@ -258,6 +408,8 @@ def solve_pretrain(
 
     Args:
         params: model parameters (alpha, tokens, kappa0, kappa, noise, lam, activation are used).
+            lam = 0 is the lam -> 0+ limit: the min-norm interpolator (V = inf, ``lamV`` finite) while the
+            data are interpolated, else lam = 0 with V finite (see the module docstring).
         n_mc: Monte-Carlo sample count (ignored for method 'exact').
         seed: seed of the fixed samples.
         method: 'mc', 'qmc' or 'exact' (linear sigma only; closed-form Gaussian expectations).
@@ -265,13 +417,17 @@ def solve_pretrain(
         tol: passed to :func:`hdlora.theory.fixed_point.iterate`.
         max_iter: passed to :func:`hdlora.theory.fixed_point.iterate`.
         mixing: passed to :func:`hdlora.theory.fixed_point.iterate`.
-        init: warm start (a previous PretrainResult or a mapping with Q, M, V).
+        init: warm start (a previous PretrainResult or a mapping with Q, M, V).  None: the default start,
+            or below lam = LAM_V_SCALE the lam = 0+ fixed point (V = lamV / lam) when there is one.
+            At lam = 0+ only a PretrainResult (its Q, M, lamV) is used.
         warn: warn (NonConvergenceWarning) when not converged.
         stein: the zeta-weighted averages of eqs. 49, 51 by Stein's lemma (default, lower variance) or literally
             (``False``: the fixed point is then the exact stationary point of the sampled free entropy, eq. 21).
 
     Returns:
-        PretrainResult (frozen).  A non-converged solve is flagged (converged=False) and warned about.
+        PretrainResult (frozen).  A non-converged solve is flagged (converged=False, status 'not
+        converged') and warned about; ``status`` tells 'converged' from 'converged to Monte-Carlo
+        resolution' (near-degenerate prox maxima, counted in ``n_not_global``, ``mc_jump``).
     """
     if not isinstance(params, Params):
         raise ParamError(f"params must be a hdlora.Params, got {type(params).__name__}")
@@ -320,11 +476,29 @@ def solve_pretrain(
         fields = frozen_fields(n_used, T, A0, 1.0, 0.0, seed, method, "pretrain")  # only g, zeta are used
     g = None if fields is None else fields["g"]
     zeta = None if fields is None else fields["zeta"]
-    # memo: warm start of the prox, last residual (sets the prox tolerance), multi-start mode
-    memo: dict[str, Any] = {"h": None, "res": 1.0, "global": False}
+    if params.lam == 0:
+        # lam -> 0+: the min-norm interpolator while the data are interpolated (V = inf, lam V finite);
+        # beyond the interpolation threshold V stays finite and lam = 0 is solved as it stands below
+        try:
+            return _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mixing, init, warn, t0)
+        except ParamError:
+            pass
+    elif init is None and params.lam < LAM_V_SCALE:
+        # small lam: start from the lam = 0+ fixed point (V = v / lam) when the data are interpolated there
+        try:
+            z = _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mixing, None, False, t0)
+            if z.converged:
+                init = {"Q": z.Q, "M": z.M, "V": z.lamV / params.lam}
+        except ParamError:  # not interpolated at lam = 0+: V stays finite, the default start
+            pass
+    # V is iterated in units of v_scale (V ~ 1/lam in the interpolation regime): all three O(1)
+    v_scale = _v_scale(params.lam)
+    # memo: warm start of the prox (each sample follows its maximum: the basins are frozen between
+    # verifications), last residual (sets the prox tolerance)
+    memo: dict[str, Any] = {"h": None, "res": 1.0}
 
     def update(state: dict[str, float]):
-        Q, M, V = state["Q"], state["M"], state["V"]
+        Q, M, V = state["Q"], state["M"], state["V"] * v_scale
         if method == "exact":
             hats = output_channel_exact(alpha, A0, T, Q, M, V)
         else:
@@ -342,7 +516,7 @@ def solve_pretrain(
                 prox_init=memo["h"],
                 prox_tol=ptol,
                 full=False,
-                multi_start=memo["global"],
+                multi_start=False,
                 stein=stein,
             )
             memo["h"] = px.x
@@ -350,12 +524,17 @@ def solve_pretrain(
             new, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
         except FloatingPointError:
             return {"Q": math.nan, "M": math.nan, "V": math.nan}, hats
+        new = {"Q": new["Q"], "M": new["M"], "V": new["V"] / v_scale}
         memo["res"] = max(abs(new[k] - state[k]) / max(1.0, abs(state[k])) for k in ("Q", "M", "V"))
-        return {k: new[k] for k in ("Q", "M", "V")}, hats
+        return new, hats
 
     x0 = _init_state(params, init)
+    x0["V"] /= v_scale
     bounds = {"Q": (1e-14, math.inf), "V": (1e-14, math.inf)}
-    iterations, not_global = 0, False
+    iterations, rounds, failures = 0, 0, 0
+    moved = np.zeros(n_used, dtype=bool)  # samples a verification moved to a better maximum
+    better = moved
+    mc_jump = 0.0
     while True:
         fp = iterate(
             update,
@@ -368,7 +547,7 @@ def solve_pretrain(
             warn=False,
         )
         iterations += fp.iterations
-        Q, M, V = fp.state["Q"], fp.state["M"], fp.state["V"]
+        Q, M, V = fp.state["Q"], fp.state["M"], fp.state["V"] * v_scale
         converged = fp.converged
         if method == "exact":
             hats = output_channel_exact(alpha, A0, T, Q, M, V)
@@ -376,7 +555,7 @@ def solve_pretrain(
             c = 4.0 * V / (T * T + 4.0 * V)
             sample_term, failures = L * c * c, 0
             break
-        # final evaluation at the fixed point with a tight prox tolerance
+        # final evaluation at the fixed point with a tight prox tolerance, each sample in its basin
         assert g is not None and zeta is not None  # the Monte-Carlo fields are drawn unless method == 'exact'
         hats, px, z_star, z_tilde = output_channel(
             alpha,
@@ -389,25 +568,38 @@ def solve_pretrain(
             act,
             prox_init=memo["h"],
             prox_tol=1e-11,
-            multi_start=memo["global"],
+            multi_start=False,
             stein=stein,
         )
-        # the warm-started prox must be the global maximiser: compare with a start at z* (interpolation)
-        alt = prox(z_star, z_tilde, V, act, init=z_star, multi_start=False, tol=1e-11, full=False, merge_ref=px.x)
-        not_global = bool(np.any(alt.value > px.value + 1e-9 * (1.0 + np.abs(px.value))))
-        if not_global and not memo["global"] and converged and iterations < max_iter:
-            # the continuation followed a non-global branch: iterate again with multi-start proxes
-            memo["global"], x0 = True, fp.state
+        memo["h"] = px.x.copy()
+        # verification: the followed maximum must be the global one (search: :func:`_global_search`)
+        alt = _global_search(z_star, z_tilde, V, act)
+        better = alt.value > px.value + 1e-9 * (1.0 + np.abs(px.value))
+        fresh = better & ~moved
+        if converged and np.any(fresh) and rounds < MAX_BASIN_ROUNDS and iterations < max_iter:
+            # move those samples to their better maximum: a new (continuous) map, solved again from here
+            memo["h"][fresh] = alt.x[fresh]
+            moved |= fresh
+            rounds += 1
+            x0 = fp.state
             continue
         break
+    n_not_global = int(np.count_nonzero(better))
     if method != "exact":
         failures = px.n_failed
-        converged = converged and failures == 0 and not not_global
+        if n_not_global:
+            # samples left at a maximum that is not the global one: they were moved before and prefer
+            # their old maximum again (two near-equal maxima, the sampled map jumps between them).  The
+            # fixed point is then defined to Monte-Carlo resolution: accepted when moving them changes
+            # each conjugate by less than its Monte-Carlo standard error.
+            assert g is not None
+            mc_jump = _switch_jump(px, alt, better, g, A0, M, T)
         err = {
             "pretrain_test_error": _mean_error(z_tilde, z_star, T, act),
             "pretrain_train_error": _mean_error(px.x, z_star, T, act),
         }
         sample_term = float(np.mean(px.replicon))
+    converged = converged and failures == 0 and mc_jump <= 1.0
     try:
         spec, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
         # converged: the residual measured at the returned point (not at the previous iterate) meets tol
@@ -417,6 +609,7 @@ def solve_pretrain(
         rep = replicon_pretrain(alpha, V, hats["Vhat"], sample_term, r_int)
     except FloatingPointError:  # conjugates left their domain (e.g. V_hat <= 0): no fixed point here
         spec, rep, converged, residual = {"eta": math.nan, "eps": math.nan}, math.nan, False, math.nan
+    status = (CONVERGED if n_not_global == 0 else CONVERGED_MC) if converged else NOT_CONVERGED
     result = PretrainResult(
         Q=Q,
         M=M,
@@ -438,17 +631,133 @@ def solve_pretrain(
         method=method,
         seed=seed,
         wall_time=time.perf_counter() - t0,
+        status=status,
+        n_not_global=n_not_global,
+        mc_jump=mc_jump,
+        lamV=params.lam * V,
+        scaled_hats=(
+            (hats["Mhat"] / params.lam, hats["Qhat"] / params.lam**2, hats["Vhat"] / params.lam)
+            if params.lam > 0
+            else (math.nan, math.nan, math.nan)
+        ),
     )
     if warn and not result.converged:
         warnings.warn(
             f"pre-training state evolution not converged: residual {residual:.3g} after "
-            f"{iterations} iterations, {failures} prox failures" + (", prox not global" if not_global else ""),
+            f"{iterations} iterations, {failures} prox failures"
+            + (
+                f", {n_not_global} samples not at their global maximum (jump {mc_jump:.3g} s.e.)"
+                if n_not_global
+                else ""
+            ),
             NonConvergenceWarning,
             stacklevel=2,
         )
     if warn and not result.replicon_stable:
         warnings.warn(
             f"pre-training replicon condition violated: eq. 75 LHS = {rep:.4g} >= 1", RuntimeWarning, stacklevel=2
+        )
+    return result
+
+
+def _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mixing, init, warn, t0):
+    """lam = 0+: the state evolution of the min-norm interpolator (V = inf, lam V = v finite).
+
+    The fixed point of (Q, M, v) under :func:`output_channel_interpolating` and the spectral channel
+    (eqs. 52-54) with the rescaled conjugates (eps = 2 sqrt(kappa) / m_hat, V -> v).  It exists only while
+    the data can be interpolated; beyond that (alpha above the interpolation threshold) V stays finite as
+    lam -> 0, v = lam V -> 0 along the iteration, and a ParamError says so.
+    """
+    T, A0, act, alpha = params.tokens, A0_of(params), params.activation, params.alpha
+    L = T * (T + 1) // 2
+    keys = ("Q", "M", "V")
+
+    def update(state: dict[str, float]):
+        hats = output_channel_interpolating(alpha, A0, T, state["Q"], state["M"], state["V"], g, zeta, act)[0]
+        try:
+            new, _ = input_channel(params.kappa0, params.kappa, 1.0, hats["Mhat"], hats["Qhat"], hats["Vhat"])
+        except FloatingPointError:
+            return {k: math.nan for k in keys}, hats
+        return {k: new[k] for k in keys}, hats
+
+    if isinstance(init, PretrainResult) and init.lamV > 0 and math.isfinite(init.lamV):
+        x0 = {"Q": init.Q, "M": init.M, "V": init.lamV}
+    else:
+        x0 = {"Q": 0.5 * params.Q0, "M": 0.4 * params.Q0, "V": 0.1}
+    iterations = 0
+    for mix in (mixing, mixing / 2, mixing / 4):  # the undamped map can circle (e.g. alpha = 0.01): damp it
+        fp = iterate(
+            update,
+            x0,
+            mixing=mix,
+            tol=tol,
+            max_iter=max(1, max_iter - iterations),
+            bounds={"Q": (1e-14, math.inf), "V": (1e-14, math.inf)},
+            name="pre-training state evolution at lam = 0+",
+            warn=False,
+        )
+        iterations += fp.iterations
+        if fp.converged or iterations >= max_iter:
+            break
+    Q, M, v = fp.state["Q"], fp.state["M"], fp.state["V"]
+    if not v > LAMV_MIN:  # the iteration went to the v = 0 face: V stays finite as lam -> 0
+        raise ParamError(
+            f"lam = 0+ (min-norm interpolator) has no fixed point at alpha = {alpha:g}: the data are not "
+            f"interpolated (lam V -> 0 along the iteration, {v:.2g}); use lam > 0 or a smaller alpha"
+        )
+    hats, h, z_star, z_tilde = output_channel_interpolating(alpha, A0, T, Q, M, v, g, zeta, act)
+    if h is None:
+        err = errors_exact(A0, T, Q, M, math.inf)
+    else:
+        err = {
+            "pretrain_test_error": _mean_error(z_tilde, z_star, T, act),
+            "pretrain_train_error": _mean_error(h, z_star, T, act),
+        }
+    try:
+        spec, _ = input_channel(params.kappa0, params.kappa, 1.0, hats["Mhat"], hats["Qhat"], hats["Vhat"])
+        residual = max(abs(spec[k] - x) / max(1.0, abs(x)) for k, x in (("Q", Q), ("M", M), ("V", v)))
+        r_int = float(spectral.replicon_integral(spec["eta"], spec["eps"], params.kappa0))
+        # eq. 75 is invariant under V -> V / lam, V_hat -> lam V_hat; the sample term ||I - A^-1||^2 -> L - 1
+        # (softmax, A^-1 the projector on 11^T) or L (linear, A^-1 = 0)
+        rep = replicon_pretrain(alpha, v, hats["Vhat"], L - 1.0 if act == "softmax" else float(L), r_int)
+    except FloatingPointError:
+        spec, rep, residual = {"eta": math.nan, "eps": math.nan}, math.nan, math.nan
+    converged = bool(fp.converged and residual <= tol)
+    result = PretrainResult(
+        Q=Q,
+        M=M,
+        V=math.inf,
+        Mhat=0.0,
+        Qhat=0.0,
+        Vhat=0.0,
+        eta=spec["eta"],
+        eps=spec["eps"],
+        pretrain_train_error=err["pretrain_train_error"],
+        pretrain_test_error=err["pretrain_test_error"],
+        replicon_pretrain=rep,
+        replicon_stable=bool(rep < 1.0),
+        converged=converged,
+        residual=residual,
+        iterations=iterations,
+        prox_failures=0,
+        n_mc=n_used,
+        method=method,
+        seed=seed,
+        wall_time=time.perf_counter() - t0,
+        status=CONVERGED if converged else NOT_CONVERGED,
+        lamV=v,
+        scaled_hats=(hats["Mhat"], hats["Qhat"], hats["Vhat"]),
+    )
+    if warn and not converged:
+        warnings.warn(
+            f"pre-training state evolution at lam = 0+ not converged: residual {residual:.3g} after "
+            f"{iterations} iterations",
+            NonConvergenceWarning,
+            stacklevel=3,
+        )
+    if warn and not result.replicon_stable:
+        warnings.warn(
+            f"pre-training replicon condition violated: eq. 75 LHS = {rep:.4g} >= 1", RuntimeWarning, stacklevel=3
         )
     return result
 
@@ -473,6 +782,8 @@ def train_fields(
     z_star, z_tilde = fields_test_law(params, result, n, seed, method, purpose)
     if result.V == 0.0:  # lam = inf or V -> 0: Prox is the identity on z~
         return z_star, z_tilde
+    if math.isinf(result.V):  # lam = 0+: the projection onto sigma(h) = sigma(z*)
+        return z_star, prox_interpolating(z_star, z_tilde, params.activation)[0]
     if params.activation == "linear":
         return z_star, prox_linear(z_star, z_tilde, result.V)
     px = prox(z_star, z_tilde, result.V, params.activation, multi_start=True, tol=1e-11)

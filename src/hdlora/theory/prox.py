@@ -17,6 +17,13 @@ eigenvalue fallback, Armijo backtracking, per sample), warm-startable from a pre
 solution.  The NumPy formulas below (sample axis last) are the reference the kernel is tested
 against and serve the public value/derivative functions and the post-processing.
 
+Softmax is invariant under h -> h + c 11^T (the only symmetric row-wise shift), so along 11^T only the
+quadratic term acts, with curvature 1/(V s) ~ lam when V ~ 1/lam: the maximiser has sum_ab (h - z~)_ab / s_ab
+= 0 exactly.  The kernel keeps h on that hyperplane and lifts the Newton matrix along it (shift_invariant
+rule), the reported Jacobian uses the exact inverse along 11^T, and the residual is also measured as the
+Newton step (the distance to the maximiser), so the prox converges at any V (tested up to 1e12).
+At V = inf (lam -> 0+) it is the projection :func:`prox_interpolating`.
+
 For the linear activation sigma(x) = x / T the prox is closed form (App. C, eq. 106):
 
     Prox = (z~ + (4V/T^2) z*) / (1 + 4V/T^2),   Prox - z* = (z~ - z*) / (1 + 4V/T^2).
@@ -45,6 +52,7 @@ __all__ = [
     "pretrain_potential_derivatives",
     "prox",
     "prox_linear",
+    "prox_interpolating",
     "normalized_hessian",
 ]
 
@@ -202,6 +210,28 @@ def prox_linear(z_star: np.ndarray, z_tilde: np.ndarray, V: float) -> np.ndarray
     return (np.asarray(z_tilde) + k * np.asarray(z_star)) / (1.0 + k)
 
 
+def prox_interpolating(
+    z_star: np.ndarray, z_tilde: np.ndarray, activation: str = "softmax"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The prox at V = inf (lam -> 0+), arrays (n, L): the projection of z~ onto {h : sigma(h) = sigma(z*)}
+    in the metric of eq. 42, and its Jacobian diagonal d Prox_ab / d z~_ab.
+
+    Softmax (row-wise, h symmetric): that set is the line {z* + c 11^T}, and the point nearest z~ in
+    sum (.)^2 / s_ab has c = sum_ab (z~ - z*)_ab / s_ab / sum_ab 1 / s_ab, so that
+    d Prox_ab / d z~_ab = (1 / s_ab) / sum_cd 1 / s_cd.  Linear: the set is {z*}, the Jacobian 0.
+    (The V -> inf limit of :func:`prox`: the quadratic term of Psi vanishes, the loss must be 0.)
+    """
+    _check_activation(activation)
+    z_star = np.asarray(z_star, dtype=float)
+    z_tilde = np.asarray(z_tilde, dtype=float)
+    T = tokens_from_L(z_star.shape[-1])
+    if activation == "linear":
+        return z_star.copy(), np.zeros_like(z_star)
+    w = 1.0 / _embedding(T)[2]
+    c = (z_tilde - z_star) @ w / np.sum(w)
+    return z_star + c[:, None], np.broadcast_to(w / np.sum(w), z_star.shape).copy()
+
+
 def _newton_solve(d0, data, V, s, activation, T, tol, max_iter, ref=None):
     """Safeguarded Newton for min_delta f = -Psi(z~ + delta), all samples; arrays sample-first (n, L).
 
@@ -218,7 +248,7 @@ def _newton_solve(d0, data, V, s, activation, T, tol, max_iter, ref=None):
         data,
         T,
         activation == "softmax",
-        _newton.NewtonRule.pretrain(tol, max_iter, V),
+        _newton.NewtonRule.pretrain(tol, max_iter, V, shift_invariant=activation == "softmax"),
         ref=ref,
     )
 
@@ -249,7 +279,9 @@ def prox(
             keep the larger Psi per sample.  Default: True without ``init``, False with it.
         tol: tolerance on the stationarity residual (ProxResult.residual)
             max_ab |delta_ab + V s_ab d l/dh_ab| / min(1, V): the residual of the fixed-point form
-            h = z~ - V s grad l(h), in units of h for V >= 1 and relative to V (gradient units) for V < 1.
+            h = z~ - V s grad l(h), in units of h for V >= 1 and relative to V (gradient units) for V < 1;
+            softmax: or, where smaller, the Newton step that removes it (same units), since the residual
+            carries V x the rounding of grad l.
         max_iter: maximum number of Newton iterations per starting point.
         full: also return the Hessian and the replicon sample term (else those fields are None;
             the state-evolution iterations only need h and the Jacobian diagonal).
@@ -311,7 +343,7 @@ def prox(
         rep = np.empty(n)
         hess = np.empty((n, L, L)) if full else np.empty((1, 1, 1))
         cur = (out.x, np.empty(n), np.empty(n), np.empty((n, L)), np.empty(n, dtype=np.bool_), rep, hess)
-        K.pretrain_post(out.x, out.grad, out.hess, out.loss, float(V), s, full, *cur[1:])
+        K.pretrain_post(out.x, out.grad, out.hess, out.loss, float(V), s, full, activation == "softmax", *cur[1:])
         if ref is not None:
             cur[1][out.merged] = -np.inf
             merged |= out.merged
