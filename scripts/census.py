@@ -54,14 +54,12 @@ def status_of(row) -> str | None:
         conv = _truthy(row.get("bo_converged"))
     if conv is None:
         return None
-    st = row.get("result.status") or row.get("finetune_status")
-    if isinstance(st, str) and st == "converged to Monte-Carlo resolution":
-        return st
     if not conv:
         return "not converged"
     if _truthy(row.get("replicon_ok")) is False or _truthy(row.get("replicon_unstable")) is True:
         return "replica-unstable"
-    return "converged"
+    sts = {row.get(k) for k in ("result.status", "finetune_status", "pretrain_status")}
+    return "converged to Monte-Carlo resolution" if "converged to Monte-Carlo resolution" in sts else "converged"
 
 
 def _is_theory(kind: str) -> bool:

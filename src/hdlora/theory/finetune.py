@@ -450,7 +450,8 @@ class FinetuneResult(FinetuneOrderParameters):
         objective: alpha' L'_train + lam' q, the training objective per D at the fixed point (= -alpha' phi*,
             eq. 65): the lowest among branches on the same samples is the global minimiser.
         status: the engine's status: 'converged', 'converged to Monte-Carlo resolution' (the residual floor is
-            explained by samples switching between near-degenerate prox maxima; ``converged`` stays False),
+            explained by samples switching between near-degenerate prox maxima; ``converged`` is True, as the
+            engine's and the pre-training's: the point is determined to within its Monte-Carlo error),
             'replica-unstable' (converged, replicon >= 1) or 'not converged'; '' for the baselines.
         mc_resolution: the evidence when status is 'converged to Monte-Carlo resolution' (number of
             near-degenerate samples, the jump of the map when they switch), else None.
@@ -861,9 +862,9 @@ def solve_finetune(
         fx, carry, aux = evaluate(x, {**carry, "calls": 0}, True)
         res_final = _engine.residual(fx, x)
         carry = {**carry, "n_verify": carry["n_verify"] + 1}
-    converged = br.status != _engine.NOT_CONVERGED and res_final <= tol
     # converged to Monte-Carlo resolution: the residual of the global search at the returned point explained too
     mc_ok = br.status == _engine.CONVERGED_MC and br.mc is not None and res_final <= br.mc.floor
+    converged = (br.status != _engine.NOT_CONVERGED and res_final <= tol) or mc_ok  # the engine's convention
     status = _engine.CONVERGED_MC if mc_ok else (_engine.CONVERGED if converged else _engine.NOT_CONVERGED)
     iterations = br.iterations + carry.get("n_verify", 0)
     history = br.history
@@ -906,7 +907,7 @@ def solve_finetune(
         baseline="lora_only" if params.lora_only else None,
         history=history,
         objective=float(ap * train_losses.mean() + lam_ft * q),
-        status=_engine.REPLICA_UNSTABLE if status == _engine.CONVERGED and rep.mean() >= 1.0 else status,
+        status=_engine.REPLICA_UNSTABLE if status != _engine.NOT_CONVERGED and rep.mean() >= 1.0 else status,
         mc_resolution=None
         if br.mc is None or status != _engine.CONVERGED_MC
         else {"floor": br.mc.floor, **br.mc.evidence},

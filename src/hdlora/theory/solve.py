@@ -90,20 +90,22 @@ class TheoryResult(FinetuneOrderParameters, PretrainOrderParameters):
     mc_se: dict = field(default_factory=dict)
     finetune_objective: float = math.nan
     finetune_status: str = ""
+    pretrain_status: str = ""
     finetune_mc_resolution: dict | None = None
     replicon_finetune_upper: float = math.nan
     replicon_finetune_tail: float = math.nan
 
     @property
     def status(self) -> str:
-        """'converged', 'converged to Monte-Carlo resolution' (fine-tuning's residual floor explained by samples
-        switching between near-degenerate prox maxima, ``finetune_mc_resolution``), 'replica-unstable' (converged,
-        a replicon >= 1: eqs. 75, 78) or 'not converged' (the engine's statuses, :mod:`hdlora.theory.engine`)."""
-        if self.pretrain_converged and self.finetune_status == CONVERGED_MC:
-            return CONVERGED_MC if self.replicon_ok else REPLICA_UNSTABLE
+        """'converged', 'converged to Monte-Carlo resolution' (a stage's residual floor explained by samples
+        switching between near-degenerate prox maxima: ``finetune_mc_resolution``, the pre-training's n_not_global
+        and mc_jump; ``converged`` is True), 'replica-unstable' (converged, a replicon >= 1: eqs. 75, 78) or
+        'not converged' (the engine's statuses, :mod:`hdlora.theory.engine`)."""
         if not self.converged:
             return NOT_CONVERGED
-        return CONVERGED if self.replicon_ok else REPLICA_UNSTABLE
+        if not self.replicon_ok:
+            return REPLICA_UNSTABLE
+        return CONVERGED_MC if CONVERGED_MC in (self.pretrain_status, self.finetune_status) else CONVERGED
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -376,6 +378,7 @@ def point_result(
         mc_se=dict(ft.mc_se),
         finetune_objective=float(getattr(ft, "objective", math.nan)),
         finetune_status=str(getattr(ft, "status", "")),
+        pretrain_status=str(getattr(pre, "status", "")),
         finetune_mc_resolution=getattr(ft, "mc_resolution", None),
         replicon_finetune_upper=float(getattr(ft, "replicon_upper", math.nan)),
         replicon_finetune_tail=float(getattr(ft, "replicon_tail", math.nan)),
