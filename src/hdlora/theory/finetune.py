@@ -762,7 +762,9 @@ def solve_finetune(
         fx, nxt, aux = evaluate(x, {**carry, "calls": 0}, True)
         res = _engine.residual(fx, x)
         nxt = {**nxt, "calls": 1, "check": False, "verified": (x.copy(), res, aux), "n_verify": carry["n_verify"] + 1}
-        return nxt, not res <= tol
+        # changed: the search moved samples to better maxima and that moves F(x) beyond tol (a stagnating point
+        # where it moved none keeps its map: no reset)
+        return nxt, aux["n_changed"] > 0 and not res <= tol
 
     def objective(x: np.ndarray, carry: Mapping[str, Any]):
         """alpha' L'_train + lam' q per D (the training objective at the fixed point: -alpha' phi*), per sample."""

@@ -53,8 +53,8 @@ from ..activations import get as get_activation
 from ..params import A0 as _A0
 from ..params import ParamError, Params, check_tol
 from . import effective as _effective
+from . import engine as _engine
 from .finetune import _check_fields, _law_args, _se
-from .fixed_point import iterate
 from .prox_rank_r import MAX_PROX_DIM, prox_rank_r
 from .sampling import frozen_fields, standard_normals, to_sym
 
@@ -528,93 +528,105 @@ def solve_finetune_rank_r(
     Y_arg = Zs + chi_star @ np.swapaxes(chi_star, 1, 2) - np.trace(q0) * eye
     Y = sigma(Y_arg)
     ap, lam_ft = params.alpha_ft, params.lam_ft
-    cache: dict[str, Any] = {"chi": None, "check": False}
+    st0 = default_init(params, q0) if init is None else {k: np.asarray(init[k], dtype=np.float64) for k in "mqv"}
+    start = _pack(*canonical_gauge(st0["m"], st0["q"], st0["v"])[:3])
+    names = tuple(start)
+    lo = np.full(len(names), -np.inf)
+    hi = np.full(len(names), np.inf)
+    for i, k in enumerate(names):
+        d0, a_, b_ = k.split("_")
+        if d0 in ("q", "v") and a_ == b_:
+            lo[i], hi[i] = 1e-12, 1e6
+        elif d0 == "m":
+            lo[i], hi[i] = -1e3, 1e3
 
-    def update(state):
-        m, q, v = _unpack(state, r, r_star)
-        full = cache.pop("check", False)
-        out = output_channel(
-            m,
-            q,
-            v,
-            chi_star,
-            zeta,
-            Zb,
-            Y,
-            q0,
-            ap,
-            act,
-            Y_arg=Y_arg,
-            warm=cache["chi"],
-            form=form,
-            global_search=full,
-            n_random=n_random,
-            xtol=xtol,
-        )
-        m_new, q_new, v_new = ridge_channel(out["mhat"], out["qhat"], out["vhat"], lam_ft, q0)
-        if v_new is None:
-            raise FloatingPointError("2 lam' I + v_hat is not positive definite")
+    def evaluate(x: np.ndarray, carry: Mapping[str, Any], full: bool):
+        """F(x) projected onto the box, the next carry, aux; ``full``: with the global prox search."""
+        m, q, v = _unpack(dict(zip(names, x.tolist())), r, r_star)
+        try:
+            out = output_channel(
+                m,
+                q,
+                v,
+                chi_star,
+                zeta,
+                Zb,
+                Y,
+                q0,
+                ap,
+                act,
+                Y_arg=Y_arg,
+                warm=carry["chi"],
+                form=form,
+                global_search=full,
+                n_random=n_random,
+                xtol=xtol,
+            )
+            m_new, q_new, v_new = ridge_channel(out["mhat"], out["qhat"], out["vhat"], lam_ft, q0)
+        except FloatingPointError:
+            return np.full(len(names), math.nan), carry, {}
+        if v_new is None:  # 2 lam' I + v_hat not positive definite: no fixed point here
+            return np.full(len(names), math.nan), carry, {}
         m_new, q_new, v_new, O = canonical_gauge(m_new, q_new, v_new)
-        cache["chi"] = out["prox"]["chi"] @ O
-        return _pack(m_new, q_new, v_new), {
+        new = _pack(m_new, q_new, v_new)
+        fx = np.clip(np.array([new[k] for k in names]), lo, hi)
+        aux = {
             "mhat": O.T @ out["mhat"],
             "qhat": O.T @ out["qhat"] @ O,
             "vhat": O.T @ out["vhat"] @ O,
             "prox": out["prox"],
             "chi_prox": out["prox"]["chi"],
         }
+        return fx, {**carry, "chi": out["prox"]["chi"] @ O}, aux
 
-    st0 = default_init(params, q0) if init is None else {k: np.asarray(init[k], dtype=np.float64) for k in "mqv"}
-    state = _pack(*canonical_gauge(st0["m"], st0["q"], st0["v"])[:3])
-    bounds = {}
-    for i in range(r):
-        bounds[f"q_{i}_{i}"] = (1e-12, 1e6)
-        bounds[f"v_{i}_{i}"] = (1e-12, 1e6)
-        for j in range(r_star):
-            bounds[f"m_{i}_{j}"] = (-1e3, 1e3)
-    iterations = 0
-    history: tuple = ()
-    converged = False
-    res_final = math.inf
-    aux: dict[str, Any] = {}
-    for _round in range(3):
-        try:
-            fp = iterate(
-                update,
-                state,
-                mixing=mixing,
-                tol=tol,
-                max_iter=max(max_iter - iterations, 1),
-                bounds=bounds,
-                name="rank-r fine-tuning state evolution",
-                warn=False,
-                domain=lambda st: _in_domain(st, r, r_star, q0),
-            )
-        except FloatingPointError:
-            converged = False
-            break
-        iterations += fp.iterations
-        history += fp.history
-        state = fp.state
-        converged = bool(fp.converged)
-        cache["check"] = True  # global search at the fixed point
-        st_new, aux = update(state)
-        iterations += 1
-        if aux["prox"]["n_changed"] == 0:  # the global search kept every warm-started maximum: same map
-            res_final = float(fp.residual)
-            break
-        res_final = max(abs(st_new[k] - state[k]) / max(1.0, abs(state[k])) for k in state)
-        if not converged or res_final <= tol or iterations >= max_iter:
-            break
-        state = st_new  # a better prox basin was found: continue from there
-    converged = bool(converged and res_final <= tol)
-    m, q, v = _unpack(state, r, r_star)
-    if not aux:  # the iteration stopped at its first step: evaluate at the start for the diagnostics
-        cache["check"] = True
-        try:
-            _st, aux = update(state)
-        except FloatingPointError:
-            aux = {}
+    def update(x: np.ndarray, carry: Mapping[str, Any]):
+        fx, nxt, aux = evaluate(x, carry, carry["check"])
+        return fx, {**nxt, "check": False, "last_res": _engine.residual(fx, x)}, aux
+
+    def verify(x: np.ndarray, carry: Mapping[str, Any]):
+        """The global prox search at a candidate: the map changed if it moved a sample and F(x) beyond tol."""
+        fx, nxt, aux = evaluate(x, carry, True)
+        if not aux:
+            return carry, False
+        # no sample moved: the same map, whose residual at x the engine has just measured
+        res = carry["last_res"] if aux["prox"]["n_changed"] == 0 else _engine.residual(fx, x)
+        nxt = {**nxt, "check": False, "verified": (x.copy(), res, aux), "n_verify": carry["n_verify"] + 1}
+        return nxt, aux["prox"]["n_changed"] > 0 and not res <= tol
+
+    stage = _engine.Stage(
+        init=lambda _p, _s: {"chi": None, "check": False, "n_verify": 0, "last_res": math.inf},
+        update=update,
+        verify=verify,
+        domain=lambda x: (
+            bool(np.all(np.isfinite(x)) and np.all(x >= lo) and np.all(x <= hi))
+            and _in_domain(dict(zip(names, x.tolist())), r, r_star, q0)
+        ),
+        names=names,
+        name="rank-r fine-tuning state evolution",
+    )
+    x0 = np.clip(np.array([start[k] for k in names], dtype=np.float64), lo, hi)
+    br = _engine.solve_stage(
+        stage,
+        {"start": x0},
+        tol=tol,
+        max_iter=max(max_iter, 1),
+        mixing=mixing,
+        anderson=3,
+        min_mixing=min(0.02, mixing),
+        warn=False,
+    ).branch
+    x, carry = br.x, br.carry
+    verified = carry.get("verified")
+    if verified is not None and np.array_equal(verified[0], x):
+        _, res_final, aux = verified
+    else:  # not converged (or stopped at once): the global search at the returned point, for the diagnostics
+        fx, carry, aux = evaluate(x, carry, True)
+        res_final = _engine.residual(fx, x) if aux else math.nan
+        carry = {**carry, "n_verify": carry["n_verify"] + 1}
+    converged = bool(br.status != _engine.NOT_CONVERGED and res_final <= tol)
+    iterations = br.iterations + carry["n_verify"]
+    history = br.history
+    m, q, v = _unpack(dict(zip(names, x.tolist())), r, r_star)
     nan = math.nan
     if aux:
         p = aux["prox"]
