@@ -66,6 +66,7 @@ import numpy as np
 
 from ..activations import get as get_activation
 from ..params import DEFAULT_N_MC, ParamError, Params, check_tol
+from . import engine as _engine
 from . import spectral
 from .effective import delta_eff_of_A0
 from .engine import CONVERGED, CONVERGED_MC, NOT_CONVERGED
@@ -493,97 +494,94 @@ def solve_pretrain(
             pass
     # V is iterated in units of v_scale (V ~ 1/lam in the interpolation regime): all three O(1)
     v_scale = _v_scale(params.lam)
-    # memo: warm start of the prox (each sample follows its maximum: the basins are frozen between
-    # verifications), last residual (sets the prox tolerance)
-    memo: dict[str, Any] = {"h": None, "res": 1.0}
+    names = ("Q", "M", "V")
+    lo = np.array([1e-14, -math.inf, 1e-14])
 
-    def update(state: dict[str, float]):
-        Q, M, V = state["Q"], state["M"], state["V"] * v_scale
+    def channel(x: np.ndarray, h: np.ndarray | None, ptol: float, full: bool = False):
+        Q, M, V = float(x[0]), float(x[1]), float(x[2]) * v_scale
+        assert g is not None and zeta is not None  # the Monte-Carlo fields are drawn unless method == 'exact'
+        return output_channel(
+            alpha, A0, Q, M, V, g, zeta, act, prox_init=h, prox_tol=ptol, full=full, multi_start=False, stein=stein
+        )
+
+    def update(x: np.ndarray, carry: Mapping[str, Any]):
+        """One step (eqs. 46-54); the carry's prox warm start keeps each sample in its basin (frozen between
+        verifications), its last residual sets the prox tolerance."""
+        Q, M, V = float(x[0]), float(x[1]), float(x[2]) * v_scale
+        nxt = dict(carry)
         if method == "exact":
             hats = output_channel_exact(alpha, A0, T, Q, M, V)
         else:
-            ptol = min(1e-6, max(1e-11, 1e-4 * memo["res"]))
-            assert g is not None and zeta is not None  # the Monte-Carlo fields are drawn unless method == 'exact'
-            hats, px, _, _ = output_channel(
-                alpha,
-                A0,
-                Q,
-                M,
-                V,
-                g,
-                zeta,
-                act,
-                prox_init=memo["h"],
-                prox_tol=ptol,
-                full=False,
-                multi_start=False,
-                stein=stein,
-            )
-            memo["h"] = px.x
+            hats, px, _, _ = channel(x, carry["h"], min(1e-6, max(1e-11, 1e-4 * carry["res"])))
+            nxt["h"] = px.x
         try:
             new, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
         except FloatingPointError:
-            return {"Q": math.nan, "M": math.nan, "V": math.nan}, hats
-        new = {"Q": new["Q"], "M": new["M"], "V": new["V"] / v_scale}
-        memo["res"] = max(abs(new[k] - state[k]) / max(1.0, abs(state[k])) for k in ("Q", "M", "V"))
-        return new, hats
+            return np.full(3, math.nan), nxt, hats
+        raw = np.array([new["Q"], new["M"], new["V"] / v_scale])
+        nxt["res"] = _engine.residual(raw, x)  # before the projection (sets the next prox tolerance)
+        return np.maximum(raw, lo), nxt, hats  # the map projected onto its box
 
-    x0 = _init_state(params, init)
-    x0["V"] /= v_scale
-    bounds = {"Q": (1e-14, math.inf), "V": (1e-14, math.inf)}
-    iterations, rounds, failures = 0, 0, 0
-    moved = np.zeros(n_used, dtype=bool)  # samples a verification moved to a better maximum
-    better = moved
-    mc_jump = 0.0
-    while True:
-        fp = iterate(
-            update,
-            x0,
-            mixing=mixing,
-            tol=tol,
-            max_iter=max_iter - iterations,
-            bounds=bounds,
-            name="pre-training state evolution",
-            warn=False,
-        )
-        iterations += fp.iterations
-        Q, M, V = fp.state["Q"], fp.state["M"], fp.state["V"] * v_scale
-        converged = fp.converged
-        if method == "exact":
-            hats = output_channel_exact(alpha, A0, T, Q, M, V)
-            err = errors_exact(A0, T, Q, M, V)
-            c = 4.0 * V / (T * T + 4.0 * V)
-            sample_term, failures = L * c * c, 0
-            break
-        # final evaluation at the fixed point with a tight prox tolerance, each sample in its basin
-        assert g is not None and zeta is not None  # the Monte-Carlo fields are drawn unless method == 'exact'
-        hats, px, z_star, z_tilde = output_channel(
-            alpha,
-            A0,
-            Q,
-            M,
-            V,
-            g,
-            zeta,
-            act,
-            prox_init=memo["h"],
-            prox_tol=1e-11,
-            multi_start=False,
-            stein=stein,
-        )
-        memo["h"] = px.x.copy()
-        # verification: the followed maximum must be the global one (search: :func:`_global_search`)
-        alt = _global_search(z_star, z_tilde, V, act)
+    def final(x: np.ndarray, carry: Mapping[str, Any]):
+        """At a candidate fixed point: a tight evaluation, each sample in its basin, and the global search."""
+        hats, px, z_star, z_tilde = channel(x, carry["h"], 1e-11, full=True)
+        alt = _global_search(z_star, z_tilde, float(x[2]) * v_scale, act)
         better = alt.value > px.value + 1e-9 * (1.0 + np.abs(px.value))
-        fresh = better & ~moved
-        if converged and np.any(fresh) and rounds < MAX_BASIN_ROUNDS and iterations < max_iter:
-            # move those samples to their better maximum: a new (continuous) map, solved again from here
-            memo["h"][fresh] = alt.x[fresh]
-            moved |= fresh
-            rounds += 1
-            x0 = fp.state
-            continue
-        break
+        return hats, px, z_star, z_tilde, alt, better
+
+    def verify(x: np.ndarray, carry: Mapping[str, Any]):
+        """The followed maxima must be the global ones: samples with a better maximum (not moved before) are moved
+        to it, a new (continuous) map solved again from here (at most MAX_BASIN_ROUNDS times)."""
+        if method == "exact":
+            return carry, False
+        out = final(x, carry)
+        px, alt, better = out[1], out[4], out[5]
+        h = px.x.copy()
+        fresh = better & ~carry["moved"]
+        if np.any(fresh) and carry["rounds"] < MAX_BASIN_ROUNDS:
+            h[fresh] = alt.x[fresh]
+            return {**carry, "h": h, "moved": carry["moved"] | fresh, "rounds": carry["rounds"] + 1}, True
+        return {**carry, "h": h, "final": (x.copy(), out)}, False
+
+    x0d = _init_state(params, init)
+    x0 = np.maximum(np.array([x0d["Q"], x0d["M"], x0d["V"] / v_scale]), lo)
+    stage = _engine.Stage(
+        init=lambda _p, _s: {"h": None, "res": 1.0, "moved": np.zeros(n_used, dtype=bool), "rounds": 0},
+        update=update,
+        verify=verify,
+        domain=lambda x: bool(np.all(np.isfinite(x)) and np.all(x >= lo)),
+        names=names,
+        name="pre-training state evolution",
+    )
+    # stall_verify = 0: the basins are verified at candidate fixed points only (the pre-training's rule)
+    br = _engine.solve_stage(
+        stage,
+        {"start": x0},
+        tol=tol,
+        max_iter=max_iter,
+        mixing=mixing,
+        anderson=3,
+        min_mixing=min(0.02, mixing),
+        stall_verify=0,
+        warn=False,
+    ).branch
+    x, carry = br.x, br.carry
+    iterations = br.iterations
+    converged = br.status != _engine.NOT_CONVERGED and br.residual <= tol
+    Q, M, V = float(x[0]), float(x[1]), float(x[2]) * v_scale
+    failures, mc_jump = 0, 0.0
+    better = np.zeros(n_used, dtype=bool)
+    if method == "exact":
+        hats = output_channel_exact(alpha, A0, T, Q, M, V)
+        err = errors_exact(A0, T, Q, M, V)
+        c = 4.0 * V / (T * T + 4.0 * V)
+        sample_term = L * c * c
+    else:
+        rec = carry.get("final")
+        if rec is not None and np.array_equal(rec[0], x):
+            hats, px, z_star, z_tilde, alt, better = rec[1]
+        else:  # not converged: the same evaluation and search at the returned point, for the diagnostics
+            hats, px, z_star, z_tilde, alt, better = final(x, carry)
     n_not_global = int(np.count_nonzero(better))
     if method != "exact":
         failures = px.n_failed
