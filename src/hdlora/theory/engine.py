@@ -53,6 +53,7 @@ __all__ = [
     "StageResult",
     "MCResolution",
     "solve_stage",
+    "solve_one",
     "choose_branch",
     "compare_branches",
     "check_carry_independence",
@@ -692,6 +693,32 @@ def solve_stage(
             if f != "no branch converged" and not f.startswith("not converged:"):
                 warnings.warn(f"{stage.name}: {f}", BranchChoiceWarning, stacklevel=2)
     return result
+
+
+def solve_one(
+    stage: Stage,
+    x0: ArrayLike,
+    *,
+    tol: float,
+    max_iter: int,
+    mixing: float,
+    anderson: int = 3,
+    min_mixing: float = 0.02,
+    stall_verify: int = 4,
+) -> Branch:
+    """One start of a stage, no warnings (the stage reports its own): the branch.  Anderson memory 3 and the
+    mixing floor min(min_mixing, mixing) are the stages' settings (see :func:`solve_stage` for the arguments)."""
+    return solve_stage(
+        stage,
+        {"start": x0},
+        tol=tol,
+        max_iter=max_iter,
+        mixing=mixing,
+        anderson=anderson,
+        min_mixing=min(min_mixing, mixing),
+        stall_verify=stall_verify,
+        warn=False,
+    ).branch
 
 
 # ------------------------------------------------------------------------------ the carry trap

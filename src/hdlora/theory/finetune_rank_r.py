@@ -565,7 +565,7 @@ def solve_finetune_rank_r(
             m_new, q_new, v_new = ridge_channel(out["mhat"], out["qhat"], out["vhat"], lam_ft, q0)
         except FloatingPointError:
             return np.full(len(names), math.nan), carry, {}
-        if v_new is None:  # 2 lam' I + v_hat not positive definite: no fixed point here
+        if m_new is None or q_new is None or v_new is None:  # 2 lam' I + v_hat not positive definite: no fixed point
             return np.full(len(names), math.nan), carry, {}
         m_new, q_new, v_new, O = canonical_gauge(m_new, q_new, v_new)
         new = _pack(m_new, q_new, v_new)
@@ -605,16 +605,7 @@ def solve_finetune_rank_r(
         name="rank-r fine-tuning state evolution",
     )
     x0 = np.clip(np.array([start[k] for k in names], dtype=np.float64), lo, hi)
-    br = _engine.solve_stage(
-        stage,
-        {"start": x0},
-        tol=tol,
-        max_iter=max(max_iter, 1),
-        mixing=mixing,
-        anderson=3,
-        min_mixing=min(0.02, mixing),
-        warn=False,
-    ).branch
+    br = _engine.solve_one(stage, x0, tol=tol, max_iter=max(max_iter, 1), mixing=mixing)
     x, carry = br.x, br.carry
     verified = carry.get("verified")
     if verified is not None and np.array_equal(verified[0], x):

@@ -121,16 +121,7 @@ def iterate(
         return domain is None or bool(domain(dict(zip(names, xv.tolist()))))
 
     stage = engine.Stage(init=lambda params, samples: None, update=stage_update, domain=in_domain, names=tuple(names))
-    b = engine.solve_stage(
-        stage,
-        {"start": x},
-        tol=tol,
-        max_iter=max_iter,
-        mixing=mixing,
-        anderson=anderson,
-        min_mixing=min(min_mixing, mixing),
-        warn=False,
-    ).branch
+    b = engine.solve_one(stage, x, tol=tol, max_iter=max_iter, mixing=mixing, anderson=anderson, min_mixing=min_mixing)
     converged = b.status != engine.NOT_CONVERGED and b.residual <= tol
     result = FixedPointResult(
         state=dict(zip(names, b.x.tolist())),

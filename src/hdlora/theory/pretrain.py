@@ -554,17 +554,7 @@ def solve_pretrain(
         name="pre-training state evolution",
     )
     # stall_verify = 0: the basins are verified at candidate fixed points only (the pre-training's rule)
-    br = _engine.solve_stage(
-        stage,
-        {"start": x0},
-        tol=tol,
-        max_iter=max_iter,
-        mixing=mixing,
-        anderson=3,
-        min_mixing=min(0.02, mixing),
-        stall_verify=0,
-        warn=False,
-    ).branch
+    br = _engine.solve_one(stage, x0, tol=tol, max_iter=max_iter, mixing=mixing, stall_verify=0)
     x, carry = br.x, br.carry
     iterations = br.iterations
     converged = br.status != _engine.NOT_CONVERGED and br.residual <= tol
