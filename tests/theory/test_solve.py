@@ -110,3 +110,17 @@ def test_status_names_the_engine_status():
     assert r.status == CONVERGED and r.to_dict()["status"] == CONVERGED
     assert dataclasses.replace(r, replicon_ok=False).status == REPLICA_UNSTABLE
     assert dataclasses.replace(r, converged=False).status == NOT_CONVERGED
+
+
+def test_replicons_reported_with_upper_bound_and_tail():
+    """Both replicons (eqs. 75, 78) come with mean + 2 s.e. and the top-10 share of their per-sample terms."""
+    from hdlora import Params
+    from hdlora.theory import solve
+
+    r = solve(Params(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5, lam=0.1, lam_ft=0.5), n_mc=2000)
+    for name in ("pretrain", "finetune"):
+        mean, up, tail = (getattr(r, f"replicon_{name}{s}") for s in ("", "_upper", "_tail"))
+        assert 0 < mean < up < 1.5 * mean, name
+        assert 10 / 2000 <= tail < 1, name  # at least the share of 10 equal terms, below the whole sum
+    d = r.to_dict()
+    assert {"replicon_pretrain_upper", "replicon_finetune_tail", "finetune_objective", "status"} <= set(d)

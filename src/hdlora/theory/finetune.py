@@ -56,7 +56,7 @@ from .newton import ProxResult
 from .order_parameters import FinetuneOrderParameters
 from .prox_rank_one_linear import LinearRankOneProx
 from .sampling import frozen_fields, s_ab, standard_normals, to_sym
-from .stability import replicon_finetune_terms
+from .stability import replicon_finetune_terms, replicon_tail_share
 
 __all__ = [
     "ProxResult",
@@ -905,7 +905,7 @@ def solve_finetune(
         if br.mc is None or status != _engine.CONVERGED_MC
         else {"floor": br.mc.floor, **br.mc.evidence},
         replicon_upper=float(rep.mean() + 2.0 * mc_se["replicon_finetune"]),
-        replicon_tail=_top_share(rep),
+        replicon_tail=replicon_tail_share(rep),
     )
     if warn and not result.converged:
         warnings.warn(
@@ -992,15 +992,6 @@ def _linear_update(lin: LinearRankOneProx, ap: float, lam_ft: float, T: int, for
         return new, {**hats, "prox": out, "n_failed": n_failed, "n_not_max": n_not_max, "n_changed": 0}
 
     return update
-
-
-def _top_share(terms: np.ndarray, k: int = 10) -> float:
-    """Share of the k largest (non-negative) terms in their sum: ~k/n for a light tail, O(1) for a heavy one."""
-    t = np.asarray(terms, dtype=np.float64)
-    tot = float(t.sum())
-    if t.size == 0 or not tot > 0:
-        return math.nan
-    return float(np.sort(t)[-k:].sum() / tot)
 
 
 def _se(x: np.ndarray) -> float:

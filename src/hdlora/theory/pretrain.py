@@ -74,7 +74,7 @@ from .fixed_point import NonConvergenceWarning, iterate
 from .order_parameters import PretrainOrderParameters
 from .prox import ProxResult, pretrain_potential, prox, prox_interpolating, prox_linear
 from .sampling import METHODS, frozen_fields, s_ab, to_sym
-from .stability import replicon_pretrain
+from .stability import replicon_pretrain, replicon_tail_share
 
 __all__ = [
     "PretrainResult",
@@ -196,6 +196,9 @@ class PretrainResult(PretrainOrderParameters):
             lam -> 0+ limit, the min-norm interpolator) V = inf, the conjugates are 0 and lamV is the limit.
         scaled_hats: (M_hat / lam, Q_hat / lam^2, V_hat / lam), the conjugates in the units in which they stay
             finite as lam -> 0+ (at lam = 0 their limits).
+        replicon_upper: replicon_pretrain with its sample term at mean + 2 s.e. (eq. 75 is linear in it).
+        replicon_tail: share of the ten largest per-sample replicon terms in their sum
+            (:func:`hdlora.theory.stability.replicon_tail_share`).
         n_mc, method, seed: the expectation rule (n_mc = 0 for method 'exact').
         wall_time: seconds.
     """
@@ -219,6 +222,8 @@ class PretrainResult(PretrainOrderParameters):
     mc_jump: float = 0.0
     lamV: float = math.nan
     scaled_hats: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    replicon_upper: float = math.nan
+    replicon_tail: float = math.nan
 
     @property
     def state(self) -> dict[str, float]:
@@ -565,7 +570,7 @@ def solve_pretrain(
         hats = output_channel_exact(alpha, A0, T, Q, M, V)
         err = errors_exact(A0, T, Q, M, V)
         c = 4.0 * V / (T * T + 4.0 * V)
-        sample_term = L * c * c
+        sample_term, sample_se, tail = L * c * c, 0.0, math.nan
     else:
         rec = carry.get("final")
         if rec is not None and np.array_equal(rec[0], x):
@@ -587,6 +592,8 @@ def solve_pretrain(
             "pretrain_train_error": _mean_error(px.x, z_star, T, act),
         }
         sample_term = float(np.mean(px.replicon))
+        sample_se = float(np.std(px.replicon, ddof=1) / math.sqrt(px.replicon.size)) if px.replicon.size > 1 else 0.0
+        tail = replicon_tail_share(px.replicon)
     converged = converged and failures == 0 and mc_jump <= 1.0
     try:
         spec, _ = input_channel(params.kappa0, params.kappa, params.lam, hats["Mhat"], hats["Qhat"], hats["Vhat"])
@@ -595,8 +602,11 @@ def solve_pretrain(
         converged = converged and residual <= tol
         r_int = float(spectral.replicon_integral(spec["eta"], spec["eps"], params.kappa0))
         rep = replicon_pretrain(alpha, V, hats["Vhat"], sample_term, r_int)
+        # eq. 75 is linear in the sample term: its upper bound from the sample term's mean + 2 s.e.
+        rep_upper = rep * (sample_term + 2.0 * sample_se) / sample_term if sample_term > 0 else rep
     except FloatingPointError:  # conjugates left their domain (e.g. V_hat <= 0): no fixed point here
         spec, rep, converged, residual = {"eta": math.nan, "eps": math.nan}, math.nan, False, math.nan
+        rep_upper = math.nan
     status = (CONVERGED if n_not_global == 0 else CONVERGED_MC) if converged else NOT_CONVERGED
     result = PretrainResult(
         Q=Q,
@@ -622,6 +632,8 @@ def solve_pretrain(
         status=status,
         n_not_global=n_not_global,
         mc_jump=mc_jump,
+        replicon_upper=float(rep_upper),
+        replicon_tail=float(tail),
         lamV=params.lam * V,
         scaled_hats=(
             (hats["Mhat"] / params.lam, hats["Qhat"] / params.lam**2, hats["Vhat"] / params.lam)

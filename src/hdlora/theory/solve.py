@@ -94,6 +94,8 @@ class TheoryResult(FinetuneOrderParameters, PretrainOrderParameters):
     finetune_mc_resolution: dict | None = None
     replicon_finetune_upper: float = math.nan
     replicon_finetune_tail: float = math.nan
+    replicon_pretrain_upper: float = math.nan
+    replicon_pretrain_tail: float = math.nan
 
     @property
     def status(self) -> str:
@@ -382,5 +384,7 @@ def point_result(
         finetune_mc_resolution=getattr(ft, "mc_resolution", None),
         replicon_finetune_upper=float(getattr(ft, "replicon_upper", math.nan)),
         replicon_finetune_tail=float(getattr(ft, "replicon_tail", math.nan)),
+        replicon_pretrain_upper=float(getattr(pre, "replicon_upper", math.nan)),
+        replicon_pretrain_tail=float(getattr(pre, "replicon_tail", math.nan)),
         **extra,
     )

@@ -39,7 +39,7 @@ import math
 
 import numpy as np
 
-__all__ = ["replicon_pretrain", "replicon_finetune_terms"]
+__all__ = ["replicon_pretrain", "replicon_finetune_terms", "replicon_tail_share"]
 
 
 def replicon_pretrain(alpha: float, V: float, V_hat: float, sample_term: float, spectral_integral: float) -> float:
@@ -79,3 +79,14 @@ def replicon_finetune_terms(alpha_ft: float, C: np.ndarray, v: float) -> np.ndar
     """
     eye = np.eye(C.shape[-1])
     return alpha_ft * np.sum((eye - C / v) ** 2, axis=(1, 2))
+
+
+def replicon_tail_share(terms: np.ndarray, k: int = 10) -> float:
+    """Share of the k largest (non-negative) per-sample replicon terms in their sum: about k/n for a light tail,
+    O(1) for a heavy one (then the mean and its standard error are unreliable: the terms are heavy-tailed where
+    prox maxima are near-degenerate)."""
+    t = np.asarray(terms, dtype=np.float64).ravel()
+    tot = float(t.sum())
+    if t.size == 0 or not tot > 0:
+        return math.nan
+    return float(np.sort(t)[-k:].sum() / tot)
