@@ -340,3 +340,12 @@ def test_qmc_effective_solve_agrees_with_mc():
     zs, z = _fields(100)
     with pytest.raises(ParamError, match="rank_one_normals"):
         solve_finetune(p, zs, z, Q0=2.0, Q=2.0, M=1.0, rank_one_normals=np.zeros((10, 2 * T)))
+
+
+def test_start_outside_the_domain_is_reported_not_converged_without_crashing():
+    """A warm start on the edge q = m^2 (outside the domain q > m^2) is not solved: the engine returns before the
+    stage's init, and the result is 'not converged' at the start (it crashed on the missing carry before)."""
+    p = Params(tokens=T, noise=0.5, alpha_ft=3.0, lam_ft=0.5, activation="linear")
+    zs, z = _fields(500)
+    r = solve_finetune(p, zs, z, Q0=2.0, Q=2.0, M=1.0, init={"m": 0.9, "q": 0.81, "v": 0.3}, warn=False)
+    assert not r.converged and r.status == "not converged" and (r.m, r.q) == (0.9, 0.81)

@@ -845,10 +845,14 @@ def solve_finetune(
         name="fine-tuning state evolution",
     )
     br = _engine.solve_one(stage, x0, tol=tol, max_iter=max_iter, mixing=mixing)
-    x, carry = br.x, br.carry
+    # a start outside the domain returns before init: the fresh carry
+    x, carry = br.x, (br.carry if br.carry is not None else stage.init(params, None))
     verified = carry.get("verified")
-    if exact:
+    if exact and br.aux is not None:
         aux, res_final = br.aux, br.residual
+    elif exact:  # never evaluated (a start outside the domain): the map at the returned point
+        fx, carry, aux = evaluate(x, carry, False)
+        res_final = _engine.residual(fx, x)
     elif verified is not None and np.array_equal(verified[0], x):
         _, res_final, aux = verified
     else:  # not converged: the global search at the returned point, as at a fixed point

@@ -606,7 +606,8 @@ def solve_finetune_rank_r(
     )
     x0 = np.clip(np.array([start[k] for k in names], dtype=np.float64), lo, hi)
     br = _engine.solve_one(stage, x0, tol=tol, max_iter=max(max_iter, 1), mixing=mixing)
-    x, carry = br.x, br.carry
+    # a start outside the domain returns before init: the fresh carry
+    x, carry = br.x, (br.carry if br.carry is not None else stage.init(params, None))
     verified = carry.get("verified")
     if verified is not None and np.array_equal(verified[0], x):
         _, res_final, aux = verified

@@ -560,7 +560,8 @@ def solve_pretrain(
     )
     # stall_verify = 0: the basins are verified at candidate fixed points only (the pre-training's rule)
     br = _engine.solve_one(stage, x0, tol=tol, max_iter=max_iter, mixing=mixing, stall_verify=0)
-    x, carry = br.x, br.carry
+    # a start outside the domain returns before init: the fresh carry
+    x, carry = br.x, (br.carry if br.carry is not None else stage.init(params, None))
     iterations = br.iterations
     converged = br.status != _engine.NOT_CONVERGED and br.residual <= tol
     Q, M, V = float(x[0]), float(x[1]), float(x[2]) * v_scale
