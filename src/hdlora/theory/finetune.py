@@ -713,17 +713,26 @@ def solve_finetune(
     lo = np.array([_BOUNDS[k][0] for k in names])
     hi = np.array([_BOUNDS[k][1] for k in names])
 
+    def state_at(x: np.ndarray):
+        """(m, q, v) with m clipped to |m| <= sqrt(q)."""
+        m, q, v = (float(t) for t in x)
+        return float(np.clip(m, -math.sqrt(q), math.sqrt(q))), q, v
+
+    def fields_at(m: float, q: float):
+        """chi_tilde (eq. 62) and z - q I_T, token-first."""
+        ct = m * cs_t + math.sqrt(max(q - m * m, 0.0)) * zeta_t
+        Zq = Zb_t.copy()
+        Zq[d, d] -= q
+        return ct, Zq
+
     def evaluate(x: np.ndarray, carry: Mapping[str, Any], full: bool):
         """F(x) (projected onto the box), the next carry and aux; ``full``: with the global prox search."""
-        m, q, v = (float(t) for t in x)
-        m = float(np.clip(m, -math.sqrt(q), math.sqrt(q)))
+        m, q, v = state_at(x)
         if exact:
             new, aux = update_linear({"m": m, "q": q, "v": v})
-            nxt: dict[str, Any] = {**carry, "lin_out": aux["prox"]}
+            nxt: dict[str, Any] = dict(carry)
         else:
-            ct = m * cs_t + math.sqrt(max(q - m * m, 0.0)) * zeta_t  # eq. 62
-            Zq = Zb_t.copy()
-            Zq[d, d] -= q
+            ct, Zq = fields_at(m, q)
             starts = [] if carry["chi"] is None else [carry["chi"]]
             if full or carry["chi"] is None:
                 starts.append(ct)
@@ -766,33 +775,14 @@ def solve_finetune(
         # where it moved none keeps its map: no reset)
         return nxt, aux["n_changed"] > 0 and not res <= tol
 
-    def objective(x: np.ndarray, carry: Mapping[str, Any]):
-        """alpha' L'_train + lam' q per D (the training objective at the fixed point: -alpha' phi*), per sample."""
-        if exact:
-            out = carry.get("lin_out")
-            chi = None if out is None else lin.to_original(out["y"])
-        else:
-            chi = None if carry["chi"] is None else _n(carry["chi"])
-        if chi is None:
-            return math.nan, None
-        per = ap * _train_losses(chi, x[1]) + lam_ft * x[1]
-        return float(per.mean()), per
-
-    def _train_losses(chi: np.ndarray, q: float) -> np.ndarray:
-        X_train = Zb - q * eye + chi[:, :, None] * chi[:, None, :]
-        return np.sum((sigma(X_train) - Y) ** 2, axis=(1, 2))  # eq. 20
-
     def mc_resolution(x: np.ndarray, carry: Mapping[str, Any], aux: Any, res: float):
         """The residual floor explained by samples with two nearly equal prox maxima: at x, every tracked second
         maximum whose psi is within MC_SWITCH_FACTOR x res x (1 + |psi|) of the kept one could be the kept one at a
         point within the residual of x; the floor is the jump of F when all of them switch."""
         if exact or carry["alt"] is None or not len(carry["alt"][0]) or carry["chi"] is None:
             return None
-        m, q, v = (float(t) for t in x)
-        m = float(np.clip(m, -math.sqrt(q), math.sqrt(q)))
-        ct = m * cs_t + math.sqrt(max(q - m * m, 0.0)) * zeta_t
-        Zq = Zb_t.copy()
-        Zq[d, d] -= q
+        m, q, v = state_at(x)
+        ct, Zq = fields_at(m, q)
         chi, _C, dq, psi, *_ = _prox_t(ct, Zq, Y_t, v, act, starts=[carry["chi"]])
         aidx, achi = carry["alt"]
         rows = _kernel_rows(Zq[:, :, aidx], Y_t[:, :, aidx])
@@ -838,7 +828,6 @@ def solve_finetune(
         init=lambda _p, _s: {"chi": None, "alt": None, "calls": 0, "check": init is not None, "n_verify": 0},
         update=update,
         verify=verify,
-        objective=objective,
         domain=lambda x: bool(np.all(np.isfinite(x)) and np.all(x >= lo) and np.all(x <= hi)) and _in_domain(x),
         mc_resolution=None if form != "direct" else mc_resolution,
         names=names,
