@@ -116,8 +116,11 @@ _DEFAULTS: dict[int | str, dict[str, dict[str, Any]]] = {
     },
     # quick: D = 60 (a rank-4 softmax simulation at alpha' = 1 took 37-61 s per seed at D = 60-100 on this shared
     # 2-core machine)
+    # paper: theory at n_mc = 4000 (a rank-3 softmax point at alpha' = 1 took 87 s at n_mc = 4000, 150 iterations;
+    # at 3e4 the figure would take many hours on 2 cores), simulations at D = 200 (a rank-4 seed at D = 300 took 48 s,
+    # 45 s of it pre-training, which every one of the 16 simulation tasks repeats)
     "rank": {
-        "paper": dict(dim=150, seeds=4, n_mc=DEFAULT_N_MC, points=9, sim_points=5),
+        "paper": dict(dim=200, seeds=4, n_mc=4000, points=7, sim_points=4),
         "quick": dict(dim=60, seeds=2, n_mc=1000, points=4, sim_points=2),
     },
 }
@@ -244,15 +247,20 @@ RANK_FIG = dict(
 #: alpha' = 1, softmax, n_mc = 1000 and 4000; lam' = 0.1 too at r = 1, alpha' = 1; lam' = 0.2 converged there)
 RANK_LAM_SMALL = 0.2
 RANK_ALPHA_C = 1.0
-#: per mode: alpha' grid, ranks of panels (a)-(b), ranks of panel (c), the lam' search (coarse grid, tol on log10),
-#: the simulated alpha' (RANK_ALPHA_C among them: panel (c)'s markers)
+#: per mode: alpha' grid, ranks of panels (a)-(b), ranks of panel (c) at lam' small (``ranks_c``) and optimised
+#: (``ranks_opt``, default ``ranks_c``), the lam' search (coarse grid, tol on log10, ``max_iter`` per solve), the
+#: fixed-point iteration cap of the theory points (``theory_max_iter``, default the solver's), the simulated alpha'
+#: (RANK_ALPHA_C among them: panel (c)'s markers)
 RANK_GRIDS: dict[str, dict[str, Any]] = {
     "paper": dict(
-        alpha_ft=[0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+        alpha_ft=[0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0],
         ranks=[1, 2, 3, 4],
         ranks_c=[1, 2, 3, 4, 5, 6],
-        n_grid=5,
-        tol=0.05,
+        ranks_opt=[1, 2, 3, 4],
+        n_grid=4,
+        tol=0.1,
+        max_iter=150,
+        theory_max_iter=250,
         sim_alpha_ft=[1.0, 2.0, 4.0, 8.0],
     ),
     "quick": dict(
@@ -442,6 +450,8 @@ def _docs(number: int | str, s: Settings, db: Path) -> tuple[str, list[dict]]:
         base = dict(RANK_FIG, activation="linear") if s.mode == "tiny" else dict(RANK_FIG)
         small = dict(base, lam_ft=RANK_LAM_SMALL)
         at_c = dict(small, alpha_ft=RANK_ALPHA_C)
+        if "theory_max_iter" in g:
+            th = dict(th, max_iter=g["theory_max_iter"])
         opt = dict(th, n_grid=g["n_grid"], tol=g["tol"], lam_ft_low=0.05, lam_ft_high=3.0)
         if "max_iter" in g:
             opt["max_iter"] = g["max_iter"]
@@ -457,7 +467,7 @@ def _docs(number: int | str, s: Settings, db: Path) -> tuple[str, list[dict]]:
                 "alpha_ft",
             ),
             _doc("rank", "small", db, at_c, {"lora_rank": g["ranks_c"]}, {"theory": th}, ""),
-            _doc("rank", "optimal", db, at_c, {"lora_rank": g["ranks_c"]}, {RANK_OPTIMAL: opt}, ""),
+            _doc("rank", "optimal", db, at_c, {"lora_rank": g.get("ranks_opt", g["ranks_c"])}, {RANK_OPTIMAL: opt}, ""),
             _doc(
                 "rank",
                 "simulate",
