@@ -57,6 +57,51 @@ def _softmax_rows(X, P, T):
 
 
 @njit(cache=True, error_model="numpy")
+def _sigma_residual(X, row, off, T, softmax, P, R):
+    """P = sigma(X) (row-wise softmax, or X / T), R = P - Y with Y = row[off : off + T*T] (row-major); returns
+    the loss ||R||_F^2 (the shared part of every potential)."""
+    if softmax:
+        _softmax_rows(X, P, T)
+    else:
+        for a in range(T):
+            for b in range(T):
+                P[a, b] = X[a, b] / T
+    loss = 0.0
+    for a in range(T):
+        for b in range(T):
+            r = P[a, b] - row[off + a * T + b]
+            R[a, b] = r
+            loss += r * r
+    return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _dloss_dX(P, R, T, softmax, G, expanded=False):
+    """G = dl/dX of l = ||sigma(X) - Y||_F^2: softmax 2 U, U = P o (R - (P.R) 1^T); linear 2 R / T.
+    ``expanded``: U computed as P o R - P o (P.R) 1^T (the pre-training channel's rounding, kept so that its numbers
+    are unchanged).  Returns Tr G (= d l / d(-q) through the shift -q I: aux[0] of the fine-tuning potentials,
+    eq. 72)."""
+    if softmax:
+        for a in range(T):
+            s = 0.0
+            for b in range(T):
+                s += P[a, b] * R[a, b]
+            for b in range(T):
+                if expanded:
+                    G[a, b] = 2.0 * (P[a, b] * R[a, b] - P[a, b] * s)
+                else:
+                    G[a, b] = 2.0 * (P[a, b] * (R[a, b] - s))
+    else:
+        for a in range(T):
+            for b in range(T):
+                G[a, b] = (2.0 / T) * R[a, b]
+    dq = 0.0
+    for a in range(T):
+        dq += G[a, a]
+    return dq
+
+
+@njit(cache=True, error_model="numpy")
 def _pretrain_loss(x, row, T, softmax, order, g, H, X, P, R, G):
     """Psi of eq. 42 (loss part) at h = z~ + x; g, H in the L free entries (upper triangle, row-major)."""
     L = x.shape[0]
@@ -67,32 +112,11 @@ def _pretrain_loss(x, row, T, softmax, order, g, H, X, P, R, G):
             X[a, b] = v
             X[b, a] = v
             i += 1
-    if softmax:
-        _softmax_rows(X, P, T)
-    else:
-        for a in range(T):
-            for b in range(T):
-                P[a, b] = X[a, b] / T
-    loss = 0.0
-    for a in range(T):
-        for b in range(T):
-            r = P[a, b] - row[L + a * T + b]
-            R[a, b] = r
-            loss += r * r
+    loss = _sigma_residual(X, row, L, T, softmax, P, R)
     if order == 0:
         return loss
     # gradient of the loss in the full T x T entries (G), then folded onto the free entries
-    if softmax:
-        for a in range(T):
-            w = 0.0
-            for b in range(T):
-                w += P[a, b] * R[a, b]
-            for b in range(T):
-                G[a, b] = 2.0 * (P[a, b] * R[a, b] - P[a, b] * w)
-    else:
-        for a in range(T):
-            for b in range(T):
-                G[a, b] = (2.0 / T) * R[a, b]
+    _dloss_dX(P, R, T, softmax, G, True)
     i = 0
     for a in range(T):
         for b in range(a, T):
@@ -147,36 +171,10 @@ def _finetune_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
     for a in range(T):
         for b in range(T):
             X[a, b] = row[a * T + b] + x[a] * x[b]
-    if softmax:
-        _softmax_rows(X, P, T)
-    else:
-        for a in range(T):
-            for b in range(T):
-                P[a, b] = X[a, b] / T
-    loss = 0.0
-    for a in range(T):
-        for b in range(T):
-            r = P[a, b] - row[TT + a * T + b]
-            R[a, b] = r
-            loss += r * r
+    loss = _sigma_residual(X, row, TT, T, softmax, P, R)
     if order == 0:
         return loss
-    # G = dl/dX: softmax 2 U, U = P o (R - (P.R) 1^T); linear 2 R / T
-    if softmax:
-        for a in range(T):
-            s = 0.0
-            for b in range(T):
-                s += P[a, b] * R[a, b]
-            for b in range(T):
-                G[a, b] = 2.0 * (P[a, b] * (R[a, b] - s))
-    else:
-        for a in range(T):
-            for b in range(T):
-                G[a, b] = (2.0 / T) * R[a, b]
-    dq = 0.0
-    for a in range(T):
-        dq += G[a, a]
-    aux[0] = dq
+    aux[0] = _dloss_dX(P, R, T, softmax, G)
     for a in range(T):
         acc = 0.0
         for b in range(T):
@@ -249,35 +247,10 @@ def _finetune_rank_r_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
             for c in range(r):
                 acc += x[a * r + c] * x[b * r + c]
             X[a, b] = acc
-    if softmax:
-        _softmax_rows(X, P, T)
-    else:
-        for a in range(T):
-            for b in range(T):
-                P[a, b] = X[a, b] / T
-    val = 0.0
-    for a in range(T):
-        for b in range(T):
-            rr = P[a, b] - row[TT + a * T + b]
-            R[a, b] = rr
-            val += rr * rr
+    val = _sigma_residual(X, row, TT, T, softmax, P, R)
     if order == 0:
         return val
-    if softmax:
-        for a in range(T):
-            s = 0.0
-            for b in range(T):
-                s += P[a, b] * R[a, b]
-            for b in range(T):
-                G[a, b] = 2.0 * (P[a, b] * (R[a, b] - s))
-    else:
-        for a in range(T):
-            for b in range(T):
-                G[a, b] = (2.0 / T) * R[a, b]
-    dq = 0.0
-    for a in range(T):
-        dq += G[a, a]
-    aux[0] = dq
+    aux[0] = _dloss_dX(P, R, T, softmax, G)
     for a in range(T):
         for c in range(r):
             acc = 0.0
@@ -342,6 +315,13 @@ def _finetune_rank_r_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
 
 
 @njit(cache=True, error_model="numpy")
+def _token_scratch(consts):
+    """The T x T work arrays X, P, R, G of :func:`loss_derivatives` (T = consts[0], at least 1)."""
+    T = max(int(consts[0]), 1)
+    return np.empty((T, T)), np.empty((T, T)), np.empty((T, T)), np.empty((T, T))
+
+
+@njit(cache=True, error_model="numpy")
 def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
     """The loss of potential ``kind`` at x (and, for order >= 1, 2, its gradient g and Hessian H)."""
     T = int(consts[0])
@@ -373,6 +353,16 @@ def _separable_quartic_loss(x, row, order, g, H):
             H[i, j] = 0.0
         H[i, i] = row[i] * (12.0 * x[i] * x[i] - 4.0)
     return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _rotate_columns(A, p, q, c, sn):
+    """Columns p, q of A -> (c A_p - sn A_q, sn A_p + c A_q) (a Jacobi rotation applied on the right)."""
+    for r in range(A.shape[0]):
+        arp = A[r, p]
+        arq = A[r, q]
+        A[r, p] = c * arp - sn * arq
+        A[r, q] = sn * arp + c * arq
 
 
 @njit(cache=True, error_model="numpy")
@@ -408,23 +398,38 @@ def jacobi_eigh(A, lam, U, B):
                         t = -t
                 c = 1.0 / math.sqrt(t * t + 1.0)
                 sn = t * c
-                for r in range(k):
-                    brp = B[r, p]
-                    brq = B[r, q]
-                    B[r, p] = c * brp - sn * brq
-                    B[r, q] = sn * brp + c * brq
-                for r in range(k):
-                    bpr = B[p, r]
-                    bqr = B[q, r]
-                    B[p, r] = c * bpr - sn * bqr
-                    B[q, r] = sn * bpr + c * bqr
-                for r in range(k):
-                    urp = U[r, p]
-                    urq = U[r, q]
-                    U[r, p] = c * urp - sn * urq
-                    U[r, q] = sn * urp + c * urq
+                _rotate_columns(B, p, q, c, sn)
+                _rotate_columns(B.T, p, q, c, sn)  # the rows of B
+                _rotate_columns(U, p, q, c, sn)
     for i in range(k):
         lam[i] = B[i, i]
+
+
+@njit(cache=True, error_model="numpy")
+def _cholesky(A, C, pd_min, stop):
+    """Lower Cholesky factor C of the symmetric A (its lower triangle written); returns True when every pivot is
+    > pd_min.  At a pivot <= pd_min: ``stop``, return False at once; else the pivot is replaced by 1 and the
+    factorisation goes on (False is returned at the end)."""
+    k = A.shape[0]
+    ok = True
+    for j in range(k):
+        d = A[j, j]
+        for m in range(j):
+            d -= C[j, m] * C[j, m]
+        if d > pd_min:
+            cjj = math.sqrt(d)
+        else:
+            ok = False
+            if stop:
+                return False
+            cjj = 1.0
+        C[j, j] = cjj
+        for i in range(j + 1, k):
+            acc = A[i, j]
+            for m in range(j):
+                acc -= C[i, m] * C[j, m]
+            C[i, j] = acc / cjj
+    return ok
 
 
 @njit(cache=True, error_model="numpy")
@@ -433,21 +438,7 @@ def _direction(Hf, gf, pd_min, floor_rel, floor_abs, C, step, tmp, lam, U, B):
     saddle-free direction -U |Lambda|^-1 U^T gf with |lambda| floored at floor_rel max|lambda| + floor_abs.
     Returns True when Hf is positive definite."""
     k = gf.shape[0]
-    ok = True
-    for j in range(k):
-        d = Hf[j, j]
-        for m in range(j):
-            d -= C[j, m] * C[j, m]
-        if not d > pd_min:
-            ok = False
-            break
-        cjj = math.sqrt(d)
-        C[j, j] = cjj
-        for i in range(j + 1, k):
-            acc = Hf[i, j]
-            for m in range(j):
-                acc -= C[i, m] * C[j, m]
-            C[i, j] = acc / cjj
+    ok = _cholesky(Hf, C, pd_min, True)
     if ok:
         for j in range(k):
             acc = gf[j]
@@ -495,6 +486,16 @@ def _norm(v, kind):
 
 
 @njit(cache=True, error_model="numpy")
+def _prox_objective(loss, x, a, w):
+    """f(x) = loss + sum_i (x_i - a_i)^2 / (2 w_i), summed in index order."""
+    f = loss
+    for j in range(x.shape[0]):
+        dx = x[j] - a[j]
+        f += dx * dx / (2.0 * w[j])
+    return f
+
+
+@njit(cache=True, error_model="numpy")
 def _to_hyperplane(x, a, w, csum):
     """x -= t 1 with t = sum_i (x_i - a_i) / w_i / sum_i 1/w_i: the minimiser of the quadratic term along 1."""
     t = 0.0
@@ -515,6 +516,7 @@ def newton_prox(
     consts,
     opts,
     n_aux,
+    ref,
     out_x,
     out_f,
     out_loss,
@@ -524,7 +526,6 @@ def newton_prox(
     out_res,
     out_conv,
     out_it,
-    ref,
     out_merged,
 ):
     """Minimise f(x) = loss(x) + sum_i (x_i - a_i)^2 / (2 w_i) from x0, for every sample (rows).
@@ -573,11 +574,7 @@ def newton_prox(
     csum = 0.0
     for j in range(k):
         csum += 1.0 / w[j]
-    T = max(int(consts[0]), 1)
-    X = np.empty((T, T))
-    P = np.empty((T, T))
-    R = np.empty((T, T))
-    G = np.empty((T, T))
+    X, P, R, G = _token_scratch(consts)
     x = np.empty(k)
     xt = np.empty(k)
     gl = np.empty(k)
@@ -603,10 +600,7 @@ def newton_prox(
         if shift:
             _to_hyperplane(x, a, w, csum)
         loss = loss_derivatives(kind, x, row, consts, 2, gl, Hl, aux, X, P, R, G)
-        f = loss
-        for j in range(k):
-            dx = x[j] - a[j]
-            f += dx * dx / (2.0 * w[j])
+        f = _prox_objective(loss, x, a, w)
         conv = False
         merged = False
         res = np.inf
@@ -653,10 +647,7 @@ def newton_prox(
                 _to_hyperplane(x, a, w, csum)
                 res = _norm(step, 0)
                 loss = loss_derivatives(kind, x, row, consts, 2, gl, Hl, aux, X, P, R, G)
-                f = loss
-                for j in range(k):
-                    dx = x[j] - a[j]
-                    f += dx * dx / (2.0 * w[j])
+                f = _prox_objective(loss, x, a, w)
                 conv = True
                 break
             if stop == 1:
@@ -698,10 +689,7 @@ def newton_prox(
                 else:
                     lt = loss_derivatives(kind, xt, row, consts, 0, gdum, Hdum, auxd, X, P, R, G)
                     have_derivs = False
-                ft = lt
-                for j in range(k):
-                    dx = xt[j] - a[j]
-                    ft += dx * dx / (2.0 * w[j])
+                ft = _prox_objective(lt, xt, a, w)
                 if (trusted and tr == 0) or ft <= f + 1e-4 * t * slope + armijo_rel * abs(f):
                     accepted = True
                     break
@@ -724,16 +712,10 @@ def newton_prox(
                 for j in range(n_aux):
                     aux[j] = auxd[j]
                 if shift:
-                    f = loss
-                    for j in range(k):
-                        dx = x[j] - a[j]
-                        f += dx * dx / (2.0 * w[j])
+                    f = _prox_objective(loss, x, a, w)
             else:
                 loss = loss_derivatives(kind, x, row, consts, 2, gl, Hl, aux, X, P, R, G)
-                f = loss
-                for j in range(k):
-                    dx = x[j] - a[j]
-                    f += dx * dx / (2.0 * w[j])
+                f = _prox_objective(loss, x, a, w)
         if it > it_max:
             it_max = it
         for j in range(k):
@@ -756,11 +738,7 @@ def newton_prox(
 def evaluate_batch(kind, x, data, consts, order, out_g, out_H, out_aux):
     """loss_derivatives for every row of x (n, k); returns the losses (n,) (tests, benchmarks)."""
     n, k = x.shape
-    T = max(int(consts[0]), 1)
-    X = np.empty((T, T))
-    P = np.empty((T, T))
-    R = np.empty((T, T))
-    G = np.empty((T, T))
+    X, P, R, G = _token_scratch(consts)
     g = np.empty(k)
     H = np.empty((k, k))
     aux = np.zeros(max(out_aux.shape[1], 1))
@@ -843,26 +821,10 @@ def pretrain_post(d, g, Hl, loss, V, s, full, shift, out_psi, out_stat, out_jac,
                     A[a, b] += (nKn + beta) * nv[a] * nv[b] - Kn[a] * nv[b] - nv[a] * Kn[b]
         for a in range(L):
             A[a, a] += 1.0
-        ok = True
         for c in range(L):
             for a in range(L):
                 C[a, c] = 0.0
-        for c in range(L):
-            dd = A[c, c]
-            for k in range(c):
-                dd -= C[c, k] * C[c, k]
-            if dd > 0:
-                cjj = math.sqrt(dd)
-            else:
-                ok = False
-                cjj = 1.0
-            C[c, c] = cjj
-            for i in range(c + 1, L):
-                acc = A[i, c]
-                for k in range(c):
-                    acc -= C[i, k] * C[c, k]
-                C[i, c] = acc / cjj
-        out_pd[j] = ok
+        out_pd[j] = _cholesky(A, C, 0.0, False)
         # lower-triangular inverse, column by column
         for c in range(L):
             for a in range(L):
@@ -918,3 +880,4 @@ def pretrain_post(d, g, Hl, loss, V, s, full, shift, out_psi, out_stat, out_jac,
                     out_hess[j, a, b] = -Hl[j, a, b]
                 out_hess[j, a, a] -= 1.0 / (V * s[a])
             out_rep[j] = rep
+

@@ -707,29 +707,19 @@ def bayes_optimal(
     """
     if not isinstance(params, Params):
         raise ParamError(f"params must be a hdlora.Params, got {type(params).__name__}")
-    pre = solve_pretrain_bo(
-        alpha=params.alpha,
-        tokens=params.tokens,
-        kappa0=params.kappa0,
-        noise=params.noise,
-        activation=params.activation,
-        n_mc=n_mc_error,
-        seed=seed,
-        tol=tol,
-    )
+    # the data parameters both stages take
+    data: dict[str, Any] = {k: getattr(params, k) for k in ("tokens", "kappa0", "noise", "activation")}
+    pre = solve_pretrain_bo(alpha=params.alpha, n_mc=n_mc_error, seed=seed, tol=tol, **data)
     ft = solve_finetune_bo(
         alpha_ft=params.alpha_ft,
-        tokens=params.tokens,
         Q_BO=pre.Q_BO,
-        kappa0=params.kappa0,
-        noise=params.noise,
-        activation=params.activation,
         reuse=params.reuse,
         n_mc=n_mc,
         n_nodes=n_nodes,
         n_mc_error=n_mc_error,
         seed=seed,
         tol=tol,
+        **data,
     )
     return BayesResult(
         pretrain=pre, finetune=ft, settings={"n_mc": n_mc, "n_nodes": n_nodes, "n_mc_error": n_mc_error, "seed": seed}

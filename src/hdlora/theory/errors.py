@@ -189,48 +189,54 @@ def pretrain_test_error(
     return mc_mean(pretrain_losses(activation, zs, z))
 
 
-def finetune_test_error(
-    activation: str,
-    T: int,
-    Q0: float,
-    Q: float,
-    M: float,
-    noise: float,
-    q: float,
-    m: float,
-    *,
-    q0: float = 1.0,
-    n_mc: int = DEFAULT_N_MC,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """E' (eqs. 19, 73) from the order parameters: (value, Monte-Carlo standard error)."""
+def _fine_tuned_error(which: str, activation: str, T: int, p: tuple[float, ...], q0: float, n_mc: int, seed: int):
+    """E' (``which`` = 'finetune') or E'' ('forgetting') of the fine-tuned model at p = (Q0, Q, M, Delta, q, m):
+    closed form for the linear activation (error 0), else the Monte-Carlo mean over the test fields with its
+    standard error."""
+    Q0, Q, M, noise, q, m = p
     T = _check_T(T)
     if activation == "linear":
-        return linear_finetune_test_error(T, Q0, Q, M, noise, q, m, q0), 0.0
-    zs, z = _test_fields(T, Q0, Q, M, noise, n_mc, seed)
-    return mc_mean(finetune_losses(activation, zs, z, q, m, q0=q0, seed=seed)["finetune"])
-
-
-def forgetting_error(
-    activation: str,
-    T: int,
-    Q0: float,
-    Q: float,
-    M: float,
-    noise: float,
-    q: float,
-    m: float,
-    *,
-    q0: float = 1.0,
-    n_mc: int = DEFAULT_N_MC,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """E'' (eq. 84): the fine-tuned model on the pre-training task: (value, MC standard error)."""
-    T = _check_T(T)
-    if activation == "linear":
+        if which == "finetune":
+            return linear_finetune_test_error(T, Q0, Q, M, noise, q, m, q0), 0.0
         return linear_forgetting_error(T, Q0, Q, M, noise, q), 0.0
     zs, z = _test_fields(T, Q0, Q, M, noise, n_mc, seed)
-    return mc_mean(finetune_losses(activation, zs, z, q, m, q0=q0, seed=seed)["forgetting"])
+    return mc_mean(finetune_losses(activation, zs, z, q, m, q0=q0, seed=seed)[which])
+
+
+def _fine_tuned_error_function(which: str, name: str, doc: str):
+    """The public E' / E'' function of the order parameters (one definition, two names)."""
+
+    def error(
+        activation: str,
+        T: int,
+        Q0: float,
+        Q: float,
+        M: float,
+        noise: float,
+        q: float,
+        m: float,
+        *,
+        q0: float = 1.0,
+        n_mc: int = DEFAULT_N_MC,
+        seed: int = 0,
+    ) -> tuple[float, float]:
+        return _fine_tuned_error(which, activation, T, (Q0, Q, M, noise, q, m), q0, n_mc, seed)
+
+    error.__name__ = error.__qualname__ = name
+    error.__doc__ = doc
+    return error
+
+
+finetune_test_error = _fine_tuned_error_function(
+    "finetune",
+    "finetune_test_error",
+    "E' (eqs. 19, 73) from the order parameters: (value, Monte-Carlo standard error).",
+)
+forgetting_error = _fine_tuned_error_function(
+    "forgetting",
+    "forgetting_error",
+    "E'' (eq. 84): the fine-tuned model on the pre-training task: (value, MC standard error).",
+)
 
 
 def frozen_test_error(

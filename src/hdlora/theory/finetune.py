@@ -39,7 +39,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,7 @@ from . import errors as _errors
 from . import newton as _newton
 from .fixed_point import NonConvergenceWarning
 from .newton import ProxResult
-from .order_parameters import FinetuneOrderParameters
+from .order_parameters import FinetuneDiagnostics, FinetuneOrderParameters
 from .prox_rank_one_linear import LinearRankOneProx
 from .sampling import frozen_fields, s_ab, standard_normals, to_sym
 from .stability import replicon_finetune_terms, replicon_tail_share
@@ -94,11 +94,7 @@ def _psi_t(chi, Zq, Y, ct, v, activation, order=2):
     """
     T = chi.shape[0]
     X = Zq + chi[:, None, :] * chi[None, :, :]
-    if activation == "linear":
-        P = X / T
-    else:
-        P = np.exp(X - X.max(axis=1, keepdims=True))
-        P /= P.sum(axis=1, keepdims=True)
+    P = np.moveaxis(get_activation(activation, "numpy")(np.moveaxis(X, 1, -1)), -1, 1)  # sigma over the rows b
     R = P - Y
     diff = chi - ct
     psi = -(R * R).sum(axis=(0, 1)) - (diff * diff).sum(axis=0) / (2.0 * v)
@@ -431,7 +427,7 @@ def prox_psi(
 # result
 # ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class FinetuneResult(FinetuneOrderParameters):
+class FinetuneResult(FinetuneDiagnostics, FinetuneOrderParameters):
     """Fixed point of the fine-tuning state evolution (Result 5) and Result 3 at it.
 
     Attributes:
@@ -470,29 +466,13 @@ class FinetuneResult(FinetuneOrderParameters):
     finetune_train_error: float
     finetune_test_error: float
     forgetting_error: float
-    replicon_finetune: float
     replicon_unstable: bool
-    delta_eff: float
-    converged: bool
-    residual: float
-    iterations: int
-    n_mc: int
-    prox_failed: int
-    prox_not_max: int
-    mc_se: dict = field(default_factory=dict)
-    wall_time: float = 0.0
     baseline: str | None = None
-    history: tuple = field(default=(), repr=False)
     objective: float = math.nan
     status: str = ""
     mc_resolution: dict | None = None
     replicon_upper: float = math.nan
     replicon_tail: float = math.nan
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("history")
-        return d
 
     @property
     def state(self) -> dict[str, float]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,7 @@ from ..params import ParamError, Params, check_tol
 from . import effective as _effective
 from . import engine as _engine
 from .finetune import _check_fields, _law_args, _se
+from .order_parameters import FinetuneDiagnostics
 from .prox_rank_r import MAX_PROX_DIM, prox_rank_r
 from .sampling import frozen_fields, standard_normals, to_sym
 
@@ -281,7 +282,7 @@ def output_channel(
 # state evolution
 # ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class RankRResult:
+class RankRResult(FinetuneDiagnostics):
     """Fixed point of the rank-r fine-tuning state evolution, and the errors there.
 
     Matrices as nested lists: q (r x r), m (r x r*), v (r x r), q0 (r* x r*), conjugates.  Invariants:
@@ -315,28 +316,14 @@ class RankRResult:
     finetune_train_error: float
     forgetting_error: float
     objective: float
-    replicon_finetune: float
-    delta_eff: float
-    converged: bool
-    residual: float
-    iterations: int
-    n_mc: int
-    prox_failed: int
-    prox_not_max: int
     prox_uncertified: int | None
-    mc_se: dict = field(default_factory=dict)
-    wall_time: float = 0.0
-    history: tuple = field(default=(), repr=False)
 
     @property
     def replica_stable(self) -> bool:
         return bool(self.replicon_finetune < 1.0)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("history")
-        d["replica_stable"] = self.replica_stable
-        return d
+        return {**super().to_dict(), "replica_stable": self.replica_stable}
 
 
 def _pack(m, q, v):

@@ -193,16 +193,19 @@ def minimise(
     K = kernel()
     x0 = np.ascontiguousarray(x0, dtype=np.float64)
     n, k = x0.shape
-    out_x = np.empty((n, k))
-    out_f = np.empty(n)
-    out_loss = np.empty(n)
-    out_g = np.empty((n, k))
-    out_H = np.empty((n, k, k))
-    out_aux = np.empty((n, max(n_aux, 1)))
-    out_res = np.empty(n)
-    out_conv = np.empty(n, dtype=np.bool_)
-    out_it = np.empty(n, dtype=np.int64)
-    out_merged = np.zeros(n, dtype=np.bool_)
+    # x, f, loss, g, H, aux, residual, converged, iterations, merged (the kernel's outputs, in its order)
+    outs = (
+        np.empty((n, k)),
+        np.empty(n),
+        np.empty(n),
+        np.empty((n, k)),
+        np.empty((n, k, k)),
+        np.empty((n, max(n_aux, 1))),
+        np.empty(n),
+        np.empty(n, dtype=np.bool_),
+        np.empty(n, dtype=np.int64),
+        np.zeros(n, dtype=np.bool_),
+    )
     consts = np.array([float(T), 1.0 if softmax else 0.0])
     opts = rule.as_array()
     if ref is None:
@@ -213,30 +216,10 @@ def minimise(
         if ref.shape != (n, k) or not merge_radius > 0:
             raise ValueError(f"ref must have shape {(n, k)} and merge_radius be > 0")
         opts = np.append(opts, [merge_radius, float(rule.shift_invariant)])
-    it = K.newton_prox(
-        kind,
-        x0,
-        np.ascontiguousarray(anchor, dtype=np.float64),
-        np.ascontiguousarray(w, dtype=np.float64),
-        np.ascontiguousarray(data, dtype=np.float64),
-        consts,
-        opts,
-        n_aux,
-        out_x,
-        out_f,
-        out_loss,
-        out_g,
-        out_H,
-        out_aux,
-        out_res,
-        out_conv,
-        out_it,
-        ref,
-        out_merged,
-    )
-    return NewtonOutput(
-        out_x, out_f, out_loss, out_g, out_H, out_aux[:, :n_aux], out_res, out_conv, int(it), out_merged
-    )
+    a, w_, d = (np.ascontiguousarray(u, dtype=np.float64) for u in (anchor, w, data))
+    it = K.newton_prox(kind, x0, a, w_, d, consts, opts, n_aux, ref, *outs)
+    x, f, loss, g, H, aux, res, conv, _its, merged = outs
+    return NewtonOutput(x, f, loss, g, H, aux[:, :n_aux], res, conv, int(it), merged)
 
 
 @dataclass(frozen=True)

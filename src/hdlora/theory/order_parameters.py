@@ -7,9 +7,10 @@ declared in one place and keeps its position (first) in the results and their di
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-__all__ = ["PretrainOrderParameters", "FinetuneOrderParameters"]
+__all__ = ["PretrainOrderParameters", "FinetuneOrderParameters", "FinetuneDiagnostics"]
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,30 @@ class FinetuneOrderParameters:
     qhat: float
     mhat: float
     vhat: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneDiagnostics:
+    """What every fine-tuning fixed point (rank one and rank r) reports besides its order parameters: the replicon
+    (LHS of eq. 78, stable if < 1), the effective noise of its fields, the engine's converged / residual /
+    iterations, the Monte-Carlo samples n_mc, the prox diagnostics (prox_failed: Newton not converged at the last
+    evaluation; prox_not_max: not a strict local maximum), the Monte-Carlo standard errors, the wall time and the
+    iteration history (left out of :meth:`to_dict`).  Keyword-only: the records extending it keep their own fields'
+    positions."""
+
+    replicon_finetune: float
+    delta_eff: float
+    converged: bool
+    residual: float
+    iterations: int
+    n_mc: int
+    prox_failed: int
+    prox_not_max: int
+    mc_se: dict = field(default_factory=dict)
+    wall_time: float = 0.0
+    history: tuple = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("history")
+        return d

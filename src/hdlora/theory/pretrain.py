@@ -618,10 +618,7 @@ def solve_pretrain(
         Vhat=hats["Vhat"],
         eta=spec["eta"],
         eps=spec["eps"],
-        pretrain_train_error=err["pretrain_train_error"],
-        pretrain_test_error=err["pretrain_test_error"],
-        replicon_pretrain=rep,
-        replicon_stable=bool(rep < 1.0),
+        **_errors_and_replicon(err, rep),
         converged=bool(converged),
         residual=residual,
         iterations=iterations,
@@ -642,23 +639,38 @@ def solve_pretrain(
             else (math.nan, math.nan, math.nan)
         ),
     )
+    detail = f", {failures} prox failures" + (
+        f", {n_not_global} samples not at their global maximum (jump {mc_jump:.3g} s.e.)" if n_not_global else ""
+    )
+    _warn_result(result, warn, "", detail, 3)
+    return result
+
+
+def _errors_and_replicon(err: Mapping[str, float], rep: float) -> dict[str, Any]:
+    """The PretrainResult fields of the errors (eqs. 19, 20) and of the replicon (eq. 75)."""
+    return dict(
+        pretrain_train_error=err["pretrain_train_error"],
+        pretrain_test_error=err["pretrain_test_error"],
+        replicon_pretrain=rep,
+        replicon_stable=bool(rep < 1.0),
+    )
+
+
+def _warn_result(result: PretrainResult, warn: bool, where: str, detail: str, stacklevel: int) -> None:
+    """The warnings of a pre-training solve: not converged (with ``detail``), replicon of eq. 75 >= 1."""
     if warn and not result.converged:
         warnings.warn(
-            f"pre-training state evolution not converged: residual {residual:.3g} after "
-            f"{iterations} iterations, {failures} prox failures"
-            + (
-                f", {n_not_global} samples not at their global maximum (jump {mc_jump:.3g} s.e.)"
-                if n_not_global
-                else ""
-            ),
+            f"pre-training state evolution{where} not converged: residual {result.residual:.3g} after "
+            f"{result.iterations} iterations{detail}",
             NonConvergenceWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
     if warn and not result.replicon_stable:
         warnings.warn(
-            f"pre-training replicon condition violated: eq. 75 LHS = {rep:.4g} >= 1", RuntimeWarning, stacklevel=2
+            f"pre-training replicon condition violated: eq. 75 LHS = {result.replicon_pretrain:.4g} >= 1",
+            RuntimeWarning,
+            stacklevel=stacklevel,
         )
-    return result
 
 
 def _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mixing, init, warn, t0):
@@ -733,10 +745,7 @@ def _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mi
         Vhat=0.0,
         eta=spec["eta"],
         eps=spec["eps"],
-        pretrain_train_error=err["pretrain_train_error"],
-        pretrain_test_error=err["pretrain_test_error"],
-        replicon_pretrain=rep,
-        replicon_stable=bool(rep < 1.0),
+        **_errors_and_replicon(err, rep),
         converged=converged,
         residual=residual,
         iterations=iterations,
@@ -749,17 +758,7 @@ def _solve_interpolator(params, g, zeta, n_used, seed, method, tol, max_iter, mi
         lamV=v,
         scaled_hats=(hats["Mhat"], hats["Qhat"], hats["Vhat"]),
     )
-    if warn and not converged:
-        warnings.warn(
-            f"pre-training state evolution at lam = 0+ not converged: residual {residual:.3g} after "
-            f"{iterations} iterations",
-            NonConvergenceWarning,
-            stacklevel=3,
-        )
-    if warn and not result.replicon_stable:
-        warnings.warn(
-            f"pre-training replicon condition violated: eq. 75 LHS = {rep:.4g} >= 1", RuntimeWarning, stacklevel=3
-        )
+    _warn_result(result, warn, " at lam = 0+", "", 4)
     return result
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..activations import get as get_activation
 from . import newton as _newton
 
 __all__ = ["MAX_PROX_DIM", "loss_derivatives", "search_starts", "prox_rank_r", "linear_certificate"]
@@ -31,11 +32,7 @@ MAX_PROX_DIM = 64
 # ----------------------------------------------------------------------------------------
 def _row_terms(X: np.ndarray, Y: np.ndarray, T: int, activation: str, order: int):
     """sigma(X) rows, residual R, G = dl/dX and the row Hessians h (n, T, T, T) (h[:, a] = d2 l / dX_a dX_a)."""
-    if activation == "linear":
-        P = X / T
-    else:
-        P = np.exp(X - X.max(axis=2, keepdims=True))
-        P /= P.sum(axis=2, keepdims=True)
+    P = get_activation(activation, "numpy")(X)
     R = P - Y
     if order == 0:
         return R, None, None

@@ -235,52 +235,26 @@ def solve(
     params = apply_baseline(params, baseline)
     if isinstance(init, TheoryResult):
         init = init.state
+    # the options every stage shares
+    common: dict[str, Any] = dict(
+        n_mc=n_mc, seed=seed, tol=tol, max_iter=max_iter, method=method, optimal_beta=optimal_beta, warn=warn
+    )
     if not params.rank_one:  # a rank-r LoRA or a rank-r* task (beyond the paper): docs/theory/rank_r.md
         from .solve_rank_r import solve_rank_r
 
-        return solve_rank_r(
-            params,
-            n_mc=n_mc,
-            seed=seed,
-            baseline=baseline,
-            tol=tol,
-            max_iter=max_iter,
-            method=method,
-            optimal_beta=optimal_beta,
-            warn=warn,
-            init=init,
-        )
+        return solve_rank_r(params, baseline=baseline, init=init, **common)
     t0 = time.perf_counter()
     if coarse and init is None and n_mc >= COARSE_DIVISOR * COARSE_MIN_N:  # (rank one: rank r returned above)
         init = _coarse_state(params, n_mc // COARSE_DIVISOR, seed, baseline, method, max_iter, optimal_beta)
     with warnings.catch_warnings():
         if not warn:
             warnings.simplefilter("ignore", NonConvergenceWarning)
-        params, pre, z_star, z = pretrain_stage(
-            params,
-            n_mc=n_mc,
-            seed=seed,
-            method=method,
-            tol=tol,
-            max_iter=max_iter,
-            init=init,
-            warn=warn,
-            optimal_beta=optimal_beta,
-        )
+        params, pre, z_star, z = pretrain_stage(params, init=init, **common)
         Q0, Q, M = params.Q0, pre.Q, pre.M
         ft_params = params.replace(reuse=False) if params.lora_only else params
+        state: dict[str, Any] = dict(Q0=Q0, Q=Q, M=M, init=_finetune_init(init))
         ft: FinetuneResult = solve_finetune(
-            ft_params,
-            z_star,
-            z,
-            Q0=Q0,
-            Q=Q,
-            M=M,
-            seed=seed,
-            tol=tol,
-            max_iter=max_iter,
-            init=_finetune_init(init),
-            warn=warn,
+            ft_params, z_star, z, seed=seed, tol=tol, max_iter=max_iter, warn=warn, **state
         )
     return point_result(TheoryResult, params, pre, ft, n_mc=n_mc, seed=seed, t0=t0, baseline=baseline)
 
@@ -317,6 +291,33 @@ def pretrain_stage(
     return params, pre, z_star, z
 
 
+#: the fields of a point's result copied as they are from the pre-training and the fine-tuning stage
+_FROM_PRETRAIN = (
+    "Q",
+    "M",
+    "V",
+    "Mhat",
+    "Qhat",
+    "Vhat",
+    "pretrain_train_error",
+    "pretrain_test_error",
+    "replicon_pretrain",
+)
+_FROM_FINETUNE = (
+    "q",
+    "m",
+    "v",
+    "qhat",
+    "mhat",
+    "vhat",
+    "finetune_train_error",
+    "finetune_test_error",
+    "forgetting_error",
+    "overlap",
+    "replicon_finetune",
+)
+
+
 def point_result(
     cls: type,
     params: Params,
@@ -337,32 +338,14 @@ def point_result(
     d_eff = _eff.delta_eff_beta(Q0, Q, M, noise, params.beta)
     has_q = Q > 0
     return cls(
-        Q=Q,
-        M=M,
-        V=pre.V,
-        Mhat=pre.Mhat,
-        Qhat=pre.Qhat,
-        Vhat=pre.Vhat,
-        q=ft.q,
-        m=ft.m,
-        v=ft.v,
-        qhat=ft.qhat,
-        mhat=ft.mhat,
-        vhat=ft.vhat,
+        **{k: getattr(pre, k) for k in _FROM_PRETRAIN},
+        **{k: getattr(ft, k) for k in _FROM_FINETUNE},
         Q0=Q0,
-        pretrain_train_error=pre.pretrain_train_error,
-        pretrain_test_error=pre.pretrain_test_error,
-        finetune_train_error=ft.finetune_train_error,
-        finetune_test_error=ft.finetune_test_error,
-        forgetting_error=ft.forgetting_error,
-        overlap=ft.overlap,
         delta_eff=d_eff,
         delta_eff_finetune=ft.delta_eff,
         delta_eff_actft=_eff.delta_eff_actft(Q0, Q, M, noise) if has_q else d_eff,
         beta_min=_eff.beta_min(Q, M) if has_q else math.nan,
         delta_eff_min=_eff.delta_eff_min(Q0, Q, M, noise) if has_q else d_eff,
-        replicon_pretrain=pre.replicon_pretrain,
-        replicon_finetune=ft.replicon_finetune,
         replicon_ok=bool(pre.replicon_pretrain < 1 and ft.replicon_finetune < 1),
         converged=bool(pre.converged and ft.converged),
         pretrain_converged=pre.converged,

@@ -276,17 +276,8 @@ def solve_rank_r(
     with warnings.catch_warnings():
         if not warn:
             warnings.simplefilter("ignore", NonConvergenceWarning)
-        params, pre, z_star, z = pretrain_stage(
-            params,
-            n_mc=n_mc,
-            seed=seed,
-            method=method,
-            tol=tol,
-            max_iter=max_iter,
-            init=init,
-            warn=warn,
-            optimal_beta=optimal_beta,
-        )
+        stage: dict[str, Any] = dict(n_mc=n_mc, seed=seed, method=method, tol=tol, max_iter=max_iter, warn=warn)
+        params, pre, z_star, z = pretrain_stage(params, init=init, optimal_beta=optimal_beta, **stage)
     Q0, Q, M = params.Q0, pre.Q, pre.M
     ft_params = params.replace(reuse=False) if params.lora_only else params
     results, errors, coarse = solve_branches(
@@ -337,16 +328,8 @@ def solve_rank_r(
         principal_cosines=ft.principal_cosines,
         rank_m=ft.rank_m,
         objective=ft.objective,
-        q_matrix=ft.q,
-        m_matrix=ft.m,
-        v_matrix=ft.v,
-        q0_matrix=ft.q0,
-        qhat_matrix=ft.qhat,
-        mhat_matrix=ft.mhat,
-        vhat_matrix=ft.vhat,
-        prox_failed=ft.prox_failed,
-        prox_not_max=ft.prox_not_max,
-        prox_uncertified=ft.prox_uncertified,
+        **{f"{k}_matrix": getattr(ft, k) for k in ("q", "m", "v", "q0", "qhat", "mhat", "vhat")},
+        **{k: getattr(ft, k) for k in ("prox_failed", "prox_not_max", "prox_uncertified")},
         winner=name,
         winner_status=status,
         branches=branches,
