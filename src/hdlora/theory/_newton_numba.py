@@ -880,4 +880,3 @@ def pretrain_post(d, g, Hl, loss, V, s, full, shift, out_psi, out_stat, out_jac,
                     out_hess[j, a, b] = -Hl[j, a, b]
                 out_hess[j, a, a] -= 1.0 / (V * s[a])
             out_rep[j] = rep
-
