@@ -117,7 +117,7 @@ _DEFAULTS: dict[int | str, dict[str, dict[str, Any]]] = {
     # quick: D = 60 (a rank-4 softmax simulation at alpha' = 1 took 37-61 s per seed at D = 60-100 on this shared
     # 2-core machine)
     # paper: theory at n_mc = 4000 (a rank-3 softmax point at alpha' = 1 took 87 s at n_mc = 4000, 150 iterations;
-    # in panel (c) r = 5 took 20 min and r = 6 had not finished after 65 min, so (c) stops at r = 5;
+    # in panel (c) r = 6 took 20 min (not converged) and r = 5 had not finished after 65 min, so (c) stops at r = 4;
     # at 3e4 the figure would take many hours on 2 cores), simulations at D = 200 (a rank-4 seed at D = 300 took 48 s,
     # 45 s of it pre-training, which every one of the 16 simulation tasks repeats)
     "rank": {
@@ -256,8 +256,7 @@ RANK_GRIDS: dict[str, dict[str, Any]] = {
     "paper": dict(
         alpha_ft=[0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0],
         ranks=[1, 2, 3, 4],
-        ranks_c=[1, 2, 3, 4, 5],
-        ranks_opt=[1, 2, 3, 4],
+        ranks_c=[1, 2, 3, 4],
         n_grid=4,
         tol=0.1,
         max_iter=150,
