@@ -18,20 +18,10 @@ import warnings
 import numpy as np
 
 from hdlora import Params
+from hdlora.experiments.figures import RANK_FIG, RANK_LAM_SMALL
 
-BASE = dict(
-    alpha=0.1,
-    tokens=3,
-    kappa0=1.0,
-    kappa=1.0,
-    noise=0.5,
-    lam=0.1,
-    lam_ft=0.2,
-    activation="softmax",
-    lora_rank=1,
-    teacher_rank=2,
-    teacher_strengths=(1.0, 0.5),
-)
+#: the figure's panel (a) setting at r = 1
+BASE = dict(RANK_FIG, lam_ft=RANK_LAM_SMALL, lora_rank=1)
 
 
 def theory(alphas: list[float], seeds: range) -> None:
