@@ -86,10 +86,11 @@ def _dloss_dX(P, R, T, softmax, G, expanded=False):
             s = 0.0
             for b in range(T):
                 s += P[a, b] * R[a, b]
-            for b in range(T):
-                if expanded:
+            if expanded:
+                for b in range(T):
                     G[a, b] = 2.0 * (P[a, b] * R[a, b] - P[a, b] * s)
-                else:
+            else:
+                for b in range(T):
                     G[a, b] = 2.0 * (P[a, b] * (R[a, b] - s))
     else:
         for a in range(T):

@@ -189,7 +189,45 @@ def pretrain_test_error(
     return mc_mean(pretrain_losses(activation, zs, z))
 
 
-def _fine_tuned_error(which: str, activation: str, T: int, p: tuple[float, ...], q0: float, n_mc: int, seed: int):
+def finetune_test_error(
+    activation: str,
+    T: int,
+    Q0: float,
+    Q: float,
+    M: float,
+    noise: float,
+    q: float,
+    m: float,
+    *,
+    q0: float = 1.0,
+    n_mc: int = DEFAULT_N_MC,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """E' (eqs. 19, 73) from the order parameters: (value, Monte-Carlo standard error)."""
+    return _fine_tuned_error("finetune", activation, T, (Q0, Q, M, noise, q, m), q0, n_mc, seed)
+
+
+def forgetting_error(
+    activation: str,
+    T: int,
+    Q0: float,
+    Q: float,
+    M: float,
+    noise: float,
+    q: float,
+    m: float,
+    *,
+    q0: float = 1.0,
+    n_mc: int = DEFAULT_N_MC,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """E'' (eq. 84): the fine-tuned model on the pre-training task: (value, MC standard error)."""
+    return _fine_tuned_error("forgetting", activation, T, (Q0, Q, M, noise, q, m), q0, n_mc, seed)
+
+
+def _fine_tuned_error(
+    which: str, activation: str, T: int, p: tuple[float, ...], q0: float, n_mc: int, seed: int
+) -> tuple[float, float]:
     """E' (``which`` = 'finetune') or E'' ('forgetting') of the fine-tuned model at p = (Q0, Q, M, Delta, q, m):
     closed form for the linear activation (error 0), else the Monte-Carlo mean over the test fields with its
     standard error."""
@@ -201,42 +239,6 @@ def _fine_tuned_error(which: str, activation: str, T: int, p: tuple[float, ...],
         return linear_forgetting_error(T, Q0, Q, M, noise, q), 0.0
     zs, z = _test_fields(T, Q0, Q, M, noise, n_mc, seed)
     return mc_mean(finetune_losses(activation, zs, z, q, m, q0=q0, seed=seed)[which])
-
-
-def _fine_tuned_error_function(which: str, name: str, doc: str):
-    """The public E' / E'' function of the order parameters (one definition, two names)."""
-
-    def error(
-        activation: str,
-        T: int,
-        Q0: float,
-        Q: float,
-        M: float,
-        noise: float,
-        q: float,
-        m: float,
-        *,
-        q0: float = 1.0,
-        n_mc: int = DEFAULT_N_MC,
-        seed: int = 0,
-    ) -> tuple[float, float]:
-        return _fine_tuned_error(which, activation, T, (Q0, Q, M, noise, q, m), q0, n_mc, seed)
-
-    error.__name__ = error.__qualname__ = name
-    error.__doc__ = doc
-    return error
-
-
-finetune_test_error = _fine_tuned_error_function(
-    "finetune",
-    "finetune_test_error",
-    "E' (eqs. 19, 73) from the order parameters: (value, Monte-Carlo standard error).",
-)
-forgetting_error = _fine_tuned_error_function(
-    "forgetting",
-    "forgetting_error",
-    "E'' (eq. 84): the fine-tuned model on the pre-training task: (value, MC standard error).",
-)
 
 
 def frozen_test_error(

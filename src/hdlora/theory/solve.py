@@ -252,9 +252,18 @@ def solve(
         params, pre, z_star, z = pretrain_stage(params, init=init, **common)
         Q0, Q, M = params.Q0, pre.Q, pre.M
         ft_params = params.replace(reuse=False) if params.lora_only else params
-        state: dict[str, Any] = dict(Q0=Q0, Q=Q, M=M, init=_finetune_init(init))
         ft: FinetuneResult = solve_finetune(
-            ft_params, z_star, z, seed=seed, tol=tol, max_iter=max_iter, warn=warn, **state
+            ft_params,
+            z_star,
+            z,
+            Q0=Q0,
+            Q=Q,
+            M=M,
+            seed=seed,
+            tol=tol,
+            max_iter=max_iter,
+            init=_finetune_init(init),
+            warn=warn,
         )
     return point_result(TheoryResult, params, pre, ft, n_mc=n_mc, seed=seed, t0=t0, baseline=baseline)
 

@@ -276,8 +276,17 @@ def solve_rank_r(
     with warnings.catch_warnings():
         if not warn:
             warnings.simplefilter("ignore", NonConvergenceWarning)
-        stage: dict[str, Any] = dict(n_mc=n_mc, seed=seed, method=method, tol=tol, max_iter=max_iter, warn=warn)
-        params, pre, z_star, z = pretrain_stage(params, init=init, optimal_beta=optimal_beta, **stage)
+        params, pre, z_star, z = pretrain_stage(
+            params,
+            n_mc=n_mc,
+            seed=seed,
+            method=method,
+            tol=tol,
+            max_iter=max_iter,
+            init=init,
+            warn=warn,
+            optimal_beta=optimal_beta,
+        )
     Q0, Q, M = params.Q0, pre.Q, pre.M
     ft_params = params.replace(reuse=False) if params.lora_only else params
     results, errors, coarse = solve_branches(
