@@ -124,3 +124,47 @@ def test_replicons_reported_with_upper_bound_and_tail():
         assert 10 / 2000 <= tail < 1, name  # at least the share of 10 equal terms, below the whole sum
     d = r.to_dict()
     assert {"replicon_pretrain_upper", "replicon_finetune_tail", "finetune_objective", "status"} <= set(d)
+
+
+def _stage_args(p, n):
+    """The fine-tuning stage's fields and law at p (solve's pre-training stage, n samples)."""
+    from hdlora.theory.solve import pretrain_stage
+
+    p, pre, zs, z = pretrain_stage(
+        p, n_mc=n, seed=0, method=None, tol=1e-7, max_iter=500, init=None, warn=False, optimal_beta=False
+    )
+    return p, zs, z, dict(Q0=p.Q0, Q=pre.Q, M=pre.M)
+
+
+def test_first_prox_search_of_a_warm_start_is_skipped_only_where_a_search_found_one_maximum(monkeypatch):
+    """solve's coarse start: the main solve skips the fine-tuning's first global prox search when the coarse solve's
+    final search found no second maximum (the search at the fixed point is kept: same fixed point, bit for bit, at
+    such a point), and keeps it where the coarse search found second maxima."""
+    from hdlora.theory import finetune
+    from hdlora.theory.finetune import solve_finetune
+    from hdlora.theory.solve import _coarse_state
+
+    searches = []
+    starts = finetune._rank_one_starts
+    monkeypatch.setattr(finetune, "_rank_one_starts", lambda *a, **k: searches.append(1) or starts(*a, **k))
+
+    fig1 = Params(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5, lam=0.1, lam_ft=0.5)
+    p, zs, z, law = _stage_args(fig1, N)
+    cold = solve_finetune(p, zs, z, **law, seed=0, warn=False)
+    assert cold.converged and cold.n_second_maxima == 0
+    start = {"m": cold.m * 1.01, "q": cold.q * 0.99, "v": cold.v}
+    searches.clear()
+    with_search = solve_finetune(p, zs, z, **law, seed=0, init=start, warn=False)
+    n_with = len(searches)
+    without = solve_finetune(p, zs, z, **law, seed=0, init=start, first_search=False, warn=False)
+    assert len(searches) - n_with == n_with - 1  # the first iteration's search, and only it, left out
+    assert (without.q, without.m, without.v) == (with_search.q, with_search.m, with_search.v)
+    assert without.finetune_test_error == with_search.finetune_test_error
+    assert _coarse_state(fig1, 1000, 0, None, None, 500, False)[1] is False
+
+    # T = 2, lam' = 0.05 (a validation point): the coarse search finds second prox maxima
+    t2 = Params(tokens=2, kappa0=0.5, kappa=1, noise=0.5, alpha=0.2, alpha_ft=3, lam=2.0, lam_ft=0.05)
+    p2, zs2, z2, law2 = _stage_args(t2, 3750)
+    assert solve_finetune(p2, zs2, z2, **law2, seed=0, tol=1e-4, warn=False).n_second_maxima > 0
+    state, first_search = _coarse_state(t2, 3750, 0, None, None, 500, False)
+    assert state is not None and first_search is True

@@ -324,12 +324,24 @@ def _token_scratch(consts):
 
 @njit(cache=True, error_model="numpy")
 def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
-    """The loss of potential ``kind`` at x (and, for order >= 1, 2, its gradient g and Hessian H)."""
+    """The loss of potential ``kind`` at x (and, for order >= 1, 2, its gradient g and Hessian H).
+
+    The softmax channels at T = 2 and 3 (the paper's figures) are called with T and the activation as constants:
+    LLVM then unrolls their T x T loops (the same operations in the same order, so the same numbers; measured,
+    benchmarks/bench_theory.py: a fine-tuning global search at the Fig. 1 point 0.75 s -> 0.48 s)."""
     T = int(consts[0])
     softmax = consts[1] != 0.0
     if kind == PRETRAIN:
+        if softmax and T == 3:
+            return _pretrain_loss(x, row, 3, True, order, g, H, X, P, R, G)
+        if softmax and T == 2:
+            return _pretrain_loss(x, row, 2, True, order, g, H, X, P, R, G)
         return _pretrain_loss(x, row, T, softmax, order, g, H, X, P, R, G)
     if kind == FINETUNE:
+        if softmax and T == 3:
+            return _finetune_loss(x, row, 3, True, order, g, H, aux, X, P, R, G)
+        if softmax and T == 2:
+            return _finetune_loss(x, row, 2, True, order, g, H, aux, X, P, R, G)
         return _finetune_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G)
     if kind == FINETUNE_RANK_R:
         return _finetune_rank_r_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G)

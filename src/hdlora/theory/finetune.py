@@ -454,6 +454,8 @@ class FinetuneResult(FinetuneDiagnostics, FinetuneOrderParameters):
         replicon_upper: replicon_finetune + 2 s.e. (its Monte-Carlo upper bound).
         replicon_tail: share of the ten largest per-sample replicon terms in their sum (a heavy tail makes
             the mean and its s.e. unreliable: the terms are heavy-tailed where prox maxima are near-degenerate).
+        n_second_maxima: samples on which the global prox search at the returned point found a second local
+            maximum of psi (besides the kept one); 0 for the exact linear prox and the baselines.
         n_mc: Monte-Carlo samples of the state evolution.
         prox_failed: samples whose prox Newton did not converge at the last evaluation.
         prox_not_max: samples whose returned prox is not a strict local maximum.
@@ -473,6 +475,7 @@ class FinetuneResult(FinetuneDiagnostics, FinetuneOrderParameters):
     mc_resolution: dict | None = None
     replicon_upper: float = math.nan
     replicon_tail: float = math.nan
+    n_second_maxima: int = 0
 
     @property
     def state(self) -> dict[str, float]:
@@ -560,6 +563,7 @@ def solve_finetune(
     rank_one_normals: np.ndarray | None = None,
     linear_prox: str = "exact",
     fix_m: float | None = None,
+    first_search: bool = True,
     warn: bool = True,
 ) -> FinetuneResult:
     """Fine-tuning state evolution (eqs. 67-72) on given frozen fields, and Result 3 at its fixed point.
@@ -607,6 +611,12 @@ def solve_finetune(
         fix_m: solve only the (q, v) part of eqs. 67-72 at this fixed m (the m component of the map is replaced by
             m; the continuation in m of :func:`hdlora.theory.branches.finetune_m_scan`): a fixed point of the full
             map is a root of g(m) = mhat v - m of the returned result.
+        first_search: with ``init``, also run the global prox search at the first iteration (default: a warm
+            start is near a fixed point, whose other prox maxima are then tracked from the start).  False: only
+            at the fixed point, as without ``init`` (for a start whose own final search found no second
+            maximum on any sample, ``n_second_maxima == 0``: the first search would find none either and costs
+            as much as the rest of the solve; the search at the fixed point is kept, so the result is the same
+            fixed point; :func:`hdlora.theory.solve.solve` does this after its coarse start).
         warn: warn on non-convergence.
 
     The two forms of m_hat and v_hat (eq. 71 is common):
@@ -805,7 +815,13 @@ def solve_finetune(
         # near the fixed point already (warm start): global search at the first call.  (Skipping it was measured:
         # at three warm-started Fig. 1 points the same fixed point with 37 % fewer Newton steps, but at a
         # replica-unstable point, tests/theory/test_finetune.py, a second round of 16 iterations instead of <= 10.)
-        init=lambda _p, _s: {"chi": None, "alt": None, "calls": 0, "check": init is not None, "n_verify": 0},
+        init=lambda _p, _s: {
+            "chi": None,
+            "alt": None,
+            "calls": 0,
+            "check": init is not None and first_search,
+            "n_verify": 0,
+        },
         update=update,
         verify=verify,
         domain=lambda x: bool(np.all(np.isfinite(x)) and np.all(x >= lo) and np.all(x <= hi)) and _in_domain(x),
@@ -879,6 +895,7 @@ def solve_finetune(
         else {"floor": br.mc.floor, **br.mc.evidence},
         replicon_upper=float(rep.mean() + 2.0 * mc_se["replicon_finetune"]),
         replicon_tail=replicon_tail_share(rep),
+        n_second_maxima=0 if carry.get("alt") is None else len(carry["alt"][0]),
     )
     if warn and not result.converged:
         warnings.warn(

@@ -149,23 +149,29 @@ COARSE_DIVISOR = 8
 COARSE_MIN_N = 1000
 
 
-def _coarse_state(params, n, seed, baseline, method, max_iter, optimal_beta) -> dict[str, float] | None:
-    """The state of the same solve on n samples to tol 1e-4 (a start), or None when it did not converge."""
+def _coarse_state(params, n, seed, baseline, method, max_iter, optimal_beta) -> tuple[dict[str, float] | None, bool]:
+    """The state of the same solve on n samples to tol 1e-4 (a start; None when it did not converge), and whether
+    the main solve should also run the fine-tuning's global prox search at its first iteration: not when the
+    coarse solve's own final search found no second prox maximum on any of its samples."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = solve(
+        r, ft = _solve_rank_one(
             params,
+            init=None,
+            baseline=baseline,
+            first_search=True,
+            t0=time.perf_counter(),
             n_mc=n,
             seed=seed,
-            baseline=baseline,
             tol=1e-4,
             max_iter=max_iter,
             method=method,
             optimal_beta=optimal_beta,
             warn=False,
-            coarse=False,
         )
-    return r.state if r.converged else None
+    if not r.converged:
+        return None, True
+    return r.state, ft.n_second_maxima > 0
 
 
 def apply_baseline(params: Params, baseline: str | None) -> Params:
@@ -244,8 +250,28 @@ def solve(
 
         return solve_rank_r(params, baseline=baseline, init=init, **common)
     t0 = time.perf_counter()
+    first_search = True
     if coarse and init is None and n_mc >= COARSE_DIVISOR * COARSE_MIN_N:  # (rank one: rank r returned above)
-        init = _coarse_state(params, n_mc // COARSE_DIVISOR, seed, baseline, method, max_iter, optimal_beta)
+        init, first_search = _coarse_state(
+            params, n_mc // COARSE_DIVISOR, seed, baseline, method, max_iter, optimal_beta
+        )
+    return _solve_rank_one(params, init=init, baseline=baseline, first_search=first_search, t0=t0, **common)[0]
+
+
+def _solve_rank_one(
+    params: Params,
+    *,
+    init: Mapping[str, float] | None,
+    baseline: str | None,
+    first_search: bool,
+    t0: float,
+    **common: Any,
+) -> tuple[TheoryResult, FinetuneResult]:
+    """The two stages of :func:`solve` at a rank-one point (``params`` with its baseline applied), from ``init``,
+    with :func:`solve`'s options ``common`` (n_mc, seed, tol, max_iter, method, optimal_beta, warn);
+    ``first_search``: see :func:`hdlora.theory.finetune.solve_finetune`.  Returns the point and its fine-tuning
+    stage."""
+    n_mc, seed, tol, max_iter, warn = (common[k] for k in ("n_mc", "seed", "tol", "max_iter", "warn"))
     with warnings.catch_warnings():
         if not warn:
             warnings.simplefilter("ignore", NonConvergenceWarning)
@@ -263,9 +289,11 @@ def solve(
             tol=tol,
             max_iter=max_iter,
             init=_finetune_init(init),
+            first_search=first_search,
             warn=warn,
         )
-    return point_result(TheoryResult, params, pre, ft, n_mc=n_mc, seed=seed, t0=t0, baseline=baseline)
+    point = point_result(TheoryResult, params, pre, ft, n_mc=n_mc, seed=seed, t0=t0, baseline=baseline)
+    return point, ft
 
 
 def pretrain_stage(
