@@ -168,3 +168,24 @@ def test_first_prox_search_of_a_warm_start_is_skipped_only_where_a_search_found_
     assert solve_finetune(p2, zs2, z2, **law2, seed=0, tol=1e-4, warn=False).n_second_maxima > 0
     state, first_search = _coarse_state(t2, 3750, 0, None, None, 500, False)
     assert state is not None and first_search is True
+
+
+def test_warm_start_without_second_maxima_skips_the_first_search_and_keeps_the_point(monkeypatch):
+    """A warm start from a result whose final prox search found no second maximum (finetune_second_maxima == 0)
+    searches only at the fixed point; the point is the one the search at the first iteration gives, bit for bit."""
+    from hdlora.theory import finetune
+
+    fig1 = Params(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5, lam=0.1, lam_ft=0.5)
+    near = solve(fig1.replace(lam=0.12), n_mc=N, warn=False)
+    assert near.finetune_second_maxima == 0
+    searches = []
+    starts = finetune._rank_one_starts
+    monkeypatch.setattr(finetune, "_rank_one_starts", lambda *a, **k: searches.append(1) or starts(*a, **k))
+    skipped = solve(fig1, n_mc=N, init=near, warn=False)
+    n_skipped = len(searches)
+    searched = solve(fig1, n_mc=N, init=near.state, warn=False)  # the state alone: no hint, first search
+    assert len(searches) - n_skipped == n_skipped + 1
+    for key in ("Q", "M", "V", "q", "m", "v", "finetune_test_error", "forgetting_error"):
+        assert getattr(skipped, key) == getattr(searched, key), key
+    hinted = solve(fig1, n_mc=N, init={**near.state, "finetune_second_maxima": 0}, warn=False)
+    assert hinted.q == skipped.q and len(searches) == 2 * n_skipped + 2

@@ -260,6 +260,8 @@ class _Evaluator:
         d = [float(np.sum((lx - x) ** 2)) for lx, _ in good]
         res_all = good[int(np.argmin(d))][1]
         init = dict(res_all.state)
+        if getattr(res_all, "finetune_second_maxima", None) is not None:  # see hdlora.theory.solve.solve's init
+            init["finetune_second_maxima"] = float(res_all.finetune_second_maxima)
         if self.lam_index is not None and self.target != "pretrain_test_error":
             i = self.lam_index
             key = [(abs(lx[i] - x[i]), dd) for (lx, _), dd in zip(good, d)]

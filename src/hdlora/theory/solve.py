@@ -56,7 +56,9 @@ class TheoryResult(FinetuneOrderParameters, PretrainOrderParameters):
     Order parameters (eqs. 8-9, 48, 67-72), errors (Result 3, eq. 84), the overlap
     o_w = m / sqrt(q q0), effective noises (eqs. 25-28), replicon left-hand sides
     (eqs. 75, 78; stable when < 1) and the diagnostics of both solves.
-    ``converged`` is True only when both stages converged.
+    ``converged`` is True only when both stages converged.  ``finetune_second_maxima``: samples on which the
+    fine-tuning's final global prox search found a second local maximum of psi (eq. 63) besides the kept one
+    (None where the stage does not report it: rank r).
     """
 
     Q0: float
@@ -96,6 +98,7 @@ class TheoryResult(FinetuneOrderParameters, PretrainOrderParameters):
     replicon_finetune_tail: float = math.nan
     replicon_pretrain_upper: float = math.nan
     replicon_pretrain_tail: float = math.nan
+    finetune_second_maxima: int | None = None
 
     @property
     def status(self) -> str:
@@ -174,6 +177,15 @@ def _coarse_state(params, n, seed, baseline, method, max_iter, optimal_beta) -> 
     return r.state, ft.n_second_maxima > 0
 
 
+def _second_maxima(init: TheoryResult | Mapping[str, Any] | None) -> int | None:
+    """``finetune_second_maxima`` of a warm start (a TheoryResult, or a mapping that carries it), else None."""
+    if isinstance(init, TheoryResult):
+        value = init.finetune_second_maxima
+    else:
+        value = None if init is None else init.get("finetune_second_maxima")
+    return None if value is None or not math.isfinite(value) else int(value)
+
+
 def apply_baseline(params: Params, baseline: str | None) -> Params:
     """The A.7 baselines as parameters: 'frozen' is lam_ft = inf, 'lora_only' is lam = inf."""
     baseline = canonical_baseline(baseline)
@@ -219,7 +231,9 @@ def solve(
             The linear activation's pre-training uses closed forms and ignores it.
         seed: seed of the fixed samples (common random numbers).
         baseline: None, 'frozen' (lam' = inf) or 'lora_only' (lam = inf; 'lora-only' accepted), App. A.7.
-        init: warm start: a previous TheoryResult or a mapping with Q, M, V, q, m, v.
+        init: warm start: a previous TheoryResult or a mapping with Q, M, V, q, m, v (and, optionally, that
+            result's ``finetune_second_maxima``: when it is 0 the fine-tuning skips its global prox search at the
+            first iteration and searches only at the fixed point, as a cold start does).
         tol: tolerance of each fixed-point solve.
         max_iter: iteration cap of each fixed-point solve.
         method: pre-training expectation rule ('mc', 'qmc', 'exact'; default exact for
@@ -239,6 +253,8 @@ def solve(
     baseline = canonical_baseline(baseline)
     tol = check_tol(tol)
     params = apply_baseline(params, baseline)
+    # a warm start whose own final prox search found no second maximum: the fine-tuning's first search is skipped
+    first_search = _second_maxima(init) != 0
     if isinstance(init, TheoryResult):
         init = init.state
     # the options every stage shares
@@ -250,7 +266,6 @@ def solve(
 
         return solve_rank_r(params, baseline=baseline, init=init, **common)
     t0 = time.perf_counter()
-    first_search = True
     if coarse and init is None and n_mc >= COARSE_DIVISOR * COARSE_MIN_N:  # (rank one: rank r returned above)
         init, first_search = _coarse_state(
             params, n_mc // COARSE_DIVISOR, seed, baseline, method, max_iter, optimal_beta
@@ -406,5 +421,6 @@ def point_result(
         replicon_finetune_tail=float(getattr(ft, "replicon_tail", math.nan)),
         replicon_pretrain_upper=float(getattr(pre, "replicon_upper", math.nan)),
         replicon_pretrain_tail=float(getattr(pre, "replicon_tail", math.nan)),
+        finetune_second_maxima=getattr(ft, "n_second_maxima", None),
         **extra,
     )
