@@ -200,8 +200,6 @@ def test_finetune_global_search_keeps_the_same_maxima_with_merging(monkeypatch):
     np.testing.assert_array_equal(merged.x, full.x)
     np.testing.assert_array_equal(merged.value, full.value)
     assert merged.n_start_changed == full.n_start_changed
-    monkeypatch.setattr(F, "MERGE_RADIUS", 1e-2)  # the former radius
-    np.testing.assert_array_equal(F.prox_psi(ct, Zq, Y, v, act, Y_arg=Ya).x, full.x)
 
 
 @pytest.mark.parametrize("T", [2, 3])
