@@ -3,6 +3,10 @@
 Do not import this module directly: :func:`hdlora.theory.newton.kernel` does, the first time a
 prox needs it, so that a CLI call or a closed-form (linear) solve never imports numba.  All
 functions are ``@njit(cache=True)``: compiled once per machine, cached on disk next to this file.
+The small per-iteration helpers of :func:`newton_prox` (direction, Cholesky, norm, objective) and the two
+potentials (into :func:`loss_derivatives`) are Numba-inlined (``inline="always"``): no calls with a dozen array
+arguments inside the per-sample loop, the same operations in the same order.  Measured (a Fig. 1 fine-tuning
+global search, 12 alternating repeats, minimum): 0.314 s -> 0.264 s for the helpers; compile time +3 s.
 
 One kernel, :func:`newton_prox`, minimises per sample
 
@@ -421,7 +425,7 @@ def jacobi_eigh(A, lam, U, B):
         lam[i] = B[i, i]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")  # into newton_prox (module docstring)
 def _cholesky(A, C, pd_min, stop):
     """Lower Cholesky factor C of the symmetric A (its lower triangle written); returns True when every pivot is
     > pd_min.  At a pivot <= pd_min: ``stop``, return False at once; else the pivot is replaced by 1 and the
@@ -448,7 +452,7 @@ def _cholesky(A, C, pd_min, stop):
     return ok
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")  # into newton_prox (module docstring)
 def _direction(Hf, gf, pd_min, floor_rel, floor_abs, C, step, tmp, lam, U, B):
     """step = -Hf^-1 gf by Cholesky when Hf is positive definite (pivots > pd_min), else the
     saddle-free direction -U |Lambda|^-1 U^T gf with |lambda| floored at floor_rel max|lambda| + floor_abs.
@@ -488,7 +492,7 @@ def _direction(Hf, gf, pd_min, floor_rel, floor_abs, C, step, tmp, lam, U, B):
     return False
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")  # into newton_prox (module docstring)
 def _norm(v, kind):
     s = 0.0
     if kind == 0:
@@ -501,7 +505,7 @@ def _norm(v, kind):
     return math.sqrt(s)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")  # into newton_prox (module docstring)
 def _prox_objective(loss, x, a, w):
     """f(x) = loss + sum_i (x_i - a_i)^2 / (2 w_i), summed in index order."""
     f = loss
