@@ -126,6 +126,17 @@ def test_replicons_reported_with_upper_bound_and_tail():
     assert {"replicon_pretrain_upper", "replicon_finetune_tail", "finetune_objective", "status"} <= set(d)
 
 
+@pytest.fixture
+def searches(monkeypatch):
+    """A list that gets one entry per global prox search of the fine-tuning (its start set is built once each)."""
+    from hdlora.theory import finetune
+
+    calls = []
+    starts = finetune._rank_one_starts
+    monkeypatch.setattr(finetune, "_rank_one_starts", lambda *a, **k: calls.append(1) or starts(*a, **k))
+    return calls
+
+
 def _stage_args(p, n):
     """The fine-tuning stage's fields and law at p (solve's pre-training stage, n samples)."""
     from hdlora.theory.solve import pretrain_stage
@@ -136,17 +147,12 @@ def _stage_args(p, n):
     return p, zs, z, dict(Q0=p.Q0, Q=pre.Q, M=pre.M)
 
 
-def test_first_prox_search_of_a_warm_start_is_skipped_only_where_a_search_found_one_maximum(monkeypatch):
+def test_first_prox_search_of_a_warm_start_is_skipped_only_where_a_search_found_one_maximum(searches):
     """solve's coarse start: the main solve skips the fine-tuning's first global prox search when the coarse solve's
     final search found no second maximum (the search at the fixed point is kept: same fixed point, bit for bit, at
     such a point), and keeps it where the coarse search found second maxima."""
-    from hdlora.theory import finetune
     from hdlora.theory.finetune import solve_finetune
     from hdlora.theory.solve import _coarse_state
-
-    searches = []
-    starts = finetune._rank_one_starts
-    monkeypatch.setattr(finetune, "_rank_one_starts", lambda *a, **k: searches.append(1) or starts(*a, **k))
 
     fig1 = Params(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5, lam=0.1, lam_ft=0.5)
     p, zs, z, law = _stage_args(fig1, N)
@@ -170,17 +176,13 @@ def test_first_prox_search_of_a_warm_start_is_skipped_only_where_a_search_found_
     assert state is not None and first_search is True
 
 
-def test_warm_start_without_second_maxima_skips_the_first_search_and_keeps_the_point(monkeypatch):
+def test_warm_start_without_second_maxima_skips_the_first_search_and_keeps_the_point(searches):
     """A warm start from a result whose final prox search found no second maximum (finetune_second_maxima == 0)
     searches only at the fixed point; the point is the one the search at the first iteration gives, bit for bit."""
-    from hdlora.theory import finetune
-
     fig1 = Params(alpha=0.1, alpha_ft=3, tokens=3, kappa0=1, kappa=1, noise=0.5, lam=0.1, lam_ft=0.5)
     near = solve(fig1.replace(lam=0.12), n_mc=N, warn=False)
     assert near.finetune_second_maxima == 0
-    searches = []
-    starts = finetune._rank_one_starts
-    monkeypatch.setattr(finetune, "_rank_one_starts", lambda *a, **k: searches.append(1) or starts(*a, **k))
+    searches.clear()
     skipped = solve(fig1, n_mc=N, init=near, warn=False)
     n_skipped = len(searches)
     searched = solve(fig1, n_mc=N, init=near.state, warn=False)  # the state alone: no hint, first search

@@ -815,9 +815,10 @@ def solve_finetune(
         start["m"] = float(fix_m)
     x0 = np.clip(np.array([start[k] for k in names], dtype=np.float64), lo, hi)
     stage = _engine.Stage(
-        # near the fixed point already (warm start): global search at the first call.  (Skipping it was measured:
-        # at three warm-started Fig. 1 points the same fixed point with 37 % fewer Newton steps, but at a
-        # replica-unstable point, tests/theory/test_finetune.py, a second round of 16 iterations instead of <= 10.)
+        # near the fixed point already (warm start): global search at the first call, unless ``first_search`` is off.
+        # (Skipping it unconditionally was measured: at three warm-started Fig. 1 points the same fixed point with
+        # 37 % fewer Newton steps, but at a replica-unstable point, tests/theory/test_finetune.py, a second round of
+        # 16 iterations instead of <= 10; hence it is skipped only for a start that found no second maximum.)
         init=lambda _p, _s: {
             "chi": None,
             "alt": None,
