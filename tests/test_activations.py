@@ -56,3 +56,22 @@ def test_theory_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 7, 8, 11])
+def test_numpy_row_reductions_are_bit_identical_to_numpy_reduce(T):
+    """The column-loop row max/sum of the NumPy softmax give the same bits as NumPy's own reductions (fewer than 8
+    terms are added left to right by NumPy too; from 8 on NumPy's pairwise sum is used), hence the same softmax."""
+    from hdlora.activations import _NUMPY_OPS
+
+    rng = np.random.default_rng(T)
+    x = rng.standard_normal((257, T, T)) * 10.0 ** rng.uniform(-3, 3, (257, 1, 1))
+    x[0, 0, -1] = np.nan
+    got_max, got_sum = _NUMPY_OPS.row_max(x), _NUMPY_OPS.row_sum(x)
+    assert got_max.shape == got_sum.shape == (257, T, 1)
+    np.testing.assert_array_equal(got_max, np.max(x, axis=-1, keepdims=True))
+    np.testing.assert_array_equal(got_sum, np.sum(x, axis=-1, keepdims=True))
+    ok = np.isfinite(x).all(axis=(1, 2))
+    ref = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    ref = ref / np.sum(ref, axis=-1, keepdims=True)
+    np.testing.assert_array_equal(activations.get("softmax", "numpy")(x)[ok], ref[ok])
