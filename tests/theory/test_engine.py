@@ -513,3 +513,63 @@ def test_stagnation_calls_verify_and_a_changed_map_resets_the_history():
     assert any("stagnation: verify changed the map" in e for _, e in r.branch.events)
     r0 = solve_stage(st, {"s": [0.05]}, tol=1e-10, max_iter=200, stall_verify=0, warn=False)
     assert r0.status == NOT_CONVERGED
+
+
+def _jump_map(jump):
+    """A map with a jump at its would-be fixed point 1 (samples switching between two maxima): no exact fixed point."""
+    return lambda x: 0.5 * x + 0.5 + np.where(x >= 1.0, -jump, jump)
+
+
+def test_stop_early_ends_a_stagnation_the_monte_carlo_floor_explains():
+    jump = 1e-4
+    explain = lambda *a: MCResolution(floor=4 * jump, evidence={"jump": jump})  # noqa: E731
+    full = solve_stage(map_stage(_jump_map(jump), mc_resolution=explain), {"u": [3.0]}, tol=1e-10, max_iter=300)
+    early = solve_stage(
+        map_stage(_jump_map(jump), mc_resolution=explain), {"u": [3.0]}, tol=1e-10, max_iter=300, stop_early=True
+    )
+    assert full.status == early.status == CONVERGED_MC
+    assert full.branch.iterations == 300 and early.branch.iterations < 60  # stopped at the first stagnation
+    assert early.residual <= 4 * jump and early.branch.mc.evidence["jump"] == jump
+    assert abs(early.x[0] - 1.0) <= 4 * jump
+    assert any("stagnation within the Monte-Carlo floor" in e for _, e in early.branch.events)
+
+
+@pytest.mark.parametrize("jump, floor", [(1e-4, 1e-9), (1e-2, 4e-2)])
+def test_stop_early_does_not_stop_a_stagnation_the_floor_does_not_explain_or_above_the_cap(jump, floor):
+    # a floor below the residual, or a residual above CONVERGED_CAP (1e-3) however large the floor: the iteration goes on
+    st = map_stage(_jump_map(jump), mc_resolution=lambda *a: MCResolution(floor))
+    r = solve_stage(st, {"u": [3.0]}, tol=1e-10, max_iter=150, stop_early=True, warn=False)
+    assert r.branch.iterations == 150
+    assert not any("stopped" in e for _, e in r.branch.events)
+
+
+def _cycling_stage(targets):
+    """verify moves the map's target along ``targets`` at each candidate (then keeps it): like a global prox search that
+    moves samples to other maxima at every candidate fixed point."""
+
+    def update(x, c):
+        return 0.5 * x + 0.5 * targets[c["k"]], c, None
+
+    def verify(x, c):
+        return ({"k": c["k"] + 1}, True) if c["k"] + 1 < len(targets) else (c, False)
+
+    return Stage(init=lambda p, s: {"k": 0}, update=update, verify=verify, names=("x",))
+
+
+def test_stop_early_ends_map_cycles_without_progress_as_not_converged():
+    targets = [1.0 + 0.1 * (k % 2) for k in range(40)]  # the new map's residual at each candidate stays 0.025
+    full = solve_stage(_cycling_stage(targets), {"u": [0.0]}, tol=1e-10, max_iter=2000, warn=False)
+    early = solve_stage(_cycling_stage(targets), {"u": [0.0]}, tol=1e-10, max_iter=2000, stop_early=True, warn=False)
+    assert full.status == CONVERGED and full.x[0] == pytest.approx(targets[-1], abs=1e-9)  # after 39 map changes
+    assert early.status == NOT_CONVERGED
+    n_changes = sum("verify changed the map" in e for _, e in early.branch.events)
+    assert n_changes == 6  # CYCLE_MIN candidates, then the rule
+    assert "changed the map at 6 candidate fixed points without progress" in early.branch.reason
+    assert early.branch.iterations < full.branch.iterations / 4
+
+
+def test_stop_early_lets_map_cycles_that_make_progress_converge():
+    targets = [1.0 + 0.1 * 0.2**k for k in range(12)]  # the new map's residual at each candidate falls 5x per change
+    r = solve_stage(_cycling_stage(targets), {"u": [0.0]}, tol=1e-10, max_iter=2000, stop_early=True, warn=False)
+    assert r.status == CONVERGED and r.x[0] == pytest.approx(targets[-1], abs=1e-9)
+    assert sum("verify changed the map" in e for _, e in r.branch.events) == 11

@@ -77,6 +77,9 @@ STATUSES = (CONVERGED, CONVERGED_MC, REPLICA_UNSTABLE, NOT_CONVERGED)
 START_NAMES = ("uninformed", "informed", "warm")
 #: the residual a ``converged`` point must reach whatever the requested tol
 CONVERGED_CAP = 1e-3
+#: ``stop_early``'s map-cycle rule: from CYCLE_MIN candidates whose verify changed the map on, stop when the smallest
+#: new-map residual of the last CYCLE_WINDOW such candidates is not below CYCLE_PROGRESS x the smallest before them
+CYCLE_MIN, CYCLE_WINDOW, CYCLE_PROGRESS = 6, 3, 0.5
 
 
 class BranchChoiceWarning(RuntimeWarning):
@@ -305,6 +308,7 @@ def _solve_branch(
     min_mixing: float,
     growth: float,
     stall_verify: int = 0,
+    stop_early: bool = False,
 ) -> Branch:
     x = np.array(x0, dtype=np.float64).ravel()
     ctol = min(tol, CONVERGED_CAP)
@@ -337,6 +341,10 @@ def _solve_branch(
     last_res = 1.0
     converged, reason = False, ""
     ev = None  # (x, res, aux) of the evaluation with the smallest finite residual
+    cycles: list[float] = []  # the new map's residual at each candidate whose verify changed the map
+    cycle_pending = False  # the next evaluation is the new map at such a candidate
+    early_mc = None  # the Monte-Carlo floor that stopped a stagnating iteration (stop_early)
+    hopeless = False  # stopped by the map-cycle rule (stop_early): not converged, whatever the floor
 
     def reset(it: int, why: str):
         nonlocal n_restarts
@@ -375,9 +383,26 @@ def _solve_branch(
         last_res = res
         if ev is None or res < ev[1]:
             ev = (x, res, aux)
+        if cycle_pending:
+            cycle_pending = False
+            cycles.append(res)
+            if stop_early and len(cycles) >= CYCLE_MIN:
+                recent, before = min(cycles[-CYCLE_WINDOW:]), min(cycles[:-CYCLE_WINDOW])
+                if recent > CYCLE_PROGRESS * before:
+                    # the global search changes the map at every candidate and the new maps' residuals no longer fall:
+                    # the iteration walks among the samples' maxima (measured at Delta = 2, lam = lam' = 1e-3:
+                    # 500 iterations, not converged all the same)
+                    hopeless = True
+                    reason = (
+                        f"the global prox search changed the map at {len(cycles)} candidate fixed points without "
+                        f"progress (new-map residuals {recent:.3g} over the last {CYCLE_WINDOW}, {before:.3g} before)"
+                    )
+                    events.append((it, f"map cycles without progress: stopped ({reason})"))
+                    break
         if res <= ctol:
             carry, changed = stage.verify(x, carry)
             if changed:
+                cycle_pending = True
                 reset(it, "verify changed the map: history reset")
                 best, best_abs, since_best, stall_restarts, progress = math.inf, math.inf, 0, 0, 0
                 accelerated, ev = False, None  # residuals of the old map no longer count
@@ -411,6 +436,15 @@ def _solve_branch(
                     best, best_abs, stall_restarts, progress = math.inf, math.inf, 0, 0
                     accelerated, ev = False, None
                     continue  # re-evaluate x with the new map
+            if stop_early and stage.mc_resolution is not None and ev is not None and ev[1] <= CONVERGED_CAP:
+                # stagnation at a residual the samples' near-degenerate maxima explain: the end of max_iter
+                # iterations would find the same (measured at Delta = 2, lam = lam' = 1e-2: residual 2e-5 to 5e-5
+                # for 490 iterations, then converged to Monte-Carlo resolution)
+                mc = stage.mc_resolution(ev[0], carry, ev[2], ev[1])
+                if mc is not None and ev[1] <= mc.floor:
+                    early_mc = mc
+                    events.append((it, f"stagnation within the Monte-Carlo floor {mc.floor:.3g}: stopped"))
+                    break
             if use_anderson and stall_restarts < 2:
                 stall_restarts += 1
                 reset(it, "stagnation: Anderson history reset")
@@ -453,10 +487,12 @@ def _solve_branch(
 
     if converged:
         status, mc = CONVERGED, None
+    elif early_mc is not None:  # stopped at ev, whose residual the floor explains (stop_early)
+        status, mc, reason = CONVERGED_MC, early_mc, ""
     else:
         status, mc = NOT_CONVERGED, None
         # the hook explains (or not) the residual at the returned point
-        if stage.mc_resolution is not None and math.isfinite(res):
+        if stage.mc_resolution is not None and math.isfinite(res) and not hopeless:
             mc = stage.mc_resolution(x, carry, aux, res)
             if mc is not None and res <= mc.floor:
                 status = CONVERGED_MC
@@ -616,6 +652,7 @@ def solve_stage(
     growth: float = 1e3,
     same_point_tol: float = 1e-6,
     stall_verify: int = 4,
+    stop_early: bool = False,
     warn: bool = True,
 ) -> StageResult:
     """Solve a stage from every named start and choose among the branches.
@@ -640,6 +677,12 @@ def solve_stage(
         stall_verify: on stagnation, ``verify`` is also called (up to this many times per start): a point the
             iteration cannot settle on is a candidate too, and the map may have drifted (e.g. samples tracked in
             non-global prox maxima); a change resets the history.
+        stop_early: two rules that end a branch before ``max_iter`` (for stages with ``mc_resolution``): at a
+            stagnation (after its ``verify``), a best residual <= CONVERGED_CAP that the stage's Monte-Carlo floor
+            explains ends it as converged to Monte-Carlo resolution (what the end of the iterations would report);
+            and once ``verify`` has changed the map at CYCLE_MIN candidates, new-map residuals that no longer fall
+            (the smallest of the last CYCLE_WINDOW not below CYCLE_PROGRESS x the smallest before) end it as not
+            converged.
         same_point_tol: branches whose states differ by less than this (relative) are the same point.
         warn: emit NonConvergenceWarning / BranchChoiceWarning.
 
@@ -677,6 +720,7 @@ def solve_stage(
             min_mixing=min_mixing,
             growth=growth,
             stall_verify=stall_verify,
+            stop_early=stop_early,
         )
     chosen, status, comps, flags = choose_branch(list(branches.values()), same_point_tol=same_point_tol)
     result = StageResult(branches, chosen, status, comps, flags, stage.names)
@@ -705,6 +749,7 @@ def solve_one(
     anderson: int = 3,
     min_mixing: float = 0.02,
     stall_verify: int = 4,
+    stop_early: bool = False,
 ) -> Branch:
     """One start of a stage, no warnings (the stage reports its own): the branch.  Anderson memory 3 and the
     mixing floor min(min_mixing, mixing) are the stages' settings (see :func:`solve_stage` for the arguments)."""
@@ -717,6 +762,7 @@ def solve_one(
         anderson=anderson,
         min_mixing=min(min_mixing, mixing),
         stall_verify=stall_verify,
+        stop_early=stop_early,
         warn=False,
     ).branch
 

@@ -833,7 +833,8 @@ def solve_finetune(
         names=names,
         name="fine-tuning state evolution",
     )
-    br = _engine.solve_one(stage, x0, tol=tol, max_iter=max_iter, mixing=mixing)
+    # stop_early: a stagnation within the Monte-Carlo floor, or map cycles without progress, end the solve
+    br = _engine.solve_one(stage, x0, tol=tol, max_iter=max_iter, mixing=mixing, stop_early=True)
     # a start outside the domain returns before init: the fresh carry
     x, carry = br.x, (br.carry if br.carry is not None else stage.init(params, None))
     verified = carry.get("verified")
