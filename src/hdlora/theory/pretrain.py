@@ -105,7 +105,9 @@ def _v_scale(lam: float) -> float:
     return max(1.0, LAM_V_SCALE / lam) if lam > 0 else 1.0
 
 
-def _global_search(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str) -> ProxResult:
+def _global_search(
+    z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str, ref: np.ndarray | None = None
+) -> ProxResult:
     """The verification's prox: the maximum reached from z* (an interpolating point) and, for T = 2 (L = 3)
     at V > 1, the best over every entrywise mix of z~ and z* (2^L starts; h = z~, the start of the first
     iteration, found nothing beyond the followed maxima at lam = 1e-3).  Measured (3e4 samples, T = 2): at
@@ -114,10 +116,20 @@ def _global_search(z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation
     alpha = 0.2, lam = 0.3) the z~ and z* starts agree on every sample and the mixes find nothing (there
     they would cost half of the pre-training solve).  For T = 3 the 64 mixes cost ~7 s and found nothing at
     the Fig. 1 point (V = 1.7): z~ and z* only.
+
+    ``ref`` (n, L): the maxima h already found (the tight evaluation).  Where the mixes are not tried, the start
+    from z* stops (merged, its value -inf: not better) once it is on its way to ``ref``
+    (:func:`hdlora.theory.newton.minimise`, radius 1e-2 as the fine-tuning's search): at the Fig. 1 point
+    4.8 -> ~2.5 Newton steps a sample, the samples with a better maximum and the numbers unchanged bit for bit
+    (benchmarks/compare_theory.py, docs/benchmarks/compare_theory_pretrain_merge.json).
     """
-    best = prox(z_star, z_tilde, V, activation, init=z_star, multi_start=False, tol=1e-11, full=False)
     L = z_star.shape[1]
-    if activation != "softmax" or L > 3 or V <= 1.0:
+    mixes = activation == "softmax" and L <= 3 and V > 1.0
+    merge_ref = None if mixes else ref
+    best = prox(
+        z_star, z_tilde, V, activation, init=z_star, multi_start=False, tol=1e-11, full=False, merge_ref=merge_ref
+    )
+    if not mixes:
         return best
     for k in range(0, 2**L - 1):  # 2^L - 1 (z*) is done
         mask = np.array([(k >> i) & 1 for i in range(L)], dtype=bool)
@@ -530,7 +542,7 @@ def solve_pretrain(
     def final(x: np.ndarray, carry: Mapping[str, Any]):
         """At a candidate fixed point: a tight evaluation, each sample in its basin, and the global search."""
         hats, px, z_star, z_tilde = channel(x, carry["h"], 1e-11, full=True)
-        alt = _global_search(z_star, z_tilde, float(x[2]) * v_scale, act)
+        alt = _global_search(z_star, z_tilde, float(x[2]) * v_scale, act, ref=px.x)
         better = alt.value > px.value + 1e-9 * (1.0 + np.abs(px.value))
         return hats, px, z_star, z_tilde, alt, better
 
