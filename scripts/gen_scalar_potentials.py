@@ -58,6 +58,36 @@ def _softmax_residual(e: _Code, T: int, off: int) -> None:
     e("return loss", 2)
 
 
+def _dloss_dX(e: _Code, T: int, expanded: bool) -> None:
+    """G = dl/dX of the softmax loss (_dloss_dX of the kernel; ``expanded``: the pre-training's rounding)."""
+    for a in range(T):
+        e("s = 0.0")
+        for b in range(T):
+            e(f"s += P{a}{b} * R{a}{b}")
+        for b in range(T):
+            if expanded:
+                e(f"G{a}{b} = 2.0 * (P{a}{b} * R{a}{b} - P{a}{b} * s)")
+            else:
+                e(f"G{a}{b} = 2.0 * (P{a}{b} * (R{a}{b} - s))")
+
+
+def _zero_hessian(e: _Code, names: list[str]) -> None:
+    """The order-1 return, then the Hessian scalars set to 0.0 (as the loops' H[p, q] = 0.0)."""
+    e("if order < 2:")
+    e("return loss", 2)
+    for name in names:
+        e(f"{name} = 0.0")
+
+
+def _store_hessian(e: _Code, k: int, name: str) -> list[str]:
+    """H[p, q] written from the scalars ``name`` (a format of p, q), then the loss returned; the function's lines."""
+    for p in range(k):
+        for q in range(k):
+            e(f"H[{p}, {q}] = " + name.format(p=p, q=q))
+    e("return loss")
+    return e.lines
+
+
 def _free(a: int, b: int, T: int) -> int:
     if a > b:
         a, b = b, a
@@ -77,23 +107,13 @@ def pretrain(T: int) -> list[str]:
                 e(f"X{b}{a} = X{a}{b}")
             i += 1
     _softmax_residual(e, T, L)
-    # _dloss_dX(..., expanded=True)
-    for a in range(T):
-        e("s = 0.0")
-        for b in range(T):
-            e(f"s += P{a}{b} * R{a}{b}")
-        for b in range(T):
-            e(f"G{a}{b} = 2.0 * (P{a}{b} * R{a}{b} - P{a}{b} * s)")
+    _dloss_dX(e, T, expanded=True)
     i = 0
     for a in range(T):
         for b in range(a, T):
             e(f"g[{i}] = G{a}{b} + G{b}{a}" if a != b else f"g[{i}] = G{a}{a}")
             i += 1
-    e("if order < 2:")
-    e("return loss", 2)
-    for p in range(L):
-        for q in range(L):
-            e(f"H{p}_{q} = 0.0")
+    _zero_hessian(e, [f"H{p}_{q}" for p in range(L) for q in range(L)])
     for a in range(T):
         e("w = 0.0")
         e("c = 0.0")
@@ -109,11 +129,7 @@ def pretrain(T: int) -> list[str]:
                 if b == d:
                     e(f"hv += P{a}{b} * (P{a}{b} + R{a}{b} - w)")
                 e(f"H{_free(a, b, T)}_{_free(a, d, T)} += 2.0 * hv")
-    for p in range(L):
-        for q in range(L):
-            e(f"H[{p}, {q}] = H{p}_{q}")
-    e("return loss")
-    return e.lines
+    return _store_hessian(e, L, "H{p}_{q}")
 
 
 def finetune(T: int) -> list[str]:
@@ -126,13 +142,7 @@ def finetune(T: int) -> list[str]:
         for b in range(T):
             e(f"X{a}{b} = row[{a * T + b}] + x{a} * x{b}")
     _softmax_residual(e, T, T * T)
-    # _dloss_dX(..., expanded=False)
-    for a in range(T):
-        e("s = 0.0")
-        for b in range(T):
-            e(f"s += P{a}{b} * R{a}{b}")
-        for b in range(T):
-            e(f"G{a}{b} = 2.0 * (P{a}{b} * (R{a}{b} - s))")
+    _dloss_dX(e, T, expanded=False)
     e("dq = 0.0")
     for a in range(T):
         e(f"dq += G{a}{a}")
@@ -142,11 +152,7 @@ def finetune(T: int) -> list[str]:
         for b in range(T):
             e(f"acc += (G{a}{b} + G{b}{a}) * x{b}")
         e(f"g[{a}] = acc")
-    e("if order < 2:")
-    e("return loss", 2)
-    for p in range(T):
-        for q in range(T):
-            e(f"H{p}{q} = 0.0")
+    _zero_hessian(e, [f"H{p}{q}" for p in range(T) for q in range(T)])
     for a in range(T):
         e("pp = 0.0")
         e("pchi = 0.0")
@@ -172,11 +178,7 @@ def finetune(T: int) -> list[str]:
     for p in range(T):
         for q in range(T):
             e(f"H{p}{q} += G{p}{q} + G{q}{p}")
-    for p in range(T):
-        for q in range(T):
-            e(f"H[{p}, {q}] = H{p}{q}")
-    e("return loss")
-    return e.lines
+    return _store_hessian(e, T, "H{p}{q}")
 
 
 def region() -> str:
