@@ -23,8 +23,9 @@ HEADER = """# The softmax potentials at T = 2 and 3 in scalars: the loops of _pr
 # of h) and _finetune_loss (psi of eq. 63) unrolled, the same floating-point operations in the same order on named
 # scalars instead of the T x T work arrays (which LLVM must load and store at every use, since they may alias), so
 # the same numbers bit for bit (tests/theory/test_scalar_potentials.py).  Measured on the Newton calls of a Fig. 1
-# softmax point (3e4 samples, 1 thread, replayed, min of 5): fine-tuning 0.52 s -> 0.41 s, pre-training
-# 0.25 s -> 0.23 s.  Arguments as the loop versions (without T, the activation and the work arrays).
+# softmax point replayed (3e4 samples, 1 thread, min of 5, two alternating runs): fine-tuning 306-338 -> 272-279 ns a
+# Newton step, pre-training 551-621 -> 538-583 ns.  Arguments as the loop versions (without T, the activation and
+# the work arrays).
 """
 
 

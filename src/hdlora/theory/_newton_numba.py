@@ -324,8 +324,9 @@ def _finetune_rank_r_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
 # of h) and _finetune_loss (psi of eq. 63) unrolled, the same floating-point operations in the same order on named
 # scalars instead of the T x T work arrays (which LLVM must load and store at every use, since they may alias), so
 # the same numbers bit for bit (tests/theory/test_scalar_potentials.py).  Measured on the Newton calls of a Fig. 1
-# softmax point (3e4 samples, 1 thread, replayed, min of 5): fine-tuning 0.52 s -> 0.41 s, pre-training
-# 0.25 s -> 0.23 s.  Arguments as the loop versions (without T, the activation and the work arrays).
+# softmax point replayed (3e4 samples, 1 thread, min of 5, two alternating runs): fine-tuning 306-338 -> 272-279 ns a
+# Newton step, pre-training 551-621 -> 538-583 ns.  Arguments as the loop versions (without T, the activation and
+# the work arrays).
 
 
 @njit(cache=True, error_model="numpy", inline="always")  # into loss_derivatives
@@ -1146,17 +1147,14 @@ def _token_scratch(consts):
 def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
     """The loss of potential ``kind`` at x (and, for order >= 1, 2, its gradient g and Hessian H).
 
-    The softmax channels at T = 2 and 3 (the paper's figures) are called with T and the activation as constants:
-    LLVM then unrolls their T x T loops (the same operations in the same order, so the same numbers; measured: a
-    fine-tuning global search at the Fig. 1 point 0.75 s -> 0.48 s).  The two channels are inlined here (Numba
-    ``inline="always"``: no call with a dozen array arguments per evaluation; the search 0.51 s -> 0.37 s, the
-    pre-training's Newton calls of a Fig. 1 solve 0.32 s -> 0.30 s, the compile time unchanged; inlining this
-    function into newton_prox as well was 0.35 s but quadrupled the compile time).  Since 2026-12-02 the softmax
-    channels at T = 2 and 3 are scalar versions generated from the loops (``_pretrain_loss_t3`` etc., written by
-    scripts/gen_scalar_potentials.py): the same operations in the same order, so the same numbers, but in registers
-    instead of the T x T work arrays.  The fine-tuning's Newton calls of a Fig. 1 point 0.52 s -> 0.41 s, the
-    pre-training's 0.25 s -> 0.23 s.  The loops serve every other T and the linear activation, and are the
-    reference of tests/theory/test_scalar_potentials.py."""
+    The softmax channels at T = 2 and 3 (the paper's figures) are the scalar versions generated from the loops
+    (``_pretrain_loss_t3`` etc., written by scripts/gen_scalar_potentials.py): the same operations in the same order,
+    so the same numbers, in registers instead of the T x T work arrays (replayed Newton calls of a Fig. 1 point:
+    fine-tuning 306-338 -> 272-279 ns a step, pre-training 551-621 -> 538-583 ns).  Every other case calls the loops,
+    which are also the reference of tests/theory/test_scalar_potentials.py.  The potentials are inlined here (Numba
+    ``inline="always"``: no call with a dozen array arguments per evaluation; measured with the loops: the
+    fine-tuning search 0.51 s -> 0.37 s, the compile time unchanged; inlining this function into newton_prox as well
+    was 0.35 s but quadrupled the compile time)."""
     T = int(consts[0])
     softmax = consts[1] != 0.0
     if kind == PRETRAIN:
