@@ -23,7 +23,9 @@ a compile from an empty cache in a throw-away directory).
 ``kernel_choice``: one evaluation of the fine-tuning loss with gradient and Hessian for all
 3e4 samples of the softmax point (the innermost work of the prox), three ways: the Numba kernel
 (a loop over samples), PyTorch on the same (n, T, T) arrays (batched tensor ops), and the NumPy
-reference (token-first arrays).
+reference (token-first arrays); ``kernel_choice.eigh_choice``: the linear exact prox's eigendecomposition
+of 3e4 symmetric T x T matrices, LAPACK (numpy.linalg.eigh) against the batched Jacobi rotations of
+hdlora.theory.jacobi, T = 2, 3, 4.
 
 Usage: python benchmarks/bench_theory.py [--repeat 3] [--threads 1] [--n-mc 30000]
        [--base-src DIR | --base-rev REV] [--no-base] [--cases a,b]
@@ -163,7 +165,29 @@ def kernel_choice(a: argparse.Namespace) -> dict:
         "numba_s": numba_s,
         "torch_s": torch_s,
         "numpy_reference_s": numpy_s,
+        "eigh_choice": eigh_choice(a, best),
     }
+
+
+def eigh_choice(a: argparse.Namespace, best) -> dict:
+    """Seconds (min of 5) of the eigendecomposition of the linear exact prox (n_mc symmetric T x T matrices,
+    once per fine-tuning solve): LAPACK (numpy.linalg.eigh) and the batched Jacobi of hdlora.theory.jacobi."""
+    import numpy as np
+
+    from hdlora.theory.jacobi import eigh_token_first
+
+    out: dict = {"what": "eigendecomposition of n symmetric T x T matrices (the linear exact prox)", "n": a.n_mc}
+    rng = np.random.default_rng(1)
+    for T in (2, 3, 4):
+        B = rng.standard_normal((a.n_mc, T, T))
+        B = B + np.swapaxes(B, 1, 2)
+        Bt = np.ascontiguousarray(np.moveaxis(B, 0, -1))
+        out[f"T{T}"] = {
+            "lapack_eigh_s": best(lambda: np.linalg.eigh(B)),
+            "jacobi_s": best(lambda: eigh_token_first(Bt)),
+            "jacobi_sweeps": eigh_token_first(Bt).sweeps,
+        }
+    return out
 
 
 def _run(src: Path, a: argparse.Namespace, mode: str, env_extra: dict | None = None) -> dict:

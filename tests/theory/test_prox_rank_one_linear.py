@@ -161,3 +161,26 @@ def test_bad_linear_prox_name():
     f = frozen_fields(100, 3, 2.25, 2.0, 1.0)
     with pytest.raises(ParamError, match="linear_prox"):
         solve_finetune(p, f["z_star"], f["z"], Q0=2.0, Q=2.0, M=1.0, linear_prox="closed")
+
+
+def test_curvature_and_loss_in_the_eigenbasis():
+    """C / v (Sherman-Morrison, LAPACK near the hard case) equals LAPACK's inverse of D + 2 c y y^T on every
+    sample, also on samples pushed near the hard case (smallest d below CURVATURE_SM_MIN_D); ``loss`` is the
+    train loss ||B + chi chi^T||_F^2 / T^2 of eq. 20 evaluated in the token basis."""
+    from hdlora.theory import prox_rank_one_linear as L
+
+    T = 3
+    Zs, Zb, cs, ze = _samples(4000, T)
+    m, q, v = 0.3, 0.5, 5.0  # large v: many samples with a small d
+    P, out, chi = _exact(Zs, Zb, cs, ze, m, q, v)
+    y, d, c = out["y"].T, out["d"].T, out["c"]
+    near = d.min(axis=1) < L.CURVATURE_SM_MIN_D
+    assert 0 < near.sum() < near.size  # both inverses are exercised
+    Mx = 2.0 * c * y[:, :, None] * y[:, None, :] + d[:, :, None] * np.eye(T)
+    Cv = P.curvature(out)
+    ref = np.linalg.inv(Mx)
+    scale = np.abs(ref).max(axis=(1, 2))[:, None, None]
+    assert np.all(np.abs(Cv - ref) <= 1e-11 * scale)
+    B = Zb - Zs - cs[:, :, None] * cs[:, None, :] - (q - 1.0) * np.eye(T)
+    loss = (((B + chi[:, :, None] * chi[:, None, :]) / T) ** 2).sum(axis=(1, 2))
+    np.testing.assert_allclose(out["loss"], loss, rtol=1e-12, atol=1e-14)

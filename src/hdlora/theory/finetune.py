@@ -52,6 +52,7 @@ from . import engine as _engine
 from . import errors as _errors
 from . import newton as _newton
 from .fixed_point import NonConvergenceWarning
+from .jacobi import eigh_token_first
 from .newton import ProxResult
 from .order_parameters import FinetuneDiagnostics, FinetuneOrderParameters
 from .prox_rank_one_linear import LinearRankOneProx
@@ -217,10 +218,13 @@ def _modified_inverse(hess: np.ndarray, v: float) -> np.ndarray:
 def _kernel_rows(Zq: np.ndarray, Y: np.ndarray) -> np.ndarray:
     """Per-sample rows [z - q I (T*T), Y (T*T)] of the compiled kernel (potential FINETUNE), (n, 2 T^2)."""
     T, _, n = Zq.shape
-    return np.concatenate([Zq.reshape(T * T, n).T, Y.reshape(T * T, n).T], axis=1)
+    rows = np.empty((n, 2 * T * T))  # C-contiguous, as the kernel takes it (concatenate of the transposes is not)
+    rows[:, : T * T] = Zq.reshape(T * T, n).T
+    rows[:, T * T :] = Y.reshape(T * T, n).T
+    return rows
 
 
-def _newton_ascent(chi0, rows, ct, v, activation, *, xtol, max_steps, ref=None):
+def _newton_ascent(chi0, rows, ct, v, activation, *, xtol, max_steps, ref=None, ct_rows=None):
     """Maximise psi from chi0 for all samples (token-first chi0, ct (T, n); rows from :func:`_kernel_rows`).
 
     Runs the one compiled prox kernel (:mod:`hdlora.theory.newton`, potential FINETUNE, rule
@@ -229,8 +233,9 @@ def _newton_ascent(chi0, rows, ct, v, activation, *, xtol, max_steps, ref=None):
     ~ step^2) and the derivatives of the last evaluation (one tiny step away) are returned with it.
     Steps larger than 1e-3 (1 + |chi|), or at an indefinite Hessian, are backtracked (Armijo).
 
-    ``ref`` (T, n): a maximiser already found (a global search start): a sample on its way to it stops
+    ``ref`` (n, T) rows: a maximiser already found (a global search start): a sample on its way to it stops
     there (merged, see :func:`hdlora.theory.newton.minimise`) and its psi is returned as -inf.
+    ``ct_rows``: ct as contiguous (n, T) rows, when the caller has them (the kernel's layout; else a copy).
 
     Returns (chi, psi, hess, dpsi_dq, step_norm, converged), token-first.
     """
@@ -238,14 +243,14 @@ def _newton_ascent(chi0, rows, ct, v, activation, *, xtol, max_steps, ref=None):
     out = _newton.minimise(
         _newton.FINETUNE,
         chi0.T,
-        ct.T,
+        ct.T if ct_rows is None else ct_rows,
         np.full(T, v),
         rows,
         T,
         activation == "softmax",
         _newton.NewtonRule.finetune(xtol, max_steps, v),
         n_aux=1,
-        ref=None if ref is None else ref.T,
+        ref=ref,
         merge_radius=MERGE_RADIUS,
     )
     hess = -out.hess
@@ -268,13 +273,16 @@ def _rank_one_starts(Zq, Y_arg, ct, n_random=6, scaled=()):
     larger or smaller than chi_tilde_a, is common and is missed by the other starts).
     """
     T, n = ct.shape
-    K = _n(Y_arg - Zq)
-    K = 0.5 * (K + np.swapaxes(K, 1, 2))
-    J = np.eye(T) - 1.0 / T
+    K = Y_arg - Zq
+    K = 0.5 * (K + np.swapaxes(K, 0, 1))
+    row = K.mean(axis=1)  # J K J = K - row means - column means + the grand mean (K symmetric)
+    JKJ = K - row[:, None, :] - row[None, :, :] + row.mean(axis=0)
     out = [-ct]
-    for A in (K, J @ K @ J):
-        w, U = np.linalg.eigh(A)
-        c = _t(np.sqrt(np.maximum(w[:, -1], 0.0))[:, None] * U[:, :, -1])
+    cols = np.arange(n)
+    for A in (K, JKJ):
+        eig = eigh_token_first(A)  # batched Jacobi (hdlora.theory.jacobi): 5x LAPACK's per-matrix eigh at T = 3
+        top = np.argmax(eig.w, axis=0)
+        c = np.sqrt(np.maximum(eig.w[top, cols], 0.0)) * eig.V[:, top, cols]
         out += [c, -c]
     rng = np.random.default_rng(12345)
     scale = 1.0 + np.sqrt((ct * ct).sum(axis=0))
@@ -319,11 +327,15 @@ def _prox_t(
         starts += _rank_one_starts(Zq, Y_arg, ct, n_random=n_random, scaled=scaled)
     n = ct.shape[1]
     rows = _kernel_rows(Zq, Y)
+    ct_rows = np.ascontiguousarray(ct.T)  # the kernel's anchor, shared by the starts
     runs = []  # (idx or None, (chi, psi, hess, dq, snorm, conv))
+    ref = None
     for s in starts:
         # the later starts stop (merged) on their way to the first start's maximum
-        ref = runs[0][1][0] if runs and MERGE_RADIUS > 0 else None
-        runs.append((None, _newton_ascent(s, rows, ct, v, activation, xtol=xtol, max_steps=max_steps, ref=ref)))
+        if runs and ref is None and MERGE_RADIUS > 0:
+            ref = np.ascontiguousarray(runs[0][1][0].T)
+        out = _newton_ascent(s, rows, ct, v, activation, xtol=xtol, max_steps=max_steps, ref=ref, ct_rows=ct_rows)
+        runs.append((None, out))
     if alt is not None and len(alt[0]):
         idx, ca = alt
         runs.append((idx, _newton_ascent(ca, rows[idx], ct[:, idx], v, activation, xtol=xtol, max_steps=max_steps)))
@@ -683,7 +695,8 @@ def solve_finetune(
         chi_star, zeta = x[:, :T], x[:, T:]
     Zs = to_sym(z_star, T)
     Zb = beta * to_sym(z, T)
-    Y_arg = Zs + chi_star[:, :, None] * chi_star[:, None, :] - eye  # q0 = 1
+    cc_star = chi_star[:, :, None] * chi_star[:, None, :]
+    Y_arg = Zs + cc_star - eye  # q0 = 1
     Y = sigma(Y_arg)
 
     # effective noise of the fine-tuning fields
@@ -697,11 +710,12 @@ def solve_finetune(
 
     ap = params.alpha_ft
     lam_ft = params.lam_ft
-    # token-first copies for the prox (see the layout note above _psi_t)
-    cs_t, zeta_t = _t(chi_star), _t(zeta)
-    Zb_t, Y_t, Yarg_t = _t(Zb), _t(Y), _t(Y_arg)
-    d = np.arange(T)
     exact = act == "linear" and linear_prox == "exact"  # exact global prox (secular equation), no search
+    # token-first copies for the prox (see the layout note above _psi_t); the exact prox keeps its own
+    if not exact:
+        cs_t, zeta_t = _t(chi_star), _t(zeta)
+        Zb_t, Y_t, Yarg_t = _t(Zb), _t(Y), _t(Y_arg)
+    d = np.arange(T)
     names = ("m", "q", "v")
     lo = np.array([_BOUNDS[k][0] for k in names])
     hi = np.array([_BOUNDS[k][1] for k in names])
@@ -801,7 +815,7 @@ def solve_finetune(
         )
 
     if exact:
-        lin = LinearRankOneProx(Zb - Zs - chi_star[:, :, None] * chi_star[:, None, :], chi_star, zeta)
+        lin = LinearRankOneProx(Zb - Zs - cc_star, chi_star, zeta)
         update_linear = _linear_update(lin, ap, lam_ft, T, form)
 
     start = _default_init(params)
@@ -856,16 +870,15 @@ def solve_finetune(
     iterations = br.iterations + carry.get("n_verify", 0)
     history = br.history
     m, q, v = (float(t) for t in x)
-    if exact:  # chi and C at the last evaluation, back in the token basis
+    if exact:  # at the last evaluation, in the eigenbasis of B (the loss and eq. 78 are rotation invariant)
         out = aux["prox"]
-        chi = lin.to_original(out["y"])
-        C = v * lin.matrix_to_original(lin.curvature(out))
+        train_losses = out["loss"]  # eq. 20: ||B + chi chi^T||_F^2 / T^2
+        C = v * lin.curvature(out)
     else:
         chi, C = _n(aux["chi"]), _n(aux["C"])
-
-    # Result 3 at the fixed point
-    X_train = Zb - q * eye + chi[:, :, None] * chi[:, None, :]
-    train_losses = np.sum((sigma(X_train) - Y) ** 2, axis=(1, 2))  # eq. 20
+        # Result 3 at the fixed point
+        X_train = Zb - q * eye + chi[:, :, None] * chi[:, None, :]
+        train_losses = np.sum((sigma(X_train) - Y) ** 2, axis=(1, 2))  # eq. 20
     rep = replicon_finetune_terms(ap, C, v)  # eq. 78
     test = _test_errors(params, q, m, law, Zs, Zb, seed, n_test, n)
     mc_se = {"finetune_train_error": _se(train_losses), "replicon_finetune": _se(rep), **test["se"]}

@@ -21,7 +21,10 @@ by safeguarded Newton for all samples at once.  In the "hard case" y~_min = 0 (p
 handled for its numerical neighbourhood) the root sits at r_lo and y_min follows from |y|^2 = r.
 
 The eigendecomposition of B depends on q only through the shift -q I, so it is done once per
-solve (:class:`LinearRankOneProx`); every iteration of the state evolution is then O(n T).
+solve (:class:`LinearRankOneProx`, by the batched Jacobi rotations of :mod:`hdlora.theory.jacobi`,
+5x faster than LAPACK's per-matrix calls at T = 3); every iteration of the state evolution is then
+O(n T), and the curvature C (eq. 66) and the train loss (eq. 20) are evaluated in the eigenbasis
+(rotation invariant sums: nothing is rotated back).
 This replaces the multi-start Newton search of :func:`hdlora.theory.finetune.prox_psi` (which
 is kept for softmax and as an independent check of this module in the tests).
 """
@@ -32,7 +35,12 @@ import math
 
 import numpy as np
 
+from .jacobi import eigh_token_first
+
 __all__ = ["LinearRankOneProx", "solve_secular"]
+
+#: :meth:`LinearRankOneProx.curvature` inverts by Sherman-Morrison where min d >= this, by LAPACK elsewhere
+CURVATURE_SM_MIN_D = 1e-3
 
 
 def solve_secular(
@@ -79,12 +87,14 @@ def _solve_secular_t(
     if r0 is not None:
         s = np.where(np.isfinite(r0), np.clip(np.asarray(r0, dtype=np.float64) - r_lo, s, hi), s)
 
-    # the unfinished samples are kept compacted (their s, bracket and data), written back when done
+    # the unfinished samples iterate together; a finished one keeps the s of its last step.  The working arrays
+    # are compacted (fancy indexing, which costs more than an elementwise pass) only once half of them finished
     idx = np.arange(n)
-    it = 0
     si, loi, hii, ei, a2i, rli, pi = s, np.zeros(n), hi, e, a2, r_lo, pole
+    fin = np.zeros(n, dtype=bool)
     s = s.copy()
-    while idx.size and it < max_iter:
+    it = 0
+    while it < max_iter:
         it += 1
         h, dh = _secular_function(si, ei, a2i, c, rli, pi)
         neg = h < 0
@@ -93,37 +103,32 @@ def _solve_secular_t(
         with np.errstate(divide="ignore", invalid="ignore"):
             cand = si - h / dh
         bad = ~np.isfinite(cand) | (cand < loi) | (cand > hii)
-        new = np.where(h == 0, si, np.where(bad, 0.5 * (loi + hii), cand))
+        zero = h == 0
+        new = np.where(zero, si, np.where(bad, 0.5 * (loi + hii), cand))
         # a Newton step below step_tol is taken and ends the iteration (quadratic convergence:
         # the error left is ~ step^2); bisection steps end it only when the bracket is exhausted
         done = (
-            (~bad & (np.abs(cand - si) <= step_tol * (rli + si + 1e-300)))
-            | (h == 0)
-            | (hii - loi <= 1e-15 * (rli + hii))
+            (~bad & (np.abs(cand - si) <= step_tol * (rli + si + 1e-300))) | zero | (hii - loi <= 1e-15 * (rli + hii))
         )
-        if done.all():
-            s[idx] = new
+        si = np.where(fin, si, new)
+        fin |= done
+        n_fin = np.count_nonzero(fin)
+        if n_fin == fin.size:
             break
-        if done.any():
-            s[idx[done]] = new[done]
-            keep = ~done
-            idx, si, loi, hii = idx[keep], new[keep], loi[keep], hii[keep]
-            ei, a2i, rli, pi = ei[:, keep], a2i[:, keep], rli[keep], pi[keep]
-        else:
-            si = new
-    else:
-        s[idx] = si
+        if 2 * n_fin >= fin.size:
+            s[idx[fin]] = si[fin]
+            keep = ~fin
+            idx, si, loi, hii, rli, pi = idx[keep], si[keep], loi[keep], hii[keep], rli[keep], pi[keep]
+            ei, a2i, fin = ei[:, keep], a2i[:, keep], fin[keep]
+    s[idx] = si
     r = r_lo + s
     d = e + c * s
     with np.errstate(divide="ignore", invalid="ignore"):
         y = yt / d
     # hard case neighbourhood: the smallest d ~ 0; take y_min from |y|^2 = r (exact at the root)
-    k = np.argmin(d, axis=0)
-    cols = np.arange(n)
-    dmin = d[k, cols]
-    hard = np.flatnonzero(~(dmin > 1e-7 * (1.0 + np.abs(d).max(axis=0))))
+    hard = np.flatnonzero(~(d.min(axis=0) > 1e-7 * (1.0 + np.abs(d).max(axis=0))))
     if hard.size:
-        kh = k[hard]
+        kh = np.argmin(d[:, hard], axis=0)
         yh = y[:, hard].copy()
         yh[kh, np.arange(hard.size)] = 0.0
         rest = (yh * yh).sum(axis=0)
@@ -145,10 +150,10 @@ def _secular_function(s: np.ndarray, e: np.ndarray, a2: np.ndarray, c: float, r_
         h = r - phi
         dh = 1.0 - dphi
         if pole.any():
-            ip = 1.0 / np.sqrt(phi[pole])
-            ir = 1.0 / np.sqrt(r[pole])
-            h[pole] = ip - ir
-            dh[pole] = -0.5 * ip**3 * dphi[pole] + 0.5 * ir**3
+            ip = 1.0 / np.sqrt(phi)
+            ir = 1.0 / np.sqrt(r)
+            h = np.where(pole, ip - ir, h)
+            dh = np.where(pole, -0.5 * ip**3 * dphi + 0.5 * ir**3, dh)
     return h, dh
 
 
@@ -167,11 +172,11 @@ class LinearRankOneProx:
 
     def __init__(self, B0: np.ndarray, chi_star: np.ndarray, zeta: np.ndarray) -> None:
         self.T = B0.shape[-1]
-        b0, self.U = np.linalg.eigh(B0)
-        # token-first (T, n) copies: sums over the T tokens are then fast elementwise adds
-        self.b0 = np.ascontiguousarray(b0.T)
-        self.a_star = np.ascontiguousarray(np.einsum("nij,ni->jn", self.U, chi_star))
-        self.a_zeta = np.ascontiguousarray(np.einsum("nij,ni->jn", self.U, zeta))
+        # token-first (T, n) arrays throughout: sums over the T tokens are then fast elementwise adds
+        eig = eigh_token_first(np.ascontiguousarray(np.moveaxis(B0, 0, -1)))  # LAPACK where Jacobi did not converge
+        self.b0, self.V = eig.w, eig.V
+        self.a_star = self.to_eigenbasis(np.ascontiguousarray(chi_star.T))
+        self.a_zeta = self.to_eigenbasis(np.ascontiguousarray(zeta.T))
         self.newton_iterations = 0
         self._r_last = None  # warm start of the secular root (the previous call's r)
 
@@ -180,7 +185,8 @@ class LinearRankOneProx:
 
         Returns a dict with, in the eigenbasis and the token-first layout (T, n): ``y`` and ``yt``
         (chi_prox and chi_tilde), ``b`` (eigenvalues of B), ``d`` (1 + c (b + r)); and per sample (n,):
-        ``r`` = |chi_prox|^2, ``psi``, ``dpsi_dq`` (explicit d psi / d q, eq. 72:
+        ``r`` = |chi_prox|^2, ``psi``, ``loss`` (its fitting term ||B + chi chi^T||_F^2 / T^2, the sample's
+        train loss, eq. 20), ``dpsi_dq`` (explicit d psi / d q, eq. 72:
         Tr g = 2 (Tr B + r) / T^2) and ``grad_norm`` (|grad psi|, a check that the secular root is a
         stationary point).
         """
@@ -194,9 +200,8 @@ class LinearRankOneProx:
         self._r_last = r
         self.newton_iterations = it
         diff = y - yt
-        psi = -((b * b).sum(axis=0) + 2.0 * (b * y * y).sum(axis=0) + r * r) / T**2 - (diff * diff).sum(axis=0) / (
-            2.0 * v
-        )
+        loss = ((b * b).sum(axis=0) + 2.0 * (b * y * y).sum(axis=0) + r * r) / T**2  # ||B + chi chi^T||_F^2 / T^2
+        psi = -loss - (diff * diff).sum(axis=0) / (2.0 * v)
         grad = -4.0 * (b + r) * y / T**2 - diff / v
         dq = 2.0 * (b.sum(axis=0) + r) / T**2
         return {
@@ -206,23 +211,51 @@ class LinearRankOneProx:
             "d": d,
             "r": r,
             "psi": psi,
+            "loss": loss,
             "dpsi_dq": dq,
             "grad_norm": np.sqrt((grad * grad).sum(axis=0)),
             "c": c,
         }
 
     def curvature(self, out: dict) -> np.ndarray:
-        """C / v = (D + 2 c y y^T)^{-1} in the eigenbasis (C of eq. 66), shape (n, T, T)."""
-        y, d, c = out["y"].T, out["d"].T, out["c"]
-        Mx = 2.0 * c * y[:, :, None] * y[:, None, :]
-        i = np.arange(self.T)
-        Mx[:, i, i] += d
-        return np.linalg.inv(Mx)
+        """C / v = (D + 2 c y y^T)^{-1} in the eigenbasis (C of eq. 66), shape (n, T, T).
+
+        Sherman-Morrison, D^{-1} - kappa u u^T with u = D^{-1} y and kappa = 2 c / (1 + 2 c y^T D^{-1} y), for the
+        samples whose smallest d is >= CURVATURE_SM_MIN_D (its rounding error is then below ~1e3 eps); LAPACK's
+        inverse of D + 2 c y y^T for the others (the neighbourhood of the hard case, where D^{-1} blows up)."""
+        y, d, c, T = out["y"], out["d"], out["c"], self.T
+        rho = 2.0 * c
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = y / d
+            kappa = rho / (1.0 + rho * (y * u).sum(axis=0))
+            Ct = np.empty((T, T, y.shape[1]))
+            for i in range(T):
+                for j in range(i, T):
+                    Ct[i, j] = -kappa * u[i] * u[j]
+                    if j == i:
+                        Ct[i, i] += 1.0 / d[i]
+                    else:
+                        Ct[j, i] = Ct[i, j]
+        hard = np.flatnonzero(~(d.min(axis=0) >= CURVATURE_SM_MIN_D))
+        if hard.size:
+            yh, dh = y[:, hard].T, d[:, hard].T
+            Mx = rho * yh[:, :, None] * yh[:, None, :]
+            diag = np.arange(T)
+            Mx[:, diag, diag] += dh
+            Ct[:, :, hard] = np.moveaxis(np.linalg.inv(Mx), 0, -1)
+        return np.moveaxis(Ct, -1, 0)
+
+    def to_eigenbasis(self, x: np.ndarray) -> np.ndarray:
+        """Token-basis vectors -> eigenbasis (U^T x), both token-first (T, n)."""
+        V, T = self.V, self.T
+        return np.array([sum((V[i, j] * x[i] for i in range(1, T)), V[0, j] * x[0]) for j in range(T)])
 
     def to_original(self, x: np.ndarray) -> np.ndarray:
-        """Eigenbasis vectors, token-first (T, n) -> original token basis, (n, T)."""
-        return np.einsum("nij,jn->ni", self.U, x)
+        """Eigenbasis vectors, token-first (T, n) -> original token basis (U x), (n, T)."""
+        V, T = self.V, self.T
+        return np.array([sum((V[i, j] * x[j] for j in range(1, T)), V[i, 0] * x[0]) for i in range(T)]).T.copy()
 
     def matrix_to_original(self, A: np.ndarray) -> np.ndarray:
         """Eigenbasis matrices (n, T, T) -> original token basis (U A U^T)."""
-        return np.einsum("nij,njk,nlk->nil", self.U, A, self.U)
+        U = np.moveaxis(self.V, -1, 0)
+        return np.einsum("nij,njk,nlk->nil", U, A, U)
