@@ -52,7 +52,6 @@ from . import engine as _engine
 from . import errors as _errors
 from . import newton as _newton
 from .fixed_point import NonConvergenceWarning
-from .jacobi import eigh_token_first
 from .newton import ProxResult
 from .order_parameters import FinetuneDiagnostics, FinetuneOrderParameters
 from .prox_rank_one_linear import LinearRankOneProx
@@ -273,16 +272,16 @@ def _rank_one_starts(Zq, Y_arg, ct, n_random=6, scaled=()):
     larger or smaller than chi_tilde_a, is common and is missed by the other starts).
     """
     T, n = ct.shape
-    K = Y_arg - Zq
-    K = 0.5 * (K + np.swapaxes(K, 0, 1))
-    row = K.mean(axis=1)  # J K J = K - row means - column means + the grand mean (K symmetric)
-    JKJ = K - row[:, None, :] - row[None, :, :] + row.mean(axis=0)
+    K = _n(Y_arg - Zq)
+    K = 0.5 * (K + np.swapaxes(K, 1, 2))
+    J = np.eye(T) - 1.0 / T
     out = [-ct]
-    cols = np.arange(n)
-    for A in (K, JKJ):
-        eig = eigh_token_first(A)  # batched Jacobi (hdlora.theory.jacobi): 5x LAPACK's per-matrix eigh at T = 3
-        top = np.argmax(eig.w, axis=0)
-        c = np.sqrt(np.maximum(eig.w[top, cols], 0.0)) * eig.V[:, top, cols]
+    for A in (K, J @ K @ J):
+        # LAPACK (not the faster Jacobi of hdlora.theory.jacobi): the starts' rounding changes which of two nearly
+        # equal maxima a sample keeps, and with it the path of replica-unstable points (measured: the hdlora optimize
+        # grid's lam = 1e-3 corner, VALIDATION section 8)
+        w, U = np.linalg.eigh(A)
+        c = _t(np.sqrt(np.maximum(w[:, -1], 0.0))[:, None] * U[:, :, -1])
         out += [c, -c]
     rng = np.random.default_rng(12345)
     scale = 1.0 + np.sqrt((ct * ct).sum(axis=0))
