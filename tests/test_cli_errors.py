@@ -171,6 +171,13 @@ def test_keyboard_interrupt_exit_130_one_line(monkeypatch, capsys):
     one_error_line(capsys, "interrupted")
 
 
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT at its default disposition.  A test run started in the background by a
+    non-interactive shell (``nohup ... &``, as CI scripts may do) inherits SIGINT *ignored*, and then Python installs
+    no KeyboardInterrupt handler: the Ctrl-C below would be lost (measured: the run completed, exit 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_simulate_subprocess():
     """SIGINT while simulating (after the progress bar appeared): one line, exit 130, no traceback."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -180,6 +187,7 @@ def test_ctrl_c_on_simulate_subprocess():
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=_sigint_default,
     )
     try:
         first = p.stderr.readline()  # the progress bar's first line: the run has started

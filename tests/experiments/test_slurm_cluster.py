@@ -248,6 +248,9 @@ def test_ctrl_c_stops_the_sweep_and_cancels_the_jobs(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, PYTHONPATH=str(TESTS)),
+        # SIGINT at its default disposition in the child: a run started in the background by a non-interactive shell
+        # inherits it ignored, and the Ctrl-C below would be lost (see tests/test_cli_errors.py)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.time() + 120

@@ -1,11 +1,11 @@
 """Eigendecompositions of many small symmetric matrices at once, by cyclic Jacobi rotations.
 
 ``numpy.linalg.eigh`` on an (n, T, T) stack calls LAPACK once per matrix; for the T = 2-4 token
-matrices of the fine-tuning prox that per-matrix overhead dominates (3e4 matrices, T = 3: 27 ms).
-Here every Jacobi rotation is a handful of elementwise operations on length-n arrays, all
-matrices rotated together: measured for 3e4 random matrices, T = 3 in 6.3 ms (4 sweeps) against
-LAPACK's 35 ms, T = 2 (one rotation) in 0.5 ms against 11 ms, T = 4 in 19 ms against 70 ms
-(``benchmarks/bench_theory.py``, ``kernel_choice.eigh_choice``).
+matrices of the fine-tuning prox that per-matrix overhead dominates.  Here every Jacobi rotation is
+a handful of elementwise operations on length-n arrays, all matrices rotated together: measured for
+3e4 random matrices, T = 3 in 5.2 ms (4 sweeps) against LAPACK's 29 ms, T = 2 (one rotation) in
+0.6 ms against 7.7 ms, T = 4 in 19 ms (6 sweeps) against 50 ms (``benchmarks/bench_theory.py``,
+``kernel_choice.eigh_choice`` in ``docs/benchmarks/bench_theory.json``).
 
 Cyclic Jacobi (Golub & Van Loan, Matrix Computations, 4th ed., Alg. 8.5.3) with the rotation of
 their Alg. 8.5.1 written without the quotient (a_qq - a_pp) / (2 a_pq), so that a_pq = 0 gives the
@@ -53,7 +53,7 @@ def eigh_token_first(
     matrix k is A[:, :, k]); only the upper triangle is read.
 
     Returns:
-        JacobiResult.  With float64 entries the tolerance 1e-15 is met within 4 sweeps (T = 3) or 5
+        JacobiResult.  With float64 entries the tolerance 1e-15 is met within 4 sweeps (T = 3) or 5-6
         (T = 4) on random matrices.  A matrix whose off-diagonal norm is still above ``rtol`` after
         ``max_sweeps`` (never seen) is decomposed by ``numpy.linalg.eigh`` instead (counted in ``n_lapack``)
         with ``lapack_fallback``, else reported in ``unconverged``.
