@@ -163,3 +163,47 @@ def test_explorer_modules_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_warm_start_that_does_not_converge_is_repeated_cold(monkeypatch):
+    """solve_point: a warm-started solve that does not converge is solved again from the cold start (as hdlora
+    optimize does), and the point is the cold solve's; a converged warm start is kept."""
+    import dataclasses
+
+    from hdlora.explore.model import solve_point
+
+    S = sys.modules["hdlora.theory.solve"]  # (the package attribute ``solve`` is the function)
+
+    real = S.solve
+    calls = []
+
+    def fake(params, **kw):
+        calls.append(kw.get("init") is not None)
+        r = real(params, **kw)
+        return dataclasses.replace(r, converged=False) if kw.get("init") is not None else r  # the warm start fails
+
+    monkeypatch.setattr(S, "solve", fake)
+    v = _view(num=2, n_mc=500)
+    init = real(v.point(v.xs()[1]), n_mc=500, warn=False).state
+    p = solve_point(v.point(v.xs()[0]), v.xs()[0], n_mc=500, init=init)
+    assert calls == [True, False] and p.converged
+    cold = real(v.point(v.xs()[0]), n_mc=500, warn=False)
+    assert p.E == cold.finetune_test_error and p.state == cold.state
+    monkeypatch.setattr(S, "solve", real)
+    calls.clear()
+    assert solve_point(v.point(v.xs()[0]), v.xs()[0], n_mc=500, init=init).converged
+
+
+def test_the_first_point_after_a_delta_move_converges():
+    """The browser test's case: the first point (linear, alpha' = 0.2, n_mc = 500) after Delta 0.5 -> 1.31,
+    warm-started from the previous view's first point, is a converged point equal to the cold solve's or another
+    converged fixed point of the same samples."""
+    from hdlora.explore.model import solve_point
+    from hdlora.theory.solve import solve
+
+    v0 = View(params=Params(activation="linear"), num=6, n_mc=500)
+    first = solve_curve(v0.replace(num=2))[0]
+    v1 = v0.replace(params=v0.params.replace(noise=1.31))
+    p = solve_point(v1.point(0.2), 0.2, n_mc=500, init=first.state)
+    assert p.converged and math.isfinite(p.E)
+    assert p.E == pytest.approx(solve(v1.point(0.2), n_mc=500, warn=False).finetune_test_error, rel=0.05)
