@@ -695,8 +695,10 @@ def solve_finetune(
     Zs = to_sym(z_star, T)
     Zb = beta * to_sym(z, T)
     cc_star = chi_star[:, :, None] * chi_star[:, None, :]
-    Y_arg = Zs + cc_star - eye  # q0 = 1
-    Y = sigma(Y_arg)
+    exact = act == "linear" and linear_prox == "exact"  # exact global prox (secular equation), no search
+    if params.frozen or not exact:  # the target (the exact prox works with B = z_beta - z* - chi* chi*^T instead)
+        Y_arg = Zs + cc_star - eye  # q0 = 1
+        Y = sigma(Y_arg)
 
     # effective noise of the fine-tuning fields
     if law is not None and not params.reuse:
@@ -709,7 +711,6 @@ def solve_finetune(
 
     ap = params.alpha_ft
     lam_ft = params.lam_ft
-    exact = act == "linear" and linear_prox == "exact"  # exact global prox (secular equation), no search
     # token-first copies for the prox (see the layout note above _psi_t); the exact prox keeps its own
     if not exact:
         cs_t, zeta_t = _t(chi_star), _t(zeta)

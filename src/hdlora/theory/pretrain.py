@@ -103,8 +103,8 @@ MAX_TIGHT_ROUNDS = 3
 
 
 def _residual_of(spec: Mapping[str, float], Q: float, M: float, V: float) -> float:
-    """The reported residual of the pre-training map at (Q, M, V): max over Q, M, V of |F - x| / max(1, |x|)."""
-    return max(abs(spec[k] - s) / max(1.0, abs(s)) for k, s in (("Q", Q), ("M", M), ("V", V)))
+    """The reported residual of the pre-training map at (Q, M, V) (V unscaled): the engine's relative residual."""
+    return _engine.residual(np.array([spec["Q"], spec["M"], spec["V"]]), np.array([Q, M, V]))
 
 
 def _measured_residual(params: Params, hats: Mapping[str, float], x: np.ndarray, v_scale: float) -> float:

@@ -173,7 +173,9 @@ class LinearRankOneProx:
     def __init__(self, B0: np.ndarray, chi_star: np.ndarray, zeta: np.ndarray) -> None:
         self.T = B0.shape[-1]
         # token-first (T, n) arrays throughout: sums over the T tokens are then fast elementwise adds
-        eig = eigh_token_first(np.ascontiguousarray(np.moveaxis(B0, 0, -1)))  # LAPACK where Jacobi did not converge
+        eig = eigh_token_first(
+            np.moveaxis(B0, 0, -1)
+        )  # (copies the rows it reads); LAPACK where Jacobi did not converge
         self.b0, self.V = eig.w, eig.V
         self.a_star = self.to_eigenbasis(np.ascontiguousarray(chi_star.T))
         self.a_zeta = self.to_eigenbasis(np.ascontiguousarray(zeta.T))
