@@ -44,8 +44,17 @@ FINETUNE = 1
 SEPARABLE_QUARTIC = 2
 FINETUNE_RANK_R = 3
 
+#: the options of every kernel function that allocates nothing: compiled without Numba's reference counting
+#: (``_nrt=False``).  With it, every call with array arguments (and every row view such as ``data[s]``) increfs
+#: and decrefs each array's memory block with atomic operations: measured (replayed Newton calls of the Fig. 1
+#: point), one loss evaluation through :func:`loss_derivatives` 182 ns with, 110 ns without.  Such a function
+#: cannot allocate (Numba refuses to compile one that does), so the allocating entry points (:func:`newton_prox`,
+#: :func:`evaluate_batch`) allocate their work arrays and hand them to a loop compiled with these options.  The
+#: arithmetic is the same (the same instructions, bit-identical results; tests/theory/test_newton.py).
+_LEAF = {"cache": True, "error_model": "numpy", "_nrt": False}
 
-@njit(cache=True, error_model="numpy")
+
+@njit(**_LEAF)
 def _softmax_rows(X, P, T):
     for a in range(T):
         m = X[a, 0]
@@ -60,7 +69,7 @@ def _softmax_rows(X, P, T):
             P[a, b] = P[a, b] / s
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_LEAF)
 def _sigma_residual(X, row, off, T, softmax, P, R):
     """P = sigma(X) (row-wise softmax, or X / T), R = P - Y with Y = row[off : off + T*T] (row-major); returns
     the loss ||R||_F^2 (the shared part of every potential)."""
@@ -79,7 +88,7 @@ def _sigma_residual(X, row, off, T, softmax, P, R):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_LEAF)
 def _dloss_dX(P, R, T, softmax, G, expanded=False):
     """G = dl/dX of l = ||sigma(X) - Y||_F^2: softmax 2 U, U = P o (R - (P.R) 1^T); linear 2 R / T.
     ``expanded``: U computed as P o R - P o (P.R) 1^T (the pre-training channel's rounding, kept so that its numbers
@@ -161,7 +170,7 @@ def _pretrain_loss(x, row, T, softmax, order, g, H, X, P, R, G):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_LEAF)
 def _free(a, b, T):
     """Index of the free entry (min(a,b), max(a,b)) in the row-major upper triangle."""
     if a > b:
@@ -238,7 +247,7 @@ def _finetune_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_LEAF)
 def _finetune_rank_r_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G):
     """psi at rank r (docs/theory/rank_r.md, R.3, R.11) at vec(chi) = x (row-major, index a r + c; r = k // T):
     X = (z - tr(q) I) + chi chi^T, loss = ||sigma(X) - Y||_F^2; aux[0] = Tr dl/dX = d psi / d tr q.
@@ -1143,7 +1152,7 @@ def _token_scratch(consts):
     return np.empty((T, T)), np.empty((T, T)), np.empty((T, T)), np.empty((T, T))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_LEAF)
 def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
     """The loss of potential ``kind`` at x (and, for order >= 1, 2, its gradient g and Hessian H).
 
@@ -1174,7 +1183,7 @@ def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
     return _separable_quartic_loss(x, row, order, g, H)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_LEAF)
 def _separable_quartic_loss(x, row, order, g, H):
     k = x.shape[0]
     loss = 0.0
@@ -1194,7 +1203,7 @@ def _separable_quartic_loss(x, row, order, g, H):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_LEAF)
 def _rotate_columns(A, p, q, c, sn):
     """Columns p, q of A -> (c A_p - sn A_q, sn A_p + c A_q) (a Jacobi rotation applied on the right)."""
     for r in range(A.shape[0]):
@@ -1204,7 +1213,7 @@ def _rotate_columns(A, p, q, c, sn):
         A[r, q] = sn * arp + c * arq
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_LEAF)
 def jacobi_eigh(A, lam, U, B):
     """Eigen-decomposition A = U diag(lam) U^T of a small symmetric matrix by cyclic Jacobi
     rotations (no allocation; B is work space), swept until the off-diagonal part is below
@@ -1334,7 +1343,7 @@ def _prox_objective(loss, x, a, w):
     return f
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_LEAF)
 def _to_hyperplane(x, a, w, csum):
     """x -= t 1 with t = sum_i (x_i - a_i) / w_i / sum_i 1/w_i: the minimiser of the quadratic term along 1."""
     t = 0.0
@@ -1345,56 +1354,36 @@ def _to_hyperplane(x, a, w, csum):
         x[j] -= t
 
 
-@njit(cache=True, error_model="numpy")
-def newton_prox(
-    kind,
-    x0,
-    anchor,
-    w,
-    data,
-    consts,
-    opts,
-    n_aux,
-    ref,
-    out_x,
-    out_f,
-    out_loss,
-    out_g,
-    out_H,
-    out_aux,
-    out_res,
-    out_conv,
-    out_it,
-    out_merged,
-):
-    """Minimise f(x) = loss(x) + sum_i (x_i - a_i)^2 / (2 w_i) from x0, for every sample (rows).
+@njit(cache=True, error_model="numpy", inline="always")  # into the hot call of _newton_loop
+def _loss_hot(kind, x, row, consts, order, g, H, aux, X, P, R, G):
+    """:func:`loss_derivatives` with the scalar softmax potentials of T = 2, 3 inlined (Numba ``inline="always"``),
+    for the hottest call of :func:`_newton_loop`: the full Newton step's evaluation, made at every step of every
+    sample.  Measured (replayed Newton calls of the Fig. 1 point, 25 alternating repeats, min): pre-training
+    250 -> 214 ms, fine-tuning 396 -> 351 ms, the compile time from an empty cache 36 -> 42 s.  Also inlining it at
+    the sample's first evaluation: 216 and 337 ms, 50 s; at all five calls: about as fast, and 118 s."""
+    T = int(consts[0])
+    if consts[1] != 0.0 and (T == 2 or T == 3):
+        if kind == FINETUNE:
+            if T == 3:
+                return _finetune_loss_t3(x, row, order, g, H, aux)
+            return _finetune_loss_t2(x, row, order, g, H, aux)
+        if kind == PRETRAIN:
+            if T == 3:
+                return _pretrain_loss_t3(x, row, order, g, H)
+            return _pretrain_loss_t2(x, row, order, g, H)
+    return loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G)
 
-    opts = [stop, tol, max_iter, pd_min, floor_rel, floor_abs, trust, scale0, norm_kind,
-            armijo_rel, n_try, take_last]:
-      stop 0 ('residual'): converged when max_i |w_i dloss/dx_i + x_i - a_i| <= tol * scale0,
-          checked at every iterate before the step (out_res: that residual);
-      stop 1 ('step'): converged when the Newton step at a positive-definite Hessian is below
-          tol * (1 + |x|_2); that step is taken and the derivatives of the point before it are
-          returned (out_res: the last step norm, inf if none);
-      full step without test when the Hessian is positive definite and |step| <= trust (scale0 + |x|)
-          (norm_kind 0: max-norm and '<=', 1: 2-norm and '<');
-      else Armijo f(x + t s) <= f(x) + 1e-4 t g.s + armijo_rel |f(x)| for t = 1, 1/2, ... (n_try
-          values); if none passes, the last is taken (take_last) or the sample stays and stops;
-      merge radius opts[12] = rho > 0 (a global search start): a sample stops as *merged* (out_merged,
-          not converged) when, at a positive-definite Hessian of f, both x and its Newton step x + s lie
-          within rho (1 + |ref|_2) of ``ref`` (rows: a local minimiser already found): it is on its way
-          to that minimiser, and solving it again would only repeat it.  rho = 0: no merging (ref unused).
-      shift-invariant loss, opts[13] != 0 (the softmax pre-training channel: loss(x + c 1) = loss(x)):
-          the minimiser has sum_i (x_i - a_i) / w_i = 0 exactly (the quadratic term alone fixes the
-          component along 1), so x is put on that hyperplane at the start and after every step, the
-          Newton matrix gets + tau c c^T (c = 1/w, tau = sum_i |d2loss_ii| / (sum_i c_i)^2), which
-          lifts its eigenvalue along 1 from ~1/w (ill-conditioned when w is large) to the scale of
-          the loss Hessian without changing the step on the hyperplane, and a sample also stops as
-          converged when that Newton step is below tol * scale0 in max-norm (taken first): its
-          distance to the minimiser, whereas the residual of stop 0 carries w x the rounding of
-          dloss and cannot reach tol when w ~ 1/lam is large.
-    Outputs at the point of the returned derivatives: f, loss, dloss/dx, d2loss/dx2 and aux.
-    """
+
+@njit(**_LEAF)
+def _newton_loop(
+    kind, x0, anchor, w, data, consts, opts, n_aux, ref,
+    out_x, out_f, out_loss, out_g, out_H, out_aux, out_res, out_conv, out_it, out_merged,
+    x, xt, gl, gf, step, tmp, lam, gdum, Hl, Hf, C, U, B, Hdum, aux, auxd, X, P, R, G,
+):  # fmt: skip
+    """The per-sample loop of :func:`newton_prox` (its arguments, then its work arrays: vectors (k,), matrices
+    (k, k), aux (n_aux,), the token scratch X, P, R, G (T, T)).  The work arrays are separate allocations: views of
+    one buffer were measured slower (Fig. 1 fine-tuning calls 404 -> 579 ms), presumably since the compiler can then
+    no longer tell that they do not overlap."""
     n, k = x0.shape
     stop = int(opts[0])
     tol = opts[1]
@@ -1413,23 +1402,6 @@ def newton_prox(
     csum = 0.0
     for j in range(k):
         csum += 1.0 / w[j]
-    X, P, R, G = _token_scratch(consts)
-    x = np.empty(k)
-    xt = np.empty(k)
-    gl = np.empty(k)
-    Hl = np.empty((k, k))
-    gf = np.empty(k)
-    Hf = np.empty((k, k))
-    C = np.empty((k, k))
-    step = np.empty(k)
-    tmp = np.empty(k)
-    lam = np.empty(k)
-    U = np.empty((k, k))
-    B = np.empty((k, k))
-    gdum = np.empty(k)
-    Hdum = np.empty((k, k))
-    aux = np.zeros(max(n_aux, 1))
-    auxd = np.zeros(max(n_aux, 1))
     it_max = 0
     for s in range(n):
         row = data[s]
@@ -1523,7 +1495,7 @@ def newton_prox(
                 for j in range(k):
                     xt[j] = x[j] + t * step[j]
                 if tr == 0:
-                    lt = loss_derivatives(kind, xt, row, consts, 2, gdum, Hdum, auxd, X, P, R, G)
+                    lt = _loss_hot(kind, xt, row, consts, 2, gdum, Hdum, auxd, X, P, R, G)
                     have_derivs = True
                 else:
                     lt = loss_derivatives(kind, xt, row, consts, 0, gdum, Hdum, auxd, X, P, R, G)
@@ -1574,14 +1546,82 @@ def newton_prox(
 
 
 @njit(cache=True, error_model="numpy")
+def newton_prox(
+    kind,
+    x0,
+    anchor,
+    w,
+    data,
+    consts,
+    opts,
+    n_aux,
+    ref,
+    out_x,
+    out_f,
+    out_loss,
+    out_g,
+    out_H,
+    out_aux,
+    out_res,
+    out_conv,
+    out_it,
+    out_merged,
+):
+    """Minimise f(x) = loss(x) + sum_i (x_i - a_i)^2 / (2 w_i) from x0, for every sample (rows).
+
+    opts = [stop, tol, max_iter, pd_min, floor_rel, floor_abs, trust, scale0, norm_kind,
+            armijo_rel, n_try, take_last]:
+      stop 0 ('residual'): converged when max_i |w_i dloss/dx_i + x_i - a_i| <= tol * scale0,
+          checked at every iterate before the step (out_res: that residual);
+      stop 1 ('step'): converged when the Newton step at a positive-definite Hessian is below
+          tol * (1 + |x|_2); that step is taken and the derivatives of the point before it are
+          returned (out_res: the last step norm, inf if none);
+      full step without test when the Hessian is positive definite and |step| <= trust (scale0 + |x|)
+          (norm_kind 0: max-norm and '<=', 1: 2-norm and '<');
+      else Armijo f(x + t s) <= f(x) + 1e-4 t g.s + armijo_rel |f(x)| for t = 1, 1/2, ... (n_try
+          values); if none passes, the last is taken (take_last) or the sample stays and stops;
+      merge radius opts[12] = rho > 0 (a global search start): a sample stops as *merged* (out_merged,
+          not converged) when, at a positive-definite Hessian of f, both x and its Newton step x + s lie
+          within rho (1 + |ref|_2) of ``ref`` (rows: a local minimiser already found): it is on its way
+          to that minimiser, and solving it again would only repeat it.  rho = 0: no merging (ref unused).
+      shift-invariant loss, opts[13] != 0 (the softmax pre-training channel: loss(x + c 1) = loss(x)):
+          the minimiser has sum_i (x_i - a_i) / w_i = 0 exactly (the quadratic term alone fixes the
+          component along 1), so x is put on that hyperplane at the start and after every step, the
+          Newton matrix gets + tau c c^T (c = 1/w, tau = sum_i |d2loss_ii| / (sum_i c_i)^2), which
+          lifts its eigenvalue along 1 from ~1/w (ill-conditioned when w is large) to the scale of
+          the loss Hessian without changing the step on the hyperplane, and a sample also stops as
+          converged when that Newton step is below tol * scale0 in max-norm (taken first): its
+          distance to the minimiser, whereas the residual of stop 0 carries w x the rounding of
+          dloss and cannot reach tol when w ~ 1/lam is large.
+    Outputs at the point of the returned derivatives: f, loss, dloss/dx, d2loss/dx2 and aux.
+    """
+    k = x0.shape[1]
+    X, P, R, G = _token_scratch(consts)
+    na = max(n_aux, 1)
+    return _newton_loop(
+        kind, x0, anchor, w, data, consts, opts, n_aux, ref,
+        out_x, out_f, out_loss, out_g, out_H, out_aux, out_res, out_conv, out_it, out_merged,
+        np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k),
+        np.empty((k, k)), np.empty((k, k)), np.empty((k, k)), np.empty((k, k)), np.empty((k, k)), np.empty((k, k)),
+        np.zeros(na), np.zeros(na), X, P, R, G,
+    )  # fmt: skip
+
+
+@njit(cache=True, error_model="numpy")
 def evaluate_batch(kind, x, data, consts, order, out_g, out_H, out_aux):
     """loss_derivatives for every row of x (n, k); returns the losses (n,) (tests, benchmarks)."""
     n, k = x.shape
     X, P, R, G = _token_scratch(consts)
-    g = np.empty(k)
-    H = np.empty((k, k))
-    aux = np.zeros(max(out_aux.shape[1], 1))
     out = np.empty(n)
+    g, H, aux = np.empty(k), np.empty((k, k)), np.zeros(max(out_aux.shape[1], 1))
+    _evaluate_loop(kind, x, data, consts, order, out_g, out_H, out_aux, g, H, aux, X, P, R, G, out)
+    return out
+
+
+@njit(**_LEAF)
+def _evaluate_loop(kind, x, data, consts, order, out_g, out_H, out_aux, g, H, aux, X, P, R, G, out):
+    """The per-sample loop of :func:`evaluate_batch`."""
+    n, k = x.shape
     for s in range(n):
         out[s] = loss_derivatives(kind, x[s], data[s], consts, order, g, H, aux, X, P, R, G)
         for j in range(k):
@@ -1590,7 +1630,6 @@ def evaluate_batch(kind, x, data, consts, order, out_g, out_H, out_aux):
                 out_H[s, j, m] = H[j, m]
         for j in range(out_aux.shape[1]):
             out_aux[s, j] = aux[j]
-    return out
 
 
 @njit(cache=True, error_model="numpy")

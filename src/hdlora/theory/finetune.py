@@ -236,7 +236,8 @@ def _newton_ascent(chi0, rows, ct, v, activation, *, xtol, max_steps, ref=None, 
     there (merged, see :func:`hdlora.theory.newton.minimise`) and its psi is returned as -inf.
     ``ct_rows``: ct as contiguous (n, T) rows, when the caller has them (the kernel's layout; else a copy).
 
-    Returns (chi, psi, hess, dpsi_dq, step_norm, converged), token-first.
+    Returns (chi, psi, hess_loss, dpsi_dq, step_norm, converged): chi token-first (T, n); ``hess_loss`` the
+    kernel's (n, T, T) Hessian of the *loss* (sample-first; :func:`_psi_hessian_t` turns the kept rows into psi's).
     """
     T, n = chi0.shape
     out = _newton.minimise(
@@ -252,12 +253,18 @@ def _newton_ascent(chi0, rows, ct, v, activation, *, xtol, max_steps, ref=None, 
         ref=ref,
         merge_radius=MERGE_RADIUS,
     )
-    hess = -out.hess
-    d = np.arange(T)
-    hess[:, d, d] -= 1.0 / v
     psi = -out.f
     psi[out.merged] = -np.inf
-    return (np.ascontiguousarray(out.x.T), psi, _t(hess), out.aux[:, 0].copy(), out.residual, out.converged)
+    return (np.ascontiguousarray(out.x.T), psi, out.hess, out.aux[:, 0].copy(), out.residual, out.converged)
+
+
+def _psi_hessian_t(hess_loss: np.ndarray, v: float) -> np.ndarray:
+    """The Hessian of psi (eq. 63) in chi, token-first (T, T, n), from the loss Hessian (n, T, T) of
+    :func:`_newton_ascent`: -hess_loss - I / v (done only for the kept maxima, not for every start)."""
+    hess = -hess_loss
+    d = np.arange(hess.shape[1])
+    hess[:, d, d] -= 1.0 / v
+    return _t(hess)
 
 
 def _rank_one_starts(Zq, Y_arg, ct, n_random=6, scaled=()):
@@ -349,8 +356,11 @@ def _prox_t(
         if better.any():
             pos = better if idx is None else idx[better]
             changed[pos] = True
-            for arr, new in zip(best, out):
-                arr[..., pos] = new[..., better]
+            for i, (arr, new) in enumerate(zip(best, out)):
+                if i == 2:  # the loss Hessian, sample-first
+                    arr[pos] = new[better]
+                else:
+                    arr[..., pos] = new[..., better]
     alt_out = None
     if want_alt:  # the best local maximum distinct from the kept one, per sample
         a_psi = np.full(n, -np.inf)
@@ -365,7 +375,8 @@ def _prox_t(
             a_chi[:, pos[upd]] = c[:, ok][:, upd]
         keep = np.flatnonzero(np.isfinite(a_psi))
         alt_out = (keep, a_chi[:, keep])
-    chi, psi, hess, dq, snorm, conv = best
+    chi, psi, hess_loss, dq, snorm, conv = best
+    hess = _psi_hessian_t(hess_loss, v)
     T = chi.shape[0]
     L, neg_def = _chol(-hess)
     C = _chol_solve(L, np.broadcast_to(np.eye(T)[:, :, None], hess.shape).copy())  # C = (-H)^{-1}

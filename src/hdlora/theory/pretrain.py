@@ -72,7 +72,7 @@ from .effective import delta_eff_of_A0
 from .engine import CONVERGED, CONVERGED_MC, NOT_CONVERGED
 from .fixed_point import NonConvergenceWarning, iterate
 from .order_parameters import PretrainOrderParameters
-from .prox import ProxResult, pretrain_potential, prox, prox_interpolating, prox_linear
+from .prox import ProxResult, pretrain_potential, prox, prox_interpolating, prox_linear, target_rows
 from .sampling import METHODS, frozen_fields, s_ab, to_sym
 from .stability import replicon_pretrain, replicon_tail_share
 
@@ -122,7 +122,12 @@ def _v_scale(lam: float) -> float:
 
 
 def _global_search(
-    z_star: np.ndarray, z_tilde: np.ndarray, V: float, activation: str, ref: np.ndarray | None = None
+    z_star: np.ndarray,
+    z_tilde: np.ndarray,
+    V: float,
+    activation: str,
+    ref: np.ndarray | None = None,
+    target: np.ndarray | None = None,
 ) -> ProxResult:
     """The verification's prox: the maximum reached from z* (an interpolating point) and, for T = 2 (L = 3)
     at V > 1, the best over every entrywise mix of z~ and z* (2^L starts; h = z~, the start of the first
@@ -132,6 +137,8 @@ def _global_search(
     alpha = 0.2, lam = 0.3) the z~ and z* starts agree on every sample and the mixes find nothing (there
     they would cost half of the pre-training solve).  For T = 3 the 64 mixes cost ~7 s and found nothing at
     the Fig. 1 point (V = 1.7): z~ and z* only.
+
+    ``target``: :func:`hdlora.theory.prox.target_rows` of z*, when the caller has them.
 
     ``ref`` (n, L): the maxima h already found (the tight evaluation).  Where the mixes are not tried, the start
     from z* stops (merged, its value -inf: not better) once it is on its way to ``ref``
@@ -143,7 +150,16 @@ def _global_search(
     mixes = activation == "softmax" and L <= 3 and V > 1.0
     merge_ref = None if mixes else ref
     best = prox(
-        z_star, z_tilde, V, activation, init=z_star, multi_start=False, tol=1e-11, full=False, merge_ref=merge_ref
+        z_star,
+        z_tilde,
+        V,
+        activation,
+        init=z_star,
+        multi_start=False,
+        tol=1e-11,
+        full=False,
+        merge_ref=merge_ref,
+        target=target,
     )
     if not mixes:
         return best
@@ -158,6 +174,7 @@ def _global_search(
             multi_start=False,
             tol=1e-11,
             full=False,
+            target=target,
         )
         b = r.converged & (r.value > best.value + 1e-13 * np.abs(best.value))
         for arr, new in (
@@ -262,6 +279,12 @@ class PretrainResult(PretrainOrderParameters):
 
 
 # ---------------------------------------------------------------------------------- channels
+def teacher_fields(A0: float, g: np.ndarray) -> np.ndarray:
+    """z*_ab = sqrt(s_ab A0) g_ab (eq. 47) on the upper triangles g (n, L)."""
+    T = int(round((math.sqrt(8 * g.shape[1] + 1) - 1) / 2))
+    return np.sqrt(s_ab(T).astype(float)) * math.sqrt(A0) * g
+
+
 def output_channel(
     alpha: float,
     A0: float,
@@ -277,18 +300,23 @@ def output_channel(
     stein: bool = True,
     full: bool = True,
     multi_start: bool | None = None,
+    target: np.ndarray | None = None,
 ) -> tuple[dict[str, float], ProxResult, np.ndarray, np.ndarray]:
     """Monte-Carlo output channel, eqs. 47 and 49-51, on fixed standard normals g, zeta (n, L).
+
+    ``target``: :func:`hdlora.theory.prox.target_rows` of z* = :func:`teacher_fields` (A0, g), when the caller
+    has them (they depend on A0 and g only, fixed along a state evolution).
 
     Returns (hats, prox result, z*, z~).
     """
     T = int(round((math.sqrt(8 * g.shape[1] + 1) - 1) / 2))
-    s = s_ab(T).astype(float)
-    rs = np.sqrt(s)
+    rs = np.sqrt(s_ab(T).astype(float))
     B = max(Q - M * M / A0, 0.0)
-    z_star = rs * math.sqrt(A0) * g  # eq. 47
+    z_star = teacher_fields(A0, g)
     z_tilde = rs * (M / math.sqrt(A0) * g + math.sqrt(B) * zeta)
-    px = prox(z_star, z_tilde, V, activation, init=prox_init, tol=prox_tol, full=full, multi_start=multi_start)
+    px = prox(
+        z_star, z_tilde, V, activation, init=prox_init, tol=prox_tol, full=full, multi_start=multi_start, target=target
+    )
     f = px.delta / rs
     Qhat = 2.0 * alpha / V**2 * float(np.mean(np.sum(f * f, axis=1)))  # eq. 50
     fg = float(np.mean(np.sum(f * g, axis=1))) / math.sqrt(A0)
@@ -530,11 +558,27 @@ def solve_pretrain(
     names = ("Q", "M", "V")
     lo = np.array([1e-14, -math.inf, 1e-14])
 
+    # the prox's target sigma(z*): z* (eq. 47) is fixed along the iteration
+    target = None if g is None else target_rows(teacher_fields(A0, g), act)
+
     def channel(x: np.ndarray, h: np.ndarray | None, ptol: float, full: bool = False):
         Q, M, V = float(x[0]), float(x[1]), float(x[2]) * v_scale
         assert g is not None and zeta is not None  # the Monte-Carlo fields are drawn unless method == 'exact'
         return output_channel(
-            alpha, A0, Q, M, V, g, zeta, act, prox_init=h, prox_tol=ptol, full=full, multi_start=False, stein=stein
+            alpha,
+            A0,
+            Q,
+            M,
+            V,
+            g,
+            zeta,
+            act,
+            prox_init=h,
+            prox_tol=ptol,
+            full=full,
+            multi_start=False,
+            stein=stein,
+            target=target,
         )
 
     def update(x: np.ndarray, carry: Mapping[str, Any]):
@@ -558,7 +602,7 @@ def solve_pretrain(
     def final(x: np.ndarray, carry: Mapping[str, Any]):
         """At a candidate fixed point: a tight evaluation, each sample in its basin, and the global search."""
         hats, px, z_star, z_tilde = channel(x, carry["h"], 1e-11, full=True)
-        alt = _global_search(z_star, z_tilde, float(x[2]) * v_scale, act, ref=px.x)
+        alt = _global_search(z_star, z_tilde, float(x[2]) * v_scale, act, ref=px.x, target=target)
         better = alt.value > px.value + 1e-9 * (1.0 + np.abs(px.value))
         return hats, px, z_star, z_tilde, alt, better
 

@@ -232,6 +232,13 @@ def prox_interpolating(
     return z_star + c[:, None], np.broadcast_to(w / np.sum(w), z_star.shape).copy()
 
 
+def target_rows(z_star: np.ndarray, activation: str) -> np.ndarray:
+    """The pre-training prox's target sigma(z*) (eq. 42) of the (n, L) upper triangles z*, as (n, T*T) row-major rows."""
+    n, L = z_star.shape
+    T = tokens_from_L(L)
+    return _sigma_t(_full_t(z_star.T.copy(), T), activation).reshape(T * T, n).T
+
+
 def _newton_solve(d0, data, V, s, activation, T, tol, max_iter, ref=None):
     """Safeguarded Newton for min_delta f = -Psi(z~ + delta), all samples; arrays sample-first (n, L).
 
@@ -266,6 +273,7 @@ def prox(
     full: bool = True,
     closed_form: bool = True,
     merge_ref: np.ndarray | None = None,
+    target: np.ndarray | None = None,
 ) -> ProxResult:
     """Prox(z*, z~) = argmax_h Psi(h; z*, z~) (eq. 16/41) for all samples at once.
 
@@ -290,6 +298,8 @@ def prox(
         merge_ref: (n, L) a maximiser h already known per sample (a check from another start): a
             sample whose Newton iterate comes close to it stops there (``merged`` in ``extra``, its
             value -inf: it would end at merge_ref; see :func:`hdlora.theory.newton.minimise`).
+        target: :func:`target_rows` of ``z_star``, when the caller has them (a state evolution's z* is fixed: its
+            target sigma(z*) is computed once per solve instead of once per call).
 
     Returns:
         ProxResult: x (n, L) the maximiser h (upper triangle), value = max_h Psi, the Hessian of
@@ -310,7 +320,7 @@ def prox(
     T = tokens_from_L(z_star.shape[1])
     n, L = z_star.shape
     s = _embedding(T)[2]
-    y = _sigma_t(_full_t(z_star.T.copy(), T), activation).reshape(T * T, n).T
+    y = target_rows(z_star, activation) if target is None else target
     data = np.ascontiguousarray(np.concatenate([z_tilde, y], axis=1))
     closed = activation == "linear" and closed_form
     if closed:  # Prox - z~ = c (z* - z~), c = 4V / (T^2 + 4V) (eq. 106): one "start", no Newton
