@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .heap import keep_freed_memory
+
 __all__ = [
     "ProxResult",
     "NewtonRule",
@@ -57,11 +59,13 @@ _COMPILE_SECONDS: float | None = None
 
 
 def kernel() -> Any:
-    """The compiled kernel module (imports numba, compiles or loads the on-disk cache, once)."""
+    """The compiled kernel module (imports numba, compiles or loads the on-disk cache, once).  The first call also
+    keeps the memory its callers free in the heap (:func:`hdlora.theory.heap.keep_freed_memory`)."""
     global _KERNEL
     if _KERNEL is None:
         from . import _newton_numba
 
+        keep_freed_memory()
         _KERNEL = _newton_numba
     return _KERNEL
 
