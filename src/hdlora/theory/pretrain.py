@@ -148,34 +148,19 @@ def _global_search(
     """
     L = z_star.shape[1]
     mixes = activation == "softmax" and L <= 3 and V > 1.0
-    merge_ref = None if mixes else ref
-    best = prox(
-        z_star,
-        z_tilde,
-        V,
-        activation,
-        init=z_star,
-        multi_start=False,
-        tol=1e-11,
-        full=False,
-        merge_ref=merge_ref,
-        target=target,
-    )
+
+    def from_start(init: np.ndarray, merge_ref: np.ndarray | None = None) -> ProxResult:
+        """The prox from the start ``init`` (h, (n, L)), tight (no second start: ``init`` is given)."""
+        return prox(
+            z_star, z_tilde, V, activation, init=init, tol=1e-11, full=False, merge_ref=merge_ref, target=target
+        )
+
+    best = from_start(z_star, None if mixes else ref)
     if not mixes:
         return best
     for k in range(0, 2**L - 1):  # 2^L - 1 (z*) is done
         mask = np.array([(k >> i) & 1 for i in range(L)], dtype=bool)
-        r = prox(
-            z_star,
-            z_tilde,
-            V,
-            activation,
-            init=np.where(mask, z_star, z_tilde),
-            multi_start=False,
-            tol=1e-11,
-            full=False,
-            target=target,
-        )
+        r = from_start(np.where(mask, z_star, z_tilde))
         b = r.converged & (r.value > best.value + 1e-13 * np.abs(best.value))
         for arr, new in (
             (best.x, r.x),
