@@ -111,7 +111,8 @@ def test_kernel_loops_run_without_reference_counting():
     entry points keep it (they allocate the loops' work arrays)."""
     from hdlora.theory import _newton_numba as K
 
-    leaf = ("_newton_loop", "_evaluate_loop", "loss_derivatives", "_finetune_rank_r_loss", "_separable_quartic_loss")
+    leaf = ("_newton_loop", "_evaluate_loop", "loss_derivatives", "_loop_loss", "_finetune_rank_r_loss")
+    leaf += ("_separable_quartic_loss",)
     leaf += (
         "_softmax_rows",
         "_sigma_residual",

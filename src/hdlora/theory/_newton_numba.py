@@ -8,7 +8,7 @@ potentials (into :func:`loss_derivatives`) are Numba-inlined (``inline="always"`
 arguments inside the per-sample loop, the same operations in the same order.  Measured (a Fig. 1 fine-tuning
 global search, 12 alternating repeats, minimum): 0.314 s -> 0.264 s for the helpers; compile time +3 s.
 The per-sample loops and every function they call run without Numba's reference counting (``_LEAF``), and the
-full Newton step's evaluation has the scalar potentials inlined (:func:`_loss_hot`); see there for the measurements.
+full Newton step's evaluation has the scalar potentials inlined (:func:`_loss_inlined`); see there for the measurements.
 
 One kernel, :func:`newton_prox`, minimises per sample
 
@@ -52,8 +52,9 @@ FINETUNE_RANK_R = 3
 #: and decrefs each array's memory block with atomic operations: measured (replayed Newton calls of the Fig. 1
 #: point), one loss evaluation through :func:`loss_derivatives` 182 ns with, 110 ns without.  Such a function
 #: cannot allocate (Numba refuses to compile one that does), so the allocating entry points (:func:`newton_prox`,
-#: :func:`evaluate_batch`) allocate their work arrays and hand them to a loop compiled with these options.  The
-#: arithmetic is the same (the same instructions, bit-identical results; tests/theory/test_newton.py).
+#: :func:`evaluate_batch`) allocate their work arrays and hand them to a loop compiled with these options.  Only the
+#: reference counting goes: the floating-point operations are the same (replayed kernel calls bit-identical,
+#: docs/VALIDATION.md section 8); tests/theory/test_newton.py checks that the options stay.
 _LEAF: dict[str, Any] = {"cache": True, "error_model": "numpy", "_nrt": False}
 
 
@@ -1162,24 +1163,43 @@ def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
     The softmax channels at T = 2 and 3 (the paper's figures) are the scalar versions generated from the loops
     (``_pretrain_loss_t3`` etc., written by scripts/gen_scalar_potentials.py): the same operations in the same order,
     so the same numbers, in registers instead of the T x T work arrays (replayed Newton calls of a Fig. 1 point:
-    fine-tuning 306-338 -> 272-279 ns a step, pre-training 551-621 -> 538-583 ns).  Every other case calls the loops,
-    which are also the reference of tests/theory/test_scalar_potentials.py.  The potentials are inlined here (Numba
-    ``inline="always"``: no call with a dozen array arguments per evaluation; measured with the loops: the
-    fine-tuning search 0.51 s -> 0.37 s, the compile time unchanged; inlining this function into newton_prox as well
-    was 0.35 s but quadrupled the compile time)."""
+    fine-tuning 306-338 -> 272-279 ns a step, pre-training 551-621 -> 538-583 ns).  Every other case calls the loops
+    (:func:`_loop_loss`), which are also the reference of tests/theory/test_scalar_potentials.py.  The dispatch is
+    :func:`_loss_inlined`, inlined here and at the hottest call of :func:`_newton_loop`."""
+    return _loss_inlined(kind, x, row, consts, order, g, H, aux, X, P, R, G)
+
+
+@njit(cache=True, error_model="numpy", inline="always")  # into loss_derivatives and the hot call of _newton_loop
+def _loss_inlined(kind, x, row, consts, order, g, H, aux, X, P, R, G):
+    """The one dispatch of the potentials: the scalar softmax potentials of T = 2, 3 inlined (Numba
+    ``inline="always"``), every other case a call of :func:`_loop_loss`.  Inlined into :func:`loss_derivatives`
+    and into the hottest call of :func:`_newton_loop` (the full Newton step's evaluation, made at every step of every
+    sample), which so makes no call for the paper's settings.  Measured (replayed Newton calls of the Fig. 1 point,
+    25 alternating repeats, min): pre-training 250 -> 214 ms, fine-tuning 396 -> 351 ms, the compile time of
+    newton_prox from an empty cache 36 -> 42 s (the benchmark's whole warm-up: 32 -> 54 s with the loops of
+    ``_LEAF``).  Also inlining it at the sample's first evaluation: 216 and 337 ms, 50 s; at all five calls: about as
+    fast, and 118 s."""
+    T = int(consts[0])
+    if consts[1] != 0.0 and (T == 2 or T == 3):
+        if kind == FINETUNE:
+            if T == 3:
+                return _finetune_loss_t3(x, row, order, g, H, aux)
+            return _finetune_loss_t2(x, row, order, g, H, aux)
+        if kind == PRETRAIN:
+            if T == 3:
+                return _pretrain_loss_t3(x, row, order, g, H)
+            return _pretrain_loss_t2(x, row, order, g, H)
+    return _loop_loss(kind, x, row, consts, order, g, H, aux, X, P, R, G)
+
+
+@njit(**_LEAF)
+def _loop_loss(kind, x, row, consts, order, g, H, aux, X, P, R, G):
+    """The potentials as loops over the T x T work arrays X, P, R, G (the loops inlined; any T, either activation)."""
     T = int(consts[0])
     softmax = consts[1] != 0.0
     if kind == PRETRAIN:
-        if softmax and T == 3:
-            return _pretrain_loss_t3(x, row, order, g, H)
-        if softmax and T == 2:
-            return _pretrain_loss_t2(x, row, order, g, H)
         return _pretrain_loss(x, row, T, softmax, order, g, H, X, P, R, G)
     if kind == FINETUNE:
-        if softmax and T == 3:
-            return _finetune_loss_t3(x, row, order, g, H, aux)
-        if softmax and T == 2:
-            return _finetune_loss_t2(x, row, order, g, H, aux)
         return _finetune_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G)
     if kind == FINETUNE_RANK_R:
         return _finetune_rank_r_loss(x, row, T, softmax, order, g, H, aux, X, P, R, G)
@@ -1357,26 +1377,6 @@ def _to_hyperplane(x, a, w, csum):
         x[j] -= t
 
 
-@njit(cache=True, error_model="numpy", inline="always")  # into the hot call of _newton_loop
-def _loss_hot(kind, x, row, consts, order, g, H, aux, X, P, R, G):
-    """:func:`loss_derivatives` with the scalar softmax potentials of T = 2, 3 inlined (Numba ``inline="always"``),
-    for the hottest call of :func:`_newton_loop`: the full Newton step's evaluation, made at every step of every
-    sample.  Measured (replayed Newton calls of the Fig. 1 point, 25 alternating repeats, min): pre-training
-    250 -> 214 ms, fine-tuning 396 -> 351 ms, the compile time from an empty cache 36 -> 42 s.  Also inlining it at
-    the sample's first evaluation: 216 and 337 ms, 50 s; at all five calls: about as fast, and 118 s."""
-    T = int(consts[0])
-    if consts[1] != 0.0 and (T == 2 or T == 3):
-        if kind == FINETUNE:
-            if T == 3:
-                return _finetune_loss_t3(x, row, order, g, H, aux)
-            return _finetune_loss_t2(x, row, order, g, H, aux)
-        if kind == PRETRAIN:
-            if T == 3:
-                return _pretrain_loss_t3(x, row, order, g, H)
-            return _pretrain_loss_t2(x, row, order, g, H)
-    return loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G)
-
-
 @njit(**_LEAF)
 def _newton_loop(
     kind, x0, anchor, w, data, consts, opts, n_aux, ref,
@@ -1498,7 +1498,7 @@ def _newton_loop(
                 for j in range(k):
                     xt[j] = x[j] + t * step[j]
                 if tr == 0:
-                    lt = _loss_hot(kind, xt, row, consts, 2, gdum, Hdum, auxd, X, P, R, G)
+                    lt = _loss_inlined(kind, xt, row, consts, 2, gdum, Hdum, auxd, X, P, R, G)
                     have_derivs = True
                 else:
                     lt = loss_derivatives(kind, xt, row, consts, 0, gdum, Hdum, auxd, X, P, R, G)

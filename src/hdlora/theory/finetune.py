@@ -55,7 +55,7 @@ from .fixed_point import NonConvergenceWarning
 from .newton import ProxResult
 from .order_parameters import FinetuneDiagnostics, FinetuneOrderParameters
 from .prox_rank_one_linear import LinearRankOneProx
-from .sampling import frozen_fields, s_ab, standard_normals, to_sym
+from .sampling import frozen_fields, standard_normals, student_fields, teacher_fields, to_sym
 from .stability import replicon_finetune_terms, replicon_tail_share
 
 __all__ = [
@@ -1117,10 +1117,8 @@ def solve_finetune_effective(
     L = T * (T + 1) // 2
     x = standard_normals(n_mc, 2 * L + 2 * T, seed, method="qmc", purpose="effective")
     g, zeta = x[:, :L], x[:, L : 2 * L]
-    s_sqrt = np.sqrt(s_ab(T))
-    B = max(law[1] - law[2] ** 2 / A0, 0.0)
-    z_star = s_sqrt * math.sqrt(A0) * g  # eq. 47, as frozen_fields
-    z = s_sqrt * (law[2] / math.sqrt(A0) * g + math.sqrt(B) * zeta)
+    z_star = teacher_fields(g, T, A0)  # eq. 47, as frozen_fields
+    z = student_fields(g, zeta, T, A0, law[2], max(law[1] - law[2] ** 2 / A0, 0.0))
     return solve_finetune(
         params, z_star, z, Q0=law[0], Q=law[1], M=law[2], seed=seed, rank_one_normals=x[:, 2 * L :], **kwargs
     )

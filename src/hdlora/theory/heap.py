@@ -20,6 +20,7 @@ No-op elsewhere than glibc, or with the environment variable ``HDLORA_KEEP_FREED
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -33,24 +34,19 @@ MMAP_THRESHOLD = 32 * 1024 * 1024
 #: the heap is trimmed only when this much is free at its top
 TRIM_THRESHOLD = 1024 * 1024 * 1024
 
-_state: dict[str, bool] = {}
 
-
+@functools.cache
 def keep_freed_memory() -> bool:
-    """Apply the settings (once per process); returns True when they are in effect."""
-    if "applied" in _state:
-        return _state["applied"]
-    applied = False
-    if sys.platform.startswith("linux") and os.environ.get("HDLORA_KEEP_FREED_MEMORY", "1") != "0":
-        try:
-            libc = ctypes.CDLL(None)
-            is_glibc = bool(libc.gnu_get_libc_version)
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):  # not glibc
-            is_glibc = False
-        if is_glibc:
-            mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-            mallopt.restype = ctypes.c_int
-            applied = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    _state["applied"] = applied
-    return applied
+    """Apply the settings (once per process: cached); returns True when they are in effect."""
+    if not sys.platform.startswith("linux") or os.environ.get("HDLORA_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        if not libc.gnu_get_libc_version:
+            return False
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1

@@ -73,7 +73,7 @@ from .engine import CONVERGED, CONVERGED_MC, NOT_CONVERGED
 from .fixed_point import NonConvergenceWarning, iterate
 from .order_parameters import PretrainOrderParameters
 from .prox import ProxResult, pretrain_potential, prox, prox_interpolating, prox_linear, target_rows
-from .sampling import METHODS, frozen_fields, s_ab, to_sym
+from .sampling import METHODS, frozen_fields, s_ab, student_fields, teacher_fields, to_sym
 from .stability import replicon_pretrain, replicon_tail_share
 
 __all__ = [
@@ -264,12 +264,6 @@ class PretrainResult(PretrainOrderParameters):
 
 
 # ---------------------------------------------------------------------------------- channels
-def teacher_fields(A0: float, g: np.ndarray) -> np.ndarray:
-    """z*_ab = sqrt(s_ab A0) g_ab (eq. 47) on the upper triangles g (n, L)."""
-    T = int(round((math.sqrt(8 * g.shape[1] + 1) - 1) / 2))
-    return np.sqrt(s_ab(T).astype(float)) * math.sqrt(A0) * g
-
-
 def output_channel(
     alpha: float,
     A0: float,
@@ -289,16 +283,16 @@ def output_channel(
 ) -> tuple[dict[str, float], ProxResult, np.ndarray, np.ndarray]:
     """Monte-Carlo output channel, eqs. 47 and 49-51, on fixed standard normals g, zeta (n, L).
 
-    ``target``: :func:`hdlora.theory.prox.target_rows` of z* = :func:`teacher_fields` (A0, g), when the caller
-    has them (they depend on A0 and g only, fixed along a state evolution).
+    ``target``: :func:`hdlora.theory.prox.target_rows` of z* = :func:`hdlora.theory.sampling.teacher_fields` (g, T,
+    A0), when the caller has them (they depend on A0 and g only, fixed along a state evolution).
 
     Returns (hats, prox result, z*, z~).
     """
     T = int(round((math.sqrt(8 * g.shape[1] + 1) - 1) / 2))
     rs = np.sqrt(s_ab(T).astype(float))
     B = max(Q - M * M / A0, 0.0)
-    z_star = teacher_fields(A0, g)
-    z_tilde = rs * (M / math.sqrt(A0) * g + math.sqrt(B) * zeta)
+    z_star = teacher_fields(g, T, A0)  # eq. 47
+    z_tilde = student_fields(g, zeta, T, A0, M, B)
     px = prox(
         z_star, z_tilde, V, activation, init=prox_init, tol=prox_tol, full=full, multi_start=multi_start, target=target
     )
@@ -544,7 +538,7 @@ def solve_pretrain(
     lo = np.array([1e-14, -math.inf, 1e-14])
 
     # the prox's target sigma(z*): z* (eq. 47) is fixed along the iteration
-    target = None if g is None else target_rows(teacher_fields(A0, g), act)
+    target = None if g is None else target_rows(teacher_fields(g, T, A0), act)
 
     def channel(x: np.ndarray, h: np.ndarray | None, ptol: float, full: bool = False):
         Q, M, V = float(x[0]), float(x[1]), float(x[2]) * v_scale

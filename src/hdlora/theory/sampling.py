@@ -13,6 +13,8 @@ v, diagonal 2 v.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .streams import stream
@@ -91,7 +93,15 @@ def frozen_fields(
     L = T * (T + 1) // 2
     x = standard_normals(n, 2 * L, seed, method, purpose)
     g, zeta = x[:, :L], x[:, L:]
-    s = np.sqrt(s_ab(T))
-    z_star = s * np.sqrt(A0) * g
-    z = s * (M / np.sqrt(A0) * g + np.sqrt(B) * zeta)
-    return {"z_star": z_star, "z": z, "g": g, "zeta": zeta}
+    return {"z_star": teacher_fields(g, T, A0), "z": student_fields(g, zeta, T, A0, M, B), "g": g, "zeta": zeta}
+
+
+def teacher_fields(g: np.ndarray, T: int, A0: float) -> np.ndarray:
+    """z*_ab = sqrt(s_ab A0) g_ab (eqs. 13, 47) from the standard normals g (n, L) on the upper triangle."""
+    return np.sqrt(s_ab(T)) * math.sqrt(A0) * g
+
+
+def student_fields(g: np.ndarray, zeta: np.ndarray, T: int, A0: float, M: float, B: float) -> np.ndarray:
+    """z_ab = sqrt(s_ab) (M / sqrt(A0) g_ab + sqrt(B) zeta_ab) (eqs. 13, 47; B = Q - M^2 / A0 >= 0), correlated with
+    :func:`teacher_fields` of the same g through M."""
+    return np.sqrt(s_ab(T)) * (M / math.sqrt(A0) * g + math.sqrt(B) * zeta)
