@@ -226,6 +226,9 @@ def main() -> None:
     ap.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kernel-choice", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    unknown = [c for c in a.cases.split(",") if c not in CASES]
+    if unknown:
+        ap.exit(2, f"bench_theory: --cases {','.join(unknown)}: not a case; the cases are {','.join(CASES)}\n")
     _set_threads(a.threads)
     if a.child:
         print(json.dumps(child(a)))
