@@ -414,7 +414,7 @@ def _stack_array(typingctx, n, m):
     return array(n, m), codegen
 
 
-@njit(cache=True, error_model="numpy", inline="always")  # into _loss_inlined
+@njit(cache=True, error_model="numpy", inline="always")  # into _stack_t3, _stack_t2
 def _on_stack_finetune(T, x, row, order, g, H, aux):
     """:func:`_finetune_loss` (softmax) at a literal T, on copies in the stack frame of chi and of the outputs, with
     the T x T work arrays there too, then the outputs of ``order`` copied out.
@@ -441,7 +441,7 @@ def _on_stack_finetune(T, x, row, order, g, H, aux):
     return loss
 
 
-@njit(cache=True, error_model="numpy", inline="always")  # into _loss_inlined
+@njit(cache=True, error_model="numpy", inline="always")  # into _stack_t3, _stack_t2
 def _on_stack_pretrain(T, L, x, row, order, g, H):
     """:func:`_pretrain_loss` (softmax) at a literal T, L = T (T + 1) / 2, on the stack as :func:`_on_stack_finetune`."""
     xs = _stack_array(L, 0)

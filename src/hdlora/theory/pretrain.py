@@ -357,8 +357,8 @@ def output_channel_interpolating(
         return {"Mhat": c, "Vhat": c, "Qhat": c * delta_eff_of_A0(A0, Q, M) / v}, None, None, None
     rs = np.sqrt(s_ab(T).astype(float))
     B = max(Q - M * M / A0, 0.0)
-    z_star = rs * math.sqrt(A0) * g  # eq. 47
-    z_tilde = rs * (M / math.sqrt(A0) * g + math.sqrt(B) * zeta)
+    z_star = teacher_fields(g, T, A0)  # eq. 47
+    z_tilde = student_fields(g, zeta, T, A0, M, B)
     h, jac = prox_interpolating(z_star, z_tilde, activation)
     f = (h - z_tilde) / rs
     j1 = float(np.mean(np.sum(jac - 1.0, axis=1)))
