@@ -21,16 +21,21 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"bench_kernel: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _load(name: str, src: Path):
     path = src / "hdlora" / "theory" / "_newton_numba.py"
     if not path.is_file():
-        raise SystemExit(
-            f"bench_kernel: --base-src {name}={src}: no {path.relative_to(src)} there; give a src directory"
-        )
+        _fail(f"--base-src {name}={src}: no {path.relative_to(src)} there; give a src directory")
     spec = importlib.util.spec_from_file_location(f"kernel_{name}", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -46,13 +51,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     if a.repeat < 1 or a.n < 10:
-        raise SystemExit("bench_kernel: --repeat must be >= 1 and --n >= 10")
+        _fail(f"--repeat must be >= 1 and --n >= 10, got {a.repeat} and {a.n}")
     os.environ["NUMBA_NUM_THREADS"] = str(a.threads)
     bases = {}
     for item in a.base_src:
         name, sep, d = item.partition("=")
         if not sep or not name.isidentifier():
-            raise SystemExit(f"bench_kernel: --base-src takes NAME=DIR with NAME an identifier, got {item!r}")
+            _fail(f"--base-src takes NAME=DIR with NAME an identifier, got {item!r}")
         bases[name] = Path(d)
     import numpy as np
 
