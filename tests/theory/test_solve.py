@@ -137,13 +137,18 @@ def searches(monkeypatch):
     return calls
 
 
+def _options(n):
+    """solve's options at n samples (seed 0, its default tol and max_iter, no warnings)."""
+    from hdlora.theory.solve import StageOptions
+
+    return StageOptions(n_mc=n, seed=0, tol=1e-7, max_iter=500, method=None, optimal_beta=False, warn=False)
+
+
 def _stage_args(p, n):
     """The fine-tuning stage's fields and law at p (solve's pre-training stage, n samples)."""
     from hdlora.theory.solve import pretrain_stage
 
-    p, pre, zs, z = pretrain_stage(
-        p, n_mc=n, seed=0, method=None, tol=1e-7, max_iter=500, init=None, warn=False, optimal_beta=False
-    )
+    p, pre, _, zs, z = pretrain_stage(p, _options(n), None)
     return p, zs, z, dict(Q0=p.Q0, Q=pre.Q, M=pre.M)
 
 
@@ -166,13 +171,13 @@ def test_first_prox_search_of_a_warm_start_is_skipped_only_where_a_search_found_
     assert len(searches) - n_with == n_with - 1  # the first iteration's search, and only it, left out
     assert (without.q, without.m, without.v) == (with_search.q, with_search.m, with_search.v)
     assert without.finetune_test_error == with_search.finetune_test_error
-    assert _coarse_state(fig1, 1000, 0, None, None, 500, False)[1] is False
+    assert _coarse_state(fig1, None, _options(1000))[1] is False
 
     # T = 2, lam' = 0.05 (a validation point): the coarse search finds second prox maxima
     t2 = Params(tokens=2, kappa0=0.5, kappa=1, noise=0.5, alpha=0.2, alpha_ft=3, lam=2.0, lam_ft=0.05)
     p2, zs2, z2, law2 = _stage_args(t2, 3750)
     assert solve_finetune(p2, zs2, z2, **law2, seed=0, tol=1e-4, warn=False).n_second_maxima > 0
-    state, first_search = _coarse_state(t2, 3750, 0, None, None, 500, False)
+    state, first_search = _coarse_state(t2, None, _options(3750))
     assert state is not None and first_search is True
 
 

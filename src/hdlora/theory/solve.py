@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..params import DEFAULT_N_MC, ParamError, Params, check_tol
@@ -147,30 +148,43 @@ def _finetune_init(init: Mapping[str, float] | None) -> dict[str, float] | None:
     return _warm_state(init, ("m", "q", "v"), ("v", "q"))
 
 
+@dataclass(frozen=True)
+class StageOptions:
+    """The options of :func:`solve` that every stage of a point shares: its arguments of the same names."""
+
+    n_mc: int
+    seed: int
+    tol: float
+    max_iter: int
+    method: str | None
+    optimal_beta: bool
+    warn: bool
+
+    @property
+    def iteration(self) -> dict[str, Any]:
+        """The keyword arguments that both state evolutions take (:func:`hdlora.theory.pretrain.solve_pretrain`,
+        :func:`hdlora.theory.finetune.solve_finetune`): seed, tol, max_iter and warn."""
+        return {"seed": self.seed, "tol": self.tol, "max_iter": self.max_iter, "warn": self.warn}
+
+
 #: the coarse start of :func:`solve`: n_mc / COARSE_DIVISOR samples, used when that is >= COARSE_MIN_N
 COARSE_DIVISOR = 8
 COARSE_MIN_N = 1000
 
 
-def _coarse_state(params, n, seed, baseline, method, max_iter, optimal_beta) -> tuple[dict[str, float] | None, bool]:
-    """The state of the same solve on n samples to tol 1e-4 (a start; None when it did not converge), and whether
-    the main solve should also run the fine-tuning's global prox search at its first iteration: not when the
-    coarse solve's own final search found no second prox maximum on any of its samples."""
+def _coarse_state(params: Params, baseline: str | None, options: StageOptions) -> tuple[dict[str, float] | None, bool]:
+    """The state of the same solve on ``options.n_mc`` samples to tol 1e-4 (a start; None when it did not converge),
+    and whether the main solve should also run the fine-tuning's global prox search at its first iteration: not when
+    the coarse solve's own final search found no second prox maximum on any of its samples."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r, ft = _solve_rank_one(
             params,
+            replace(options, tol=1e-4, warn=False),
             init=None,
             baseline=baseline,
             first_search=True,
             t0=time.perf_counter(),
-            n_mc=n,
-            seed=seed,
-            tol=1e-4,
-            max_iter=max_iter,
-            method=method,
-            optimal_beta=optimal_beta,
-            warn=False,
         )
     if not r.converged:
         return None, True
@@ -259,42 +273,34 @@ def solve(
     first_search = _second_maxima(init) != 0
     if isinstance(init, TheoryResult):
         init = init.state
-    # the options every stage shares
-    common: dict[str, Any] = dict(
+    options = StageOptions(
         n_mc=n_mc, seed=seed, tol=tol, max_iter=max_iter, method=method, optimal_beta=optimal_beta, warn=warn
     )
     if not params.rank_one:  # a rank-r LoRA or a rank-r* task (beyond the paper): docs/theory/rank_r.md
-        from .solve_rank_r import solve_rank_r
+        from .solve_rank_r import rank_r_point
 
-        return solve_rank_r(params, baseline=baseline, init=init, **common)
+        return rank_r_point(params, options, baseline=baseline, init=init)
     t0 = time.perf_counter()
     if coarse and init is None and n_mc >= COARSE_DIVISOR * COARSE_MIN_N:  # (rank one: rank r returned above)
-        init, first_search = _coarse_state(
-            params, n_mc // COARSE_DIVISOR, seed, baseline, method, max_iter, optimal_beta
-        )
-    return _solve_rank_one(params, init=init, baseline=baseline, first_search=first_search, t0=t0, **common)[0]
+        init, first_search = _coarse_state(params, baseline, replace(options, n_mc=n_mc // COARSE_DIVISOR))
+    return _solve_rank_one(params, options, init=init, baseline=baseline, first_search=first_search, t0=t0)[0]
 
 
 def _solve_rank_one(
     params: Params,
+    options: StageOptions,
     *,
     init: Mapping[str, float] | None,
     baseline: str | None,
     first_search: bool,
     t0: float,
-    **common: Any,
 ) -> tuple[TheoryResult, FinetuneResult]:
-    """The two stages of :func:`solve` at a rank-one point (``params`` with its baseline applied), from ``init``,
-    with :func:`solve`'s options ``common`` (n_mc, seed, tol, max_iter, method, optimal_beta, warn);
+    """The two stages of :func:`solve` at a rank-one point (``params`` with its baseline applied), from ``init``;
     ``first_search``: see :func:`hdlora.theory.finetune.solve_finetune`.  Returns the point and its fine-tuning
     stage."""
-    n_mc, seed, tol, max_iter, warn = (common[k] for k in ("n_mc", "seed", "tol", "max_iter", "warn"))
-    with warnings.catch_warnings():
-        if not warn:
-            warnings.simplefilter("ignore", NonConvergenceWarning)
-        params, pre, z_star, z = pretrain_stage(params, init=init, **common)
-        Q0, Q, M = params.Q0, pre.Q, pre.M
-        ft_params = params.replace(reuse=False) if params.lora_only else params
+    params, pre, ft_params, z_star, z = pretrain_stage(params, options, init)
+    Q0, Q, M = params.Q0, pre.Q, pre.M
+    with _warnings_shown(options.warn):
         ft: FinetuneResult = solve_finetune(
             ft_params,
             z_star,
@@ -302,47 +308,40 @@ def _solve_rank_one(
             Q0=Q0,
             Q=Q,
             M=M,
-            seed=seed,
-            tol=tol,
-            max_iter=max_iter,
             init=_finetune_init(init),
             first_search=first_search,
-            warn=warn,
+            **options.iteration,
         )
-    point = point_result(TheoryResult, params, pre, ft, n_mc=n_mc, seed=seed, t0=t0, baseline=baseline)
+    point = point_result(TheoryResult, params, pre, ft, options, t0=t0, baseline=baseline)
     return point, ft
 
 
+@contextmanager
+def _warnings_shown(warn: bool) -> Iterator[None]:
+    """A stage of :func:`solve`: its NonConvergenceWarning shown only when ``warn`` (solve's argument)."""
+    with warnings.catch_warnings():
+        if not warn:
+            warnings.simplefilter("ignore", NonConvergenceWarning)
+        yield
+
+
 def pretrain_stage(
-    params: Params,
-    *,
-    n_mc: int,
-    seed: int,
-    method: str | None,
-    tol: float,
-    max_iter: int,
-    init: Mapping[str, float] | None,
-    warn: bool,
-    optimal_beta: bool,
-) -> tuple[Params, PretrainResult, Any, Any]:
-    """The pre-training state evolution (Result 4) and the frozen fields of the fine-tuning sequences:
-    (params, with beta = beta* = M/Q when ``optimal_beta``; the PretrainResult; z*; z)."""
-    pre: PretrainResult = solve_pretrain(
-        params,
-        n_mc=n_mc,
-        seed=seed,
-        method=method,
-        tol=tol,
-        max_iter=max_iter,
-        init=_pretrain_init(init),
-        warn=warn,
-    )
-    if optimal_beta:
-        if not pre.Q > 0:
-            raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
-        params = params.replace(beta=_eff.beta_min(pre.Q, pre.M))
-    z_star, z = finetune_fields(params, pre, n_mc, seed)
-    return params, pre, z_star, z
+    params: Params, options: StageOptions, init: Mapping[str, float] | None
+) -> tuple[Params, PretrainResult, Params, Any, Any]:
+    """The pre-training state evolution (Result 4) and what the fine-tuning starts from: (params, with beta = beta* =
+    M/Q when ``options.optimal_beta``; the PretrainResult; the fine-tuning's params (reuse off for LoRA only: there is
+    no pre-training data to reuse); the frozen fields z*, z of the fine-tuning sequences)."""
+    with _warnings_shown(options.warn):
+        pre: PretrainResult = solve_pretrain(
+            params, n_mc=options.n_mc, method=options.method, init=_pretrain_init(init), **options.iteration
+        )
+        if options.optimal_beta:
+            if not pre.Q > 0:
+                raise ParamError("optimal_beta needs a pre-trained map (Q > 0); lam = inf has none")
+            params = params.replace(beta=_eff.beta_min(pre.Q, pre.M))
+        z_star, z = finetune_fields(params, pre, options.n_mc, options.seed)
+    ft_params = params.replace(reuse=False) if params.lora_only else params
+    return params, pre, ft_params, z_star, z
 
 
 #: the fields of a point's result copied as they are from the pre-training and the fine-tuning stage
@@ -377,16 +376,15 @@ def point_result(
     params: Params,
     pre: PretrainResult,
     ft: Any,
+    options: StageOptions,
     *,
-    n_mc: int,
-    seed: int,
     t0: float,
     baseline: str | None,
     **extra: Any,
 ) -> Any:
-    """The point's result (``cls``: TheoryResult or a subclass with ``extra`` fields) from the two stages: ``ft``
-    has the fine-tuning scalars of a :class:`hdlora.theory.finetune.FinetuneResult` (q, m, v, conjugates, errors,
-    overlap, delta_eff, replicon_finetune, converged, iterations, residual, mc_se)."""
+    """The point's result (``cls``: TheoryResult or a subclass with ``extra`` fields) from the two stages solved with
+    ``options``: ``ft`` has the fine-tuning scalars of a :class:`hdlora.theory.finetune.FinetuneResult` (q, m, v,
+    conjugates, errors, overlap, delta_eff, replicon_finetune, converged, iterations, residual, mc_se)."""
     Q0, Q, M = params.Q0, pre.Q, pre.M
     noise = params.noise
     d_eff = _eff.delta_eff_beta(Q0, Q, M, noise, params.beta)
@@ -409,8 +407,8 @@ def point_result(
         finetune_iterations=ft.iterations,
         pretrain_residual=pre.residual,
         finetune_residual=ft.residual,
-        n_mc=n_mc,
-        seed=seed,
+        n_mc=options.n_mc,
+        seed=options.seed,
         wall_time=time.perf_counter() - t0,
         baseline=baseline,
         params=params.to_dict(),

@@ -37,7 +37,7 @@ from ..params import DEFAULT_N_MC, ParamError, Params
 from .finetune_rank_r import RankRResult, solve_finetune_rank_r
 from .fixed_point import NonConvergenceWarning
 from .prox_rank_r import MAX_PROX_DIM
-from .solve import TheoryResult, point_result, pretrain_stage
+from .solve import StageOptions, TheoryResult, point_result, pretrain_stage
 from .streams import stream
 
 __all__ = ["RankRTheoryResult", "branch_starts", "solve_rank_r", "WINNER_STATUSES"]
@@ -271,32 +271,29 @@ def solve_rank_r(
 ) -> RankRTheoryResult:
     """Pre-training (unchanged) then the rank-r fine-tuning branches; the arguments as :func:`hdlora.theory.solve`
     (``params`` already carries the baseline; ``init`` warms the pre-training only)."""
+    options = StageOptions(
+        n_mc=n_mc, seed=seed, tol=tol, max_iter=max_iter, method=method, optimal_beta=optimal_beta, warn=warn
+    )
+    return rank_r_point(params, options, baseline=baseline, init=init)
+
+
+def rank_r_point(
+    params: Params, options: StageOptions, *, baseline: str | None, init: Mapping[str, float] | None
+) -> RankRTheoryResult:
+    """:func:`solve_rank_r` with its options as one :class:`hdlora.theory.solve.StageOptions` (how
+    :func:`hdlora.theory.solve` calls it)."""
     check_rank_params(params, baseline)
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        if not warn:
-            warnings.simplefilter("ignore", NonConvergenceWarning)
-        params, pre, z_star, z = pretrain_stage(
-            params,
-            n_mc=n_mc,
-            seed=seed,
-            method=method,
-            tol=tol,
-            max_iter=max_iter,
-            init=init,
-            warn=warn,
-            optimal_beta=optimal_beta,
-        )
+    params, pre, ft_params, z_star, z = pretrain_stage(params, options, init)
     Q0, Q, M = params.Q0, pre.Q, pre.M
-    ft_params = params.replace(reuse=False) if params.lora_only else params
     results, errors, coarse = solve_branches(
-        ft_params, z_star, z, Q0=Q0, Q=Q, M=M, seed=seed, tol=tol, max_iter=max_iter
+        ft_params, z_star, z, Q0=Q0, Q=Q, M=M, seed=options.seed, tol=options.tol, max_iter=options.max_iter
     )
     name, status = pick_winner(results)
     ft = results[name]
     assert ft is not None
     branches = [_branch_summary(k, b, errors.get(k), coarse.get(k)) for k, b in results.items()]
-    if warn and status != "converged_stable":
+    if options.warn and status != "converged_stable":
         warnings.warn(
             f"rank-r fine-tuning: no converged replica-stable branch; the winner '{name}' is {status}",
             NonConvergenceWarning,
@@ -326,8 +323,7 @@ def solve_rank_r(
         params,
         pre,
         scalars,
-        n_mc=n_mc,
-        seed=seed,
+        options,
         t0=t0,
         baseline=baseline,
         lora_rank=params.lora_rank,
