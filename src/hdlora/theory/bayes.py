@@ -709,18 +709,8 @@ def bayes_optimal(
         raise ParamError(f"params must be a hdlora.Params, got {type(params).__name__}")
     # the data parameters both stages take
     data: dict[str, Any] = {k: getattr(params, k) for k in ("tokens", "kappa0", "noise", "activation")}
+    # the fine-tuning's sample settings, as passed and as recorded in the result
+    settings: dict[str, Any] = {"n_mc": n_mc, "n_nodes": n_nodes, "n_mc_error": n_mc_error, "seed": seed}
     pre = solve_pretrain_bo(alpha=params.alpha, n_mc=n_mc_error, seed=seed, tol=tol, **data)
-    ft = solve_finetune_bo(
-        alpha_ft=params.alpha_ft,
-        Q_BO=pre.Q_BO,
-        reuse=params.reuse,
-        n_mc=n_mc,
-        n_nodes=n_nodes,
-        n_mc_error=n_mc_error,
-        seed=seed,
-        tol=tol,
-        **data,
-    )
-    return BayesResult(
-        pretrain=pre, finetune=ft, settings={"n_mc": n_mc, "n_nodes": n_nodes, "n_mc_error": n_mc_error, "seed": seed}
-    )
+    ft = solve_finetune_bo(alpha_ft=params.alpha_ft, Q_BO=pre.Q_BO, reuse=params.reuse, tol=tol, **settings, **data)
+    return BayesResult(pretrain=pre, finetune=ft, settings=settings)
