@@ -290,6 +290,23 @@ def _anderson_step(X: list, G: list, mixing: float, reg: float, cond_max: float)
 
 
 # ------------------------------------------------------------------------------------ one branch
+@dataclass(frozen=True)
+class _Iteration:
+    """How each start of :func:`solve_stage` is iterated: its arguments of the same names (checked there)."""
+
+    tol: float
+    max_iter: int
+    mixing: float
+    anderson: int
+    regularization: float
+    cond_max: float
+    stall: int
+    min_mixing: float
+    growth: float
+    stall_verify: int
+    stop_early: bool
+
+
 def _solve_branch(
     stage: Stage,
     name: str,
@@ -297,21 +314,10 @@ def _solve_branch(
     params: Params,
     samples: Any,
     samples_key: Any,
-    *,
-    tol: float,
-    max_iter: int,
-    mixing: float,
-    anderson: int,
-    reg: float,
-    cond_max: float,
-    stall: int,
-    min_mixing: float,
-    growth: float,
-    stall_verify: int = 0,
-    stop_early: bool = False,
+    how: _Iteration,
 ) -> Branch:
     x = np.array(x0, dtype=np.float64).ravel()
-    ctol = min(tol, CONVERGED_CAP)
+    ctol = min(how.tol, CONVERGED_CAP)
     events: list[tuple[int, str]] = []
     history: list[float] = []
     if not (_finite(x) and stage.domain(x)):
@@ -324,14 +330,14 @@ def _solve_branch(
             (),
             ((0, "start outside the domain"),),
             samples_key=samples_key,
-            mixing=mixing,
+            mixing=how.mixing,
             reason="start outside the domain",
         )
     carry = stage.init(params, samples)
     X: list[np.ndarray] = []
     G: list[np.ndarray] = []
-    mix = mixing
-    use_anderson = anderson > 0
+    mix = how.mixing
+    use_anderson = how.anderson > 0
     best, best_abs, since_best, stall_restarts, progress = math.inf, math.inf, 0, 0, 0
     n_rejected = n_restarts = n_stall_verify = 0
     accelerated = False
@@ -355,7 +361,7 @@ def _solve_branch(
         events.append((it, why))
 
     it = 0
-    while it < max_iter:
+    while it < how.max_iter:
         it += 1
         if stage.inner_tol:
             fx, carry, aux = stage.update(x, carry, inner_tol=1e-2 * last_res)
@@ -364,7 +370,7 @@ def _solve_branch(
         fx = np.asarray(fx, dtype=np.float64).ravel()
         res = residual(fx, x)
         history.append(res)
-        if not math.isfinite(res) or (accelerated and prev is not None and res > growth * prev[2]):
+        if not math.isfinite(res) or (accelerated and prev is not None and res > how.growth * prev[2]):
             if accelerated and prev is not None:
                 # the accelerated step was bad (non-finite image or residual blow-up): undo it, damped step instead
                 n_rejected += 1
@@ -386,7 +392,7 @@ def _solve_branch(
         if cycle_pending:
             cycle_pending = False
             cycles.append(res)
-            if stop_early and len(cycles) >= CYCLE_MIN:
+            if how.stop_early and len(cycles) >= CYCLE_MIN:
                 recent, before = min(cycles[-CYCLE_WINDOW:]), min(cycles[:-CYCLE_WINDOW])
                 if recent > CYCLE_PROGRESS * before:
                     # the global search changes the map at every candidate and the new maps' residuals no longer fall:
@@ -420,13 +426,13 @@ def _solve_branch(
             progress += 1
         else:
             since_best, progress = since_best + 1, 0
-        if progress >= 2 * stall and anderson > 0 and not use_anderson:
+        if progress >= 2 * how.stall and how.anderson > 0 and not use_anderson:
             # sustained progress after a fallback (e.g. the stagnation was a transient): acceleration back on
             use_anderson, progress = True, 0
             reset(it, "sustained progress: Anderson re-enabled")
-        if since_best >= stall:
+        if since_best >= how.stall:
             since_best = 0
-            if n_stall_verify < stall_verify:
+            if n_stall_verify < how.stall_verify:
                 # a stagnating point is a candidate too: the samples' tracked maxima may have drifted away from the
                 # global ones (a map the iteration cannot settle on); the global search resets the map if so
                 n_stall_verify += 1
@@ -436,7 +442,7 @@ def _solve_branch(
                     best, best_abs, stall_restarts, progress = math.inf, math.inf, 0, 0
                     accelerated, ev = False, None
                     continue  # re-evaluate x with the new map
-            if stop_early and stage.mc_resolution is not None and ev is not None and ev[1] <= CONVERGED_CAP:
+            if how.stop_early and stage.mc_resolution is not None and ev is not None and ev[1] <= CONVERGED_CAP:
                 # stagnation at a residual the samples' near-degenerate maxima explain: the end of max_iter
                 # iterations would find the same (measured at Delta = 2, lam = lam' = 1e-2: residual 2e-5 to 5e-5
                 # for 490 iterations, then converged to Monte-Carlo resolution)
@@ -452,15 +458,15 @@ def _solve_branch(
                 if use_anderson:
                     use_anderson = False
                     events.append((it, "stagnation after restarts: fallback to damped iteration"))
-                if mix > min_mixing:
-                    mix = max(min_mixing, 0.5 * mix)
+                if mix > how.min_mixing:
+                    mix = max(how.min_mixing, 0.5 * mix)
                     events.append((it, f"stagnation: mixing reduced to {mix:.3g}"))
         X.append(x)
         G.append(g)
-        del X[: -(anderson + 1)], G[: -(anderson + 1)]
+        del X[: -(how.anderson + 1)], G[: -(how.anderson + 1)]
         x_new, accelerated = None, False
         if use_anderson and len(X) >= 2:
-            x_acc, used = _anderson_step(X, G, mix, reg, cond_max)
+            x_acc, used = _anderson_step(X, G, mix, how.regularization, how.cond_max)
             if used < len(X) - 1:
                 del X[: len(X) - 1 - used], G[: len(G) - 1 - used]
                 events.append((it, "ill-conditioned: oldest Anderson columns dropped"))
@@ -479,7 +485,7 @@ def _solve_branch(
                 break
         x = x_new
     else:
-        reason = f"not converged after {max_iter} iterations (residual {res:.3g} > {ctol:.3g})"
+        reason = f"not converged after {how.max_iter} iterations (residual {res:.3g} > {ctol:.3g})"
     if not converged and not reason:
         reason = f"not converged (residual {res:.3g} > {ctol:.3g})"
     if not converged and ev is not None:  # the best point evaluated, its residual measured there
@@ -701,27 +707,20 @@ def solve_stage(
         raise ValueError(f"stall must be >= 1, got {stall}")
     if not starts:
         raise ValueError("give at least one start")
-    branches = {}
-    for name, x0 in starts.items():
-        branches[name] = _solve_branch(
-            stage,
-            name,
-            x0,
-            params,
-            samples,
-            samples_key,
-            tol=tol,
-            max_iter=max_iter,
-            mixing=mixing,
-            anderson=anderson,
-            reg=regularization,
-            cond_max=cond_max,
-            stall=stall,
-            min_mixing=min_mixing,
-            growth=growth,
-            stall_verify=stall_verify,
-            stop_early=stop_early,
-        )
+    how = _Iteration(
+        tol=tol,
+        max_iter=max_iter,
+        mixing=mixing,
+        anderson=anderson,
+        regularization=regularization,
+        cond_max=cond_max,
+        stall=stall,
+        min_mixing=min_mixing,
+        growth=growth,
+        stall_verify=stall_verify,
+        stop_early=stop_early,
+    )
+    branches = {name: _solve_branch(stage, name, x0, params, samples, samples_key, how) for name, x0 in starts.items()}
     chosen, status, comps, flags = choose_branch(list(branches.values()), same_point_tol=same_point_tol)
     result = StageResult(branches, chosen, status, comps, flags, stage.names)
     if warn:
