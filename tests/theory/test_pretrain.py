@@ -322,8 +322,8 @@ def test_global_search_merging_into_the_found_maxima_finds_the_same_better_maxim
     z_star = rs * math.sqrt(A0) * g
     z_tilde = rs * (M / math.sqrt(A0) * g + math.sqrt(Q - M * M / A0) * zeta)
     px = prox(z_star, z_tilde, V, "softmax", init=z_tilde, multi_start=False, tol=1e-11, full=True)
-    plain = _global_search(z_star, z_tilde, V, "softmax")
-    merged = _global_search(z_star, z_tilde, V, "softmax", ref=px.x)
+    plain = _global_search(z_star, z_tilde, V, "softmax", ref=None, target=None)
+    merged = _global_search(z_star, z_tilde, V, "softmax", ref=px.x, target=None)
     assert merged.extra["merged"].sum() > 0.5 * px.x.shape[0]
     tol = 1e-9 * (1.0 + np.abs(px.value))
     b_plain, b_merged = plain.value > px.value + tol, merged.value > px.value + tol

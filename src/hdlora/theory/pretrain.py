@@ -126,8 +126,9 @@ def _global_search(
     z_tilde: np.ndarray,
     V: float,
     activation: str,
-    ref: np.ndarray | None = None,
-    target: np.ndarray | None = None,
+    *,
+    ref: np.ndarray | None,
+    target: np.ndarray | None,
 ) -> ProxResult:
     """The verification's prox: the maximum reached from z* (an interpolating point) and, for T = 2 (L = 3)
     at V > 1, the best over every entrywise mix of z~ and z* (2^L starts; h = z~, the start of the first
@@ -138,9 +139,9 @@ def _global_search(
     they would cost half of the pre-training solve).  For T = 3 the 64 mixes cost ~7 s and found nothing at
     the Fig. 1 point (V = 1.7): z~ and z* only.
 
-    ``target``: :func:`hdlora.theory.prox.target_rows` of z*, when the caller has them.
+    ``target``: :func:`hdlora.theory.prox.target_rows` of z*, when the caller has them (else None).
 
-    ``ref`` (n, L): the maxima h already found (the tight evaluation).  Where the mixes are not tried, the start
+    ``ref`` (n, L): the maxima h already found (the tight evaluation), or None (no merging).  Where the mixes are not tried, the start
     from z* stops (merged, its value -inf: not better) once it is on its way to ``ref``
     (:func:`hdlora.theory.newton.minimise`, radius 1e-2 as the fine-tuning's search): at the Fig. 1 point
     1.44e5 -> 1.06e5 Newton steps (3e4 samples), the samples with a better maximum and the numbers unchanged bit for bit
