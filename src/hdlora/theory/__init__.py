@@ -2,6 +2,9 @@
 fine-tuning (Result 5), errors (Result 3), effective noises, baselines,
 Bayes-optimal benchmarks and stability.  ``solve(params)`` is the entry point.
 
+The numerics are float64 NumPy and print nothing; outside :mod:`hdlora.theory.cli` they read
+and write no files but the Numba cache of the prox kernel (next to ``_newton_numba.py``).
+
 The names below are imported on first use (PEP 562), so that ``import
 hdlora.theory.cli`` (the command line's parser) stays light.
 """

@@ -95,8 +95,6 @@ orthogonally to w*, are i.i.d. Gaussian; N'(T - 1) >= D - 1 of them determine w*
 to scale, and the scale is known from |chi*|.  So q_BO = q0 for alpha' >= 1/(T - 1)
 (this includes the paper's alpha' >= 1).  Below that the partial-recovery q_BO is
 not derived here and a ParamError is raised.
-
-Everything is float64 numpy; no printing, no I/O.
 """
 
 from __future__ import annotations

@@ -30,8 +30,6 @@ For the linear activation sigma(x) = x / T the prox is closed form (App. C, eq. 
 
 (The paper prints the amplitude factor as (1 + 4V T^-2)^-2 in the line above
 eq. 107; the exponent is -1 there, -2 only for the variance, eq. 107.)
-
-Everything is float64 numpy; no printing, no I/O.
 """
 
 from __future__ import annotations
