@@ -8,10 +8,6 @@ L = T(T+1)/2 (order of :func:`hdlora.theory.sampling.upper_indices`), or as full
 symmetric matrices (n, T, T), and return per-sample losses (so that the caller can
 report Monte-Carlo standard errors).
 
-E' and E'' of the fine-tuned model, :func:`finetune_test_error` and :func:`forgetting_error`, take the
-same arguments (activation, T, Q0, Q, M, noise, q, m, *, q0=1.0, n_mc=DEFAULT_N_MC, seed=0), declared
-once (``help()`` and ``inspect.signature`` show them).
-
 For the linear activation sigma(x) = x / T every expectation over the test laws is a
 Gaussian fourth moment, and closed forms are given (``linear_*``).  With
 h = z - z* (entries independent, Var h_ab = (1 + delta_ab) Delta_eff, eq. 99-101) and
@@ -31,10 +27,7 @@ T^2 + T in eq. 80).  :func:`linear_frozen_test_error` implements the derived for
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -59,9 +52,6 @@ __all__ = [
     "linear_frozen_test_error",
     "linear_frozen_test_error_printed",
 ]
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
 
 def mc_mean(x: np.ndarray) -> tuple[float, float]:
@@ -199,8 +189,7 @@ def pretrain_test_error(
     return mc_mean(pretrain_losses(activation, zs, z))
 
 
-def _fine_tuned_error(
-    which: str,
+def finetune_test_error(
     activation: str,
     T: int,
     Q0: float,
@@ -214,9 +203,35 @@ def _fine_tuned_error(
     n_mc: int = DEFAULT_N_MC,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """E' (``which`` = 'finetune') or E'' ('forgetting') of the fine-tuned model at (Q0, Q, M, Delta, q, m): closed
-    form for the linear activation (error 0), else the Monte-Carlo mean over the test fields with its standard
-    error."""
+    """E' (eqs. 19, 73) from the order parameters: (value, Monte-Carlo standard error)."""
+    return _fine_tuned_error("finetune", activation, T, (Q0, Q, M, noise, q, m), q0, n_mc, seed)
+
+
+def forgetting_error(
+    activation: str,
+    T: int,
+    Q0: float,
+    Q: float,
+    M: float,
+    noise: float,
+    q: float,
+    m: float,
+    *,
+    q0: float = 1.0,
+    n_mc: int = DEFAULT_N_MC,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """E'' (eq. 84): the fine-tuned model on the pre-training task: (value, MC standard error)."""
+    return _fine_tuned_error("forgetting", activation, T, (Q0, Q, M, noise, q, m), q0, n_mc, seed)
+
+
+def _fine_tuned_error(
+    which: str, activation: str, T: int, p: tuple[float, ...], q0: float, n_mc: int, seed: int
+) -> tuple[float, float]:
+    """E' (``which`` = 'finetune') or E'' ('forgetting') of the fine-tuned model at p = (Q0, Q, M, Delta, q, m):
+    closed form for the linear activation (error 0), else the Monte-Carlo mean over the test fields with its
+    standard error."""
+    Q0, Q, M, noise, q, m = p
     T = _check_T(T)
     if activation == "linear":
         if which == "finetune":
@@ -224,34 +239,6 @@ def _fine_tuned_error(
         return linear_forgetting_error(T, Q0, Q, M, noise, q), 0.0
     zs, z = _test_fields(T, Q0, Q, M, noise, n_mc, seed)
     return mc_mean(finetune_losses(activation, zs, z, q, m, q0=q0, seed=seed)[which])
-
-
-def _signature_after_first(
-    template: Callable[Concatenate[str, _P], _R],
-) -> Callable[[Callable[..., _R]], Callable[_P, _R]]:
-    """Decorator for a function that passes its arguments on to ``template`` after a first one of its own: it gets
-    ``template``'s signature less that first argument (for mypy, ``help()`` and ``inspect``); it stays the same
-    function object."""
-
-    def declare(f: Callable[..., _R]) -> Callable[_P, _R]:
-        signature = inspect.signature(template)
-        rest = list(signature.parameters.values())[1:]
-        f.__signature__ = signature.replace(parameters=rest)  # type: ignore[attr-defined]
-        return f
-
-    return declare
-
-
-@_signature_after_first(_fine_tuned_error)
-def finetune_test_error(*args: Any, **kwargs: Any) -> tuple[float, float]:
-    """E' (eqs. 19, 73) from the order parameters: (value, Monte-Carlo standard error)."""
-    return _fine_tuned_error("finetune", *args, **kwargs)
-
-
-@_signature_after_first(_fine_tuned_error)
-def forgetting_error(*args: Any, **kwargs: Any) -> tuple[float, float]:
-    """E'' (eq. 84): the fine-tuned model on the pre-training task: (value, MC standard error)."""
-    return _fine_tuned_error("forgetting", *args, **kwargs)
 
 
 def frozen_test_error(
