@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _fail(message: str) -> NoReturn:
     """Bad input: one line on stderr, exit status 2."""
-    print(f"bench_kernel: {message}", file=sys.stderr)
+    print(f"{Path(sys.argv[0]).stem}: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 

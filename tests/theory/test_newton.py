@@ -111,7 +111,8 @@ def test_kernel_loops_run_without_reference_counting():
     entry points keep it (they allocate the loops' work arrays)."""
     from hdlora.theory import _newton_numba as K
 
-    leaf = ("_newton_loop", "_evaluate_loop", "loss_derivatives", "_loop_loss", "_finetune_rank_r_loss")
+    leaf = ("_newton_loop", "_newton_on_stack", "_evaluate_loop", "loss_derivatives", "_loop_loss")
+    leaf += ("_finetune_rank_r_loss",)
     leaf += ("_separable_quartic_loss",)
     leaf += (
         "_softmax_rows",
@@ -143,6 +144,101 @@ def test_jacobi_eigh_matches_lapack():
 
 
 # ---------------------------------------------------------------- the Newton solver
+def _heap_loop(kind, x0, a, w, data, T, softmax, rule, n_aux=0, ref=None, merge=1e-2):
+    """The kernel's Newton loop on heap work arrays (the path of every k outside STACK_K), called directly with the
+    arguments :func:`newton.minimise` gives the kernel: its 10 outputs and the largest iteration count."""
+    from hdlora.theory import _newton_numba as K
+
+    n, k = x0.shape
+    opts = np.append(rule.as_array(), [0.0 if ref is None else merge, float(rule.shift_invariant)])
+    ref = np.zeros((1, 1)) if ref is None else ref
+    outs = (
+        np.empty((n, k)), np.empty(n), np.empty(n), np.empty((n, k)), np.empty((n, k, k)), np.empty((n, max(n_aux, 1))),
+        np.empty(n), np.empty(n, dtype=np.bool_), np.empty(n, dtype=np.int64), np.zeros(n, dtype=np.bool_),
+    )  # fmt: skip
+    problem = (kind, x0, a, w, data, np.array([float(T), 1.0 if softmax else 0.0]), opts, n_aux, ref)
+    na = max(n_aux, 1)
+    scratch = (np.zeros(na), np.zeros(na), *(np.empty((max(T, 1), max(T, 1))) for _ in range(4)))
+    vecs = tuple(np.empty(k) for _ in range(8))
+    mats = tuple(np.empty((k, k)) for _ in range(6))
+    it = K._newton_loop(problem, outs, vecs, mats, scratch)
+    return outs, it
+
+
+def _same_bits(out: newton.NewtonOutput, heap, n_aux):
+    outs, it = heap
+    x, f, loss, g, H, aux, res, conv, _its, merged = outs
+    for u, v in ((out.x, x), (out.f, f), (out.loss, loss), (out.grad, g), (out.hess, H), (out.aux, aux[:, :n_aux])):
+        assert u.tobytes() == v.tobytes()
+    for u, v in ((out.residual, res), (out.converged, conv), (out.merged, merged)):
+        assert u.tobytes() == v.tobytes()
+    assert out.iterations == it
+
+
+@pytest.mark.parametrize("rule", ["pretrain", "finetune"])
+@pytest.mark.parametrize(
+    "kind, T, k",
+    [
+        (newton.FINETUNE, 2, 2),
+        (newton.FINETUNE, 3, 3),
+        (newton.PRETRAIN, 2, 3),
+        (newton.PRETRAIN, 3, 6),
+        (newton.FINETUNE_RANK_R, 3, 6),
+        (newton.SEPARABLE_QUARTIC, 0, 3),
+    ],
+)
+def test_newton_loop_on_the_stack_equals_the_heap_loop_bit_for_bit(kind, T, k, rule):
+    """For the k of STACK_K the kernel runs its Newton loop on stack arrays: every output the same bits as the loop on
+    heap arrays, for the softmax potentials, the linear activation, the rank-r channel and the test potential, with
+    either rule, with and without merging (a global search) and the shift-invariant pre-training channel."""
+    from hdlora.theory import _newton_numba as K
+
+    assert k in K.STACK_K
+    rng = np.random.default_rng(10 * kind + k)
+    n = 120
+    if kind == newton.SEPARABLE_QUARTIC:
+        data = rng.uniform(0.2, 2.0, (n, k))
+    elif kind == newton.PRETRAIN:
+        data = np.concatenate([3.0 * rng.standard_normal((n, k)), rng.dirichlet(np.ones(T), (n, T)).reshape(n, -1)], 1)
+    else:
+        zq = rng.standard_normal((n, T, T))
+        zq = (zq + np.swapaxes(zq, 1, 2)) * rng.choice([0.3, 3.0], size=(n, 1, 1))
+        data = np.concatenate([zq.reshape(n, -1), rng.dirichlet(np.ones(T), (n, T)).reshape(n, -1)], 1)
+    n_aux = 1 if kind in (newton.FINETUNE, newton.FINETUNE_RANK_R) else 0
+    x0, a = rng.standard_normal((n, k)), rng.standard_normal((n, k))
+    w = rng.uniform(0.3, 3.0, k)
+    for softmax in (True, False):
+        for shift in (False, True) if kind == newton.PRETRAIN and softmax else (False,):
+            r = (
+                newton.NewtonRule.pretrain(1e-12, 60, 1.0, shift_invariant=shift)
+                if rule == "pretrain"
+                else newton.NewtonRule.finetune(1e-12, 60, 1.0)
+            )
+            first = newton.minimise(kind, x0, a, w, data, T, softmax, r, n_aux=n_aux)
+            _same_bits(first, _heap_loop(kind, x0, a, w, data, T, softmax, r, n_aux), n_aux)
+            x1 = x0 + 0.5 * rng.standard_normal((n, k))
+            merged = newton.minimise(kind, x1, a, w, data, T, softmax, r, n_aux=n_aux, ref=first.x, merge_radius=0.3)
+            _same_bits(merged, _heap_loop(kind, x1, a, w, data, T, softmax, r, n_aux, first.x, 0.3), n_aux)
+
+
+def test_newton_prox_runs_the_stack_loop_for_each_k_of_stack_k():
+    """newton_prox's dispatch (in its source: the compiled specialisations of a cached kernel cannot be listed) runs
+    _newton_on_stack at k = K for each K of STACK_K and no other, each under the guard k == K."""
+    import ast
+    import inspect
+
+    from hdlora.theory import _newton_numba as K
+
+    tree = ast.parse(inspect.getsource(K.newton_prox.py_func))
+    guarded = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
+            (call,) = [c for c in ast.walk(node.body[0]) if isinstance(c, ast.Call)] or [None]
+            if call is not None and getattr(call.func, "id", None) == "_newton_on_stack":
+                guarded[node.test.comparators[0].value] = call.args[0].value
+    assert guarded == {K_: K_ for K_ in K.STACK_K}
+
+
 def _quartic_global(c, a, w):
     """Global minimiser of c (x^2 - 1)^2 + (x - a)^2 / (2 w), per coordinate (real roots of the cubic)."""
     out = np.empty_like(a)

@@ -7,8 +7,9 @@ The small per-iteration helpers of :func:`newton_prox` (direction, Cholesky, nor
 potentials (into :func:`loss_derivatives`) are Numba-inlined (``inline="always"``): no calls with a dozen array
 arguments inside the per-sample loop, the same operations in the same order.  Measured (a Fig. 1 fine-tuning
 global search, 12 alternating repeats, minimum): 0.314 s -> 0.264 s for the helpers; compile time +3 s.
-The per-sample loops and every function they call run without Numba's reference counting (``_LEAF``), and the
-full Newton step's evaluation has the potentials of T = 2, 3 inlined on stack arrays (:func:`_loss_inlined`); see there.
+The per-sample loops and every function they call run without Numba's reference counting (``_LEAF``), the
+full Newton step's evaluation has the potentials of T = 2, 3 inlined on stack arrays (:func:`_loss_inlined`), and for
+the k of those potentials the Newton loop's own work arrays are on the stack too (:func:`_newton_on_stack`); see there.
 
 One kernel, :func:`newton_prox`, minimises per sample
 
@@ -41,7 +42,7 @@ from typing import Any
 
 import llvmlite.binding as llvm
 import numpy as np
-from numba import njit, types
+from numba import literally, njit, types
 from numba.core import cgutils, config, event
 from numba.extending import intrinsic
 
@@ -500,15 +501,15 @@ def loss_derivatives(kind, x, row, consts, order, g, H, aux, X, P, R, G):
     The softmax channels at T = 2 and 3 (the paper's figures) run the loops on arrays in the stack frame, in registers
     (:func:`_on_stack_finetune`); every other case runs them on the T x T work arrays X, P, R, G (:func:`_loop_loss`),
     the reference of tests/theory/test_stack_potentials.py.  The dispatch is :func:`_loss_inlined`, inlined here and at
-    the hottest call of :func:`_newton_loop`."""
+    the hottest call of :func:`_newton_samples`."""
     return _loss_inlined(kind, x, row, consts, order, g, H, aux, X, P, R, G)
 
 
-@njit(cache=True, error_model="numpy", inline="always")  # into loss_derivatives and the hot call of _newton_loop
+@njit(cache=True, error_model="numpy", inline="always")  # into loss_derivatives and the hot call of _newton_samples
 def _loss_inlined(kind, x, row, consts, order, g, H, aux, X, P, R, G):
     """The one dispatch of the potentials: the softmax potentials of T = 2, 3 on the stack (:func:`_stack_t3`, which
     LLVM inlines here), every other case a call of :func:`_loop_loss`.  Inlined by Numba into :func:`loss_derivatives`
-    and into the hottest call of :func:`_newton_loop` (the full Newton step's evaluation, made at every step of every
+    and into the hottest call of :func:`_newton_samples` (the full Newton step's evaluation, made at every step of every
     sample), which so makes no call for the paper's settings.  Measured (replayed Newton calls of the Fig. 1 point,
     25 alternating repeats, min): pre-training 250 -> 214 ms, fine-tuning 396 -> 351 ms."""
     T = int(consts[0])
@@ -705,17 +706,53 @@ def _to_hyperplane(x, a, w, csum):
         x[j] -= t
 
 
+#: the k of the softmax channels at T = 2, 3 (the paper's figures): fine-tuning k = T, pre-training k = T (T + 1) / 2.
+#: For these k :func:`newton_prox` runs the Newton loop on work arrays in the stack frame (:func:`_newton_on_stack`).
+STACK_K = (2, 3, 6)
+
+
 @njit(**_LEAF)
-def _newton_loop(
-    kind, x0, anchor, w, data, consts, opts, n_aux, ref,
-    out_x, out_f, out_loss, out_g, out_H, out_aux, out_res, out_conv, out_it, out_merged,
-    x, xt, gl, gf, step, tmp, lam, gdum, Hl, Hf, C, U, B, Hdum, aux, auxd, X, P, R, G,
-):  # fmt: skip
-    """The per-sample loop of :func:`newton_prox` (its arguments, then its work arrays: vectors (k,), matrices
-    (k, k), aux (n_aux,), the token scratch X, P, R, G (T, T)).  The work arrays are separate allocations: views of
-    one buffer were measured slower (Fig. 1 fine-tuning calls 404 -> 579 ms), presumably since the compiler can then
-    no longer tell that they do not overlap."""
-    n, k = x0.shape
+def _newton_loop(problem, outs, vecs, mats, scratch):
+    """The per-sample Newton loop (:func:`_newton_samples`) on work arrays allocated by :func:`newton_prox` on the heap:
+    any k.  They are separate allocations: views of one buffer were measured slower (Fig. 1 fine-tuning calls 404 ->
+    579 ms), presumably since the compiler can then no longer tell that they do not overlap."""
+    return _newton_samples(problem, outs, vecs, mats, scratch)
+
+
+@njit(**_LEAF)
+def _newton_on_stack(K, problem, outs, scratch):
+    """The per-sample Newton loop (:func:`_newton_samples`) with its vectors and matrices in this function's stack
+    frame, of the literal size k = K (one compiled specialisation for each K of :data:`STACK_K`).
+
+    The same operations in the same order as on the heap (:func:`_newton_loop`), so the same numbers bit for bit
+    (tests/theory/test_newton.py).  With k a constant, LLVM unrolls the loops over the unknowns (direction, Cholesky,
+    line search, merging) and knows that the work arrays overlap nothing.  Measured (the 54 Newton calls of the Fig. 1
+    point replayed, alternating, min): 606 -> 451 ms, docs/VALIDATION.md section 8."""
+    literally(K)
+    vecs = (
+        _stack_array(K, 0), _stack_array(K, 0), _stack_array(K, 0), _stack_array(K, 0), _stack_array(K, 0),
+        _stack_array(K, 0), _stack_array(K, 0), _stack_array(K, 0),
+    )  # fmt: skip
+    mats = (
+        _stack_array(K, K), _stack_array(K, K), _stack_array(K, K), _stack_array(K, K), _stack_array(K, K),
+        _stack_array(K, K),
+    )  # fmt: skip
+    return _newton_samples(problem, outs, vecs, mats, scratch)
+
+
+@njit(cache=True, error_model="numpy", inline="always")  # into _newton_loop, _newton_on_stack
+def _newton_samples(problem, outs, vecs, mats, scratch):
+    """The per-sample loop of :func:`newton_prox`: ``problem`` its arguments (kind, x0, anchor, w, data, consts, opts,
+    n_aux, ref), ``outs`` its outputs, then the work arrays: ``vecs`` eight vectors (k,), ``mats`` six matrices (k, k),
+    ``scratch`` aux, auxd (n_aux,) and the token scratch X, P, R, G (T, T).  k is read from the work arrays (a constant
+    when they are on the stack)."""
+    kind, x0, anchor, w, data, consts, opts, n_aux, ref = problem
+    out_x, out_f, out_loss, out_g, out_H, out_aux, out_res, out_conv, out_it, out_merged = outs
+    x, xt, gl, gf, step, tmp, lam, gdum = vecs
+    Hl, Hf, C, U, B, Hdum = mats
+    aux, auxd, X, P, R, G = scratch
+    n = x0.shape[0]
+    k = x.shape[0]
     stop = int(opts[0])
     tol = opts[1]
     max_iter = int(opts[2])
@@ -929,13 +966,18 @@ def newton_prox(
     k = x0.shape[1]
     X, P, R, G = _token_scratch(consts)
     na = max(n_aux, 1)
-    return _newton_loop(
-        kind, x0, anchor, w, data, consts, opts, n_aux, ref,
-        out_x, out_f, out_loss, out_g, out_H, out_aux, out_res, out_conv, out_it, out_merged,
-        np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k),
-        np.empty((k, k)), np.empty((k, k)), np.empty((k, k)), np.empty((k, k)), np.empty((k, k)), np.empty((k, k)),
-        np.zeros(na), np.zeros(na), X, P, R, G,
-    )  # fmt: skip
+    problem = (kind, x0, anchor, w, data, consts, opts, n_aux, ref)
+    outs = (out_x, out_f, out_loss, out_g, out_H, out_aux, out_res, out_conv, out_it, out_merged)
+    scratch = (np.zeros(na), np.zeros(na), X, P, R, G)
+    if k == 2:
+        return _newton_on_stack(2, problem, outs, scratch)
+    if k == 3:
+        return _newton_on_stack(3, problem, outs, scratch)
+    if k == 6:
+        return _newton_on_stack(6, problem, outs, scratch)
+    vecs = (np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k))
+    mats = (np.empty((k, k)), np.empty((k, k)), np.empty((k, k)), np.empty((k, k)), np.empty((k, k)), np.empty((k, k)))
+    return _newton_loop(problem, outs, vecs, mats, scratch)
 
 
 @njit(cache=True, error_model="numpy")
