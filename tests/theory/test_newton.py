@@ -360,6 +360,32 @@ def test_finetune_prox_is_stationary_and_not_below_a_quasi_newton_polish():
 
 
 # ---------------------------------------------------------------- lazy import
+def test_warmup_compiles_every_kernel_entry_point_the_solvers_call():
+    """After warmup() no solve compiles anything more (benchmarks exclude compilation by calling it first): in a fresh
+    process, the kernel's entry points have the same compiled signatures before and after softmax (T = 2, 3, reuse),
+    linear and rank-r solves."""
+    code = (
+        "import json\n"
+        "from hdlora import Params\n"
+        "from hdlora.theory import newton, solve\n"
+        "newton.warmup()\n"
+        "K = newton.kernel()\n"
+        "names = ('newton_prox', 'pretrain_post', 'evaluate_batch')\n"
+        "sigs = lambda: {n: sorted(map(str, getattr(K, n).signatures)) for n in names}\n"
+        "before = sigs()\n"
+        "base = dict(alpha=0.2, alpha_ft=3, kappa0=0.5, kappa=1, noise=0.5, lam=0.3, lam_ft=0.5)\n"
+        "for extra in ({'tokens': 3}, {'tokens': 2, 'reuse': True}, {'tokens': 2, 'activation': 'linear', 'reuse': True},\n"
+        "              {'tokens': 3, 'activation': 'linear'}, {'tokens': 2, 'lora_rank': 2, 'teacher_rank': 1}):\n"
+        "    solve(Params(**base, **extra), n_mc=400, max_iter=3, warn=False)\n"
+        "print(json.dumps([before, sigs()]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(before[n] for n in before)  # each entry point compiled (or loaded) by warmup
+    assert after == before
+
+
 def test_linear_solve_and_theory_import_do_not_import_numba():
     # (the linear fine-tuning prox is the NumPy secular solve: a compiled one was measured 2x faster per
     # call, 4 ms vs 8 ms at 3e4 samples, but importing numba and loading its cache costs ~0.8 s a process)
