@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # the capture solves with this checkout's code, whatever hdlora is installed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernel import _fail, _load  # noqa: E402
 
@@ -73,8 +74,8 @@ def main() -> None:
     bases = {}
     for item in a.base_src:
         name, sep, d = item.partition("=")
-        if not sep or not name.isidentifier() or name == "new":
-            _fail(f"--base-src takes NAME=DIR with NAME an identifier other than 'new', got {item!r}")
+        if not sep or not name.isidentifier() or name == "new" or name in bases:
+            _fail(f"--base-src takes NAME=DIR with NAME an identifier other than 'new', each once, got {item!r}")
         bases[name] = Path(d)
     import numpy as np
 

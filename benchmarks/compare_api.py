@@ -42,12 +42,14 @@ def flat(x: Any, pre: str = "") -> dict[str, str]:
     elif isinstance(x, (list, tuple)):
         for i, v in enumerate(x):
             out.update(flat(v, f"{pre}{i}."))
-    elif isinstance(x, (float, int, bool, np.floating, np.integer)):
+    elif isinstance(x, (float, int, bool, np.floating, np.integer, np.bool_)):
         out[pre[:-1]] = repr(float(x))
     elif x is None or isinstance(x, str):
         out[pre[:-1]] = repr(x)
     elif isinstance(x, np.ndarray):
         out.update(flat(x.tolist(), pre))
+    else:
+        raise TypeError(f"compare_api: {pre[:-1]} is a {type(x).__name__}, which it cannot compare")
     return out
 
 
@@ -126,7 +128,9 @@ def main() -> None:
             [sys.executable, __file__, "--base-src", str(base), "--child"], env=env, capture_output=True, text=True
         )
         if r.returncode:
-            raise RuntimeError(r.stderr[-3000:])
+            last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+            print(f"compare_api: the {which} code ({src}) failed: {last}", file=sys.stderr)
+            raise SystemExit(1)
         res[which] = json.loads(r.stdout)
     differ = []
     total = 0

@@ -207,8 +207,9 @@ def test_newton_loop_on_the_stack_equals_the_heap_loop_bit_for_bit(kind, T, k, r
     n_aux = 1 if kind in (newton.FINETUNE, newton.FINETUNE_RANK_R) else 0
     x0, a = rng.standard_normal((n, k)), rng.standard_normal((n, k))
     w = rng.uniform(0.3, 3.0, k)
+    n_merged = n_converged = 0
     for softmax in (True, False):
-        for shift in (False, True) if kind == newton.PRETRAIN and softmax else (False,):
+        for shift in (False, True) if kind == newton.PRETRAIN and softmax and rule == "pretrain" else (False,):
             r = (
                 newton.NewtonRule.pretrain(1e-12, 60, 1.0, shift_invariant=shift)
                 if rule == "pretrain"
@@ -219,6 +220,9 @@ def test_newton_loop_on_the_stack_equals_the_heap_loop_bit_for_bit(kind, T, k, r
             x1 = x0 + 0.5 * rng.standard_normal((n, k))
             merged = newton.minimise(kind, x1, a, w, data, T, softmax, r, n_aux=n_aux, ref=first.x, merge_radius=0.3)
             _same_bits(merged, _heap_loop(kind, x1, a, w, data, T, softmax, r, n_aux, first.x, 0.3), n_aux)
+            n_merged += int(merged.merged.sum())
+            n_converged += int(merged.converged.sum())
+    assert n_merged > 0 and n_converged > 0  # the searches took both ways out of the loop
 
 
 def test_newton_prox_runs_the_stack_loop_for_each_k_of_stack_k():
@@ -235,6 +239,7 @@ def test_newton_prox_runs_the_stack_loop_for_each_k_of_stack_k():
         if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
             (call,) = [c for c in ast.walk(node.body[0]) if isinstance(c, ast.Call)] or [None]
             if call is not None and getattr(call.func, "id", None) == "_newton_on_stack":
+                assert isinstance(node.test.ops[0], ast.Eq) and node.test.left.id == "k"
                 guarded[node.test.comparators[0].value] = call.args[0].value
     assert guarded == {K_: K_ for K_ in K.STACK_K}
 
@@ -360,6 +365,13 @@ def test_finetune_prox_is_stationary_and_not_below_a_quasi_newton_polish():
 
 
 # ---------------------------------------------------------------- lazy import
+def _fresh_process_json(code: str):
+    """Run ``code`` in a fresh Python process; the JSON of its last line of output."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_warmup_compiles_every_kernel_entry_point_the_solvers_call():
     """After warmup() no solve compiles anything more (benchmarks exclude compilation by calling it first): in a fresh
     process, the kernel's entry points have the same compiled signatures before and after softmax (T = 2, 3, reuse),
@@ -379,9 +391,7 @@ def test_warmup_compiles_every_kernel_entry_point_the_solvers_call():
         "    solve(Params(**base, **extra), n_mc=400, max_iter=3, warn=False)\n"
         "print(json.dumps([before, sigs()]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    before, after = _fresh_process_json(code)
     assert all(before[n] for n in before)  # each entry point compiled (or loaded) by warmup
     assert after == before
 
@@ -399,7 +409,4 @@ def test_linear_solve_and_theory_import_do_not_import_numba():
         "print(json.dumps({'numba': 'numba' in sys.modules, 'kernel': 'hdlora.theory._newton_numba' in sys.modules,"
         " 'ok': r.finetune_test_error > 0}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res == {"numba": False, "kernel": False, "ok": True}
+    assert _fresh_process_json(code) == {"numba": False, "kernel": False, "ok": True}

@@ -19,7 +19,7 @@ One kernel, :func:`newton_prox`, minimises per sample
 Cholesky direction, saddle-free |eigenvalue| direction where the Hessian of f is not positive
 definite, Armijo backtracking.  The loss, its gradient and Hessian in x are supplied per sample by
 :func:`loss_derivatives`, which dispatches on ``kind`` (the potentials below); k is read from the
-arrays, never fixed.
+arrays (a compile-time constant for the k of :data:`STACK_K`, :func:`_newton_on_stack`).
 
 Potentials (``kind``):
     PRETRAIN (0): the pre-training channel Psi of eq. 42 in the displacement x = delta = h - z~
@@ -50,7 +50,8 @@ from numba.extending import intrinsic
 #: loops of the potentials at T = 2, 3 unroll completely, so that every index into their stack arrays is a constant
 #: and the arrays live in registers (:func:`_stack_t3`; 600 is the least that does at T = 3).  Inlining: the stack
 #: potentials, once unrolled, are inlined by LLVM into :func:`loss_derivatives` and the Newton loop (6000 is the least
-#: that does; inlined by Numba instead, the kernel took 145 s to compile from an empty cache instead of 46 s).
+#: that does; inlined by Numba instead, the kernel took 145 s to compile from an empty cache instead of 46 s, measured
+#: before the Newton loop's stack specialisations, which brought it to 70-75 s).
 #: tests/theory/test_stack_potentials.py checks both in the compiled code.  They change how the code is compiled,
 #: never what it computes, and apply to this module only (:class:`_CompileOptions`).
 LLVM_OPTIONS = {"unroll-threshold": 1500, "inline-threshold": 12000}
@@ -727,7 +728,7 @@ def _newton_on_stack(K, problem, outs, scratch):
     The same operations in the same order as on the heap (:func:`_newton_loop`), so the same numbers bit for bit
     (tests/theory/test_newton.py).  With k a constant, LLVM unrolls the loops over the unknowns (direction, Cholesky,
     line search, merging) and knows that the work arrays overlap nothing.  Measured (the 54 Newton calls of the Fig. 1
-    point replayed, alternating, min): 606 -> 451 ms, docs/VALIDATION.md section 8."""
+    point replayed, benchmarks/bench_newton.py): 567 -> 445 ms, docs/VALIDATION.md section 8."""
     literally(K)
     vecs = (
         _stack_array(K, 0), _stack_array(K, 0), _stack_array(K, 0), _stack_array(K, 0), _stack_array(K, 0),

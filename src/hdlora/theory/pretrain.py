@@ -141,8 +141,8 @@ def _global_search(
 
     ``target``: :func:`hdlora.theory.prox.target_rows` of z*, when the caller has them (else None).
 
-    ``ref`` (n, L): the maxima h already found (the tight evaluation), or None (no merging).  Where the mixes are not tried, the start
-    from z* stops (merged, its value -inf: not better) once it is on its way to ``ref``
+    ``ref`` (n, L): the maxima h already found (the tight evaluation), or None (no merging).  Where the mixes are not
+    tried, the start from z* stops (merged, its value -inf: not better) once it is on its way to ``ref``
     (:func:`hdlora.theory.newton.minimise`, radius 1e-2 as the fine-tuning's search): at the Fig. 1 point
     1.44e5 -> 1.06e5 Newton steps (3e4 samples), the samples with a better maximum and the numbers unchanged bit for bit
     (benchmarks/compare_theory.py, docs/benchmarks/compare_theory_speed2.json).
