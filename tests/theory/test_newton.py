@@ -375,7 +375,7 @@ def _fresh_process_json(code: str):
 def test_warmup_compiles_every_kernel_entry_point_the_solvers_call():
     """After warmup() no solve compiles anything more (benchmarks exclude compilation by calling it first): in a fresh
     process, the kernel's entry points have the same compiled signatures before and after softmax (T = 2, 3, reuse),
-    linear and rank-r solves."""
+    linear and rank-r solves (evaluate_batch, which no solver calls, is left to its first use)."""
     code = (
         "import json\n"
         "from hdlora import Params\n"
@@ -392,7 +392,7 @@ def test_warmup_compiles_every_kernel_entry_point_the_solvers_call():
         "print(json.dumps([before, sigs()]))\n"
     )
     before, after = _fresh_process_json(code)
-    assert all(before[n] for n in before)  # each entry point compiled (or loaded) by warmup
+    assert before["newton_prox"] and before["pretrain_post"]  # compiled (or loaded) by warmup
     assert after == before
 
 

@@ -91,17 +91,14 @@ def warmup() -> float:
                 rule,
                 n_aux=1 if kind == FINETUNE else 0,
             )
-    # the kernel's two other entry points, with the argument types of their one caller (hdlora.theory.prox.prox): the
-    # pre-training prox's report, and the loss of its closed-form linear path
-    K, L = kernel(), 3
+    # the pre-training prox's report (hdlora.theory.prox.prox), with the argument types of that one caller.  Not here:
+    # evaluate_batch, which no solver calls (prox.prox called directly with the linear activation, tests, benchmarks);
+    # it compiles at its first use (15 s from an empty cache)
+    L = 3
     one = np.zeros((1, L))
-    K.pretrain_post(
+    kernel().pretrain_post(
         one, one.copy(), np.zeros((1, L, L)), np.zeros(1), 1.0, np.ones(L), True, True,
         np.empty(1), np.empty(1), np.empty((1, L)), np.empty(1, dtype=np.bool_), np.empty(1), np.empty((1, L, L)),
-    )  # fmt: skip
-    K.evaluate_batch(
-        PRETRAIN, one, np.zeros((1, L + 4)), np.array([2.0, 0.0]), 2, np.empty((1, L)), np.empty((1, L, L)),
-        np.empty((1, 1)),
     )  # fmt: skip
     _COMPILE_SECONDS = time.perf_counter() - t0
     return _COMPILE_SECONDS
