@@ -91,15 +91,12 @@ def warmup() -> float:
                 rule,
                 n_aux=1 if kind == FINETUNE else 0,
             )
-    # the pre-training prox's report (hdlora.theory.prox.prox), with the argument types of that one caller.  Not here:
-    # evaluate_batch, which no solver calls (prox.prox called directly with the linear activation, tests, benchmarks);
-    # it compiles at its first use (15 s from an empty cache)
-    L = 3
-    one = np.zeros((1, L))
-    kernel().pretrain_post(
-        one, one.copy(), np.zeros((1, L, L)), np.zeros(1), 1.0, np.ones(L), True, True,
-        np.empty(1), np.empty(1), np.empty((1, L)), np.empty(1, dtype=np.bool_), np.empty(1), np.empty((1, L, L)),
-    )  # fmt: skip
+    # the pre-training prox's report (the kernel's pretrain_post), through its one caller, so with that caller's argument
+    # types.  Not here: evaluate_batch, which no solver calls (prox called directly with the linear activation, tests,
+    # benchmarks); it compiles at its first use (15 s from an empty cache)
+    from .prox import prox
+
+    prox(np.zeros((1, 3)), np.zeros((1, 3)), 1.0, "softmax")
     _COMPILE_SECONDS = time.perf_counter() - t0
     return _COMPILE_SECONDS
 
